@@ -1,0 +1,241 @@
+//! The effective spec: a Workspace's own fields, then its Team's defaults, then the
+//! operator's defaults, resolved and parsed. Rules and the runtime only ever see this.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{duration, tiers, ImagePullPolicy, OnPause, OperatingMode, Security, UpdatePolicy, WorkspaceSpec};
+
+pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(300);
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(60);
+
+/// Operator-wide settings the effective spec depends on.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    /// Image for a runtime; `{runtime}` is replaced. Local mode: `molecule-agent:local`.
+    pub image_template: String,
+    pub default_runtime: String,
+    pub network: String,
+    pub allow_privileged: bool,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            image_template: "molecule-agent:local".into(),
+            default_runtime: "langgraph".into(),
+            network: "host".into(),
+            allow_privileged: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveTokenPolicy {
+    #[serde(with = "humantime_serde_secs")]
+    pub stale_grace: Duration,
+    pub on_pause: OnPause,
+    #[serde(with = "humantime_serde_opt")]
+    pub rotate_every: Option<Duration>,
+    #[serde(with = "humantime_serde_opt")]
+    pub max_age: Option<Duration>,
+    #[serde(with = "humantime_serde_secs")]
+    pub overlap: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveSpec {
+    pub team: Option<String>,
+    pub parent: Option<String>,
+    pub runtime: String,
+    pub image: String,
+    pub image_pull_policy: ImagePullPolicy,
+    pub tier: u8,
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub read_only_root: bool,
+    pub tmp_tmpfs_bytes: Option<i64>,
+    pub env: BTreeMap<String, String>,
+    pub operating_mode: OperatingMode,
+    pub restarted_at: Option<DateTime<Utc>>,
+    pub update_policy: UpdatePolicy,
+    pub token_policy: EffectiveTokenPolicy,
+    pub security: Security,
+    pub network: String,
+}
+
+/// Fills every field the workspace leaves out from `defaults` (a Team's `spec.defaults`).
+/// A member's own value wins; env maps merge key by key.
+pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> WorkspaceSpec {
+    let Some(d) = defaults else { return own.clone() };
+    let mut env = d.env.clone();
+    env.extend(own.env.clone());
+    let token_policy = match (&own.token_policy, &d.token_policy) {
+        (Some(o), Some(t)) => Some(super::TokenPolicy {
+            stale_grace: o.stale_grace.clone().or(t.stale_grace.clone()),
+            on_pause: o.on_pause.or(t.on_pause),
+            rotate_every: o.rotate_every.clone().or(t.rotate_every.clone()),
+            max_age: o.max_age.clone().or(t.max_age.clone()),
+            overlap: o.overlap.clone().or(t.overlap.clone()),
+        }),
+        (o, t) => o.clone().or(t.clone()),
+    };
+    WorkspaceSpec {
+        team: own.team.clone().or(d.team.clone()),
+        parent: own.parent.clone().or(d.parent.clone()),
+        runtime: own.runtime.clone().or(d.runtime.clone()),
+        // An explicit image wins over a runtime at the same level only: a member that
+        // names its own runtime does not inherit the team's image.
+        image: own.image.clone().or(if own.runtime.is_some() { None } else { d.image.clone() }),
+        image_pull_policy: own.image_pull_policy.or(d.image_pull_policy),
+        tier: own.tier.or(d.tier),
+        resources: own.resources.clone().or(d.resources.clone()),
+        env,
+        operating_mode: own.operating_mode.or(d.operating_mode),
+        restarted_at: own.restarted_at.or(d.restarted_at),
+        update_policy: own.update_policy.or(d.update_policy),
+        token_policy,
+        security: own.security.clone().or(d.security.clone()),
+        network: own.network.clone().or(d.network.clone()),
+    }
+}
+
+/// Resolves a (possibly inherited) spec into the effective one. Every problem is
+/// reported, each as a sentence naming the field and what to write instead.
+pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpec, Vec<String>> {
+    let mut errors = Vec::new();
+    let tier = spec.tier.unwrap_or(tiers::DEFAULT_TIER);
+    let limits = tiers::limits(tier).unwrap_or_else(|| {
+        errors.push(format!("tier: {tier} is out of range; use 1, 2, 3 or 4"));
+        tiers::limits(tiers::DEFAULT_TIER).expect("default tier exists")
+    });
+    let mut memory_bytes = limits.memory_bytes;
+    let mut nano_cpus = limits.nano_cpus;
+    if let Some(r) = &spec.resources {
+        if let Some(m) = &r.memory {
+            match tiers::parse_memory(m) {
+                Ok(b) => memory_bytes = b,
+                Err(e) => errors.push(e),
+            }
+        }
+        if let Some(c) = r.cpus {
+            if !(c > 0.0 && c <= 256.0) {
+                errors.push(format!("resources.cpus: {c} is out of range; use a number like 0.5 or 2"));
+            } else {
+                nano_cpus = (c * 1e9) as i64;
+            }
+        }
+    }
+    let tp = spec.token_policy.clone().unwrap_or_default();
+    let mut dur = |field: &str, v: &Option<String>| -> Option<Duration> {
+        v.as_ref().and_then(|s| duration::parse(field, s).map_err(|e| errors.push(e)).ok())
+    };
+    let stale_grace = dur("tokenPolicy.staleGrace", &tp.stale_grace).unwrap_or(DEFAULT_STALE_GRACE);
+    let rotate_every = dur("tokenPolicy.rotateEvery", &tp.rotate_every);
+    let max_age = dur("tokenPolicy.maxAge", &tp.max_age);
+    let overlap = dur("tokenPolicy.overlap", &tp.overlap).unwrap_or(DEFAULT_OVERLAP);
+    let security = spec.security.clone().unwrap_or_default();
+    if security.any() && !defaults.allow_privileged {
+        errors.push(
+            "security: privileged, hostPid and dockerSocket are refused unless the operator runs with --allow-privileged"
+                .to_string(),
+        );
+    }
+    for key in spec.env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            errors.push(format!("env: {key:?} is not a valid variable name"));
+        }
+    }
+    let runtime = spec.runtime.clone().unwrap_or_else(|| defaults.default_runtime.clone());
+    let image = spec.image.clone().unwrap_or_else(|| defaults.image_template.replace("{runtime}", &runtime));
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(EffectiveSpec {
+        team: spec.team.clone(),
+        parent: spec.parent.clone(),
+        runtime,
+        image,
+        image_pull_policy: spec.image_pull_policy.unwrap_or_default(),
+        tier,
+        memory_bytes,
+        nano_cpus,
+        read_only_root: limits.read_only_root,
+        tmp_tmpfs_bytes: limits.tmp_tmpfs_bytes,
+        env: spec.env.clone(),
+        operating_mode: spec.operating_mode.unwrap_or_default(),
+        restarted_at: spec.restarted_at,
+        update_policy: spec.update_policy.unwrap_or_default(),
+        token_policy: EffectiveTokenPolicy {
+            stale_grace,
+            on_pause: tp.on_pause.unwrap_or_default(),
+            rotate_every,
+            max_age,
+            overlap,
+        },
+        security,
+        network: spec.network.clone().unwrap_or_else(|| defaults.network.clone()),
+    })
+}
+
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod humantime_serde_opt {
+    pub fn serialize<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_values_win_and_env_merges() {
+        let team = WorkspaceSpec {
+            tier: Some(3),
+            env: [("A".into(), "team".into()), ("B".into(), "team".into())].into(),
+            ..Default::default()
+        };
+        let own = WorkspaceSpec { env: [("B".into(), "own".into())].into(), ..Default::default() };
+        let merged = inherit(&own, Some(&team));
+        assert_eq!(merged.tier, Some(3));
+        assert_eq!(merged.env["A"], "team");
+        assert_eq!(merged.env["B"], "own");
+    }
+
+    #[test]
+    fn defaults_and_every_error_reported() {
+        let eff = resolve(&WorkspaceSpec::default(), &Defaults::default()).unwrap();
+        assert_eq!(eff.tier, 2);
+        assert_eq!(eff.image, "molecule-agent:local");
+        assert_eq!(eff.token_policy.stale_grace, DEFAULT_STALE_GRACE);
+        let bad = WorkspaceSpec {
+            tier: Some(9),
+            token_policy: Some(super::super::TokenPolicy { stale_grace: Some("soon".into()), ..Default::default() }),
+            security: Some(Security { privileged: true, ..Default::default() }),
+            ..Default::default()
+        };
+        let errs = resolve(&bad, &Defaults::default()).unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn image_template_uses_runtime() {
+        let d = Defaults { image_template: "ghcr.io/molecule-ai/workspace-template-{runtime}:latest".into(), ..Default::default() };
+        let eff = resolve(&WorkspaceSpec { runtime: Some("crewai".into()), ..Default::default() }, &d).unwrap();
+        assert_eq!(eff.image, "ghcr.io/molecule-ai/workspace-template-crewai:latest");
+    }
+}

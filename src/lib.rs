@@ -1,0 +1,14 @@
+//! molecule-operator: keeps AI-agent workspace containers and their auth tokens
+//! matching what users declare. See DESIGN.md for the architecture.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod execute;
+pub mod observe;
+pub mod reconcile;
+pub mod registry;
+pub mod rules;
+pub mod runtime;
+pub mod source;
+pub mod store;

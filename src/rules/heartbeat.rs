@@ -1,0 +1,5 @@
+use super::*;
+
+pub fn rule(_ctx: &Ctx<'_>) -> Option<Decision> {
+    None
+}

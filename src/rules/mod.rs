@@ -1,0 +1,207 @@
+//! Everything the operator will ever do, and why. Each rule is a pure function
+//! `(desired, observed, now) -> Option<Decision>` with its tests beside it; `plan`
+//! asks them in order and returns the first decision. The reconciler executes it,
+//! observes again and plans again until no rule has anything to say.
+
+pub mod drift;
+pub mod heartbeat;
+pub mod orphan;
+pub mod pause_resume_stop;
+pub mod provision;
+pub mod remove;
+pub mod restart;
+pub mod stale_token_without_container;
+pub mod token_file;
+
+#[cfg(test)]
+pub(crate) mod fixtures;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
+use crate::runtime::{ContainerInfo, ContainerState};
+use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
+
+/// What is declared for one workspace, resolved.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub key: ObjectKey,
+    pub generation: i64,
+    /// The effective spec, or why it is invalid (InvalidSpec; nothing is changed for it).
+    pub spec: Result<EffectiveSpec, Vec<String>>,
+    /// Hash of the rendered container config (see runtime::render).
+    pub spec_hash: String,
+    pub source: SourceRef,
+}
+
+impl Desired {
+    pub fn effective(&self) -> Option<&EffectiveSpec> {
+        self.spec.as_ref().ok()
+    }
+}
+
+/// The token file as read from the container (archive API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenFile {
+    /// Not read (container not running, or reading was not needed).
+    NotRead,
+    Missing,
+    /// sha256 hex of the trimmed content.
+    Hash(String),
+    /// The read failed: unknown, so no rule may act on it.
+    Unreadable(String),
+}
+
+/// What is, for one workspace.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// The store's record (uid, incarnation, heartbeats); None before first sight.
+    pub record: Option<WorkspaceRecord>,
+    /// This workspace's containers (by uid or workspace label). None = listing failed:
+    /// Docker unreachable must never read as "no containers".
+    pub containers: Option<Vec<ContainerInfo>>,
+    /// Live (not revoked) token rows, oldest first.
+    pub live_tokens: Vec<TokenRow>,
+    pub token_file: TokenFile,
+    /// Set while a provision is known to be in flight (the stale-token rule skips it).
+    pub provisioning: bool,
+}
+
+impl Observed {
+    /// The one container that is ours for this record (matching uid), if listing worked.
+    pub fn container(&self) -> Option<&ContainerInfo> {
+        let uid = self.record.as_ref().map(|r| r.uid.as_str())?;
+        self.containers.as_ref()?.iter().find(|c| c.uid() == Some(uid))
+    }
+
+    pub fn incarnation(&self) -> i64 {
+        self.record.as_ref().map(|r| r.incarnation).unwrap_or(0)
+    }
+
+    /// Live tokens of the current incarnation.
+    pub fn current_tokens(&self) -> impl Iterator<Item = &TokenRow> {
+        let inc = self.incarnation();
+        self.live_tokens.iter().filter(move |t| t.incarnation == inc)
+    }
+}
+
+/// Operator settings the rules depend on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The agent's heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Silence longer than this (counted from the later of the last heartbeat and the
+    /// container's start) means the agent is hung.
+    pub heartbeat_ttl: Duration,
+    /// Heartbeat restarts allowed before the workspace is left Degraded.
+    pub restart_budget: i64,
+    /// First wait between heartbeat restarts; doubles each time.
+    pub restart_backoff: Duration,
+}
+
+impl Settings {
+    pub fn for_heartbeat(interval: Duration) -> Self {
+        Self {
+            heartbeat_interval: interval,
+            heartbeat_ttl: (interval * 6).max(Duration::from_secs(10)),
+            restart_budget: 3,
+            restart_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a rule may look at.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx<'a> {
+    /// None: declared no more (or never).
+    pub desired: Option<&'a Desired>,
+    pub observed: &'a Observed,
+    pub now: DateTime<Utc>,
+    pub settings: &'a Settings,
+}
+
+/// What to do, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub rule: &'static str,
+    /// A sentence for people: "provisioned: no container".
+    pub cause: String,
+    pub actions: Vec<Action>,
+}
+
+impl Decision {
+    pub fn new(rule: &'static str, cause: impl Into<String>, actions: Vec<Action>) -> Self {
+        Self { rule, cause: cause.into(), actions }
+    }
+}
+
+/// Idempotent steps the executor knows how to take.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// New incarnation: revoke live tokens (reason), remove any old container, ensure the
+    /// config volume, create the container, write a fresh token into it, start it.
+    Provision { revoke: RevokeReason },
+    /// Force-remove one container by id.
+    RemoveContainer { id: String },
+    /// Remove the workspace's config volume.
+    RemoveVolume,
+    /// Revoke every live token of the workspace.
+    RevokeTokens { reason: RevokeReason },
+    /// Revoke live tokens of older incarnations only.
+    RevokeSuperseded,
+    /// Revoke live tokens unused since `cutoff` (condition repeated in the UPDATE).
+    RevokeStaleTokens { cutoff: DateTime<Utc> },
+    /// Issue a token for the current incarnation, write it into the running container,
+    /// then revoke the others (reason).
+    ReissueToken { revoke: RevokeReason },
+    Pause { id: String },
+    Unpause { id: String },
+    /// Count a heartbeat restart against the budget (precedes a Provision).
+    RecordRestart { reason: String },
+    /// Forget the workspace's record (its container and volume are gone).
+    Forget,
+}
+
+impl Action {
+    /// How the action reads in the decision log.
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Provision { revoke } => format!("provision a new incarnation (old tokens revoked: {revoke})"),
+            Action::RemoveContainer { id } => format!("remove container {}", &id[..id.len().min(12)]),
+            Action::RemoveVolume => "remove config volume".into(),
+            Action::RevokeTokens { reason } => format!("revoke live tokens: {reason}"),
+            Action::RevokeSuperseded => "revoke tokens of older incarnations: superseded".into(),
+            Action::RevokeStaleTokens { cutoff } => format!("revoke tokens unused since {}: container-missing", cutoff.to_rfc3339()),
+            Action::ReissueToken { revoke } => format!("write a new token into the container (old ones revoked: {revoke})"),
+            Action::Pause { .. } => "pause container".into(),
+            Action::Unpause { .. } => "unpause container".into(),
+            Action::RecordRestart { reason } => format!("count restart: {reason}"),
+            Action::Forget => "forget workspace".into(),
+        }
+    }
+}
+
+pub type Rule = fn(&Ctx<'_>) -> Option<Decision>;
+
+/// The rules, in the order they are asked. Earlier rules win: removal before anything,
+/// provisioning before drift, token hygiene after the container is right.
+pub const RULES: &[(&str, Rule)] = &[
+    ("remove", remove::rule),
+    ("orphan", orphan::rule),
+    ("provision", provision::rule),
+    ("stop", pause_resume_stop::stop),
+    ("drift", drift::rule),
+    ("restart", restart::rule),
+    ("pause", pause_resume_stop::pause),
+    ("resume", pause_resume_stop::resume),
+    ("token-file", token_file::rule),
+    ("stale-token-without-container", stale_token_without_container::rule),
+    ("heartbeat", heartbeat::rule),
+];
+
+/// The first rule with something to do, or None when desired and observed agree.
+pub fn plan(ctx: &Ctx<'_>) -> Option<Decision> {
+    RULES.iter().find_map(|(_, rule)| rule(ctx))
+}

@@ -1,0 +1,173 @@
+//! What runs: the `Runtime` trait (Docker via bollard in docker.rs) and the pure
+//! rendering of an effective spec into a container config (render.rs).
+
+pub mod docker;
+pub mod render;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+
+use crate::api::{ImagePullPolicy, Security};
+
+/// Labels on everything the operator creates. It only ever touches objects that
+/// carry its own `INSTANCE` label.
+pub mod labels {
+    pub const MANAGED: &str = "ai.molecule.managed";
+    pub const INSTANCE: &str = "ai.molecule.instance";
+    pub const WORKSPACE: &str = "ai.molecule.workspace";
+    pub const UID: &str = "ai.molecule.uid";
+    pub const INCARNATION: &str = "ai.molecule.incarnation";
+    pub const SPEC_HASH: &str = "ai.molecule.spec-hash";
+    pub const TEAM: &str = "ai.molecule.team";
+}
+
+/// Where the token lives inside every workspace container.
+pub const CONFIGS_DIR: &str = "/configs";
+pub const TOKEN_FILE: &str = ".auth_token";
+/// The agent runs as this non-root user; it owns the token file (mode 0600).
+pub const AGENT_UID: u32 = 65534;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerState {
+    Created,
+    Running,
+    Paused,
+    Restarting,
+    Exited,
+    Dead,
+    Removing,
+    Unknown,
+}
+
+impl ContainerState {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "created" => Self::Created,
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "restarting" => Self::Restarting,
+            "exited" => Self::Exited,
+            "dead" => Self::Dead,
+            "removing" => Self::Removing,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// A container as observed, with our labels decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub state: ContainerState,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: Option<DateTime<Utc>>,
+    /// When it last started (from inspect; None when unknown or never started).
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+impl ContainerInfo {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+    pub fn workspace(&self) -> Option<&str> {
+        self.label(labels::WORKSPACE)
+    }
+    pub fn uid(&self) -> Option<&str> {
+        self.label(labels::UID)
+    }
+    pub fn incarnation(&self) -> Option<i64> {
+        self.label(labels::INCARNATION).and_then(|s| s.parse().ok())
+    }
+    pub fn spec_hash(&self) -> Option<&str> {
+        self.label(labels::SPEC_HASH)
+    }
+}
+
+/// Everything needed to create one workspace container.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub image_pull_policy: ImagePullPolicy,
+    pub env: BTreeMap<String, String>,
+    #[serde(skip)]
+    pub labels: BTreeMap<String, String>,
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub read_only_root: bool,
+    pub tmp_tmpfs_bytes: Option<i64>,
+    /// `host` or a bridge network name.
+    pub network: String,
+    /// Named volume mounted at /configs.
+    pub config_volume: String,
+    pub security: Security,
+}
+
+/// A container lifecycle event for one of our containers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeEvent {
+    /// `ns/name` from the workspace label.
+    pub workspace: Option<String>,
+    pub container_id: String,
+    /// create, start, die, stop, kill, destroy, pause, unpause, ...
+    pub action: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("Docker is unreachable ({0}); is the daemon running and /var/run/docker.sock readable?")]
+    Unavailable(String),
+    #[error("image {image} is not present and imagePullPolicy is Never; build or load it (`molecule-operator agent-image` builds molecule-agent:local)")]
+    ImageMissing { image: String },
+    #[error("image {image} could not be pulled: {message}")]
+    PullFailed { image: String, message: String },
+    #[error("Docker refused: {0}")]
+    Api(String),
+}
+
+impl RuntimeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "runtime_unavailable",
+            Self::ImageMissing { .. } => "image_missing",
+            Self::PullFailed { .. } => "pull_failed",
+            Self::Api(_) => "runtime_api",
+        }
+    }
+}
+
+pub type RuntimeResult<T> = Result<T, RuntimeError>;
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Every container (running or not) carrying this operator instance's label.
+    /// An error means "unknown", never "none": callers must not act as if empty.
+    async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>>;
+    /// Whether the named volume exists.
+    async fn volume_exists(&self, name: &str) -> RuntimeResult<bool>;
+    /// Creates the named volume (with our labels) if it is missing.
+    async fn ensure_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> RuntimeResult<()>;
+    /// Removes the named volume; a missing volume is success.
+    async fn remove_volume(&self, name: &str) -> RuntimeResult<()>;
+    /// Makes sure the image is present according to the pull policy.
+    async fn ensure_image(&self, image: &str, policy: ImagePullPolicy) -> RuntimeResult<()>;
+    /// Creates (does not start) the container; returns its id.
+    async fn create(&self, spec: &ContainerSpec) -> RuntimeResult<String>;
+    async fn start(&self, id: &str) -> RuntimeResult<()>;
+    async fn pause(&self, id: &str) -> RuntimeResult<()>;
+    async fn unpause(&self, id: &str) -> RuntimeResult<()>;
+    /// Force-removes the container (and its anonymous volumes); a missing container is success.
+    async fn remove(&self, id_or_name: &str) -> RuntimeResult<()>;
+    /// Writes `dir/name` inside the container via the archive API (works before start and
+    /// on scratch images), owned by AGENT_UID with the given mode.
+    async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], mode: u32) -> RuntimeResult<()>;
+    /// Reads a file via the archive API; Ok(None) when it does not exist.
+    async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
+    /// Lifecycle events of this instance's containers; reconnects by itself.
+    fn events(&self) -> BoxStream<'static, RuntimeEvent>;
+}

@@ -1,0 +1,113 @@
+//! Renders an effective spec plus identity into a `ContainerSpec`, and hashes the
+//! parts that matter. The spec hash covers the rendered config (image, env, limits,
+//! network, security), not the raw YAML, so cosmetic edits never restart anything.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::{labels, ContainerSpec};
+use crate::api::EffectiveSpec;
+
+/// Who the container is for.
+#[derive(Clone, Debug)]
+pub struct Identity<'a> {
+    pub instance: &'a str,
+    pub key: &'a str,
+    pub uid: &'a str,
+}
+
+/// Operator-provided environment every agent needs.
+#[derive(Clone, Debug)]
+pub struct AgentEnv {
+    /// URL the agent registers at, e.g. http://127.0.0.1:8080.
+    pub registry_url: String,
+    pub heartbeat_seconds: u64,
+}
+
+/// `ws-` plus the first 12 characters of the uid, as the original platform.
+pub fn container_name(uid: &str) -> String {
+    format!("ws-{}", &uid[..uid.len().min(12)])
+}
+
+pub fn config_volume_name(uid: &str) -> String {
+    format!("{}-configs", container_name(uid))
+}
+
+/// Renders the container for `spec`; labels carry everything but the incarnation
+/// (the executor stamps it when it creates the container).
+pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> ContainerSpec {
+    let mut env = spec.env.clone();
+    env.insert("MOLECULE_WORKSPACE_ID".into(), id.uid.into());
+    env.insert("WORKSPACE_ID".into(), id.uid.into());
+    env.insert("MOLECULE_WORKSPACE_NAME".into(), id.key.into());
+    env.insert("MOLECULE_REGISTRY_URL".into(), agent.registry_url.clone());
+    env.insert("PLATFORM_URL".into(), agent.registry_url.clone());
+    env.insert("MOLECULE_HEARTBEAT_SECONDS".into(), agent.heartbeat_seconds.to_string());
+    env.insert("WORKSPACE_CONFIG_PATH".into(), super::CONFIGS_DIR.into());
+    env.insert("TIER".into(), spec.tier.to_string());
+    if let Some(p) = &spec.parent {
+        env.insert("PARENT_ID".into(), p.clone());
+    }
+    let mut spec_out = ContainerSpec {
+        name: container_name(id.uid),
+        image: spec.image.clone(),
+        image_pull_policy: spec.image_pull_policy,
+        env,
+        labels: BTreeMap::new(),
+        memory_bytes: spec.memory_bytes,
+        nano_cpus: spec.nano_cpus,
+        read_only_root: spec.read_only_root,
+        tmp_tmpfs_bytes: spec.tmp_tmpfs_bytes,
+        network: spec.network.clone(),
+        config_volume: config_volume_name(id.uid),
+        security: spec.security.clone(),
+    };
+    let hash = spec_hash(&spec_out);
+    let l = &mut spec_out.labels;
+    l.insert(labels::MANAGED.into(), "true".into());
+    l.insert(labels::INSTANCE.into(), id.instance.into());
+    l.insert(labels::WORKSPACE.into(), id.key.into());
+    l.insert(labels::UID.into(), id.uid.into());
+    l.insert(labels::SPEC_HASH.into(), hash);
+    if let Some(t) = &spec.team {
+        l.insert(labels::TEAM.into(), t.clone());
+    }
+    spec_out
+}
+
+/// sha256 of the canonical JSON of the rendered config (labels excluded), hex, first 16 chars.
+pub fn spec_hash(spec: &ContainerSpec) -> String {
+    let canonical = serde_json::to_vec(spec).expect("ContainerSpec serializes");
+    hex::encode(Sha256::digest(&canonical))[..16].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::effective::{resolve, Defaults};
+    use crate::api::WorkspaceSpec;
+
+    fn rendered(spec: WorkspaceSpec) -> ContainerSpec {
+        let eff = resolve(&spec, &Defaults::default()).unwrap();
+        let id = Identity { instance: "t", key: "default/a", uid: "0123456789abcdef-0000" };
+        render(&eff, &id, &AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 5 })
+    }
+
+    #[test]
+    fn names_follow_the_original_platform() {
+        assert_eq!(container_name("abc123de-f456-7890"), "ws-abc123de-f45");
+        assert_eq!(config_volume_name("abc123de-f456-7890"), "ws-abc123de-f45-configs");
+    }
+
+    #[test]
+    fn hash_changes_with_env_and_not_with_team_label() {
+        let a = rendered(WorkspaceSpec::default());
+        let b = rendered(WorkspaceSpec { env: [("X".into(), "1".into())].into(), ..Default::default() });
+        let c = rendered(WorkspaceSpec { team: Some("eng".into()), ..Default::default() });
+        assert_ne!(a.labels[labels::SPEC_HASH], b.labels[labels::SPEC_HASH]);
+        assert_eq!(a.labels[labels::SPEC_HASH], c.labels[labels::SPEC_HASH]);
+        assert_eq!(a.labels[labels::INSTANCE], "t");
+        assert_eq!(a.env["MOLECULE_WORKSPACE_ID"], "0123456789abcdef-0000");
+    }
+}

@@ -1,0 +1,238 @@
+//! Where state lives: workspace identities and incarnations, token rows, heartbeats,
+//! status and the decision log. One trait, two implementations (SQLite, Postgres),
+//! one conformance suite (tests/store_conformance.rs) run against both.
+
+pub mod postgres;
+pub mod sqlite;
+pub mod token;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{OperatingMode, WorkspaceStatus};
+
+/// Why a token was revoked. Every revocation records one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevokeReason {
+    /// A new incarnation replaced the container.
+    Reprovision,
+    /// Live token, no container, past the stale grace (the original sweeper's rule).
+    ContainerMissing,
+    /// The container's token file is missing or holds no live token.
+    TokenFileMismatch,
+    /// The workspace is declared no more.
+    Deleted,
+    Paused,
+    Stopped,
+    Rotated,
+    /// The token belongs to an older incarnation than the workspace's current one.
+    Superseded,
+}
+
+impl RevokeReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Reprovision => "reprovision",
+            Self::ContainerMissing => "container-missing",
+            Self::TokenFileMismatch => "token-file-mismatch",
+            Self::Deleted => "deleted",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+            Self::Rotated => "rotated",
+            Self::Superseded => "superseded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Reprovision,
+            Self::ContainerMissing,
+            Self::TokenFileMismatch,
+            Self::Deleted,
+            Self::Paused,
+            Self::Stopped,
+            Self::Rotated,
+            Self::Superseded,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for RevokeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A workspace the operator has seen: its stable identity and lifecycle counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    /// UUID (text), given on first sight, never reused.
+    pub uid: String,
+    /// `namespace/name`.
+    pub key: String,
+    /// Bumped on every (re)provision.
+    pub incarnation: i64,
+    pub created_at: DateTime<Utc>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// Restarts made by the heartbeat rule (the restart budget counts these).
+    pub restart_count: i64,
+    pub last_restart_at: Option<DateTime<Utc>>,
+    pub last_restart_reason: Option<String>,
+    /// The last status written (whole).
+    pub status: Option<WorkspaceStatus>,
+    /// Set by `molecule-operator pause|resume`: overrides the declared operating mode.
+    pub mode_override: Option<OperatingMode>,
+    /// Set by `molecule-operator restart`: restart if the container started before this.
+    pub restart_requested_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `workspace_auth_tokens`. The plaintext is never stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRow {
+    pub id: String,
+    pub workspace_uid: String,
+    /// sha256 of the plaintext, lowercase hex.
+    pub token_hash: String,
+    /// First 8 characters of the plaintext, for display.
+    pub prefix: String,
+    pub incarnation: i64,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoke_reason: Option<String>,
+}
+
+impl TokenRow {
+    pub fn is_live(&self) -> bool {
+        self.revoked_at.is_none()
+    }
+    /// COALESCE(last_used_at, created_at), as the original sweeper.
+    pub fn last_activity(&self) -> DateTime<Utc> {
+        self.last_used_at.unwrap_or(self.created_at)
+    }
+}
+
+/// A freshly issued token: the only moment its plaintext exists outside the container.
+pub struct IssuedToken {
+    pub plaintext: String,
+    pub row: TokenRow,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken").field("prefix", &self.row.prefix).finish_non_exhaustive()
+    }
+}
+
+/// What a presented token resolves to (hash lookup, live rows only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenOwner {
+    pub token_id: String,
+    pub workspace_uid: String,
+    pub workspace_key: String,
+    pub token_incarnation: i64,
+    pub current_incarnation: i64,
+}
+
+/// One reconcile decision, kept per workspace for `describe`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub at: DateTime<Utc>,
+    pub rule: String,
+    pub cause: String,
+    /// Human-readable actions, e.g. "revoked 1 token: container-missing".
+    pub actions: Vec<String>,
+    /// "ok" or the error that stopped it.
+    pub outcome: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state database is unreachable or failed: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("state database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Database(_) => "store_database",
+            Self::Migrate(_) => "store_migrate",
+            Self::Invalid(_) => "store_invalid",
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap liveness query (for /readyz).
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Returns the record for `key`, creating it (new uuid, incarnation 0) on first sight.
+    async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord>;
+    async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>>;
+    async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>>;
+    async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>>;
+    /// Increments and returns the incarnation.
+    async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64>;
+    /// Counts a heartbeat-rule restart (restart budget) with its reason.
+    async fn record_restart(&self, uid: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Resets the restart budget (the agent came back).
+    async fn reset_restarts(&self, uid: &str) -> StoreResult<()>;
+    /// Sets (or clears, with None) the CLI's operating-mode override.
+    async fn set_mode_override(&self, uid: &str, mode: Option<OperatingMode>) -> StoreResult<()>;
+    /// Records a CLI restart request.
+    async fn request_restart(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Writes the status whole.
+    async fn save_status(&self, uid: &str, status: &WorkspaceStatus) -> StoreResult<()>;
+    /// Forgets the workspace (after its container and volume are gone). Token rows stay,
+    /// revoked, for audit.
+    async fn delete_workspace(&self, uid: &str) -> StoreResult<()>;
+
+    /// Issues a token for `incarnation`: 32 random bytes, base64url, stored as sha256 hex.
+    async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken>;
+    /// Live (not revoked) tokens of a workspace, oldest first.
+    async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>>;
+    /// Every token row of a workspace, newest first, at most `limit`.
+    async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>>;
+    /// Revokes the workspace's live tokens except `keep`; returns how many.
+    async fn revoke_tokens(&self, uid: &str, reason: RevokeReason, keep: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
+    /// Revokes live tokens whose COALESCE(last_used_at, created_at) < cutoff. The
+    /// condition is repeated in the UPDATE, so a heartbeat landing after the caller
+    /// looked wins.
+    async fn revoke_stale_tokens(&self, uid: &str, cutoff: DateTime<Utc>, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64>;
+    /// Resolves a presented token by its hash; live rows only. Does not touch it.
+    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>>;
+    /// A successful register/heartbeat: touches the token's last_used_at and the
+    /// workspace's last_heartbeat_at.
+    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+
+    async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()>;
+    /// Newest first.
+    async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store a URL names: `postgres://...` or a SQLite file path / `sqlite://` URL.
+pub async fn open(url: &str) -> StoreResult<DynStore> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let _ = postgres::PostgresStore::connect(url).await?;
+        todo!("postgres store")
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        let _ = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
+        todo!("sqlite store")
+    }
+}
