@@ -1,1 +1,115 @@
-//! Test fixtures for rules.
+//! Small builders for rule tests: a declared workspace, a store record, a container,
+//! token rows, all at a fixed clock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::*;
+use crate::api::effective::{resolve, Defaults};
+use crate::api::{ObjectKey, OperatingMode, SourceRef, WorkspaceSpec};
+use crate::runtime::labels;
+use crate::store::{TokenRow, WorkspaceRecord};
+
+pub const UID: &str = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+pub const HASH: &str = "feedfacecafebeef";
+
+pub fn t(secs: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap() + chrono::Duration::seconds(secs)
+}
+
+pub fn now() -> DateTime<Utc> {
+    t(1000)
+}
+
+pub fn settings() -> Settings {
+    Settings {
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_ttl: Duration::from_secs(10),
+        restart_budget: 3,
+        restart_backoff: Duration::from_secs(10),
+    }
+}
+
+pub fn desired_with(spec: WorkspaceSpec) -> Desired {
+    Desired {
+        key: ObjectKey::new("default", "dev"),
+        generation: 1,
+        spec: resolve(&spec, &Defaults::default()).map_err(|e| e),
+        spec_hash: HASH.into(),
+        source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() },
+    }
+}
+
+pub fn desired() -> Desired {
+    desired_with(WorkspaceSpec::default())
+}
+
+pub fn desired_mode(mode: OperatingMode) -> Desired {
+    desired_with(WorkspaceSpec { operating_mode: Some(mode), ..Default::default() })
+}
+
+pub fn record(incarnation: i64) -> WorkspaceRecord {
+    WorkspaceRecord {
+        uid: UID.into(),
+        key: "default/dev".into(),
+        incarnation,
+        created_at: t(0),
+        last_heartbeat_at: Some(now() - chrono::Duration::seconds(1)),
+        restart_count: 0,
+        last_restart_at: None,
+        last_restart_reason: None,
+        status: None,
+        mode_override: None,
+        restart_requested_at: None,
+    }
+}
+
+pub fn container(incarnation: i64, state: ContainerState) -> ContainerInfo {
+    let mut l = BTreeMap::new();
+    l.insert(labels::INSTANCE.to_string(), "test".to_string());
+    l.insert(labels::WORKSPACE.to_string(), "default/dev".to_string());
+    l.insert(labels::UID.to_string(), UID.to_string());
+    l.insert(labels::INCARNATION.to_string(), incarnation.to_string());
+    l.insert(labels::SPEC_HASH.to_string(), HASH.to_string());
+    l.insert(labels::PROVISIONED_AT.to_string(), t(100).to_rfc3339());
+    ContainerInfo {
+        id: format!("c0ffee{incarnation:06}"),
+        name: "ws-0a1b2c3d-4e5".into(),
+        image: "molecule-agent:local".into(),
+        state,
+        labels: l,
+        created_at: Some(t(100)),
+        started_at: Some(t(100)),
+    }
+}
+
+pub fn token(id: &str, incarnation: i64, created: DateTime<Utc>, last_used: Option<DateTime<Utc>>) -> TokenRow {
+    TokenRow {
+        id: id.into(),
+        workspace_uid: UID.into(),
+        token_hash: format!("hash-{id}"),
+        prefix: "Ab3x9_Qe".into(),
+        incarnation,
+        created_at: created,
+        last_used_at: last_used,
+        revoked_at: None,
+        revoke_reason: None,
+    }
+}
+
+/// A healthy running workspace at incarnation 1: container, matching token file, fresh heartbeat.
+pub fn healthy() -> Observed {
+    Observed {
+        record: Some(record(1)),
+        containers: Some(vec![container(1, ContainerState::Running)]),
+        live_tokens: vec![token("t1", 1, t(100), Some(now()))],
+        token_file: TokenFile::Hash("hash-t1".into()),
+        provisioning: false,
+    }
+}
+
+pub fn ctx<'a>(desired: Option<&'a Desired>, observed: &'a Observed, settings: &'a Settings) -> Ctx<'a> {
+    Ctx { desired, observed, now: now(), settings }
+}

@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
+use crate::api::OperatingMode;
 use crate::runtime::{ContainerInfo, ContainerState};
 use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
 
@@ -39,6 +40,19 @@ pub struct Desired {
 impl Desired {
     pub fn effective(&self) -> Option<&EffectiveSpec> {
         self.spec.as_ref().ok()
+    }
+}
+
+impl<'a> Ctx<'a> {
+    /// The valid effective spec, when the workspace is declared and valid.
+    pub fn spec(&self) -> Option<&'a EffectiveSpec> {
+        self.desired.and_then(Desired::effective)
+    }
+
+    /// The declared mode, unless the CLI (`pause`/`resume`) overrides it.
+    pub fn mode(&self) -> Option<OperatingMode> {
+        let spec = self.spec()?;
+        Some(self.observed.record.as_ref().and_then(|r| r.mode_override).unwrap_or(spec.operating_mode))
     }
 }
 
@@ -149,8 +163,8 @@ pub enum Action {
     RemoveVolume,
     /// Revoke every live token of the workspace.
     RevokeTokens { reason: RevokeReason },
-    /// Revoke live tokens of older incarnations only.
-    RevokeSuperseded,
+    /// Revoke every live token but `keep` (a token that still works stays).
+    RevokeExcept { keep: String, reason: RevokeReason },
     /// Revoke live tokens unused since `cutoff` (condition repeated in the UPDATE).
     RevokeStaleTokens { cutoff: DateTime<Utc> },
     /// Issue a token for the current incarnation, write it into the running container,
@@ -160,6 +174,8 @@ pub enum Action {
     Unpause { id: String },
     /// Count a heartbeat restart against the budget (precedes a Provision).
     RecordRestart { reason: String },
+    /// The agent is back: the restart budget starts over.
+    ResetRestarts,
     /// Forget the workspace's record (its container and volume are gone).
     Forget,
 }
@@ -172,12 +188,13 @@ impl Action {
             Action::RemoveContainer { id } => format!("remove container {}", &id[..id.len().min(12)]),
             Action::RemoveVolume => "remove config volume".into(),
             Action::RevokeTokens { reason } => format!("revoke live tokens: {reason}"),
-            Action::RevokeSuperseded => "revoke tokens of older incarnations: superseded".into(),
+            Action::RevokeExcept { reason, .. } => format!("revoke other live tokens: {reason}"),
             Action::RevokeStaleTokens { cutoff } => format!("revoke tokens unused since {}: container-missing", cutoff.to_rfc3339()),
             Action::ReissueToken { revoke } => format!("write a new token into the container (old ones revoked: {revoke})"),
             Action::Pause { .. } => "pause container".into(),
             Action::Unpause { .. } => "unpause container".into(),
             Action::RecordRestart { reason } => format!("count restart: {reason}"),
+            Action::ResetRestarts => "reset the restart budget".into(),
             Action::Forget => "forget workspace".into(),
         }
     }
@@ -204,4 +221,36 @@ pub const RULES: &[(&str, Rule)] = &[
 /// The first rule with something to do, or None when desired and observed agree.
 pub fn plan(ctx: &Ctx<'_>) -> Option<Decision> {
     RULES.iter().find_map(|(_, rule)| rule(ctx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+
+    #[test]
+    fn a_healthy_workspace_needs_nothing() {
+        let (obs, s, des) = (healthy(), settings(), desired());
+        assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None);
+    }
+
+    #[test]
+    fn removal_wins_over_everything_else() {
+        let mut obs = healthy();
+        obs.token_file = TokenFile::Missing;
+        let s = settings();
+        assert_eq!(plan(&ctx(None, &obs, &s)).unwrap().rule, "remove");
+    }
+
+    #[test]
+    fn the_compose_down_v_incident_is_provisioning_not_a_sweep_later() {
+        // Container and volume gone, token rows still live: provisioned at once, with
+        // the old tokens revoked as container-missing; no 5-minute wait.
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        let (s, des) = (settings(), desired());
+        let d = plan(&ctx(Some(&des), &obs, &s)).unwrap();
+        assert_eq!(d.rule, "provision");
+        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::ContainerMissing }]);
+    }
 }

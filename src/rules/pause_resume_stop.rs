@@ -1,11 +1,113 @@
-use super::*;
+//! pause / resume / stop: the operating mode. Paused freezes the container (memory
+//! kept; tokens kept unless `tokenPolicy.onPause: Revoke`); Running thaws it; Stopped
+//! removes the container, keeps the config volume and revokes the tokens.
 
-pub fn stop(_ctx: &Ctx<'_>) -> Option<Decision> {
-    None
+use super::*;
+use crate::api::OnPause;
+
+pub fn stop(ctx: &Ctx<'_>) -> Option<Decision> {
+    if ctx.mode()? != OperatingMode::Stopped {
+        return None;
+    }
+    let containers = ctx.observed.containers.as_ref()?;
+    let mut actions: Vec<Action> = containers.iter().map(|c| Action::RemoveContainer { id: c.id.clone() }).collect();
+    if !ctx.observed.live_tokens.is_empty() {
+        actions.push(Action::RevokeTokens { reason: RevokeReason::Stopped });
+    }
+    if actions.is_empty() {
+        return None;
+    }
+    Some(Decision::new("stop", "operating mode is Stopped", actions))
 }
-pub fn pause(_ctx: &Ctx<'_>) -> Option<Decision> {
-    None
+
+pub fn pause(ctx: &Ctx<'_>) -> Option<Decision> {
+    if ctx.mode()? != OperatingMode::Paused {
+        return None;
+    }
+    let spec = ctx.spec()?;
+    let revoke = spec.token_policy.on_pause == OnPause::Revoke && !ctx.observed.live_tokens.is_empty();
+    let mut actions = Vec::new();
+    if let Some(c) = ctx.observed.container().filter(|c| c.state == ContainerState::Running) {
+        actions.push(Action::Pause { id: c.id.clone() });
+    }
+    if revoke {
+        actions.push(Action::RevokeTokens { reason: RevokeReason::Paused });
+    }
+    if actions.is_empty() {
+        return None;
+    }
+    Some(Decision::new("pause", "operating mode is Paused", actions))
 }
-pub fn resume(_ctx: &Ctx<'_>) -> Option<Decision> {
-    None
+
+pub fn resume(ctx: &Ctx<'_>) -> Option<Decision> {
+    if ctx.mode()? != OperatingMode::Running {
+        return None;
+    }
+    let c = ctx.observed.container().filter(|c| c.state == ContainerState::Paused)?;
+    Some(Decision::new("resume", "operating mode is Running", vec![Action::Unpause { id: c.id.clone() }]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::*;
+    use super::*;
+    use crate::api::{TokenPolicy, WorkspaceSpec};
+
+    #[test]
+    fn stopped_removes_container_and_revokes_but_keeps_volume() {
+        let (obs, s) = (healthy(), settings());
+        let des = desired_mode(OperatingMode::Stopped);
+        let d = stop(&ctx(Some(&des), &obs, &s)).unwrap();
+        assert!(d.actions.contains(&Action::RemoveContainer { id: "c0ffee000001".into() }));
+        assert!(d.actions.contains(&Action::RevokeTokens { reason: RevokeReason::Stopped }));
+        assert!(!d.actions.contains(&Action::RemoveVolume));
+    }
+
+    #[test]
+    fn stopped_and_converged_is_quiet() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        obs.live_tokens.clear();
+        let s = settings();
+        let des = desired_mode(OperatingMode::Stopped);
+        assert_eq!(stop(&ctx(Some(&des), &obs, &s)), None);
+    }
+
+    #[test]
+    fn paused_freezes_running_container_and_keeps_tokens_by_default() {
+        let (obs, s) = (healthy(), settings());
+        let des = desired_mode(OperatingMode::Paused);
+        let d = pause(&ctx(Some(&des), &obs, &s)).unwrap();
+        assert_eq!(d.actions, vec![Action::Pause { id: "c0ffee000001".into() }]);
+    }
+
+    #[test]
+    fn on_pause_revoke_revokes_tokens() {
+        let (obs, s) = (healthy(), settings());
+        let des = desired_with(WorkspaceSpec {
+            operating_mode: Some(OperatingMode::Paused),
+            token_policy: Some(TokenPolicy { on_pause: Some(OnPause::Revoke), ..Default::default() }),
+            ..Default::default()
+        });
+        let d = pause(&ctx(Some(&des), &obs, &s)).unwrap();
+        assert!(d.actions.contains(&Action::RevokeTokens { reason: RevokeReason::Paused }));
+    }
+
+    #[test]
+    fn running_thaws_a_paused_container() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        let (s, des) = (settings(), desired());
+        let d = resume(&ctx(Some(&des), &obs, &s)).unwrap();
+        assert_eq!(d.actions, vec![Action::Unpause { id: "c0ffee000001".into() }]);
+        assert_eq!(pause(&ctx(Some(&des), &obs, &s)), None);
+    }
+
+    #[test]
+    fn cli_override_wins_over_declared_mode() {
+        let mut obs = healthy();
+        obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Paused);
+        let (s, des) = (settings(), desired());
+        assert!(pause(&ctx(Some(&des), &obs, &s)).is_some());
+    }
 }

@@ -1,5 +1,95 @@
+//! provision: the workspace should run (Running or Paused) and has no usable
+//! container: none at all, one that exited, one never started (a provision that was
+//! interrupted), or one from an older incarnation. A new incarnation replaces it,
+//! with a fresh token; every older token is revoked.
+
 use super::*;
 
-pub fn rule(_ctx: &Ctx<'_>) -> Option<Decision> {
-    None
+pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
+    let _spec = ctx.spec()?;
+    if ctx.mode()? == OperatingMode::Stopped {
+        return None;
+    }
+    ctx.observed.record.as_ref()?;
+    ctx.observed.containers.as_ref()?; // listing failed: unknown, do nothing
+    let current = ctx.observed.incarnation();
+    let (cause, revoke) = match ctx.observed.container() {
+        None => ("no container".to_string(), RevokeReason::ContainerMissing),
+        Some(c) if c.incarnation() != Some(current) => (
+            format!(
+                "container is from incarnation {}, current is {current}",
+                c.incarnation().map_or("?".to_string(), |i| i.to_string())
+            ),
+            RevokeReason::Superseded,
+        ),
+        Some(c) => match c.state {
+            ContainerState::Created => ("container was never started (interrupted provision)".into(), RevokeReason::Reprovision),
+            ContainerState::Exited | ContainerState::Dead => (format!("container {:?}", c.state).to_lowercase(), RevokeReason::Reprovision),
+            _ => return None,
+        },
+    };
+    Some(Decision::new("provision", cause, vec![Action::Provision { revoke }]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::*;
+    use super::*;
+
+    fn decide(obs: &Observed, des: &Desired) -> Option<Decision> {
+        let s = settings();
+        rule(&ctx(Some(des), obs, &s))
+    }
+
+    #[test]
+    fn no_container_provisions_and_revokes_as_container_missing() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        let d = decide(&obs, &desired()).unwrap();
+        assert_eq!(d.cause, "no container");
+        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::ContainerMissing }]);
+    }
+
+    #[test]
+    fn exited_never_started_and_older_incarnation_are_replaced() {
+        for (state, inc, want) in [
+            (ContainerState::Exited, 1, "container exited"),
+            (ContainerState::Created, 1, "never started"),
+            (ContainerState::Running, 0, "incarnation 0, current is 1"),
+        ] {
+            let mut obs = healthy();
+            obs.containers = Some(vec![container(inc, state)]);
+            let d = decide(&obs, &desired()).unwrap();
+            assert!(d.cause.contains(want), "{} !~ {want}", d.cause);
+        }
+    }
+
+    #[test]
+    fn healthy_running_or_paused_container_is_left_alone() {
+        assert_eq!(decide(&healthy(), &desired()), None);
+        let mut obs = healthy();
+        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        assert_eq!(decide(&obs, &desired_mode(OperatingMode::Paused)), None);
+    }
+
+    #[test]
+    fn stopped_invalid_or_unknown_listing_never_provisions() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        assert_eq!(decide(&obs, &desired_mode(OperatingMode::Stopped)), None);
+        let invalid = desired_with(crate::api::WorkspaceSpec { tier: Some(9), ..Default::default() });
+        assert_eq!(decide(&obs, &invalid), None);
+        obs.containers = None;
+        assert_eq!(decide(&obs, &desired()), None);
+    }
+
+    #[test]
+    fn cli_pause_override_still_needs_a_container_and_stop_override_does_not() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Stopped);
+        assert_eq!(decide(&obs, &desired()), None);
+        obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Paused);
+        assert!(decide(&obs, &desired()).is_some());
+    }
 }

@@ -1,5 +1,100 @@
+//! token-file: the running container's /configs/.auth_token must hold a live token
+//! of the current incarnation, and no other token may stay live. A missing, emptied
+//! or overwritten file (or rows revoked by hand) gets a new token written in; the
+//! agent re-reads the file, so no restart is needed.
+
 use super::*;
 
-pub fn rule(_ctx: &Ctx<'_>) -> Option<Decision> {
-    None
+pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
+    ctx.spec()?;
+    let c = ctx.observed.container()?;
+    let current = ctx.observed.incarnation();
+    if c.state != ContainerState::Running || c.incarnation() != Some(current) {
+        return None;
+    }
+    let reissue = |cause: String| {
+        Some(Decision::new("token-file", cause, vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]))
+    };
+    match &ctx.observed.token_file {
+        TokenFile::NotRead | TokenFile::Unreadable(_) => None,
+        TokenFile::Missing => reissue(format!("{}/{} is missing or empty", crate::runtime::CONFIGS_DIR, crate::runtime::TOKEN_FILE)),
+        TokenFile::Hash(h) => {
+            let Some(live) = ctx.observed.current_tokens().find(|t| &t.token_hash == h) else {
+                return reissue(format!("the token file holds no live token of incarnation {current}"));
+            };
+            let others: Vec<&TokenRow> = ctx.observed.live_tokens.iter().filter(|t| t.id != live.id).collect();
+            if others.is_empty() {
+                return None;
+            }
+            let reason = if others.iter().all(|t| t.incarnation < current) {
+                RevokeReason::Superseded
+            } else {
+                RevokeReason::TokenFileMismatch
+            };
+            Some(Decision::new(
+                "token-file",
+                format!("{} live token(s) besides the one in the container", others.len()),
+                vec![Action::RevokeExcept { keep: live.id.clone(), reason }],
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::*;
+    use super::*;
+
+    fn decide(obs: &Observed) -> Option<Decision> {
+        let (s, des) = (settings(), desired());
+        rule(&ctx(Some(&des), obs, &s))
+    }
+
+    #[test]
+    fn matching_file_is_quiet() {
+        assert_eq!(decide(&healthy()), None);
+    }
+
+    #[test]
+    fn missing_or_foreign_file_gets_a_new_token() {
+        let mut obs = healthy();
+        obs.token_file = TokenFile::Missing;
+        assert_eq!(decide(&obs).unwrap().actions, vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]);
+        obs.token_file = TokenFile::Hash("hash-of-garbage".into());
+        assert!(decide(&obs).unwrap().cause.contains("no live token"));
+    }
+
+    #[test]
+    fn rows_revoked_by_hand_mean_no_live_token_matches() {
+        let mut obs = healthy();
+        obs.live_tokens.clear();
+        assert!(decide(&obs).is_some());
+    }
+
+    #[test]
+    fn token_of_an_older_incarnation_in_the_file_is_not_accepted() {
+        let mut obs = healthy();
+        obs.live_tokens = vec![token("t0", 0, t(0), None)];
+        obs.token_file = TokenFile::Hash("hash-t0".into());
+        assert!(decide(&obs).is_some());
+    }
+
+    #[test]
+    fn extra_live_tokens_are_revoked_keeping_the_one_in_use() {
+        let mut obs = healthy();
+        obs.live_tokens.insert(0, token("t0", 0, t(0), None));
+        let d = decide(&obs).unwrap();
+        assert_eq!(d.actions, vec![Action::RevokeExcept { keep: "t1".into(), reason: RevokeReason::Superseded }]);
+    }
+
+    #[test]
+    fn unreadable_file_or_paused_container_is_left_alone() {
+        let mut obs = healthy();
+        obs.token_file = TokenFile::Unreadable("docker timeout".into());
+        assert_eq!(decide(&obs), None);
+        let mut obs = healthy();
+        obs.token_file = TokenFile::Missing;
+        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        assert_eq!(decide(&obs), None);
+    }
 }

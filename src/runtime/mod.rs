@@ -22,6 +22,9 @@ pub mod labels {
     pub const INCARNATION: &str = "ai.molecule.incarnation";
     pub const SPEC_HASH: &str = "ai.molecule.spec-hash";
     pub const TEAM: &str = "ai.molecule.team";
+    /// When the operator created the container (RFC 3339, ms): restart requests
+    /// made after it mean "restart".
+    pub const PROVISIONED_AT: &str = "ai.molecule.provisioned-at";
 }
 
 /// Where the token lives inside every workspace container.
@@ -85,6 +88,13 @@ impl ContainerInfo {
     }
     pub fn spec_hash(&self) -> Option<&str> {
         self.label(labels::SPEC_HASH)
+    }
+    /// When the operator created it, else Docker's creation time.
+    pub fn provisioned_at(&self) -> Option<DateTime<Utc>> {
+        self.label(labels::PROVISIONED_AT)
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .or(self.created_at)
     }
 }
 
