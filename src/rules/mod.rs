@@ -4,6 +4,7 @@
 //! observes again and plans again until no rule has anything to say.
 
 pub mod drift;
+pub use crate::runtime::ContainerState;
 pub mod heartbeat;
 pub mod orphan;
 pub mod pause_resume_stop;
@@ -22,7 +23,7 @@ use chrono::{DateTime, Utc};
 
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
 use crate::api::OperatingMode;
-use crate::runtime::{ContainerInfo, ContainerState};
+use crate::runtime::ContainerInfo;
 use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
 
 /// What is declared for one workspace, resolved.

@@ -1,0 +1,413 @@
+//! The reconcile loop: a per-workspace queue (one reconcile in flight per key,
+//! triggers arriving meanwhile coalesce into one more pass, failures back off) and
+//! `reconcile`, which observes, plans with the pure rules, executes, and repeats
+//! until no rule has anything to do, then writes the status whole.
+
+pub mod status;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{delay_queue, DelayQueue};
+
+use crate::api::ObjectKey;
+use crate::execute::{Env, ExecError};
+use crate::observe::observe;
+use crate::registry::metrics::Metrics;
+use crate::rules::{plan, Action, Ctx, Desired, Settings};
+use crate::runtime::render::{render, AgentEnv, Identity};
+use crate::runtime::Runtime;
+use crate::source::desired::{DesiredSet, DesiredWorkspace};
+use crate::store::{DecisionRecord, DynStore, StoreError};
+
+/// Asks for a workspace (`ns/name`) to be reconciled soon. Cheap and non-blocking;
+/// repeated requests for the same key coalesce.
+#[derive(Clone, Debug)]
+pub struct Trigger {
+    tx: mpsc::UnboundedSender<(String, &'static str)>,
+}
+
+impl Trigger {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<(String, &'static str)>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    /// `why` names the trigger for logs and metrics: "registry-401", "docker-event", ...
+    pub fn enqueue(&self, key: &str, why: &'static str) {
+        let _ = self.tx.send((key.to_string(), why));
+    }
+}
+
+/// Most passes one reconcile makes (observe, plan, execute) before it yields.
+const MAX_PASSES: usize = 6;
+/// Decisions kept per workspace for `describe`.
+const DECISIONS_KEPT: i64 = 50;
+
+/// Every IO handle a reconcile needs; tests build their own.
+pub struct Context {
+    pub instance: String,
+    pub runtime: Arc<dyn Runtime>,
+    pub store: DynStore,
+    pub desired: watch::Receiver<Arc<DesiredSet>>,
+    pub settings: Settings,
+    pub agent: AgentEnv,
+    pub metrics: Arc<Metrics>,
+    pub failpoint: Option<String>,
+    /// The last execution error per workspace (shown in status until it succeeds).
+    failures: Mutex<HashMap<String, Failure>>,
+}
+
+#[derive(Clone, Debug)]
+struct Failure {
+    message: String,
+    attempts: u32,
+}
+
+impl Context {
+    pub fn new(
+        instance: String,
+        runtime: Arc<dyn Runtime>,
+        store: DynStore,
+        desired: watch::Receiver<Arc<DesiredSet>>,
+        settings: Settings,
+        agent: AgentEnv,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            instance,
+            runtime,
+            store,
+            desired,
+            settings,
+            agent,
+            metrics,
+            failpoint: std::env::var("MOLECULE_FAILPOINT").ok().filter(|s| !s.is_empty()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failure(&self, key: &str) -> Option<Failure> {
+        self.failures.lock().ok()?.get(key).cloned()
+    }
+
+    fn set_failure(&self, key: &str, message: Option<String>) -> u32 {
+        let Ok(mut f) = self.failures.lock() else { return 1 };
+        match message {
+            None => {
+                f.remove(key);
+                0
+            }
+            Some(message) => {
+                let e = f.entry(key.to_string()).or_insert(Failure { message: String::new(), attempts: 0 });
+                e.message = message;
+                e.attempts += 1;
+                e.attempts
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+}
+
+impl ReconcileError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Store(e) => e.metric_label(),
+            Self::Exec(e) => e.metric_label(),
+        }
+    }
+}
+
+/// When to look at a workspace again after a successful reconcile.
+pub type Requeue = Option<Duration>;
+
+fn to_rule_desired(d: &DesiredWorkspace, instance: &str, uid: &str, agent: &AgentEnv) -> Desired {
+    let key = d.key.to_string();
+    let spec_hash = match &d.spec {
+        Ok(spec) => {
+            let cs = render(spec, &Identity { instance, key: &key, uid }, agent);
+            cs.labels.get(crate::runtime::labels::SPEC_HASH).cloned().unwrap_or_default()
+        }
+        Err(_) => String::new(),
+    };
+    Desired { key: d.key.clone(), generation: d.generation, spec: d.spec.clone(), spec_hash, source: d.source.clone() }
+}
+
+/// Reconciles one workspace until desired and observed agree (or a step fails).
+pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileError> {
+    let okey = ObjectKey::parse(key);
+    let env = Env {
+        runtime: ctx.runtime.as_ref(),
+        store: ctx.store.as_ref(),
+        instance: &ctx.instance,
+        agent: &ctx.agent,
+        failpoint: ctx.failpoint.as_deref(),
+    };
+    for _ in 0..MAX_PASSES {
+        let set = ctx.desired.borrow().clone();
+        let declared = set.workspaces.get(&okey);
+        if declared.is_none() && !set.complete {
+            return Ok(None); // not every source has spoken yet: never remove on partial knowledge
+        }
+        let now = Utc::now();
+        let record = match declared {
+            Some(_) => Some(ctx.store.ensure_workspace(key, now).await?),
+            None => ctx.store.workspace(key).await?,
+        };
+        let desired = match (declared, &record) {
+            (Some(d), Some(r)) => Some(to_rule_desired(d, &ctx.instance, &r.uid, &ctx.agent)),
+            _ => None,
+        };
+        let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());
+        let observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), read_token).await?;
+        if observed.record.is_none() && observed.containers.as_ref().is_none_or(|c| c.is_empty()) {
+            return Ok(None); // never seen, not declared: nothing to do
+        }
+        let rctx = Ctx { desired: desired.as_ref(), observed: &observed, now, settings: &ctx.settings };
+        let Some(decision) = plan(&rctx) else {
+            write_status(ctx, key, &rctx, declared).await?;
+            return Ok(next_look(&rctx));
+        };
+        tracing::info!(workspace = key, rule = decision.rule, cause = %decision.cause, "decision");
+        let (outcome, result) = env.apply(&rctx, &decision.actions, now).await;
+        for (reason, n) in &outcome.revoked {
+            ctx.metrics.revoked(reason.as_str(), *n);
+        }
+        ctx.metrics.issued(outcome.issued);
+        let outcome_text = match &result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        ctx.metrics.reconciled(decision.rule, if result.is_ok() { "ok" } else { "error" });
+        let forgotten = decision.actions.contains(&Action::Forget) && result.is_ok();
+        if let (Some(r), false) = (&record, forgotten) {
+            let rec = DecisionRecord {
+                at: now,
+                rule: decision.rule.to_string(),
+                cause: decision.cause.clone(),
+                actions: if outcome.done.is_empty() {
+                    decision.actions.iter().map(Action::describe).collect()
+                } else {
+                    outcome.done.clone()
+                },
+                outcome: outcome_text,
+            };
+            ctx.store.append_decision(&r.uid, &rec, DECISIONS_KEPT).await?;
+        }
+        if let Err(e) = result {
+            tracing::warn!(workspace = key, rule = decision.rule, error = %e, "decision failed; retrying with backoff");
+            ctx.set_failure(key, Some(e.to_string()));
+            // Show the failure in status before backing off.
+            if let Some(r) = ctx.store.workspace(key).await? {
+                let observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), false).await?;
+                let rctx = Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
+                write_status(ctx, key, &rctx, declared).await?;
+            }
+            return Err(e.into());
+        }
+        ctx.set_failure(key, None);
+        if forgotten {
+            return Ok(None);
+        }
+    }
+    Ok(Some(Duration::from_millis(200)))
+}
+
+async fn write_status(ctx: &Context, key: &str, rctx: &Ctx<'_>, declared: Option<&DesiredWorkspace>) -> Result<(), StoreError> {
+    let Some(record) = rctx.observed.record.as_ref() else { return Ok(()) };
+    let failure = ctx.failure(key);
+    let extra = status::Extra {
+        last_error: failure.as_ref().map(|f| f.message.as_str()),
+        conflict: declared.and_then(|d| d.conflict.as_deref()),
+    };
+    let st = status::compute(rctx, &extra, record.status.as_ref());
+    if record.status.as_ref() != Some(&st) {
+        ctx.store.save_status(&record.uid, &st).await?;
+    }
+    Ok(())
+}
+
+/// After a quiet pass: look again when the agent's heartbeat would be overdue, or
+/// (while waiting for a new agent's first heartbeat) soon, so the phase flips promptly.
+fn next_look(rctx: &Ctx<'_>) -> Requeue {
+    let c = rctx.observed.container()?;
+    if c.state != crate::rules::ContainerState::Running {
+        return None;
+    }
+    let ttl = rctx.settings.heartbeat_ttl;
+    let record = rctx.observed.record.as_ref()?;
+    match record.last_heartbeat_at.filter(|h| Some(*h) >= c.provisioned_at()) {
+        Some(h) => {
+            let due = h + chrono::Duration::from_std(ttl).ok()? - rctx.now;
+            Some(due.to_std().unwrap_or_default() + Duration::from_millis(100))
+        }
+        None => Some(rctx.settings.heartbeat_interval.min(ttl)),
+    }
+}
+
+/// Backoff after the n-th consecutive failure: 0.5 s doubling, at most 30 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1 << attempt.saturating_sub(1).min(6));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// Every key worth a look on a resync: declared, known to the store, or labelled.
+async fn all_keys(ctx: &Context) -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = ctx.desired.borrow().workspaces.keys().map(|k| k.to_string()).collect();
+    match ctx.store.list_workspaces().await {
+        Ok(records) => keys.extend(records.into_iter().map(|r| r.key)),
+        Err(e) => tracing::warn!(error = %e, "resync could not list workspace records"),
+    }
+    if let Ok(containers) = ctx.runtime.list().await {
+        keys.extend(containers.iter().filter_map(|c| c.workspace().map(str::to_string)));
+    }
+    keys
+}
+
+/// Runs the queue until `shutdown`. Triggers come from `triggers` (registry, CLI),
+/// the runtime's events, changes of the desired set, and a periodic resync.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut triggers: mpsc::UnboundedReceiver<(String, &'static str)>,
+    resync: Duration,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) {
+    let mut desired_rx = ctx.desired.clone();
+    let mut last_set = desired_rx.borrow().clone();
+    let mut events = ctx.runtime.events();
+    let mut resync_tick = tokio::time::interval(resync);
+    let mut running: JoinSet<(String, Result<Requeue, ReconcileError>)> = JoinSet::new();
+    let mut in_flight: HashMap<String, bool> = HashMap::new(); // key -> dirty
+    let mut ready: std::collections::VecDeque<String> = Default::default();
+    let mut delayed: DelayQueue<String> = DelayQueue::new();
+    let mut delay_keys: HashMap<String, delay_queue::Key> = HashMap::new();
+
+    let enqueue = |key: String,
+                       in_flight: &mut HashMap<String, bool>,
+                       ready: &mut std::collections::VecDeque<String>| {
+        if let Some(dirty) = in_flight.get_mut(&key) {
+            *dirty = true;
+        } else if !ready.contains(&key) {
+            ready.push_back(key);
+        }
+    };
+
+    loop {
+        while running.len() < concurrency {
+            let Some(key) = ready.pop_front() else { break };
+            if in_flight.contains_key(&key) {
+                continue;
+            }
+            if let Some(dk) = delay_keys.remove(&key) {
+                delayed.try_remove(&dk);
+            }
+            in_flight.insert(key.clone(), false);
+            let ctx = ctx.clone();
+            running.spawn(async move {
+                let r = reconcile(&ctx, &key).await;
+                (key, r)
+            });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some((key, why)) = triggers.recv() => {
+                tracing::debug!(workspace = %key, why, "triggered");
+                enqueue(key, &mut in_flight, &mut ready);
+            }
+            Some(ev) = events.next() => {
+                if let Some(key) = ev.workspace {
+                    tracing::debug!(workspace = %key, action = %ev.action, "runtime event");
+                    enqueue(key, &mut in_flight, &mut ready);
+                }
+            }
+            Ok(()) = desired_rx.changed() => {
+                let set = desired_rx.borrow_and_update().clone();
+                for key in changed_keys(&last_set, &set) {
+                    enqueue(key, &mut in_flight, &mut ready);
+                }
+                if set.complete && !last_set.complete {
+                    for key in all_keys(&ctx).await {
+                        enqueue(key, &mut in_flight, &mut ready);
+                    }
+                }
+                last_set = set;
+            }
+            _ = resync_tick.tick() => {
+                for key in all_keys(&ctx).await {
+                    enqueue(key, &mut in_flight, &mut ready);
+                }
+            }
+            Some(expired) = delayed.next(), if !delayed.is_empty() => {
+                let key = expired.into_inner();
+                delay_keys.remove(&key);
+                enqueue(key, &mut in_flight, &mut ready);
+            }
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let Ok((key, result)) = done else { continue };
+                let dirty = in_flight.remove(&key).unwrap_or(false);
+                let after = match result {
+                    Ok(next) => next,
+                    Err(e) => {
+                        ctx.metrics.reconcile_error(e.metric_label());
+                        let attempts = ctx.failure(&key).map(|f| f.attempts).unwrap_or(1);
+                        Some(backoff(attempts))
+                    }
+                };
+                if dirty {
+                    enqueue(key, &mut in_flight, &mut ready);
+                } else if let Some(after) = after {
+                    match delay_keys.get(&key) {
+                        Some(dk) => delayed.reset(dk, after.min(delayed.deadline(dk).saturating_duration_since(tokio::time::Instant::now()))),
+                        None => {
+                            let dk = delayed.insert(key.clone(), after);
+                            delay_keys.insert(key, dk);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    running.shutdown().await;
+}
+
+/// Keys whose declaration appeared, disappeared or changed.
+pub fn changed_keys(old: &DesiredSet, new: &DesiredSet) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (k, w) in &new.workspaces {
+        if old.workspaces.get(k) != Some(w) {
+            keys.push(k.to_string());
+        }
+    }
+    for k in old.workspaces.keys() {
+        if !new.workspaces.contains_key(k) {
+            keys.push(k.to_string());
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(20), Duration::from_secs(30));
+    }
+}

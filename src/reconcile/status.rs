@@ -1,0 +1,194 @@
+//! Status is recomputed whole on every pass from what was declared and what was
+//! observed (never read-modify-write); conditions keep their transition times when
+//! nothing changed.
+
+use crate::api::condition::carry_transition_times;
+use crate::api::{Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, TokenStatus, UpdatePolicy, WorkspaceStatus};
+use crate::rules::{heartbeat, ContainerState, Ctx, TokenFile};
+
+/// What the last execution attempt left behind, if it failed.
+#[derive(Clone, Debug, Default)]
+pub struct Extra<'a> {
+    /// The error that stopped the last decision (image missing, Docker down...).
+    pub last_error: Option<&'a str>,
+    /// Set when another source declares the same workspace.
+    pub conflict: Option<&'a str>,
+}
+
+pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStatus>) -> WorkspaceStatus {
+    let now = ctx.now;
+    let obs = ctx.observed;
+    let record = obs.record.as_ref();
+    let container = obs.container();
+    let ttl = chrono::Duration::from_std(ctx.settings.heartbeat_ttl).unwrap_or(chrono::Duration::MAX);
+    let heard = record
+        .and_then(|r| r.last_heartbeat_at)
+        .filter(|h| container.and_then(|c| c.provisioned_at()).is_none_or(|p| *h >= p));
+    let online = container.is_some_and(|c| c.state == ContainerState::Running) && heard.is_some_and(|h| now - h <= ttl);
+    let token = {
+        let inc = obs.incarnation();
+        obs.live_tokens.iter().filter(|t| t.incarnation == inc).max_by_key(|t| t.created_at)
+    };
+
+    let mut cond = Vec::new();
+    let mut c = |t: &str, status: ConditionStatus, reason: &str, msg: String| {
+        cond.push(Condition::new(t, status, reason, msg, now));
+    };
+    let tf = |ok: bool| if ok { ConditionStatus::True } else { ConditionStatus::False };
+
+    let invalid = ctx.desired.and_then(|d| d.spec.as_ref().err());
+    let degraded = heartbeat::degraded(ctx);
+    let mode = ctx.mode();
+    let phase = match (ctx.desired, invalid) {
+        (None, _) => Phase::Terminating,
+        (Some(_), Some(_)) => Phase::Failed,
+        _ if extra.last_error.is_some() => Phase::Failed,
+        _ if obs.containers.is_none() => previous.map(|p| p.phase).unwrap_or_default(),
+        _ => match (mode, container.map(|c| c.state)) {
+            (Some(OperatingMode::Stopped), None) => Phase::Stopped,
+            (Some(OperatingMode::Stopped), Some(_)) => Phase::Terminating,
+            (Some(OperatingMode::Paused), Some(ContainerState::Paused)) => Phase::Paused,
+            (_, Some(ContainerState::Running)) if online => Phase::Running,
+            (_, Some(ContainerState::Running)) if degraded.is_some() => Phase::Degraded,
+            (_, Some(_)) => Phase::Provisioning,
+            (_, None) if record.is_some_and(|r| r.incarnation > 0) => Phase::Provisioning,
+            (_, None) => Phase::Pending,
+        },
+    };
+
+    match invalid {
+        Some(errors) => c("InvalidSpec", tf(true), "InvalidSpec", errors.join("; ")),
+        None => c("InvalidSpec", tf(false), "Valid", String::new()),
+    }
+    match extra.conflict {
+        Some(msg) => c("SourceConflict", tf(true), "DeclaredTwice", msg.to_string()),
+        None => c("SourceConflict", tf(false), "SingleSource", String::new()),
+    }
+    match (obs.containers.as_ref(), container) {
+        (None, _) => c("ContainerRunning", ConditionStatus::Unknown, "RuntimeUnavailable", "the container runtime could not be listed".into()),
+        (_, Some(k)) => c("ContainerRunning", tf(k.state == ContainerState::Running), &format!("{:?}", k.state), format!("container {}", k.name)),
+        (_, None) => c("ContainerRunning", tf(false), "NoContainer", extra.last_error.unwrap_or("").to_string()),
+    }
+    match &obs.token_file {
+        TokenFile::Hash(h) if token.is_some_and(|t| &t.token_hash == h) => c("TokenValid", tf(true), "Live", String::new()),
+        TokenFile::Hash(_) => c("TokenValid", tf(false), "Mismatch", "the token file holds no live token".into()),
+        TokenFile::Missing => c("TokenValid", tf(false), "Missing", "the token file is missing or empty".into()),
+        TokenFile::NotRead | TokenFile::Unreadable(_) => c(
+            "TokenValid",
+            if token.is_some() { ConditionStatus::Unknown } else { ConditionStatus::False },
+            if token.is_some() { "NotChecked" } else { "NoLiveToken" },
+            String::new(),
+        ),
+    }
+    let hb_msg = match heard {
+        Some(h) => format!("last heartbeat {}s ago", (now - h).num_seconds()),
+        None => "no heartbeat from this incarnation yet".into(),
+    };
+    c("AgentOnline", tf(online), if online { "Heartbeating" } else { "Silent" }, degraded.clone().unwrap_or(hb_msg));
+    let drift = match (ctx.desired, container) {
+        (Some(d), Some(k)) if invalid.is_none() => k.hash_differs(&d.spec_hash).map(|have| (d.spec_hash.clone(), have)),
+        _ => None,
+    };
+    match (&drift, ctx.spec().map(|s| s.update_policy)) {
+        (Some((want, have)), Some(policy)) => c(
+            "SpecDrift",
+            tf(true),
+            if policy == UpdatePolicy::Immediate { "Recreating" } else { "Pending" },
+            format!("running {have}, declared {want}; updatePolicy {policy:?}"),
+        ),
+        _ => c("SpecDrift", tf(false), "InSync", String::new()),
+    }
+    let ready_msg = match (&degraded, extra.last_error, invalid) {
+        (_, _, Some(e)) => e.join("; "),
+        (_, Some(e), _) => e.to_string(),
+        (Some(d), _, _) => d.clone(),
+        _ => String::new(),
+    };
+    c("Ready", tf(phase == Phase::Running), &phase.to_string(), ready_msg);
+
+    if let Some(p) = previous {
+        carry_transition_times(&p.conditions, &mut cond);
+    }
+    WorkspaceStatus {
+        phase,
+        uid: record.map(|r| r.uid.clone()),
+        observed_generation: ctx.desired.map(|d| d.generation),
+        incarnation: obs.incarnation(),
+        container: container.map(|k| ContainerStatus {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            spec_hash: k.spec_hash().unwrap_or_default().to_string(),
+            image: k.image.clone(),
+        }),
+        token: token.map(|t| TokenStatus { prefix: t.prefix.clone(), issued_at: t.created_at, last_used_at: t.last_used_at }),
+        last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at),
+        restart_count: record.map(|r| r.restart_count).unwrap_or(0),
+        last_restart_reason: record.and_then(|r| r.last_restart_reason.clone()),
+        source: ctx.desired.map(|d| d.source.clone()),
+        pending_hash: drift.as_ref().map(|(want, _)| want.clone()),
+        applied_hash: drift.map(|(_, have)| have),
+        conditions: cond,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::condition::find;
+    use crate::rules::fixtures::*;
+
+    fn status(obs: &crate::rules::Observed, des: Option<&crate::rules::Desired>, extra: Extra<'_>) -> WorkspaceStatus {
+        let s = settings();
+        compute(&ctx(des, obs, &s), &extra, None)
+    }
+
+    #[test]
+    fn healthy_is_running_and_ready() {
+        let st = status(&healthy(), Some(&desired()), Extra::default());
+        assert_eq!(st.phase, Phase::Running);
+        assert!(find(&st.conditions, "Ready").unwrap().is_true());
+        assert!(find(&st.conditions, "TokenValid").unwrap().is_true());
+        assert_eq!(st.token.unwrap().prefix, "Ab3x9_Qe");
+        assert_eq!(st.incarnation, 1);
+    }
+
+    #[test]
+    fn running_container_without_heartbeat_is_provisioning() {
+        let mut obs = healthy();
+        obs.record.as_mut().unwrap().last_heartbeat_at = Some(t(50)); // before this container
+        assert_eq!(status(&obs, Some(&desired()), Extra::default()).phase, Phase::Provisioning);
+    }
+
+    #[test]
+    fn invalid_spec_is_failed_with_the_reason() {
+        let des = desired_with(crate::api::WorkspaceSpec { tier: Some(7), ..Default::default() });
+        let st = status(&healthy(), Some(&des), Extra::default());
+        assert_eq!(st.phase, Phase::Failed);
+        let c = find(&st.conditions, "InvalidSpec").unwrap();
+        assert!(c.is_true() && c.message.contains("tier"), "{c:?}");
+    }
+
+    #[test]
+    fn execution_error_is_failed_and_shown() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        let st = status(&obs, Some(&desired()), Extra { last_error: Some("image x is not present"), conflict: None });
+        assert_eq!(st.phase, Phase::Failed);
+        assert!(find(&st.conditions, "Ready").unwrap().message.contains("image x"));
+    }
+
+    #[test]
+    fn paused_stopped_and_drift() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        assert_eq!(status(&obs, Some(&desired_mode(OperatingMode::Paused)), Extra::default()).phase, Phase::Paused);
+        obs.containers = Some(vec![]);
+        assert_eq!(status(&obs, Some(&desired_mode(OperatingMode::Stopped)), Extra::default()).phase, Phase::Stopped);
+        let mut des = desired_with(crate::api::WorkspaceSpec { update_policy: Some(UpdatePolicy::Manual), ..Default::default() });
+        des.spec_hash = "new".into();
+        let st = status(&healthy(), Some(&des), Extra::default());
+        assert!(find(&st.conditions, "SpecDrift").unwrap().is_true());
+        assert_eq!(st.pending_hash.as_deref(), Some("new"));
+        assert_eq!(st.applied_hash.as_deref(), Some(HASH));
+    }
+}
