@@ -1,1 +1,90 @@
-//! TODO
+//! Operator settings from the command line (`up` and `run` share them).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use sha2::{Digest, Sha256};
+
+/// Flags shared by `up` and `run`.
+#[derive(Args, Clone, Debug)]
+pub struct OperatorArgs {
+    /// State directory: the SQLite database (state.db), the admin token, the address file.
+    #[arg(long, default_value = ".molecule", env = "MOLECULE_STATE")]
+    pub state: PathBuf,
+    /// Address of the registry and admin API. Loopback by default: agents on the host
+    /// network reach it there, nothing else does.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "MOLECULE_LISTEN")]
+    pub listen: SocketAddr,
+    /// Operator instance id, stamped on every container it creates (ai.molecule.instance);
+    /// it only ever touches containers carrying its own. Default: derived from the state path.
+    #[arg(long, env = "MOLECULE_INSTANCE")]
+    pub instance: Option<String>,
+    /// Keep state (tokens, incarnations) in Postgres instead of the SQLite file.
+    #[arg(long, env = "MOLECULE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// How often agents heartbeat (passed to them as MOLECULE_HEARTBEAT_SECONDS).
+    #[arg(long, default_value_t = 30)]
+    pub heartbeat_seconds: u64,
+    /// Silence longer than this many heartbeats means the agent is hung (minimum 10 s).
+    #[arg(long, default_value_t = 6)]
+    pub heartbeat_misses: u32,
+    /// Periodic full resync, the safety net behind event-driven reconciles.
+    #[arg(long, default_value_t = 60)]
+    pub resync_seconds: u64,
+    /// Image for a runtime; `{runtime}` is replaced. Production:
+    /// ghcr.io/molecule-ai/workspace-template-{runtime}:latest
+    #[arg(long, default_value = "molecule-agent:local")]
+    pub image_template: String,
+    /// Network for workspace containers: `host` or a Docker bridge network name.
+    #[arg(long, default_value = "host")]
+    pub network: String,
+    /// Allow workspaces to ask for spec.security (privileged, hostPid, dockerSocket).
+    #[arg(long)]
+    pub allow_privileged: bool,
+    /// URL agents use to reach the registry (default: http://<listen>).
+    #[arg(long)]
+    pub registry_url: Option<String>,
+    /// Reconciles run at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+impl OperatorArgs {
+    pub fn instance_id(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| derive_instance(&self.state))
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_seconds.max(1))
+    }
+
+    pub fn registry_url(&self) -> String {
+        self.registry_url.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| self.state.join("state.db").display().to_string())
+    }
+}
+
+/// `local-` plus 8 hex chars of the absolute state path: two operators with different
+/// state dirs on one Docker daemon never touch each other's containers.
+pub fn derive_instance(state: &Path) -> String {
+    let abs = std::path::absolute(state).unwrap_or_else(|_| state.to_path_buf());
+    format!("local-{}", &hex::encode(Sha256::digest(abs.to_string_lossy().as_bytes()))[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_is_stable_per_state_dir_and_differs_between_them() {
+        let a = derive_instance(Path::new("/tmp/a/.molecule"));
+        assert_eq!(a, derive_instance(Path::new("/tmp/a/.molecule")));
+        assert_ne!(a, derive_instance(Path::new("/tmp/b/.molecule")));
+        assert!(a.starts_with("local-") && a.len() == 14);
+    }
+}

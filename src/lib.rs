@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod execute;
 pub mod observe;
+pub mod operator;
 pub mod reconcile;
 pub mod registry;
 pub mod rules;

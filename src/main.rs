@@ -1,1 +1,102 @@
-fn main() {}
+//! molecule-operator: clap wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use molecule::cli::ClientCommand;
+use molecule::config::OperatorArgs;
+use molecule::operator::SourceSpec;
+
+/// Keeps AI-agent workspaces (Docker containers) and their auth tokens matching
+/// what you declare, and heals every way the two come apart.
+#[derive(Parser)]
+#[command(name = "molecule-operator", version, propagate_version = true)]
+#[command(after_help = "Start here: `molecule-operator up examples/org`, then `molecule-operator get workspaces`.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Local mode: watch DIR's Workspace/Team YAML, reconcile against the local Docker
+    /// daemon, keep state in STATE/state.db, serve the registry and admin API. Ctrl-C stops.
+    Up {
+        /// Directory of Workspace and Team YAML files (searched recursively).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        #[command(flatten)]
+        args: OperatorArgs,
+    },
+    /// The general form of `up`: name the sources explicitly.
+    Run {
+        /// `dir:PATH` (repeatable; the first source listed wins a name conflict).
+        #[arg(long = "source", required = true, value_name = "SOURCE")]
+        sources: Vec<SourceSpec>,
+        #[command(flatten)]
+        args: OperatorArgs,
+    },
+    #[command(flatten)]
+    Client(ClientCommand),
+    /// Print the Workspace and Team CustomResourceDefinitions (crds/ holds this output).
+    Crds,
+    /// Build the molecule-agent:local image (a static agent in a FROM scratch image).
+    AgentImage,
+    /// Apply the state-store migrations to a database and exit.
+    Migrate {
+        #[arg(long, env = "MOLECULE_DATABASE_URL")]
+        database_url: String,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Client(cmd) => molecule::cli::run(cmd).await,
+        Command::Crds => {
+            print!("{}", molecule::api::crds_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Up { dir, args } => report(run_operator(args, vec![SourceSpec::Dir(dir)]).await),
+        Command::Run { sources, args } => report(run_operator(args, sources).await),
+        Command::AgentImage => {
+            init_tracing();
+            report(agent_image().await)
+        }
+        Command::Migrate { database_url } => {
+            init_tracing();
+            report(molecule::store::open(&database_url).await.map(|_| println!("migrations applied")).map_err(Into::into))
+        }
+    }
+}
+
+async fn run_operator(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
+    init_tracing();
+    molecule::operator::run(args, sources).await
+}
+
+async fn agent_image() -> anyhow::Result<()> {
+    let docker = molecule::runtime::docker::DockerRuntime::connect("agent-image").await?;
+    docker.build_agent_image().await?;
+    println!("built {}", molecule::runtime::agent_image::AGENT_IMAGE);
+    Ok(())
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -49,3 +49,15 @@ impl std::fmt::Display for ObjectKey {
 }
 
 pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The Workspace and Team CRDs as multi-document YAML (what `crds` prints and
+/// `crds/` holds).
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    let mut out = String::new();
+    for crd in [Workspace::crd(), Team::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd).expect("CRDs serialize"));
+    }
+    out
+}

@@ -1,0 +1,206 @@
+//! `up` / `run`: wires sources, the desired store, the runtime, the state store, the
+//! registry server and the reconcile loop together, and shuts them down cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::effective::Defaults;
+use crate::config::OperatorArgs;
+use crate::reconcile::{self, Context, Trigger};
+use crate::registry::{self, AppState, Metrics};
+use crate::rules::Settings;
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::render::AgentEnv;
+use crate::source::desired::{merge, DesiredSet};
+use crate::source::dir::DirSource;
+use crate::source::Snapshot;
+
+/// Where desired state comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("dir", path)) if !path.is_empty() => Ok(Self::Dir(PathBuf::from(path))),
+            _ if s == "postgres" || s == "kubernetes" => {
+                Err(format!("source {s:?} is not available yet in this build; use dir:PATH"))
+            }
+            _ => Err(format!("unknown source {s:?}; use dir:PATH")),
+        }
+    }
+}
+
+/// Connects to Docker, retrying with backoff and a clear message until it answers
+/// or `shutdown` fires.
+async fn connect_docker(instance: &str, shutdown: &CancellationToken) -> anyhow::Result<DockerRuntime> {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match DockerRuntime::connect(instance).await {
+            Ok(d) => return Ok(d),
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?wait, "cannot reach Docker; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => bail!("stopped while waiting for Docker: {e}"),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+fn prepare_state_dir(state: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(state).with_context(|| format!("cannot create the state directory {}", state.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// Runs the operator until Ctrl-C or SIGTERM.
+pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
+    if sources.is_empty() {
+        bail!("no source given: `up DIR` or `run --source dir:PATH`");
+    }
+    for SourceSpec::Dir(p) in &sources {
+        if !p.is_dir() {
+            bail!("{} is not a directory: point `up` at a directory of Workspace/Team YAML files", p.display());
+        }
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let instance = args.instance_id();
+    prepare_state_dir(&args.state)?;
+    let db = args.database_url();
+    let store = crate::store::open(&db)
+        .await
+        .with_context(|| format!("cannot open the state store at {db}"))?;
+    let admin_token = registry::load_or_create_admin_token(&args.state)
+        .with_context(|| format!("cannot read or create the admin token in {}", args.state.display()))?;
+
+    let docker = connect_docker(&instance, &shutdown).await?;
+    if args.image_template == crate::runtime::agent_image::AGENT_IMAGE {
+        match docker.ensure_agent_image().await {
+            Ok(true) => tracing::info!(image = crate::runtime::agent_image::AGENT_IMAGE, "built the agent image"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "could not build the agent image; workspaces using it will fail until it exists"),
+        }
+    }
+    let runtime: Arc<dyn crate::runtime::Runtime> = Arc::new(docker);
+
+    // Sources -> desired store.
+    let defaults = Defaults {
+        image_template: args.image_template.clone(),
+        network: args.network.clone(),
+        allow_privileged: args.allow_privileged,
+        ..Defaults::default()
+    };
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredSet::default()));
+    let (snap_tx, snap_rx) = mpsc::channel::<Snapshot>(16);
+    let mut source_names = Vec::new();
+    for SourceSpec::Dir(path) in &sources {
+        let src = DirSource::new(path);
+        source_names.push(src.name().to_string());
+        src.watch(snap_tx.clone());
+    }
+    drop(snap_tx);
+    tokio::spawn(desired_store(snap_rx, source_names, defaults, desired_tx));
+
+    let metrics = Arc::new(Metrics::new());
+    let (trigger, trigger_rx) = Trigger::new();
+    let state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another operator running there? use --listen)", args.listen))?;
+    let addr = listener.local_addr()?;
+    let url = registry::write_address(&args.state, addr)?;
+    let server = {
+        let router = registry::router(state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move { registry::serve(listener, router, async move { stop.cancelled().await }).await })
+    };
+
+    let settings = Settings {
+        heartbeat_ttl: (args.heartbeat_interval() * args.heartbeat_misses.max(2)).max(Duration::from_secs(10)),
+        ..Settings::for_heartbeat(args.heartbeat_interval())
+    };
+    let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
+    let ctx = Arc::new(Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics));
+    {
+        let mut rx = desired_rx.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            while !rx.borrow_and_update().complete {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+            state.set_ready(true);
+        });
+    }
+    tracing::info!(%instance, %url, state = %args.state.display(), "operator running");
+    reconcile::run(ctx, trigger_rx, Duration::from_secs(args.resync_seconds.max(1)), args.concurrency.max(1), shutdown.clone()).await;
+    let _ = server.await;
+    let _ = registry::remove_address(&args.state);
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+/// Merges every source's latest snapshot into the desired set. The set is complete
+/// once each source has delivered at least one snapshot.
+async fn desired_store(
+    mut rx: mpsc::Receiver<Snapshot>,
+    order: Vec<String>,
+    defaults: Defaults,
+    tx: watch::Sender<Arc<DesiredSet>>,
+) {
+    let mut latest: Vec<Option<Snapshot>> = vec![None; order.len()];
+    while let Some(snap) = rx.recv().await {
+        for e in &snap.errors {
+            tracing::error!(source = %snap.source, "{e}");
+        }
+        if let Some(i) = order.iter().position(|n| *n == snap.source) {
+            latest[i] = Some(snap);
+        }
+        let snaps: Vec<Snapshot> = latest.iter().flatten().cloned().collect();
+        let previous = tx.borrow().clone();
+        let mut set = merge(&snaps, &defaults, &previous);
+        set.complete = latest.iter().all(Option::is_some);
+        for (key, w) in &set.workspaces {
+            if let Err(errors) = &w.spec {
+                tracing::warn!(workspace = %key, "invalid spec: {}", errors.join("; "));
+            }
+        }
+        tx.send_replace(Arc::new(set));
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+}

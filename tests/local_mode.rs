@@ -1,0 +1,378 @@
+//! Local mode end to end, against the real Docker daemon: a YAML directory becomes
+//! running agents; edits, deletions and out-of-band damage converge back.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::operator::*;
+
+const UP: Duration = Duration::from_secs(90);
+const HEAL: Duration = Duration::from_secs(30);
+
+fn uid(ws: &std::collections::BTreeMap<String, Value>, name: &str) -> String {
+    ws[name]["uid"].as_str().unwrap().to_string()
+}
+
+fn cid(ws: &std::collections::BTreeMap<String, Value>, name: &str) -> String {
+    ws[name]["container"]["id"].as_str().unwrap().to_string()
+}
+
+fn inc(ws: &std::collections::BTreeMap<String, Value>, name: &str) -> i64 {
+    ws[name]["incarnation"].as_i64().unwrap()
+}
+
+/// Starts an operator with one workspace `name` and waits for it to be online.
+fn one(test: &str, name: &str) -> (Op, std::collections::BTreeMap<String, Value>) {
+    let mut op = Op::new(test);
+    op.write_ws(name);
+    op.start();
+    let ws = op.wait_online(&[name], UP);
+    (op, ws)
+}
+
+/// A new incarnation is online, its token differs from `old_token`, and the old
+/// token is answered 401 while the new one is answered 200.
+fn assert_healed(op: &Op, name: &str, old_inc: i64, old_token: &str) -> std::collections::BTreeMap<String, Value> {
+    let ws = op.wait(&format!("{name} healed past incarnation {old_inc}"), HEAL, |ws| {
+        ws.get(name).is_some_and(|w| online(w) && w["incarnation"].as_i64() > Some(old_inc) || online(w) && w["token"]["prefix"].as_str() != Some(&old_token[..8]))
+    });
+    let (tok, _, _) = read_token(&cid(&ws, name)).expect("token file readable");
+    assert_ne!(tok, old_token, "the token was not replaced");
+    let u = uid(&ws, name);
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", old_token, &u), 401, "old token still accepted");
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 200, "new token refused");
+    ws
+}
+
+fn token_of(ws: &std::collections::BTreeMap<String, Value>, name: &str) -> String {
+    read_token(&cid(ws, name)).expect("token file").0
+}
+
+#[test]
+fn single_workspace_contract() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("contract", "smoke");
+    let w = &ws["smoke"];
+    for k in ["name", "uid", "phase", "incarnation", "container", "token", "lastHeartbeatAt", "conditions"] {
+        assert!(w.get(k).is_some(), "missing {k} in {w}");
+    }
+    let (tok, mode, owner) = read_token(&cid(&ws, "smoke")).unwrap();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(owner, 65534, "token file must belong to the agent's non-root user");
+    assert_eq!(tok.len(), 43);
+    assert_eq!(w["token"]["prefix"].as_str().unwrap(), &tok[..8]);
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &uid(&ws, "smoke")), 200);
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", "", &uid(&ws, "smoke")), 401);
+    // The table and describe speak to people.
+    let table = String::from_utf8(op.cli(&["get", "workspaces"]).stdout).unwrap();
+    for col in ["NAME", "PHASE", "INCARNATION", "TOKEN", "LAST HEARTBEAT", "AGE"] {
+        assert!(table.contains(col), "{table}");
+    }
+    assert!(table.contains("smoke") && table.contains("Running"), "{table}");
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "smoke"]).stdout).unwrap();
+    assert!(describe.contains("no container"), "describe shows the provision cause:\n{describe}");
+    assert!(!describe.contains(&tok), "describe must never show the token");
+    assert!(!op.logs().contains(&tok), "operator log must never contain the token");
+}
+
+#[test]
+fn env_change_recreates_with_new_incarnation_and_token() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("envchange", "dev");
+    let (old_inc, old_tok) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    op.write("dev.yaml", &workspace_yaml("dev").replace("ROLE: dev", "ROLE: lead"));
+    let ws = assert_healed(&op, "dev", old_inc, &old_tok);
+    assert!(inc(&ws, "dev") > old_inc);
+    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", &cid(&ws, "dev")]);
+    assert!(env.lines().any(|l| l == "ROLE=lead"), "{env}");
+    assert_eq!(op.containers().len(), 1, "the old container must be gone");
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
+    assert!(describe.contains("spec changed") && describe.contains("reprovision"), "{describe}");
+}
+
+#[test]
+fn pause_resume_and_stop_by_operating_mode() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("modes", "dev");
+    let id = cid(&ws, "dev");
+    let tok = token_of(&ws, "dev");
+    let u = uid(&ws, "dev");
+    op.write("dev.yaml", &format!("{}  operatingMode: Paused\n", workspace_yaml("dev")));
+    op.wait("paused", HEAL, |ws| ws["dev"]["phase"] == "Paused");
+    assert_eq!(docker(&["inspect", "-f", "{{.State.Paused}}", &id]), "true");
+    op.write("dev.yaml", &workspace_yaml("dev"));
+    op.wait("resumed", HEAL, |ws| online(&ws["dev"]) && ws["dev"]["container"]["id"] == id.as_str());
+    assert_eq!(docker(&["inspect", "-f", "{{.State.Paused}}", &id]), "false");
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 200, "pause keeps the token by default");
+    op.write("dev.yaml", &format!("{}  operatingMode: Stopped\n", workspace_yaml("dev")));
+    op.wait("stopped", HEAL, |ws| ws["dev"]["phase"] == "Stopped");
+    assert!(op.containers().is_empty(), "Stopped removes the container");
+    assert_eq!(op.volumes().len(), 1, "Stopped keeps the config volume");
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 401, "Stopped revokes the token");
+    op.write("dev.yaml", &workspace_yaml("dev"));
+    op.wait_online(&["dev"], HEAL);
+}
+
+#[test]
+fn restarted_at_bump_restarts_with_a_new_token() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("restartedat", "dev");
+    let (old_inc, old_tok) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    let now = chrono::Utc::now().to_rfc3339();
+    op.write("dev.yaml", &format!("{}  restartedAt: \"{now}\"\n", workspace_yaml("dev")));
+    assert_healed(&op, "dev", old_inc, &old_tok);
+}
+
+#[test]
+fn deleting_the_file_removes_container_volume_and_tokens() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("delete", "dev");
+    let tok = token_of(&ws, "dev");
+    let u = uid(&ws, "dev");
+    op.write_ws("other");
+    op.wait_online(&["dev", "other"], UP);
+    op.remove_file("dev.yaml");
+    op.wait("dev gone", HEAL, |ws| !ws.contains_key("dev"));
+    let t0 = std::time::Instant::now();
+    while op.containers().len() > 1 && t0.elapsed() < HEAL {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(op.containers().len(), 1, "only `other` remains");
+    assert_eq!(op.volumes().len(), 1, "dev's config volume is removed");
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 401);
+}
+
+#[test]
+fn cli_restart_pause_resume() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("cli", "dev");
+    let (old_inc, old_tok) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    assert!(op.cli(&["pause", "workspace", "dev"]).status.success());
+    op.wait("paused by CLI", HEAL, |ws| ws["dev"]["phase"] == "Paused");
+    assert!(op.cli(&["resume", "workspace", "dev"]).status.success());
+    op.wait_online(&["dev"], HEAL);
+    assert!(op.cli(&["restart", "workspace", "dev"]).status.success());
+    assert_healed(&op, "dev", old_inc, &old_tok);
+    let out = op.cli(&["restart", "workspace", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+}
+
+// ---- healing: each ends with the agent registered on a NEW token, the old one 401 ----
+
+#[test]
+fn heal_container_removed_out_of_band() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("healrm", "dev");
+    let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    assert!(docker_ok(&["rm", "-f", &cid(&ws, "dev")]));
+    assert_healed(&op, "dev", i, &t);
+    assert_eq!(op.containers().len(), 1);
+}
+
+#[test]
+fn heal_container_and_volume_removed_together() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("healrmv", "dev");
+    let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    let vol = op.volumes().pop().unwrap();
+    assert!(docker_ok(&["rm", "-f", "-v", &cid(&ws, "dev")]));
+    assert!(docker_ok(&["volume", "rm", &vol]));
+    assert_healed(&op, "dev", i, &t);
+}
+
+#[test]
+fn heal_token_file_emptied() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("healempty", "dev");
+    let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    overwrite_token(&cid(&ws, "dev"), "");
+    assert_healed(&op, "dev", i, &t);
+}
+
+#[test]
+fn heal_token_file_overwritten() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("healover", "dev");
+    let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    overwrite_token(&cid(&ws, "dev"), "garbage-token-that-matches-nothing-at-all-x");
+    assert_healed(&op, "dev", i, &t);
+}
+
+fn sql(op: &Op, q: &str) {
+    let db = op.state.join("state.db");
+    let out = std::process::Command::new("sqlite3").arg(&db).arg(q).output().expect("sqlite3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn heal_token_rows_revoked_by_hand() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("healrevoke", "dev");
+    let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    sql(&op, "UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now'), revoke_reason = 'by-hand' WHERE revoked_at IS NULL");
+    assert_healed(&op, "dev", i, &t);
+}
+
+#[test]
+fn heal_token_rows_deleted_by_hand() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("healdelete", "dev");
+    let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    sql(&op, "DELETE FROM workspace_auth_tokens");
+    assert_healed(&op, "dev", i, &t);
+}
+
+#[test]
+fn heal_damage_done_while_the_operator_was_stopped() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("healoffline");
+    for n in ["a", "b", "c", "d"] {
+        op.write_ws(n);
+    }
+    op.start();
+    let ws = op.wait_online(&["a", "b", "c", "d"], UP);
+    let before: Vec<(i64, String)> = ["a", "b", "c", "d"].iter().map(|n| (inc(&ws, n), token_of(&ws, n))).collect();
+    op.stop();
+    assert!(docker_ok(&["rm", "-f", &cid(&ws, "a")]));
+    let vol_b = format!("{}-configs", ws["b"]["container"]["name"].as_str().unwrap());
+    assert!(docker_ok(&["rm", "-f", "-v", &cid(&ws, "b")]));
+    assert!(docker_ok(&["volume", "rm", &vol_b]));
+    overwrite_token(&cid(&ws, "c"), "");
+    sql(&op, &format!("UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE workspace_uid = '{}'", uid(&ws, "d")));
+    op.start();
+    for (n, (i, t)) in ["a", "b", "c", "d"].iter().zip(before) {
+        assert_healed(&op, n, i, &t);
+    }
+    assert_eq!(op.containers().len(), 4);
+}
+
+#[test]
+fn sigkill_in_the_middle_of_provisioning_leaves_no_duplicates_or_orphan_tokens() {
+    if !docker_available() {
+        return;
+    }
+    for point in ["provision-after-bump", "provision-after-create", "provision-after-issue"] {
+        let mut op = Op::new(&format!("crash{}", point.len()));
+        op.write_ws("dev");
+        op.env = vec![("MOLECULE_FAILPOINT".into(), point.into())];
+        op.start();
+        assert!(op.wait_exit(UP), "operator did not stop at failpoint {point}");
+        op.env.clear();
+        op.start();
+        let ws = op.wait_online(&["dev"], UP);
+        assert_eq!(op.containers().len(), 1, "duplicate containers after crash at {point}");
+        let tok = token_of(&ws, "dev");
+        assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &uid(&ws, "dev")), 200);
+        let live = std::process::Command::new("sqlite3")
+            .arg(op.state.join("state.db"))
+            .arg("SELECT count(*) FROM workspace_auth_tokens WHERE revoked_at IS NULL")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&live.stdout).trim(), "1", "exactly one live token after crash at {point}");
+    }
+}
+
+// ---- bad input ----
+
+#[test]
+fn broken_yaml_keeps_what_the_file_declared_and_converges_when_fixed() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("badyaml", "dev");
+    let id = cid(&ws, "dev");
+    op.write("dev.yaml", "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata:\n  name: dev\nspec: [unclosed\n");
+    let t0 = std::time::Instant::now();
+    while !op.logs().contains("dev.yaml:") && t0.elapsed() < HEAL {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(op.logs().contains("dev.yaml:"), "the error names the file and line:\n{}", op.logs());
+    std::thread::sleep(Duration::from_secs(2)); // give a wrong deletion time to happen
+    assert_eq!(op.containers(), vec![id[..12].to_string()], "a broken file must not delete its workspace");
+    op.write("dev.yaml", &workspace_yaml("dev").replace("ROLE: dev", "ROLE: fixed"));
+    op.wait("fixed file converges", HEAL, |ws| online(&ws["dev"]) && ws["dev"]["container"]["id"] != id.as_str());
+}
+
+#[test]
+fn invalid_objects_get_invalid_spec_and_others_proceed() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("invalid");
+    op.write_ws("good");
+    op.write("unknown.yaml", &workspace_yaml("unknown").replace("  tier: 1\n", "  tier: 1\n  colour: blue\n"));
+    op.write("tier.yaml", &workspace_yaml("tier").replace("tier: 1", "tier: 9"));
+    op.write("grace.yaml", &format!("{}  tokenPolicy:\n    staleGrace: soon\n", workspace_yaml("grace")));
+    op.write("orphan.yaml", &format!("{}  parent: nobody\n", workspace_yaml("orphan")));
+    op.write("cyc1.yaml", &format!("{}  parent: cyc2\n", workspace_yaml("cyc1")));
+    op.write("cyc2.yaml", &format!("{}  parent: cyc1\n", workspace_yaml("cyc2")));
+    op.write("badname.yaml", &workspace_yaml("Bad_Name"));
+    op.start();
+    let ws = op.wait_online(&["good"], UP);
+    let ws = op.wait("invalid ones reported", HEAL, |ws| {
+        ["unknown", "tier", "grace", "orphan", "cyc1", "Bad_Name"].iter().all(|n| ws.get(*n).is_some_and(|w| w["phase"] == "Failed"))
+    });
+    let msg = |n: &str| -> String {
+        ws[n]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "InvalidSpec").unwrap()["message"].as_str().unwrap().to_string()
+    };
+    assert!(msg("unknown").contains("colour"), "{}", msg("unknown"));
+    assert!(msg("tier").contains("tier"), "{}", msg("tier"));
+    assert!(msg("grace").contains("staleGrace"), "{}", msg("grace"));
+    assert!(msg("orphan").contains("nobody"), "{}", msg("orphan"));
+    assert!(msg("cyc1").contains("cycle"), "{}", msg("cyc1"));
+    assert!(msg("Bad_Name").to_lowercase().contains("dns") || msg("Bad_Name").contains("lowercase"), "{}", msg("Bad_Name"));
+    assert_eq!(op.containers().len(), 1, "only the valid workspace runs");
+    let _ = ws;
+}
+
+#[test]
+fn missing_image_fails_with_reason_and_recovers_when_it_appears() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("noimage");
+    let image = format!("molecule-missing-{}:v1", std::process::id());
+    op.write("dev.yaml", &format!("{}  image: {image}\n  imagePullPolicy: Never\n", workspace_yaml("dev")));
+    op.start();
+    let ws = op.wait("Failed with reason", UP, |ws| ws.get("dev").is_some_and(|w| w["phase"] == "Failed"));
+    let ready = ws["dev"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert!(ready["message"].as_str().unwrap().contains(&image), "{ready}");
+    assert!(docker_ok(&["tag", "molecule-agent:local", &image]));
+    struct Untag(String);
+    impl Drop for Untag {
+        fn drop(&mut self) {
+            docker(&["rmi", &self.0]);
+        }
+    }
+    let _untag = Untag(image);
+    op.wait_online(&["dev"], Duration::from_secs(60));
+}

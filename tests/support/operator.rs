@@ -1,0 +1,296 @@
+//! Runs a real operator (`molecule-operator up`) against the real Docker daemon for
+//! one test: its own org dir, state dir, port and instance id, and a guard that
+//! removes its containers and volumes at the end, also on failure.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_molecule-operator");
+
+/// Docker must be there. In CI a missing daemon fails the test; locally it skips.
+pub fn docker_available() -> bool {
+    let ok = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("Docker is required (CI=true) but `docker info` failed: is the daemon running?");
+        }
+        eprintln!("skipping: Docker is not available");
+    }
+    ok
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn docker_ok(args: &[&str]) -> bool {
+    Command::new("docker").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+pub const WS: &str = "apiVersion: molecule.ai/v1alpha1
+kind: Workspace
+metadata:
+  name: NAME
+spec:
+  runtime: langgraph
+  tier: 1
+  env:
+    ROLE: NAME
+";
+
+pub fn workspace_yaml(name: &str) -> String {
+    WS.replace("NAME", name)
+}
+
+pub struct Op {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    _state_root: tempfile::TempDir,
+    pub port: u16,
+    pub instance: String,
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Op {
+    pub fn new(test: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("mol-org-").tempdir().unwrap();
+        let state_root = tempfile::Builder::new().prefix("mol-state-").tempdir().unwrap();
+        let state = state_root.path().join("state");
+        let instance = format!("t{}-{}", std::process::id(), test.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect::<String>());
+        let log = state_root.path().join("operator.log");
+        Self { dir, state, _state_root: state_root, port: free_port(), instance, extra: vec![], env: vec![], child: None, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        let p = self.dir.path().join(file);
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, p).unwrap();
+    }
+
+    pub fn write_ws(&self, name: &str) {
+        self.write(&format!("{name}.yaml"), &workspace_yaml(name));
+    }
+
+    pub fn remove_file(&self, file: &str) {
+        std::fs::remove_file(self.dir.path().join(file)).unwrap();
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["up"])
+            .arg(self.dir.path())
+            .arg("--state")
+            .arg(&self.state)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--instance", &self.instance, "--heartbeat-seconds", "1"])
+            .args(&self.extra)
+            .env("RUST_LOG", "info,molecule=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("operator starts"));
+    }
+
+    /// SIGTERM and wait (graceful).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id(), "TERM");
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the operator process to exit on its own (e.g. a failpoint abort).
+    pub fn wait_exit(&mut self, deadline: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().ok().flatten().is_some()
+            {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .args(["--server", &self.url()])
+            .output()
+            .unwrap()
+    }
+
+    /// `get workspaces -o json`, by name.
+    pub fn get(&self) -> Option<BTreeMap<String, Value>> {
+        let out = self.cli(&["get", "workspaces", "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v.into_iter().filter_map(|w| Some((w["name"].as_str()?.to_string(), w))).collect())
+    }
+
+    /// Polls `get` until `pred` holds; panics with the last state and the log tail.
+    pub fn wait(&self, what: &str, deadline: Duration, pred: impl Fn(&BTreeMap<String, Value>) -> bool) -> BTreeMap<String, Value> {
+        let t0 = Instant::now();
+        let mut last = None;
+        while t0.elapsed() < deadline {
+            if let Some(ws) = self.get() {
+                if pred(&ws) {
+                    return ws;
+                }
+                last = Some(ws);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let logs = self.logs();
+        let tail: String = logs.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        panic!("timed out after {deadline:?} waiting for {what}\nlast state: {}\nlog tail:\n{tail}", serde_json::to_string_pretty(&last).unwrap_or_default());
+    }
+
+    /// Waits until every named workspace is Running with a heartbeat from its current container.
+    pub fn wait_online(&self, names: &[&str], deadline: Duration) -> BTreeMap<String, Value> {
+        self.wait(&format!("{names:?} online"), deadline, |ws| names.iter().all(|n| ws.get(*n).is_some_and(online)))
+    }
+
+    /// Containers carrying this operator's instance label (any state).
+    pub fn containers(&self) -> Vec<String> {
+        docker(&["ps", "-a", "-q", "--filter", &format!("label=ai.molecule.instance={}", self.instance)])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        docker(&["volume", "ls", "-q", "--filter", &format!("label=ai.molecule.instance={}", self.instance)])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn cleanup(&mut self) {
+        self.kill();
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f", "-v"];
+            args.extend(ids.iter().map(String::as_str));
+            docker(&args);
+        }
+        for v in self.volumes() {
+            docker(&["volume", "rm", "-f", &v]);
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+}
+
+pub fn online(w: &Value) -> bool {
+    w["phase"] == "Running" && w["container"]["id"].is_string() && w["lastHeartbeatAt"].is_string()
+}
+
+/// Reads /configs/.auth_token from a container: (content, mode, uid).
+pub fn read_token(container: &str) -> Option<(String, u32, u64)> {
+    let out = Command::new("docker").args(["cp", &format!("{container}:/configs/.auth_token"), "-"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut ar = tar::Archive::new(&out.stdout[..]);
+    let mut entry = ar.entries().ok()?.next()?.ok()?;
+    let mode = entry.header().mode().ok()?;
+    let uid = entry.header().uid().ok()?;
+    let mut s = String::new();
+    entry.read_to_string(&mut s).ok()?;
+    Some((s.trim().to_string(), mode, uid))
+}
+
+/// Overwrites the token file inside a running container (as the agent's user would).
+pub fn overwrite_token(container: &str, content: &str) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o600);
+    h.set_uid(65534);
+    h.set_gid(65534);
+    h.set_cksum();
+    b.append_data(&mut h, ".auth_token", content.as_bytes()).unwrap();
+    let data = b.into_inner().unwrap();
+    let mut child = Command::new("docker")
+        .args(["cp", "-", &format!("{container}:/configs")])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    assert!(child.wait().unwrap().success(), "docker cp into {container} failed");
+}
+
+/// POSTs to the registry; returns the HTTP status.
+pub fn registry(url: &str, path: &str, token: &str, uid: &str) -> u16 {
+    let body = format!("{{\"workspace_id\":\"{uid}\"}}");
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json"])
+        .args(["-H", &format!("Authorization: Bearer {token}"), "--data", &body, &format!("{url}{path}")])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
