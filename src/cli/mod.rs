@@ -1,1 +1,257 @@
-//! TODO
+//! The client half of the CLI: `get`, `describe`, `restart`, `pause`, `resume`.
+//! They talk to a running operator's admin API (see `registry`), finding it through
+//! its state directory:
+//!
+//! - `STATE/address`: the operator's base URL, one line (e.g. `http://127.0.0.1:8080`),
+//!   written by the operator once it listens (`registry::write_address`) and removed
+//!   on clean shutdown. `--server URL` overrides it.
+//! - `STATE/admin-token`: the admin bearer token (0600), created on first start.
+//!
+//! `main.rs` flattens [`ClientCommand`] into its subcommands and calls [`run`].
+
+mod client;
+pub mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chrono::Utc;
+use serde::Serialize;
+
+pub use client::{CliError, Client};
+
+use crate::api::ObjectKey;
+
+pub const DEFAULT_STATE_DIR: &str = "./.molecule";
+
+/// Where to find the running operator.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The operator's state directory: holds admin-token and, while it runs, address.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_DIR)]
+    pub state: PathBuf,
+    /// The operator's URL, e.g. http://127.0.0.1:8080 [default: read from STATE/address].
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// For people: aligned columns (`describe`: a report).
+    #[default]
+    Table,
+    /// Pretty JSON (`get`: an array of objects).
+    Json,
+    Yaml,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GetKind {
+    #[value(alias = "workspace", alias = "ws")]
+    Workspaces,
+    #[value(alias = "team")]
+    Teams,
+}
+
+/// The one kind `describe`, `restart`, `pause` and `resume` act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkspaceKind {
+    #[value(alias = "workspaces", alias = "ws")]
+    Workspace,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct GetArgs {
+    #[arg(value_enum)]
+    pub kind: GetKind,
+    /// Only this one (`NAME` or `NAMESPACE/NAME`).
+    pub name: Option<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DescribeArgs {
+    #[arg(value_enum)]
+    pub kind: WorkspaceKind,
+    /// `NAME` (namespace `default`) or `NAMESPACE/NAME`.
+    pub name: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ActionArgs {
+    #[arg(value_enum)]
+    pub kind: WorkspaceKind,
+    /// `NAME` (namespace `default`) or `NAMESPACE/NAME`.
+    pub name: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Restart,
+    Pause,
+    Resume,
+}
+
+impl Action {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Restart => "restart",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// List workspaces or teams: `get workspaces|teams [-o table|json|yaml]`.
+    Get(GetArgs),
+    /// Show one workspace: status, effective spec, conditions, token, decision log.
+    Describe(DescribeArgs),
+    /// Replace a workspace's container now (like `kubectl rollout restart`).
+    Restart(ActionArgs),
+    /// Freeze a workspace (overrides its declared operating mode until `resume`).
+    Pause(ActionArgs),
+    /// Run a paused or stopped workspace again.
+    Resume(ActionArgs),
+}
+
+/// Runs a client command: prints its output, or the error as a sentence on stderr.
+pub async fn run(cmd: ClientCommand) -> ExitCode {
+    match execute(&cmd).await {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a client command and returns what it would print.
+pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
+    match cmd {
+        ClientCommand::Get(a) => get(a).await,
+        ClientCommand::Describe(a) => describe(a).await,
+        ClientCommand::Restart(a) => act(Action::Restart, a).await,
+        ClientCommand::Pause(a) => act(Action::Pause, a).await,
+        ClientCommand::Resume(a) => act(Action::Resume, a).await,
+    }
+}
+
+/// `get workspaces|teams [NAME] [-o table|json|yaml]`.
+pub async fn get(args: &GetArgs) -> Result<String, CliError> {
+    let client = Client::new(&args.client)?;
+    let key = args.name.as_deref().map(ObjectKey::parse);
+    match args.kind {
+        GetKind::Workspaces => {
+            let mut all = client.workspaces().await?;
+            if let Some(k) = &key {
+                all.retain(|w| w.name == k.name && w.namespace == k.namespace);
+                if all.is_empty() {
+                    return Err(CliError::NotFound(format!("no workspace {k}")));
+                }
+            }
+            match args.output {
+                OutputFormat::Table => Ok(output::workspaces_table(&all, Utc::now())),
+                f => encode(&all, f),
+            }
+        }
+        GetKind::Teams => {
+            let mut all = client.teams().await?;
+            if let Some(k) = &key {
+                all.retain(|t| t.name == k.name && t.namespace == k.namespace);
+                if all.is_empty() {
+                    return Err(CliError::NotFound(format!("no team {k}")));
+                }
+            }
+            match args.output {
+                OutputFormat::Table => Ok(output::teams_table(&all)),
+                f => encode(&all, f),
+            }
+        }
+    }
+}
+
+/// `describe workspace NAME`.
+pub async fn describe(args: &DescribeArgs) -> Result<String, CliError> {
+    let client = Client::new(&args.client)?;
+    let detail = client.workspace(&ObjectKey::parse(&args.name)).await?;
+    match args.output {
+        OutputFormat::Table => Ok(output::describe(&detail, Utc::now())),
+        f => encode(&detail, f),
+    }
+}
+
+/// `restart|pause|resume workspace NAME`: prints the operator's one-line answer.
+pub async fn act(action: Action, args: &ActionArgs) -> Result<String, CliError> {
+    let client = Client::new(&args.client)?;
+    let answer = client.act(action.as_str(), &ObjectKey::parse(&args.name)).await?;
+    Ok(format!("{}\n", answer.message))
+}
+
+fn encode<T: Serialize>(value: &T, format: OutputFormat) -> Result<String, CliError> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(|e| CliError::Output(e.to_string()))
+        }
+        OutputFormat::Yaml | OutputFormat::Table => {
+            serde_saphyr::to_string(value).map_err(|e| CliError::Output(e.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ClientCommand,
+    }
+
+    #[test]
+    fn contract_command_lines_parse() {
+        let c =
+            Cli::try_parse_from(["m", "get", "workspaces", "-o", "json", "--server", "http://x:1", "--state", "/s"])
+                .unwrap();
+        let ClientCommand::Get(g) = c.cmd else { panic!() };
+        assert_eq!((g.kind, g.output), (GetKind::Workspaces, OutputFormat::Json));
+        assert_eq!(g.client.server.as_deref(), Some("http://x:1"));
+        assert_eq!(g.client.state, PathBuf::from("/s"));
+
+        let c = Cli::try_parse_from(["m", "get", "teams"]).unwrap();
+        let ClientCommand::Get(g) = c.cmd else { panic!() };
+        assert_eq!((g.kind, g.output), (GetKind::Teams, OutputFormat::Table));
+        assert_eq!(g.client.state, PathBuf::from(DEFAULT_STATE_DIR));
+
+        let c = Cli::try_parse_from(["m", "describe", "workspace", "dev-lead"]).unwrap();
+        assert!(matches!(c.cmd, ClientCommand::Describe(d) if d.name == "dev-lead"));
+        for verb in ["restart", "pause", "resume"] {
+            let c = Cli::try_parse_from(["m", verb, "workspace", "eng/dev"]).unwrap();
+            assert!(matches!(c.cmd, ClientCommand::Restart(_) | ClientCommand::Pause(_) | ClientCommand::Resume(_)));
+        }
+        assert!(Cli::try_parse_from(["m", "get", "gadgets"]).is_err());
+    }
+
+    #[test]
+    fn yaml_and_json_encode_the_same_objects() {
+        let v = vec![serde_json::json!({"name": "a", "uid": null})];
+        assert!(encode(&v, OutputFormat::Json).unwrap().starts_with("[\n"));
+        let y = encode(&v, OutputFormat::Yaml).unwrap();
+        assert!(y.contains("name: a"), "{y}");
+    }
+}

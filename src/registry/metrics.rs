@@ -1,9 +1,207 @@
-//! Placeholder until the registry branch lands its Metrics.
-#[derive(Default)]
-pub struct Metrics;
+//! The operator's metrics, served at `GET /metrics` in the OpenMetrics text format.
+//! One `Metrics` is shared (in an `Arc`) by the registry server and the reconciler;
+//! every family is prefixed `molecule_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::views::ALL_PHASES;
+use crate::api::Phase;
+use crate::store::RevokeReason;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Buckets of `molecule_heal_seconds`: from a fast token revoke to a slow re-provision.
+pub const HEAL_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0];
+
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleOutcome {
+    rule: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabel {
+    error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<RuleOutcome, Counter>,
+    reconcile_errors: Family<ErrorLabel, Counter>,
+    triggers: Family<TriggerLabel, Counter>,
+    tokens_revoked: Family<ReasonLabel, Counter>,
+    tokens_issued: Counter,
+    registry_requests: Family<RequestLabels, Counter>,
+    heal_seconds: Histogram,
+    workspaces: Family<PhaseLabel, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    pub fn revoked(&self, _reason: &str, _n: u64) {}
-    pub fn issued(&self, _n: u64) {}
-    pub fn reconciled(&self, _rule: &str, _outcome: &str) {}
-    pub fn reconcile_error(&self, _label: &str) {}
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("molecule");
+        let reconciles = Family::<RuleOutcome, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabel, Counter>::default();
+        let triggers = Family::<TriggerLabel, Counter>::default();
+        let tokens_revoked = Family::<ReasonLabel, Counter>::default();
+        let tokens_issued = Counter::default();
+        let registry_requests = Family::<RequestLabels, Counter>::default();
+        let heal_seconds = Histogram::new(HEAL_BUCKETS);
+        let workspaces = Family::<PhaseLabel, Gauge>::default();
+        registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
+        registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
+        registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
+        registry.register("tokens_revoked", "Workspace auth tokens revoked, by reason", tokens_revoked.clone());
+        registry.register("tokens_issued", "Workspace auth tokens issued", tokens_issued.clone());
+        registry.register(
+            "registry_requests",
+            "HTTP requests served, by route and status code",
+            registry_requests.clone(),
+        );
+        registry.register(
+            "heal_seconds",
+            "Seconds from detecting drift to the workspace matching its declaration again",
+            heal_seconds.clone(),
+        );
+        registry.register("workspaces", "Workspaces by phase", workspaces.clone());
+        let metrics = Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            triggers,
+            tokens_revoked,
+            tokens_issued,
+            registry_requests,
+            heal_seconds,
+            workspaces,
+        };
+        metrics.set_workspaces(std::iter::empty());
+        metrics
+    }
+
+    /// A rule's decision was executed; `outcome` is e.g. "ok" or "error".
+    pub fn reconciled(&self, rule: &str, outcome: &str) {
+        self.reconciles.get_or_create(&RuleOutcome { rule: rule.into(), outcome: outcome.into() }).inc();
+    }
+
+    /// A reconcile pass failed; `error` is a stable label (e.g. `StoreError::metric_label`).
+    pub fn reconcile_error(&self, error: &str) {
+        self.reconcile_errors.get_or_create(&ErrorLabel { error: error.into() }).inc();
+    }
+
+    /// A reconcile was requested; `why` as passed to `Trigger::enqueue`.
+    pub fn triggered(&self, why: &str) {
+        self.triggers.get_or_create(&TriggerLabel { trigger: why.into() }).inc();
+    }
+
+    /// `n` tokens were revoked for `reason`.
+    pub fn revoked(&self, reason: RevokeReason, n: u64) {
+        if n > 0 {
+            self.tokens_revoked.get_or_create(&ReasonLabel { reason: reason.as_str().into() }).inc_by(n);
+        }
+    }
+
+    pub fn issued(&self) {
+        self.tokens_issued.inc();
+    }
+
+    /// An HTTP request was answered; `endpoint` is the route template (bounded cardinality).
+    pub fn registry_request(&self, endpoint: &str, code: u16) {
+        self.registry_requests
+            .get_or_create(&RequestLabels { endpoint: endpoint.into(), code: code.to_string() })
+            .inc();
+    }
+
+    /// A drift was healed `seconds` after it was first seen.
+    pub fn healed(&self, seconds: f64) {
+        self.heal_seconds.observe(seconds);
+    }
+
+    /// Sets the per-phase workspace counts; phases not given are set to 0.
+    pub fn set_workspaces(&self, counts: impl IntoIterator<Item = (Phase, i64)>) {
+        let mut all: Vec<(Phase, i64)> = ALL_PHASES.iter().map(|p| (*p, 0)).collect();
+        for (phase, n) in counts {
+            if let Some(slot) = all.iter_mut().find(|(p, _)| *p == phase) {
+                slot.1 += n;
+            }
+        }
+        for (phase, n) in all {
+            self.workspaces.get_or_create(&PhaseLabel { phase: phase.to_string() }).set(n);
+        }
+    }
+
+    /// The OpenMetrics text exposition, ending with `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_prefixed_and_counted() {
+        let m = Metrics::new();
+        m.reconciled("provision", "ok");
+        m.reconciled("provision", "ok");
+        m.revoked(RevokeReason::ContainerMissing, 2);
+        m.revoked(RevokeReason::Paused, 0);
+        m.issued();
+        m.registry_request("/registry/heartbeat", 401);
+        m.healed(0.3);
+        m.set_workspaces([(Phase::Running, 3)]);
+        let text = m.encode();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("molecule_reconciles_total{rule=\"provision\",outcome=\"ok\"} 2"), "{text}");
+        assert!(text.contains("molecule_tokens_revoked_total{reason=\"container-missing\"} 2"), "{text}");
+        assert!(!text.contains("reason=\"paused\""), "{text}");
+        assert!(text.contains("molecule_tokens_issued_total 1"), "{text}");
+        assert!(text.contains("molecule_registry_requests_total{endpoint=\"/registry/heartbeat\",code=\"401\"} 1"));
+        assert!(text.contains("molecule_heal_seconds_bucket{le=\"0.5\"} 1"), "{text}");
+        assert!(text.contains("molecule_workspaces{phase=\"Running\"} 3"), "{text}");
+        assert!(text.contains("molecule_workspaces{phase=\"Failed\"} 0"), "{text}");
+    }
 }

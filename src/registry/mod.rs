@@ -1,2 +1,229 @@
-//! TODO
+//! The operator's HTTP server (axum): the agents' registry (`/registry/*`), the
+//! admin API the CLI talks to (`/api/v1/*`), health and metrics.
+//!
+//! Start-up, as `main.rs` wires it:
+//! ```ignore
+//! let admin_token = registry::load_or_create_admin_token(&state_dir)?;
+//! let state = registry::AppState::new(store, trigger, desired_rx, admin_token, metrics.clone());
+//! let ready = state.ready.clone();
+//! let listener = tokio::net::TcpListener::bind(listen).await?;
+//! registry::write_address(&state_dir, listener.local_addr()?)?;
+//! tokio::spawn(registry::serve(listener, registry::router(state), shutdown));
+//! // ... once every source has delivered its first snapshot:
+//! ready.store(true, Ordering::Release);
+//! ```
+
+mod admin;
+mod agent;
+pub mod auth;
 pub mod metrics;
+pub mod views;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use crate::reconcile::Trigger;
+use crate::source::desired::DesiredSet;
+use crate::store::DynStore;
+
+pub use auth::load_or_create_admin_token;
+pub use metrics::Metrics;
+
+/// `STATE/admin-token`: the admin API's bearer token (0600), created on first start.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// `STATE/address`: the running operator's base URL (e.g. `http://127.0.0.1:8080`),
+/// one line, written once it listens; the CLI reads it when `--server` is not given.
+pub const ADDRESS_FILE: &str = "address";
+/// Largest request body accepted (the registry's bodies are a few dozen bytes).
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// Everything the handlers need. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: DynStore,
+    /// Queues a workspace (`ns/name`) for reconcile: registry 401s, CLI actions.
+    pub trigger: Trigger,
+    /// What is declared right now (the desired store's latest merge).
+    pub desired: watch::Receiver<Arc<DesiredSet>>,
+    pub admin_token: String,
+    pub metrics: Arc<Metrics>,
+    /// Set once the operator has read every source; `/readyz` is 503 until then.
+    pub ready: Arc<AtomicBool>,
+    /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
+    nudges: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl AppState {
+    /// A state that is not ready yet.
+    pub fn new(
+        store: DynStore,
+        trigger: Trigger,
+        desired: watch::Receiver<Arc<DesiredSet>>,
+        admin_token: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            trigger,
+            desired,
+            admin_token,
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+            nudges: Arc::default(),
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// The latest declared set.
+    fn desired(&self) -> Arc<DesiredSet> {
+        self.desired.borrow().clone()
+    }
+}
+
+/// Every route. Admin routes require the admin token; the registry routes the
+/// workspace's own token; health and metrics nothing.
+pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
+    let admin = Router::new()
+        .route("/api/v1/workspaces", get(admin::list_workspaces))
+        .route("/api/v1/workspaces/{name}", get(admin::get_workspace))
+        .route("/api/v1/workspaces/{name}/restart", post(admin::restart))
+        .route("/api/v1/workspaces/{name}/pause", post(admin::pause))
+        .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
+        .route("/api/v1/teams", get(admin::list_teams))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
+    Router::new()
+        .route("/registry/register", post(agent::register))
+        .route("/registry/heartbeat", post(agent::heartbeat))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .merge(admin)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then finishes the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// The URL clients use for a listening address (an unspecified IP becomes loopback).
+pub fn address_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Writes `STATE/address` (atomically: temp file then rename) and returns the URL.
+pub fn write_address(state_dir: &Path, addr: SocketAddr) -> io::Result<String> {
+    let url = address_url(addr);
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(format!(".{ADDRESS_FILE}.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{url}\n"))?;
+    std::fs::rename(&tmp, address_path(state_dir))?;
+    Ok(url)
+}
+
+/// Removes `STATE/address` on clean shutdown (a missing file is fine).
+pub fn remove_address(state_dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(address_path(state_dir)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+pub fn address_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(ADDRESS_FILE)
+}
+
+pub fn admin_token_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(ADMIN_TOKEN_FILE)
+}
+
+/// A JSON error body `{"error": message}` with `code`.
+pub(crate) fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(views::ErrorBody { error: message.into() })).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if !state.ready.load(Ordering::Acquire) {
+        return not_ready("the operator is starting: not every source has been read yet");
+    }
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response(),
+        Err(e) => not_ready(&format!("the state store does not answer: {e}")),
+    }
+}
+
+fn not_ready(reason: &str) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not ready", "reason": reason})))
+        .into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+}
+
+/// Counts every answer by route template (never the raw path: bounded labels).
+async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let response = next.run(req).await;
+    state.metrics.registry_request(endpoint.as_deref().unwrap_or("unmatched"), response.status().as_u16());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_address_becomes_loopback() {
+        assert_eq!(address_url("0.0.0.0:8080".parse().unwrap()), "http://127.0.0.1:8080");
+        assert_eq!(address_url("127.0.0.1:9".parse().unwrap()), "http://127.0.0.1:9");
+        assert_eq!(address_url("[::]:80".parse().unwrap()), "http://[::1]:80");
+    }
+
+    #[test]
+    fn address_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = write_address(dir.path(), "127.0.0.1:4242".parse().unwrap()).unwrap();
+        assert_eq!(std::fs::read_to_string(address_path(dir.path())).unwrap(), format!("{url}\n"));
+        remove_address(dir.path()).unwrap();
+        remove_address(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,224 @@
+//! The admin API client: finds the running operator (`--server`, else
+//! `STATE/address`), authenticates with `STATE/admin-token`, and turns every failure
+//! into a sentence that says what to do.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use super::ClientArgs;
+use crate::api::ObjectKey;
+use crate::registry::views::{ActionResponse, ErrorBody, TeamSummary, WorkspaceDetail, WorkspaceSummary};
+use crate::registry::{address_path, admin_token_path};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "cannot find the running operator: {path} does not exist ({source}). Is `molecule-operator up` running with --state {state}? Or name it with --server URL"
+    )]
+    NoAddress { path: PathBuf, state: PathBuf, source: std::io::Error },
+    #[error("--server {url:?} is not a URL like http://127.0.0.1:8080")]
+    BadServer { url: String },
+    #[error(
+        "cannot read the admin token {path} ({source}); the operator creates it on first start: pass --state with the directory the operator runs with"
+    )]
+    NoAdminToken { path: PathBuf, source: std::io::Error },
+    #[error("the operator is not running at {url} (is `molecule-operator up` running? {hint})")]
+    Unreachable { url: String, hint: String },
+    #[error("the operator at {url} did not answer within {}s", TIMEOUT.as_secs())]
+    Timeout { url: String },
+    #[error(
+        "the operator at {url} refused the admin token from {path} (401): is --state the directory that operator runs with?"
+    )]
+    Unauthorized { url: String, path: PathBuf },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the operator at {url} answered {status}: {message}")]
+    Server { url: String, status: StatusCode, message: String },
+    #[error("unexpected answer from {url}: {message}")]
+    Protocol { url: String, message: String },
+    #[error("cannot print the result: {0}")]
+    Output(String),
+}
+
+/// Where the address came from, for error messages.
+#[derive(Clone, Debug)]
+enum AddressFrom {
+    Flag,
+    File(PathBuf),
+}
+
+/// A connection to one running operator's admin API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    admin_token: String,
+    token_path: PathBuf,
+    from: AddressFrom,
+}
+
+impl Client {
+    /// Reads the address (unless `--server`) and the admin token from the state dir.
+    pub fn new(args: &ClientArgs) -> Result<Self, CliError> {
+        let (server, from) = match &args.server {
+            Some(s) => (s.trim().to_string(), AddressFrom::Flag),
+            None => {
+                let path = address_path(&args.state);
+                let text = std::fs::read_to_string(&path).map_err(|source| CliError::NoAddress {
+                    path: path.clone(),
+                    state: args.state.clone(),
+                    source,
+                })?;
+                (text.trim().to_string(), AddressFrom::File(path))
+            }
+        };
+        let base = parse_base(&server)?;
+        let token_path = admin_token_path(&args.state);
+        let admin_token = read_admin_token(&token_path)?;
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            // The admin API is local or on the cluster network: never via a proxy.
+            .no_proxy()
+            .build()
+            .map_err(|e| CliError::Protocol { url: base.to_string(), message: e.to_string() })?;
+        Ok(Self { http, base, admin_token, token_path, from })
+    }
+
+    pub async fn workspaces(&self) -> Result<Vec<WorkspaceSummary>, CliError> {
+        self.call(Method::GET, &["api", "v1", "workspaces"], None).await
+    }
+
+    pub async fn workspace(&self, key: &ObjectKey) -> Result<WorkspaceDetail, CliError> {
+        self.call(Method::GET, &["api", "v1", "workspaces", &key.name], Some(&key.namespace)).await
+    }
+
+    pub async fn teams(&self) -> Result<Vec<TeamSummary>, CliError> {
+        self.call(Method::GET, &["api", "v1", "teams"], None).await
+    }
+
+    /// `action` is `restart`, `pause` or `resume`.
+    pub async fn act(&self, action: &str, key: &ObjectKey) -> Result<ActionResponse, CliError> {
+        self.call(Method::POST, &["api", "v1", "workspaces", &key.name, action], Some(&key.namespace)).await
+    }
+
+    fn url(&self, segments: &[&str], namespace: Option<&str>) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        if let Some(ns) = namespace {
+            url.query_pairs_mut().append_pair("namespace", ns);
+        }
+        url
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        namespace: Option<&str>,
+    ) -> Result<T, CliError> {
+        let url = self.url(segments, namespace);
+        let response = self
+            .http
+            .request(method, url.clone())
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| self.transport(e))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body)
+                .map_err(|e| CliError::Protocol { url: url.to_string(), message: e.to_string() });
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
+        Err(match status {
+            StatusCode::UNAUTHORIZED => CliError::Unauthorized { url: self.base_str(), path: self.token_path.clone() },
+            StatusCode::NOT_FOUND => CliError::NotFound(message),
+            _ => CliError::Server { url: self.base_str(), status, message },
+        })
+    }
+
+    fn base_str(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
+    fn transport(&self, e: reqwest::Error) -> CliError {
+        let url = self.base_str();
+        if e.is_timeout() {
+            return CliError::Timeout { url };
+        }
+        if e.is_connect() {
+            let hint = match &self.from {
+                AddressFrom::Flag => "the address came from --server".to_string(),
+                AddressFrom::File(p) => format!("looked for the address in {}", p.display()),
+            };
+            return CliError::Unreachable { url, hint };
+        }
+        CliError::Protocol { url, message: e.to_string() }
+    }
+}
+
+fn parse_base(server: &str) -> Result<Url, CliError> {
+    let with_scheme = if server.contains("://") { server.to_string() } else { format!("http://{server}") };
+    match Url::parse(&with_scheme) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(u),
+        _ => Err(CliError::BadServer { url: server.to_string() }),
+    }
+}
+
+fn read_admin_token(path: &Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::NoAdminToken { path: path.into(), source })?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(CliError::NoAdminToken {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"),
+        });
+    }
+    Ok(t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(parse_base("http://127.0.0.1:8080").unwrap().as_str(), "http://127.0.0.1:8080/");
+        assert_eq!(parse_base("127.0.0.1:8080").unwrap().as_str(), "http://127.0.0.1:8080/");
+        assert!(parse_base("ftp://x").is_err());
+        assert!(parse_base("").is_err());
+    }
+
+    #[test]
+    fn paths_are_escaped_and_namespaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("admin-token"), "t\n").unwrap();
+        let args = ClientArgs { state: dir.path().into(), server: Some("http://127.0.0.1:1/prefix".into()) };
+        let c = Client::new(&args).unwrap();
+        let url = c.url(&["api", "v1", "workspaces", "a b/c"], Some("research"));
+        assert_eq!(url.as_str(), "http://127.0.0.1:1/prefix/api/v1/workspaces/a%20b%2Fc?namespace=research");
+    }
+
+    #[test]
+    fn missing_files_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ClientArgs { state: dir.path().into(), server: None };
+        let e = Client::new(&args).unwrap_err().to_string();
+        assert!(e.contains("molecule-operator up") && e.contains("address") && e.contains("--server"), "{e}");
+        let args = ClientArgs { state: dir.path().into(), server: Some("http://127.0.0.1:1".into()) };
+        let e = Client::new(&args).unwrap_err().to_string();
+        assert!(e.contains("admin-token") && e.contains("--state"), "{e}");
+    }
+}

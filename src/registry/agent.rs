@@ -1,0 +1,204 @@
+//! `POST /registry/register` and `POST /registry/heartbeat`: an agent proves it is
+//! its workspace's current incarnation with `Authorization: Bearer <token>`.
+//!
+//! Deliberate deviation from the original platform: a bearer is always required.
+//! The operator writes the token file before the container starts, so the
+//! original's bootstrap ("no live token yet: allow") is not needed, and it would
+//! let anyone register as a workspace that has none.
+//!
+//! Every 401 has the same body, whether the token is missing, malformed, unknown,
+//! revoked or of a superseded incarnation, so an answer reveals nothing about which.
+//! Tokens are never logged; at most their 8-character prefix.
+
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use super::auth::{bearer, unauthorized};
+use super::{AppState, BODY_LIMIT, error};
+use crate::api::condition::find;
+use crate::api::{Phase, WorkspaceStatus};
+use crate::store::{WorkspaceRecord, token};
+
+/// The one body of every 401 from the registry.
+pub const INVALID_TOKEN: &str = "invalid workspace auth token";
+pub const WRONG_WORKSPACE: &str = "this token belongs to another workspace";
+
+/// At most one "is the status behind?" check per workspace per interval (see `nudge`).
+const NUDGE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Deserialize)]
+struct AgentRequest {
+    workspace_id: String,
+}
+
+#[derive(Serialize)]
+struct AgentResponse<'a> {
+    status: &'static str,
+    workspace_id: &'a str,
+    incarnation: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Register,
+    Heartbeat,
+}
+
+pub(crate) async fn register(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(&state, Call::Register, &headers, body).await
+}
+
+pub(crate) async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(&state, Call::Heartbeat, &headers, body).await
+}
+
+async fn handle(state: &AppState, call: Call, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let uid = match parse_body(body) {
+        Ok(uid) => uid,
+        Err((code, message)) => return error(code, message),
+    };
+    let Some(presented) = bearer(headers).filter(|t| token::well_formed(t)) else {
+        tracing::debug!(workspace_id = %uid, ?call, "registry: missing or malformed bearer");
+        return reject(state, &uid, "registry-401").await;
+    };
+    let prefix = token::prefix(presented);
+    let owner = match state.store.token_owner(&token::hash(presented)).await {
+        Ok(owner) => owner,
+        Err(e) => return store_unavailable(e),
+    };
+    let Some(owner) = owner else {
+        tracing::debug!(workspace_id = %uid, token_prefix = %prefix, ?call, "registry: unknown or revoked token");
+        return reject(state, &uid, "registry-401").await;
+    };
+    if owner.token_incarnation != owner.current_incarnation {
+        tracing::debug!(
+            workspace = %owner.workspace_key, token_prefix = %prefix,
+            token_incarnation = owner.token_incarnation, current = owner.current_incarnation,
+            "registry: token of a superseded incarnation"
+        );
+        return reject(state, &uid, "registry-401").await;
+    }
+    if !same_uid(&owner.workspace_uid, &uid) {
+        tracing::info!(
+            workspace_id = %uid, token_workspace = %owner.workspace_key, token_prefix = %prefix,
+            "registry: a workspace presented another workspace's token"
+        );
+        enqueue_if_known(state, &uid, "registry-403").await;
+        return error(StatusCode::FORBIDDEN, WRONG_WORKSPACE);
+    }
+    if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, Utc::now()).await {
+        return store_unavailable(e);
+    }
+    match call {
+        // An agent (re)started: let the status catch up at once.
+        Call::Register => state.trigger.enqueue(&owner.workspace_key, "registry-register"),
+        Call::Heartbeat => nudge(state, &owner.workspace_uid, &owner.workspace_key).await,
+    }
+    let body =
+        AgentResponse { status: "ok", workspace_id: &owner.workspace_uid, incarnation: owner.current_incarnation };
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+/// The body's workspace id, or the status (400/413) and a sentence saying what is
+/// wrong with the body.
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<String, (StatusCode, String)> {
+    let bytes = body.map_err(|rejection| {
+        let code = rejection.status();
+        if code == StatusCode::PAYLOAD_TOO_LARGE {
+            (code, format!("the request body is larger than {} KiB", BODY_LIMIT / 1024))
+        } else {
+            (code, format!("cannot read the request body: {}", rejection.body_text()))
+        }
+    })?;
+    let request: AgentRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        (StatusCode::BAD_REQUEST, format!("the body must be JSON like {{\"workspace_id\": \"<uuid>\"}}: {e}"))
+    })?;
+    if uuid::Uuid::parse_str(&request.workspace_id).is_err() {
+        let message = "workspace_id must be the workspace's UUID (MOLECULE_WORKSPACE_ID)";
+        return Err((StatusCode::BAD_REQUEST, message.into()));
+    }
+    Ok(request.workspace_id)
+}
+
+fn same_uid(a: &str, b: &str) -> bool {
+    match (uuid::Uuid::parse_str(a), uuid::Uuid::parse_str(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// A 401; the workspace it claims to be, if known, is queued for reconcile: an agent
+/// locked out is itself a sign of drift (e.g. a token file that no longer matches).
+async fn reject(state: &AppState, uid: &str, why: &'static str) -> Response {
+    enqueue_if_known(state, uid, why).await;
+    unauthorized(INVALID_TOKEN)
+}
+
+async fn enqueue_if_known(state: &AppState, uid: &str, why: &'static str) {
+    match state.store.workspace_by_uid(uid).await {
+        Ok(Some(record)) => state.trigger.enqueue(&record.key, why),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(workspace_id = %uid, error = %e, "registry: cannot look the workspace up"),
+    }
+}
+
+fn store_unavailable(e: crate::store::StoreError) -> Response {
+    tracing::warn!(error = %e, "registry: state store failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, "the operator's state store is unavailable; retry shortly")
+}
+
+/// A good heartbeat from a workspace whose status does not show its agent online
+/// queues a reconcile, so the status catches up now rather than at the next resync.
+/// Cheap by construction: the status is read at most once per workspace per
+/// `NUDGE_INTERVAL` (an in-memory check, no store access otherwise), and nothing is
+/// queued once the status says online.
+async fn nudge(state: &AppState, uid: &str, key: &str) {
+    if !nudge_due(state, uid, Instant::now()) {
+        return;
+    }
+    match state.store.workspace_by_uid(uid).await {
+        Ok(Some(record)) if !shows_online(&record) => state.trigger.enqueue(key, "registry-heartbeat"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(workspace = %key, error = %e, "registry: cannot read the workspace's status"),
+    }
+}
+
+fn nudge_due(state: &AppState, uid: &str, now: Instant) -> bool {
+    let mut last = state.nudges.lock().unwrap_or_else(PoisonError::into_inner);
+    if last.len() > 4096 {
+        last.retain(|_, t| now.duration_since(*t) < NUDGE_INTERVAL);
+    }
+    match last.get(uid) {
+        Some(t) if now.duration_since(*t) < NUDGE_INTERVAL => false,
+        _ => {
+            last.insert(uid.to_string(), now);
+            true
+        }
+    }
+}
+
+/// AgentOnline=True; without that condition, phase Running.
+fn shows_online(record: &WorkspaceRecord) -> bool {
+    let Some(WorkspaceStatus { phase, conditions, .. }) = &record.status else { return false };
+    match find(conditions, "AgentOnline") {
+        Some(c) => c.is_true(),
+        None => *phase == Phase::Running,
+    }
+}
