@@ -112,7 +112,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let mut source_names = Vec::new();
     for SourceSpec::Dir(path) in &sources {
         let src = DirSource::new(path);
-        source_names.push(src.name().to_string());
+        source_names.push(src.source_name());
         src.watch(snap_tx.clone());
     }
     drop(snap_tx);

@@ -49,7 +49,9 @@ pub struct WorkspaceSpec {
     /// Overrides the tier's memory/CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Environment variables. Numbers and booleans are accepted and kept as text
+    /// (`PORT: 8080` means "8080").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "env_map")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operating_mode: Option<OperatingMode>,
@@ -234,4 +236,44 @@ pub struct SourceRef {
     /// e.g. `org/eng.yaml@<git commit or mtime>`.
     #[serde(rename = "ref")]
     pub reference: String,
+}
+
+/// Reads an env map whose values may be YAML/JSON scalars of any kind, as text.
+fn env_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        F(f64),
+        B(bool),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::S(s) => s,
+                Scalar::I(i) => i.to_string(),
+                Scalar::F(f) => f.to_string(),
+                Scalar::B(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_may_be_numbers_or_booleans_from_json_and_yaml() {
+        let v = serde_json::json!({"env": {"PORT": 8080, "DEBUG": true, "NAME": "x"}});
+        let spec: WorkspaceSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(spec.env["PORT"], "8080");
+        assert_eq!(spec.env["DEBUG"], "true");
+        let spec: WorkspaceSpec = serde_saphyr::from_str("env:\n  PORT: 8080\n").unwrap();
+        assert_eq!(spec.env["PORT"], "8080");
+    }
 }

@@ -184,9 +184,11 @@ pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileErr
         tracing::info!(workspace = key, rule = decision.rule, cause = %decision.cause, "decision");
         let (outcome, result) = env.apply(&rctx, &decision.actions, now).await;
         for (reason, n) in &outcome.revoked {
-            ctx.metrics.revoked(reason.as_str(), *n);
+            ctx.metrics.revoked(*reason, *n);
         }
-        ctx.metrics.issued(outcome.issued);
+        for _ in 0..outcome.issued {
+            ctx.metrics.issued();
+        }
         let outcome_text = match &result {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("failed: {e}"),
@@ -326,11 +328,13 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some((key, why)) = triggers.recv() => {
                 tracing::debug!(workspace = %key, why, "triggered");
+                ctx.metrics.triggered(why);
                 enqueue(key, &mut in_flight, &mut ready);
             }
             Some(ev) = events.next() => {
                 if let Some(key) = ev.workspace {
                     tracing::debug!(workspace = %key, action = %ev.action, "runtime event");
+                    ctx.metrics.triggered("runtime-event");
                     enqueue(key, &mut in_flight, &mut ready);
                 }
             }
