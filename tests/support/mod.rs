@@ -1,0 +1,5 @@
+//! Helpers shared by integration tests. A test file uses them with `mod support;`
+//! (each test binary compiles its own copy, so unused helpers are not warnings).
+#![allow(dead_code)]
+
+pub mod postgres;
