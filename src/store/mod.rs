@@ -228,11 +228,93 @@ pub type DynStore = Arc<dyn Store>;
 /// Opens the store a URL names: `postgres://...` or a SQLite file path / `sqlite://` URL.
 pub async fn open(url: &str) -> StoreResult<DynStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let _ = postgres::PostgresStore::connect(url).await?;
-        todo!("postgres store")
+        Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
     } else {
-        let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        let _ = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
-        todo!("sqlite store")
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?))
     }
+}
+
+// Row encoding shared by both stores, so they store the same text for the same value.
+
+fn unknown_workspace(uid: &str) -> StoreError {
+    StoreError::Invalid(format!("no workspace with uid {uid} in the state store"))
+}
+
+fn mode_as_str(mode: OperatingMode) -> &'static str {
+    match mode {
+        OperatingMode::Running => "Running",
+        OperatingMode::Paused => "Paused",
+        OperatingMode::Stopped => "Stopped",
+    }
+}
+
+fn parse_mode(uid: &str, text: Option<String>) -> StoreResult<Option<OperatingMode>> {
+    match text.as_deref() {
+        None => Ok(None),
+        Some("Running") => Ok(Some(OperatingMode::Running)),
+        Some("Paused") => Ok(Some(OperatingMode::Paused)),
+        Some("Stopped") => Ok(Some(OperatingMode::Stopped)),
+        Some(other) => Err(StoreError::Invalid(format!(
+            "workspace {uid} has an unknown operating-mode override {other:?} in the state store"
+        ))),
+    }
+}
+
+fn encode_status(status: &WorkspaceStatus) -> StoreResult<String> {
+    serde_json::to_string(status).map_err(|e| StoreError::Invalid(format!("cannot encode a workspace status: {e}")))
+}
+
+/// The status is rewritten whole on every reconcile pass, so one that no longer
+/// decodes (written by another version) is dropped with a warning, not an error
+/// that would hide the whole workspace.
+fn decode_status(uid: &str, json: Option<String>) -> Option<WorkspaceStatus> {
+    let json = json?;
+    match serde_json::from_str(&json) {
+        Ok(status) => Some(status),
+        Err(error) => {
+            tracing::warn!(workspace_uid = uid, %error, "ignoring a stored status that does not decode");
+            None
+        }
+    }
+}
+
+fn encode_actions(actions: &[String]) -> StoreResult<String> {
+    serde_json::to_string(actions).map_err(|e| StoreError::Invalid(format!("cannot encode decision actions: {e}")))
+}
+
+fn decode_actions(uid: &str, json: &str) -> StoreResult<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| {
+        StoreError::Invalid(format!(
+            "a decision of workspace {uid} has actions that are not a JSON list of strings: {e}"
+        ))
+    })
+}
+
+/// Both databases keep microseconds; values are truncated to that before they are
+/// stored, so what a call returns equals what a later read returns.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
+}
+
+/// A new token row (not yet stored) and its plaintext.
+fn new_token(uid: &str, incarnation: i64, now: DateTime<Utc>) -> IssuedToken {
+    let plaintext = token::generate();
+    let now = micros(now);
+    let row = TokenRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        workspace_uid: uid.to_string(),
+        token_hash: token::hash(&plaintext),
+        prefix: token::prefix(&plaintext),
+        incarnation,
+        created_at: now,
+        last_used_at: None,
+        revoked_at: None,
+        revoke_reason: None,
+    };
+    IssuedToken { plaintext, row }
 }

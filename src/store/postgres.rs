@@ -1,8 +1,460 @@
-//! Postgres store (stub, being implemented).
+//! Postgres store: state for the `postgres` and `cluster` modes, shared by replicas.
+
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, Row, SqlSafeStr};
+
 use super::*;
-pub struct PostgresStore;
+
+/// How long connecting (and, later, waiting for a pooled connection) may take
+/// before "database down" is reported instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONNECTIONS: u32 = 8;
+
+/// The migrations in `migrations/postgres`, embedded in the binary. (`sqlx::migrate!`
+/// needs sqlx's proc-macro crate, which this project does not build; a unit test
+/// below checks that every file of the directory is listed here.)
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "initial".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/postgres/0001_initial.sql").into_sql_str(),
+        false,
+    )])
+}
+
+/// The statement [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now,
+/// reason). Public so the conformance suite can check with EXPLAIN that it is
+/// served by an index.
+pub const REVOKE_STALE_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET revoked_at = $3, revoke_reason = $4 \
+     WHERE workspace_uid = $1 AND revoked_at IS NULL AND COALESCE(last_used_at, created_at) < $2";
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
 impl PostgresStore {
-    pub async fn connect(_url: &str) -> StoreResult<Self> {
-        Err(StoreError::Invalid("not implemented".into()))
+    /// Connects (failing within [`CONNECT_TIMEOUT`] when the server does not answer)
+    /// and applies the migrations; concurrent replicas serialize on sqlx's
+    /// migration advisory lock.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("the database URL is not a usable postgres:// URL: {e}")))?;
+        probe(&options).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// One direct connection first: the pool would retry a refused connection until
+/// its timeout and then report only "pool timed out"; this names the server and
+/// the real cause.
+async fn probe(options: &PgConnectOptions) -> StoreResult<()> {
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(sqlx::Error::Io(e))) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{server}: {e}"),
+        )))),
+        Ok(Err(e)) => Err(StoreError::Database(e)),
+        Err(_) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{server} did not answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        )))),
+    }
+}
+
+macro_rules! workspace_columns {
+    () => {
+        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
+         last_restart_reason, status::text AS status, mode_override, restart_requested_at"
+    };
+}
+
+fn workspace_from_row(row: &PgRow) -> StoreResult<WorkspaceRecord> {
+    let uid: String = row.try_get("uid")?;
+    Ok(WorkspaceRecord {
+        key: row.try_get("key")?,
+        incarnation: row.try_get("incarnation")?,
+        created_at: row.try_get("created_at")?,
+        last_heartbeat_at: row.try_get("last_heartbeat_at")?,
+        restart_count: row.try_get("restart_count")?,
+        last_restart_at: row.try_get("last_restart_at")?,
+        last_restart_reason: row.try_get("last_restart_reason")?,
+        status: decode_status(&uid, row.try_get("status")?),
+        mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
+        restart_requested_at: row.try_get("restart_requested_at")?,
+        uid,
+    })
+}
+
+macro_rules! token_columns {
+    () => {
+        "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason"
+    };
+}
+
+fn token_from_row(row: &PgRow) -> StoreResult<TokenRow> {
+    Ok(TokenRow {
+        id: row.try_get("id")?,
+        workspace_uid: row.try_get("workspace_uid")?,
+        token_hash: row.try_get("token_hash")?,
+        prefix: row.try_get("prefix")?,
+        incarnation: row.try_get("incarnation")?,
+        created_at: row.try_get("created_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        revoke_reason: row.try_get("revoke_reason")?,
+    })
+}
+
+/// `Err(unknown workspace)` when an UPDATE keyed by uid matched no row.
+fn expect_one(uid: &str, rows_affected: u64) -> StoreResult<()> {
+    if rows_affected == 0 {
+        Err(unknown_workspace(uid))
+    } else {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord> {
+        if let Some(record) = self.workspace(key).await? {
+            return Ok(record);
+        }
+        // Two callers racing on first sight both end up with the row that won.
+        sqlx::query(
+            "INSERT INTO workspaces (uid, key, incarnation, created_at, restart_count) VALUES ($1, $2, 0, $3, 0) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(key)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        self.workspace(key)
+            .await?
+            .ok_or_else(|| StoreError::Invalid(format!("workspace {key} was deleted while it was being recorded")))
+    }
+
+    async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>> {
+        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE key = $1");
+        let row = sqlx::query(sql).bind(key).fetch_optional(&self.pool).await?;
+        row.as_ref().map(workspace_from_row).transpose()
+    }
+
+    async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>> {
+        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE uid = $1");
+        let row = sqlx::query(sql).bind(uid).fetch_optional(&self.pool).await?;
+        row.as_ref().map(workspace_from_row).transpose()
+    }
+
+    async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>> {
+        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces ORDER BY key");
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(workspace_from_row).collect()
+    }
+
+    async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
+        let incarnation: Option<i64> = sqlx::query_scalar(
+            "UPDATE workspaces SET incarnation = incarnation + 1 WHERE uid = $1 RETURNING incarnation",
+        )
+        .bind(uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        incarnation.ok_or_else(|| unknown_workspace(uid))
+    }
+
+    async fn record_restart(&self, uid: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE workspaces SET restart_count = restart_count + 1, last_restart_at = $2, last_restart_reason = $3 \
+             WHERE uid = $1",
+        )
+        .bind(uid)
+        .bind(at)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn reset_restarts(&self, uid: &str) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET restart_count = 0 WHERE uid = $1")
+            .bind(uid)
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn set_mode_override(&self, uid: &str, mode: Option<OperatingMode>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET mode_override = $2 WHERE uid = $1")
+            .bind(uid)
+            .bind(mode.map(mode_as_str))
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn request_restart(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET restart_requested_at = $2 WHERE uid = $1")
+            .bind(uid)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn save_status(&self, uid: &str, status: &WorkspaceStatus) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET status = $2::jsonb WHERE uid = $1")
+            .bind(uid)
+            .bind(encode_status(status)?)
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn delete_workspace(&self, uid: &str) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE workspace_auth_tokens SET revoked_at = $2, revoke_reason = $3 \
+             WHERE workspace_uid = $1 AND revoked_at IS NULL",
+        )
+        .bind(uid)
+        .bind(micros(Utc::now()))
+        .bind(RevokeReason::Deleted.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM decisions WHERE workspace_uid = $1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM workspaces WHERE uid = $1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken> {
+        let issued = new_token(uid, incarnation, now);
+        let row = &issued.row;
+        // Only for a workspace the store knows: a token nobody can own is never created.
+        let done = sqlx::query(
+            "INSERT INTO workspace_auth_tokens (id, workspace_uid, token_hash, prefix, incarnation, created_at) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM workspaces WHERE uid = $2)",
+        )
+        .bind(&row.id)
+        .bind(&row.workspace_uid)
+        .bind(&row.token_hash)
+        .bind(&row.prefix)
+        .bind(row.incarnation)
+        .bind(row.created_at)
+        .execute(&self.pool)
+        .await?;
+        expect_one(uid, done.rows_affected())?;
+        Ok(issued)
+    }
+
+    async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
+        let sql = concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM workspace_auth_tokens WHERE workspace_uid = $1 AND revoked_at IS NULL ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(sql).bind(uid).fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>> {
+        let sql = concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM workspace_auth_tokens WHERE workspace_uid = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+        );
+        let rows = sqlx::query(sql)
+            .bind(uid)
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_tokens(
+        &self,
+        uid: &str,
+        reason: RevokeReason,
+        keep: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE workspace_auth_tokens SET revoked_at = $2, revoke_reason = $3 \
+             WHERE workspace_uid = $1 AND revoked_at IS NULL AND ($4::text IS NULL OR id <> $4)",
+        )
+        .bind(uid)
+        .bind(micros(now))
+        .bind(reason.as_str())
+        .bind(keep)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn revoke_stale_tokens(
+        &self,
+        uid: &str,
+        cutoff: DateTime<Utc>,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(REVOKE_STALE_TOKENS_SQL)
+            .bind(uid)
+            .bind(micros(cutoff))
+            .bind(micros(now))
+            .bind(reason.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
+        let row = sqlx::query(
+            "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
+                    w.incarnation AS current_incarnation \
+             FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
+             WHERE t.token_hash = $1 AND t.revoked_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(TokenOwner {
+                token_id: row.try_get("id")?,
+                workspace_uid: row.try_get("workspace_uid")?,
+                workspace_key: row.try_get("key")?,
+                token_incarnation: row.try_get("token_incarnation")?,
+                current_incarnation: row.try_get("current_incarnation")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let at = micros(at);
+        let mut tx = self.pool.begin().await?;
+        // Only forwards: a late, out-of-order heartbeat never moves activity back.
+        sqlx::query(
+            "UPDATE workspace_auth_tokens SET last_used_at = $3 \
+             WHERE id = $1 AND workspace_uid = $2 AND revoked_at IS NULL \
+               AND (last_used_at IS NULL OR last_used_at < $3)",
+        )
+        .bind(token_id)
+        .bind(uid)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE workspaces SET last_heartbeat_at = $2 \
+             WHERE uid = $1 AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $2)",
+        )
+        .bind(uid)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO decisions (workspace_uid, at, rule, cause, actions, outcome) \
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+        )
+        .bind(uid)
+        .bind(micros(decision.at))
+        .bind(&decision.rule)
+        .bind(&decision.cause)
+        .bind(encode_actions(&decision.actions)?)
+        .bind(&decision.outcome)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM decisions WHERE workspace_uid = $1 AND id <= \
+             (SELECT id FROM decisions WHERE workspace_uid = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(uid)
+        .bind(keep_last.max(0))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>> {
+        let rows = sqlx::query(
+            "SELECT at, rule, cause, actions::text AS actions, outcome FROM decisions WHERE workspace_uid = $1 \
+             ORDER BY id DESC LIMIT $2",
+        )
+        .bind(uid)
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let actions: String = row.try_get("actions")?;
+                Ok(DecisionRecord {
+                    at: row.try_get("at")?,
+                    rule: row.try_get("rule")?,
+                    cause: row.try_get("cause")?,
+                    actions: decode_actions(uid, &actions)?,
+                    outcome: row.try_get("outcome")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_file_is_embedded() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .expect("migrations/postgres exists")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = migrator()
+            .iter()
+            .map(|m| format!("{:04}_{}.sql", m.version, m.description))
+            .collect();
+        assert_eq!(
+            files, embedded,
+            "list every file of migrations/postgres in postgres::migrator()"
+        );
     }
 }

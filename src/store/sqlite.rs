@@ -1,8 +1,524 @@
-//! SQLite store (stub, being implemented).
+//! SQLite store: the embedded state file of local mode (`STATE/state.db`).
+//!
+//! Timestamps are TEXT in one fixed-width UTC form (see [`ts`]), so text order is
+//! time order and the stale-token condition is evaluated by SQLite itself.
+
+use std::fs::{DirBuilder, OpenOptions, Permissions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlSafeStr};
+
 use super::*;
-pub struct SqliteStore;
+
+/// How long a statement waits for another connection's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// WAL lets readers run beside the single writer; writes serialize on the file lock
+/// whatever the pool size, so a few connections are enough.
+const MAX_CONNECTIONS: u32 = 4;
+
+/// The migrations in `migrations/sqlite`, embedded in the binary. (`sqlx::migrate!`
+/// needs sqlx's proc-macro crate, which this project does not build; a unit test
+/// below checks that every file of the directory is listed here.)
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "initial".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/sqlite/0001_initial.sql").into_sql_str(),
+        false,
+    )])
+}
+
+/// The statement [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now,
+/// reason). Public so the conformance suite can check its query plan.
+pub const REVOKE_STALE_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET revoked_at = ?3, revoke_reason = ?4 \
+     WHERE workspace_uid = ?1 AND revoked_at IS NULL AND COALESCE(last_used_at, created_at) < ?2";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
 impl SqliteStore {
-    pub async fn open(_path: &std::path::Path) -> StoreResult<Self> {
-        Err(StoreError::Invalid("not implemented".into()))
+    /// Opens (creating if needed, mode 0600) the state database at `path` and
+    /// applies the migrations.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        create_private_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // With WAL, NORMAL is durable except for the last commits on power loss.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(BUSY_TIMEOUT * 2)
+            .connect_with(options)
+            .await?;
+        migrator().run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// A transaction that takes the write lock at once (waiting up to the busy
+    /// timeout), so it can never fail half-way on a lock upgrade.
+    async fn write_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Creates the parent directory (0700 if new) and the file (0600), and tightens an
+/// existing file to 0600: the state holds token hashes and the admin's overrides.
+fn create_private_file(path: &Path) -> StoreResult<()> {
+    let shown = path.display();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| StoreError::Invalid(format!("cannot create the state directory {}: {e}", parent.display())))?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::Invalid(format!("cannot create the state database {shown}: {e}")))?;
+    if let Err(error) = std::fs::set_permissions(path, Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %shown, %error, "cannot make the state database private (mode 0600)");
+    }
+    Ok(())
+}
+
+const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+/// The stored form of a timestamp: `YYYY-MM-DDTHH:MM:SS.ffffffZ`. Years outside
+/// 0000..=9999 are clamped so the text keeps its width and therefore its order.
+fn ts(t: DateTime<Utc>) -> String {
+    use chrono::Datelike;
+    match t.year() {
+        ..0 => "0000-01-01T00:00:00.000000Z".to_string(),
+        10000.. => "9999-12-31T23:59:59.999999Z".to_string(),
+        _ => t.format(TS_FORMAT).to_string(),
+    }
+}
+
+fn parse_ts(column: &str, text: &str) -> StoreResult<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            StoreError::Invalid(format!(
+                "the state database holds a malformed timestamp {text:?} in {column}: {e}"
+            ))
+        })
+}
+
+fn get_ts(row: &SqliteRow, column: &str) -> StoreResult<DateTime<Utc>> {
+    let text: String = row.try_get(column)?;
+    parse_ts(column, &text)
+}
+
+fn get_opt_ts(row: &SqliteRow, column: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| parse_ts(column, &t)).transpose()
+}
+
+macro_rules! workspace_columns {
+    () => {
+        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
+         last_restart_reason, status, mode_override, restart_requested_at"
+    };
+}
+
+fn workspace_from_row(row: &SqliteRow) -> StoreResult<WorkspaceRecord> {
+    let uid: String = row.try_get("uid")?;
+    Ok(WorkspaceRecord {
+        key: row.try_get("key")?,
+        incarnation: row.try_get("incarnation")?,
+        created_at: get_ts(row, "created_at")?,
+        last_heartbeat_at: get_opt_ts(row, "last_heartbeat_at")?,
+        restart_count: row.try_get("restart_count")?,
+        last_restart_at: get_opt_ts(row, "last_restart_at")?,
+        last_restart_reason: row.try_get("last_restart_reason")?,
+        status: decode_status(&uid, row.try_get("status")?),
+        mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
+        restart_requested_at: get_opt_ts(row, "restart_requested_at")?,
+        uid,
+    })
+}
+
+macro_rules! token_columns {
+    () => {
+        "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason"
+    };
+}
+
+fn token_from_row(row: &SqliteRow) -> StoreResult<TokenRow> {
+    Ok(TokenRow {
+        id: row.try_get("id")?,
+        workspace_uid: row.try_get("workspace_uid")?,
+        token_hash: row.try_get("token_hash")?,
+        prefix: row.try_get("prefix")?,
+        incarnation: row.try_get("incarnation")?,
+        created_at: get_ts(row, "created_at")?,
+        last_used_at: get_opt_ts(row, "last_used_at")?,
+        revoked_at: get_opt_ts(row, "revoked_at")?,
+        revoke_reason: row.try_get("revoke_reason")?,
+    })
+}
+
+/// `Err(unknown workspace)` when an UPDATE keyed by uid matched no row.
+fn expect_one(uid: &str, rows_affected: u64) -> StoreResult<()> {
+    if rows_affected == 0 {
+        Err(unknown_workspace(uid))
+    } else {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord> {
+        if let Some(record) = self.workspace(key).await? {
+            return Ok(record);
+        }
+        // Two callers racing on first sight both end up with the row that won.
+        sqlx::query(
+            "INSERT INTO workspaces (uid, key, incarnation, created_at, restart_count) VALUES (?1, ?2, 0, ?3, 0) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(key)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        self.workspace(key)
+            .await?
+            .ok_or_else(|| StoreError::Invalid(format!("workspace {key} was deleted while it was being recorded")))
+    }
+
+    async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>> {
+        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE key = ?1");
+        let row = sqlx::query(sql).bind(key).fetch_optional(&self.pool).await?;
+        row.as_ref().map(workspace_from_row).transpose()
+    }
+
+    async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>> {
+        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE uid = ?1");
+        let row = sqlx::query(sql).bind(uid).fetch_optional(&self.pool).await?;
+        row.as_ref().map(workspace_from_row).transpose()
+    }
+
+    async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>> {
+        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces ORDER BY key");
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(workspace_from_row).collect()
+    }
+
+    async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
+        let incarnation: Option<i64> = sqlx::query_scalar(
+            "UPDATE workspaces SET incarnation = incarnation + 1 WHERE uid = ?1 RETURNING incarnation",
+        )
+        .bind(uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        incarnation.ok_or_else(|| unknown_workspace(uid))
+    }
+
+    async fn record_restart(&self, uid: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE workspaces SET restart_count = restart_count + 1, last_restart_at = ?2, last_restart_reason = ?3 \
+             WHERE uid = ?1",
+        )
+        .bind(uid)
+        .bind(ts(at))
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn reset_restarts(&self, uid: &str) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET restart_count = 0 WHERE uid = ?1")
+            .bind(uid)
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn set_mode_override(&self, uid: &str, mode: Option<OperatingMode>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET mode_override = ?2 WHERE uid = ?1")
+            .bind(uid)
+            .bind(mode.map(mode_as_str))
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn request_restart(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET restart_requested_at = ?2 WHERE uid = ?1")
+            .bind(uid)
+            .bind(ts(at))
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn save_status(&self, uid: &str, status: &WorkspaceStatus) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE workspaces SET status = ?2 WHERE uid = ?1")
+            .bind(uid)
+            .bind(encode_status(status)?)
+            .execute(&self.pool)
+            .await?;
+        expect_one(uid, done.rows_affected())
+    }
+
+    async fn delete_workspace(&self, uid: &str) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "UPDATE workspace_auth_tokens SET revoked_at = ?2, revoke_reason = ?3 \
+             WHERE workspace_uid = ?1 AND revoked_at IS NULL",
+        )
+        .bind(uid)
+        .bind(ts(Utc::now()))
+        .bind(RevokeReason::Deleted.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM decisions WHERE workspace_uid = ?1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM workspaces WHERE uid = ?1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken> {
+        let issued = new_token(uid, incarnation, now);
+        let row = &issued.row;
+        // Only for a workspace the store knows: a token nobody can own is never created.
+        let done = sqlx::query(
+            "INSERT INTO workspace_auth_tokens (id, workspace_uid, token_hash, prefix, incarnation, created_at) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM workspaces WHERE uid = ?2)",
+        )
+        .bind(&row.id)
+        .bind(&row.workspace_uid)
+        .bind(&row.token_hash)
+        .bind(&row.prefix)
+        .bind(row.incarnation)
+        .bind(ts(row.created_at))
+        .execute(&self.pool)
+        .await?;
+        expect_one(uid, done.rows_affected())?;
+        Ok(issued)
+    }
+
+    async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
+        let sql = concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM workspace_auth_tokens WHERE workspace_uid = ?1 AND revoked_at IS NULL ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(sql).bind(uid).fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>> {
+        let sql = concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM workspace_auth_tokens WHERE workspace_uid = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+        );
+        let rows = sqlx::query(sql)
+            .bind(uid)
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_tokens(
+        &self,
+        uid: &str,
+        reason: RevokeReason,
+        keep: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE workspace_auth_tokens SET revoked_at = ?2, revoke_reason = ?3 \
+             WHERE workspace_uid = ?1 AND revoked_at IS NULL AND (?4 IS NULL OR id <> ?4)",
+        )
+        .bind(uid)
+        .bind(ts(now))
+        .bind(reason.as_str())
+        .bind(keep)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn revoke_stale_tokens(
+        &self,
+        uid: &str,
+        cutoff: DateTime<Utc>,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query(REVOKE_STALE_TOKENS_SQL)
+            .bind(uid)
+            .bind(ts(cutoff))
+            .bind(ts(now))
+            .bind(reason.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
+        let row = sqlx::query(
+            "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
+                    w.incarnation AS current_incarnation \
+             FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
+             WHERE t.token_hash = ?1 AND t.revoked_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(TokenOwner {
+                token_id: row.try_get("id")?,
+                workspace_uid: row.try_get("workspace_uid")?,
+                workspace_key: row.try_get("key")?,
+                token_incarnation: row.try_get("token_incarnation")?,
+                current_incarnation: row.try_get("current_incarnation")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let at = ts(at);
+        let mut tx = self.write_tx().await?;
+        // Only forwards: a late, out-of-order heartbeat never moves activity back.
+        sqlx::query(
+            "UPDATE workspace_auth_tokens SET last_used_at = ?3 \
+             WHERE id = ?1 AND workspace_uid = ?2 AND revoked_at IS NULL \
+               AND (last_used_at IS NULL OR last_used_at < ?3)",
+        )
+        .bind(token_id)
+        .bind(uid)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE workspaces SET last_heartbeat_at = ?2 \
+             WHERE uid = ?1 AND (last_heartbeat_at IS NULL OR last_heartbeat_at < ?2)",
+        )
+        .bind(uid)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO decisions (workspace_uid, at, rule, cause, actions, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(uid)
+        .bind(ts(decision.at))
+        .bind(&decision.rule)
+        .bind(&decision.cause)
+        .bind(encode_actions(&decision.actions)?)
+        .bind(&decision.outcome)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM decisions WHERE workspace_uid = ?1 AND id <= \
+             (SELECT id FROM decisions WHERE workspace_uid = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )
+        .bind(uid)
+        .bind(keep_last.max(0))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>> {
+        let rows = sqlx::query(
+            "SELECT at, rule, cause, actions, outcome FROM decisions WHERE workspace_uid = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(uid)
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let actions: String = row.try_get("actions")?;
+                Ok(DecisionRecord {
+                    at: get_ts(row, "at")?,
+                    rule: row.try_get("rule")?,
+                    cause: row.try_get("cause")?,
+                    actions: decode_actions(uid, &actions)?,
+                    outcome: row.try_get("outcome")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_file_is_embedded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .expect("migrations/sqlite exists")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = migrator()
+            .iter()
+            .map(|m| format!("{:04}_{}.sql", m.version, m.description))
+            .collect();
+        assert_eq!(
+            files, embedded,
+            "list every file of migrations/sqlite in sqlite::migrator()"
+        );
+    }
+
+    #[test]
+    fn stored_timestamps_sort_as_time() {
+        let a = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let b = a + chrono::Duration::microseconds(1);
+        let c = a + chrono::Duration::seconds(10);
+        assert_eq!(ts(a), "2026-01-02T03:04:05.000000Z");
+        assert!(ts(a) < ts(b) && ts(b) < ts(c));
+        assert_eq!(parse_ts("t", &ts(b)).unwrap(), b);
+        let far = a + chrono::Duration::days(365 * 9000);
+        assert!(ts(far) > ts(c));
     }
 }

@@ -1,3 +1,6 @@
-//! Shared test helpers.
+//! Helpers shared by integration tests. A test file uses them with `mod support;`
+//! (each test binary compiles its own copy, so unused helpers are not warnings).
 #![allow(dead_code)]
+
 pub mod operator;
+pub mod postgres;
