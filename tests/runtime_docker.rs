@@ -435,7 +435,9 @@ async fn a_stale_agent_image_is_rebuilt() {
     let t = docker_or_return!("stale-image");
     let tag = t.bare_agent_image().await; // no version label: stale
     let docker = &t.docker;
+    let stale = docker.inspect_image(&tag).await.unwrap().id.unwrap();
     assert!(agent_image::ensure_agent_image(docker, &tag).await.unwrap(), "a stale image is rebuilt");
+    assert!(docker.inspect_image(&stale).await.is_err(), "the replaced image is removed, not left dangling");
     assert!(!agent_image::ensure_agent_image(docker, &tag).await.unwrap(), "then it is current");
     let image = docker.inspect_image(&tag).await.unwrap();
     let image_labels = image.config.and_then(|c| c.labels).unwrap_or_default();

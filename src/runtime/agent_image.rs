@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use bollard::query_parameters::BuildImageOptionsBuilder;
+use bollard::query_parameters::{BuildImageOptionsBuilder, RemoveImageOptions};
 use bollard::{Docker, body_full};
 use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
@@ -49,23 +49,31 @@ pub fn agent_version() -> &'static str {
 /// Builds the image as `tag` (normally `AGENT_IMAGE`) unless it is present with the
 /// current version label; true when it built.
 pub async fn ensure_agent_image(docker: &Docker, tag: &str) -> RuntimeResult<bool> {
-    match docker.inspect_image(tag).await {
+    let previous = match docker.inspect_image(tag).await {
         Ok(image) => {
             let labels = image.config.and_then(|c| c.labels).unwrap_or_default();
             if labels.get(VERSION_LABEL).map(String::as_str) == Some(agent_version()) {
                 return Ok(false);
             }
             tracing::info!(image = tag, found = ?labels.get(VERSION_LABEL), want = agent_version(), "agent image is stale; rebuilding");
+            image.id
         }
-        Err(e) if status(&e) == Some(404) => {}
+        Err(e) if status(&e) == Some(404) => None,
         Err(e) => return Err(api_error(format!("inspecting image {tag}"), e)),
-    }
-    build_agent_image(docker, tag).await?;
+    };
+    build(docker, tag, previous).await?;
     Ok(true)
 }
 
 /// Builds (or rebuilds) the image from the embedded binary, tagged `tag`.
 pub async fn build_agent_image(docker: &Docker, tag: &str) -> RuntimeResult<()> {
+    let previous = docker.inspect_image(tag).await.ok().and_then(|image| image.id);
+    build(docker, tag, previous).await
+}
+
+/// Builds `tag`; then removes the image it replaced (left untagged by the build) unless a
+/// container still uses it. `previous` is that image's id, if `tag` existed before.
+async fn build(docker: &Docker, tag: &str, previous: Option<String>) -> RuntimeResult<()> {
     let context =
         build_context().map_err(|e| RuntimeError::Api(format!("assembling the build context of {tag}: {e}")))?;
     let options = BuildImageOptionsBuilder::new()
@@ -82,6 +90,14 @@ pub async fn build_agent_image(docker: &Docker, tag: &str) -> RuntimeResult<()> 
         .await
         .map_err(|e| api_error(format!("building {tag}"), e))?;
     tracing::info!(image = tag, version = agent_version(), elapsed = ?started.elapsed(), "built the agent image");
+
+    let current = docker.inspect_image(tag).await.ok().and_then(|image| image.id);
+    if let Some(replaced) = previous.filter(|old| current.as_ref() != Some(old)) {
+        // Fails (and is left alone) while a container still uses it.
+        if let Err(e) = docker.remove_image(&replaced, None::<RemoveImageOptions>, None).await {
+            tracing::debug!(image = %replaced, error = %e, "kept the replaced agent image");
+        }
+    }
     Ok(())
 }
 
