@@ -1,2 +1,667 @@
-//! TODO
-pub struct DockerRuntime;
+//! `Runtime` on the local Docker daemon (bollard).
+//!
+//! Fencing: every list and event subscription is filtered server-side by
+//! `ai.molecule.instance=<instance>`, and `remove` checks that label before it
+//! deletes anything, so several operators (and parallel tests) share one daemon.
+//! bollard's models are from API 1.53 while the daemon may speak 1.41: every field
+//! read from a response is optional and read defensively.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, EventMessage, HostConfig, Mount, MountType, RestartPolicy,
+    RestartPolicyNameEnum, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
+use bollard::{Docker, body_full};
+use chrono::{DateTime, Utc};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+
+use super::{
+    AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
+    RuntimeResult, agent_image, labels,
+};
+use crate::api::ImagePullPolicy;
+
+/// Mode of a directory `write_file` creates or re-owns: the agent owns it (it may
+/// replace files in it); others may list it. Secrets are protected by the file mode.
+const DIR_MODE: u32 = 0o755;
+/// Labels copied from a container spec onto its config volume. Incarnation and
+/// spec-hash are left out: the volume outlives both.
+const VOLUME_LABELS: [&str; 4] = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID];
+/// bollard's default: how long a request may wait for the response headers.
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+const EVENTS_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The Docker runtime of one operator instance.
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    instance: String,
+}
+
+impl fmt::Debug for DockerRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DockerRuntime").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+impl DockerRuntime {
+    /// Connects to the local daemon (`DOCKER_HOST=unix://...` or /var/run/docker.sock),
+    /// negotiates the API version and pings it. A missing socket or a daemon that does
+    /// not answer is `Unavailable`; callers retry.
+    pub async fn connect(instance: &str) -> RuntimeResult<Self> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?;
+        Self::handshake(docker, instance).await
+    }
+
+    /// Like `connect`, at an explicit unix socket path.
+    pub async fn connect_unix(socket: &str, instance: &str) -> RuntimeResult<Self> {
+        let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket {socket}: {}", chain(&e))))?;
+        Self::handshake(docker, instance).await
+    }
+
+    async fn handshake(docker: Docker, instance: &str) -> RuntimeResult<Self> {
+        if instance.is_empty() {
+            return Err(RuntimeError::Api("the operator instance id is empty; it must name this operator".into()));
+        }
+        let unavailable = |e: DockerError| RuntimeError::Unavailable(chain(&e));
+        let docker = docker.negotiate_version().await.map_err(unavailable)?;
+        docker.ping().await.map_err(unavailable)?;
+        Ok(Self { docker, instance: instance.to_string() })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Builds the `molecule-agent:local` image unless it is present and current;
+    /// true when it built. See `agent_image`.
+    pub async fn ensure_agent_image(&self) -> RuntimeResult<bool> {
+        agent_image::ensure_agent_image(&self.docker, agent_image::AGENT_IMAGE).await
+    }
+
+    /// Builds the agent image unconditionally (`molecule-operator agent-image`).
+    pub async fn build_agent_image(&self) -> RuntimeResult<()> {
+        agent_image::build_agent_image(&self.docker, agent_image::AGENT_IMAGE).await
+    }
+
+    /// One container of this instance with `started_at` filled (one inspect call);
+    /// None when it does not exist or belongs to another instance.
+    pub async fn inspect(&self, id_or_name: &str) -> RuntimeResult<Option<ContainerInfo>> {
+        let c = match self.docker.inspect_container(id_or_name, None).await {
+            Ok(c) => c,
+            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(api_error(format!("inspecting container {id_or_name}"), e)),
+        };
+        let labels: BTreeMap<String, String> =
+            c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default().into_iter().collect();
+        if labels.get(labels::INSTANCE) != Some(&self.instance) {
+            return Ok(None);
+        }
+        let state = c.state.as_ref();
+        Ok(Some(ContainerInfo {
+            id: c.id.clone().unwrap_or_default(),
+            name: c.name.as_deref().unwrap_or_default().trim_start_matches('/').to_string(),
+            image: c.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
+            state: state.and_then(|s| s.status).map_or(ContainerState::Unknown, |s| ContainerState::parse(s.as_ref())),
+            labels,
+            created_at: c.created.as_ref().and_then(|t| parse_time(&t.to_string())),
+            started_at: state.and_then(|s| s.started_at.as_deref()).and_then(parse_time),
+        }))
+    }
+
+    fn instance_filter(&self) -> HashMap<&'static str, Vec<String>> {
+        HashMap::from([("label", vec![format!("{}={}", labels::INSTANCE, self.instance)])])
+    }
+
+    async fn pull(&self, image: &str) -> RuntimeResult<()> {
+        let (name, tag) = split_reference(image);
+        let mut options = CreateImageOptionsBuilder::new().from_image(name);
+        if !tag.is_empty() {
+            options = options.tag(tag);
+        }
+        let pulled: Result<Vec<_>, _> = self.docker.create_image(Some(options.build()), None, None).try_collect().await;
+        pulled.map(drop).map_err(|e| {
+            if is_unavailable(&e) {
+                RuntimeError::Unavailable(chain(&e))
+            } else {
+                RuntimeError::PullFailed { image: image.to_string(), message: chain(&e) }
+            }
+        })
+    }
+
+    async fn upload(&self, id: &str, into: &str, tar: Vec<u8>) -> Result<(), DockerError> {
+        let options = UploadToContainerOptionsBuilder::new().path(into).build();
+        self.docker.upload_to_container(id, Some(options), body_full(tar.into())).await
+    }
+}
+
+#[async_trait]
+impl Runtime for DockerRuntime {
+    /// One API call: `created_at` comes from the list, `started_at` is left None
+    /// (it needs an inspect per container: use `DockerRuntime::inspect`).
+    async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>> {
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&self.instance_filter()).build();
+        let containers =
+            self.docker.list_containers(Some(options)).await.map_err(|e| api_error("listing containers", e))?;
+        Ok(containers.into_iter().filter_map(container_info).collect())
+    }
+
+    async fn volume_exists(&self, name: &str) -> RuntimeResult<bool> {
+        match self.docker.inspect_volume(name).await {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(404) => Ok(false),
+            Err(e) => Err(api_error(format!("inspecting volume {name}"), e)),
+        }
+    }
+
+    async fn ensure_volume(&self, name: &str, labels: &BTreeMap<String, String>) -> RuntimeResult<()> {
+        if self.volume_exists(name).await? {
+            return Ok(());
+        }
+        let request = VolumeCreateRequest {
+            name: Some(name.to_string()),
+            labels: Some(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            ..Default::default()
+        };
+        // Creating an existing volume is a no-op in Docker, so a race with another creator is harmless.
+        self.docker.create_volume(request).await.map(drop).map_err(|e| api_error(format!("creating volume {name}"), e))
+    }
+
+    async fn remove_volume(&self, name: &str) -> RuntimeResult<()> {
+        let options = RemoveVolumeOptionsBuilder::new().force(false).build();
+        match self.docker.remove_volume(name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(api_error(format!("removing volume {name}"), e)),
+        }
+    }
+
+    async fn ensure_image(&self, image: &str, policy: ImagePullPolicy) -> RuntimeResult<()> {
+        let present = match self.docker.inspect_image(image).await {
+            Ok(_) => true,
+            Err(e) if status(&e) == Some(404) => false,
+            Err(e) => return Err(api_error(format!("inspecting image {image}"), e)),
+        };
+        match policy {
+            ImagePullPolicy::Never if present => Ok(()),
+            ImagePullPolicy::Never => Err(RuntimeError::ImageMissing { image: image.to_string() }),
+            ImagePullPolicy::IfNotPresent if present => Ok(()),
+            ImagePullPolicy::IfNotPresent | ImagePullPolicy::Always => self.pull(image).await,
+        }
+    }
+
+    /// Also ensures the config volume (labelled with the spec's managed, instance,
+    /// workspace and uid labels), so Docker never creates it unlabelled.
+    async fn create(&self, spec: &ContainerSpec) -> RuntimeResult<String> {
+        let volume_labels: BTreeMap<String, String> =
+            VOLUME_LABELS.iter().filter_map(|k| spec.labels.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        self.ensure_volume(&spec.config_volume, &volume_labels).await?;
+        let options = CreateContainerOptionsBuilder::new().name(&spec.name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), container_body(spec))
+            .await
+            .map_err(|e| api_error(format!("creating container {}", spec.name), e))?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> RuntimeResult<()> {
+        // Starting a running container answers 304, which bollard reports as success.
+        self.docker.start_container(id, None).await.map_err(|e| api_error(format!("starting container {id}"), e))
+    }
+
+    async fn pause(&self, id: &str) -> RuntimeResult<()> {
+        match self.docker.pause_container(id).await {
+            // 409 on current daemons, 500 on 20.10.
+            Err(e) if message(&e).contains("is already paused") => Ok(()),
+            r => r.map_err(|e| api_error(format!("pausing container {id}"), e)),
+        }
+    }
+
+    async fn unpause(&self, id: &str) -> RuntimeResult<()> {
+        match self.docker.unpause_container(id).await {
+            Err(e) if message(&e).contains("is not paused") => Ok(()),
+            r => r.map_err(|e| api_error(format!("unpausing container {id}"), e)),
+        }
+    }
+
+    /// Refuses a container that carries another instance's label (names are global).
+    async fn remove(&self, id_or_name: &str) -> RuntimeResult<()> {
+        let id = match self.docker.inspect_container(id_or_name, None).await {
+            Err(e) if status(&e) == Some(404) => return Ok(()),
+            Err(e) => return Err(api_error(format!("inspecting container {id_or_name}"), e)),
+            Ok(c) => {
+                let owner = c.config.as_ref().and_then(|c| c.labels.as_ref()).and_then(|l| l.get(labels::INSTANCE));
+                if owner != Some(&self.instance) {
+                    return Err(RuntimeError::Api(format!(
+                        "container {id_or_name} belongs to operator instance {:?}, not {:?}; not removing it",
+                        owner.map_or("(none)", String::as_str),
+                        self.instance
+                    )));
+                }
+                c.id.unwrap_or_else(|| id_or_name.to_string())
+            }
+        };
+        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        match self.docker.remove_container(&id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) if message(&e).contains("already in progress") => Ok(()),
+            Err(e) => Err(api_error(format!("removing container {id_or_name}"), e)),
+        }
+    }
+
+    /// Uploads a tar holding `dir/` (owned by AGENT_UID, mode 0755) and `dir/name` into
+    /// dir's parent: Docker ignores a tar entry for the extraction root itself, and a
+    /// fresh named volume's root is root-owned, so this is how the agent comes to own
+    /// its config dir. On a read-only root filesystem Docker only accepts uploads into
+    /// a volume, so there the file alone goes into `dir`, whose ownership then comes
+    /// from the image (the agent image ships /configs owned by AGENT_UID, and Docker
+    /// copies that onto a fresh volume).
+    async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], mode: u32) -> RuntimeResult<()> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(RuntimeError::Api(format!("cannot write {name:?}: not a plain file name")));
+        }
+        let what = || format!("writing {dir}/{name} into container {id}");
+        let tar = |dir| file_tar(dir, name, content, mode).map_err(|e| RuntimeError::Api(format!("{}: {e}", what())));
+        let dir = dir.trim_end_matches('/');
+        if let Some((parent, base)) = dir.rsplit_once('/').filter(|(_, base)| !base.is_empty()) {
+            match self.upload(id, if parent.is_empty() { "/" } else { parent }, tar(Some(base))?).await {
+                Ok(()) => return Ok(()),
+                // Status 500 on 20.10; matched by message so other versions' codes do too.
+                Err(e) if message(&e).contains("rootfs is marked read-only") => {}
+                Err(e) => return Err(api_error(what(), e)),
+            }
+        }
+        self.upload(id, if dir.is_empty() { "/" } else { dir }, tar(None)?).await.map_err(|e| api_error(what(), e))
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {
+        let options = DownloadFromContainerOptionsBuilder::new().path(path).build();
+        let chunks: Result<Vec<_>, _> = self.docker.download_from_container(id, Some(options)).try_collect().await;
+        let archive = match chunks {
+            Ok(chunks) => chunks.concat(),
+            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(api_error(format!("reading {path} from container {id}"), e)),
+        };
+        first_file_in_tar(&archive)
+            .map(Some)
+            .map_err(|e| RuntimeError::Api(format!("reading {path} from container {id}: {e}")))
+    }
+
+    /// Delivers events from the moment of this call, even those before the stream is
+    /// first polled. Reconnects with backoff (0.5 s doubling to 30 s) whenever the
+    /// stream ends or fails, resuming from the last event's time: an event may repeat
+    /// after a reconnect, none in between is lost (the daemon keeps its last 256
+    /// events). The stream never ends by itself.
+    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
+        let state = EventsState {
+            docker: self.docker.clone(),
+            instance: self.instance.clone(),
+            filters: {
+                let mut filters = self.instance_filter();
+                filters.insert("type", vec!["container".to_string()]);
+                filters
+            },
+            current: None,
+            since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
+            backoff: EVENTS_BACKOFF_MIN,
+        };
+        stream::unfold(state, |mut st| async move {
+            loop {
+                let current = st.current.get_or_insert_with(|| {
+                    let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
+                    st.docker.events(Some(options)).boxed()
+                });
+                match current.next().await {
+                    Some(Ok(message)) => {
+                        st.backoff = EVENTS_BACKOFF_MIN;
+                        if let Some(nanos) = message.time_nano {
+                            st.since = since_arg(nanos);
+                        }
+                        if let Some(event) = runtime_event(message, &st.instance) {
+                            return Some((event, st));
+                        }
+                    }
+                    ended => {
+                        let error = match ended {
+                            Some(Err(e)) => chain(&e),
+                            _ => "the daemon closed it".to_string(),
+                        };
+                        tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
+                        st.current = None;
+                        tokio::time::sleep(st.backoff).await;
+                        st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
+                    }
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+struct EventsState {
+    docker: Docker,
+    instance: String,
+    filters: HashMap<&'static str, Vec<String>>,
+    current: Option<BoxStream<'static, Result<EventMessage, DockerError>>>,
+    /// Where a (re)connect starts: the subscription's or the last event's time (`secs.nanos`).
+    since: String,
+    backoff: Duration,
+}
+
+/// The container a spec describes: hardened by default, privileges only as asked.
+fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    let security = &spec.security;
+    let host_config = HostConfig {
+        init: Some(true),
+        memory: Some(spec.memory_bytes).filter(|m| *m > 0),
+        nano_cpus: Some(spec.nano_cpus).filter(|c| *c > 0),
+        readonly_rootfs: Some(spec.read_only_root),
+        tmpfs: spec
+            .tmp_tmpfs_bytes
+            .map(|bytes| HashMap::from([("/tmp".to_string(), format!("rw,noexec,nosuid,size={bytes}"))])),
+        network_mode: Some(spec.network.clone()),
+        mounts: Some(vec![Mount {
+            target: Some(CONFIGS_DIR.to_string()),
+            source: Some(spec.config_volume.clone()),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(false),
+            ..Default::default()
+        }]),
+        // Privileged grants every capability anyway; dropping them would contradict it.
+        cap_drop: (!security.privileged).then(|| vec!["ALL".to_string()]),
+        security_opt: (!security.privileged).then(|| vec!["no-new-privileges:true".to_string()]),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+            maximum_retry_count: None,
+        }),
+        privileged: Some(security.privileged),
+        pid_mode: security.host_pid.then(|| "host".to_string()),
+        binds: security.docker_socket.then(|| vec!["/var/run/docker.sock:/var/run/docker.sock".to_string()]),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+fn container_info(c: ContainerSummary) -> Option<ContainerInfo> {
+    let id = c.id?;
+    let name = c
+        .names
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .map(|n| n.trim_start_matches('/').to_string())
+        .unwrap_or_default();
+    Some(ContainerInfo {
+        id,
+        name,
+        image: c.image.unwrap_or_default(),
+        state: c.state.map_or(ContainerState::Unknown, |s| ContainerState::parse(s.as_ref())),
+        labels: c.labels.unwrap_or_default().into_iter().collect(),
+        created_at: c.created.and_then(|secs| DateTime::from_timestamp(secs, 0)),
+        started_at: None,
+    })
+}
+
+fn runtime_event(message: EventMessage, instance: &str) -> Option<RuntimeEvent> {
+    let actor = message.actor?;
+    let attributes = actor.attributes.unwrap_or_default();
+    // The daemon filtered by label already; this only guards against a daemon that did not.
+    if attributes.get(labels::INSTANCE).map(String::as_str) != Some(instance) {
+        return None;
+    }
+    // "exec_start: sh -c ..." and "health_status: healthy" carry details after a colon.
+    let action = message.action?;
+    let action = action.split(':').next().unwrap_or_default().trim().to_string();
+    Some(RuntimeEvent { workspace: attributes.get(labels::WORKSPACE).cloned(), container_id: actor.id?, action })
+}
+
+/// A tar with `name` (uid/gid AGENT_UID, `mode`), under a `dir/` entry owned the same way when given.
+fn file_tar(dir: Option<&str>, name: &str, content: &[u8], mode: u32) -> std::io::Result<Vec<u8>> {
+    let mtime = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let header = |path: &str, kind: tar::EntryType, mode: u32, size: u64| -> std::io::Result<tar::Header> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path)?;
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(AGENT_UID.into());
+        h.set_gid(AGENT_UID.into());
+        h.set_mtime(mtime);
+        h.set_size(size);
+        h.set_cksum();
+        Ok(h)
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let path = match dir {
+        Some(dir) => {
+            tar.append(&header(&format!("{dir}/"), tar::EntryType::Directory, DIR_MODE, 0)?, std::io::empty())?;
+            format!("{dir}/{name}")
+        }
+        None => name.to_string(),
+    };
+    tar.append(&header(&path, tar::EntryType::Regular, mode, content.len() as u64)?, content)?;
+    tar.into_inner()
+}
+
+fn first_file_in_tar(archive: &[u8]) -> Result<Vec<u8>, String> {
+    let mut tar = tar::Archive::new(archive);
+    let mut entries = tar.entries().map_err(|e| format!("unreadable archive: {e}"))?;
+    let mut entry = match entries.next() {
+        Some(entry) => entry.map_err(|e| format!("unreadable archive: {e}"))?,
+        None => return Err("empty archive".into()),
+    };
+    if !entry.header().entry_type().is_file() {
+        return Err(format!("not a regular file (tar entry type {:?})", entry.header().entry_type()));
+    }
+    let mut content = Vec::new();
+    std::io::Read::read_to_end(&mut entry, &mut content).map_err(|e| format!("unreadable archive: {e}"))?;
+    Ok(content)
+}
+
+/// Splits an image reference for a pull: a tagless name pulls `latest`, never every tag.
+fn split_reference(image: &str) -> (&str, &str) {
+    if image.contains('@') {
+        return (image, "");
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+        None => (image, "latest"),
+    }
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    // Docker reports "0001-01-01T00:00:00Z" for "never".
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)).filter(|t| t.timestamp() > 0)
+}
+
+/// A Unix time in nanoseconds as the events API's `since` takes it: `secs.nanos`.
+fn since_arg(unix_nanos: i64) -> String {
+    format!("{}.{:09}", unix_nanos / 1_000_000_000, unix_nanos % 1_000_000_000)
+}
+
+pub(super) fn status(e: &DockerError) -> Option<u16> {
+    match e {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn message(e: &DockerError) -> &str {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message,
+        _ => "",
+    }
+}
+
+/// Failures to reach the daemon at all, as opposed to the daemon refusing a request.
+fn is_unavailable(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::HyperLegacyError { .. }
+            | DockerError::HyperResponseError { .. }
+            | DockerError::IOError { .. }
+            | DockerError::RequestTimeoutError
+            | DockerError::SocketNotFoundError(_)
+    )
+}
+
+pub(super) fn api_error(what: impl fmt::Display, e: DockerError) -> RuntimeError {
+    if is_unavailable(&e) {
+        return RuntimeError::Unavailable(format!("{what}: {}", chain(&e)));
+    }
+    match &e {
+        DockerError::DockerResponseServerError { status_code, message } => {
+            RuntimeError::Api(format!("{what}: {message} (HTTP {status_code})"))
+        }
+        _ => RuntimeError::Api(format!("{what}: {}", chain(&e))),
+    }
+}
+
+/// An error with its causes: hyper's top-level messages alone say little.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Security;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            name: "ws-0123".into(),
+            image: "molecule-agent:local".into(),
+            image_pull_policy: ImagePullPolicy::IfNotPresent,
+            env: [("A".to_string(), "1".to_string())].into(),
+            labels: [(labels::INSTANCE.to_string(), "i".to_string())].into(),
+            memory_bytes: 256 << 20,
+            nano_cpus: 500_000_000,
+            read_only_root: true,
+            tmp_tmpfs_bytes: Some(64 << 20),
+            network: "host".into(),
+            config_volume: "ws-0123-configs".into(),
+            security: Security::default(),
+        }
+    }
+
+    #[test]
+    fn containers_are_hardened_unless_privileges_are_asked_for() {
+        let body = container_body(&spec());
+        let hc = body.host_config.unwrap();
+        assert_eq!(body.user.as_deref(), Some("65534:65534"));
+        assert_eq!(body.env.unwrap(), vec!["A=1"]);
+        assert_eq!(hc.init, Some(true));
+        assert_eq!(hc.cap_drop.unwrap(), vec!["ALL"]);
+        assert_eq!(hc.security_opt.unwrap(), vec!["no-new-privileges:true"]);
+        assert_eq!(hc.privileged, Some(false));
+        assert_eq!(hc.pid_mode, None);
+        assert_eq!(hc.binds, None);
+        assert_eq!(hc.readonly_rootfs, Some(true));
+        assert_eq!(hc.tmpfs.unwrap()["/tmp"], "rw,noexec,nosuid,size=67108864");
+        assert_eq!(hc.memory, Some(256 << 20));
+        assert_eq!(hc.nano_cpus, Some(500_000_000));
+        assert_eq!(hc.restart_policy.unwrap().name, Some(RestartPolicyNameEnum::UNLESS_STOPPED));
+        let mount = &hc.mounts.unwrap()[0];
+        assert_eq!((mount.source.as_deref(), mount.target.as_deref()), (Some("ws-0123-configs"), Some("/configs")));
+
+        let privileged = ContainerSpec {
+            security: Security { privileged: true, host_pid: true, docker_socket: true },
+            read_only_root: false,
+            tmp_tmpfs_bytes: None,
+            ..spec()
+        };
+        let hc = container_body(&privileged).host_config.unwrap();
+        assert_eq!((hc.privileged, hc.cap_drop, hc.security_opt), (Some(true), None, None));
+        assert_eq!(hc.pid_mode.as_deref(), Some("host"));
+        assert_eq!(hc.binds.unwrap(), vec!["/var/run/docker.sock:/var/run/docker.sock"]);
+        assert_eq!((hc.readonly_rootfs, hc.tmpfs), (Some(false), None));
+    }
+
+    #[test]
+    fn tagless_references_pull_latest_only() {
+        assert_eq!(split_reference("alpine"), ("alpine", "latest"));
+        assert_eq!(split_reference("molecule-agent:local"), ("molecule-agent", "local"));
+        assert_eq!(split_reference("localhost:5000/a/b"), ("localhost:5000/a/b", "latest"));
+        assert_eq!(split_reference("localhost:5000/a/b:v1"), ("localhost:5000/a/b", "v1"));
+        assert_eq!(split_reference("a@sha256:00"), ("a@sha256:00", ""));
+    }
+
+    #[test]
+    fn file_tar_round_trips_with_agent_ownership() {
+        let tar = file_tar(Some("configs"), ".auth_token", b"tok", 0o600).unwrap();
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let entries: Vec<_> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (e.path().unwrap().display().to_string(), h.mode().unwrap(), h.uid().unwrap(), h.gid().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            vec![("configs/".into(), 0o755, 65534, 65534), ("configs/.auth_token".into(), 0o600, 65534, 65534)]
+        );
+        let single = file_tar(None, ".auth_token", b"tok", 0o600).unwrap();
+        assert_eq!(first_file_in_tar(&single).unwrap(), b"tok");
+        assert!(first_file_in_tar(&tar).is_err(), "a directory first is not a file");
+    }
+
+    #[test]
+    fn events_map_to_workspace_and_bare_action() {
+        let message = EventMessage {
+            action: Some("exec_start: sh -c true".into()),
+            actor: Some(bollard::models::EventActor {
+                id: Some("abc".into()),
+                attributes: Some(HashMap::from([
+                    (labels::INSTANCE.to_string(), "i".to_string()),
+                    (labels::WORKSPACE.to_string(), "default/a".to_string()),
+                ])),
+            }),
+            ..Default::default()
+        };
+        let event = runtime_event(message.clone(), "i").unwrap();
+        assert_eq!(
+            event,
+            RuntimeEvent {
+                workspace: Some("default/a".into()),
+                container_id: "abc".into(),
+                action: "exec_start".into()
+            }
+        );
+        assert_eq!(runtime_event(message, "other"), None);
+    }
+}

@@ -1,6 +1,7 @@
 //! What runs: the `Runtime` trait (Docker via bollard in docker.rs) and the pure
 //! rendering of an effective spec into a container config (render.rs).
 
+pub mod agent_image;
 pub mod docker;
 pub mod render;
 
