@@ -267,7 +267,7 @@ fn heal_damage_done_while_the_operator_was_stopped() {
     assert!(docker_ok(&["rm", "-f", "-v", &cid(&ws, "b")]));
     assert!(docker_ok(&["volume", "rm", &vol_b]));
     overwrite_token(&cid(&ws, "c"), "");
-    sql(&op, &format!("UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE workspace_uid = '{}'", uid(&ws, "d")));
+    sql(&op, &format!("UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now'), revoke_reason = 'by-hand' WHERE workspace_uid = '{}'", uid(&ws, "d")));
     op.start();
     for (n, (i, t)) in ["a", "b", "c", "d"].iter().zip(before) {
         assert_healed(&op, n, i, &t);
@@ -337,7 +337,7 @@ fn invalid_objects_get_invalid_spec_and_others_proceed() {
     op.write("cyc2.yaml", &format!("{}  parent: cyc1\n", workspace_yaml("cyc2")));
     op.write("badname.yaml", &workspace_yaml("Bad_Name"));
     op.start();
-    let ws = op.wait_online(&["good"], UP);
+    op.wait_online(&["good"], UP);
     let ws = op.wait("invalid ones reported", HEAL, |ws| {
         ["unknown", "tier", "grace", "orphan", "cyc1", "Bad_Name"].iter().all(|n| ws.get(*n).is_some_and(|w| w["phase"] == "Failed"))
     });
@@ -351,7 +351,6 @@ fn invalid_objects_get_invalid_spec_and_others_proceed() {
     assert!(msg("cyc1").contains("cycle"), "{}", msg("cyc1"));
     assert!(msg("Bad_Name").to_lowercase().contains("dns") || msg("Bad_Name").contains("lowercase"), "{}", msg("Bad_Name"));
     assert_eq!(op.containers().len(), 1, "only the valid workspace runs");
-    let _ = ws;
 }
 
 #[test]
