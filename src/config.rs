@@ -30,6 +30,12 @@ pub struct OperatorArgs {
     /// Silence longer than this many heartbeats means the agent is hung (minimum 10 s).
     #[arg(long, default_value_t = 6)]
     pub heartbeat_misses: u32,
+    /// Restarts for missed heartbeats before a workspace is left Degraded.
+    #[arg(long, default_value_t = 3)]
+    pub restart_budget: i64,
+    /// First wait between heartbeat restarts; doubles after each.
+    #[arg(long, default_value_t = 10)]
+    pub restart_backoff_seconds: u64,
     /// Periodic full resync, the safety net behind event-driven reconciles.
     #[arg(long, default_value_t = 60)]
     pub resync_seconds: u64,

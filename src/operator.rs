@@ -133,8 +133,10 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     };
 
     let settings = Settings {
+        heartbeat_interval: args.heartbeat_interval(),
         heartbeat_ttl: (args.heartbeat_interval() * args.heartbeat_misses.max(2)).max(Duration::from_secs(10)),
-        ..Settings::for_heartbeat(args.heartbeat_interval())
+        restart_budget: args.restart_budget.max(0),
+        restart_backoff: Duration::from_secs(args.restart_backoff_seconds),
     };
     let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
     let ctx = Arc::new(Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics));

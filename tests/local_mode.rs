@@ -375,3 +375,110 @@ fn missing_image_fails_with_reason_and_recovers_when_it_appears() {
     let _untag = Untag(image);
     op.wait_online(&["dev"], Duration::from_secs(60));
 }
+
+#[test]
+fn silent_agent_is_restarted_within_its_budget_then_degraded() {
+    if !docker_available() {
+        return;
+    }
+    // Agents are pointed at a port nobody listens on: containers run, agents never report.
+    let mut op = Op::new("hbsilent");
+    let dead = free_port();
+    op.extra = vec![
+        "--registry-url".into(),
+        format!("http://127.0.0.1:{dead}"),
+        "--restart-budget".into(),
+        "2".into(),
+        "--restart-backoff-seconds".into(),
+        "1".into(),
+    ];
+    op.write_ws("dev");
+    op.start();
+    let ws = op.wait("Degraded after the budget", Duration::from_secs(120), |ws| {
+        ws.get("dev").is_some_and(|w| w["phase"] == "Degraded")
+    });
+    let w = &ws["dev"];
+    assert_eq!(w["restartCount"].as_i64(), Some(2), "{w}");
+    assert!(w["lastRestartReason"].as_str().unwrap().contains("never reported"), "{w}");
+    assert_eq!(w["incarnation"].as_i64(), Some(3), "first provision plus two restarts: {w}");
+    let ready = w["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert!(ready["message"].as_str().unwrap().contains("restarted 2 times"), "{ready}");
+    assert_eq!(op.containers().len(), 1);
+}
+
+#[test]
+fn containers_with_our_labels_but_not_our_identity_are_removed_never_adopted() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("spoof", "dev");
+    let u = uid(&ws, "dev");
+    let inst = format!("ai.molecule.instance={}", op.instance);
+    // A stranger claims to be dev (wrong uid), and another claims a workspace nobody declares.
+    for (name, labels) in [
+        (format!("spoof-a-{}", std::process::id()), vec!["ai.molecule.workspace=default/dev".to_string(), "ai.molecule.uid=ffffffff-0000-0000-0000-000000000000".into(), "ai.molecule.incarnation=99".into()]),
+        (format!("spoof-b-{}", std::process::id()), vec!["ai.molecule.workspace=default/ghost".to_string(), "ai.molecule.uid=eeeeeeee-0000-0000-0000-000000000000".into()]),
+    ] {
+        let mut args = vec!["create".to_string(), "--name".into(), name, "--label".into(), inst.clone(), "--label".into(), "ai.molecule.managed=true".into()];
+        for l in labels {
+            args.push("--label".into());
+            args.push(l);
+        }
+        args.push("molecule-agent:local".into());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert!(docker_ok(&a), "docker create failed");
+    }
+    let t0 = std::time::Instant::now();
+    while op.containers().len() > 1 && t0.elapsed() < HEAL {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(op.containers(), vec![cid(&ws, "dev")[..12].to_string()], "strangers must be removed; log:\n{}", op.logs());
+    let ws2 = op.wait_online(&["dev"], HEAL);
+    assert_eq!(uid(&ws2, "dev"), u);
+    assert_eq!(inc(&ws2, "dev"), inc(&ws, "dev"), "our own container is untouched");
+    assert!(!ws2.contains_key("ghost"), "an undeclared workspace is never adopted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_unreachable_revokes_and_deletes_nothing_then_converges() {
+    if !docker_available() {
+        return;
+    }
+    let sockdir = tempfile::tempdir().unwrap();
+    let mut proxy = support::proxy::SocketProxy::start(sockdir.path().join("docker.sock"));
+    let mut op = Op::new("dockerdown");
+    op.env = vec![("DOCKER_HOST".into(), format!("unix://{}", proxy.path.display()))];
+    op.write_ws("dev");
+    op.write_ws("other");
+    op.start();
+    let ws = tokio::task::block_in_place(|| op.wait_online(&["dev", "other"], UP));
+    let tok = token_of(&ws, "dev");
+    let u = uid(&ws, "dev");
+    let before = op.containers();
+    proxy.cut();
+    // While Docker is unreachable: a spec change and a deleted file must neither
+    // revoke tokens nor lose containers.
+    op.write("dev.yaml", &workspace_yaml("dev").replace("ROLE: dev", "ROLE: changed"));
+    op.remove_file("other.yaml");
+    let t0 = std::time::Instant::now();
+    while !op.logs().contains("Docker is unreachable") && t0.elapsed() < HEAL {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(op.logs().contains("Docker is unreachable"), "a clear error is logged:\n{}", op.logs());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(op.containers(), before, "nothing may be removed while Docker is unreachable");
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 200, "no token may be revoked while Docker is unreachable");
+    proxy.restore();
+    let old_inc = inc(&ws, "dev");
+    tokio::task::block_in_place(|| {
+        op.wait("converged after Docker returned", Duration::from_secs(60), |ws| {
+            !ws.contains_key("other") && ws.get("dev").is_some_and(|w| online(w) && w["incarnation"].as_i64() > Some(old_inc))
+        });
+        let t0 = std::time::Instant::now();
+        while op.containers().len() > 1 && t0.elapsed() < HEAL {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert_eq!(op.containers().len(), 1, "other's container is removed once Docker is back");
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 401, "the replaced token is revoked");
+}

@@ -2,18 +2,18 @@
 //! Every test has its own instance id and its guard removes what it made, also on
 //! failure. Without Docker they print a notice and pass, except under CI=true.
 
-#[path = "support/docker.rs"]
-mod docker_support;
+mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
+use support::proxy::SocketProxy;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::StopContainerOptionsBuilder;
-use docker_support::{NO_REGISTRY, TestDocker, collect_until, wait_for};
+use support::docker::{NO_REGISTRY, TestDocker, collect_until, wait_for};
 use molecule::api::{ImagePullPolicy, WorkspaceSpec};
 use molecule::runtime::agent_image::{self, AGENT_IMAGE, VERSION_LABEL};
 use molecule::runtime::docker::DockerRuntime;
@@ -315,52 +315,6 @@ async fn events_report_lifecycle_of_this_instance_only() {
     assert!(pos("create") < pos("start") && pos("start") < pos("destroy"), "{actions:?}");
 }
 
-/// A unix-socket proxy to the real daemon that can be cut and restored, to
-/// interrupt the event stream without restarting Docker.
-struct SocketProxy {
-    path: std::path::PathBuf,
-    accept: Option<tokio::task::JoinHandle<()>>,
-    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl SocketProxy {
-    fn start(path: std::path::PathBuf) -> Self {
-        let mut proxy = Self { path, accept: None, connections: Arc::default() };
-        proxy.restore();
-        proxy
-    }
-
-    fn restore(&mut self) {
-        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
-        let connections = Arc::clone(&self.connections);
-        self.accept = Some(tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                connections.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut daemon) = tokio::net::UnixStream::connect("/var/run/docker.sock").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut daemon).await;
-                    }
-                }));
-            }
-        }));
-    }
-
-    /// Drops every connection and stops listening: clients see the daemon vanish.
-    fn cut(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-        }
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for SocketProxy {
-    fn drop(&mut self) {
-        self.cut();
-    }
-}
 
 #[tokio::test]
 async fn events_survive_a_lost_connection_without_losing_events() {

@@ -72,21 +72,24 @@ impl Env<'_> {
     }
 
     async fn apply_one(&self, ctx: &Ctx<'_>, action: &Action, now: DateTime<Utc>, out: &mut Outcome) -> Result<(), ExecError> {
+        // Removing a stray container needs no identity; everything else does.
+        if let Action::RemoveContainer { id } = action {
+            self.runtime.remove(id).await?;
+            out.done.push(format!("removed container {}", short(id)));
+            return Ok(());
+        }
         let record = ctx
             .observed
             .record
             .as_ref()
-            .ok_or_else(|| ExecError::Precondition("workspace has no record".into()))?;
+            .ok_or_else(|| ExecError::Precondition(format!("{} needs the workspace's record", action.describe())))?;
         let uid = record.uid.as_str();
         match action {
             Action::Provision { revoke } => {
                 let desired = ctx.desired.ok_or_else(|| ExecError::Precondition("provision without a declaration".into()))?;
                 self.provision(ctx, desired, record, *revoke, now, out).await?;
             }
-            Action::RemoveContainer { id } => {
-                self.runtime.remove(id).await?;
-                out.done.push(format!("removed container {}", short(id)));
-            }
+            Action::RemoveContainer { .. } => {} // handled above
             Action::RemoveVolume => {
                 self.runtime.remove_volume(&config_volume_name(uid)).await?;
                 out.done.push("removed config volume".into());

@@ -116,16 +116,6 @@ pub struct Settings {
     pub restart_backoff: Duration,
 }
 
-impl Settings {
-    pub fn for_heartbeat(interval: Duration) -> Self {
-        Self {
-            heartbeat_interval: interval,
-            heartbeat_ttl: (interval * 6).max(Duration::from_secs(10)),
-            restart_budget: 3,
-            restart_backoff: Duration::from_secs(10),
-        }
-    }
-}
 
 /// Everything a rule may look at.
 #[derive(Clone, Copy, Debug)]

@@ -2,5 +2,7 @@
 //! (each test binary compiles its own copy, so unused helpers are not warnings).
 #![allow(dead_code)]
 
+pub mod docker;
 pub mod operator;
+pub mod proxy;
 pub mod postgres;

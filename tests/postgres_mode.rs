@@ -1,0 +1,45 @@
+//! The same operator with its state in a real Postgres (`--database-url`).
+
+mod support;
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, Row};
+use support::operator::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_state_store_provisions_and_heals() {
+    if !docker_available() {
+        return;
+    }
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let mut op = Op::new("pgmode");
+    op.extra = vec!["--database-url".into(), db.url.clone()];
+    op.write_ws("dev");
+    op.start();
+    let ws = tokio::task::block_in_place(|| op.wait_online(&["dev"], Duration::from_secs(90)));
+    let (tok, _, _) = read_token(ws["dev"]["container"]["id"].as_str().unwrap()).unwrap();
+    let uid = ws["dev"]["uid"].as_str().unwrap().to_string();
+    assert!(!op.state.join("state.db").exists(), "with --database-url no SQLite file is made");
+    assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
+    let old_inc = ws["dev"]["incarnation"].as_i64().unwrap();
+    let ws = tokio::task::block_in_place(|| {
+        op.wait("healed", Duration::from_secs(30), |ws| online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(old_inc))
+    });
+    let (new_tok, _, _) = read_token(ws["dev"]["container"]["id"].as_str().unwrap()).unwrap();
+    assert_ne!(tok, new_tok);
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &uid), 401);
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &new_tok, &uid), 200);
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let rows = sqlx::query("SELECT revoke_reason, prefix FROM workspace_auth_tokens WHERE workspace_uid = $1 ORDER BY created_at")
+        .bind(&uid)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let reasons: Vec<Option<String>> = rows.iter().map(|r| r.get("revoke_reason")).collect();
+    assert_eq!(reasons, vec![Some("container-missing".to_string()), None], "old token revoked with its reason, one live");
+    let live_prefix: String = rows[1].get("prefix");
+    assert_eq!(live_prefix, new_tok[..8]);
+    op.stop();
+    drop(db);
+}
