@@ -186,17 +186,29 @@ fn heal_container_removed_out_of_band() {
     assert_eq!(op.containers().len(), 1);
 }
 
-#[test]
-fn heal_container_and_volume_removed_together() {
+/// The `docker compose down -v` incident: container and config volume gone together.
+/// The operator is cut off from Docker (a socket proxy) while both are removed, so it
+/// cannot recreate the container between the two removals; then it sees both gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heal_container_and_volume_removed_together() {
     if !docker_available() {
         return;
     }
-    let (op, ws) = one("healrmv", "dev");
+    let sockdir = tempfile::tempdir().unwrap();
+    let mut proxy = support::proxy::SocketProxy::start(sockdir.path().join("docker.sock"));
+    let mut op = Op::new("healrmv");
+    op.env = vec![("DOCKER_HOST".into(), format!("unix://{}", proxy.path.display()))];
+    op.write_ws("dev");
+    op.start();
+    let ws = tokio::task::block_in_place(|| op.wait_online(&["dev"], UP));
     let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
     let vol = op.volumes().pop().unwrap();
+    proxy.cut();
     assert!(docker_ok(&["rm", "-f", "-v", &cid(&ws, "dev")]));
     assert!(docker_ok(&["volume", "rm", &vol]));
-    assert_healed(&op, "dev", i, &t);
+    proxy.restore();
+    tokio::task::block_in_place(|| assert_healed(&op, "dev", i, &t));
+    assert_eq!(op.volumes(), vec![vol], "the config volume is recreated");
 }
 
 #[test]

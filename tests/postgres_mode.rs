@@ -43,3 +43,40 @@ async fn postgres_state_store_provisions_and_heals() {
     op.stop();
     drop(db);
 }
+
+/// The state database goes away mid-run: the operator keeps running, says why,
+/// changes nothing it cannot record, and heals once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_unreachable_is_waited_out_then_healed() {
+    if !docker_available() {
+        return;
+    }
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let url = url::Url::parse(&db.url).unwrap();
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", url.port().unwrap()).parse().unwrap();
+    let mut proxy = support::proxy::TcpProxy::start(target).await;
+    let mut via_proxy = url.clone();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let mut op = Op::new("pgdown");
+    op.extra = vec!["--database-url".into(), via_proxy.to_string()];
+    op.write_ws("dev");
+    op.start();
+    let ws = tokio::task::block_in_place(|| op.wait_online(&["dev"], Duration::from_secs(90)));
+    let old_inc = ws["dev"]["incarnation"].as_i64().unwrap();
+    proxy.cut();
+    assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
+    let t0 = std::time::Instant::now();
+    while !op.logs().contains("state database is unreachable") && t0.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(op.logs().contains("state database is unreachable"), "a clear error is logged:\n{}", op.logs());
+    assert!(op.containers().is_empty(), "nothing is provisioned that could not be recorded");
+    proxy.restore().await;
+    tokio::task::block_in_place(|| {
+        op.wait("healed after the database returned", Duration::from_secs(60), |ws| {
+            online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(old_inc)
+        })
+    });
+    assert_eq!(op.containers().len(), 1);
+    op.stop();
+}

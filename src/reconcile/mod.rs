@@ -67,7 +67,6 @@ pub struct Context {
 #[derive(Clone, Debug)]
 struct Failure {
     message: String,
-    attempts: u32,
 }
 
 impl Context {
@@ -97,20 +96,12 @@ impl Context {
         self.failures.lock().ok()?.get(key).cloned()
     }
 
-    fn set_failure(&self, key: &str, message: Option<String>) -> u32 {
-        let Ok(mut f) = self.failures.lock() else { return 1 };
+    fn set_failure(&self, key: &str, message: Option<String>) {
+        let Ok(mut f) = self.failures.lock() else { return };
         match message {
-            None => {
-                f.remove(key);
-                0
-            }
-            Some(message) => {
-                let e = f.entry(key.to_string()).or_insert(Failure { message: String::new(), attempts: 0 });
-                e.message = message;
-                e.attempts += 1;
-                e.attempts
-            }
-        }
+            None => f.remove(key),
+            Some(message) => f.insert(key.to_string(), Failure { message }),
+        };
     }
 }
 
@@ -210,7 +201,6 @@ pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileErr
             ctx.store.append_decision(&r.uid, &rec, DECISIONS_KEPT).await?;
         }
         if let Err(e) = result {
-            tracing::warn!(workspace = key, rule = decision.rule, error = %e, "decision failed; retrying with backoff");
             ctx.set_failure(key, Some(e.to_string()));
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
@@ -297,6 +287,7 @@ pub async fn run(
     let mut ready: std::collections::VecDeque<String> = Default::default();
     let mut delayed: DelayQueue<String> = DelayQueue::new();
     let mut delay_keys: HashMap<String, delay_queue::Key> = HashMap::new();
+    let mut attempts: HashMap<String, u32> = HashMap::new(); // consecutive failures per key
 
     let enqueue = |key: String,
                        in_flight: &mut HashMap<String, bool>,
@@ -364,11 +355,17 @@ pub async fn run(
                 let Ok((key, result)) = done else { continue };
                 let dirty = in_flight.remove(&key).unwrap_or(false);
                 let after = match result {
-                    Ok(next) => next,
+                    Ok(next) => {
+                        attempts.remove(&key);
+                        next
+                    }
                     Err(e) => {
                         ctx.metrics.reconcile_error(e.metric_label());
-                        let attempts = ctx.failure(&key).map(|f| f.attempts).unwrap_or(1);
-                        Some(backoff(attempts))
+                        let n = attempts.entry(key.clone()).or_insert(0);
+                        *n += 1;
+                        let wait = backoff(*n);
+                        tracing::warn!(workspace = %key, error = %e, attempt = *n, retry_in = ?wait, "reconcile failed");
+                        Some(wait)
                     }
                 };
                 if dirty {
