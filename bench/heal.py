@@ -78,8 +78,11 @@ class Op:
         if self.proc:
             self.proc.kill(); self.proc.wait()
         ids = docker("ps", "-aq", "--filter", "label=ai.molecule.instance=" + self.instance, check=False).split()
+        names = docker("inspect", "-f", "{{.Name}}", *ids, check=False).split() if ids else []
         if ids:
             docker("rm", "-f", "-v", *ids, check=False)
+        for n in names:  # volumes Docker re-created without labels in a removal race
+            docker("volume", "rm", "-f", n.lstrip("/") + "-configs", check=False)
         vols = docker("volume", "ls", "-q", "--filter", "label=ai.molecule.instance=" + self.instance, check=False).split()
         if vols:
             docker("volume", "rm", "-f", *vols, check=False)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{duration, tiers, ImagePullPolicy, OnPause, OperatingMode, Security, UpdatePolicy, WorkspaceSpec};
 
@@ -33,21 +33,23 @@ impl Default for Defaults {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveTokenPolicy {
     #[serde(with = "humantime_serde_secs")]
     pub stale_grace: Duration,
     pub on_pause: OnPause,
-    #[serde(with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde_opt")]
     pub rotate_every: Option<Duration>,
-    #[serde(with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde_opt")]
     pub max_age: Option<Duration>,
     #[serde(with = "humantime_serde_secs")]
     pub overlap: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// Serialized (camelCase, durations as text like `5m`) it is also what the admin API
+/// shows as a workspace's effective spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveSpec {
     pub team: Option<String>,
@@ -184,17 +186,32 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
 }
 
 mod humantime_serde_secs {
+    use serde::Deserialize;
+
     pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 
 mod humantime_serde_opt {
+    use serde::Deserialize;
+
     pub fn serialize<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
             None => s.serialize_none(),
         }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -230,6 +247,18 @@ mod tests {
         };
         let errs = resolve(&bad, &Defaults::default()).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn effective_spec_round_trips_through_json() {
+        let spec = WorkspaceSpec {
+            token_policy: Some(super::super::TokenPolicy { rotate_every: Some("1h".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let eff = resolve(&spec, &Defaults::default()).unwrap();
+        let json = serde_json::to_value(&eff).unwrap();
+        assert_eq!(json["tokenPolicy"]["staleGrace"], "5m");
+        assert_eq!(serde_json::from_value::<EffectiveSpec>(json).unwrap(), eff);
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::fmt::Write;
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::api::{ConditionStatus, Phase, TokenStatus};
-use crate::registry::views::{SpecView, TeamSummary, WorkspaceDetail, WorkspaceSummary};
+use crate::api::EffectiveSpec;
+use crate::registry::views::{TeamSummary, WorkspaceDetail, WorkspaceSummary};
 
 /// Columns separated by three spaces, left-aligned, no trailing spaces.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -301,19 +302,23 @@ pub fn describe(d: &WorkspaceDetail, now: DateTime<Utc>) -> String {
     o
 }
 
+fn human(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 fn indent(o: &mut String, text: &str) {
     for line in text.lines() {
         let _ = writeln!(o, "  {line}");
     }
 }
 
-fn spec_section(o: &mut String, s: &SpecView) {
+fn spec_section(o: &mut String, s: &EffectiveSpec) {
     let mut field = |label: &str, value: String| {
         let _ = writeln!(o, "  {:<16}{value}", format!("{label}:"));
     };
     field("Runtime", s.runtime.clone());
     field("Image", format!("{} (pull {:?})", s.image, s.image_pull_policy));
-    let mut tier = format!("{} ({} memory, {} CPU", s.tier, memory(s.memory_bytes), s.cpus);
+    let mut tier = format!("{} ({} memory, {} CPU", s.tier, memory(s.memory_bytes), s.nano_cpus as f64 / 1e9);
     if s.read_only_root {
         tier.push_str(", read-only root");
     }
@@ -329,11 +334,11 @@ fn spec_section(o: &mut String, s: &SpecView) {
         "Token policy",
         format!(
             "staleGrace {}, onPause {:?}, rotateEvery {}, maxAge {}, overlap {}",
-            p.stale_grace,
+            human(p.stale_grace),
             p.on_pause,
-            or_dash(p.rotate_every.as_deref()),
-            or_dash(p.max_age.as_deref()),
-            p.overlap
+            or_dash(p.rotate_every.map(human).as_deref()),
+            or_dash(p.max_age.map(human).as_deref()),
+            human(p.overlap)
         ),
     );
     let mut security: Vec<&str> = Vec::new();
@@ -482,7 +487,7 @@ mod tests {
         let d = WorkspaceDetail {
             summary: ws("smoke"),
             generation: Some(2),
-            spec: Some((&spec).into()),
+            spec: Some(spec.clone()),
             spec_errors: vec![],
             restart_requested_at: None,
             tokens: vec![TokenView {

@@ -260,7 +260,15 @@ pub fn backoff(attempt: u32) -> Duration {
 async fn all_keys(ctx: &Context) -> BTreeSet<String> {
     let mut keys: BTreeSet<String> = ctx.desired.borrow().workspaces.keys().map(|k| k.to_string()).collect();
     match ctx.store.list_workspaces().await {
-        Ok(records) => keys.extend(records.into_iter().map(|r| r.key)),
+        Ok(records) => {
+            // The records are at hand: publish the workspaces-by-phase gauge from them.
+            let mut phases: HashMap<crate::api::Phase, i64> = HashMap::new();
+            for r in &records {
+                *phases.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
+            }
+            ctx.metrics.set_workspaces(phases);
+            keys.extend(records.into_iter().map(|r| r.key));
+        }
         Err(e) => tracing::warn!(error = %e, "resync could not list workspace records"),
     }
     if let Ok(containers) = ctx.runtime.list().await {

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::condition::find;
 use crate::api::{
-    Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ImagePullPolicy, ObjectKey, OnPause, OperatingMode,
-    Phase, Security, SourceRef, TokenStatus, UpdatePolicy,
+    Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ObjectKey, OperatingMode, Phase, SourceRef,
+    TokenStatus,
 };
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{DecisionRecord, TokenRow, WorkspaceRecord};
@@ -78,7 +78,8 @@ pub struct WorkspaceDetail {
     pub generation: Option<i64>,
     /// The effective spec; null when the declaration is invalid (see `specErrors`).
     #[serde(default)]
-    pub spec: Option<SpecView>,
+    /// The effective spec (own fields, then team defaults, then operator defaults).
+    pub spec: Option<EffectiveSpec>,
     #[serde(default)]
     pub spec_errors: Vec<String>,
     #[serde(default)]
@@ -89,74 +90,6 @@ pub struct WorkspaceDetail {
     /// Newest first.
     #[serde(default)]
     pub decisions: Vec<DecisionRecord>,
-}
-
-/// The effective spec (own fields, then team defaults, then operator defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SpecView {
-    pub team: Option<String>,
-    pub parent: Option<String>,
-    pub runtime: String,
-    pub image: String,
-    pub image_pull_policy: ImagePullPolicy,
-    pub tier: u8,
-    pub memory_bytes: i64,
-    pub cpus: f64,
-    pub read_only_root: bool,
-    pub tmp_tmpfs_bytes: Option<i64>,
-    pub env: BTreeMap<String, String>,
-    /// As declared (the team's mode included); `modeOverride` in the summary wins.
-    pub operating_mode: OperatingMode,
-    pub restarted_at: Option<DateTime<Utc>>,
-    pub update_policy: UpdatePolicy,
-    pub token_policy: TokenPolicyView,
-    pub security: Security,
-    pub network: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TokenPolicyView {
-    pub stale_grace: String,
-    pub on_pause: OnPause,
-    pub rotate_every: Option<String>,
-    pub max_age: Option<String>,
-    pub overlap: String,
-}
-
-fn human(d: std::time::Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
-impl From<&EffectiveSpec> for SpecView {
-    fn from(e: &EffectiveSpec) -> Self {
-        Self {
-            team: e.team.clone(),
-            parent: e.parent.clone(),
-            runtime: e.runtime.clone(),
-            image: e.image.clone(),
-            image_pull_policy: e.image_pull_policy,
-            tier: e.tier,
-            memory_bytes: e.memory_bytes,
-            cpus: e.nano_cpus as f64 / 1e9,
-            read_only_root: e.read_only_root,
-            tmp_tmpfs_bytes: e.tmp_tmpfs_bytes,
-            env: e.env.clone(),
-            operating_mode: e.operating_mode,
-            restarted_at: e.restarted_at,
-            update_policy: e.update_policy,
-            token_policy: TokenPolicyView {
-                stale_grace: human(e.token_policy.stale_grace),
-                on_pause: e.token_policy.on_pause,
-                rotate_every: e.token_policy.rotate_every.map(human),
-                max_age: e.token_policy.max_age.map(human),
-                overlap: human(e.token_policy.overlap),
-            },
-            security: e.security.clone(),
-            network: e.network.clone(),
-        }
-    }
 }
 
 /// One token row without its hash.
@@ -335,7 +268,7 @@ pub fn detail(
     decisions: Vec<DecisionRecord>,
 ) -> WorkspaceDetail {
     let (spec, spec_errors) = match declared.map(|d| &d.spec) {
-        Some(Ok(e)) => (Some(SpecView::from(e)), Vec::new()),
+        Some(Ok(e)) => (Some(e.clone()), Vec::new()),
         Some(Err(errors)) => (None, errors.clone()),
         None => (None, Vec::new()),
     };

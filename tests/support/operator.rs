@@ -219,6 +219,15 @@ impl Op {
     pub fn cleanup(&mut self) {
         self.kill();
         let ids = self.containers();
+        // A volume removed out of band at the instant its container is created is
+        // re-created by Docker without labels: remove config volumes by name too.
+        let names = if ids.is_empty() {
+            String::new()
+        } else {
+            let mut args = vec!["inspect", "-f", "{{.Name}}"];
+            args.extend(ids.iter().map(String::as_str));
+            docker(&args)
+        };
         if !ids.is_empty() {
             let mut args = vec!["rm", "-f", "-v"];
             args.extend(ids.iter().map(String::as_str));
@@ -226,6 +235,9 @@ impl Op {
         }
         for v in self.volumes() {
             docker(&["volume", "rm", "-f", &v]);
+        }
+        for name in names.lines() {
+            docker(&["volume", "rm", "-f", &format!("{}-configs", name.trim_start_matches('/'))]);
         }
     }
 }
