@@ -494,3 +494,30 @@ async fn docker_unreachable_revokes_and_deletes_nothing_then_converges() {
     assert_eq!(op.containers().len(), 1, "other's container is removed once Docker is back");
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 401, "the replaced token is revoked");
 }
+
+#[test]
+fn tier_and_image_changes_recreate_with_the_new_limits_and_image() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("tierimage", "dev");
+    let (old_inc, old_tok) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    assert_eq!(docker(&["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.ReadonlyRootfs}}", &cid(&ws, "dev")]), "268435456 true");
+    op.write("dev.yaml", &workspace_yaml("dev").replace("tier: 1", "tier: 2"));
+    let ws = assert_healed(&op, "dev", old_inc, &old_tok);
+    assert_eq!(docker(&["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.ReadonlyRootfs}}", &cid(&ws, "dev")]), "536870912 false");
+    let image = format!("molecule-agent-copy-{}:v2", std::process::id());
+    assert!(docker_ok(&["tag", "molecule-agent:local", &image]));
+    struct Untag(String);
+    impl Drop for Untag {
+        fn drop(&mut self) {
+            docker(&["rmi", &self.0]);
+        }
+    }
+    let _untag = Untag(image.clone());
+    let (old_inc, old_tok) = (inc(&ws, "dev"), token_of(&ws, "dev"));
+    op.write("dev.yaml", &format!("{}  image: {image}\n", workspace_yaml("dev").replace("tier: 1", "tier: 2")));
+    let ws = assert_healed(&op, "dev", old_inc, &old_tok);
+    assert_eq!(ws["dev"]["container"]["image"].as_str(), Some(image.as_str()));
+    assert_eq!(op.containers().len(), 1);
+}
