@@ -244,7 +244,7 @@ fn desired_set(workspaces: Vec<DesiredWorkspace>) -> DesiredSet {
 struct Harness {
     url: String,
     store: DynStore,
-    triggers: mpsc::UnboundedReceiver<(String, &'static str)>,
+    triggers: mpsc::UnboundedReceiver<molecule::reconcile::Request>,
     _desired: watch::Sender<Arc<DesiredSet>>,
     admin_token: String,
     state_dir: tempfile::TempDir,
@@ -326,7 +326,8 @@ impl Harness {
 
     fn drain_triggers(&mut self) -> Vec<(String, &'static str)> {
         let mut out = Vec::new();
-        while let Ok(t) = self.triggers.try_recv() {
+        while let Ok(molecule::reconcile::Request { key, why, .. }) = self.triggers.try_recv() {
+            let t = (key, why);
             out.push(t);
         }
         out

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
-use crate::api::ObjectKey;
+use crate::api::{ObjectKey, WorkspaceStatus};
 use crate::execute::{Env, ExecError};
 use crate::observe::observe;
 use crate::registry::metrics::Metrics;
@@ -26,22 +26,56 @@ use crate::runtime::Runtime;
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{DecisionRecord, DynStore, StoreError};
 
-/// Asks for a workspace (`ns/name`) to be reconciled soon. Cheap and non-blocking;
-/// repeated requests for the same key coalesce.
+/// A request to reconcile one workspace (`ns/name`).
+#[derive(Debug)]
+pub struct Request {
+    pub key: String,
+    /// Names the trigger for logs and metrics: "registry-401", "docker-event", ...
+    pub why: &'static str,
+    /// Told the outcome of the first reconcile of `key` that starts after the request.
+    pub done: Option<oneshot::Sender<Report>>,
+}
+
+/// What one finished reconcile did, for whoever writes status back to where the
+/// object came from (Kubernetes status, Postgres columns) and for waiters.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub key: String,
+    /// The status as written to the state store; None when the workspace is unknown
+    /// or was forgotten.
+    pub status: Option<WorkspaceStatus>,
+    /// Decisions taken in this reconcile, in order.
+    pub decisions: Vec<DecisionRecord>,
+    /// The workspace's record was deleted: its removal is complete.
+    pub forgotten: bool,
+    /// The error that stopped it (it will be retried with backoff).
+    pub error: Option<String>,
+}
+
+/// Asks for workspaces to be reconciled soon. Cheap and non-blocking; repeated
+/// requests for the same key coalesce.
 #[derive(Clone, Debug)]
 pub struct Trigger {
-    tx: mpsc::UnboundedSender<(String, &'static str)>,
+    tx: mpsc::UnboundedSender<Request>,
 }
 
 impl Trigger {
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<(String, &'static str)>) {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Request>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Self { tx }, rx)
     }
 
     /// `why` names the trigger for logs and metrics: "registry-401", "docker-event", ...
     pub fn enqueue(&self, key: &str, why: &'static str) {
-        let _ = self.tx.send((key.to_string(), why));
+        let _ = self.tx.send(Request { key: key.to_string(), why, done: None });
+    }
+
+    /// Enqueues and waits for the outcome of a reconcile that starts after this call.
+    /// None when the operator is shutting down.
+    pub async fn reconcile_and_wait(&self, key: &str, why: &'static str) -> Option<Report> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Request { key: key.to_string(), why, done: Some(done) }).ok()?;
+        rx.await.ok()
     }
 }
 
@@ -60,6 +94,8 @@ pub struct Context {
     pub agent: AgentEnv,
     pub metrics: Arc<Metrics>,
     pub failpoint: Option<String>,
+    /// Every finished reconcile is published here (status writers subscribe).
+    pub reports: broadcast::Sender<Report>,
     /// The last execution error per workspace (shown in status until it succeeds).
     failures: Mutex<HashMap<String, Failure>>,
 }
@@ -88,6 +124,7 @@ impl Context {
             agent,
             metrics,
             failpoint: std::env::var("MOLECULE_FAILPOINT").ok().filter(|s| !s.is_empty()),
+            reports: broadcast::channel(1024).0,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -137,8 +174,19 @@ fn to_rule_desired(d: &DesiredWorkspace, instance: &str, uid: &str, agent: &Agen
     Desired { key: d.key.clone(), generation: d.generation, spec: d.spec.clone(), spec_hash, source: d.source.clone() }
 }
 
-/// Reconciles one workspace until desired and observed agree (or a step fails).
-pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileError> {
+/// Reconciles one workspace until desired and observed agree (or a step fails),
+/// and publishes what it did.
+pub async fn reconcile(ctx: &Context, key: &str) -> (Result<Requeue, ReconcileError>, Report) {
+    let mut report = Report { key: key.to_string(), ..Report::default() };
+    let result = reconcile_into(ctx, key, &mut report).await;
+    if let Err(e) = &result {
+        report.error = Some(e.to_string());
+    }
+    let _ = ctx.reports.send(report.clone());
+    (result, report)
+}
+
+async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result<Requeue, ReconcileError> {
     let okey = ObjectKey::parse(key);
     let env = Env {
         runtime: ctx.runtime.as_ref(),
@@ -169,7 +217,7 @@ pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileErr
         }
         let rctx = Ctx { desired: desired.as_ref(), observed: &observed, now, settings: &ctx.settings };
         let Some(decision) = plan(&rctx) else {
-            write_status(ctx, key, &rctx, declared).await?;
+            report.status = write_status(ctx, key, &rctx, declared).await?;
             return Ok(next_look(&rctx));
         };
         tracing::info!(workspace = key, rule = decision.rule, cause = %decision.cause, "decision");
@@ -186,8 +234,7 @@ pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileErr
         };
         ctx.metrics.reconciled(decision.rule, if result.is_ok() { "ok" } else { "error" });
         let forgotten = decision.actions.contains(&Action::Forget) && result.is_ok();
-        if let (Some(r), false) = (&record, forgotten) {
-            let rec = DecisionRecord {
+        let rec = DecisionRecord {
                 at: now,
                 rule: decision.rule.to_string(),
                 cause: decision.cause.clone(),
@@ -198,28 +245,37 @@ pub async fn reconcile(ctx: &Context, key: &str) -> Result<Requeue, ReconcileErr
                 },
                 outcome: outcome_text,
             };
+        if let (Some(r), false) = (&record, forgotten) {
             ctx.store.append_decision(&r.uid, &rec, DECISIONS_KEPT).await?;
         }
+        report.decisions.push(rec);
         if let Err(e) = result {
             ctx.set_failure(key, Some(e.to_string()));
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
                 let observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), false).await?;
                 let rctx = Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
-                write_status(ctx, key, &rctx, declared).await?;
+                report.status = write_status(ctx, key, &rctx, declared).await?;
             }
             return Err(e.into());
         }
         ctx.set_failure(key, None);
         if forgotten {
+            report.forgotten = true;
             return Ok(None);
         }
     }
     Ok(Some(Duration::from_millis(200)))
 }
 
-async fn write_status(ctx: &Context, key: &str, rctx: &Ctx<'_>, declared: Option<&DesiredWorkspace>) -> Result<(), StoreError> {
-    let Some(record) = rctx.observed.record.as_ref() else { return Ok(()) };
+/// Computes and (when it changed) saves the status; returns it.
+async fn write_status(
+    ctx: &Context,
+    key: &str,
+    rctx: &Ctx<'_>,
+    declared: Option<&DesiredWorkspace>,
+) -> Result<Option<WorkspaceStatus>, StoreError> {
+    let Some(record) = rctx.observed.record.as_ref() else { return Ok(None) };
     let failure = ctx.failure(key);
     let extra = status::Extra {
         last_error: failure.as_ref().map(|f| f.message.as_str()),
@@ -229,7 +285,7 @@ async fn write_status(ctx: &Context, key: &str, rctx: &Ctx<'_>, declared: Option
     if record.status.as_ref() != Some(&st) {
         ctx.store.save_status(&record.uid, &st).await?;
     }
-    Ok(())
+    Ok(Some(st))
 }
 
 /// After a quiet pass: look again when the agent's heartbeat would be overdue, or
@@ -281,7 +337,7 @@ async fn all_keys(ctx: &Context) -> BTreeSet<String> {
 /// the runtime's events, changes of the desired set, and a periodic resync.
 pub async fn run(
     ctx: Arc<Context>,
-    mut triggers: mpsc::UnboundedReceiver<(String, &'static str)>,
+    mut triggers: mpsc::UnboundedReceiver<Request>,
     resync: Duration,
     concurrency: usize,
     shutdown: CancellationToken,
@@ -290,7 +346,10 @@ pub async fn run(
     let mut last_set = desired_rx.borrow().clone();
     let mut events = ctx.runtime.events();
     let mut resync_tick = tokio::time::interval(resync);
-    let mut running: JoinSet<(String, Result<Requeue, ReconcileError>)> = JoinSet::new();
+    let mut running: JoinSet<(String, Result<Requeue, ReconcileError>, Report)> = JoinSet::new();
+    // Waiters for the next reconcile of a key to start, and for the one running now.
+    let mut waiting: HashMap<String, Vec<oneshot::Sender<Report>>> = HashMap::new();
+    let mut waiting_running: HashMap<String, Vec<oneshot::Sender<Report>>> = HashMap::new();
     let mut in_flight: HashMap<String, bool> = HashMap::new(); // key -> dirty
     let mut ready: std::collections::VecDeque<String> = Default::default();
     let mut delayed: DelayQueue<String> = DelayQueue::new();
@@ -317,17 +376,23 @@ pub async fn run(
                 delayed.try_remove(&dk);
             }
             in_flight.insert(key.clone(), false);
+            if let Some(w) = waiting.remove(&key) {
+                waiting_running.insert(key.clone(), w);
+            }
             let ctx = ctx.clone();
             running.spawn(async move {
-                let r = reconcile(&ctx, &key).await;
-                (key, r)
+                let (r, report) = reconcile(&ctx, &key).await;
+                (key, r, report)
             });
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some((key, why)) = triggers.recv() => {
+            Some(Request { key, why, done }) = triggers.recv() => {
                 tracing::debug!(workspace = %key, why, "triggered");
                 ctx.metrics.triggered(why);
+                if let Some(done) = done {
+                    waiting.entry(key.clone()).or_default().push(done);
+                }
                 enqueue(key, &mut in_flight, &mut ready);
             }
             Some(ev) = events.next() => {
@@ -360,8 +425,11 @@ pub async fn run(
                 enqueue(key, &mut in_flight, &mut ready);
             }
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((key, result)) = done else { continue };
+                let Ok((key, result, report)) = done else { continue };
                 let dirty = in_flight.remove(&key).unwrap_or(false);
+                for w in waiting_running.remove(&key).unwrap_or_default() {
+                    let _ = w.send(report.clone());
+                }
                 let after = match result {
                     Ok(next) => {
                         attempts.remove(&key);
