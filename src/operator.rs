@@ -68,6 +68,29 @@ fn prepare_state_dir(state: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Holds STATE/lock for the life of the process: a second operator on the same state
+/// directory would share its SQLite file, admin token and address file, so it is
+/// refused with a clear message instead. The OS drops the lock when the process dies,
+/// even by SIGKILL.
+fn lock_state_dir(state: &Path) -> anyhow::Result<std::fs::File> {
+    let path = state.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another operator is already running with --state {} (it holds {}); stop it, or give this one its own --state",
+            state.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
 /// Runs the operator until Ctrl-C or SIGTERM.
 pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
     if sources.is_empty() {
@@ -83,6 +106,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
 
     let instance = args.instance_id();
     prepare_state_dir(&args.state)?;
+    let _lock = lock_state_dir(&args.state)?;
     let db = args.database_url();
     let store = crate::store::open(&db)
         .await

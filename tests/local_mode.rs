@@ -521,3 +521,24 @@ fn tier_and_image_changes_recreate_with_the_new_limits_and_image() {
     assert_eq!(ws["dev"]["container"]["image"].as_str(), Some(image.as_str()));
     assert_eq!(op.containers().len(), 1);
 }
+
+#[test]
+fn a_second_operator_on_the_same_state_dir_refuses_to_start() {
+    if !docker_available() {
+        return;
+    }
+    let (op, _ws) = one("statelock", "dev");
+    let out = std::process::Command::new(BIN)
+        .args(["up"])
+        .arg(op.dir.path())
+        .arg("--state")
+        .arg(&op.state)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--instance", &op.instance])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the second operator must not run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another operator is already running"), "{err}");
+    // The first one is unharmed.
+    op.wait_online(&["dev"], HEAL);
+}
