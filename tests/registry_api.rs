@@ -230,6 +230,7 @@ fn declared(name: &str, spec: WorkspaceSpec) -> DesiredWorkspace {
         source: SourceRef { kind: "dir".into(), reference: format!("org/{name}.yaml@1") },
         conflict: None,
         owner_team: None,
+            deletion_refused: None,
     }
 }
 

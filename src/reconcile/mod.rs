@@ -280,6 +280,7 @@ async fn write_status(
     let extra = status::Extra {
         last_error: failure.as_ref().map(|f| f.message.as_str()),
         conflict: declared.and_then(|d| d.conflict.as_deref()),
+        deletion_refused: declared.and_then(|d| d.deletion_refused.as_deref()),
     };
     let st = status::compute(rctx, &extra, record.status.as_ref());
     if record.status.as_ref() != Some(&st) {

@@ -13,6 +13,8 @@ pub struct Extra<'a> {
     pub last_error: Option<&'a str>,
     /// Set when another source declares the same workspace.
     pub conflict: Option<&'a str>,
+    /// Set when its deletion is refused because children still name it as parent.
+    pub deletion_refused: Option<&'a str>,
 }
 
 pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStatus>) -> WorkspaceStatus {
@@ -63,6 +65,9 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     match extra.conflict {
         Some(msg) => c("SourceConflict", tf(true), "DeclaredTwice", msg.to_string()),
         None => c("SourceConflict", tf(false), "SingleSource", String::new()),
+    }
+    if let Some(msg) = extra.deletion_refused {
+        c("DeletionRefused", tf(true), "HasChildren", msg.to_string());
     }
     match (obs.containers.as_ref(), container) {
         (None, _) => c("ContainerRunning", ConditionStatus::Unknown, "RuntimeUnavailable", "the container runtime could not be listed".into()),
@@ -172,7 +177,7 @@ mod tests {
     fn execution_error_is_failed_and_shown() {
         let mut obs = healthy();
         obs.containers = Some(vec![]);
-        let st = status(&obs, Some(&desired()), Extra { last_error: Some("image x is not present"), conflict: None });
+        let st = status(&obs, Some(&desired()), Extra { last_error: Some("image x is not present"), ..Extra::default() });
         assert_eq!(st.phase, Phase::Failed);
         assert!(find(&st.conditions, "Ready").unwrap().message.contains("image x"));
     }

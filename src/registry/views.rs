@@ -335,6 +335,7 @@ mod tests {
             source: SourceRef { kind: "dir".into(), reference: format!("{name}.yaml") },
             conflict: None,
             owner_team: None,
+            deletion_refused: None,
         }
     }
 

@@ -21,6 +21,10 @@ pub struct DesiredWorkspace {
     pub conflict: Option<String>,
     /// The Team that generated it from `spec.workspaces`, if any.
     pub owner_team: Option<String>,
+    /// Set when its declaration was deleted but workspaces that still name it as their
+    /// parent remain: it is kept as it was (the original platform's 409 on deleting a
+    /// parent without confirm, made declarative), and this says why.
+    pub deletion_refused: Option<String>,
 }
 
 /// Everything declared, merged from all sources.
@@ -71,6 +75,15 @@ pub fn merge(snapshots: &[Snapshot], defaults: &Defaults, previous: &DesiredSet)
             Declared { key, parent: spec.and_then(|s| s.parent.as_deref()), team: spec.and_then(|s| s.team.as_deref()) }
         })
         .collect();
+    // A parent whose declaration went away while its children stay is kept.
+    let refused = refused_deletions(previous, &inherited);
+    let declared: Vec<Declared<'_>> = declared
+        .into_iter()
+        .chain(refused.iter().map(|(key, (prev, _))| {
+            let spec = prev.spec.as_ref().ok();
+            Declared { key, parent: spec.and_then(|s| s.parent.as_deref()), team: spec.and_then(|s| s.team.as_deref()) }
+        }))
+        .collect();
     let team_keys: BTreeSet<ObjectKey> = teams.keys().cloned().collect();
     let mut set_errors = validate::set_errors(&declared, &team_keys);
 
@@ -111,8 +124,19 @@ pub fn merge(snapshots: &[Snapshot], defaults: &Defaults, previous: &DesiredSet)
                 source: c.source.clone(),
                 conflict,
                 owner_team: c.owner_team.clone(),
+                deletion_refused: None,
             },
         );
+    }
+    for (key, (prev, children)) in refused {
+        let message = format!(
+            "deleting {key} is refused: {} still name{} it as parent; delete or re-parent {} in the same change",
+            children.join(", "),
+            if children.len() == 1 { "s" } else { "" },
+            if children.len() == 1 { "it" } else { "them" },
+        );
+        errors.push(message.clone());
+        workspaces.insert(key, DesiredWorkspace { deletion_refused: Some(message), ..prev });
     }
 
     let mut team_objects = BTreeMap::new();
@@ -134,6 +158,45 @@ pub fn merge(snapshots: &[Snapshot], defaults: &Defaults, previous: &DesiredSet)
     }
 
     DesiredSet { workspaces, teams: team_objects, errors, complete: true }
+}
+
+/// Workspaces declared before but not now whose children (declared now, or kept by
+/// this same rule) still name them as parent, with those children's names. Removing a
+/// parent together with all its children is allowed.
+fn refused_deletions(previous: &DesiredSet, inherited: &BTreeMap<&ObjectKey, Inherited>) -> BTreeMap<ObjectKey, (DesiredWorkspace, Vec<String>)> {
+    let parent_of_now = |k: &ObjectKey| -> Option<String> {
+        inherited.get(k).and_then(|e| e.as_ref().ok()).and_then(|(s, _)| s.parent.clone())
+    };
+    let mut refused: BTreeMap<ObjectKey, (DesiredWorkspace, Vec<String>)> = BTreeMap::new();
+    loop {
+        let mut changed = false;
+        for (key, prev) in &previous.workspaces {
+            if inherited.contains_key(key) || refused.contains_key(key) {
+                continue;
+            }
+            let named_by = |child: &ObjectKey, parent: Option<String>| {
+                child.namespace == key.namespace && parent.as_deref() == Some(key.name.as_str())
+            };
+            let mut children: Vec<String> = inherited
+                .keys()
+                .filter(|c| named_by(c, parent_of_now(c)))
+                .map(|c| c.name.clone())
+                .collect();
+            children.extend(
+                refused
+                    .iter()
+                    .filter(|(c, (p, _))| named_by(c, p.spec.as_ref().ok().and_then(|s| s.parent.clone())))
+                    .map(|(c, _)| c.name.clone()),
+            );
+            if !children.is_empty() {
+                refused.insert(key.clone(), (prev.clone(), children));
+                changed = true;
+            }
+        }
+        if !changed {
+            return refused;
+        }
+    }
 }
 
 /// Where an object was declared, as a conflict message names it.
@@ -570,5 +633,49 @@ mod tests {
         let set = merge1(&[("a.yaml", text)]);
         let a = &set.workspaces[&ObjectKey::new("x", "a")];
         assert!(a.spec.as_ref().unwrap_err()[0].contains("not declared in namespace x"));
+    }
+}
+
+#[cfg(test)]
+mod deletion_tests {
+    use super::*;
+    use crate::api::Workspace;
+
+    fn ws(name: &str, parent: Option<&str>) -> SourceObject {
+        let mut w = Workspace::new(name, WorkspaceSpec { parent: parent.map(str::to_string), ..Default::default() });
+        w.metadata.namespace = Some("default".into());
+        SourceObject::Workspace { object: w, source: SourceRef { kind: "dir".into(), reference: format!("{name}.yaml") } }
+    }
+
+    fn set(objects: Vec<SourceObject>, previous: &DesiredSet) -> DesiredSet {
+        let snap = Snapshot { source: "dir:x".into(), objects, errors: vec![] };
+        merge(&[snap], &Defaults::default(), previous)
+    }
+
+    #[test]
+    fn deleting_a_parent_whose_children_stay_is_refused_and_it_is_kept() {
+        let before = set(vec![ws("pm", None), ws("dev", Some("pm")), ws("qa", Some("dev"))], &DesiredSet::default());
+        let after = set(vec![ws("qa", Some("dev"))], &before);
+        let pm = &after.workspaces[&ObjectKey::new("default", "pm")];
+        let dev = &after.workspaces[&ObjectKey::new("default", "dev")];
+        assert!(dev.deletion_refused.as_deref().unwrap().contains("qa"), "{dev:?}");
+        assert!(pm.deletion_refused.as_deref().unwrap().contains("dev"), "{pm:?}");
+        assert!(after.workspaces.values().all(|w| w.spec.is_ok()), "children stay valid: {after:?}");
+        assert_eq!(pm.spec, before.workspaces[&ObjectKey::new("default", "pm")].spec);
+    }
+
+    #[test]
+    fn deleting_a_parent_together_with_its_children_is_allowed() {
+        let before = set(vec![ws("pm", None), ws("dev", Some("pm")), ws("other", None)], &DesiredSet::default());
+        let after = set(vec![ws("other", None)], &before);
+        assert_eq!(after.workspaces.len(), 1);
+        assert!(after.errors.is_empty());
+    }
+
+    #[test]
+    fn re_parenting_the_children_lets_the_parent_go() {
+        let before = set(vec![ws("pm", None), ws("dev", Some("pm")), ws("lead", None)], &DesiredSet::default());
+        let after = set(vec![ws("dev", Some("lead")), ws("lead", None)], &before);
+        assert!(!after.workspaces.contains_key(&ObjectKey::new("default", "pm")));
     }
 }

@@ -1,0 +1,136 @@
+//! Teams (defaults, team-wide operating mode, owned members), the hierarchy rule and
+//! update policies, against the real Docker daemon.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::operator::*;
+
+const UP: Duration = Duration::from_secs(90);
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn team(mode: &str, members: &[&str]) -> String {
+    let mut t = format!(
+        "apiVersion: molecule.ai/v1alpha1\nkind: Team\nmetadata:\n  name: eng\nspec:\n  operatingMode: {mode}\n  defaults:\n    tier: 1\n    env:\n      TEAM: eng\n  workspaces:\n"
+    );
+    for m in members {
+        t.push_str(&format!("    - name: {m}\n      env:\n        ROLE: {m}\n"));
+    }
+    t
+}
+
+fn cond<'a>(w: &'a Value, t: &str) -> &'a Value {
+    w["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap_or(&Value::Null)
+}
+
+fn wait_containers(op: &Op, n: usize) {
+    let t0 = std::time::Instant::now();
+    while op.containers().len() != n && t0.elapsed() < CONVERGE {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(op.containers().len(), n);
+}
+
+#[test]
+fn team_defaults_mode_and_owned_members() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("team");
+    op.write("team.yaml", &team("Running", &["a", "b"]));
+    // A workspace joining by spec.team, with its own env on top of the team's.
+    op.write("solo.yaml", &format!("{}  team: eng\n", workspace_yaml("solo")));
+    op.start();
+    let ws = op.wait_online(&["eng-a", "eng-b", "solo"], UP);
+    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["eng-a"]["container"]["id"].as_str().unwrap()]);
+    assert!(env.contains("TEAM=eng") && env.contains("ROLE=a"), "members inherit team env: {env}");
+    assert_eq!(ws["solo"]["team"], "eng");
+    let teams = String::from_utf8(op.cli(&["get", "teams"]).stdout).unwrap();
+    assert!(teams.contains("eng") && teams.contains('3'), "{teams}");
+
+    // Pausing the team pauses every member; Running restores them.
+    op.write("team.yaml", &team("Paused", &["a", "b"]));
+    op.wait("team paused", CONVERGE, |ws| ["eng-a", "eng-b", "solo"].iter().all(|n| ws[*n]["phase"] == "Paused"));
+    op.write("team.yaml", &team("Running", &["a", "b"]));
+    op.wait_online(&["eng-a", "eng-b", "solo"], CONVERGE);
+
+    // A member dropped from the team file is removed; deleting the team removes all it generated.
+    op.write("team.yaml", &team("Running", &["a"]));
+    op.wait("eng-b removed", CONVERGE, |ws| !ws.contains_key("eng-b"));
+    wait_containers(&op, 2);
+    op.remove_file("team.yaml");
+    op.remove_file("solo.yaml");
+    op.wait("team gone", CONVERGE, |ws| ws.is_empty());
+    wait_containers(&op, 0);
+}
+
+#[test]
+fn deleting_a_parent_is_refused_while_children_remain() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("hier");
+    op.write_ws("pm");
+    op.write("dev.yaml", &format!("{}  parent: pm\n", workspace_yaml("dev")));
+    op.start();
+    let ws = op.wait_online(&["pm", "dev"], UP);
+    let pm_container = ws["pm"]["container"]["id"].as_str().unwrap().to_string();
+    op.remove_file("pm.yaml");
+    let ws = op.wait("refusal shown", CONVERGE, |ws| cond(&ws["pm"], "DeletionRefused")["status"] == "True");
+    assert!(cond(&ws["pm"], "DeletionRefused")["message"].as_str().unwrap().contains("dev"));
+    assert_eq!(ws["pm"]["container"]["id"].as_str(), Some(pm_container.as_str()), "pm keeps running");
+    assert_eq!(ws["dev"]["phase"], "Running");
+    op.remove_file("dev.yaml");
+    op.wait("both gone", CONVERGE, |ws: &BTreeMap<String, Value>| ws.is_empty());
+    wait_containers(&op, 0);
+}
+
+#[test]
+fn on_next_stop_and_manual_wait_for_their_moment() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("policies");
+    let with = |name: &str, policy: &str, role: &str| {
+        format!("{}  updatePolicy: {policy}\n", workspace_yaml(name).replace(&format!("ROLE: {name}"), &format!("ROLE: {role}")))
+    };
+    op.write("next.yaml", &with("next", "OnNextStop", "v1"));
+    op.write("manual.yaml", &with("manual", "Manual", "v1"));
+    op.start();
+    let ws = op.wait_online(&["next", "manual"], UP);
+    let inc = |ws: &BTreeMap<String, Value>, n: &str| ws[n]["incarnation"].as_i64().unwrap();
+    let (next0, manual0) = (inc(&ws, "next"), inc(&ws, "manual"));
+    op.write("next.yaml", &with("next", "OnNextStop", "v2"));
+    op.write("manual.yaml", &with("manual", "Manual", "v2"));
+    let ws = op.wait("drift pending", CONVERGE, |ws| {
+        ["next", "manual"].iter().all(|n| cond(&ws[*n], "SpecDrift")["status"] == "True")
+    });
+    for n in ["next", "manual"] {
+        let c = cond(&ws[n], "SpecDrift");
+        assert_eq!(c["reason"], "Pending", "{c}");
+        assert_eq!(ws[n]["incarnation"].as_i64(), Some(if n == "next" { next0 } else { manual0 }), "{n} must not be recreated yet");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let ws = op.get().unwrap();
+    assert_eq!(inc(&ws, "next"), next0);
+    assert_eq!(inc(&ws, "manual"), manual0);
+
+    // OnNextStop: a stop and start applies it.
+    op.write("next.yaml", &format!("{}  operatingMode: Stopped\n", with("next", "OnNextStop", "v2")));
+    op.wait("stopped", CONVERGE, |ws| ws["next"]["phase"] == "Stopped");
+    op.write("next.yaml", &with("next", "OnNextStop", "v2"));
+    let ws = op.wait("applied at start", CONVERGE, |ws| online(&ws["next"]) && cond(&ws["next"], "SpecDrift")["status"] == "False");
+    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["next"]["container"]["id"].as_str().unwrap()]);
+    assert!(env.lines().any(|l| l == "ROLE=v2"), "{env}");
+
+    // Manual: `molecule-operator restart` applies it.
+    assert!(op.cli(&["restart", "workspace", "manual"]).status.success());
+    let ws = op.wait("applied by restart", CONVERGE, |ws| {
+        online(&ws["manual"]) && ws["manual"]["incarnation"].as_i64() > Some(manual0) && cond(&ws["manual"], "SpecDrift")["status"] == "False"
+    });
+    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["manual"]["container"]["id"].as_str().unwrap()]);
+    assert!(env.lines().any(|l| l == "ROLE=v2"), "{env}");
+}
