@@ -134,3 +134,32 @@ fn on_next_stop_and_manual_wait_for_their_moment() {
     let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["manual"]["container"]["id"].as_str().unwrap()]);
     assert!(env.lines().any(|l| l == "ROLE=v2"), "{env}");
 }
+
+#[test]
+fn quota_holds_extra_members_in_line_and_releases_them_when_room_appears() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("quota");
+    let with_quota = |members: &[&str]| team("Running", members).replace("spec:\n", "spec:\n  maxWorkspaces: 2\n");
+    op.write("team.yaml", &with_quota(&["a", "b", "c"]));
+    op.start();
+    let ws = op.wait("two run, one waits", UP, |ws| {
+        let online_n = ["eng-a", "eng-b", "eng-c"].iter().filter(|n| ws.get(**n).is_some_and(online)).count();
+        let waiting = ["eng-a", "eng-b", "eng-c"].iter().filter(|n| ws.get(**n).is_some_and(|w| w["phase"] == "Pending" && cond(w, "QuotaExceeded")["status"] == "True")).count();
+        online_n == 2 && waiting == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(op.containers().len(), 2, "never more than the quota");
+    let waiting = ["eng-a", "eng-b", "eng-c"].into_iter().find(|n| ws[*n]["phase"] == "Pending").unwrap();
+    assert!(cond(&ws[waiting], "QuotaExceeded")["message"].as_str().unwrap().contains("allows 2"));
+    // Room appears: the one waiting starts; nothing running was stopped meanwhile.
+    let leaving = ["eng-a", "eng-b", "eng-c"].into_iter().find(|n| *n != waiting).unwrap();
+    let staying = ["eng-a", "eng-b", "eng-c"].into_iter().find(|n| *n != waiting && *n != leaving).unwrap();
+    let staying_container = ws[staying]["container"]["id"].clone();
+    let members: Vec<&str> = ["a", "b", "c"].into_iter().filter(|m| format!("eng-{m}") != leaving).collect();
+    op.write("team.yaml", &with_quota(&members));
+    let ws = op.wait("the waiting one starts", CONVERGE, |ws| ws.get(waiting).is_some_and(online) && !ws.contains_key(leaving));
+    assert_eq!(ws[staying]["container"]["id"], staying_container);
+    wait_containers(&op, 2);
+}

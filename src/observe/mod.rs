@@ -36,7 +36,7 @@ pub async fn observe(
         Some(uid) => store.live_tokens(uid).await?,
         None => Vec::new(),
     };
-    let mut obs = Observed { record, containers, live_tokens, token_file: TokenFile::NotRead, provisioning: false };
+    let mut obs = Observed { record, containers, live_tokens, token_file: TokenFile::NotRead, provisioning: false, quota_hold: None };
     if read_token_file
         && let Some(c) = obs.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(obs.incarnation()))
     {

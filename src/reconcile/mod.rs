@@ -20,7 +20,7 @@ use crate::api::{ObjectKey, WorkspaceStatus};
 use crate::execute::{Env, ExecError};
 use crate::observe::observe;
 use crate::registry::metrics::Metrics;
-use crate::rules::{plan, Action, Ctx, Desired, Settings};
+use crate::rules::{plan, quota, Action, Ctx, Desired, Settings};
 use crate::runtime::render::{render, AgentEnv, Identity};
 use crate::runtime::Runtime;
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
@@ -211,7 +211,10 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             _ => None,
         };
         let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());
-        let observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), read_token).await?;
+        let mut observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), read_token).await?;
+        if let Some(d) = declared {
+            observed.quota_hold = quota_hold(ctx, &set, d).await?;
+        }
         if observed.record.is_none() && observed.containers.as_ref().is_none_or(|c| c.is_empty()) {
             return Ok(None); // never seen, not declared: nothing to do
         }
@@ -266,6 +269,57 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         }
     }
     Ok(Some(Duration::from_millis(200)))
+}
+
+/// The team a declared workspace belongs to and its quota limits, if it has any.
+fn team_limits<'a>(set: &'a DesiredSet, d: &DesiredWorkspace) -> Option<(&'a str, quota::Limits)> {
+    let team_name = d.spec.as_ref().ok().and_then(|s| s.team.clone()).or(d.owner_team.clone())?;
+    let (key, team) = set.teams.iter().find(|(k, _)| k.namespace == d.key.namespace && k.name == team_name)?;
+    let limits = quota::Limits { max_workspaces: team.spec.max_workspaces, max_running: team.spec.max_running };
+    (limits != quota::Limits::default()).then_some((key.name.as_str(), limits))
+}
+
+/// Members of the same team, as the quota sees them. Only computed for teams that
+/// have limits.
+async fn quota_hold(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Result<Option<String>, StoreError> {
+    let Some((team, limits)) = team_limits(set, d) else { return Ok(None) };
+    let members: Vec<&DesiredWorkspace> = set
+        .workspaces
+        .values()
+        .filter(|w| w.key.namespace == d.key.namespace && team_limits(set, w).is_some_and(|(t, _)| t == team))
+        .collect();
+    let mut records: HashMap<String, crate::store::WorkspaceRecord> =
+        ctx.store.list_workspaces().await?.into_iter().map(|r| (r.key.clone(), r)).collect();
+    // Every member gets its first-seen time now, so that concurrent reconciles of the
+    // team all rank the members the same way and never start more than the quota.
+    for w in &members {
+        let key = w.key.to_string();
+        if !records.contains_key(&key) {
+            let r = ctx.store.ensure_workspace(&key, Utc::now()).await?;
+            records.insert(key, r);
+        }
+    }
+    let Ok(containers) = ctx.runtime.list().await else { return Ok(None) }; // unknown: decide nothing
+    let members: Vec<quota::Member> = members
+        .iter()
+        .map(|w| {
+            let record = records.get(&w.key.to_string());
+            let mine: Vec<_> = containers.iter().filter(|c| record.is_some_and(|r| c.uid() == Some(r.uid.as_str()))).collect();
+            let mode = record
+                .and_then(|r| r.mode_override)
+                .or(w.spec.as_ref().ok().map(|s| s.operating_mode))
+                .unwrap_or_default();
+            quota::Member {
+                name: w.key.name.clone(),
+                first_seen: record.map(|r| r.created_at),
+                has_container: !mine.is_empty(),
+                running: mine.iter().any(|c| c.state == crate::rules::ContainerState::Running),
+                wants_container: w.spec.is_ok() && mode != crate::api::OperatingMode::Stopped,
+                wants_running: w.spec.is_ok() && mode == crate::api::OperatingMode::Running,
+            }
+        })
+        .collect();
+    Ok(quota::hold(team, limits, &members, &d.key.name))
 }
 
 /// Computes and (when it changed) saves the status; returns it.
@@ -428,6 +482,18 @@ pub async fn run(
             Some(done) = running.join_next(), if !running.is_empty() => {
                 let Ok((key, result, report)) = done else { continue };
                 let dirty = in_flight.remove(&key).unwrap_or(false);
+                // A team member that changed may have freed (or taken) quota room: the
+                // rest of its team takes another look.
+                if !report.decisions.is_empty() {
+                    let set = ctx.desired.borrow().clone();
+                    if let Some((team, _)) = set.workspaces.get(&ObjectKey::parse(&key)).and_then(|d| team_limits(&set, d)) {
+                        for (k, w) in &set.workspaces {
+                            if k.to_string() != key && team_limits(&set, w).is_some_and(|(t, _)| t == team) {
+                                enqueue(k.to_string(), &mut in_flight, &mut ready);
+                            }
+                        }
+                    }
+                }
                 for w in waiting_running.remove(&key).unwrap_or_default() {
                     let _ = w.send(report.clone());
                 }

@@ -53,6 +53,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
             (_, Some(ContainerState::Running)) if online => Phase::Running,
             (_, Some(ContainerState::Running)) if degraded.is_some() => Phase::Degraded,
             (_, Some(_)) => Phase::Provisioning,
+            (_, None) if obs.quota_hold.is_some() => Phase::Pending,
             (_, None) if record.is_some_and(|r| r.incarnation > 0) => Phase::Provisioning,
             (_, None) => Phase::Pending,
         },
@@ -65,6 +66,9 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     match extra.conflict {
         Some(msg) => c("SourceConflict", tf(true), "DeclaredTwice", msg.to_string()),
         None => c("SourceConflict", tf(false), "SingleSource", String::new()),
+    }
+    if let Some(msg) = &obs.quota_hold {
+        c("QuotaExceeded", tf(true), "TeamQuota", msg.clone());
     }
     if let Some(msg) = extra.deletion_refused {
         c("DeletionRefused", tf(true), "HasChildren", msg.to_string());
@@ -105,6 +109,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     }
     let ready_msg = match (&degraded, extra.last_error, invalid) {
         (_, _, Some(e)) => e.join("; "),
+        _ if obs.quota_hold.is_some() && container.is_none() => obs.quota_hold.clone().unwrap_or_default(),
         (_, Some(e), _) => e.to_string(),
         (Some(d), _, _) => d.clone(),
         _ => String::new(),

@@ -107,6 +107,7 @@ pub fn healthy() -> Observed {
         live_tokens: vec![token("t1", 1, t(100), Some(now()))],
         token_file: TokenFile::Hash("hash-t1".into()),
         provisioning: false,
+        quota_hold: None,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod heartbeat;
 pub mod orphan;
 pub mod pause_resume_stop;
 pub mod provision;
+pub mod quota;
 pub mod remove;
 pub mod restart;
 pub mod stale_token_without_container;
@@ -82,6 +83,8 @@ pub struct Observed {
     pub token_file: TokenFile,
     /// Set while a provision is known to be in flight (the stale-token rule skips it).
     pub provisioning: bool,
+    /// Why the team's quota makes this workspace wait (see quota.rs), if it does.
+    pub quota_hold: Option<String>,
 }
 
 impl Observed {

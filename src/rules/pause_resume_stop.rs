@@ -44,6 +44,9 @@ pub fn resume(ctx: &Ctx<'_>) -> Option<Decision> {
         return None;
     }
     let c = ctx.observed.container().filter(|c| c.state == ContainerState::Paused)?;
+    if ctx.observed.quota_hold.is_some() {
+        return None; // maxRunning: waits for a running slot
+    }
     Some(Decision::new("resume", "operating mode is Running", vec![Action::Unpause { id: c.id.clone() }]))
 }
 

@@ -14,6 +14,7 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
     ctx.observed.containers.as_ref()?; // listing failed: unknown, do nothing
     let current = ctx.observed.incarnation();
     let (cause, revoke) = match ctx.observed.container() {
+        None if ctx.observed.quota_hold.is_some() => return None, // waits for room in its team
         None => ("no container".to_string(), RevokeReason::ContainerMissing),
         Some(c) if c.incarnation() != Some(current) => (
             format!(
@@ -81,6 +82,16 @@ mod tests {
         assert_eq!(decide(&obs, &invalid), None);
         obs.containers = None;
         assert_eq!(decide(&obs, &desired()), None);
+    }
+
+    #[test]
+    fn a_quota_hold_keeps_a_new_workspace_waiting_but_never_touches_an_existing_one() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        obs.quota_hold = Some("team eng allows 2 workspaces".into());
+        assert_eq!(decide(&obs, &desired()), None);
+        obs.containers = Some(vec![container(1, ContainerState::Exited)]);
+        assert!(decide(&obs, &desired()).is_some(), "an exited container still holds its slot");
     }
 
     #[test]
