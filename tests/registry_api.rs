@@ -5,11 +5,9 @@
 //! store is not merged yet. Every test reaches it as `Arc<dyn Store>`, so swapping
 //! in the real one is the one line in `Harness::start`.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -25,199 +23,12 @@ use molecule::registry::views::{ActionResponse, TeamSummary, WorkspaceDetail, Wo
 use molecule::registry::{self, AppState, Metrics};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
 use molecule::store::{
-    DecisionRecord, DynStore, IssuedToken, RevokeReason, Store, StoreResult, TokenOwner, TokenRow, WorkspaceRecord,
+    DecisionRecord, DynStore, IssuedToken, RevokeReason, WorkspaceRecord,
     token,
 };
 
 // ---------------------------------------------------------------------------
 // In-memory Store (test only)
-
-#[derive(Default)]
-struct MemStore {
-    inner: Mutex<Mem>,
-}
-
-#[derive(Default)]
-struct Mem {
-    workspaces: Vec<WorkspaceRecord>,
-    tokens: Vec<TokenRow>,
-    decisions: HashMap<String, Vec<DecisionRecord>>,
-    next_id: u64,
-}
-
-impl Mem {
-    fn ws(&mut self, uid: &str) -> StoreResult<&mut WorkspaceRecord> {
-        self.workspaces
-            .iter_mut()
-            .find(|w| w.uid == uid)
-            .ok_or_else(|| molecule::store::StoreError::Invalid(format!("no workspace {uid}")))
-    }
-}
-
-#[async_trait]
-impl Store for MemStore {
-    async fn ping(&self) -> StoreResult<()> {
-        Ok(())
-    }
-    async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord> {
-        let mut m = self.inner.lock().unwrap();
-        if let Some(w) = m.workspaces.iter().find(|w| w.key == key) {
-            return Ok(w.clone());
-        }
-        let w = WorkspaceRecord {
-            uid: uuid::Uuid::new_v4().to_string(),
-            key: key.into(),
-            incarnation: 0,
-            created_at: now,
-            last_heartbeat_at: None,
-            restart_count: 0,
-            last_restart_at: None,
-            last_restart_reason: None,
-            status: None,
-            mode_override: None,
-            restart_requested_at: None,
-        };
-        m.workspaces.push(w.clone());
-        Ok(w)
-    }
-    async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>> {
-        Ok(self.inner.lock().unwrap().workspaces.iter().find(|w| w.key == key).cloned())
-    }
-    async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>> {
-        Ok(self.inner.lock().unwrap().workspaces.iter().find(|w| w.uid == uid).cloned())
-    }
-    async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>> {
-        Ok(self.inner.lock().unwrap().workspaces.clone())
-    }
-    async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
-        let mut m = self.inner.lock().unwrap();
-        let w = m.ws(uid)?;
-        w.incarnation += 1;
-        Ok(w.incarnation)
-    }
-    async fn record_restart(&self, uid: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        let mut m = self.inner.lock().unwrap();
-        let w = m.ws(uid)?;
-        w.restart_count += 1;
-        w.last_restart_at = Some(at);
-        w.last_restart_reason = Some(reason.into());
-        Ok(())
-    }
-    async fn reset_restarts(&self, uid: &str) -> StoreResult<()> {
-        self.inner.lock().unwrap().ws(uid)?.restart_count = 0;
-        Ok(())
-    }
-    async fn set_mode_override(&self, uid: &str, mode: Option<OperatingMode>) -> StoreResult<()> {
-        self.inner.lock().unwrap().ws(uid)?.mode_override = mode;
-        Ok(())
-    }
-    async fn request_restart(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.inner.lock().unwrap().ws(uid)?.restart_requested_at = Some(at);
-        Ok(())
-    }
-    async fn save_status(&self, uid: &str, status: &WorkspaceStatus) -> StoreResult<()> {
-        self.inner.lock().unwrap().ws(uid)?.status = Some(status.clone());
-        Ok(())
-    }
-    async fn delete_workspace(&self, uid: &str) -> StoreResult<()> {
-        self.inner.lock().unwrap().workspaces.retain(|w| w.uid != uid);
-        Ok(())
-    }
-    async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken> {
-        let mut m = self.inner.lock().unwrap();
-        m.next_id += 1;
-        let plaintext = token::generate();
-        let row = TokenRow {
-            id: m.next_id.to_string(),
-            workspace_uid: uid.into(),
-            token_hash: token::hash(&plaintext),
-            prefix: token::prefix(&plaintext),
-            incarnation,
-            created_at: now,
-            last_used_at: None,
-            revoked_at: None,
-            revoke_reason: None,
-        };
-        m.tokens.push(row.clone());
-        Ok(IssuedToken { plaintext, row })
-    }
-    async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
-        let m = self.inner.lock().unwrap();
-        Ok(m.tokens.iter().filter(|t| t.workspace_uid == uid && t.is_live()).cloned().collect())
-    }
-    async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>> {
-        let m = self.inner.lock().unwrap();
-        Ok(m.tokens.iter().rev().filter(|t| t.workspace_uid == uid).take(limit as usize).cloned().collect())
-    }
-    async fn revoke_tokens(
-        &self,
-        uid: &str,
-        reason: RevokeReason,
-        keep: Option<&str>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let mut m = self.inner.lock().unwrap();
-        let mut n = 0;
-        for t in m.tokens.iter_mut() {
-            if t.workspace_uid == uid && t.is_live() && Some(t.id.as_str()) != keep {
-                t.revoked_at = Some(now);
-                t.revoke_reason = Some(reason.as_str().into());
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-    async fn revoke_stale_tokens(
-        &self,
-        uid: &str,
-        cutoff: DateTime<Utc>,
-        reason: RevokeReason,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let mut m = self.inner.lock().unwrap();
-        let mut n = 0;
-        for t in m.tokens.iter_mut() {
-            if t.workspace_uid == uid && t.is_live() && t.last_activity() < cutoff {
-                t.revoked_at = Some(now);
-                t.revoke_reason = Some(reason.as_str().into());
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        let m = self.inner.lock().unwrap();
-        let Some(t) = m.tokens.iter().find(|t| t.token_hash == token_hash && t.is_live()) else { return Ok(None) };
-        let Some(w) = m.workspaces.iter().find(|w| w.uid == t.workspace_uid) else { return Ok(None) };
-        Ok(Some(TokenOwner {
-            token_id: t.id.clone(),
-            workspace_uid: w.uid.clone(),
-            workspace_key: w.key.clone(),
-            token_incarnation: t.incarnation,
-            current_incarnation: w.incarnation,
-        }))
-    }
-    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        let mut m = self.inner.lock().unwrap();
-        if let Some(t) = m.tokens.iter_mut().find(|t| t.id == token_id) {
-            t.last_used_at = Some(at);
-        }
-        m.ws(uid)?.last_heartbeat_at = Some(at);
-        Ok(())
-    }
-    async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()> {
-        let mut m = self.inner.lock().unwrap();
-        let list = m.decisions.entry(uid.into()).or_default();
-        list.push(decision.clone());
-        let excess = list.len().saturating_sub(keep_last as usize);
-        list.drain(..excess);
-        Ok(())
-    }
-    async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>> {
-        let m = self.inner.lock().unwrap();
-        Ok(m.decisions.get(uid).map(|l| l.iter().rev().take(limit as usize).cloned().collect()).unwrap_or_default())
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -256,11 +67,10 @@ struct Harness {
 
 impl Harness {
     async fn start(desired: DesiredSet) -> Self {
-        // The one line to change for the real store: `sqlite::SqliteStore::open(...)`.
-        let store: DynStore = Arc::new(MemStore::default());
+        let state_dir = tempfile::tempdir().unwrap();
+        let store: DynStore = molecule::store::open(&state_dir.path().join("state.db").display().to_string()).await.unwrap();
         let (trigger, triggers) = Trigger::new();
         let (desired_tx, desired_rx) = watch::channel(Arc::new(desired));
-        let state_dir = tempfile::tempdir().unwrap();
         let admin_token = registry::load_or_create_admin_token(state_dir.path()).unwrap();
         let state = AppState::new(store.clone(), trigger, desired_rx, admin_token.clone(), Arc::new(Metrics::new()));
         let ready = state.ready.clone();
@@ -561,7 +371,7 @@ async fn describe_shows_spec_tokens_and_decisions_and_404s_unknown_names() {
         Harness::start(desired_set(vec![declared("a", WorkspaceSpec { tier: Some(3), ..Default::default() })])).await;
     let (rec, tok) = h.workspace_with_token("a").await;
     let d = DecisionRecord {
-        at: Utc::now(),
+        at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 6), // stores keep microseconds
         rule: "provision".into(),
         cause: "declared Running, no container".into(),
         actions: vec![format!("issued token {}", tok.row.prefix)],

@@ -96,6 +96,7 @@ pub fn token(id: &str, incarnation: i64, created: DateTime<Utc>, last_used: Opti
         last_used_at: last_used,
         revoked_at: None,
         revoke_reason: None,
+        expires_at: None,
     }
 }
 

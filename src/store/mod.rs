@@ -106,9 +106,16 @@ pub struct TokenRow {
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoke_reason: Option<String>,
+    /// Set when the token was rotated out: it stays valid until then (the overlap).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl TokenRow {
+    /// Still accepted at `now`: live and not past its overlap.
+    pub fn valid_at(&self, now: DateTime<Utc>) -> bool {
+        self.is_live() && self.expires_at.is_none_or(|e| e > now)
+    }
+
     pub fn is_live(&self) -> bool {
         self.revoked_at.is_none()
     }
@@ -138,6 +145,8 @@ pub struct TokenOwner {
     pub workspace_key: String,
     pub token_incarnation: i64,
     pub current_incarnation: i64,
+    /// A rotated-out token is refused after this.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// One reconcile decision, kept per workspace for `describe`.
@@ -212,6 +221,10 @@ pub trait Store: Send + Sync + 'static {
     /// condition is repeated in the UPDATE, so a heartbeat landing after the caller
     /// looked wins.
     async fn revoke_stale_tokens(&self, uid: &str, cutoff: DateTime<Utc>, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64>;
+    /// Revokes one live token of the workspace; returns 1, or 0 if it was not live.
+    async fn revoke_token(&self, uid: &str, token_id: &str, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64>;
+    /// Rotation: the live token stays valid until `at`, then is refused (and revoked).
+    async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
     /// Resolves a presented token by its hash; live rows only. Does not touch it.
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>>;
     /// A successful register/heartbeat: touches the token's last_used_at and the
@@ -315,6 +328,7 @@ fn new_token(uid: &str, incarnation: i64, now: DateTime<Utc>) -> IssuedToken {
         last_used_at: None,
         revoked_at: None,
         revoke_reason: None,
+        expires_at: None,
     };
     IssuedToken { plaintext, row }
 }

@@ -145,7 +145,7 @@ fn workspace_from_row(row: &SqliteRow) -> StoreResult<WorkspaceRecord> {
 
 macro_rules! token_columns {
     () => {
-        "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason"
+        "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason, expires_at"
     };
 }
 
@@ -160,6 +160,7 @@ fn token_from_row(row: &SqliteRow) -> StoreResult<TokenRow> {
         last_used_at: get_opt_ts(row, "last_used_at")?,
         revoked_at: get_opt_ts(row, "revoked_at")?,
         revoke_reason: row.try_get("revoke_reason")?,
+        expires_at: get_opt_ts(row, "expires_at")?,
     })
 }
 
@@ -361,6 +362,33 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn revoke_token(&self, uid: &str, token_id: &str, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE workspace_auth_tokens SET revoked_at = ?3, revoke_reason = ?4 \
+             WHERE workspace_uid = ?1 AND id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(uid)
+        .bind(token_id)
+        .bind(ts(now))
+        .bind(reason.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE workspace_auth_tokens SET expires_at = ?3 \
+             WHERE workspace_uid = ?1 AND id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(uid)
+        .bind(token_id)
+        .bind(ts(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn revoke_stale_tokens(
         &self,
         uid: &str,
@@ -381,7 +409,7 @@ impl Store for SqliteStore {
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
         let row = sqlx::query(
             "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
-                    w.incarnation AS current_incarnation \
+                    w.incarnation AS current_incarnation, t.expires_at \
              FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
              WHERE t.token_hash = ?1 AND t.revoked_at IS NULL",
         )
@@ -395,6 +423,7 @@ impl Store for SqliteStore {
                 workspace_key: row.try_get("key")?,
                 token_incarnation: row.try_get("token_incarnation")?,
                 current_incarnation: row.try_get("current_incarnation")?,
+                expires_at: get_opt_ts(&row, "expires_at")?,
             })
         })
         .transpose()
