@@ -417,6 +417,28 @@ mod cases {
         assert_eq!(store.live_tokens(&ws.uid).await.unwrap().len(), 1);
     }
 
+    pub async fn rotation_expiry_and_single_revocation(s: &Subject) {
+        let store = &s.store;
+        let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
+        let old = store.issue_token(&ws.uid, 1, t0()).await.unwrap();
+        let new = store.issue_token(&ws.uid, 1, t0() + mins(1)).await.unwrap();
+        assert_eq!(store.expire_token(&ws.uid, &old.row.id, t0() + mins(2)).await.unwrap(), 1);
+        let owner = store.token_owner(&old.row.token_hash).await.unwrap().unwrap();
+        assert_eq!(owner.expires_at, Some(t0() + mins(2)), "the registry sees when the overlap ends");
+        let live = store.live_tokens(&ws.uid).await.unwrap();
+        assert_eq!(live.iter().find(|t| t.id == old.row.id).unwrap().expires_at, Some(t0() + mins(2)));
+        assert!(live.iter().find(|t| t.id == new.row.id).unwrap().expires_at.is_none());
+        // Revoking one token by id leaves the other live; a second time is a no-op.
+        assert_eq!(store.revoke_token(&ws.uid, &old.row.id, RevokeReason::Rotated, t0() + mins(3)).await.unwrap(), 1);
+        assert_eq!(store.revoke_token(&ws.uid, &old.row.id, RevokeReason::Rotated, t0() + mins(3)).await.unwrap(), 0);
+        assert_eq!(store.revoke_token("someone-else", &new.row.id, RevokeReason::Rotated, t0()).await.unwrap(), 0, "scoped to the workspace");
+        let live = store.live_tokens(&ws.uid).await.unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].id, new.row.id);
+        let history = store.token_history(&ws.uid, 10).await.unwrap();
+        assert_eq!(history.iter().find(|t| t.id == old.row.id).unwrap().revoke_reason.as_deref(), Some("rotated"));
+    }
+
     pub async fn revoke_reasons_are_recorded_and_readable(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -729,6 +751,7 @@ conformance!(
     revoke_tokens_spares_the_kept_token,
     revoke_stale_tokens_revokes_only_rows_older_than_cutoff,
     a_heartbeat_after_the_look_protects_the_token,
+    rotation_expiry_and_single_revocation,
     revoke_reasons_are_recorded_and_readable,
     record_heartbeat_touches_token_and_workspace,
     decisions_are_kept_newest_first_and_trimmed,

@@ -163,3 +163,54 @@ fn quota_holds_extra_members_in_line_and_releases_them_when_room_appears() {
     assert_eq!(ws[staying]["container"]["id"], staying_container);
     wait_containers(&op, 2);
 }
+
+/// 401s the registry answered so far (from /metrics).
+fn registry_401s(op: &Op) -> u64 {
+    let out = std::process::Command::new("curl").args(["-s", &format!("{}/metrics", op.url())]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("molecule_registry_requests_total") && l.contains("/registry/") && l.contains("code=\"401\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn live_rotation_replaces_the_token_without_a_restart_or_a_single_401() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("rotate");
+    op.write("dev.yaml", &format!("{}  tokenPolicy:\n    rotateEvery: 3s\n    overlap: 2s\n", workspace_yaml("dev")));
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
+    let container = ws["dev"]["container"]["id"].clone();
+    let incarnation = ws["dev"]["incarnation"].clone();
+    let mut prefixes = vec![ws["dev"]["token"]["prefix"].as_str().unwrap().to_string()];
+    let t0 = std::time::Instant::now();
+    while prefixes.len() < 4 && t0.elapsed() < Duration::from_secs(40) {
+        if let Some(ws) = op.get() {
+            if let Some(p) = ws["dev"]["token"]["prefix"].as_str() {
+                if prefixes.last().map(String::as_str) != Some(p) {
+                    prefixes.push(p.to_string());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(prefixes.len() >= 4, "at least 3 rotations: {prefixes:?}");
+    // The agent kept heartbeating on the new tokens: online, heartbeat fresh.
+    let ws = op.wait("still online after rotations", CONVERGE, |ws| online(&ws["dev"]));
+    assert_eq!(ws["dev"]["container"]["id"], container, "rotation never restarts the container");
+    assert_eq!(ws["dev"]["incarnation"], incarnation, "nor makes a new incarnation");
+    assert_eq!(registry_401s(&op), 0, "the agent never saw a 401");
+    // Old tokens are revoked as `rotated` once their overlap ends; the file's token works.
+    let (tok, _, _) = read_token(ws["dev"]["container"]["id"].as_str().unwrap()).unwrap();
+    let uid = ws["dev"]["uid"].as_str().unwrap();
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, uid), 200);
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
+    assert!(describe.contains("rotated"), "{describe}");
+    assert!(!describe.contains(&tok));
+    // The 401 count above is real: one bad heartbeat shows up in it.
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", "x", uid), 401);
+    assert_eq!(registry_401s(&op), 1);
+}

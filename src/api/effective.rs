@@ -141,6 +141,12 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
     let rotate_every = dur("tokenPolicy.rotateEvery", &tp.rotate_every);
     let max_age = dur("tokenPolicy.maxAge", &tp.max_age);
     let overlap = dur("tokenPolicy.overlap", &tp.overlap).unwrap_or(DEFAULT_OVERLAP);
+    if rotate_every.is_some_and(|d| d < Duration::from_secs(1)) {
+        errors.push("tokenPolicy.rotateEvery: must be at least 1s".into());
+    }
+    if max_age.is_some_and(|m| m <= overlap) {
+        errors.push("tokenPolicy.maxAge: must be longer than tokenPolicy.overlap (the old token lives that long after a rotation)".into());
+    }
     let security = spec.security.clone().unwrap_or_default();
     if security.any() && !defaults.allow_privileged {
         errors.push(

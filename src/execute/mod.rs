@@ -98,9 +98,28 @@ impl Env<'_> {
                 let n = self.store.revoke_tokens(uid, *reason, None, now).await?;
                 self.revoked(out, *reason, n, &record.key);
             }
-            Action::RevokeExcept { keep, reason } => {
-                let n = self.store.revoke_tokens(uid, *reason, Some(keep), now).await?;
+            Action::RevokeTokenIds { ids, reason } => {
+                let mut n = 0;
+                for id in ids {
+                    n += self.store.revoke_token(uid, id, *reason, now).await?;
+                }
                 self.revoked(out, *reason, n, &record.key);
+            }
+            Action::RotateToken { old, old_valid_until } => {
+                let c = ctx
+                    .observed
+                    .container()
+                    .ok_or_else(|| ExecError::Precondition("no container to write the token into".into()))?;
+                let issued = self.store.issue_token(uid, record.incarnation, now).await?;
+                self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
+                out.issued += 1;
+                // Only once the new token is in the file does the old one start to expire.
+                self.store.expire_token(uid, old, *old_valid_until).await?;
+                out.done.push(format!(
+                    "rotated: wrote token {}… into the container; the old one is valid until {}",
+                    issued.row.prefix,
+                    old_valid_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ));
             }
             Action::RevokeStaleTokens { cutoff } => {
                 let n = self.store.revoke_stale_tokens(uid, *cutoff, RevokeReason::ContainerMissing, now).await?;

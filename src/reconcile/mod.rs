@@ -343,9 +343,24 @@ async fn write_status(
     Ok(Some(st))
 }
 
-/// After a quiet pass: look again when the agent's heartbeat would be overdue, or
-/// (while waiting for a new agent's first heartbeat) soon, so the phase flips promptly.
+/// After a quiet pass: look again when the agent's heartbeat would be overdue (or,
+/// while waiting for a new agent's first heartbeat, soon, so the phase flips
+/// promptly), when the token is due for rotation, or when an overlap ends.
 fn next_look(rctx: &Ctx<'_>) -> Requeue {
+    let heartbeat = heartbeat_look(rctx);
+    let token_times = rctx.spec().into_iter().flat_map(|spec| {
+        rctx.observed.live_tokens.iter().filter_map(move |t| match t.expires_at {
+            Some(e) => Some(e),
+            None => crate::rules::rotation::due(spec, t),
+        })
+    });
+    let token = token_times
+        .map(|at| (at - rctx.now).to_std().unwrap_or_default() + Duration::from_millis(50))
+        .min();
+    heartbeat.into_iter().chain(token).min()
+}
+
+fn heartbeat_look(rctx: &Ctx<'_>) -> Requeue {
     let c = rctx.observed.container()?;
     if c.state != crate::rules::ContainerState::Running {
         return None;

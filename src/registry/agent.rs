@@ -95,6 +95,10 @@ async fn handle(state: &AppState, call: Call, headers: &HeaderMap, body: Result<
         );
         return reject(state, &uid, "registry-401").await;
     }
+    if owner.expires_at.is_some_and(|e| e <= Utc::now()) {
+        tracing::debug!(workspace = %owner.workspace_key, token_prefix = %prefix, "registry: rotated-out token past its overlap");
+        return reject(state, &uid, "registry-401").await;
+    }
     if !same_uid(&owner.workspace_uid, &uid) {
         tracing::info!(
             workspace_id = %uid, token_workspace = %owner.workspace_key, token_prefix = %prefix,

@@ -12,6 +12,7 @@ pub mod provision;
 pub mod quota;
 pub mod remove;
 pub mod restart;
+pub mod rotation;
 pub mod stale_token_without_container;
 pub mod token_file;
 
@@ -157,8 +158,11 @@ pub enum Action {
     RemoveVolume,
     /// Revoke every live token of the workspace.
     RevokeTokens { reason: RevokeReason },
-    /// Revoke every live token but `keep` (a token that still works stays).
-    RevokeExcept { keep: String, reason: RevokeReason },
+    /// Revoke these live tokens.
+    RevokeTokenIds { ids: Vec<String>, reason: RevokeReason },
+    /// Live rotation: issue a token, write it into the running container, and let
+    /// `old` stay valid until `old_valid_until` (the overlap).
+    RotateToken { old: String, old_valid_until: DateTime<Utc> },
     /// Revoke live tokens unused since `cutoff` (condition repeated in the UPDATE).
     RevokeStaleTokens { cutoff: DateTime<Utc> },
     /// Issue a token for the current incarnation, write it into the running container,
@@ -182,7 +186,10 @@ impl Action {
             Action::RemoveContainer { id } => format!("remove container {}", &id[..id.len().min(12)]),
             Action::RemoveVolume => "remove config volume".into(),
             Action::RevokeTokens { reason } => format!("revoke live tokens: {reason}"),
-            Action::RevokeExcept { reason, .. } => format!("revoke other live tokens: {reason}"),
+            Action::RevokeTokenIds { ids, reason } => format!("revoke {} token(s): {reason}", ids.len()),
+            Action::RotateToken { old_valid_until, .. } => {
+                format!("rotate the token (the old one valid until {})", old_valid_until.to_rfc3339())
+            }
             Action::RevokeStaleTokens { cutoff } => format!("revoke tokens unused since {}: container-missing", cutoff.to_rfc3339()),
             Action::ReissueToken { revoke } => format!("write a new token into the container (old ones revoked: {revoke})"),
             Action::Pause { .. } => "pause container".into(),
@@ -208,6 +215,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("pause", pause_resume_stop::pause),
     ("resume", pause_resume_stop::resume),
     ("token-file", token_file::rule),
+    ("rotation", rotation::rule),
     ("stale-token-without-container", stale_token_without_container::rule),
     ("heartbeat", heartbeat::rule),
 ];

@@ -19,22 +19,34 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
         TokenFile::NotRead | TokenFile::Unreadable(_) => None,
         TokenFile::Missing => reissue(format!("{}/{} is missing or empty", crate::runtime::CONFIGS_DIR, crate::runtime::TOKEN_FILE)),
         TokenFile::Hash(h) => {
-            let Some(live) = ctx.observed.current_tokens().find(|t| &t.token_hash == h) else {
+            let now = ctx.now;
+            let Some(live) = ctx.observed.current_tokens().find(|t| &t.token_hash == h && t.valid_at(now)) else {
                 return reissue(format!("the token file holds no live token of incarnation {current}"));
             };
-            let others: Vec<&TokenRow> = ctx.observed.live_tokens.iter().filter(|t| t.id != live.id).collect();
-            if others.is_empty() {
+            // Every other live token goes, except one still inside its rotation overlap.
+            let mut by_reason: Vec<(RevokeReason, Vec<String>)> = Vec::new();
+            let in_overlap = |t: &TokenRow| t.expires_at.is_some_and(|e| e > now);
+            for t in ctx.observed.live_tokens.iter().filter(|t| t.id != live.id && !in_overlap(t)) {
+                let reason = if t.expires_at.is_some() {
+                    RevokeReason::Rotated
+                } else if t.incarnation < current {
+                    RevokeReason::Superseded
+                } else {
+                    RevokeReason::TokenFileMismatch
+                };
+                match by_reason.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, ids)) => ids.push(t.id.clone()),
+                    None => by_reason.push((reason, vec![t.id.clone()])),
+                }
+            }
+            if by_reason.is_empty() {
                 return None;
             }
-            let reason = if others.iter().all(|t| t.incarnation < current) {
-                RevokeReason::Superseded
-            } else {
-                RevokeReason::TokenFileMismatch
-            };
+            let n: usize = by_reason.iter().map(|(_, ids)| ids.len()).sum();
             Some(Decision::new(
                 "token-file",
-                format!("{} live token(s) besides the one in the container", others.len()),
-                vec![Action::RevokeExcept { keep: live.id.clone(), reason }],
+                format!("{n} live token(s) besides the one in the container"),
+                by_reason.into_iter().map(|(reason, ids)| Action::RevokeTokenIds { ids, reason }).collect(),
             ))
         }
     }
@@ -84,7 +96,25 @@ mod tests {
         let mut obs = healthy();
         obs.live_tokens.insert(0, token("t0", 0, t(0), None));
         let d = decide(&obs).unwrap();
-        assert_eq!(d.actions, vec![Action::RevokeExcept { keep: "t1".into(), reason: RevokeReason::Superseded }]);
+        assert_eq!(d.actions, vec![Action::RevokeTokenIds { ids: vec!["t0".into()], reason: RevokeReason::Superseded }]);
+    }
+
+    #[test]
+    fn a_rotated_out_token_stays_through_its_overlap_then_goes_as_rotated() {
+        let mut obs = healthy();
+        let mut old = token("t0", 1, t(0), None);
+        old.expires_at = Some(now() + chrono::Duration::seconds(10));
+        obs.live_tokens.insert(0, old);
+        assert_eq!(decide(&obs), None, "inside the overlap the old token is left alone");
+        obs.live_tokens[0].expires_at = Some(now() - chrono::Duration::seconds(1));
+        assert_eq!(decide(&obs).unwrap().actions, vec![Action::RevokeTokenIds { ids: vec!["t0".into()], reason: RevokeReason::Rotated }]);
+    }
+
+    #[test]
+    fn a_file_holding_an_expired_token_gets_a_new_one() {
+        let mut obs = healthy();
+        obs.live_tokens[0].expires_at = Some(now() - chrono::Duration::seconds(1));
+        assert!(matches!(decide(&obs).unwrap().actions[0], Action::ReissueToken { .. }));
     }
 
     #[test]
