@@ -10,6 +10,7 @@ pub mod operator;
 pub mod reconcile;
 pub mod registry;
 pub mod rules;
+pub mod secrets;
 pub mod runtime;
 pub mod source;
 pub mod store;

@@ -142,9 +142,13 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     drop(snap_tx);
     tokio::spawn(desired_store(snap_rx, source_names, defaults, desired_tx));
 
+    let keyring = Arc::new(
+        crate::secrets::Keyring::load(&args.state).context("cannot load the secrets key")?,
+    );
     let metrics = Arc::new(Metrics::new());
     let (trigger, trigger_rx) = Trigger::new();
-    let state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
+    let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
+    state.keyring = Some(keyring.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another operator running there? use --listen)", args.listen))?;
@@ -163,7 +167,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         restart_backoff: Duration::from_secs(args.restart_backoff_seconds),
     };
     let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
-    let ctx = Arc::new(Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics));
+    let mut ctx = Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics);
+    ctx.keyring = Some(keyring);
+    let ctx = Arc::new(ctx);
     {
         let mut rx = desired_rx.clone();
         let state = state.clone();

@@ -439,6 +439,21 @@ mod cases {
         assert_eq!(history.iter().find(|t| t.id == old.row.id).unwrap().revoke_reason.as_deref(), Some("rotated"));
     }
 
+    pub async fn secrets_are_versioned_scoped_and_deleted(s: &Subject) {
+        let store = &s.store;
+        let sealed = |c: &str| molecule::secrets::Sealed { key_id: "k1".into(), nonce: "n".into(), ciphertext: c.into() };
+        assert_eq!(store.put_secret("global", "A", &sealed("c1"), t0()).await.unwrap(), 1);
+        assert_eq!(store.put_secret("global", "A", &sealed("c2"), t0() + mins(1)).await.unwrap(), 2, "a set bumps the version");
+        assert_eq!(store.put_secret("team:default/eng", "A", &sealed("c3"), t0()).await.unwrap(), 1, "scopes are separate");
+        let global = store.secrets(&["global".to_string()]).await.unwrap();
+        assert_eq!(global.len(), 1);
+        assert_eq!((global[0].ciphertext.as_str(), global[0].version, global[0].updated_at), ("c2", 2, t0() + mins(1)));
+        assert_eq!(store.secrets(&[]).await.unwrap().len(), 2, "no scopes means all");
+        assert!(store.delete_secret("global", "A").await.unwrap());
+        assert!(!store.delete_secret("global", "A").await.unwrap());
+        assert_eq!(store.secrets(&[]).await.unwrap().len(), 1);
+    }
+
     pub async fn revoke_reasons_are_recorded_and_readable(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -752,6 +767,7 @@ conformance!(
     revoke_stale_tokens_revokes_only_rows_older_than_cutoff,
     a_heartbeat_after_the_look_protects_the_token,
     rotation_expiry_and_single_revocation,
+    secrets_are_versioned_scoped_and_deleted,
     revoke_reasons_are_recorded_and_readable,
     record_heartbeat_touches_token_and_workspace,
     decisions_are_kept_newest_first_and_trimmed,

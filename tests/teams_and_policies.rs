@@ -214,3 +214,61 @@ fn live_rotation_replaces_the_token_without_a_restart_or_a_single_401() {
     assert_eq!(registry(&op.url(), "/registry/heartbeat", "x", uid), 401);
     assert_eq!(registry_401s(&op), 1);
 }
+
+fn env_of(w: &Value) -> Vec<String> {
+    docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", w["container"]["id"].as_str().unwrap()])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn secrets_override_by_scope_restart_only_their_users_and_never_leak() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("secrets");
+    op.write("team.yaml", &team("Running", &["a", "b"]));
+    op.write_ws("solo");
+    op.start();
+    op.wait_online(&["eng-a", "eng-b", "solo"], UP);
+    let set = |args: &[&str]| {
+        let out = op.cli(&[&["secret", "set"], args].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (g, t, own, t2) = ("global-value-7f3a", "team-value-19cd", "own-value-5e21", "team-value-rotated-88aa");
+    set(&["SHARED", "--value", g]);
+    set(&["TEAM_ONLY", "--value", t, "--team", "eng"]);
+    set(&["SHARED", "--value", own, "--workspace", "eng-a"]);
+    let ws = op.wait("secrets delivered", CONVERGE, |ws| {
+        ws.values().all(online)
+            && env_of(&ws["eng-a"]).contains(&format!("SHARED={own}"))
+            && env_of(&ws["eng-b"]).contains(&format!("TEAM_ONLY={t}"))
+            && env_of(&ws["solo"]).contains(&format!("SHARED={g}"))
+    });
+    assert!(env_of(&ws["eng-a"]).contains(&format!("TEAM_ONLY={t}")));
+    assert!(env_of(&ws["eng-b"]).contains(&format!("SHARED={g}")), "the team member without its own value gets the global one");
+    assert!(!env_of(&ws["solo"]).iter().any(|l| l.starts_with("TEAM_ONLY=")), "a team secret stays in its team");
+
+    // Changing the team secret recreates exactly the team's members.
+    let before: BTreeMap<String, i64> = ws.iter().map(|(n, w)| (n.clone(), w["incarnation"].as_i64().unwrap())).collect();
+    set(&["TEAM_ONLY", "--team", "eng", "--value", t2]);
+    let ws = op.wait("team members recreated", CONVERGE, |ws| {
+        ["eng-a", "eng-b"].iter().all(|n| online(&ws[*n]) && env_of(&ws[*n]).contains(&format!("TEAM_ONLY={t2}")))
+    });
+    assert!(ws["eng-a"]["incarnation"].as_i64() > Some(before["eng-a"]));
+    assert_eq!(ws["solo"]["incarnation"].as_i64(), Some(before["solo"]), "solo does not use it and is untouched");
+
+    // Listed by name and version, never by value; no value anywhere a person looks.
+    let list = String::from_utf8(op.cli(&["secret", "list"]).stdout).unwrap();
+    assert!(list.contains("TEAM_ONLY") && list.contains("team:default/eng"), "{list}");
+    let json = String::from_utf8(op.cli(&["get", "workspaces", "-o", "json"]).stdout).unwrap();
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "eng-a"]).stdout).unwrap();
+    for v in [g, t, own, t2] {
+        for (what, text) in [("list", &list), ("get -o json", &json), ("describe", &describe), ("operator log", &op.logs())] {
+            assert!(!text.contains(v), "secret value found in {what}");
+        }
+    }
+    let db = std::fs::read(op.state.join("state.db")).unwrap();
+    assert!(!db.windows(t2.len()).any(|w| w == t2.as_bytes()), "the database holds only ciphertext");
+}

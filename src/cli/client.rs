@@ -18,6 +18,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error("{0}")]
+    Input(String),
     #[error(
         "cannot find the running operator: {path} does not exist ({source}). Is `molecule-operator up` running with --state {state}? Or name it with --server URL"
     )]
@@ -108,6 +110,24 @@ impl Client {
         self.call(Method::POST, &["api", "v1", "workspaces", &key.name, action], Some(&key.namespace)).await
     }
 
+    pub async fn secrets(&self) -> Result<Vec<crate::registry::secrets::SecretView>, CliError> {
+        self.call(Method::GET, &["api", "v1", "secrets"], None).await
+    }
+
+    /// Sets a secret; returns the operator's sentence about it.
+    pub async fn set_secret(&self, scope: &str, name: &str, value: &str) -> Result<String, CliError> {
+        let body = serde_json::json!({ "value": value });
+        let v: serde_json::Value =
+            self.call_with(Method::PUT, &["api", "v1", "secrets"], &[("scope", scope), ("name", name)], Some(body)).await?;
+        Ok(v["message"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub async fn delete_secret(&self, scope: &str, name: &str) -> Result<String, CliError> {
+        let v: serde_json::Value =
+            self.call_with(Method::DELETE, &["api", "v1", "secrets"], &[("scope", scope), ("name", name)], None).await?;
+        Ok(v["message"].as_str().unwrap_or_default().to_string())
+    }
+
     fn url(&self, segments: &[&str], namespace: Option<&str>) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
@@ -125,11 +145,26 @@ impl Client {
         segments: &[&str],
         namespace: Option<&str>,
     ) -> Result<T, CliError> {
-        let url = self.url(segments, namespace);
-        let response = self
-            .http
-            .request(method, url.clone())
-            .bearer_auth(&self.admin_token)
+        let query: Vec<(&str, &str)> = namespace.map(|ns| ("namespace", ns)).into_iter().collect();
+        self.call_with(method, segments, &query, None).await
+    }
+
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<T, CliError> {
+        let mut url = self.url(segments, None);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let mut request = self.http.request(method, url.clone()).bearer_auth(&self.admin_token);
+        if let Some(b) = body {
+            request = request.json(&b);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| self.transport(e))?;

@@ -123,6 +123,63 @@ pub enum ClientCommand {
     Pause(ActionArgs),
     /// Run a paused or stopped workspace again.
     Resume(ActionArgs),
+    /// Secrets delivered to workspaces as env vars, stored encrypted (AES-256-GCM).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+/// Which workspaces a secret reaches: all (default), one team's, or one workspace's.
+/// A workspace's value overrides its team's, which overrides the global one.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SecretScope {
+    /// Only this team's members (`NAME` or `NAMESPACE/NAME`).
+    #[arg(long, conflicts_with = "workspace")]
+    pub team: Option<String>,
+    /// Only this workspace (`NAME` or `NAMESPACE/NAME`).
+    #[arg(long)]
+    pub workspace: Option<String>,
+}
+
+impl SecretScope {
+    fn scope(&self) -> String {
+        match (&self.team, &self.workspace) {
+            (Some(t), _) => format!("team:{t}"),
+            (_, Some(w)) => format!("workspace:{w}"),
+            _ => "global".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret (the value from --value, --from-file, or standard input). The
+    /// workspaces that receive it are recreated per their update policy.
+    Set {
+        /// The env var name the workspaces see, e.g. OPENAI_API_KEY.
+        name: String,
+        /// The value (prefer --from-file or stdin: command lines end up in shell history).
+        #[arg(long, conflicts_with = "from_file")]
+        value: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        #[command(flatten)]
+        scope: SecretScope,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List secrets: scope, name, version, key id. Never values.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a secret.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        scope: SecretScope,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Runs a client command: prints its output, or the error as a sentence on stderr.
@@ -147,6 +204,7 @@ pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
         ClientCommand::Restart(a) => act(Action::Restart, a).await,
         ClientCommand::Pause(a) => act(Action::Pause, a).await,
         ClientCommand::Resume(a) => act(Action::Resume, a).await,
+        ClientCommand::Secret(c) => secret(c).await,
     }
 }
 
@@ -253,5 +311,39 @@ mod tests {
         assert!(encode(&v, OutputFormat::Json).unwrap().starts_with("[\n"));
         let y = encode(&v, OutputFormat::Yaml).unwrap();
         assert!(y.contains("name: a"), "{y}");
+    }
+}
+
+/// Runs a `secret` subcommand.
+pub async fn secret(cmd: &SecretCommand) -> Result<String, CliError> {
+    match cmd {
+        SecretCommand::Set { name, value, from_file, scope, client } => {
+            let value = match (value, from_file) {
+                (Some(v), _) => v.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| CliError::Input(format!("cannot read {}: {e}", f.display())))?
+                    .trim_end_matches('\n')
+                    .to_string(),
+                (None, None) => {
+                    let mut v = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut v)
+                        .map_err(|e| CliError::Input(format!("cannot read the value from standard input: {e}")))?;
+                    v.trim_end_matches('\n').to_string()
+                }
+            };
+            Ok(format!("{}\n", Client::new(client)?.set_secret(&scope.scope(), name, &value).await?))
+        }
+        SecretCommand::List { client } => {
+            let rows = Client::new(client)?.secrets().await?;
+            let now = Utc::now();
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| vec![r.scope.clone(), r.name.clone(), r.version.to_string(), r.key_id.clone(), output::ago(Some(r.updated_at), now)])
+                .collect();
+            Ok(output::table(&["SCOPE", "NAME", "VERSION", "KEY", "UPDATED"], &table))
+        }
+        SecretCommand::Delete { name, scope, client } => {
+            Ok(format!("{}\n", Client::new(client)?.delete_secret(&scope.scope(), name).await?))
+        }
     }
 }

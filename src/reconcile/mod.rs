@@ -5,7 +5,7 @@
 
 pub mod status;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,6 +94,8 @@ pub struct Context {
     pub agent: AgentEnv,
     pub metrics: Arc<Metrics>,
     pub failpoint: Option<String>,
+    /// Opens secrets for delivery into containers.
+    pub keyring: Option<Arc<crate::secrets::Keyring>>,
     /// Every finished reconcile is published here (status writers subscribe).
     pub reports: broadcast::Sender<Report>,
     /// The last execution error per workspace (shown in status until it succeeds).
@@ -125,6 +127,7 @@ impl Context {
             metrics,
             failpoint: std::env::var("MOLECULE_FAILPOINT").ok().filter(|s| !s.is_empty()),
             reports: broadcast::channel(1024).0,
+            keyring: None,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -148,6 +151,10 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Exec(#[from] ExecError),
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
+    #[error("secrets are set for this workspace but the operator has no secrets key")]
+    NoKeyring,
 }
 
 impl ReconcileError {
@@ -155,6 +162,7 @@ impl ReconcileError {
         match self {
             Self::Store(e) => e.metric_label(),
             Self::Exec(e) => e.metric_label(),
+            Self::Secret(_) | Self::NoKeyring => "secret",
         }
     }
 }
@@ -162,16 +170,48 @@ impl ReconcileError {
 /// When to look at a workspace again after a successful reconcile.
 pub type Requeue = Option<Duration>;
 
-fn to_rule_desired(d: &DesiredWorkspace, instance: &str, uid: &str, agent: &AgentEnv) -> Desired {
+/// The secrets a workspace receives as env vars: global, then its team's, then its
+/// own (each overriding the one before).
+async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<BTreeMap<String, String>, ReconcileError> {
+    use crate::secrets::Scope;
+    let Ok(spec) = &d.spec else { return Ok(BTreeMap::new()) };
+    let mut scopes = vec![Scope::Global];
+    if let Some(team) = spec.team.as_ref().or(d.owner_team.as_ref()) {
+        scopes.push(Scope::Team(format!("{}/{team}", d.key.namespace)));
+    }
+    scopes.push(Scope::Workspace(d.key.to_string()));
+    let names: Vec<String> = scopes.iter().map(Scope::as_string).collect();
+    let rows = ctx.store.secrets(&names).await?;
+    let mut env = BTreeMap::new();
+    if rows.is_empty() {
+        return Ok(env);
+    }
+    let keyring = ctx.keyring.as_ref().ok_or(ReconcileError::NoKeyring)?;
+    for scope in &scopes {
+        let scope_name = scope.as_string();
+        for row in rows.iter().filter(|r| r.scope == scope_name) {
+            let sealed = crate::secrets::Sealed { key_id: row.key_id.clone(), nonce: row.nonce.clone(), ciphertext: row.ciphertext.clone() };
+            env.insert(row.name.clone(), keyring.open(scope, &row.name, &sealed)?);
+        }
+    }
+    Ok(env)
+}
+
+fn to_rule_desired(d: &DesiredWorkspace, secrets: BTreeMap<String, String>, instance: &str, uid: &str, agent: &AgentEnv) -> Desired {
     let key = d.key.to_string();
-    let spec_hash = match &d.spec {
+    // Secrets join the env here only: never in the desired set the API shows.
+    let spec = d.spec.clone().map(|mut s| {
+        s.env.extend(secrets);
+        s
+    });
+    let spec_hash = match &spec {
         Ok(spec) => {
             let cs = render(spec, &Identity { instance, key: &key, uid }, agent);
             cs.labels.get(crate::runtime::labels::SPEC_HASH).cloned().unwrap_or_default()
         }
         Err(_) => String::new(),
     };
-    Desired { key: d.key.clone(), generation: d.generation, spec: d.spec.clone(), spec_hash, source: d.source.clone() }
+    Desired { key: d.key.clone(), generation: d.generation, spec, spec_hash, source: d.source.clone() }
 }
 
 /// Reconciles one workspace until desired and observed agree (or a step fails),
@@ -207,7 +247,7 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             None => ctx.store.workspace(key).await?,
         };
         let desired = match (declared, &record) {
-            (Some(d), Some(r)) => Some(to_rule_desired(d, &ctx.instance, &r.uid, &ctx.agent)),
+            (Some(d), Some(r)) => Some(to_rule_desired(d, secret_env(ctx, d).await?, &ctx.instance, &r.uid, &ctx.agent)),
             _ => None,
         };
         let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());

@@ -17,6 +17,7 @@ mod admin;
 mod agent;
 pub mod auth;
 pub mod metrics;
+pub mod secrets;
 pub mod views;
 
 use std::collections::HashMap;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once the operator has read every source; `/readyz` is 503 until then.
     pub ready: Arc<AtomicBool>,
+    /// Seals secrets set through the admin API.
+    pub keyring: Option<Arc<crate::secrets::Keyring>>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
     nudges: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -83,6 +86,7 @@ impl AppState {
             admin_token,
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
+            keyring: None,
             nudges: Arc::default(),
         }
     }
@@ -108,6 +112,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/workspaces/{name}/pause", post(admin::pause))
         .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
         .route("/api/v1/teams", get(admin::list_teams))
+        .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     Router::new()
         .route("/registry/register", post(agent::register))

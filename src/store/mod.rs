@@ -149,6 +149,18 @@ pub struct TokenOwner {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// A sealed secret as stored (see crate::secrets); never its plaintext.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRow {
+    pub scope: String,
+    pub name: String,
+    pub key_id: String,
+    pub nonce: String,
+    pub ciphertext: String,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// One reconcile decision, kept per workspace for `describe`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecisionRecord {
@@ -230,6 +242,13 @@ pub trait Store: Send + Sync + 'static {
     /// A successful register/heartbeat: touches the token's last_used_at and the
     /// workspace's last_heartbeat_at.
     async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Stores a sealed secret (insert or replace); returns its new version.
+    async fn put_secret(&self, scope: &str, name: &str, sealed: &crate::secrets::Sealed, now: DateTime<Utc>) -> StoreResult<i64>;
+    /// Secrets of the given scopes (all scopes when empty), by scope then name.
+    async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>>;
+    /// Deletes a secret; false when there was none.
+    async fn delete_secret(&self, scope: &str, name: &str) -> StoreResult<bool>;
 
     async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()>;
     /// Newest first.

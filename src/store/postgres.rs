@@ -406,6 +406,52 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn put_secret(&self, scope: &str, name: &str, sealed: &crate::secrets::Sealed, now: DateTime<Utc>) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "INSERT INTO secrets (scope, name, key_id, nonce, ciphertext, version, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 1, $6) \
+             ON CONFLICT (scope, name) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce, \
+                 ciphertext = excluded.ciphertext, version = secrets.version + 1, updated_at = excluded.updated_at \
+             RETURNING version",
+        )
+        .bind(scope)
+        .bind(name)
+        .bind(&sealed.key_id)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(micros(now))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("version")?)
+    }
+
+    async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>> {
+        let rows = sqlx::query("SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name").fetch_all(&self.pool).await?;
+        rows.iter()
+            .filter(|row| scopes.is_empty() || row.try_get::<String, _>("scope").is_ok_and(|s| scopes.contains(&s)))
+            .map(|row| {
+                Ok(SecretRow {
+                    scope: row.try_get("scope")?,
+                    name: row.try_get("name")?,
+                    key_id: row.try_get("key_id")?,
+                    nonce: row.try_get("nonce")?,
+                    ciphertext: row.try_get("ciphertext")?,
+                    version: row.try_get("version")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, scope: &str, name: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM secrets WHERE scope = $1 AND name = $2")
+            .bind(scope)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
