@@ -110,7 +110,7 @@ pub fn teams_table(teams: &[TeamSummary]) -> String {
     if teams.is_empty() {
         return "No teams are declared.\n".into();
     }
-    let headers = ["NAME", "MEMBERS", "RUNNING", "PENDING", "PAUSED", "STOPPED", "DEGRADED", "FAILED", "MODE"];
+    let headers = ["NAME", "READY", "MEMBERS", "RUNNING", "PENDING", "PAUSED", "STOPPED", "DEGRADED", "FAILED", "MODE"];
     let rows: Vec<Vec<String>> = teams
         .iter()
         .map(|t| {
@@ -119,8 +119,10 @@ pub fn teams_table(teams: &[TeamSummary]) -> String {
             } else {
                 format!("{}/{}", t.namespace, t.name)
             };
+            let ready = t.conditions.iter().find(|c| c.type_ == "Ready").map(|c| format!("{:?}", c.status));
             vec![
                 name,
+                ready.unwrap_or_else(|| "-".into()),
                 t.members.to_string(),
                 t.count(Phase::Running).to_string(),
                 (t.count(Phase::Pending) + t.count(Phase::Provisioning)).to_string(),
@@ -474,11 +476,12 @@ mod tests {
             max_workspaces: None,
             max_running: None,
             declared: true,
+            conditions: vec![crate::api::Condition::new("Ready", crate::api::ConditionStatus::False, "MembersNotReady", "", Utc::now())],
         };
         let out = teams_table(&[t]);
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "NAME   MEMBERS   RUNNING   PENDING   PAUSED   STOPPED   DEGRADED   FAILED   MODE");
-        assert_eq!(lines[1], "eng    3         2         1         0        0         0          0        -");
+        assert_eq!(lines[0], "NAME   READY   MEMBERS   RUNNING   PENDING   PAUSED   STOPPED   DEGRADED   FAILED   MODE");
+        assert_eq!(lines[1], "eng    False   3         2         1         0        0         0          0        -");
     }
 
     #[test]

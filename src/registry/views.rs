@@ -139,6 +139,9 @@ pub struct TeamSummary {
     /// False for a team that workspaces name in `spec.team` but no Team object declares.
     #[serde(default)]
     pub declared: bool,
+    /// Ready: every member has settled (Running, Paused or Stopped), with the counts.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
 impl TeamSummary {
@@ -296,6 +299,7 @@ pub fn teams(desired: &DesiredSet, workspaces: &[WorkspaceSummary]) -> Vec<TeamS
         max_workspaces: None,
         max_running: None,
         declared: false,
+        conditions: Vec::new(),
     };
     for (key, team) in &desired.teams {
         let mut t = empty(key);
@@ -311,6 +315,20 @@ pub fn teams(desired: &DesiredSet, workspaces: &[WorkspaceSummary]) -> Vec<TeamS
         let t = out.entry(key.clone()).or_insert_with(|| empty(&key));
         t.members += 1;
         *t.phases.entry(w.phase.to_string()).or_default() += 1;
+    }
+    let now = Utc::now();
+    for t in out.values_mut() {
+        let settled = [Phase::Running, Phase::Paused, Phase::Stopped].iter().map(|p| t.count(*p)).sum::<u32>();
+        let counts: Vec<String> =
+            ALL_PHASES.iter().filter(|p| t.count(**p) > 0).map(|p| format!("{} {p}", t.count(*p))).collect();
+        let ready = t.members > 0 && settled == t.members;
+        t.conditions = vec![Condition::new(
+            "Ready",
+            if ready { ConditionStatus::True } else { ConditionStatus::False },
+            if ready { "AllSettled" } else if t.members == 0 { "NoMembers" } else { "MembersNotReady" },
+            counts.join(", "),
+            now,
+        )];
     }
     out.into_values().collect()
 }
