@@ -44,8 +44,15 @@ struct Seen {
 
 impl Seen {
     fn respond(self, status: StatusCode, body: Value) {
-        let bytes = serde_json::to_vec(&body).unwrap();
+        self.respond_raw(status, serde_json::to_vec(&body).unwrap());
+    }
+
+    fn respond_raw(self, status: StatusCode, bytes: Vec<u8>) {
         self.reply.send_response(Response::builder().status(status).body(Body::from(bytes)).unwrap());
+    }
+
+    fn is_watch(&self) -> bool {
+        self.query.contains("watch=true")
     }
 }
 
@@ -485,4 +492,95 @@ async fn leadership_is_acquired_by_creating_the_lease_and_handed_back_on_shutdow
     assert!(req.body["spec"].get("holderIdentity").is_none_or(Value::is_null), "released");
     let body = req.body.clone();
     req.respond(StatusCode::OK, body);
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "molecule.ai/v1alpha1", "kind": format!("{kind}List"),
+           "metadata": {"resourceVersion": "100"}, "items": items})
+}
+
+fn named(name: &str, rv: &str, generation: i64, spec: Value) -> Value {
+    let mut v = workspace(spec, &["molecule.ai/cleanup"], false);
+    v["metadata"]["name"] = json!(name);
+    v["metadata"]["resourceVersion"] = json!(rv);
+    v["metadata"]["generation"] = json!(generation);
+    v
+}
+
+#[tokio::test]
+async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_changes() {
+    use molecule::source::SourceObject;
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer(handle);
+    let client = Client::new(service, "default");
+    let (snap_tx, mut snaps) = mpsc::channel(8);
+    let (sent_tx, sent_rx) = watch::channel(SentMap::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, shutdown.clone()));
+
+    let mut deleting = named("leaving", "11", 1, json!({}));
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T07:00:00Z");
+    let team = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Team",
+        "metadata": {"name": "core", "namespace": "eng", "resourceVersion": "12"}, "spec": {"workspaces": [{"name": "x"}]}});
+    let mut watches = Vec::new();
+    let mut lists = 0;
+    while lists < 2 {
+        let req = api.next().await;
+        assert_eq!(req.method, Method::GET);
+        if req.is_watch() {
+            watches.push(req);
+        } else if req.path == "/apis/molecule.ai/v1alpha1/workspaces" {
+            lists += 1;
+            let items = vec![named("good", "10", 1, json!({"tier": 2})), named("bad", "10", 1, json!({"tier": "two"})), deleting.clone()];
+            req.respond(StatusCode::OK, list("Workspace", items));
+        } else if req.path == "/apis/molecule.ai/v1alpha1/teams" {
+            lists += 1;
+            req.respond(StatusCode::OK, list("Team", vec![team.clone()]));
+        } else {
+            panic!("unexpected {} {}", req.method, req.path);
+        }
+    }
+    let snap = tokio::time::timeout(Duration::from_secs(5), snaps.recv()).await.expect("a snapshot").unwrap();
+    assert_eq!(snap.source, "kubernetes");
+    let names: Vec<String> = snap
+        .objects
+        .iter()
+        .map(|o| match o {
+            SourceObject::Workspace { object, source } => format!("ws {} {}", object.metadata.name.as_deref().unwrap(), source.reference),
+            SourceObject::Team { object, .. } => format!("team {}", object.metadata.name.as_deref().unwrap()),
+            SourceObject::Invalid { kind, key, .. } => format!("invalid {kind} {key}"),
+        })
+        .collect();
+    assert_eq!(names, ["invalid Workspace eng/bad", "ws good eng/good@10", "team core"], "the one being deleted is left out");
+    assert_eq!(sent_rx.borrow().len(), 2);
+
+    // A spec change arrives on the Workspace watch: a new snapshot.
+    let ws_watch = loop {
+        if let Some(i) = watches.iter().position(|w| w.path.ends_with("/workspaces")) {
+            break watches.remove(i);
+        }
+        let req = api.next().await;
+        assert!(req.is_watch(), "{} {}", req.method, req.path);
+        watches.push(req);
+    };
+    let modified = |obj: Value| format!("{}\n", json!({"type": "MODIFIED", "object": obj})).into_bytes();
+    let mut events = modified(named("good", "20", 2, json!({"tier": 3})));
+    // ...and then a status write: same generation and spec, new resourceVersion.
+    let mut status_only = named("good", "21", 2, json!({"tier": 3}));
+    status_only["status"] = json!({"phase": "Running"});
+    events.extend(modified(status_only));
+    ws_watch.respond_raw(StatusCode::OK, events);
+    let snap = tokio::time::timeout(Duration::from_secs(5), snaps.recv()).await.expect("a second snapshot").unwrap();
+    let good = snap.objects.iter().find_map(|o| match o {
+        SourceObject::Workspace { object, source } => Some((object.spec.tier, source.reference.clone())),
+        _ => None,
+    });
+    assert_eq!(good, Some((Some(3), "eng/good@20".to_string())));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), snaps.recv()).await.is_err(),
+        "a status-only change sends no snapshot"
+    );
+    shutdown.cancel();
+    drop(watches);
+    run.await.unwrap().unwrap();
 }

@@ -79,6 +79,8 @@ pub enum Error {
     LeadershipLost(String),
     #[error("cannot serialize status: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Config(String),
 }
 
 impl Error {
@@ -97,6 +99,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::LeadershipLost(_) => "leadership_lost",
             Error::Serialize(_) => "serialize",
+            Error::Config(_) => "config",
         }
     }
 
@@ -111,6 +114,26 @@ impl Error {
             _ => self,
         }
     }
+}
+
+/// A client from a kubeconfig file (local mode: `STATE/kubeconfig` written by
+/// `up --kube-api`), or, with None, the usual inference: in-cluster service account,
+/// then `$KUBECONFIG` / `~/.kube/config`.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Error> {
+    use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("cannot read kubeconfig {}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| Error::Config(format!("no in-cluster config and no usable kubeconfig: {e}")))?,
+    };
+    kube::Client::try_from(config).map_err(|e| Error::Config(e.to_string()))
 }
 
 /// What [`run`] needs from the rest of the operator.
