@@ -20,7 +20,7 @@ use kube::Client;
 use molecule::api::effective::Defaults;
 use molecule::api::{Phase, WorkspaceStatus};
 use molecule::cluster::controller::{Context, error_policy, reconcile};
-use molecule::cluster::source::{GuardedWorkspace, SentMap, sent_map, snapshot};
+use molecule::cluster::source::{GuardedTeam, GuardedWorkspace, SentMap, sent_map, snapshot};
 use molecule::cluster::{API_USES, Error, Options};
 use molecule::reconcile::{Report, Request as ReconcileRequest, Trigger};
 use molecule::source::desired::{DesiredSet, merge};
@@ -155,6 +155,7 @@ struct Harness {
     desired: watch::Sender<Arc<DesiredSet>>,
     sent: watch::Sender<SentMap>,
     objects: reflector::store::Writer<GuardedWorkspace>,
+    teams: reflector::store::Writer<GuardedTeam>,
 }
 
 fn harness() -> Harness {
@@ -164,9 +165,10 @@ fn harness() -> Harness {
     let (desired, desired_rx) = watch::channel(Arc::new(DesiredSet { complete: true, ..DesiredSet::default() }));
     let (sent, sent_rx) = watch::channel(SentMap::new());
     let (store, objects): (Store<GuardedWorkspace>, _) = reflector::store();
+    let (team_store, teams) = reflector::store();
     let options = Options { desired_wait: Duration::from_millis(300), ..Options::default() };
-    let ctx = Arc::new(Context::new(client, &options, trigger, desired_rx, sent_rx, store));
-    Harness { ctx, api: ApiServer(handle), queue: Queue::start(rx), desired, sent, objects }
+    let ctx = Arc::new(Context::new(client, &options, trigger, desired_rx, sent_rx, store, team_store));
+    Harness { ctx, api: ApiServer(handle), queue: Queue::start(rx), desired, sent, objects, teams }
 }
 
 impl Harness {
@@ -516,7 +518,8 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
     let (snap_tx, mut snaps) = mpsc::channel(8);
     let (sent_tx, sent_rx) = watch::channel(SentMap::new());
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, shutdown.clone()));
+    let (team_store, team_writer) = reflector::store::<GuardedTeam>();
+    let run = tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, team_writer, shutdown.clone()));
 
     let mut deleting = named("leaving", "11", 1, json!({}));
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T07:00:00Z");
@@ -580,7 +583,43 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
         tokio::time::timeout(Duration::from_millis(300), snaps.recv()).await.is_err(),
         "a status-only change sends no snapshot"
     );
+    assert_eq!(team_store.state().len(), 1, "the controller reads Teams from the source's store");
     shutdown.cancel();
     drop(watches);
     run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_team_gets_its_members_rolled_up_into_its_status() {
+    let mut h = harness();
+    let team = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Team",
+        "metadata": {"name": "core", "namespace": "eng", "resourceVersion": "5", "generation": 2},
+        "spec": {"workspaces": [{"name": "x"}]}});
+    let team_obj: GuardedTeam = serde_json::from_value(team.clone()).unwrap();
+    let set = merge(&[snapshot(&[], &[Arc::new(team_obj.clone())])], &Defaults::default(), &DesiredSet::default());
+    h.desired.send_replace(Arc::new(set));
+    h.teams.apply_watcher_event(&watcher::Event::Apply(team_obj));
+
+    // An inline member (not a Kubernetes object of its own) reports Running.
+    let report = Report { key: "eng/core-x".into(), status: Some(running(1)), ..Default::default() };
+    let ctx = h.ctx.clone();
+    let run = tokio::spawn(async move { ctx.handle_report(&report).await });
+    let req = h.api.next().await;
+    assert_eq!(req.method, Method::PATCH);
+    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/eng/teams/core/status");
+    assert_eq!(req.content_type, "application/apply-patch+yaml");
+    assert!(req.query.contains("fieldManager=molecule-operator"));
+    assert_eq!(req.body["kind"], "Team");
+    assert_eq!(req.body["status"]["members"], 1);
+    assert_eq!(req.body["status"]["phases"], json!({"Running": 1}));
+    assert_eq!(req.body["status"]["observedGeneration"], 2);
+    assert_eq!(req.body["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(req.body["status"]["conditions"][0]["status"], "True");
+    req.respond(StatusCode::OK, team);
+    run.await.unwrap();
+
+    // Unchanged rollup: no write.
+    let again = Report { key: "eng/core-x".into(), status: Some(running(1)), ..Default::default() };
+    h.ctx.handle_report(&again).await;
+    h.api.quiet().await;
 }

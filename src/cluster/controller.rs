@@ -24,9 +24,10 @@ use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::source::{GuardedWorkspace, SentMap, key_of};
+use super::source::{GuardedTeam, GuardedWorkspace, SentMap, key_of};
+use super::team_status;
 use super::{Error, FIELD_MANAGER, FINALIZER, Options, SOURCE_NAME};
-use crate::api::{API_VERSION, Condition, ConditionStatus, ObjectKey, Phase, Workspace, WorkspaceStatus};
+use crate::api::{API_VERSION, Condition, ConditionStatus, ObjectKey, Phase, Team, TeamStatus, Workspace, WorkspaceStatus};
 use crate::reconcile::{Report, Trigger};
 use crate::source::desired::DesiredSet;
 
@@ -48,11 +49,22 @@ pub struct Context {
     /// The controller's view of Workspaces: the report writer only writes to objects
     /// that exist here, with their generation.
     pub objects: Store<GuardedWorkspace>,
+    /// Teams as the source reflects them: only these get a status rollup.
+    pub teams: Store<GuardedTeam>,
     pub recorder: Recorder,
     /// How long Apply/Cleanup wait for the desired store before requeueing.
     pub desired_wait: Duration,
     written: Mutex<HashMap<ObjectKey, Written>>,
     failures: Mutex<HashMap<ObjectKey, u32>>,
+    /// Every workspace's last reported phase and its team, for the Team rollup.
+    members: Mutex<HashMap<ObjectKey, Member>>,
+    teams_written: Mutex<HashMap<ObjectKey, TeamStatus>>,
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    phase: Phase,
+    team: Option<ObjectKey>,
 }
 
 /// The last status written per workspace (writes are skipped when unchanged).
@@ -70,6 +82,7 @@ impl Context {
         desired: watch::Receiver<Arc<DesiredSet>>,
         sent: watch::Receiver<SentMap>,
         objects: Store<GuardedWorkspace>,
+        teams: Store<GuardedTeam>,
     ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.to_string(), instance: Some(options.identity.clone()) };
         Self {
@@ -79,9 +92,12 @@ impl Context {
             desired,
             sent,
             objects,
+            teams,
             desired_wait: options.desired_wait,
             written: Mutex::default(),
             failures: Mutex::default(),
+            members: Mutex::default(),
+            teams_written: Mutex::default(),
         }
     }
 
@@ -153,7 +169,64 @@ impl Context {
     /// this controller knows (others, e.g. from a directory source, are skipped).
     pub async fn handle_report(&self, report: &Report) {
         let key = ObjectKey::parse(&report.key);
-        let Some(obj) = self.objects.get(&ObjectRef::new(&key.name).within(&key.namespace)) else { return };
+        let team = self.remember_member(&key, report);
+        if let Some(obj) = self.objects.get(&ObjectRef::new(&key.name).within(&key.namespace)) {
+            self.workspace_report(&key, &obj, report).await;
+        }
+        if let Some(team) = team
+            && let Err(e) = self.write_team_status(&team).await
+        {
+            tracing::warn!(team = %team, error = %e, "cannot write team status");
+        }
+    }
+
+    /// Records the workspace's phase and team; returns the team to roll up.
+    fn remember_member(&self, key: &ObjectKey, report: &Report) -> Option<ObjectKey> {
+        let declared_team = team_status::team_of(&self.desired.borrow(), key);
+        let mut members = self.members.lock().ok()?;
+        let previous_team = members.get(key).and_then(|m| m.team.clone());
+        if report.forgotten {
+            members.remove(key);
+            return previous_team.or(declared_team);
+        }
+        let phase = report.status.as_ref().map(|s| s.phase)?;
+        let team = declared_team.or(previous_team);
+        members.insert(key.clone(), Member { phase, team: team.clone() });
+        team
+    }
+
+    /// Writes the Team's rollup by server-side apply, when the Team is a Kubernetes
+    /// object and the rollup changed.
+    pub async fn write_team_status(&self, team: &ObjectKey) -> Result<(), Error> {
+        let Some(obj) = self.teams.get(&ObjectRef::new(&team.name).within(&team.namespace)) else { return Ok(()) };
+        let phases: HashMap<ObjectKey, Phase> = match self.members.lock() {
+            Ok(m) => m.iter().map(|(k, m)| (k.clone(), m.phase)).collect(),
+            Err(_) => return Ok(()),
+        };
+        let previous = self.teams_written.lock().ok().and_then(|w| w.get(team).cloned());
+        let status = team_status::rollup(
+            team,
+            &self.desired.borrow(),
+            &phases,
+            obj.meta().generation,
+            previous.as_ref(),
+            chrono::Utc::now(),
+        );
+        if previous.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let patch = json!({"apiVersion": API_VERSION, "kind": "Team", "status": status});
+        Api::<DynamicObject>::namespaced_with(self.client.clone(), &team.namespace, &ApiResource::erase::<Team>(&()))
+            .patch_status(&team.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
+        if let Ok(mut w) = self.teams_written.lock() {
+            w.insert(team.clone(), status);
+        }
+        Ok(())
+    }
+
+    async fn workspace_report(&self, key: &ObjectKey, obj: &GuardedWorkspace, report: &Report) {
+        let key = key.clone();
         let reference = obj.object_ref(&());
         for ev in super::events::events_for(report, self.last_phase(&key)) {
             if let Err(e) = self.recorder.publish(&ev, &reference).await {

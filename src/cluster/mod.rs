@@ -15,6 +15,7 @@ pub mod controller;
 pub mod events;
 pub mod leader;
 pub mod source;
+pub mod team_status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +54,7 @@ pub const API_USES: &[ApiUse] = &[
     ApiUse { group: "molecule.ai", resource: "workspaces", verbs: &["list", "watch", "patch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "workspaces/status", verbs: &["patch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams", verbs: &["list", "watch"], own_namespace: false },
+    ApiUse { group: "molecule.ai", resource: "teams/status", verbs: &["patch"], own_namespace: false },
     // Recorder: create, then patch the series of a repeated event.
     ApiUse { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], own_namespace: false },
     ApiUse { group: "coordination.k8s.io", resource: "leases", verbs: &["get", "create", "update"], own_namespace: true },
@@ -171,11 +173,13 @@ impl Default for Options {
 pub async fn run(client: kube::Client, options: Options, wiring: Wiring, shutdown: CancellationToken) -> Result<(), Error> {
     let stop = shutdown.child_token();
     let (sent_tx, sent_rx) = watch::channel(source::SentMap::new());
+    let (teams, team_writer) = kube::runtime::reflector::store();
     let source = tokio::spawn(source::run(
         client.clone(),
         options.namespace.clone(),
         wiring.snapshots.clone(),
         sent_tx,
+        team_writer,
         stop.clone(),
     ));
     let controller = controller::build(client.clone(), options.namespace.as_deref());
@@ -186,6 +190,7 @@ pub async fn run(client: kube::Client, options: Options, wiring: Wiring, shutdow
         wiring.desired.clone(),
         sent_rx,
         controller.store(),
+        teams,
     ));
     let writer = tokio::spawn(controller::write_reports(ctx.clone(), wiring.reports.subscribe(), stop.clone()));
     controller::run(ctx, controller, stop.clone()).await;

@@ -135,13 +135,15 @@ fn is_init_done<K>(ev: &watcher::Event<K>) -> bool {
 }
 
 /// Watches Workspaces and Teams (in `namespace`, or all) and sends a snapshot on every
-/// change until `shutdown`. Watch errors are retried with backoff (and logged); the
+/// change until `shutdown`. `team_writer` fills the Team store the controller reads for
+/// the Team status rollup. Watch errors are retried with backoff (and logged); the
 /// last snapshot stays in force meanwhile.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     snapshots: mpsc::Sender<Snapshot>,
     sent: watch::Sender<SentMap>,
+    team_writer: reflector::store::Writer<GuardedTeam>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (ws_api, team_api): (Api<GuardedWorkspace>, Api<GuardedTeam>) = match &namespace {
@@ -149,7 +151,7 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client)),
     };
     let (ws_store, ws_writer) = reflector::store();
-    let (team_store, team_writer) = reflector::store();
+    let team_store = team_writer.as_reader();
     let ws_events = reflector(ws_writer, watcher(ws_api, watcher::Config::default()).default_backoff())
         .map(|ev| ev.map(|ev| Change::Workspaces { init_done: is_init_done(&ev) }))
         .boxed();
