@@ -623,3 +623,18 @@ async fn a_team_gets_its_members_rolled_up_into_its_status() {
     h.ctx.handle_report(&again).await;
     h.api.quiet().await;
 }
+
+#[tokio::test]
+async fn a_client_is_built_from_a_kubeconfig_file_such_as_local_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\ncurrent-context: molecule\nclusters:\n- name: molecule\n  cluster:\n    server: http://127.0.0.1:6443\ncontexts:\n- name: molecule\n  context:\n    cluster: molecule\n    user: admin\n    namespace: eng\nusers:\n- name: admin\n  user:\n    token: t0ken\n",
+    )
+    .unwrap();
+    let client = molecule::cluster::client(Some(&path)).await.expect("a client");
+    assert_eq!(client.default_namespace(), "eng");
+    let Err(err) = molecule::cluster::client(Some(&dir.path().join("missing"))).await else { panic!("no kubeconfig there") };
+    assert!(err.to_string().contains("cannot read kubeconfig"), "{err}");
+}

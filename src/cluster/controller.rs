@@ -273,7 +273,9 @@ pub async fn run(ctx: Arc<Context>, controller: Controller<GuardedWorkspace>, sh
         .for_each(|result| async move {
             match result {
                 Ok((obj, action)) => tracing::debug!(workspace = %obj, ?action, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "controller"),
+                // Already logged by error_policy.
+                Err(e @ kube::runtime::controller::Error::ReconcilerFailed(..)) => tracing::debug!(error = %e, "controller"),
+                Err(e) => tracing::warn!(error = %e, "Workspace controller (is the CRD installed? `kubectl apply -k deploy/`)"),
             }
         })
         .await;

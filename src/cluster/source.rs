@@ -169,7 +169,11 @@ pub async fn run(
         match change {
             None => return Ok(()),
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching molecule.ai resources failed; retrying");
+                tracing::warn!(
+                    error = %e,
+                    "watching molecule.ai Workspaces/Teams failed; retrying (are the CRDs installed and is the \
+                     operator allowed to list them? `kubectl apply -k deploy/`)"
+                );
                 continue;
             }
             Some(Ok(Change::Workspaces { init_done })) => ws_ready |= init_done,
