@@ -638,3 +638,79 @@ async fn a_client_is_built_from_a_kubeconfig_file_such_as_local_modes() {
     let Err(err) = molecule::cluster::client(Some(&dir.path().join("missing"))).await else { panic!("no kubeconfig there") };
     assert!(err.to_string().contains("cannot read kubeconfig"), "{err}");
 }
+
+/// The entry point as the operator calls it: source, controller and status writer
+/// together, until shutdown.
+#[tokio::test]
+async fn run_wires_source_controller_and_status_writer_and_stops_on_shutdown() {
+    use molecule::cluster::{Wiring, run};
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer(handle);
+    let client = Client::new(service, "default");
+    let (snap_tx, mut snaps) = mpsc::channel(8);
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredSet::default()));
+    let (trigger, trigger_rx) = Trigger::new();
+    let queue = Queue::start(trigger_rx);
+    queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
+    let (reports, _) = tokio::sync::broadcast::channel(16);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let wiring = Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports };
+    let running_op = tokio::spawn(run(client, Options::default(), wiring, shutdown.clone()));
+
+    let fresh = named("a", "10", 1, json!({"tier": 2}));
+    let mut fresh_no_finalizer = fresh.clone();
+    fresh_no_finalizer["metadata"].as_object_mut().unwrap().remove("finalizers");
+    let with_finalizer = named("a", "11", 1, json!({"tier": 2}));
+    let modified = format!("{}\n", json!({"type": "MODIFIED", "object": with_finalizer})).into_bytes();
+
+    let mut held = Vec::new();
+    let mut finalizer_added = false;
+    let mut status = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no status write (finalizer added: {finalizer_added})");
+        tokio::select! {
+            req = api.next() => match (req.method.clone(), req.path.as_str(), req.is_watch()) {
+                (Method::GET, "/apis/molecule.ai/v1alpha1/workspaces", false) => {
+                    req.respond(StatusCode::OK, list("Workspace", vec![fresh_no_finalizer.clone()]));
+                }
+                (Method::GET, "/apis/molecule.ai/v1alpha1/teams", false) => req.respond(StatusCode::OK, list("Team", vec![])),
+                (Method::GET, p, true) if finalizer_added && p.ends_with("/workspaces") => {
+                    req.respond_raw(StatusCode::OK, modified.clone());
+                }
+                (Method::GET, _, true) => held.push(req),
+                (Method::PATCH, WS_PATH, _) => {
+                    assert_eq!(req.body[1]["value"], json!(["molecule.ai/cleanup"]));
+                    finalizer_added = true;
+                    req.respond(StatusCode::OK, with_finalizer.clone());
+                    // The change reaches the watchers.
+                    for w in std::mem::take(&mut held) {
+                        if w.path.ends_with("/workspaces") {
+                            w.respond_raw(StatusCode::OK, modified.clone());
+                        } else {
+                            held.push(w);
+                        }
+                    }
+                }
+                (Method::PATCH, p, _) if p == format!("{WS_PATH}/status") => {
+                    status = Some(req.body.clone());
+                    req.respond(StatusCode::OK, with_finalizer.clone());
+                }
+                (m, p, w) => panic!("unexpected {m} {p} watch={w}"),
+            },
+            Some(snap) = snaps.recv() => {
+                // The desired store's part.
+                let previous = desired_tx.borrow().clone();
+                desired_tx.send_replace(Arc::new(merge(&[snap], &Defaults::default(), &previous)));
+            }
+        }
+    }
+    let status = status.unwrap();
+    assert_eq!(status["status"]["phase"], "Running");
+    assert_eq!(status["status"]["observedGeneration"], 1);
+    assert_eq!(queue.asked(), 1);
+
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), running_op).await.expect("run stops on shutdown");
+    stopped.unwrap().expect("a clean stop");
+}
