@@ -138,6 +138,18 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client
     kube::Client::try_from(config).map_err(|e| Error::Config(e.to_string()))
 }
 
+/// Blocks until this replica holds the leader Lease (or `shutdown`). The returned
+/// [`leader::Leadership::lost`] is cancelled the moment leadership is lost: stop acting
+/// (cancel the operator's shutdown token and exit; the Deployment restarts the pod as a
+/// standby). Serve /healthz before calling this, or a standby fails its liveness probe.
+pub async fn wait_for_leadership(
+    client: kube::Client,
+    lease: leader::LeaseConfig,
+    shutdown: CancellationToken,
+) -> Result<leader::Leadership, Error> {
+    leader::acquire(client, lease, shutdown).await
+}
+
 /// What [`run`] needs from the rest of the operator.
 pub struct Wiring {
     /// The desired store's input: this source's snapshots are named [`SOURCE_NAME`].
