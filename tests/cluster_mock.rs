@@ -274,12 +274,35 @@ async fn apply_reconciles_through_the_queue_and_writes_status_whole_by_server_si
     assert_eq!(run.await.unwrap().unwrap(), Action::requeue(Duration::from_secs(300)));
     assert_eq!(h.queue.asked(), 1);
 
-    // The same status again is not written again.
-    h.queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
-    let run = tokio::spawn(reconcile(obj, h.ctx.clone()));
+    // Our own status write wakes the controller: the same generation was just
+    // reconciled, so it neither asks the queue again nor writes anything.
+    let run = tokio::spawn(reconcile(obj.clone(), h.ctx.clone()));
     h.api.quiet().await;
+    let action = run.await.unwrap().unwrap();
+    assert!(action != Action::await_change() && action != Action::requeue(Duration::from_secs(300)), "{action:?}");
+    assert_eq!(h.queue.asked(), 1);
+
+    // A new generation is reconciled, and its status written with its observedGeneration.
+    let mut edited = workspace(json!({"tier": 3}), &["molecule.ai/cleanup"], false);
+    edited["metadata"]["generation"] = json!(4);
+    let edited = guard(&edited);
+    h.declare(std::slice::from_ref(&edited));
+    h.queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
+    let run = tokio::spawn(reconcile(edited, h.ctx.clone()));
+    let req = h.api.next().await;
+    assert_eq!(req.body["status"]["observedGeneration"], 4, "observedGeneration follows the object");
+    req.respond(StatusCode::OK, workspace(json!({"tier": 3}), &["molecule.ai/cleanup"], false));
     assert!(run.await.unwrap().is_ok());
     assert_eq!(h.queue.asked(), 2);
+
+    // The same status again (e.g. from the report writer) is not written again.
+    let key = molecule::api::ObjectKey::new("eng", "a");
+    let write = tokio::spawn({
+        let ctx = h.ctx.clone();
+        async move { ctx.write_status(&key, Some(4), running(1)).await }
+    });
+    h.api.quiet().await;
+    write.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -713,4 +736,71 @@ async fn run_wires_source_controller_and_status_writer_and_stops_on_shutdown() {
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(5), running_op).await.expect("run stops on shutdown");
     stopped.unwrap().expect("a clean stop");
+}
+
+fn lease(holder: &str, renewed: k8s_openapi::jiff::Timestamp, rv: &str, transitions: i32) -> Value {
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "molecule-operator", "namespace": "molecule-system", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 1, "acquireTime": renewed.to_string(),
+                 "renewTime": renewed.to_string(), "leaseTransitions": transitions}})
+}
+
+#[tokio::test]
+async fn a_standby_waits_for_the_live_lease_takes_over_when_it_expires_and_notices_when_it_is_lost() {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use molecule::cluster::leader::{LeaseConfig, acquire};
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer(handle);
+    let client = Client::new(service, "default");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cfg = LeaseConfig::new("molecule-system", "pod-a", Duration::from_secs(1));
+    let run = tokio::spawn(acquire(client, cfg, shutdown.clone()));
+
+    // pod-b holds a live Lease: wait, do not write.
+    let req = api.next().await;
+    assert_eq!(req.method, Method::GET);
+    req.respond(StatusCode::OK, lease("pod-b", Timestamp::now(), "7", 2));
+    // Next look: pod-b stopped renewing long ago; take over with a guarded update.
+    let req = api.next().await;
+    assert_eq!(req.method, Method::GET, "no write while another replica's Lease is live");
+    req.respond(StatusCode::OK, lease("pod-b", Timestamp::now() - SignedDuration::from_hours(1), "8", 2));
+    let req = api.next().await;
+    assert_eq!(req.method, Method::PUT);
+    assert_eq!(req.body["metadata"]["resourceVersion"], "8", "optimistic concurrency");
+    assert_eq!(req.body["spec"]["holderIdentity"], "pod-a");
+    assert_eq!(req.body["spec"]["leaseTransitions"], 3);
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    let leadership = run.await.unwrap().expect("leads");
+
+    // At the next renewal pod-b holds it again (e.g. we were partitioned): leadership is lost.
+    let req = api.next().await;
+    assert_eq!(req.method, Method::GET);
+    req.respond(StatusCode::OK, lease("pod-b", Timestamp::now(), "9", 4));
+    tokio::time::timeout(Duration::from_secs(5), leadership.lost.cancelled()).await.expect("lost is signalled");
+}
+
+#[tokio::test]
+async fn losing_the_race_to_renew_is_losing_leadership() {
+    use k8s_openapi::jiff::Timestamp;
+    use molecule::cluster::leader::{LeaseConfig, acquire};
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer(handle);
+    let client = Client::new(service, "default");
+    let cfg = LeaseConfig::new("molecule-system", "pod-a", Duration::from_secs(1));
+    let run = tokio::spawn(acquire(client, cfg, tokio_util::sync::CancellationToken::new()));
+    let req = api.next().await;
+    req.respond(StatusCode::OK, lease("pod-a", Timestamp::now(), "3", 0));
+    let req = api.next().await;
+    assert_eq!(req.method, Method::PUT, "renew");
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    let leadership = run.await.unwrap().expect("leads");
+    let req = api.next().await;
+    req.respond(StatusCode::OK, lease("pod-a", Timestamp::now(), "4", 0));
+    let req = api.next().await;
+    assert_eq!(req.method, Method::PUT);
+    req.respond(StatusCode::CONFLICT, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "Conflict", "code": 409, "message": "the object has been modified"}));
+    tokio::time::timeout(Duration::from_secs(5), leadership.lost.cancelled()).await.expect("lost is signalled");
 }

@@ -59,6 +59,8 @@ pub struct Context {
     /// Every workspace's last reported phase and its team, for the Team rollup.
     members: Mutex<HashMap<ObjectKey, Member>>,
     teams_written: Mutex<HashMap<ObjectKey, TeamStatus>>,
+    /// Generation and time of the last successful Apply per workspace.
+    applied: Mutex<HashMap<ObjectKey, (Option<i64>, Instant)>>,
 }
 
 #[derive(Clone, Debug)]
@@ -98,6 +100,7 @@ impl Context {
             failures: Mutex::default(),
             members: Mutex::default(),
             teams_written: Mutex::default(),
+            applied: Mutex::default(),
         }
     }
 
@@ -142,6 +145,15 @@ impl Context {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Our own status writes (and finalizer patches) wake the controller too. This
+    /// generation was reconciled a moment ago: nothing for the controller to drive
+    /// (other reconciles' status arrives through `write_reports`). Returns when to look again.
+    fn applied_recently(&self, key: &ObjectKey, generation: Option<i64>) -> Option<Duration> {
+        let applied = self.applied.lock().ok()?;
+        let (g, at) = applied.get(key)?;
+        (*g == generation).then(|| RESYNC.checked_sub(at.elapsed())).flatten().filter(|left| !left.is_zero())
     }
 
     fn last_phase(&self, key: &ObjectKey) -> Option<Phase> {
@@ -311,6 +323,9 @@ pub async fn reconcile(obj: Arc<GuardedWorkspace>, ctx: Arc<Context>) -> Result<
 
 async fn apply(obj: &GuardedWorkspace, key: &ObjectKey, ctx: &Context) -> Result<Action, Error> {
     let generation = obj.meta().generation;
+    if let Some(left) = ctx.applied_recently(key, generation) {
+        return Ok(Action::requeue(left));
+    }
     if !ctx.wait_for(|| ctx.is_desired(key, generation)).await {
         return Err(Error::NotYetDesired(key.to_string()));
     }
@@ -335,7 +350,12 @@ async fn apply(obj: &GuardedWorkspace, key: &ObjectKey, ctx: &Context) -> Result
         return Err(Error::InvalidSpec(key.to_string()));
     }
     Ok(match report.status {
-        Some(_) => Action::requeue(RESYNC),
+        Some(_) => {
+            if let Ok(mut a) = ctx.applied.lock() {
+                a.insert(key.clone(), (generation, Instant::now()));
+            }
+            Action::requeue(RESYNC)
+        }
         None => Action::requeue(SOON), // not every source has spoken yet
     })
 }
@@ -367,6 +387,9 @@ async fn cleanup(key: &ObjectKey, ctx: &Context) -> Result<Action, Error> {
     }
     let never_known = report.status.is_none() && report.decisions.is_empty();
     if report.forgotten || never_known {
+        if let Ok(mut a) = ctx.applied.lock() {
+            a.remove(key);
+        }
         tracing::info!(workspace = %key, "removed; releasing the finalizer");
         return Ok(Action::await_change());
     }
