@@ -2,6 +2,7 @@
 //! matching what users declare. See DESIGN.md for the architecture.
 
 pub mod api;
+pub mod cluster;
 pub mod cli;
 pub mod config;
 pub mod execute;

@@ -1,0 +1,132 @@
+//! Which Kubernetes Events a reconcile's decisions make: the ones a user should see
+//! (Provisioned, Recreated, TokenRevoked, Healed, Degraded, ...), as a pure function.
+
+use kube::runtime::events::{Event, EventType};
+
+use crate::api::Phase;
+use crate::reconcile::Report;
+
+/// Events for one finished reconcile. `previous_phase` is the phase last written for
+/// the workspace: Degraded is announced once, when it is entered.
+pub fn events_for(report: &Report, previous_phase: Option<Phase>) -> Vec<Event> {
+    let mut out = Vec::new();
+    let incarnation = report.status.as_ref().map_or(0, |s| s.incarnation);
+    for d in &report.decisions {
+        let failed = d.outcome != "ok";
+        let reason = match d.rule.as_str() {
+            "provision" if incarnation <= 1 => Some("Provisioned"),
+            "provision" | "drift" | "restart" => Some("Recreated"),
+            "token-file" => Some("Healed"),
+            "heartbeat" if d.cause.contains("online again") => Some("Healed"),
+            "heartbeat" => Some("Restarted"),
+            "stale-token-without-container" => Some("TokenRevoked"),
+            "remove" => Some("Removed"),
+            "stop" => Some("Stopped"),
+            "pause" => Some("Paused"),
+            "resume" => Some("Resumed"),
+            _ => None, // orphan: no object to attach it to
+        };
+        let Some(reason) = reason else { continue };
+        let mut note = format!("{}: {}", d.cause, d.actions.join("; "));
+        if failed {
+            note.push_str(&format!(" ({})", d.outcome));
+        }
+        let warning = failed || reason == "Restarted";
+        out.push(event(reason, d.rule.as_str(), note, warning));
+        // Revocations inside another decision (e.g. a provision revoking a missing
+        // container's tokens) are worth their own event.
+        if reason != "TokenRevoked" {
+            for revoked in d.actions.iter().filter(|a| a.starts_with("revoked")) {
+                out.push(event("TokenRevoked", d.rule.as_str(), revoked.clone(), false));
+            }
+        }
+    }
+    if let Some(st) = &report.status
+        && st.phase == Phase::Degraded
+        && previous_phase != Some(Phase::Degraded)
+    {
+        let why = crate::api::condition::find(&st.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default();
+        out.push(event("Degraded", "status", why, true));
+    }
+    out
+}
+
+fn event(reason: &str, action: &str, note: String, warning: bool) -> Event {
+    Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_string(),
+        // events.k8s.io limits `note` to 1 KiB.
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_string(),
+        secondary: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::WorkspaceStatus;
+    use crate::store::DecisionRecord;
+
+    fn decision(rule: &str, cause: &str, actions: &[&str]) -> DecisionRecord {
+        DecisionRecord {
+            at: chrono::Utc::now(),
+            rule: rule.into(),
+            cause: cause.into(),
+            actions: actions.iter().map(|s| s.to_string()).collect(),
+            outcome: "ok".into(),
+        }
+    }
+
+    fn report(incarnation: i64, phase: Phase, decisions: Vec<DecisionRecord>) -> Report {
+        Report {
+            key: "eng/a".into(),
+            status: Some(WorkspaceStatus { incarnation, phase, ..Default::default() }),
+            decisions,
+            ..Default::default()
+        }
+    }
+
+    fn reasons(events: &[Event]) -> Vec<&str> {
+        events.iter().map(|e| e.reason.as_str()).collect()
+    }
+
+    #[test]
+    fn first_provision_is_provisioned_and_a_wiped_container_is_recreated_with_its_tokens_revoked() {
+        let first = report(1, Phase::Running, vec![decision("provision", "no container", &["created container ws-1"])]);
+        assert_eq!(reasons(&events_for(&first, None)), ["Provisioned"]);
+        let healed = report(
+            2,
+            Phase::Running,
+            vec![decision("provision", "no container", &["revoked 1 token: container-missing", "created container ws-1"])],
+        );
+        let ev = events_for(&healed, Some(Phase::Running));
+        assert_eq!(reasons(&ev), ["Recreated", "TokenRevoked"]);
+        assert_eq!(ev[1].note.as_deref(), Some("revoked 1 token: container-missing"));
+        assert_eq!(ev[0].type_, EventType::Normal);
+    }
+
+    #[test]
+    fn token_file_heals_stale_tokens_revoke_and_degraded_is_announced_once() {
+        let r = report(3, Phase::Running, vec![decision("token-file", "no live token matches", &["wrote token Ab3x…"])]);
+        assert_eq!(reasons(&events_for(&r, None)), ["Healed"]);
+        let r = report(3, Phase::Running, vec![decision("stale-token-without-container", "x", &["revoked 2 tokens: container-missing"])]);
+        assert_eq!(reasons(&events_for(&r, None)), ["TokenRevoked"]);
+        let degraded = report(3, Phase::Degraded, vec![]);
+        let ev = events_for(&degraded, Some(Phase::Running));
+        assert_eq!(reasons(&ev), ["Degraded"]);
+        assert_eq!(ev[0].type_, EventType::Warning);
+        assert!(events_for(&degraded, Some(Phase::Degraded)).is_empty());
+    }
+
+    #[test]
+    fn failed_decisions_are_warnings_and_orphans_make_no_event() {
+        let mut d = decision("drift", "spec changed", &["remove container"]);
+        d.outcome = "failed: image missing".into();
+        let ev = events_for(&report(2, Phase::Failed, vec![d]), None);
+        assert_eq!(reasons(&ev), ["Recreated"]);
+        assert_eq!(ev[0].type_, EventType::Warning);
+        assert!(ev[0].note.as_deref().unwrap().contains("image missing"));
+        assert!(events_for(&report(1, Phase::Running, vec![decision("orphan", "x", &[])]), None).is_empty());
+    }
+}
