@@ -52,6 +52,9 @@ pub struct OperatorArgs {
     /// URL agents use to reach the registry (default: http://<listen>).
     #[arg(long)]
     pub registry_url: Option<String>,
+    /// Leader Lease duration with several replicas (`--source kubernetes`).
+    #[arg(long, default_value_t = 15)]
+    pub lease_seconds: u64,
     /// Reconciles run at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,

@@ -24,6 +24,9 @@ use crate::source::Snapshot;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceSpec {
     Dir(PathBuf),
+    /// Workspace/Team custom resources in the cluster the operator runs in (or the one
+    /// $KUBECONFIG names); with leader election on a Lease.
+    Kubernetes,
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -31,10 +34,9 @@ impl std::str::FromStr for SourceSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(Self::Dir(PathBuf::from(path))),
-            _ if s == "postgres" || s == "kubernetes" => {
-                Err(format!("source {s:?} is not available yet in this build; use dir:PATH"))
-            }
-            _ => Err(format!("unknown source {s:?}; use dir:PATH")),
+            None if s == "kubernetes" => Ok(Self::Kubernetes),
+            _ if s == "postgres" => Err(format!("source {s:?} is not available yet in this build; use dir:PATH or kubernetes")),
+            _ => Err(format!("unknown source {s:?}; use dir:PATH or kubernetes")),
         }
     }
 }
@@ -96,11 +98,14 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     if sources.is_empty() {
         bail!("no source given: `up DIR` or `run --source dir:PATH`");
     }
-    for SourceSpec::Dir(p) in &sources {
-        if !p.is_dir() {
+    for source in &sources {
+        if let SourceSpec::Dir(p) = source
+            && !p.is_dir()
+        {
             bail!("{} is not a directory: point `up` at a directory of Workspace/Team YAML files", p.display());
         }
     }
+    let cluster_mode = sources.contains(&SourceSpec::Kubernetes);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
@@ -134,12 +139,16 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredSet::default()));
     let (snap_tx, snap_rx) = mpsc::channel::<Snapshot>(16);
     let mut source_names = Vec::new();
-    for SourceSpec::Dir(path) in &sources {
-        let src = DirSource::new(path);
-        source_names.push(src.source_name());
-        src.watch(snap_tx.clone());
+    for source in &sources {
+        match source {
+            SourceSpec::Dir(path) => {
+                let src = DirSource::new(path);
+                source_names.push(src.source_name());
+                src.watch(snap_tx.clone());
+            }
+            SourceSpec::Kubernetes => source_names.push(crate::cluster::SOURCE_NAME.to_string()),
+        }
     }
-    drop(snap_tx);
     tokio::spawn(desired_store(snap_rx, source_names, defaults, desired_tx));
 
     let keyring = Arc::new(
@@ -170,6 +179,32 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let mut ctx = Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
     let ctx = Arc::new(ctx);
+
+    // Kubernetes: one more source, driven by the kube-rs controller, which writes
+    // status and events back. In a cluster only the Lease holder acts.
+    if cluster_mode {
+        let client = crate::cluster::client(None).await.context("cannot reach the Kubernetes API")?;
+        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string());
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| instance.clone());
+        tracing::info!(%namespace, %identity, "waiting for leadership");
+        let leadership = crate::cluster::wait_for_leadership(
+            client.clone(),
+            crate::cluster::leader::LeaseConfig::new(namespace, identity.clone(), Duration::from_secs(args.lease_seconds.max(3))),
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!("leading: reconciling");
+        {
+            let (lost, stop) = (leadership.lost.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                tracing::error!("lost the leader Lease: stopping so a restart rejoins as a follower");
+                stop.cancel();
+            });
+        }
+        spawn_cluster(client, identity, &snap_tx, &desired_rx, &trigger, &ctx, &shutdown);
+    }
+    drop(snap_tx);
     {
         let mut rx = desired_rx.clone();
         let state = state.clone();
@@ -188,6 +223,32 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let _ = registry::remove_address(&args.state);
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// Runs the Kubernetes source and controller against `client` until shutdown.
+fn spawn_cluster(
+    client: kube::Client,
+    identity: String,
+    snapshots: &mpsc::Sender<Snapshot>,
+    desired: &watch::Receiver<Arc<DesiredSet>>,
+    trigger: &Trigger,
+    ctx: &Arc<Context>,
+    shutdown: &CancellationToken,
+) {
+    let wiring = crate::cluster::Wiring {
+        snapshots: snapshots.clone(),
+        desired: desired.clone(),
+        trigger: trigger.clone(),
+        reports: ctx.reports.clone(),
+    };
+    let options = crate::cluster::Options { identity, ..Default::default() };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::cluster::run(client, options, wiring, stop.clone()).await {
+            tracing::error!(error = %e, "the Kubernetes controller stopped; shutting down");
+            stop.cancel();
+        }
+    });
 }
 
 /// Merges every source's latest snapshot into the desired set. The set is complete
