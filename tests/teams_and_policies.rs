@@ -188,13 +188,11 @@ fn live_rotation_replaces_the_token_without_a_restart_or_a_single_401() {
     let mut prefixes = vec![ws["dev"]["token"]["prefix"].as_str().unwrap().to_string()];
     let t0 = std::time::Instant::now();
     while prefixes.len() < 4 && t0.elapsed() < Duration::from_secs(40) {
-        if let Some(ws) = op.get() {
-            if let Some(p) = ws["dev"]["token"]["prefix"].as_str() {
-                if prefixes.last().map(String::as_str) != Some(p) {
+        if let Some(ws) = op.get()
+            && let Some(p) = ws["dev"]["token"]["prefix"].as_str()
+                && prefixes.last().map(String::as_str) != Some(p) {
                     prefixes.push(p.to_string());
                 }
-            }
-        }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(prefixes.len() >= 4, "at least 3 rotations: {prefixes:?}");

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Condition, OperatingMode, WorkspaceSpec};
 
+// kube's derive takes one printcolumn attribute per column.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "molecule.ai",

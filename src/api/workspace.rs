@@ -11,6 +11,8 @@ use super::Condition;
 
 /// What users declare about one workspace. Every field is optional so a Team's
 /// `defaults` can fill what a member leaves out; `EffectiveSpec` is the result.
+// kube's derive takes one printcolumn attribute per column.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "molecule.ai",

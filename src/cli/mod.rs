@@ -270,6 +270,40 @@ fn encode<T: Serialize>(value: &T, format: OutputFormat) -> Result<String, CliEr
     }
 }
 
+/// Runs a `secret` subcommand.
+pub async fn secret(cmd: &SecretCommand) -> Result<String, CliError> {
+    match cmd {
+        SecretCommand::Set { name, value, from_file, scope, client } => {
+            let value = match (value, from_file) {
+                (Some(v), _) => v.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| CliError::Input(format!("cannot read {}: {e}", f.display())))?
+                    .trim_end_matches('\n')
+                    .to_string(),
+                (None, None) => {
+                    let mut v = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut v)
+                        .map_err(|e| CliError::Input(format!("cannot read the value from standard input: {e}")))?;
+                    v.trim_end_matches('\n').to_string()
+                }
+            };
+            Ok(format!("{}\n", Client::new(client)?.set_secret(&scope.scope(), name, &value).await?))
+        }
+        SecretCommand::List { client } => {
+            let rows = Client::new(client)?.secrets().await?;
+            let now = Utc::now();
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| vec![r.scope.clone(), r.name.clone(), r.version.to_string(), r.key_id.clone(), output::ago(Some(r.updated_at), now)])
+                .collect();
+            Ok(output::table(&["SCOPE", "NAME", "VERSION", "KEY", "UPDATED"], &table))
+        }
+        SecretCommand::Delete { name, scope, client } => {
+            Ok(format!("{}\n", Client::new(client)?.delete_secret(&scope.scope(), name).await?))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,39 +345,5 @@ mod tests {
         assert!(encode(&v, OutputFormat::Json).unwrap().starts_with("[\n"));
         let y = encode(&v, OutputFormat::Yaml).unwrap();
         assert!(y.contains("name: a"), "{y}");
-    }
-}
-
-/// Runs a `secret` subcommand.
-pub async fn secret(cmd: &SecretCommand) -> Result<String, CliError> {
-    match cmd {
-        SecretCommand::Set { name, value, from_file, scope, client } => {
-            let value = match (value, from_file) {
-                (Some(v), _) => v.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| CliError::Input(format!("cannot read {}: {e}", f.display())))?
-                    .trim_end_matches('\n')
-                    .to_string(),
-                (None, None) => {
-                    let mut v = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut v)
-                        .map_err(|e| CliError::Input(format!("cannot read the value from standard input: {e}")))?;
-                    v.trim_end_matches('\n').to_string()
-                }
-            };
-            Ok(format!("{}\n", Client::new(client)?.set_secret(&scope.scope(), name, &value).await?))
-        }
-        SecretCommand::List { client } => {
-            let rows = Client::new(client)?.secrets().await?;
-            let now = Utc::now();
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| vec![r.scope.clone(), r.name.clone(), r.version.to_string(), r.key_id.clone(), output::ago(Some(r.updated_at), now)])
-                .collect();
-            Ok(output::table(&["SCOPE", "NAME", "VERSION", "KEY", "UPDATED"], &table))
-        }
-        SecretCommand::Delete { name, scope, client } => {
-            Ok(format!("{}\n", Client::new(client)?.delete_secret(&scope.scope(), name).await?))
-        }
     }
 }

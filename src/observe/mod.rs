@@ -8,7 +8,7 @@ use crate::runtime::{ContainerInfo, Runtime, CONFIGS_DIR, TOKEN_FILE};
 use crate::store::{Store, StoreResult, WorkspaceRecord};
 
 /// Containers of this workspace: those labelled with its key or its uid.
-pub fn containers_of<'a>(all: &'a [ContainerInfo], key: &str, uid: Option<&str>) -> Vec<ContainerInfo> {
+pub fn containers_of(all: &[ContainerInfo], key: &str, uid: Option<&str>) -> Vec<ContainerInfo> {
     all.iter()
         .filter(|c| c.workspace() == Some(key) || (uid.is_some() && c.uid() == uid))
         .cloned()

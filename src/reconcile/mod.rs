@@ -334,9 +334,8 @@ async fn quota_hold(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Re
     // team all rank the members the same way and never start more than the quota.
     for w in &members {
         let key = w.key.to_string();
-        if !records.contains_key(&key) {
-            let r = ctx.store.ensure_workspace(&key, Utc::now()).await?;
-            records.insert(key, r);
+        if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(key.clone()) {
+            slot.insert(ctx.store.ensure_workspace(&key, Utc::now()).await?);
         }
     }
     let Ok(containers) = ctx.runtime.list().await else { return Ok(None) }; // unknown: decide nothing

@@ -36,7 +36,7 @@ pub fn desired_with(spec: WorkspaceSpec) -> Desired {
     Desired {
         key: ObjectKey::new("default", "dev"),
         generation: 1,
-        spec: resolve(&spec, &Defaults::default()).map_err(|e| e),
+        spec: resolve(&spec, &Defaults::default()),
         spec_hash: HASH.into(),
         source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() },
     }

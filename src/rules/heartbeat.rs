@@ -17,13 +17,13 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
     }
     let ttl = chrono::Duration::from_std(ctx.settings.heartbeat_ttl).ok()?;
     let heard = record.last_heartbeat_at.filter(|h| Some(*h) >= c.provisioned_at());
-    if let Some(h) = heard {
-        if ctx.now - h <= ttl {
-            // Online. Heard since the last restart and for longer than a TTL: budget resets.
-            let settled = record.last_restart_at.is_some_and(|r| h > r && h - r > ttl);
-            return (record.restart_count > 0 && settled)
-                .then(|| Decision::new("heartbeat", "agent is online again", vec![Action::ResetRestarts]));
-        }
+    if let Some(h) = heard
+        && ctx.now - h <= ttl
+    {
+        // Online. Heard since the last restart and for longer than a TTL: budget resets.
+        let settled = record.last_restart_at.is_some_and(|r| h > r && h - r > ttl);
+        return (record.restart_count > 0 && settled)
+            .then(|| Decision::new("heartbeat", "agent is online again", vec![Action::ResetRestarts]));
     }
     let since = heard.or(c.provisioned_at())?;
     let silent = ctx.now - since;
