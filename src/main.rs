@@ -40,6 +40,9 @@ enum Command {
     },
     #[command(flatten)]
     Client(ClientCommand),
+    /// Validate Workspace/Team manifests and write them into a Postgres desired-state
+    /// database (read by `run --source postgres`).
+    Apply(molecule::cli::apply::ApplyArgs),
     /// Print the Workspace and Team CustomResourceDefinitions (crds/ holds this output).
     Crds,
     /// Build the molecule-agent:local image (a static agent in a FROM scratch image).
@@ -70,6 +73,16 @@ async fn main() -> ExitCode {
         }
         Command::Up { dir, args } => report(run_operator(args, vec![SourceSpec::Dir(dir)]).await),
         Command::Run { sources, args } => report(run_operator(args, sources).await),
+        Command::Apply(a) => match molecule::cli::apply::apply(&a).await {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::AgentImage => {
             init_tracing();
             report(agent_image().await)

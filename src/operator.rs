@@ -27,6 +27,8 @@ pub enum SourceSpec {
     /// Workspace/Team custom resources in the cluster the operator runs in (or the one
     /// $KUBECONFIG names); with leader election on a Lease.
     Kubernetes,
+    /// Rows of `desired_objects` in the `--database-url` Postgres.
+    Postgres,
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -35,8 +37,8 @@ impl std::str::FromStr for SourceSpec {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(Self::Dir(PathBuf::from(path))),
             None if s == "kubernetes" => Ok(Self::Kubernetes),
-            _ if s == "postgres" => Err(format!("source {s:?} is not available yet in this build; use dir:PATH or kubernetes")),
-            _ => Err(format!("unknown source {s:?}; use dir:PATH or kubernetes")),
+            None if s == "postgres" => Ok(Self::Postgres),
+            _ => Err(format!("unknown source {s:?}; use dir:PATH, postgres or kubernetes")),
         }
     }
 }
@@ -106,6 +108,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         }
     }
     let cluster_mode = sources.contains(&SourceSpec::Kubernetes);
+    let pg_source = match (sources.contains(&SourceSpec::Postgres), args.database_url.as_deref()) {
+        (false, _) => None,
+        (true, Some(url)) if url.starts_with("postgres") => Some(url.to_string()),
+        (true, _) => bail!("--source postgres reads the database named by --database-url postgres://..."),
+    };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
@@ -147,8 +154,19 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
                 src.watch(snap_tx.clone());
             }
             SourceSpec::Kubernetes => source_names.push(crate::cluster::SOURCE_NAME.to_string()),
+            SourceSpec::Postgres => source_names.push(crate::source::postgres::SOURCE_NAME.to_string()),
         }
     }
+    let pg_source = match pg_source {
+        Some(url) => {
+            let src = crate::source::postgres::PostgresSource::connect(&url)
+                .await
+                .context("cannot connect to the desired-state database (--source postgres)")?;
+            src.clone().watch(snap_tx.clone(), shutdown.clone());
+            Some(src)
+        }
+        None => None,
+    };
     tokio::spawn(desired_store(snap_rx, source_names, defaults, desired_tx));
 
     let keyring = Arc::new(
@@ -179,6 +197,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let mut ctx = Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
     let ctx = Arc::new(ctx);
+    if let Some(src) = pg_source {
+        src.write_status(ctx.reports.subscribe(), shutdown.clone());
+    }
 
     // Kubernetes: one more source, driven by the kube-rs controller, which writes
     // status and events back. In a cluster only the Lease holder acts.

@@ -9,6 +9,7 @@
 //!
 //! `main.rs` flattens [`ClientCommand`] into its subcommands and calls [`run`].
 
+pub mod apply;
 mod client;
 pub mod output;
 

@@ -61,6 +61,8 @@ pub struct Op {
     pub instance: String,
     pub extra: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `run --source ...` instead of `up DIR` when set.
+    pub sources: Vec<String>,
     child: Option<Child>,
     pub log: PathBuf,
 }
@@ -72,7 +74,7 @@ impl Op {
         let state = state_root.path().join("state");
         let instance = format!("t{}-{}", std::process::id(), test.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect::<String>());
         let log = state_root.path().join("operator.log");
-        Self { dir, state, _state_root: state_root, port: free_port(), instance, extra: vec![], env: vec![], child: None, log }
+        Self { dir, state, _state_root: state_root, port: free_port(), instance, extra: vec![], env: vec![], sources: vec![], child: None, log }
     }
 
     pub fn url(&self) -> String {
@@ -97,9 +99,15 @@ impl Op {
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.args(["up"])
-            .arg(self.dir.path())
-            .arg("--state")
+        if self.sources.is_empty() {
+            cmd.arg("up").arg(self.dir.path());
+        } else {
+            cmd.arg("run");
+            for s in &self.sources {
+                cmd.args(["--source", s]);
+            }
+        }
+        cmd.arg("--state")
             .arg(&self.state)
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--instance", &self.instance, "--heartbeat-seconds", "1"])
             .args(&self.extra)

@@ -1,0 +1,226 @@
+//! `--source postgres`: Workspaces and Teams as rows of `desired_objects` (spec as
+//! JSONB, generation, soft delete by `deleted_at`). A trigger NOTIFYs on every
+//! declared change and the source LISTENs, so a row change is reconciled within a
+//! second; a periodic reload catches anything missed, and after a lost connection
+//! the source reloads everything. A failed load keeps the last good snapshot. Status
+//! is written back to the row's `status` column.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::Row;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{Snapshot, SourceObject};
+use crate::api::{ObjectKey, SourceRef, Team, Workspace};
+use crate::reconcile::Report;
+
+pub const SOURCE_NAME: &str = "postgres";
+pub const CHANNEL: &str = "molecule_desired";
+/// Reload everything this often even without a notification.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct PostgresSource {
+    pool: PgPool,
+    url: String,
+}
+
+impl PostgresSource {
+    /// Connects; the tables come from the state store's migrations (the same database).
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Self { pool, url: url.to_string() })
+    }
+
+    /// Every declared (not soft-deleted) row, as source objects.
+    pub async fn load(&self) -> Result<Snapshot, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT kind, namespace, name, spec::text AS spec, labels::text AS labels, generation \
+             FROM desired_objects WHERE deleted_at IS NULL ORDER BY kind, namespace, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut objects = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (kind, namespace, name): (String, String, String) =
+                (row.try_get("kind")?, row.try_get("namespace")?, row.try_get("name")?);
+            let generation: i64 = row.try_get("generation")?;
+            let spec: String = row.try_get("spec")?;
+            let labels: String = row.try_get("labels")?;
+            let source = SourceRef {
+                kind: SOURCE_NAME.into(),
+                reference: format!("desired_objects/{kind}/{namespace}/{name}@{generation}"),
+            };
+            objects.push(object(&kind, &namespace, &name, generation, &spec, &labels, source));
+        }
+        Ok(Snapshot { source: SOURCE_NAME.into(), objects, errors: Vec::new() })
+    }
+
+    /// Sends a snapshot now, then after every notification burst and every
+    /// RELOAD_EVERY; reconnects by itself.
+    pub fn watch(self, tx: mpsc::Sender<Snapshot>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut last_sent: Option<String> = None;
+            let mut listener: Option<PgListener> = None;
+            let mut tick = tokio::time::interval(RELOAD_EVERY);
+            loop {
+                if listener.is_none() {
+                    listener = match PgListener::connect(&self.url).await {
+                        Ok(mut l) => match l.listen(CHANNEL).await {
+                            Ok(()) => Some(l),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "postgres source: LISTEN failed; retrying");
+                                None
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "postgres source: the database is unreachable; keeping the last rows read");
+                            None
+                        }
+                    };
+                }
+                // (Re)load: after (re)connecting, a notification, or the tick.
+                match self.load().await {
+                    Ok(snap) => {
+                        let fingerprint = format!("{:?}", snap.objects);
+                        if last_sent.as_ref() != Some(&fingerprint) {
+                            last_sent = Some(fingerprint);
+                            if tx.send(snap).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "postgres source: reading desired_objects failed; keeping the last rows read"),
+                }
+                let wait_listener = async {
+                    match listener.as_mut() {
+                        Some(l) => l.try_recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                    r = wait_listener => match r {
+                        Ok(Some(_)) => {
+                            // Coalesce a burst of notifications into one reload.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        // Connection lost: reconnect, and reload (notifications may be lost).
+                        Ok(None) | Err(_) => {
+                            tracing::warn!("postgres source: lost the connection to the database; reconnecting, then reloading everything");
+                            listener = None;
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    },
+                }
+            }
+        })
+    }
+
+    /// Writes each reported status into its Workspace row (whole; skipped when equal).
+    pub fn write_status(self, mut reports: broadcast::Receiver<Report>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let report = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = reports.recv() => match r {
+                        Ok(r) => r,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                let Some(status) = report.status else { continue };
+                let key = ObjectKey::parse(&report.key);
+                let Ok(json) = serde_json::to_string(&status) else { continue };
+                let done = sqlx::query(
+                    "UPDATE desired_objects SET status = $1::jsonb, status_updated_at = now() \
+                     WHERE kind = 'Workspace' AND namespace = $2 AND name = $3 AND status IS DISTINCT FROM $1::jsonb",
+                )
+                .bind(&json)
+                .bind(&key.namespace)
+                .bind(&key.name)
+                .execute(&self.pool)
+                .await;
+                if let Err(e) = done {
+                    tracing::warn!(workspace = %report.key, error = %e, "postgres source: writing status back failed");
+                }
+            }
+        })
+    }
+
+    /// Upserts objects (what `molecule-operator apply --database-url` writes); an
+    /// object applied again after a soft delete is declared again.
+    pub async fn upsert(&self, kind: &str, namespace: &str, name: &str, spec: &Value, labels: &Value) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO desired_objects (kind, namespace, name, spec, labels) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb) \
+             ON CONFLICT (kind, namespace, name) DO UPDATE SET spec = excluded.spec, labels = excluded.labels, deleted_at = NULL",
+        )
+        .bind(kind)
+        .bind(namespace)
+        .bind(name)
+        .bind(spec.to_string())
+        .bind(labels.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// A row as a typed object, or Invalid with what to fix.
+fn object(kind: &str, namespace: &str, name: &str, generation: i64, spec: &str, labels: &str, source: SourceRef) -> SourceObject {
+    let key = ObjectKey::new(namespace, name);
+    let invalid = |error: String| SourceObject::Invalid { kind: kind.to_string(), key: key.clone(), source: source.clone(), error };
+    let parse = |text: &str, what: &str| serde_json::from_str::<Value>(text).map_err(|e| format!("desired_objects {kind} {key}: {what} is not JSON: {e}"));
+    let (spec, labels) = match (parse(spec, "spec"), parse(labels, "labels")) {
+        (Ok(s), Ok(l)) => (s, l),
+        (Err(e), _) | (_, Err(e)) => return invalid(e),
+    };
+    let doc = json!({
+        "apiVersion": crate::api::API_VERSION,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "generation": generation},
+        "spec": spec,
+    });
+    let err = |e: serde_json::Error| format!("desired_objects {kind} {key}: {e}");
+    match kind {
+        "Workspace" => match serde_json::from_value::<Workspace>(doc) {
+            Ok(object) => SourceObject::Workspace { object, source },
+            Err(e) => invalid(err(e)),
+        },
+        _ => match serde_json::from_value::<Team>(doc) {
+            Ok(object) => SourceObject::Team { object, source },
+            Err(e) => invalid(err(e)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src() -> SourceRef {
+        SourceRef { kind: "postgres".into(), reference: "x".into() }
+    }
+
+    #[test]
+    fn rows_become_typed_objects_and_bad_rows_invalid() {
+        let ok = object("Workspace", "default", "dev", 3, r#"{"tier": 1, "env": {"PORT": 8080}}"#, "{}", src());
+        let SourceObject::Workspace { object: ws, .. } = ok else { panic!("{ok:?}") };
+        assert_eq!(ws.spec.tier, Some(1));
+        assert_eq!(ws.spec.env["PORT"], "8080");
+        assert_eq!(ws.metadata.generation, Some(3));
+        let bad = object("Workspace", "default", "dev", 1, r#"{"colour": "blue"}"#, "{}", src());
+        let SourceObject::Invalid { error, .. } = bad else { panic!("{bad:?}") };
+        assert!(error.contains("colour") && error.contains("default/dev"), "{error}");
+        let team = object("Team", "default", "eng", 1, r#"{"workspaces": [{"name": "a"}]}"#, "{}", src());
+        assert!(matches!(team, SourceObject::Team { .. }));
+    }
+}
