@@ -194,7 +194,13 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         restart_backoff: Duration::from_secs(args.restart_backoff_seconds),
     };
     let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
-    let mut ctx = Context::new(instance.clone(), runtime, store, desired_rx.clone(), settings, agent, metrics);
+    // With Postgres, replicas of this instance share the database: only the holder of
+    // the lease reconciles, through a store the database fences by epoch.
+    let reconcile_store = match db.starts_with("postgres") {
+        true => lead_with_postgres_lease(&db, &instance, Duration::from_secs(args.lease_seconds.max(2)), &shutdown).await?,
+        false => store,
+    };
+    let mut ctx = Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
     let ctx = Arc::new(ctx);
     if let Some(src) = pg_source {
@@ -244,6 +250,67 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let _ = registry::remove_address(&args.state);
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// Waits until this process holds the instance's lease in Postgres, keeps renewing
+/// it, and returns a store fenced with its epoch. Losing the lease stops the process
+/// (a deposed leader's writes are refused by the database meanwhile).
+async fn lead_with_postgres_lease(
+    url: &str,
+    instance: &str,
+    ttl: Duration,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<crate::store::DynStore> {
+    use crate::store::lease::Lease;
+    let holder = format!("{}-{}", std::process::id(), &crate::store::token::generate()[..8]);
+    let lease = Lease::connect(url, instance, &holder, ttl).await.context("cannot reach the lease table")?;
+    let mut announced = false;
+    let epoch = loop {
+        match lease.try_acquire().await {
+            Ok(Some(epoch)) => break epoch,
+            Ok(None) if !announced => {
+                tracing::info!(%instance, "another replica leads; following (serving the API, not reconciling)");
+                announced = true;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the lease; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => bail!("stopped while following"),
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+    };
+    tracing::info!(%instance, epoch, "leading: reconciling (fencing epoch {epoch})");
+    let store: crate::store::DynStore =
+        Arc::new(crate::store::postgres::PostgresStore::connect_fenced(url, Some(&lease.fence(epoch))).await?);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = lease.release(epoch).await;
+                    return;
+                }
+                _ = tokio::time::sleep(lease.ttl / 3) => {}
+            }
+            match lease.renew(epoch).await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!(epoch, "lost the lease to another replica: stopping");
+                    stop.cancel();
+                    return;
+                }
+                Err(e) if last_ok.elapsed() >= lease.ttl => {
+                    tracing::error!(error = %e, "could not renew the lease within its TTL: stopping");
+                    stop.cancel();
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+            }
+        }
+    });
+    Ok(store)
 }
 
 /// Runs the Kubernetes source and controller against `client` until shutdown.

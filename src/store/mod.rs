@@ -2,6 +2,7 @@
 //! status and the decision log. One trait, two implementations (SQLite, Postgres),
 //! one conformance suite (tests/store_conformance.rs) run against both.
 
+pub mod lease;
 pub mod postgres;
 pub mod sqlite;
 pub mod token;

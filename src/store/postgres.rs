@@ -34,9 +34,18 @@ impl PostgresStore {
     /// and applies the migrations; concurrent replicas serialize on sqlx's
     /// migration advisory lock.
     pub async fn connect(url: &str) -> StoreResult<Self> {
-        let options: PgConnectOptions = url
+        Self::connect_fenced(url, None).await
+    }
+
+    /// A store whose every connection carries the leader's fence (see store::lease):
+    /// once the lease moves on, the database rejects its writes.
+    pub async fn connect_fenced(url: &str, fence: Option<&str>) -> StoreResult<Self> {
+        let mut options: PgConnectOptions = url
             .parse()
             .map_err(|e| StoreError::Invalid(format!("the database URL is not a usable postgres:// URL: {e}")))?;
+        if let Some(f) = fence {
+            options = options.options([("molecule.fence", f)]);
+        }
         probe(&options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)

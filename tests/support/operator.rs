@@ -136,6 +136,13 @@ impl Op {
         }
     }
 
+    /// Sends a signal (e.g. "STOP", "CONT") to the operator process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            unsafe_kill(c.id(), sig);
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

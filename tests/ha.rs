@@ -1,0 +1,128 @@
+//! Several replicas of one operator against one Postgres: a lease with a fencing
+//! epoch, failover, and a deposed leader's writes refused by the database.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use molecule::store::lease::{is_fenced, Lease};
+use molecule::store::postgres::PostgresStore;
+use molecule::store::{RevokeReason, Store};
+use support::operator::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_can_neither_issue_nor_revoke_tokens() {
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let plain = PostgresStore::connect(&db.url).await.unwrap(); // migrations
+    let ttl = Duration::from_secs(1);
+    let a = Lease::connect(&db.url, "inst", "a", ttl).await.unwrap();
+    let b = Lease::connect(&db.url, "inst", "b", ttl).await.unwrap();
+    let epoch_a = a.try_acquire().await.unwrap().expect("a leads first");
+    assert_eq!(b.try_acquire().await.unwrap(), None, "b follows while a's lease is live");
+    let store_a = PostgresStore::connect_fenced(&db.url, Some(&a.fence(epoch_a))).await.unwrap();
+    let now = chrono::Utc::now();
+    let ws = store_a.ensure_workspace("default/dev", now).await.unwrap();
+    let inc = store_a.bump_incarnation(&ws.uid).await.unwrap();
+    store_a.issue_token(&ws.uid, inc, now).await.unwrap();
+
+    // a stops renewing (paused); b takes over once a's lease expires.
+    let t0 = Instant::now();
+    let epoch_b = loop {
+        if let Some(e) = b.try_acquire().await.unwrap() {
+            break e;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "b never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(epoch_b > epoch_a, "a new holder gets a higher epoch");
+    let store_b = PostgresStore::connect_fenced(&db.url, Some(&b.fence(epoch_b))).await.unwrap();
+
+    // a wakes up: every write it tries is refused by the database.
+    let issue = store_a.issue_token(&ws.uid, inc, chrono::Utc::now()).await.unwrap_err();
+    assert!(is_fenced(&issue), "{issue}");
+    let revoke = store_a.revoke_tokens(&ws.uid, RevokeReason::ContainerMissing, None, chrono::Utc::now()).await.unwrap_err();
+    assert!(is_fenced(&revoke), "{revoke}");
+    assert!(is_fenced(&store_a.bump_incarnation(&ws.uid).await.unwrap_err()));
+    assert!(!a.renew(epoch_a).await.unwrap(), "a's lease is gone");
+    assert_eq!(store_b.live_tokens(&ws.uid).await.unwrap().len(), 1, "nothing a tried was half-applied");
+    // The new leader writes; an unfenced follower's heartbeat bookkeeping passes.
+    store_b.issue_token(&ws.uid, inc, chrono::Utc::now()).await.unwrap();
+    let live = plain.live_tokens(&ws.uid).await.unwrap();
+    plain.record_heartbeat(&live[0].id, &ws.uid, chrono::Utc::now()).await.unwrap();
+}
+
+fn replica(test: &str, url: &str, dir: &std::path::Path, instance: &str) -> Op {
+    let mut op = Op::new(test);
+    op.instance = instance.to_string();
+    op.sources = vec![format!("dir:{}", dir.display())];
+    op.extra = vec!["--database-url".into(), url.into(), "--lease-seconds".into(), "3".into()];
+    op
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_takes_over_when_the_leader_is_killed_and_heals_what_happened() {
+    if !docker_available() {
+        return;
+    }
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let org = tempfile::tempdir().unwrap();
+    std::fs::write(org.path().join("dev.yaml"), workspace_yaml("dev")).unwrap();
+    let mut leader = replica("haleader", &db.url, org.path(), &format!("ha{}", std::process::id()));
+    let mut follower = replica("hafollower", &db.url, org.path(), &leader.instance.clone());
+    leader.start();
+    let ws = tokio::task::block_in_place(|| leader.wait_online(&["dev"], Duration::from_secs(90)));
+    follower.start();
+    tokio::task::block_in_place(|| {
+        follower.wait("follower serving", Duration::from_secs(30), |ws| ws.contains_key("dev"))
+    });
+    assert!(follower.logs().contains("following"), "{}", follower.logs());
+    let inc = ws["dev"]["incarnation"].as_i64().unwrap();
+    leader.kill();
+    assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
+    let t0 = Instant::now();
+    tokio::task::block_in_place(|| {
+        follower.wait("follower took over and healed", Duration::from_secs(60), |ws| {
+            online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(inc)
+        })
+    });
+    eprintln!("takeover and heal in {:?}", t0.elapsed());
+    assert!(follower.logs().contains("leading"), "{}", follower.logs());
+    assert_eq!(follower.containers().len(), 1, "no duplicate containers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_that_wakes_after_losing_the_lease_stops_without_acting() {
+    if !docker_available() {
+        return;
+    }
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let org = tempfile::tempdir().unwrap();
+    std::fs::write(org.path().join("dev.yaml"), workspace_yaml("dev")).unwrap();
+    let mut leader = replica("hastop", &db.url, org.path(), &format!("hs{}", std::process::id()));
+    let mut follower = replica("hastopf", &db.url, org.path(), &leader.instance.clone());
+    leader.start();
+    let ws = tokio::task::block_in_place(|| leader.wait_online(&["dev"], Duration::from_secs(90)));
+    follower.start();
+    tokio::task::block_in_place(|| follower.wait("follower serving", Duration::from_secs(30), |ws| ws.contains_key("dev")));
+    let inc = ws["dev"]["incarnation"].as_i64().unwrap();
+    leader.signal("STOP");
+    // While the old leader is frozen, its container goes; the new leader heals it.
+    assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
+    let healed = tokio::task::block_in_place(|| {
+        follower.wait("new leader healed", Duration::from_secs(60), |ws| online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(inc))
+    });
+    leader.signal("CONT");
+    assert!(tokio::task::block_in_place(|| leader.wait_exit(Duration::from_secs(30))), "the deposed leader must stop");
+    let logs = leader.logs();
+    assert!(logs.contains("lost the lease") || logs.contains("fenced"), "{logs}");
+    // Its wake-up changed nothing: same incarnation, one container, one live token.
+    let ws = tokio::task::block_in_place(|| follower.wait_online(&["dev"], Duration::from_secs(30)));
+    assert_eq!(ws["dev"]["incarnation"], healed["dev"]["incarnation"]);
+    assert_eq!(follower.containers().len(), 1);
+    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    let live: i64 = sqlx::Row::get(
+        &sqlx::query("SELECT count(*) AS n FROM workspace_auth_tokens WHERE revoked_at IS NULL").fetch_one(&mut c).await.unwrap(),
+        "n",
+    );
+    assert_eq!(live, 1);
+}
