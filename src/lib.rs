@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod execute;
+pub mod kubeapi;
 pub mod observe;
 pub mod operator;
 pub mod reconcile;

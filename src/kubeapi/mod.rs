@@ -1,0 +1,379 @@
+//! A Kubernetes-compatible API server for the two molecule.ai kinds
+//! (`up --kube-api ADDR`): the subset of the API that kubectl and kube-rs use
+//! (discovery, OpenAPI v3, get/list/watch/create/update/patch/delete, the status
+//! subresource, Table output). Objects live in the state store (SQLite or
+//! Postgres), so they survive restarts; one global resourceVersion orders every
+//! write. A bounded in-memory event history serves watches that resume from a
+//! resourceVersion; older ones get 410 Expired, as from a real API server.
+
+mod discovery;
+mod objects;
+mod schema;
+mod status;
+mod table;
+mod watch;
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use kube::CustomResourceExt;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::api::{GROUP, Team, VERSION, Workspace};
+use crate::store::{DynStore, StoreResult};
+pub use status::ApiError;
+
+/// How many write events a watch can resume from (older resourceVersions get 410).
+pub const DEFAULT_HISTORY: usize = 1000;
+/// How often a watch that allows bookmarks gets one.
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The two kinds this server knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Workspace,
+    Team,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Workspace, Kind::Team];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Workspace => "Workspace",
+            Kind::Team => "Team",
+        }
+    }
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Workspace => "workspaces",
+            Kind::Team => "teams",
+        }
+    }
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Workspace => "workspace",
+            Kind::Team => "team",
+        }
+    }
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Kind::Workspace => "ws",
+            Kind::Team => "team",
+        }
+    }
+    fn from_plural(plural: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.plural() == plural)
+    }
+    /// `Workspace.molecule.ai`, as the API server names a kind in messages.
+    fn qualified(self) -> String {
+        format!("{}.{GROUP}", self.name())
+    }
+    /// The generated CRD as JSON (schema, printer columns).
+    fn crd(self) -> Value {
+        let crd = match self {
+            Kind::Workspace => Workspace::crd(),
+            Kind::Team => Team::crd(),
+        };
+        serde_json::to_value(crd).expect("a CRD serializes")
+    }
+}
+
+/// One write, as a watch delivers it.
+#[derive(Debug)]
+pub(crate) struct WatchEvent {
+    rv: i64,
+    kind: Kind,
+    namespace: String,
+    /// ADDED | MODIFIED | DELETED
+    event_type: &'static str,
+    object: Value,
+}
+
+struct History {
+    /// Every event with rv > floor is in `events`; a watch from below it gets 410.
+    floor: i64,
+    events: VecDeque<Arc<WatchEvent>>,
+}
+
+/// Per-kind data derived once from the CRDs.
+struct KindInfo {
+    /// openAPIV3Schema
+    schema: Value,
+    /// additionalPrinterColumns
+    columns: Vec<Value>,
+}
+
+/// The schema (with apiVersion, kind and metadata added) and printer columns of a kind.
+fn kind_info(kind: Kind) -> KindInfo {
+    let crd = kind.crd();
+    let version = &crd["spec"]["versions"][0];
+    let mut schema = version["schema"]["openAPIV3Schema"].clone();
+    // The generated schema covers spec and status; every object also has these.
+    if let Some(properties) = schema["properties"].as_object_mut() {
+        properties.entry("apiVersion").or_insert(serde_json::json!({"type": "string",
+        "description": "APIVersion defines the versioned schema of this representation of an object."}));
+        properties.entry("kind").or_insert(serde_json::json!({"type": "string",
+        "description": "Kind is a string value representing the REST resource this object represents."}));
+        properties.entry("metadata").or_insert(serde_json::json!({"type": "object",
+        "description": "Standard object's metadata (name, namespace, labels, annotations, finalizers, ...)."}));
+    }
+    KindInfo {
+        schema,
+        columns: version["additionalPrinterColumns"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+/// The server's state: the store, the bearer token it requires, the event history.
+pub struct KubeApi {
+    store: DynStore,
+    token: String,
+    /// Serializes writes so history order is resourceVersion order.
+    write_lock: tokio::sync::Mutex<()>,
+    history: Mutex<History>,
+    history_limit: usize,
+    events: broadcast::Sender<Arc<WatchEvent>>,
+    bookmark_interval: Duration,
+    workspace: KindInfo,
+    team: KindInfo,
+}
+
+impl KubeApi {
+    /// A server over `store` that requires `Authorization: Bearer <token>` (the
+    /// operator's admin token). Watches can resume from the store's current revision on.
+    pub async fn new(store: DynStore, token: impl Into<String>) -> StoreResult<Self> {
+        let floor = store.object_revision().await?;
+        let (events, _) = broadcast::channel(DEFAULT_HISTORY);
+        Ok(Self {
+            store,
+            token: token.into(),
+            write_lock: tokio::sync::Mutex::new(()),
+            history: Mutex::new(History {
+                floor,
+                events: VecDeque::new(),
+            }),
+            history_limit: DEFAULT_HISTORY,
+            events,
+            bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            workspace: kind_info(Kind::Workspace),
+            team: kind_info(Kind::Team),
+        })
+    }
+
+    /// How many events watches can resume from (default [`DEFAULT_HISTORY`]).
+    pub fn with_history_limit(mut self, limit: usize) -> Self {
+        self.history_limit = limit.max(1);
+        self
+    }
+
+    pub fn with_bookmark_interval(mut self, interval: Duration) -> Self {
+        self.bookmark_interval = interval;
+        self
+    }
+
+    fn info(&self, kind: Kind) -> &KindInfo {
+        match kind {
+            Kind::Workspace => &self.workspace,
+            Kind::Team => &self.team,
+        }
+    }
+
+    /// Appends a write to the history and tells the watches. Called with the write
+    /// lock held, in resourceVersion order.
+    fn publish(&self, event: WatchEvent) {
+        let event = Arc::new(event);
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            history.events.push_back(event.clone());
+            while history.events.len() > self.history_limit {
+                if let Some(old) = history.events.pop_front() {
+                    history.floor = old.rv;
+                }
+            }
+        }
+        // No receiver is fine: nobody watches.
+        let _ = self.events.send(event);
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), self.token.as_bytes()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The router: every path goes through one dispatcher that speaks Kubernetes
+/// (Status bodies for errors, 401 without the bearer token).
+pub fn router(api: Arc<KubeApi>) -> axum::Router {
+    axum::Router::new().fallback(dispatch).with_state(api)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Writes `STATE_DIR/kubeconfig` (mode 0600): one cluster at `url`, a user with
+/// `token`, one context (namespace `default`) that is current. Returns its path.
+pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str) -> std::io::Result<PathBuf> {
+    let path = state_dir.join("kubeconfig");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "molecule", "cluster": {"server": url}}],
+        "users": [{"name": "molecule-admin", "user": {"token": token}}],
+        "contexts": [{"name": "molecule", "context": {"cluster": "molecule", "user": "molecule-admin", "namespace": "default"}}],
+        "current-context": "molecule",
+        "preferences": {},
+    });
+    // JSON is YAML: kubectl and kube-rs both read it.
+    let text = serde_json::to_string_pretty(&config).map_err(std::io::Error::other)?;
+    let tmp = state_dir.join(".kubeconfig.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+async fn dispatch(
+    State(api): State<Arc<KubeApi>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !api.authorized(&headers) {
+        return ApiError::unauthorized().into_response();
+    }
+    let query = Query::parse(uri.query().unwrap_or(""));
+    let path = uri.path().trim_matches('/');
+    let segments: Vec<&str> = if path.is_empty() {
+        vec![]
+    } else {
+        path.split('/').collect()
+    };
+    let result = match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["version"]) => Ok(discovery::version()),
+        (Method::GET, ["api"]) => Ok(discovery::core_versions()),
+        (Method::GET, ["api", "v1"]) => Ok(discovery::core_resources()),
+        (_, ["api", "v1", "namespaces", _, "events", ..])
+        | (_, ["apis", "events.k8s.io", "v1", "namespaces", _, "events", ..]) => {
+            Ok(discovery::events_sink(&method, &body))
+        }
+        (Method::GET, ["apis"]) => Ok(discovery::groups()),
+        (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),
+        (Method::GET, ["apis", g, v]) if *g == GROUP && *v == VERSION => Ok(discovery::resources()),
+        (Method::GET, ["openapi", "v3"]) => Ok(discovery::openapi_index(&api)),
+        (Method::GET, ["openapi", "v3", "apis", g, v]) if *g == GROUP && *v == VERSION => {
+            Ok(discovery::openapi_v3(&api))
+        }
+        (_, ["apis", g, v, rest @ ..]) if *g == GROUP && *v == VERSION => {
+            objects::route(&api, &method, rest, &query, &headers, &body).await
+        }
+        _ => Err(ApiError::not_found_path(uri.path())),
+    };
+    match result {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Query parameters, decoded.
+#[derive(Debug, Default)]
+pub(crate) struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: &str) -> Self {
+        Query(
+            raw.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect(),
+        )
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("1" | "true" | ""))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// JSON response with a status code.
+fn json_response(code: u16, value: &Value) -> Response {
+    let code = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::OK);
+    (
+        code,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// RFC 3339 at second precision, as Kubernetes writes timestamps.
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
