@@ -125,8 +125,7 @@ fn schema_name(kind: &str) -> String {
 fn openapi_document(api: &KubeApi) -> Value {
     let mut schemas = serde_json::Map::new();
     let mut paths = serde_json::Map::new();
-    let param =
-        |name: &str, kind: &str| json!({"name": name, "in": "query", "schema": {"type": kind}});
+    let param = |name: &str, kind: &str| json!({"name": name, "in": "query", "schema": {"type": kind}});
     let path_param = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
     for kind in Kind::ALL {
         let mut schema = api.info(kind).schema.clone();
@@ -167,10 +166,7 @@ fn openapi_document(api: &KubeApi) -> Value {
         let mut patch_params = write_params.as_array().cloned().unwrap_or_default();
         patch_params.push(param("force", "boolean"));
         let patch_params = Value::Array(patch_params);
-        let base = format!(
-            "/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{}",
-            kind.plural()
-        );
+        let base = format!("/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{}", kind.plural());
         paths.insert(
             base.clone(),
             json!({"get": op("list", &json!([])), "post": op("post", &write_params)}),

@@ -11,6 +11,7 @@ mod objects;
 mod schema;
 mod status;
 mod table;
+mod tls;
 mod watch;
 
 use std::collections::VecDeque;
@@ -31,6 +32,7 @@ use tokio::sync::broadcast;
 use crate::api::{GROUP, Team, VERSION, Workspace};
 use crate::store::{DynStore, StoreResult};
 pub use status::ApiError;
+pub use tls::KubeTls;
 
 /// How many write events a watch can resume from (older resourceVersions get 410).
 pub const DEFAULT_HISTORY: usize = 1000;
@@ -120,11 +122,15 @@ fn kind_info(kind: Kind) -> KindInfo {
     let mut schema = version["schema"]["openAPIV3Schema"].clone();
     // The generated schema covers spec and status; every object also has these.
     if let Some(properties) = schema["properties"].as_object_mut() {
-        properties.entry("apiVersion").or_insert(serde_json::json!({"type": "string",
+        properties
+            .entry("apiVersion")
+            .or_insert(serde_json::json!({"type": "string",
         "description": "APIVersion defines the versioned schema of this representation of an object."}));
         properties.entry("kind").or_insert(serde_json::json!({"type": "string",
         "description": "Kind is a string value representing the REST resource this object represents."}));
-        properties.entry("metadata").or_insert(serde_json::json!({"type": "object",
+        properties
+            .entry("metadata")
+            .or_insert(serde_json::json!({"type": "object",
         "description": "Standard object's metadata (name, namespace, labels, annotations, finalizers, ...)."}));
     }
     KindInfo {
@@ -227,25 +233,28 @@ pub fn router(api: Arc<KubeApi>) -> axum::Router {
     axum::Router::new().fallback(dispatch).with_state(api)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `router` over TLS (`tls`) on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    tls: &KubeTls,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let listener = tls::TlsListener::new(listener, tls)?;
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
-/// Writes `STATE_DIR/kubeconfig` (mode 0600): one cluster at `url`, a user with
-/// `token`, one context (namespace `default`) that is current. Returns its path.
-pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str) -> std::io::Result<PathBuf> {
+/// Writes `STATE_DIR/kubeconfig` (mode 0600): one cluster at `url`
+/// (`https://127.0.0.1:PORT`) trusting `tls`' certificate, a user with `token`,
+/// one context (namespace `default`) that is current. Returns its path.
+pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str, tls: &KubeTls) -> std::io::Result<PathBuf> {
+    use base64::Engine;
     let path = state_dir.join("kubeconfig");
+    let ca = base64::engine::general_purpose::STANDARD.encode(tls.ca_pem());
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "molecule", "cluster": {"server": url}}],
+        "clusters": [{"name": "molecule", "cluster": {"server": url, "certificate-authority-data": ca}}],
         "users": [{"name": "molecule-admin", "user": {"token": token}}],
         "contexts": [{"name": "molecule", "context": {"cluster": "molecule", "user": "molecule-admin", "namespace": "default"}}],
         "current-context": "molecule",
@@ -255,11 +264,7 @@ pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str) -> std::io::Re
     let text = serde_json::to_string_pretty(&config).map_err(std::io::Error::other)?;
     let tmp = state_dir.join(".kubeconfig.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, &path)?;
@@ -326,10 +331,7 @@ impl Query {
         )
     }
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
     fn flag(&self, key: &str) -> bool {
         matches!(self.get(key), Some("1" | "true" | ""))
@@ -341,9 +343,7 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'%', Some(b)) => {
                 out.push(b);

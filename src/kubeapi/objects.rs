@@ -13,8 +13,7 @@ use super::{Kind, KubeApi, Query, WatchEvent, json_response, now_rfc3339, schema
 use crate::api::{API_VERSION, Team, Workspace, validate};
 use crate::store::{ObjectWrite, StoredObject};
 
-const STALE: &str =
-    "the object has been modified; please apply your changes to the latest version and try again";
+const STALE: &str = "the object has been modified; please apply your changes to the latest version and try again";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Part {
@@ -163,11 +162,7 @@ fn split_top(s: &str) -> Vec<&str> {
         }
     }
     parts.push(&s[start..]);
-    parts
-        .into_iter()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect()
+    parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
 }
 
 impl Selector {
@@ -207,9 +202,7 @@ impl Selector {
             } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
                 (k, true, v)
             } else {
-                return Err(ApiError::bad_request(format!(
-                    "invalid field selector {req:?}"
-                )));
+                return Err(ApiError::bad_request(format!("invalid field selector {req:?}")));
             };
             if !matches!(field.trim(), "metadata.name" | "metadata.namespace") {
                 return Err(ApiError::bad_request(format!(
@@ -244,15 +237,12 @@ impl Selector {
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
 fn check_identity(kind: Kind, object: &Value) -> Result<(), ApiError> {
     if object["kind"].as_str().is_some_and(|k| k != kind.name())
-        || object["apiVersion"]
-            .as_str()
-            .is_some_and(|v| v != API_VERSION)
+        || object["apiVersion"].as_str().is_some_and(|v| v != API_VERSION)
     {
         return Err(ApiError::bad_request(format!(
             "the object is {} {}, but this URL serves {API_VERSION} {}",
@@ -309,10 +299,7 @@ fn stored(kind: Kind, ns: &str, body: Value) -> StoredObject {
         uid: meta["uid"].as_str().unwrap_or_default().to_string(),
         resource_version: 0,
         generation: meta["generation"].as_i64().unwrap_or(1),
-        creation_timestamp: meta["creationTimestamp"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
+        creation_timestamp: meta["creationTimestamp"].as_str().unwrap_or_default().to_string(),
         deletion_timestamp: meta["deletionTimestamp"].as_str().map(str::to_string),
         body,
     }
@@ -327,9 +314,7 @@ fn without_rv(body: &Value) -> Value {
 }
 
 fn finalizers_empty(body: &Value) -> bool {
-    body["metadata"]["finalizers"]
-        .as_array()
-        .is_none_or(|f| f.is_empty())
+    body["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty())
 }
 
 /// Validates and writes `object` (None `existing`: a create), publishing the
@@ -344,16 +329,11 @@ async fn commit(
     query: &Query,
 ) -> Result<(u16, Value), ApiError> {
     validate_object(api, kind, &object)?;
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let expected = match existing {
         None => None,
         Some(current) => {
-            let presented = object["metadata"]["resourceVersion"]
-                .as_str()
-                .filter(|s| !s.is_empty());
+            let presented = object["metadata"]["resourceVersion"].as_str().filter(|s| !s.is_empty());
             match presented {
                 Some(rv) if rv.parse::<i64>().ok() != Some(current.resource_version) => {
                     return Err(ApiError::conflict(&kind.qualified(), &name, STALE));
@@ -370,22 +350,12 @@ async fn commit(
     if query.get("dryRun").is_some() {
         return Ok((if existing.is_some() { 200 } else { 201 }, object));
     }
-    if let Some(current) =
-        existing.filter(|c| c.deletion_timestamp.is_some() && finalizers_empty(&object))
-    {
+    if let Some(current) = existing.filter(|c| c.deletion_timestamp.is_some() && finalizers_empty(&object)) {
         return remove(api, kind, current, expected).await;
     }
-    match api
-        .store
-        .put_object(&stored(kind, ns, object), expected)
-        .await?
-    {
+    match api.store.put_object(&stored(kind, ns, object), expected).await? {
         ObjectWrite::Written(written) => {
-            let event_type = if existing.is_some() {
-                "MODIFIED"
-            } else {
-                "ADDED"
-            };
+            let event_type = if existing.is_some() { "MODIFIED" } else { "ADDED" };
             api.publish(WatchEvent {
                 rv: written.resource_version,
                 kind,
@@ -395,9 +365,7 @@ async fn commit(
             });
             Ok((if existing.is_some() { 200 } else { 201 }, written.body))
         }
-        ObjectWrite::Conflict { .. } if existing.is_none() => {
-            Err(ApiError::already_exists(&kind.qualified(), &name))
-        }
+        ObjectWrite::Conflict { .. } if existing.is_none() => Err(ApiError::already_exists(&kind.qualified(), &name)),
         ObjectWrite::Conflict { .. } => Err(ApiError::conflict(&kind.qualified(), &name, STALE)),
     }
 }
@@ -423,12 +391,8 @@ async fn remove(
             });
             Ok((200, gone.body))
         }
-        ObjectWrite::Conflict { current: None } => {
-            Err(ApiError::not_found(&kind.qualified(), &current.name))
-        }
-        ObjectWrite::Conflict { .. } => {
-            Err(ApiError::conflict(&kind.qualified(), &current.name, STALE))
-        }
+        ObjectWrite::Conflict { current: None } => Err(ApiError::not_found(&kind.qualified(), &current.name)),
+        ObjectWrite::Conflict { .. } => Err(ApiError::conflict(&kind.qualified(), &current.name, STALE)),
     }
 }
 
@@ -469,9 +433,7 @@ fn merge_write(existing: &StoredObject, mut object: Value, part: Part) -> Value 
             if !object["metadata"].is_object() {
                 object["metadata"] = json!({});
             }
-            let meta = object["metadata"]
-                .as_object_mut()
-                .expect("metadata is an object");
+            let meta = object["metadata"].as_object_mut().expect("metadata is an object");
             meta.remove("managedFields");
             for key in [
                 "uid",
@@ -502,17 +464,9 @@ fn merge_write(existing: &StoredObject, mut object: Value, part: Part) -> Value 
     }
 }
 
-async fn create(
-    api: &KubeApi,
-    kind: Kind,
-    ns: &str,
-    query: &Query,
-    body: &Bytes,
-) -> Result<Response, ApiError> {
+async fn create(api: &KubeApi, kind: Kind, ns: &str, query: &Query, body: &Bytes) -> Result<Response, ApiError> {
     let object = parse_json(body)?;
-    create_object(api, kind, ns, object, query)
-        .await
-        .map(respond)
+    create_object(api, kind, ns, object, query).await.map(respond)
 }
 
 async fn create_object(
@@ -524,20 +478,12 @@ async fn create_object(
 ) -> Result<(u16, Value), ApiError> {
     check_identity(kind, &object)?;
     let meta = object["metadata"].as_object_mut().expect("checked");
-    if let Some(other) = meta
-        .get("namespace")
-        .and_then(Value::as_str)
-        .filter(|n| *n != ns)
-    {
+    if let Some(other) = meta.get("namespace").and_then(Value::as_str).filter(|n| *n != ns) {
         return Err(ApiError::bad_request(format!(
             "the namespace of the object ({other}) does not match the namespace of the request ({ns})"
         )));
     }
-    if meta
-        .get("name")
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty)
-    {
+    if meta.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
         let prefix = meta
             .get("generateName")
             .and_then(Value::as_str)
@@ -586,12 +532,7 @@ async fn create_object(
     commit(api, kind, ns, None, object, query).await
 }
 
-async fn current(
-    api: &KubeApi,
-    kind: Kind,
-    ns: &str,
-    name: &str,
-) -> Result<StoredObject, ApiError> {
+async fn current(api: &KubeApi, kind: Kind, ns: &str, name: &str) -> Result<StoredObject, ApiError> {
     api.store
         .get_object(kind.name(), ns, name)
         .await?
@@ -609,10 +550,7 @@ async fn update(
 ) -> Result<Response, ApiError> {
     let object = parse_json(body)?;
     check_identity(kind, &object)?;
-    if object["metadata"]["name"]
-        .as_str()
-        .is_some_and(|n| n != name)
-    {
+    if object["metadata"]["name"].as_str().is_some_and(|n| n != name) {
         return Err(ApiError::bad_request(format!(
             "the name of the object does not match the name in the URL ({name})"
         )));
@@ -620,9 +558,7 @@ async fn update(
     let _guard = api.write_lock.lock().await;
     let existing = current(api, kind, ns, name).await?;
     let merged = merge_write(&existing, object, part);
-    commit(api, kind, ns, Some(&existing), merged, query)
-        .await
-        .map(respond)
+    commit(api, kind, ns, Some(&existing), merged, query).await.map(respond)
 }
 
 /// Removes `$`-directives of a strategic merge patch; what is left is applied as
@@ -675,20 +611,28 @@ async fn patch(
             let existing = existing
                 .as_ref()
                 .ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
-            let ops: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
-                ApiError::bad_request(format!(
-                    "the body is not a JSON patch (a list of operations): {e}"
-                ))
-            })?;
             let mut out = existing.body.clone();
+            let not_a_patch = |e: serde_json::Error| {
+                ApiError::bad_request(format!("the body is not a JSON patch (a list of operations): {e}"))
+            };
+            let ops: Vec<Value> = serde_json::from_slice(body).map_err(not_a_patch)?;
+            // As the API server's JSON patch: testing an absent field against null passes
+            // (kube-rs' finalizer helper sends exactly that before adding the first finalizer).
+            let ops: Vec<Value> = ops
+                .into_iter()
+                .filter(|op| {
+                    let absent = op["path"]
+                        .as_str()
+                        .is_some_and(|p| out.pointer(p).is_none_or(Value::is_null));
+                    !(op["op"] == "test" && op["value"].is_null() && absent)
+                })
+                .collect();
+            let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops)).map_err(not_a_patch)?;
             json_patch::patch(&mut out, &ops).map_err(|e| {
                 ApiError::new(
                     422,
                     "Invalid",
-                    format!(
-                        "the JSON patch does not apply to {} \"{name}\": {e}",
-                        kind.qualified()
-                    ),
+                    format!("the JSON patch does not apply to {} \"{name}\": {e}", kind.qualified()),
                 )
             })?;
             out
@@ -698,16 +642,9 @@ async fn patch(
                 .map_err(|_| ApiError::bad_request("the applied configuration is not UTF-8"))?;
             let applied: Value = serde_json::from_str(text)
                 .or_else(|_| serde_saphyr::from_str(text))
-                .map_err(|e| {
-                    ApiError::bad_request(format!(
-                        "the applied configuration is not valid YAML: {e}"
-                    ))
-                })?;
+                .map_err(|e| ApiError::bad_request(format!("the applied configuration is not valid YAML: {e}")))?;
             check_identity(kind, &applied)?;
-            if applied["metadata"]["name"]
-                .as_str()
-                .is_some_and(|n| n != name)
-            {
+            if applied["metadata"]["name"].as_str().is_some_and(|n| n != name) {
                 return Err(ApiError::bad_request(format!(
                     "the name of the applied object does not match the URL ({name})"
                 )));
@@ -717,9 +654,7 @@ async fn patch(
                     let mut object = applied;
                     object["metadata"]["name"] = json!(name);
                     drop(_guard);
-                    return create_object(api, kind, ns, object, query)
-                        .await
-                        .map(respond);
+                    return create_object(api, kind, ns, object, query).await.map(respond);
                 }
                 (None, Part::Status) => return Err(ApiError::not_found(&kind.qualified(), name)),
                 (Some(existing), Part::Status) => {
@@ -743,23 +678,11 @@ async fn patch(
     };
     let existing = existing.ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
     let merged = merge_write(&existing, patched, part);
-    commit(api, kind, ns, Some(&existing), merged, query)
-        .await
-        .map(respond)
+    commit(api, kind, ns, Some(&existing), merged, query).await.map(respond)
 }
 
-async fn delete(
-    api: &KubeApi,
-    kind: Kind,
-    ns: &str,
-    name: &str,
-    body: &Bytes,
-) -> Result<Response, ApiError> {
-    let options: Value = if body.is_empty() {
-        json!({})
-    } else {
-        parse_json(body)?
-    };
+async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -> Result<Response, ApiError> {
+    let options: Value = if body.is_empty() { json!({}) } else { parse_json(body)? };
     let _guard = api.write_lock.lock().await;
     let existing = current(api, kind, ns, name).await?;
     let precondition = options["preconditions"]["resourceVersion"]

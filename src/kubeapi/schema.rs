@@ -53,19 +53,12 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
         // Optional fields are nullable in the generated schemas; a null means "unset".
         return;
     }
-    if schema
-        .get("x-kubernetes-int-or-string")
-        .and_then(Value::as_bool)
-        == Some(true)
-    {
+    if schema.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true) {
         if !(value.is_string() || value.is_i64() || value.is_u64()) {
             invalid(
                 causes,
                 "FieldValueTypeInvalid",
-                format!(
-                    "Invalid value: {}: must be an integer or a string",
-                    shown(value)
-                ),
+                format!("Invalid value: {}: must be an integer or a string", shown(value)),
             );
         }
         return;
@@ -73,8 +66,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
     // anyOf / oneOf: valid if any branch has no problems.
     for key in ["anyOf", "oneOf"] {
         if let Some(branches) = schema.get(key).and_then(Value::as_array) {
-            if !branches.is_empty() && !branches.iter().any(|b| check_at(b, value, path).is_empty())
-            {
+            if !branches.is_empty() && !branches.iter().any(|b| check_at(b, value, path).is_empty()) {
                 let mut first = check_at(&branches[0], value, path);
                 causes.append(&mut first);
                 return;
@@ -88,9 +80,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
             invalid(
                 causes,
                 "FieldValueTypeInvalid",
-                format!(
-                    "Invalid value: \"{actual}\": {path} in body must be of type {expected}: \"{actual}\""
-                ),
+                format!("Invalid value: \"{actual}\": {path} in body must be of type {expected}: \"{actual}\""),
             );
             return;
         }
@@ -101,10 +91,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
             invalid(
                 causes,
                 "FieldValueNotSupported",
-                format!(
-                    "Unsupported value: {}: supported values: {list}",
-                    shown(value)
-                ),
+                format!("Unsupported value: {}: supported values: {list}", shown(value)),
             );
         }
     }
@@ -114,9 +101,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
                 invalid(
                     causes,
                     "FieldValueInvalid",
-                    format!(
-                        "Invalid value: {value}: {path} in body should be greater than or equal to {min}"
-                    ),
+                    format!("Invalid value: {value}: {path} in body should be greater than or equal to {min}"),
                 );
             }
         }
@@ -125,9 +110,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
                 invalid(
                     causes,
                     "FieldValueInvalid",
-                    format!(
-                        "Invalid value: {value}: {path} in body should be less than or equal to {max}"
-                    ),
+                    format!("Invalid value: {value}: {path} in body should be less than or equal to {max}"),
                 );
             }
         }
@@ -166,9 +149,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
                     causes.push(Cause {
                         field: child,
                         reason: "FieldValueInvalid",
-                        message:
-                            "Unknown field: it is not declared in the schema (check its spelling)"
-                                .into(),
+                        message: "Unknown field: it is not declared in the schema (check its spelling)".into(),
                     });
                 }
             }
@@ -216,10 +197,7 @@ mod tests {
             .map(|c| c.field)
             .collect();
         assert!(fields.contains(&"spec.tier".to_string()), "{fields:?}");
-        assert!(
-            fields.contains(&"spec.operatingMode".to_string()),
-            "{fields:?}"
-        );
+        assert!(fields.contains(&"spec.operatingMode".to_string()), "{fields:?}");
         assert!(fields.contains(&"spec.teir".to_string()), "{fields:?}");
     }
 }

@@ -44,15 +44,9 @@ impl ApiError {
         )
     }
     pub fn not_found(qualified_kind: &str, name: &str) -> Self {
-        let (kind, group) = qualified_kind
-            .split_once('.')
-            .unwrap_or((qualified_kind, ""));
+        let (kind, group) = qualified_kind.split_once('.').unwrap_or((qualified_kind, ""));
         let plural = format!("{}s", kind.to_lowercase());
-        let mut e = Self::new(
-            404,
-            "NotFound",
-            format!("{plural}.{group} \"{name}\" not found"),
-        );
+        let mut e = Self::new(404, "NotFound", format!("{plural}.{group} \"{name}\" not found"));
         e.details = Some(json!({"name": name, "group": group, "kind": plural}));
         e
     }
@@ -94,14 +88,9 @@ impl ApiError {
             .collect::<Vec<_>>();
         let message = match list.as_slice() {
             [one] => format!("{qualified_kind} \"{name}\" is invalid: {one}"),
-            many => format!(
-                "{qualified_kind} \"{name}\" is invalid: [{}]",
-                many.join(", ")
-            ),
+            many => format!("{qualified_kind} \"{name}\" is invalid: [{}]", many.join(", ")),
         };
-        let (kind, group) = qualified_kind
-            .split_once('.')
-            .unwrap_or((qualified_kind, ""));
+        let (kind, group) = qualified_kind.split_once('.').unwrap_or((qualified_kind, ""));
         let causes: Vec<Value> = causes
             .iter()
             .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))

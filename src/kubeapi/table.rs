@@ -17,13 +17,7 @@ pub fn wanted(headers: &HeaderMap) -> bool {
 
 /// A Table of `objects`. `include` is the `includeObject` parameter (None,
 /// Metadata — the default — or Object).
-pub fn table(
-    api: &KubeApi,
-    kind: Kind,
-    objects: &[&Value],
-    resource_version: i64,
-    include: Option<&str>,
-) -> Value {
+pub fn table(api: &KubeApi, kind: Kind, objects: &[&Value], resource_version: i64, include: Option<&str>) -> Value {
     let columns = &api.info(kind).columns;
     let mut definitions = vec![
         json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0}),

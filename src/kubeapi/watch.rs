@@ -29,10 +29,7 @@ pub fn watch(
     query: &Query,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    let from = match query
-        .get("resourceVersion")
-        .filter(|rv| !rv.is_empty() && *rv != "0")
-    {
+    let from = match query.get("resourceVersion").filter(|rv| !rv.is_empty() && *rv != "0") {
         None => None,
         Some(rv) => Some(rv.parse::<i64>().map_err(|_| {
             ApiError::bad_request(format!(
@@ -81,10 +78,7 @@ struct Watch {
 impl Watch {
     fn wants(&self, event: &WatchEvent) -> bool {
         event.kind == self.kind
-            && self
-                .namespace
-                .as_ref()
-                .is_none_or(|ns| *ns == event.namespace)
+            && self.namespace.as_ref().is_none_or(|ns| *ns == event.namespace)
             && self.selector.matches(&event.object)
     }
 }
@@ -105,8 +99,7 @@ async fn send(
     } else {
         object.clone()
     };
-    let mut line =
-        serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
+    let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
     line.push(b'\n');
     sink.send(Ok(Bytes::from(line))).await.map_err(drop)
 }
@@ -135,34 +128,19 @@ async fn run(
                 if rv < history.floor {
                     Err(history.floor)
                 } else {
-                    Ok(history
-                        .events
-                        .iter()
-                        .filter(|e| e.rv > rv)
-                        .cloned()
-                        .collect())
+                    Ok(history.events.iter().filter(|e| e.rv > rv).cloned().collect())
                 }
             };
             match replay {
                 Err(floor) => {
-                    let status =
-                        ApiError::gone(format!("too old resource version: {rv} ({floor})"))
-                            .status();
+                    let status = ApiError::gone(format!("too old resource version: {rv} ({floor})")).status();
                     return send(&mut sink, &api, &watch, "ERROR", &status, 0).await;
                 }
                 Ok(events) => {
                     let mut last = rv;
                     for event in events {
                         if watch.wants(&event) {
-                            send(
-                                &mut sink,
-                                &api,
-                                &watch,
-                                event.event_type,
-                                &event.object,
-                                event.rv,
-                            )
-                            .await?;
+                            send(&mut sink, &api, &watch, event.event_type, &event.object, event.rv).await?;
                         }
                         last = event.rv;
                     }
@@ -172,24 +150,15 @@ async fn run(
         }
         _ => {
             let namespace = watch.namespace.as_deref();
-            let (objects, revision) =
-                match api.store.list_objects(watch.kind.name(), namespace).await {
-                    Ok(listed) => listed,
-                    Err(error) => {
-                        let status = ApiError::from(error).status();
-                        return send(&mut sink, &api, &watch, "ERROR", &status, 0).await;
-                    }
-                };
+            let (objects, revision) = match api.store.list_objects(watch.kind.name(), namespace).await {
+                Ok(listed) => listed,
+                Err(error) => {
+                    let status = ApiError::from(error).status();
+                    return send(&mut sink, &api, &watch, "ERROR", &status, 0).await;
+                }
+            };
             for object in objects.iter().filter(|o| watch.selector.matches(&o.body)) {
-                send(
-                    &mut sink,
-                    &api,
-                    &watch,
-                    "ADDED",
-                    &object.body,
-                    object.resource_version,
-                )
-                .await?;
+                send(&mut sink, &api, &watch, "ADDED", &object.body, object.resource_version).await?;
             }
             if send_initial {
                 send(
