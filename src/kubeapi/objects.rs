@@ -640,9 +640,13 @@ async fn patch(
         "application/apply-patch+yaml" | "application/apply-patch+json" => {
             let text = std::str::from_utf8(body)
                 .map_err(|_| ApiError::bad_request("the applied configuration is not UTF-8"))?;
-            let applied: Value = serde_json::from_str(text)
+            let mut applied: Value = serde_json::from_str(text)
                 .or_else(|_| serde_saphyr::from_str(text))
                 .map_err(|e| ApiError::bad_request(format!("the applied configuration is not valid YAML: {e}")))?;
+            // A status-only configuration may leave metadata out: the URL names the object.
+            if applied.is_object() && applied.get("metadata").is_none_or(Value::is_null) {
+                applied["metadata"] = json!({"name": name});
+            }
             check_identity(kind, &applied)?;
             if applied["metadata"]["name"].as_str().is_some_and(|n| n != name) {
                 return Err(ApiError::bad_request(format!(
