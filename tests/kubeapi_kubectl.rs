@@ -435,3 +435,31 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     watching.abort();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_discovers_and_explains_the_kinds() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
+    let out = server.ok(&["api-resources", "--api-group=molecule.ai"]).await;
+    let line = out.lines().find(|l| l.starts_with("workspaces")).unwrap_or_else(|| panic!("{out}"));
+    for word in ["ws", "molecule.ai/v1alpha1", "true", "Workspace"] {
+        assert!(line.split_whitespace().any(|w| w == word), "{word} missing in {line:?}");
+    }
+    assert!(out.lines().any(|l| l.starts_with("teams")), "{out}");
+    assert!(server.ok(&["api-versions"]).await.contains("molecule.ai/v1alpha1"));
+    server.ok(&["version"]).await;
+
+    let out = server.ok(&["explain", "ws.spec"]).await;
+    assert!(out.contains("tier") && out.contains("operatingMode"), "{out}");
+
+    server.ok(&["apply", "-f", "examples/org/pm.yaml"]).await;
+    let out = server.ok(&["get", "ws", "-A"]).await;
+    assert!(out.starts_with("NAMESPACE") && out.contains("default") && out.contains("pm"), "{out}");
+    let out = server.ok(&["apply", "-f", "examples/org/qa.yaml", "--dry-run=server"]).await;
+    assert!(out.contains("qa created (server dry run)"), "{out}");
+    let (ok, _, _) = server.kubectl(&["get", "ws", "qa"]).await;
+    assert!(!ok, "a dry run stores nothing");
+    let yaml = server.ok(&["get", "ws", "pm", "-o", "yaml"]).await;
+    assert!(yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"), "{yaml}");
+    server.stop().await;
+}

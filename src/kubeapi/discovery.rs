@@ -43,9 +43,11 @@ pub fn core_versions() -> Response {
 /// The core group holds nothing here; events are accepted (and dropped) so that
 /// `kubectl describe` and a kube-rs event recorder work.
 pub fn core_resources() -> Response {
+    let events = json!({"name": "events", "singularName": "event", "namespaced": true, "kind": "Event",
+        "verbs": ["create", "get", "list", "patch"], "shortNames": ["ev"]});
     json_response(
         200,
-        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": []}),
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [events]}),
     )
 }
 
