@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -29,8 +30,24 @@ struct Server {
 }
 
 impl Server {
+    /// Through the entry point `up --kube-api` uses.
     async fn start(store: DynStore, state_dir: &Path) -> Self {
-        Self::start_with(KubeApi::new(store, TOKEN).await.expect("the API starts"), state_dir).await
+        let bound = kubeapi::bind(store, TOKEN, "127.0.0.1:0".parse().unwrap(), state_dir).await.expect("the API binds");
+        let (url, kubeconfig) = (bound.url.clone(), bound.kubeconfig.clone());
+        let mode = std::fs::metadata(&kubeconfig).expect("the kubeconfig exists").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the kubeconfig holds the admin token");
+        let tls = kubeapi::KubeTls::load_or_create(state_dir).expect("the TLS pair bind made");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            bound
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("the API serves");
+        });
+        let ca = reqwest::Certificate::from_pem(tls.ca_pem().as_bytes()).expect("the CA parses");
+        Self { url, kubeconfig, ca, home: tempfile::tempdir().expect("a HOME"), stop: Some(stop), task: Some(task) }
     }
 
     async fn start_with(api: KubeApi, state_dir: &Path) -> Self {
@@ -281,7 +298,11 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let (_, list_before) = server.get_json(WS).await;
     server.stop().await;
 
-    let server = Server::start_with(KubeApi::new(open().await, TOKEN).await.unwrap().with_history_limit(2), state.path()).await;
+    let server = Server::start_with(KubeApi::new(open().await, TOKEN)
+            .await
+            .unwrap()
+            .with_history_limit(2)
+            .with_bookmark_interval(Duration::from_millis(200)), state.path()).await;
     let (code, after) = server.get_json(&format!("{WS}/dev-lead")).await;
     assert_eq!(code, 200);
     assert_eq!(after, before, "the object, its uid and resourceVersion survive the restart");
@@ -327,6 +348,37 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let text = resp.text().await.unwrap();
     let event: Value = serde_json::from_str(text.lines().next().unwrap_or("null")).unwrap();
     assert_eq!((event["type"].as_str(), event["object"]["metadata"]["name"].as_str()), (Some("MODIFIED"), Some("pm")));
+
+    // Bookmarks when allowed (the interval is 200 ms in this server), and the
+    // initial-events stream kube-rs' streaming-list strategy asks for.
+    let now = list_after["metadata"]["resourceVersion"].as_str().unwrap().parse::<i64>().unwrap() + 5;
+    let text = http
+        .get(format!("{}{WS}?watch=1&resourceVersion={now}&allowWatchBookmarks=true&timeoutSeconds=1", server.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.lines().any(|l| l.contains(r#""type":"BOOKMARK""#)), "{text}");
+    let text = http
+        .get(format!(
+            "{}{WS}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1",
+            server.url
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let added = events.iter().take_while(|e| e["type"] == "ADDED").count();
+    assert!(added >= 5, "{text}");
+    assert_eq!(events[added]["type"], "BOOKMARK");
+    assert_eq!(events[added]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
 
     let resp = http.get(format!("{}{WS}", server.url)).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
@@ -383,7 +435,8 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     api.patch("from-kube-rs", &PatchParams::apply("molecule-test"), &Patch::Apply(&applied)).await.expect("SSA creates");
     let mut got_apply = false;
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
-        if let Ok(watcher::Event::Apply(ws)) = event.as_ref().map_err(Clone::clone) {
+        // InitApply when the watcher's first list already had it.
+        if let Ok(watcher::Event::Apply(ws) | watcher::Event::InitApply(ws)) = event.as_ref().map_err(Clone::clone) {
             if ws.metadata.name.as_deref() == Some("from-kube-rs") {
                 got_apply = true;
                 break;

@@ -233,6 +233,42 @@ pub fn router(api: Arc<KubeApi>) -> axum::Router {
     axum::Router::new().fallback(dispatch).with_state(api)
 }
 
+/// The API bound to its address, with STATE/kubeconfig written: what `up --kube-api
+/// ADDR` starts. `serve` runs it until the shutdown future completes.
+pub struct Bound {
+    /// `https://127.0.0.1:PORT` (the real port when ADDR asked for port 0).
+    pub url: String,
+    /// STATE/kubeconfig: `kubectl --kubeconfig` this, or point KUBECONFIG at it.
+    pub kubeconfig: PathBuf,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: KubeTls,
+}
+
+/// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/`, and writes
+/// `state_dir/kubeconfig` (server, CA, `token`). The store's objects are served at once.
+pub async fn bind(store: DynStore, token: &str, addr: std::net::SocketAddr, state_dir: &Path) -> std::io::Result<Bound> {
+    let api = KubeApi::new(store, token)
+        .await
+        .map_err(|e| std::io::Error::other(format!("the Kubernetes API cannot read the state store: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for the Kubernetes API: {e}")))?;
+    let local = listener.local_addr()?;
+    let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
+    let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
+    let url = format!("https://{host}:{}", local.port());
+    let tls = KubeTls::load_or_create(state_dir)?;
+    let kubeconfig = write_kubeconfig(state_dir, &url, token, &tls)?;
+    Ok(Bound { url, kubeconfig, listener, router: router(Arc::new(api)), tls })
+}
+
+impl Bound {
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        serve(self.listener, self.router, &self.tls, shutdown).await
+    }
+}
+
 /// Serves `router` over TLS (`tls`) on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
