@@ -14,7 +14,7 @@ use futures::StreamExt;
 use molecule::api::Workspace;
 use molecule::kubeapi::{self, KubeApi};
 use molecule::store::{self, DynStore};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -32,9 +32,15 @@ struct Server {
 impl Server {
     /// Through the entry point `up --kube-api` uses.
     async fn start(store: DynStore, state_dir: &Path) -> Self {
-        let bound = kubeapi::bind(store, TOKEN, "127.0.0.1:0".parse().unwrap(), state_dir).await.expect("the API binds");
+        let bound = kubeapi::bind(store, TOKEN, "127.0.0.1:0".parse().unwrap(), state_dir)
+            .await
+            .expect("the API binds");
         let (url, kubeconfig) = (bound.url.clone(), bound.kubeconfig.clone());
-        let mode = std::fs::metadata(&kubeconfig).expect("the kubeconfig exists").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&kubeconfig)
+            .expect("the kubeconfig exists")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "the kubeconfig holds the admin token");
         let tls = kubeapi::KubeTls::load_or_create(state_dir).expect("the TLS pair bind made");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -47,11 +53,20 @@ impl Server {
                 .expect("the API serves");
         });
         let ca = reqwest::Certificate::from_pem(tls.ca_pem().as_bytes()).expect("the CA parses");
-        Self { url, kubeconfig, ca, home: tempfile::tempdir().expect("a HOME"), stop: Some(stop), task: Some(task) }
+        Self {
+            url,
+            kubeconfig,
+            ca,
+            home: tempfile::tempdir().expect("a HOME"),
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     async fn start_with(api: KubeApi, state_dir: &Path) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
         let url = format!("https://{}", listener.local_addr().expect("bound"));
         let tls = kubeapi::KubeTls::load_or_create(state_dir).expect("the TLS pair");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -66,7 +81,14 @@ impl Server {
         });
         let kubeconfig = kubeapi::write_kubeconfig(state_dir, &url, TOKEN, &tls).expect("the kubeconfig is written");
         let ca = reqwest::Certificate::from_pem(tls.ca_pem().as_bytes()).expect("the CA parses");
-        Self { url, kubeconfig, ca, home: tempfile::tempdir().expect("a HOME"), stop: Some(stop), task: Some(task) }
+        Self {
+            url,
+            kubeconfig,
+            ca,
+            home: tempfile::tempdir().expect("a HOME"),
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Stops serving (open watches are dropped with the runtime's tasks).
@@ -116,18 +138,29 @@ impl Server {
     }
 
     fn http(&self) -> reqwest::Client {
-        reqwest::Client::builder().add_root_certificate(self.ca.clone()).build().expect("an HTTPS client")
+        reqwest::Client::builder()
+            .add_root_certificate(self.ca.clone())
+            .build()
+            .expect("an HTTPS client")
     }
 
     async fn get_json(&self, path: &str) -> (u16, Value) {
-        let resp = self.http().get(format!("{}{path}", self.url)).bearer_auth(TOKEN).send().await.expect("GET");
+        let resp = self
+            .http()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET");
         let code = resp.status().as_u16();
         (code, resp.json().await.unwrap_or(Value::Null))
     }
 }
 
 async fn sqlite_store(dir: &Path) -> DynStore {
-    store::open(&dir.join("state.db").display().to_string()).await.expect("the SQLite store opens")
+    store::open(&dir.join("state.db").display().to_string())
+        .await
+        .expect("the SQLite store opens")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -159,7 +192,10 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
          apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: beta}\nspec: {operatingMode: Stopped}\n",
     );
     let out = server.ok(&["apply", "-f", &multi]).await;
-    assert!(out.contains("workspace.molecule.ai/alpha created") && out.contains("workspace.molecule.ai/beta created"), "{out}");
+    assert!(
+        out.contains("workspace.molecule.ai/alpha created") && out.contains("workspace.molecule.ai/beta created"),
+        "{out}"
+    );
 
     // The printer columns.
     let out = server.ok(&["get", "ws"]).await;
@@ -167,11 +203,18 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
     for column in ["NAME", "PHASE", "TEAM", "INCARNATION", "READY", "AGE"] {
         assert!(header.contains(column), "no {column} column in:\n{out}");
     }
-    assert!(out.lines().any(|l| l.starts_with("dev-lead") && l.contains("engineering")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("dev-lead") && l.contains("engineering")),
+        "{out}"
+    );
     let out = server.ok(&["get", "teams"]).await;
     assert!(out.contains("engineering") && out.contains("MEMBERS"), "{out}");
     let out = server.ok(&["get", "molecule"]).await;
-    assert!(out.contains("workspace.molecule.ai/dev-lead") && out.contains("team.molecule.ai/engineering"), "{out}");
+    assert!(
+        out.contains("workspace.molecule.ai/dev-lead") && out.contains("team.molecule.ai/engineering"),
+        "{out}"
+    );
     let out = server.ok(&["get", "ws", "-l", "tier=one", "-o", "name"]).await;
     assert_eq!(out.trim(), "workspace.molecule.ai/alpha");
 
@@ -185,20 +228,85 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
     assert!(dev_lead["metadata"]["uid"].as_str().is_some_and(|u| u.len() == 36));
 
     let out = server.ok(&["describe", "ws", "dev-lead"]).await;
-    assert!(out.contains("Name:") && out.contains("dev-lead") && out.contains("engineering"), "{out}");
+    assert!(
+        out.contains("Name:") && out.contains("dev-lead") && out.contains("engineering"),
+        "{out}"
+    );
 
     // Merge patch to Paused and back: the spec changed, so the generation moved.
-    let out = server.ok(&["patch", "ws", "dev-lead", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#]).await;
+    let out = server
+        .ok(&[
+            "patch",
+            "ws",
+            "dev-lead",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"operatingMode":"Paused"}}"#,
+        ])
+        .await;
     assert!(out.contains("patched"), "{out}");
-    let mode = server.ok(&["get", "ws", "dev-lead", "-o", "jsonpath={.spec.operatingMode} {.metadata.generation}"]).await;
+    let mode = server
+        .ok(&[
+            "get",
+            "ws",
+            "dev-lead",
+            "-o",
+            "jsonpath={.spec.operatingMode} {.metadata.generation}",
+        ])
+        .await;
     assert_eq!(mode, "Paused 2");
-    server.ok(&["patch", "ws", "dev-lead", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Running"}}"#]).await;
-    let mode = server.ok(&["get", "ws", "dev-lead", "-o", "jsonpath={.spec.operatingMode} {.metadata.generation}"]).await;
+    server
+        .ok(&[
+            "patch",
+            "ws",
+            "dev-lead",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"operatingMode":"Running"}}"#,
+        ])
+        .await;
+    let mode = server
+        .ok(&[
+            "get",
+            "ws",
+            "dev-lead",
+            "-o",
+            "jsonpath={.spec.operatingMode} {.metadata.generation}",
+        ])
+        .await;
     assert_eq!(mode, "Running 3");
     // JSON patch and the default (strategic, handled as merge) patch.
-    server.ok(&["patch", "ws", "alpha", "--type", "json", "-p", r#"[{"op":"replace","path":"/spec/tier","value":3}]"#]).await;
-    server.ok(&["patch", "ws", "alpha", "-p", r#"{"metadata":{"labels":{"extra":"yes"}}}"#]).await;
-    let out = server.ok(&["get", "ws", "alpha", "-o", "jsonpath={.spec.tier} {.metadata.labels.extra} {.metadata.generation}"]).await;
+    server
+        .ok(&[
+            "patch",
+            "ws",
+            "alpha",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"replace","path":"/spec/tier","value":3}]"#,
+        ])
+        .await;
+    server
+        .ok(&[
+            "patch",
+            "ws",
+            "alpha",
+            "-p",
+            r#"{"metadata":{"labels":{"extra":"yes"}}}"#,
+        ])
+        .await;
+    let out = server
+        .ok(&[
+            "get",
+            "ws",
+            "alpha",
+            "-o",
+            "jsonpath={.spec.tier} {.metadata.labels.extra} {.metadata.generation}",
+        ])
+        .await;
     assert_eq!(out, "3 yes 2", "labels do not bump the generation");
 
     // Server-side apply: create, then change, with --force-conflicts accepted.
@@ -214,23 +322,59 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         "ssa.yaml",
         "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: gamma}\nspec: {tier: 4, env: {ROLE: ssa}}\n",
     );
-    server.ok(&["apply", "--server-side", "--force-conflicts", "-f", &ssa]).await;
-    assert_eq!(server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.spec.tier}"]).await, "4");
+    server
+        .ok(&["apply", "--server-side", "--force-conflicts", "-f", &ssa])
+        .await;
+    assert_eq!(
+        server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.spec.tier}"]).await,
+        "4"
+    );
 
     // Delete without finalizers: gone at once.
     let out = server.ok(&["delete", "ws", "beta"]).await;
     assert!(out.contains("workspace.molecule.ai \"beta\" deleted"), "{out}");
     let (ok, _, err) = server.kubectl(&["get", "ws", "beta"]).await;
-    assert!(!ok && err.contains("NotFound") && err.contains("\"beta\" not found"), "{err}");
+    assert!(
+        !ok && err.contains("NotFound") && err.contains("\"beta\" not found"),
+        "{err}"
+    );
 
     // With a finalizer: marked deleting and kept until the finalizer goes.
-    server.ok(&["patch", "ws", "gamma", "--type", "merge", "-p", r#"{"metadata":{"finalizers":["molecule.ai/cleanup"]}}"#]).await;
+    server
+        .ok(&[
+            "patch",
+            "ws",
+            "gamma",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["molecule.ai/cleanup"]}}"#,
+        ])
+        .await;
     server.ok(&["delete", "ws", "gamma", "--wait=false"]).await;
-    let ts = server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.metadata.deletionTimestamp}"]).await;
-    assert!(ts.ends_with('Z'), "a deleting object carries its deletionTimestamp: {ts:?}");
-    server.ok(&["patch", "ws", "gamma", "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#]).await;
+    let ts = server
+        .ok(&["get", "ws", "gamma", "-o", "jsonpath={.metadata.deletionTimestamp}"])
+        .await;
+    assert!(
+        ts.ends_with('Z'),
+        "a deleting object carries its deletionTimestamp: {ts:?}"
+    );
+    server
+        .ok(&[
+            "patch",
+            "ws",
+            "gamma",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ])
+        .await;
     let (ok, _, err) = server.kubectl(&["get", "ws", "gamma"]).await;
-    assert!(!ok && err.contains("not found"), "the last finalizer's removal deletes it: {err}");
+    assert!(
+        !ok && err.contains("not found"),
+        "the last finalizer's removal deletes it: {err}"
+    );
 
     server.stop().await;
 }
@@ -248,8 +392,14 @@ async fn kubectl_prints_readable_errors_for_bad_manifests() {
     };
     let cases = [
         (bad("typo", "{teir: 2}"), vec!["typo", "spec.teir", "Unknown field"]),
-        (bad("big", "{tier: 9}"), vec!["big", "spec.tier", "less than or equal to 4"]),
-        (bad("mode", "{operatingMode: Sleeping}"), vec!["mode", "spec.operatingMode", "Unsupported value", "Paused"]),
+        (
+            bad("big", "{tier: 9}"),
+            vec!["big", "spec.tier", "less than or equal to 4"],
+        ),
+        (
+            bad("mode", "{operatingMode: Sleeping}"),
+            vec!["mode", "spec.operatingMode", "Unsupported value", "Paused"],
+        ),
         (bad("Upper", "{}"), vec!["metadata.name", "lowercase"]),
     ];
     for (file, wanted) in cases {
@@ -276,7 +426,17 @@ async fn kubectl_watch_prints_added_and_modified() {
         .expect("kubectl get -w starts");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.ok(&["apply", "-f", "examples/org/qa.yaml"]).await;
-    server.ok(&["patch", "ws", "pm", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#]).await;
+    server
+        .ok(&[
+            "patch",
+            "ws",
+            "pm",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"operatingMode":"Paused"}}"#,
+        ])
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let _ = child.start_kill();
     let mut out = String::new();
@@ -284,7 +444,10 @@ async fn kubectl_watch_prints_added_and_modified() {
     let _ = child.wait().await;
     assert!(out.lines().any(|l| l.starts_with("ADDED") && l.contains("pm")), "{out}");
     assert!(out.lines().any(|l| l.starts_with("ADDED") && l.contains("qa")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("MODIFIED") && l.contains("pm")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("MODIFIED") && l.contains("pm")),
+        "{out}"
+    );
     server.stop().await;
 }
 
@@ -298,35 +461,73 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let (_, list_before) = server.get_json(WS).await;
     server.stop().await;
 
-    let server = Server::start_with(KubeApi::new(open().await, TOKEN)
+    let server = Server::start_with(
+        KubeApi::new(open().await, TOKEN)
             .await
             .unwrap()
             .with_history_limit(2)
-            .with_bookmark_interval(Duration::from_millis(200)), state.path()).await;
+            .with_bookmark_interval(Duration::from_millis(200)),
+        state.path(),
+    )
+    .await;
     let (code, after) = server.get_json(&format!("{WS}/dev-lead")).await;
     assert_eq!(code, 200);
-    assert_eq!(after, before, "the object, its uid and resourceVersion survive the restart");
+    assert_eq!(
+        after, before,
+        "the object, its uid and resourceVersion survive the restart"
+    );
     let (_, list_after) = server.get_json(WS).await;
-    assert_eq!(list_after["metadata"]["resourceVersion"], list_before["metadata"]["resourceVersion"]);
+    assert_eq!(
+        list_after["metadata"]["resourceVersion"],
+        list_before["metadata"]["resourceVersion"]
+    );
 
     // Stale resourceVersion: 409 Conflict, as a Status.
     let http = server.http();
     let mut stale = after.clone();
     stale["spec"]["tier"] = json!(3);
-    let fresh = http.put(format!("{}{WS}/dev-lead", server.url)).bearer_auth(TOKEN).json(&stale).send().await.unwrap();
+    let fresh = http
+        .put(format!("{}{WS}/dev-lead", server.url))
+        .bearer_auth(TOKEN)
+        .json(&stale)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(fresh.status().as_u16(), 200, "the current resourceVersion is accepted");
-    let resp = http.put(format!("{}{WS}/dev-lead", server.url)).bearer_auth(TOKEN).json(&stale).send().await.unwrap();
+    let resp = http
+        .put(format!("{}{WS}/dev-lead", server.url))
+        .bearer_auth(TOKEN)
+        .json(&stale)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 409);
     let status: Value = resp.json().await.unwrap();
-    assert_eq!((status["kind"].as_str(), status["reason"].as_str()), (Some("Status"), Some("Conflict")));
+    assert_eq!(
+        (status["kind"].as_str(), status["reason"].as_str()),
+        (Some("Status"), Some("Conflict"))
+    );
 
     // Three more writes with a history of two: the pre-restart RV is too old.
     for mode in ["Paused", "Running", "Paused"] {
-        server.ok(&["patch", "ws", "pm", "--type", "merge", "-p", &format!(r#"{{"spec":{{"operatingMode":"{mode}"}}}}"#)]).await;
+        server
+            .ok(&[
+                "patch",
+                "ws",
+                "pm",
+                "--type",
+                "merge",
+                "-p",
+                &format!(r#"{{"spec":{{"operatingMode":"{mode}"}}}}"#),
+            ])
+            .await;
     }
     let old_rv = before["metadata"]["resourceVersion"].as_str().unwrap();
     let resp = http
-        .get(format!("{}{WS}?watch=1&resourceVersion={old_rv}&timeoutSeconds=2", server.url))
+        .get(format!(
+            "{}{WS}?watch=1&resourceVersion={old_rv}&timeoutSeconds=2",
+            server.url
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -334,26 +535,44 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let text = resp.text().await.unwrap();
     let event: Value = serde_json::from_str(text.lines().next().unwrap_or("null")).unwrap();
     assert_eq!(event["type"], "ERROR", "{text}");
-    assert_eq!((event["object"]["code"].as_i64(), event["object"]["reason"].as_str()), (Some(410), Some("Expired")));
+    assert_eq!(
+        (event["object"]["code"].as_i64(), event["object"]["reason"].as_str()),
+        (Some(410), Some("Expired"))
+    );
 
     // A recent RV replays what followed it.
     let (_, pm) = server.get_json(&format!("{WS}/pm")).await;
     let rv: i64 = pm["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
     let resp = http
-        .get(format!("{}{WS}?watch=1&resourceVersion={}&timeoutSeconds=1", server.url, rv - 1))
+        .get(format!(
+            "{}{WS}?watch=1&resourceVersion={}&timeoutSeconds=1",
+            server.url,
+            rv - 1
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
     let text = resp.text().await.unwrap();
     let event: Value = serde_json::from_str(text.lines().next().unwrap_or("null")).unwrap();
-    assert_eq!((event["type"].as_str(), event["object"]["metadata"]["name"].as_str()), (Some("MODIFIED"), Some("pm")));
+    assert_eq!(
+        (event["type"].as_str(), event["object"]["metadata"]["name"].as_str()),
+        (Some("MODIFIED"), Some("pm"))
+    );
 
     // Bookmarks when allowed (the interval is 200 ms in this server), and the
     // initial-events stream kube-rs' streaming-list strategy asks for.
-    let now = list_after["metadata"]["resourceVersion"].as_str().unwrap().parse::<i64>().unwrap() + 5;
+    let now = list_after["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse::<i64>()
+        .unwrap()
+        + 5;
     let text = http
-        .get(format!("{}{WS}?watch=1&resourceVersion={now}&allowWatchBookmarks=true&timeoutSeconds=1", server.url))
+        .get(format!(
+            "{}{WS}?watch=1&resourceVersion={now}&allowWatchBookmarks=true&timeoutSeconds=1",
+            server.url
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -378,11 +597,16 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let added = events.iter().take_while(|e| e["type"] == "ADDED").count();
     assert!(added >= 5, "{text}");
     assert_eq!(events[added]["type"], "BOOKMARK");
-    assert_eq!(events[added]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
+    assert_eq!(
+        events[added]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
 
     let resp = http.get(format!("{}{WS}", server.url)).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
-    let (code, status) = server.get_json("/apis/molecule.ai/v1alpha1/namespaces/default/gadgets").await;
+    let (code, status) = server
+        .get_json("/apis/molecule.ai/v1alpha1/namespaces/default/gadgets")
+        .await;
     assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
     server.stop().await;
 }
@@ -396,7 +620,9 @@ async fn sqlite_objects_survive_restart_with_their_resource_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_objects_survive_restart_with_their_resource_version() {
-    let Some(db) = support::postgres::fresh_database().await else { return };
+    let Some(db) = support::postgres::fresh_database().await else {
+        return;
+    };
     let url = db.url.clone();
     survives_restart_and_keeps_resource_version_semantics(async || store::open(&url).await.expect("Postgres")).await;
     drop(db);
@@ -412,12 +638,20 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     server.ok(&["apply", "-f", "examples/org/pm.yaml"]).await;
 
     let kubeconfig = kube::config::Kubeconfig::read_from(&server.kubeconfig).expect("the kubeconfig reads");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("a config");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("a config");
     let client = kube::Client::try_from(config).expect("a client");
     let api: Api<Workspace> = Api::namespaced(client.clone(), "default");
 
     let list = api.list(&Default::default()).await.expect("list");
-    assert_eq!(list.items.iter().map(|w| w.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["pm"]);
+    assert_eq!(
+        list.items
+            .iter()
+            .map(|w| w.metadata.name.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ["pm"]
+    );
     let all: Api<Workspace> = Api::all(client);
     assert_eq!(all.list(&Default::default()).await.unwrap().items.len(), 1);
 
@@ -432,15 +666,21 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     });
     let applied = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
         "metadata": {"name": "from-kube-rs"}, "spec": {"tier": 1}});
-    api.patch("from-kube-rs", &PatchParams::apply("molecule-test"), &Patch::Apply(&applied)).await.expect("SSA creates");
+    api.patch(
+        "from-kube-rs",
+        &PatchParams::apply("molecule-test"),
+        &Patch::Apply(&applied),
+    )
+    .await
+    .expect("SSA creates");
     let mut got_apply = false;
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
         // InitApply when the watcher's first list already had it.
-        if let Ok(watcher::Event::Apply(ws) | watcher::Event::InitApply(ws)) = event.as_ref().map_err(Clone::clone) {
-            if ws.metadata.name.as_deref() == Some("from-kube-rs") {
-                got_apply = true;
-                break;
-            }
+        if let Ok(watcher::Event::Apply(ws) | watcher::Event::InitApply(ws)) = event.as_ref()
+            && ws.metadata.name.as_deref() == Some("from-kube-rs")
+        {
+            got_apply = true;
+            break;
         }
     }
     assert!(got_apply, "the watcher saw the applied workspace");
@@ -449,38 +689,58 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     let status = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
         "status": {"phase": "Running", "observedGeneration": 1, "incarnation": 2}});
     let patched = api
-        .patch_status("pm", &PatchParams::apply("molecule-operator").force(), &Patch::Apply(&status))
+        .patch_status(
+            "pm",
+            &PatchParams::apply("molecule-operator").force(),
+            &Patch::Apply(&status),
+        )
         .await
         .expect("status SSA");
     let s = patched.status.expect("a status");
     assert_eq!((s.incarnation, s.observed_generation), (2, Some(1)));
-    assert_eq!(patched.metadata.generation, Some(1), "status writes never bump the generation");
+    assert_eq!(
+        patched.metadata.generation,
+        Some(1),
+        "status writes never bump the generation"
+    );
     // A main-resource write leaves the status alone.
     let mut replaced = api.get("pm").await.unwrap();
     replaced.status = None;
     replaced.spec.tier = Some(3);
-    let replaced = api.replace("pm", &PostParams::default(), &replaced).await.expect("replace");
-    assert_eq!((replaced.status.map(|s| s.incarnation), replaced.metadata.generation), (Some(2), Some(2)));
+    let replaced = api
+        .replace("pm", &PostParams::default(), &replaced)
+        .await
+        .expect("replace");
+    assert_eq!(
+        (replaced.status.map(|s| s.incarnation), replaced.metadata.generation),
+        (Some(2), Some(2))
+    );
 
     // Finalizer add and remove by JSON patch, as kube-runtime's finalizer helper does.
     let add: json_patch::Patch = serde_json::from_value(json!([
         {"op": "test", "path": "/metadata/finalizers", "value": null},
-        {"op": "add", "path": "/metadata/finalizers", "value": ["molecule.ai/cleanup"]}])).unwrap();
-    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(add)).await.expect("finalizer added");
+        {"op": "add", "path": "/metadata/finalizers", "value": ["molecule.ai/cleanup"]}]))
+    .unwrap();
+    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(add))
+        .await
+        .expect("finalizer added");
     api.delete("pm", &Default::default()).await.expect("delete");
     let deleting = api.get("pm").await.expect("still there while the finalizer holds it");
     assert!(deleting.metadata.deletion_timestamp.is_some());
     let remove: json_patch::Patch = serde_json::from_value(json!([
         {"op": "test", "path": "/metadata/finalizers/0", "value": "molecule.ai/cleanup"},
-        {"op": "remove", "path": "/metadata/finalizers/0"}])).unwrap();
-    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(remove)).await.expect("finalizer removed");
+        {"op": "remove", "path": "/metadata/finalizers/0"}]))
+    .unwrap();
+    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(remove))
+        .await
+        .expect("finalizer removed");
     let mut deleted = false;
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
-        if let Ok(watcher::Event::Delete(ws)) = event.as_ref().map_err(Clone::clone) {
-            if ws.metadata.name.as_deref() == Some("pm") {
-                deleted = true;
-                break;
-            }
+        if let Ok(watcher::Event::Delete(ws)) = event.as_ref()
+            && ws.metadata.name.as_deref() == Some("pm")
+        {
+            deleted = true;
+            break;
         }
     }
     assert!(deleted, "the watcher saw pm go once its finalizer was removed");
@@ -494,7 +754,10 @@ async fn kubectl_discovers_and_explains_the_kinds() {
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
     let out = server.ok(&["api-resources", "--api-group=molecule.ai"]).await;
-    let line = out.lines().find(|l| l.starts_with("workspaces")).unwrap_or_else(|| panic!("{out}"));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("workspaces"))
+        .unwrap_or_else(|| panic!("{out}"));
     for word in ["ws", "molecule.ai/v1alpha1", "true", "Workspace"] {
         assert!(line.split_whitespace().any(|w| w == word), "{word} missing in {line:?}");
     }
@@ -507,12 +770,20 @@ async fn kubectl_discovers_and_explains_the_kinds() {
 
     server.ok(&["apply", "-f", "examples/org/pm.yaml"]).await;
     let out = server.ok(&["get", "ws", "-A"]).await;
-    assert!(out.starts_with("NAMESPACE") && out.contains("default") && out.contains("pm"), "{out}");
-    let out = server.ok(&["apply", "-f", "examples/org/qa.yaml", "--dry-run=server"]).await;
+    assert!(
+        out.starts_with("NAMESPACE") && out.contains("default") && out.contains("pm"),
+        "{out}"
+    );
+    let out = server
+        .ok(&["apply", "-f", "examples/org/qa.yaml", "--dry-run=server"])
+        .await;
     assert!(out.contains("qa created (server dry run)"), "{out}");
     let (ok, _, _) = server.kubectl(&["get", "ws", "qa"]).await;
     assert!(!ok, "a dry run stores nothing");
     let yaml = server.ok(&["get", "ws", "pm", "-o", "yaml"]).await;
-    assert!(yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"), "{yaml}");
+    assert!(
+        yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"),
+        "{yaml}"
+    );
     server.stop().await;
 }

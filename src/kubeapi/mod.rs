@@ -247,7 +247,12 @@ pub struct Bound {
 
 /// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/`, and writes
 /// `state_dir/kubeconfig` (server, CA, `token`). The store's objects are served at once.
-pub async fn bind(store: DynStore, token: &str, addr: std::net::SocketAddr, state_dir: &Path) -> std::io::Result<Bound> {
+pub async fn bind(
+    store: DynStore,
+    token: &str,
+    addr: std::net::SocketAddr,
+    state_dir: &Path,
+) -> std::io::Result<Bound> {
     let api = KubeApi::new(store, token)
         .await
         .map_err(|e| std::io::Error::other(format!("the Kubernetes API cannot read the state store: {e}")))?;
@@ -255,12 +260,26 @@ pub async fn bind(store: DynStore, token: &str, addr: std::net::SocketAddr, stat
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for the Kubernetes API: {e}")))?;
     let local = listener.local_addr()?;
-    let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
-    let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
+    let host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        local.ip().to_string()
+    };
+    let host = if local.is_ipv6() && !local.ip().is_unspecified() {
+        format!("[{host}]")
+    } else {
+        host
+    };
     let url = format!("https://{host}:{}", local.port());
     let tls = KubeTls::load_or_create(state_dir)?;
     let kubeconfig = write_kubeconfig(state_dir, &url, token, &tls)?;
-    Ok(Bound { url, kubeconfig, listener, router: router(Arc::new(api)), tls })
+    Ok(Bound {
+        url,
+        kubeconfig,
+        listener,
+        router: router(Arc::new(api)),
+        tls,
+    })
 }
 
 impl Bound {
@@ -300,7 +319,11 @@ pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str, tls: &KubeTls)
     let text = serde_json::to_string_pretty(&config).map_err(std::io::Error::other)?;
     let tmp = state_dir.join(".kubeconfig.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, &path)?;

@@ -342,11 +342,10 @@ async fn commit(
             }
         }
     };
-    if let Some(current) = existing {
-        if without_rv(&current.body) == without_rv(&object) {
+    if let Some(current) = existing
+        && without_rv(&current.body) == without_rv(&object) {
             return Ok((200, current.body.clone()));
         }
-    }
     if query.get("dryRun").is_some() {
         return Ok((if existing.is_some() { 200 } else { 201 }, object));
     }
@@ -695,15 +694,14 @@ async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -
     if precondition.is_some_and(|rv| rv != existing.resource_version) {
         return Err(ApiError::conflict(&kind.qualified(), name, STALE));
     }
-    if let Some(uid) = options["preconditions"]["uid"].as_str() {
-        if uid != existing.uid {
+    if let Some(uid) = options["preconditions"]["uid"].as_str()
+        && uid != existing.uid {
             return Err(ApiError::conflict(
                 &kind.qualified(),
                 name,
                 "the UID in the precondition does not match the object",
             ));
         }
-    }
     if finalizers_empty(&existing.body) {
         return remove(api, kind, &existing, Some(existing.resource_version))
             .await

@@ -14,8 +14,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,7 +40,10 @@ impl KubeTls {
         let dir = state_dir.join("kube-api");
         let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
         if cert_path.exists() && key_path.exists() {
-            return Ok(Self { cert_pem: std::fs::read_to_string(cert_path)?, key_pem: std::fs::read_to_string(key_path)? });
+            return Ok(Self {
+                cert_pem: std::fs::read_to_string(cert_path)?,
+                key_pem: std::fs::read_to_string(key_path)?,
+            });
         }
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let tls = Self::generate()?;
@@ -54,7 +57,10 @@ impl KubeTls {
         let names = vec!["127.0.0.1".to_string(), "localhost".to_string(), "::1".to_string()];
         let pair = rcgen::generate_simple_self_signed(names)
             .map_err(|e| io::Error::other(format!("cannot make the kube-api TLS certificate: {e}")))?;
-        Ok(Self { cert_pem: pair.cert.pem(), key_pem: pair.key_pair.serialize_pem() })
+        Ok(Self {
+            cert_pem: pair.cert.pem(),
+            key_pem: pair.key_pair.serialize_pem(),
+        })
     }
 
     /// The certificate clients must trust (the kubeconfig's certificate-authority-data).
@@ -63,17 +69,23 @@ impl KubeTls {
     }
 
     fn acceptor(&self) -> io::Result<TlsAcceptor> {
-        let invalid = |what: &str, e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidData, format!("the kube-api TLS {what} is unusable: {e}"));
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the kube-api TLS {what} is unusable: {e}"),
+            )
+        };
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("certificate", &e))?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| invalid("configuration", &e))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| invalid("certificate", &e))?;
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid("configuration", &e))?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| invalid("certificate", &e))?;
         // axum serves HTTP/1.1 here (its http2 feature is off).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
@@ -82,7 +94,12 @@ impl KubeTls {
 
 fn write_private(path: &Path, text: &str) -> io::Result<()> {
     use std::io::Write;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
@@ -122,7 +139,11 @@ impl TlsListener {
                 });
             }
         });
-        Ok(Self { local, ready, accepting })
+        Ok(Self {
+            local,
+            ready,
+            accepting,
+        })
     }
 }
 

@@ -224,20 +224,41 @@ pub trait Store: Send + Sync + 'static {
 
     // Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps
     // one global revision in its own transaction; the object takes that value as its
-    // resource_version (also written into body.metadata.resourceVersion).
+    // resource_version (also written into body.metadata.resourceVersion). Both real
+    // stores implement these; the defaults are for test doubles that keep no objects.
 
-    async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>>;
+    async fn get_object(&self, _kind: &str, _namespace: &str, _name: &str) -> StoreResult<Option<StoredObject>> {
+        Err(no_objects())
+    }
     /// Objects of `kind` (in `namespace`, or all), ordered by namespace and name, and
     /// the revision they were read at.
-    async fn list_objects(&self, kind: &str, namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)>;
+    async fn list_objects(&self, _kind: &str, _namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
+        Err(no_objects())
+    }
     /// Writes `object` whole. `expected` None creates (Conflict if it exists);
     /// Some(rv) updates only if the stored resource_version is still rv.
-    async fn put_object(&self, object: &StoredObject, expected: Option<i64>) -> StoreResult<ObjectWrite>;
+    async fn put_object(&self, _object: &StoredObject, _expected: Option<i64>) -> StoreResult<ObjectWrite> {
+        Err(no_objects())
+    }
     /// Removes an object (only if its resource_version is `expected`, when given);
     /// returns it with the resource_version of the deletion.
-    async fn delete_object(&self, kind: &str, namespace: &str, name: &str, expected: Option<i64>) -> StoreResult<ObjectWrite>;
+    async fn delete_object(
+        &self,
+        _kind: &str,
+        _namespace: &str,
+        _name: &str,
+        _expected: Option<i64>,
+    ) -> StoreResult<ObjectWrite> {
+        Err(no_objects())
+    }
     /// The current global revision (0 before any object write).
-    async fn object_revision(&self) -> StoreResult<i64>;
+    async fn object_revision(&self) -> StoreResult<i64> {
+        Err(no_objects())
+    }
+}
+
+fn no_objects() -> StoreError {
+    StoreError::Invalid("this store keeps no Kubernetes API objects".into())
 }
 
 /// One object of the local Kubernetes API: the whole object as JSON plus the
