@@ -716,6 +716,16 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
         (Some(2), Some(2))
     );
 
+    // PUT on /status changes the status only, even when the body says otherwise.
+    let mut whole = api.get_status("pm").await.expect("get status");
+    whole.spec.tier = Some(1);
+    whole.status.as_mut().unwrap().incarnation = 5;
+    let after = api
+        .replace_status("pm", &PostParams::default(), &whole)
+        .await
+        .expect("replace status");
+    assert_eq!((after.status.unwrap().incarnation, after.spec.tier), (5, Some(3)));
+
     // Finalizer add and remove by JSON patch, as kube-runtime's finalizer helper does.
     let add: json_patch::Patch = serde_json::from_value(json!([
         {"op": "test", "path": "/metadata/finalizers", "value": null},
