@@ -797,3 +797,51 @@ async fn kubectl_discovers_and_explains_the_kinds() {
     );
     server.stop().await;
 }
+
+/// Numbers, not a check: `cargo test --release --test kubeapi_kubectl -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_create_list_and_watch_latency() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
+    let http = server.http();
+    let mut watch = http
+        .get(format!("{}{WS}?watch=1&resourceVersion=0", server.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let n = 200;
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let ws = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
+            "metadata": {"name": format!("w{i}")}, "spec": {"tier": 2, "env": {"I": i.to_string()}}});
+        let resp = http.post(format!("{}{WS}", server.url)).bearer_auth(TOKEN).json(&ws).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 201);
+    }
+    let created = started.elapsed();
+    let mut seen = 0;
+    let mut buffer = Vec::new();
+    while seen < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), watch.chunk()).await.unwrap().unwrap().unwrap();
+        buffer.extend_from_slice(&chunk);
+        seen = buffer.iter().filter(|b| **b == b'\n').count();
+    }
+    let watched = started.elapsed();
+    let t = std::time::Instant::now();
+    let (_, list) = server.get_json(WS).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), n);
+    let listed = t.elapsed();
+    let t = std::time::Instant::now();
+    server.ok(&["get", "ws"]).await;
+    let kubectl_get = t.elapsed();
+    eprintln!(
+        "{n} creates (HTTPS, one at a time, SQLite): {:.1} ms each; all {n} ADDED events watched after {:?}; \
+         list of {n}: {:?}; `kubectl get ws` of {n}: {:?}",
+        created.as_secs_f64() * 1000.0 / n as f64,
+        watched,
+        listed,
+        kubectl_get
+    );
+    server.stop().await;
+}
