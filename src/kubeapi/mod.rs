@@ -5,6 +5,25 @@
 //! Postgres), so they survive restarts; one global resourceVersion orders every
 //! write. A bounded in-memory event history serves watches that resume from a
 //! resourceVersion; older ones get 410 Expired, as from a real API server.
+//!
+//! Wiring: `bind(store, admin_token, addr, state_dir)` then `Bound::serve(shutdown)`.
+//! It serves HTTPS with a self-signed certificate kept in `STATE/kube-api/`:
+//! kubectl only sends a kubeconfig's token over TLS. Every request needs
+//! `Authorization: Bearer <admin token>` (401 Status otherwise).
+//!
+//! Choices, where a real API server does more:
+//! - Validation is the CRD schema (types, enums, ranges, unknown fields: always
+//!   strict) plus decoding into the Rust types; errors are 422 Status with causes.
+//! - Strategic merge patch is a JSON merge patch with `$` directives dropped (CRDs
+//!   have no patch strategies); server-side apply merges the applied fields into
+//!   the object (status: replaces it whole) and keeps no managedFields, so it never
+//!   reports a conflict and `force` is accepted.
+//! - Discovery is the legacy form (kubectl falls back from aggregated discovery when
+//!   the answer is plain JSON); core v1 lists only `events`, which are accepted and
+//!   dropped so `kubectl describe` and a kube-rs event recorder work.
+//! - Lists are never paginated (`limit` is ignored, no `continue`).
+//! - Watch events live in this process: several replicas sharing one Postgres each
+//!   see only their own writes (local mode runs one).
 
 mod discovery;
 mod objects;
