@@ -732,3 +732,46 @@ async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -
         ObjectWrite::Conflict { .. } => Err(ApiError::conflict(&kind.qualified(), name, STALE)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(labels: &str, fields: &str) -> Selector {
+        let raw = format!(
+            "labelSelector={}&fieldSelector={}",
+            labels.replace(' ', "+").replace('=', "%3D").replace(',', "%2C"),
+            fields.replace('=', "%3D")
+        );
+        Selector::parse(&Query::parse(&raw)).expect("the selector parses")
+    }
+
+    #[test]
+    fn label_and_field_selectors_match_like_the_api_server() {
+        let ws = json!({"metadata": {"name": "a", "namespace": "default", "labels": {"team": "eng", "tier": "1"}}});
+        for (labels, fields, wanted) in [
+            ("team=eng", "", true),
+            ("team==eng,tier=1", "", true),
+            ("team!=eng", "", false),
+            ("team", "", true),
+            ("!team", "", false),
+            ("!missing", "", true),
+            ("tier in (1,2)", "", true),
+            ("tier notin (1,2)", "", false),
+            ("", "metadata.name=a", true),
+            ("", "metadata.name=b", false),
+            ("team=eng", "metadata.namespace!=default", false),
+        ] {
+            assert_eq!(selector(labels, fields).matches(&ws), wanted, "{labels:?} {fields:?}");
+        }
+        let unsupported = Query::parse("fieldSelector=spec.team%3Deng");
+        assert_eq!(Selector::parse(&unsupported).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn strategic_merge_directives_are_dropped() {
+        let mut patch = json!({"$setElementOrder/finalizers": [{"x": 1}], "metadata": {"$retainKeys": ["a"], "labels": {"a": "b"}}});
+        strip_directives(&mut patch);
+        assert_eq!(patch, json!({"metadata": {"labels": {"a": "b"}}}));
+    }
+}
