@@ -343,9 +343,10 @@ async fn commit(
         }
     };
     if let Some(current) = existing
-        && without_rv(&current.body) == without_rv(&object) {
-            return Ok((200, current.body.clone()));
-        }
+        && without_rv(&current.body) == without_rv(&object)
+    {
+        return Ok((200, current.body.clone()));
+    }
     if query.get("dryRun").is_some() {
         return Ok((if existing.is_some() { 200 } else { 201 }, object));
     }
@@ -695,13 +696,14 @@ async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -
         return Err(ApiError::conflict(&kind.qualified(), name, STALE));
     }
     if let Some(uid) = options["preconditions"]["uid"].as_str()
-        && uid != existing.uid {
-            return Err(ApiError::conflict(
-                &kind.qualified(),
-                name,
-                "the UID in the precondition does not match the object",
-            ));
-        }
+        && uid != existing.uid
+    {
+        return Err(ApiError::conflict(
+            &kind.qualified(),
+            name,
+            "the UID in the precondition does not match the object",
+        ));
+    }
     if finalizers_empty(&existing.body) {
         return remove(api, kind, &existing, Some(existing.resource_version))
             .await

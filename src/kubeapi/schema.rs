@@ -66,11 +66,13 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
     // anyOf / oneOf: valid if any branch has no problems.
     for key in ["anyOf", "oneOf"] {
         if let Some(branches) = schema.get(key).and_then(Value::as_array)
-            && !branches.is_empty() && !branches.iter().any(|b| check_at(b, value, path).is_empty()) {
-                let mut first = check_at(&branches[0], value, path);
-                causes.append(&mut first);
-                return;
-            }
+            && !branches.is_empty()
+            && !branches.iter().any(|b| check_at(b, value, path).is_empty())
+        {
+            let mut first = check_at(&branches[0], value, path);
+            causes.append(&mut first);
+            return;
+        }
     }
     if let Some(expected) = schema.get("type").and_then(Value::as_str) {
         let actual = type_name(value);
@@ -85,31 +87,34 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
         }
     }
     if let Some(options) = schema.get("enum").and_then(Value::as_array)
-        && !options.contains(value) {
-            let list = options.iter().map(shown).collect::<Vec<_>>().join(", ");
-            invalid(
-                causes,
-                "FieldValueNotSupported",
-                format!("Unsupported value: {}: supported values: {list}", shown(value)),
-            );
-        }
+        && !options.contains(value)
+    {
+        let list = options.iter().map(shown).collect::<Vec<_>>().join(", ");
+        invalid(
+            causes,
+            "FieldValueNotSupported",
+            format!("Unsupported value: {}: supported values: {list}", shown(value)),
+        );
+    }
     if let Some(n) = value.as_f64() {
         if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
-            && n < min {
-                invalid(
-                    causes,
-                    "FieldValueInvalid",
-                    format!("Invalid value: {value}: {path} in body should be greater than or equal to {min}"),
-                );
-            }
+            && n < min
+        {
+            invalid(
+                causes,
+                "FieldValueInvalid",
+                format!("Invalid value: {value}: {path} in body should be greater than or equal to {min}"),
+            );
+        }
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
-            && n > max {
-                invalid(
-                    causes,
-                    "FieldValueInvalid",
-                    format!("Invalid value: {value}: {path} in body should be less than or equal to {max}"),
-                );
-            }
+            && n > max
+        {
+            invalid(
+                causes,
+                "FieldValueInvalid",
+                format!("Invalid value: {value}: {path} in body should be less than or equal to {max}"),
+            );
+        }
     }
     match value {
         Value::Object(map) => {
