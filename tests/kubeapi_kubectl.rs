@@ -790,6 +790,13 @@ async fn kubectl_discovers_and_explains_the_kinds() {
     assert!(out.contains("qa created (server dry run)"), "{out}");
     let (ok, _, _) = server.kubectl(&["get", "ws", "qa"]).await;
     assert!(!ok, "a dry run stores nothing");
+    let generated = write(
+        state.path(),
+        "generated.yaml",
+        "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {generateName: scratch-}\nspec: {}\n",
+    );
+    let out = server.ok(&["create", "-f", &generated, "-o", "name"]).await;
+    assert!(out.trim().starts_with("workspace.molecule.ai/scratch-") && out.trim().len() > "workspace.molecule.ai/scratch-".len(), "{out}");
     let yaml = server.ok(&["get", "ws", "pm", "-o", "yaml"]).await;
     assert!(
         yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"),
