@@ -726,6 +726,38 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
         .expect("replace status");
     assert_eq!((after.status.unwrap().incarnation, after.spec.tier), (5, Some(3)));
 
+    // Events from kube-rs' recorder (create, then a merge patch for the repeat)
+    // show in `kubectl describe`.
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap(),
+                &Default::default(),
+            )
+            .await
+            .unwrap(),
+        )
+        .unwrap(),
+        Reporter { controller: "molecule-operator".into(), instance: None },
+    );
+    let pm = api.get("pm").await.unwrap();
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Provisioned".into(),
+        note: Some("created container ws-0123456789ab (incarnation 1)".into()),
+        action: "Provision".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &pm.object_ref(&())).await.expect("an event is recorded");
+    recorder.publish(&event, &pm.object_ref(&())).await.expect("a repeat patches the series");
+    let out = server.ok(&["describe", "ws", "pm"]).await;
+    assert!(
+        out.contains("Provisioned") && out.contains("created container ws-0123456789ab") && out.contains("molecule-operator"),
+        "{out}"
+    );
+
     // Finalizer add and remove by JSON patch, as kube-runtime's finalizer helper does.
     let add: json_patch::Patch = serde_json::from_value(json!([
         {"op": "test", "path": "/metadata/finalizers", "value": null},

@@ -3,8 +3,6 @@
 //! aggregated form first and falls back when the answer is plain
 //! `application/json`, which is what every answer here is.
 
-use axum::body::Bytes;
-use axum::http::Method;
 use axum::response::Response;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -40,7 +38,7 @@ pub fn core_versions() -> Response {
     )
 }
 
-/// The core group holds nothing here; events are accepted (and dropped) so that
+/// The core group holds only events (kept in memory, see events.rs), so that
 /// `kubectl describe` and a kube-rs event recorder work.
 pub fn core_resources() -> Response {
     let events = json!({"name": "events", "singularName": "event", "namespaced": true, "kind": "Event",
@@ -49,21 +47,6 @@ pub fn core_resources() -> Response {
         200,
         &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [events]}),
     )
-}
-
-/// Events are not kept: a list is empty, a write is echoed back.
-pub fn events_sink(method: &Method, body: &Bytes) -> Response {
-    match *method {
-        Method::GET => json_response(
-            200,
-            &json!({"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": "0"}, "items": []}),
-        ),
-        _ => {
-            let echoed = serde_json::from_slice::<Value>(body).unwrap_or_else(|_| json!({}));
-            let code = if *method == Method::POST { 201 } else { 200 };
-            json_response(code, &echoed)
-        }
-    }
 }
 
 fn group_json() -> Value {

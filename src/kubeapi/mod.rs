@@ -19,13 +19,15 @@
 //!   the object (status: replaces it whole) and keeps no managedFields, so it never
 //!   reports a conflict and `force` is accepted.
 //! - Discovery is the legacy form (kubectl falls back from aggregated discovery when
-//!   the answer is plain JSON); core v1 lists only `events`, which are accepted and
-//!   dropped so `kubectl describe` and a kube-rs event recorder work.
+//!   the answer is plain JSON); core v1 lists only `events`. Events (core v1 and
+//!   events.k8s.io/v1) are kept in memory only, the newest 1000, so `kubectl
+//!   describe` shows what the controller recorded since the operator started.
 //! - Lists are never paginated (`limit` is ignored, no `continue`).
 //! - Watch events live in this process: several replicas sharing one Postgres each
 //!   see only their own writes (local mode runs one).
 
 mod discovery;
+mod events;
 mod objects;
 mod schema;
 mod status;
@@ -173,6 +175,7 @@ pub struct KubeApi {
     bookmark_interval: Duration,
     workspace: KindInfo,
     team: KindInfo,
+    event_log: events::EventLog,
 }
 
 impl KubeApi {
@@ -194,6 +197,7 @@ impl KubeApi {
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             workspace: kind_info(Kind::Workspace),
             team: kind_info(Kind::Team),
+            event_log: events::EventLog::default(),
         })
     }
 
@@ -370,9 +374,15 @@ async fn dispatch(
         (Method::GET, ["version"]) => Ok(discovery::version()),
         (Method::GET, ["api"]) => Ok(discovery::core_versions()),
         (Method::GET, ["api", "v1"]) => Ok(discovery::core_resources()),
-        (_, ["api", "v1", "namespaces", _, "events", ..])
-        | (_, ["apis", "events.k8s.io", "v1", "namespaces", _, "events", ..]) => {
-            Ok(discovery::events_sink(&method, &body))
+        (_, ["api", "v1", "events"]) | (_, ["apis", "events.k8s.io", "v1", "events"]) => {
+            api.event_log.handle(&method, None, None, &query, &body)
+        }
+        (_, ["api", "v1", "namespaces", ns, "events", rest @ ..])
+        | (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", rest @ ..])
+            if rest.len() <= 1 =>
+        {
+            api.event_log
+                .handle(&method, Some(ns), rest.first().copied(), &query, &body)
         }
         (Method::GET, ["apis"]) => Ok(discovery::groups()),
         (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),
