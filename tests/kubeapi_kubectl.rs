@@ -740,7 +740,10 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
             .unwrap(),
         )
         .unwrap(),
-        Reporter { controller: "molecule-operator".into(), instance: None },
+        Reporter {
+            controller: "molecule-operator".into(),
+            instance: None,
+        },
     );
     let pm = api.get("pm").await.unwrap();
     let event = Event {
@@ -750,11 +753,19 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
         action: "Provision".into(),
         secondary: None,
     };
-    recorder.publish(&event, &pm.object_ref(&())).await.expect("an event is recorded");
-    recorder.publish(&event, &pm.object_ref(&())).await.expect("a repeat patches the series");
+    recorder
+        .publish(&event, &pm.object_ref(&()))
+        .await
+        .expect("an event is recorded");
+    recorder
+        .publish(&event, &pm.object_ref(&()))
+        .await
+        .expect("a repeat patches the series");
     let out = server.ok(&["describe", "ws", "pm"]).await;
     assert!(
-        out.contains("Provisioned") && out.contains("created container ws-0123456789ab") && out.contains("molecule-operator"),
+        out.contains("Provisioned")
+            && out.contains("created container ws-0123456789ab")
+            && out.contains("molecule-operator"),
         "{out}"
     );
 
@@ -788,6 +799,40 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     assert!(deleted, "the watcher saw pm go once its finalizer was removed");
     assert!(api.get_opt("pm").await.unwrap().is_none());
     watching.abort();
+
+    // Leases, for a controller's leader election: create, renew, and a stale renew refused.
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "molecule-operator"},
+        "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}))
+    .unwrap();
+    let created = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("a lease is created");
+    let mut renewed = created.clone();
+    renewed.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    let renewed = leases
+        .replace("molecule-operator", &PostParams::default(), &renewed)
+        .await
+        .expect("renewed");
+    assert_eq!(renewed.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    let stale = leases
+        .replace("molecule-operator", &PostParams::default(), &created)
+        .await;
+    assert!(
+        matches!(stale, Err(kube::Error::Api(ref s)) if s.code == 409),
+        "{stale:?}"
+    );
     server.stop().await;
 }
 
@@ -828,7 +873,11 @@ async fn kubectl_discovers_and_explains_the_kinds() {
         "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {generateName: scratch-}\nspec: {}\n",
     );
     let out = server.ok(&["create", "-f", &generated, "-o", "name"]).await;
-    assert!(out.trim().starts_with("workspace.molecule.ai/scratch-") && out.trim().len() > "workspace.molecule.ai/scratch-".len(), "{out}");
+    assert!(
+        out.trim().starts_with("workspace.molecule.ai/scratch-")
+            && out.trim().len() > "workspace.molecule.ai/scratch-".len(),
+        "{out}"
+    );
     let yaml = server.ok(&["get", "ws", "pm", "-o", "yaml"]).await;
     assert!(
         yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"),
@@ -855,14 +904,24 @@ async fn measure_create_list_and_watch_latency() {
     for i in 0..n {
         let ws = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
             "metadata": {"name": format!("w{i}")}, "spec": {"tier": 2, "env": {"I": i.to_string()}}});
-        let resp = http.post(format!("{}{WS}", server.url)).bearer_auth(TOKEN).json(&ws).send().await.unwrap();
+        let resp = http
+            .post(format!("{}{WS}", server.url))
+            .bearer_auth(TOKEN)
+            .json(&ws)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 201);
     }
     let created = started.elapsed();
     let mut seen = 0;
     let mut buffer = Vec::new();
     while seen < n {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), watch.chunk()).await.unwrap().unwrap().unwrap();
+        let chunk = tokio::time::timeout(Duration::from_secs(10), watch.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         buffer.extend_from_slice(&chunk);
         seen = buffer.iter().filter(|b| **b == b'\n').count();
     }

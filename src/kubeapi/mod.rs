@@ -22,12 +22,15 @@
 //!   the answer is plain JSON); core v1 lists only `events`. Events (core v1 and
 //!   events.k8s.io/v1) are kept in memory only, the newest 1000, so `kubectl
 //!   describe` shows what the controller recorded since the operator started.
+//! - coordination.k8s.io/v1 Leases (for leader election) are served and stored, but
+//!   not watched nor listed in discovery.
 //! - Lists are never paginated (`limit` is ignored, no `continue`).
 //! - Watch events live in this process: several replicas sharing one Postgres each
 //!   see only their own writes (local mode runs one).
 
 mod discovery;
 mod events;
+mod leases;
 mod objects;
 mod schema;
 mod status;
@@ -384,6 +387,18 @@ async fn dispatch(
             api.event_log
                 .handle(&method, Some(ns), rest.first().copied(), &query, &body)
         }
+        (
+            _,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+                rest @ ..,
+            ],
+        ) if rest.len() <= 1 => leases::handle(&api, &method, ns, rest.first().copied(), &headers, &body).await,
         (Method::GET, ["apis"]) => Ok(discovery::groups()),
         (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),
         (Method::GET, ["apis", g, v]) if *g == GROUP && *v == VERSION => Ok(discovery::resources()),
