@@ -24,6 +24,8 @@ struct Server {
     url: String,
     kubeconfig: PathBuf,
     ca: reqwest::Certificate,
+    /// Writes through the API (from `Bound::subscribe`; None when started without `bind`).
+    changes: Option<tokio::sync::broadcast::Receiver<Arc<kubeapi::WatchEvent>>>,
     home: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -43,6 +45,7 @@ impl Server {
             & 0o777;
         assert_eq!(mode, 0o600, "the kubeconfig holds the admin token");
         let tls = kubeapi::KubeTls::load_or_create(state_dir).expect("the TLS pair bind made");
+        let changes = bound.subscribe();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             bound
@@ -57,6 +60,7 @@ impl Server {
             url,
             kubeconfig,
             ca,
+            changes: Some(changes),
             home: tempfile::tempdir().expect("a HOME"),
             stop: Some(stop),
             task: Some(task),
@@ -85,6 +89,7 @@ impl Server {
             url,
             kubeconfig,
             ca,
+            changes: None,
             home: tempfile::tempdir().expect("a HOME"),
             stop: Some(stop),
             task: Some(task),
@@ -174,12 +179,31 @@ const WS: &str = "/apis/molecule.ai/v1alpha1/namespaces/default/workspaces";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_applies_gets_describes_patches_and_deletes() {
     let state = tempfile::tempdir().unwrap();
-    let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
+    let store = sqlite_store(state.path()).await;
+    let mut server = Server::start(store.clone(), state.path()).await;
 
     // A directory of Team and Workspace files.
     let out = server.ok(&["apply", "-f", "examples/org/"]).await;
     assert!(out.contains("workspace.molecule.ai/dev-lead created"), "{out}");
     assert!(out.contains("team.molecule.ai/engineering created"), "{out}");
+    // The operator side sees each write (Bound::subscribe) and reads them back decoded.
+    let mut changes = server.changes.take().expect("started through bind");
+    let mut added = Vec::new();
+    while let Ok(change) = changes.try_recv() {
+        assert_eq!(change.event_type, "ADDED");
+        added.push(
+            change.object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(
+        added.contains(&"dev-lead".to_string()) && added.contains(&"engineering".to_string()),
+        "{added:?}"
+    );
+    let (workspaces, teams) = kubeapi::declared(&store).await.expect("the declared objects read");
+    assert_eq!((workspaces.len(), teams.len()), (added.len() - 1, 1), "{added:?}");
     // Applying again changes nothing.
     let out = server.ok(&["apply", "-f", "examples/org/"]).await;
     assert!(out.contains("workspace.molecule.ai/dev-lead unchanged"), "{out}");

@@ -116,13 +116,14 @@ impl Kind {
 
 /// One write, as a watch delivers it.
 #[derive(Debug)]
-pub(crate) struct WatchEvent {
-    rv: i64,
-    kind: Kind,
-    namespace: String,
+pub struct WatchEvent {
+    pub rv: i64,
+    pub kind: Kind,
+    pub namespace: String,
     /// ADDED | MODIFIED | DELETED
-    event_type: &'static str,
-    object: Value,
+    pub event_type: &'static str,
+    /// The whole object (for DELETED: as it was, with the deletion's resourceVersion).
+    pub object: Value,
 }
 
 struct History {
@@ -266,6 +267,7 @@ pub struct Bound {
     pub url: String,
     /// STATE/kubeconfig: `kubectl --kubeconfig` this, or point KUBECONFIG at it.
     pub kubeconfig: PathBuf,
+    api: Arc<KubeApi>,
     listener: tokio::net::TcpListener,
     router: axum::Router,
     tls: KubeTls,
@@ -299,19 +301,48 @@ pub async fn bind(
     let url = format!("https://{host}:{}", local.port());
     let tls = KubeTls::load_or_create(state_dir)?;
     let kubeconfig = write_kubeconfig(state_dir, &url, token, &tls)?;
+    let api = Arc::new(api);
     Ok(Bound {
         url,
         kubeconfig,
+        router: router(api.clone()),
+        api,
         listener,
-        router: router(Arc::new(api)),
         tls,
     })
 }
 
 impl Bound {
+    /// Every write through this API, in resourceVersion order (to trigger reconciles
+    /// without a kube-rs watch).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<WatchEvent>> {
+        self.api.events.subscribe()
+    }
+
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         serve(self.listener, self.router, &self.tls, shutdown).await
     }
+}
+
+/// The Workspaces and Teams stored through this API (all namespaces), decoded: what
+/// a source reads. Objects being deleted are included (their deletionTimestamp is set).
+pub async fn declared(store: &DynStore) -> StoreResult<(Vec<Workspace>, Vec<Team>)> {
+    fn decode<T: serde::de::DeserializeOwned>(objects: Vec<crate::store::StoredObject>) -> Vec<T> {
+        objects
+            .into_iter()
+            .filter_map(|o| match serde_json::from_value(o.body) {
+                Ok(decoded) => Some(decoded),
+                Err(error) => {
+                    // Only validated objects are stored; one another version wrote is skipped.
+                    tracing::warn!(kind = %o.kind, namespace = %o.namespace, name = %o.name, %error, "kube-api: a stored object does not decode");
+                    None
+                }
+            })
+            .collect()
+    }
+    let (workspaces, _) = store.list_objects(Kind::Workspace.name(), None).await?;
+    let (teams, _) = store.list_objects(Kind::Team.name(), None).await?;
+    Ok((decode(workspaces), decode(teams)))
 }
 
 /// Serves `router` over TLS (`tls`) on `listener` until `shutdown` completes.
