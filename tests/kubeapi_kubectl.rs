@@ -353,6 +353,35 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.spec.tier}"]).await,
         "4"
     );
+    // A field the manager applied before and leaves out now is removed; others' fields stay.
+    server.ok(&["label", "ws", "gamma", "owner=someone"]).await;
+    write(
+        state.path(),
+        "ssa.yaml",
+        "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: gamma}\nspec: {tier: 4}\n",
+    );
+    server.ok(&["apply", "--server-side", "-f", &ssa]).await;
+    let out = server
+        .ok(&[
+            "get",
+            "ws",
+            "gamma",
+            "-o",
+            "jsonpath={.spec.tier} [{.spec.env}] {.metadata.labels.owner}",
+        ])
+        .await;
+    assert_eq!(out, "4 [] someone");
+    let managers = server
+        .ok(&[
+            "get",
+            "ws",
+            "gamma",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+        ])
+        .await;
+    assert_eq!(managers, "kubectl");
 
     // Delete without finalizers: gone at once.
     let out = server.ok(&["delete", "ws", "beta"]).await;

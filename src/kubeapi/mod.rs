@@ -15,9 +15,11 @@
 //! - Validation is the CRD schema (types, enums, ranges, unknown fields: always
 //!   strict) plus decoding into the Rust types; errors are 422 Status with causes.
 //! - Strategic merge patch is a JSON merge patch with `$` directives dropped (CRDs
-//!   have no patch strategies); server-side apply merges the applied fields into
-//!   the object (status: replaces it whole) and keeps no managedFields, so it never
-//!   reports a conflict and `force` is accepted.
+//!   have no patch strategies). Server-side apply merges the applied fields into
+//!   the object and records them per field manager in managedFields (FieldsV1), so
+//!   a field the same manager applied before and leaves out now is removed; it
+//!   never reports a conflict between managers, so `force` is accepted and changes
+//!   nothing. Applying status replaces the status whole (the controller's way).
 //! - Discovery is the legacy form (kubectl falls back from aggregated discovery when
 //!   the answer is plain JSON); core v1 lists only `events`. Events (core v1 and
 //!   events.k8s.io/v1) are kept in memory only, the newest 1000, so `kubectl

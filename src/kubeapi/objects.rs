@@ -434,8 +434,8 @@ fn merge_write(existing: &StoredObject, mut object: Value, part: Part) -> Value 
                 object["metadata"] = json!({});
             }
             let meta = object["metadata"].as_object_mut().expect("metadata is an object");
-            meta.remove("managedFields");
             for key in [
+                "managedFields",
                 "uid",
                 "creationTimestamp",
                 "deletionTimestamp",
@@ -466,7 +466,7 @@ fn merge_write(existing: &StoredObject, mut object: Value, part: Part) -> Value 
 
 async fn create(api: &KubeApi, kind: Kind, ns: &str, query: &Query, body: &Bytes) -> Result<Response, ApiError> {
     let object = parse_json(body)?;
-    create_object(api, kind, ns, object, query).await.map(respond)
+    create_object(api, kind, ns, object, query, None).await.map(respond)
 }
 
 async fn create_object(
@@ -475,6 +475,7 @@ async fn create_object(
     ns: &str,
     mut object: Value,
     query: &Query,
+    managed: Option<Value>,
 ) -> Result<(u16, Value), ApiError> {
     check_identity(kind, &object)?;
     let meta = object["metadata"].as_object_mut().expect("checked");
@@ -521,6 +522,9 @@ async fn create_object(
         "selfLink",
     ] {
         meta.remove(key);
+    }
+    if let Some(entry) = managed {
+        meta.insert("managedFields".into(), json!([entry]));
     }
     object["apiVersion"] = json!(API_VERSION);
     object["kind"] = json!(kind.name());
@@ -596,6 +600,7 @@ async fn patch(
         .to_string();
     let _guard = api.write_lock.lock().await;
     let existing = api.store.get_object(kind.name(), ns, name).await?;
+    let mut applied_fields = None;
     let patched = match content_type.as_str() {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
             let existing = existing
@@ -657,8 +662,11 @@ async fn patch(
                 (None, Part::Main) => {
                     let mut object = applied;
                     object["metadata"]["name"] = json!(name);
+                    let entry = managed_entry(query, &owned_fields(&object, 0));
                     drop(_guard);
-                    return create_object(api, kind, ns, object, query).await.map(respond);
+                    return create_object(api, kind, ns, object, query, Some(entry))
+                        .await
+                        .map(respond);
                 }
                 (None, Part::Status) => return Err(ApiError::not_found(&kind.qualified(), name)),
                 (Some(existing), Part::Status) => {
@@ -672,6 +680,17 @@ async fn patch(
                     if let Some(map) = applied.as_object_mut() {
                         map.remove("status");
                     }
+                    // Fields this manager applied before and leaves out now are removed.
+                    let fields = owned_fields(&applied, 0);
+                    let manager = query.get("fieldManager").unwrap_or("unknown");
+                    let previous = existing.body["metadata"]["managedFields"].as_array().and_then(|all| {
+                        all.iter()
+                            .find(|e| e["manager"] == manager && e["operation"] == "Apply")
+                    });
+                    if let Some(previous) = previous {
+                        null_removed(&previous["fieldsV1"], &fields, &mut applied);
+                    }
+                    applied_fields = Some(managed_entry(query, &fields));
                     let mut out = existing.body.clone();
                     json_patch::merge(&mut out, &applied);
                     out
@@ -681,8 +700,77 @@ async fn patch(
         other => return Err(ApiError::unsupported_media(other)),
     };
     let existing = existing.ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
-    let merged = merge_write(&existing, patched, part);
+    let mut merged = merge_write(&existing, patched, part);
+    if let Some(entry) = applied_fields {
+        let mut entries: Vec<Value> = merged["metadata"]["managedFields"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        entries.retain(|e| !(e["manager"] == entry["manager"] && e["operation"] == "Apply"));
+        entries.push(entry);
+        merged["metadata"]["managedFields"] = Value::Array(entries);
+    }
     commit(api, kind, ns, Some(&existing), merged, query).await.map(respond)
+}
+
+/// The fields an applied configuration sets, in managedFields' FieldsV1 form
+/// (`{"f:spec": {"f:tier": {}}}`). Lists are atomic; of metadata, labels and
+/// annotations count; status is never the main resource's.
+fn owned_fields(value: &Value, depth: usize) -> Value {
+    let Value::Object(map) = value else { return json!({}) };
+    let mut out = serde_json::Map::new();
+    for (key, child) in map {
+        let skip = depth == 0 && matches!(key.as_str(), "apiVersion" | "kind" | "status");
+        if skip {
+            continue;
+        }
+        let fields = if depth == 0 && key == "metadata" {
+            let mut meta = serde_json::Map::new();
+            for k in ["labels", "annotations"] {
+                if let Some(v) = child.get(k) {
+                    meta.insert(format!("f:{k}"), owned_fields(v, 2));
+                }
+            }
+            Value::Object(meta)
+        } else {
+            owned_fields(child, depth + 1)
+        };
+        out.insert(format!("f:{key}"), fields);
+    }
+    Value::Object(out)
+}
+
+/// Sets to null, in `patch`, every field `previous` owned that `now` does not.
+fn null_removed(previous: &Value, now: &Value, patch: &mut Value) {
+    let Some(previous) = previous.as_object() else { return };
+    for (key, children) in previous {
+        let Some(name) = key.strip_prefix("f:") else { continue };
+        match now.get(key) {
+            None => {
+                if let Some(map) = patch.as_object_mut() {
+                    map.insert(name.to_string(), Value::Null);
+                }
+            }
+            Some(now_children) => {
+                if children.as_object().is_some_and(|c| !c.is_empty()) {
+                    if let Some(child) = patch.get_mut(name).filter(|c| c.is_object()) {
+                        null_removed(children, now_children, child);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn managed_entry(query: &Query, fields: &Value) -> Value {
+    json!({
+        "manager": query.get("fieldManager").unwrap_or("unknown"),
+        "operation": "Apply",
+        "apiVersion": API_VERSION,
+        "time": now_rfc3339(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    })
 }
 
 async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -> Result<Response, ApiError> {
