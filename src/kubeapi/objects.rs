@@ -752,10 +752,10 @@ fn null_removed(previous: &Value, now: &Value, patch: &mut Value) {
                 }
             }
             Some(now_children) => {
-                if children.as_object().is_some_and(|c| !c.is_empty()) {
-                    if let Some(child) = patch.get_mut(name).filter(|c| c.is_object()) {
-                        null_removed(children, now_children, child);
-                    }
+                if children.as_object().is_some_and(|c| !c.is_empty())
+                    && let Some(child) = patch.get_mut(name).filter(|c| c.is_object())
+                {
+                    null_removed(children, now_children, child);
                 }
             }
         }
