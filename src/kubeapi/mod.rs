@@ -179,6 +179,9 @@ pub struct KubeApi {
     history_limit: usize,
     events: broadcast::Sender<Arc<WatchEvent>>,
     bookmark_interval: Duration,
+    /// Set when the server shuts down: open watches end, so a graceful shutdown
+    /// does not wait out their timeouts.
+    closing: tokio::sync::watch::Sender<bool>,
     workspace: KindInfo,
     team: KindInfo,
     event_log: events::EventLog,
@@ -201,6 +204,7 @@ impl KubeApi {
             history_limit: DEFAULT_HISTORY,
             events,
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            closing: tokio::sync::watch::Sender::new(false),
             workspace: kind_info(Kind::Workspace),
             team: kind_info(Kind::Team),
             event_log: events::EventLog::default(),
@@ -216,6 +220,12 @@ impl KubeApi {
     pub fn with_bookmark_interval(mut self, interval: Duration) -> Self {
         self.bookmark_interval = interval;
         self
+    }
+
+    /// Ends every open watch (clients reconnect); call it when shutting down, or a
+    /// graceful shutdown waits for the watches' timeouts.
+    pub fn close_watches(&self) {
+        self.closing.send_replace(true);
     }
 
     fn info(&self, kind: Kind) -> &KindInfo {
@@ -321,7 +331,14 @@ impl Bound {
         self.api.events.subscribe()
     }
 
+    /// Serves until `shutdown` completes; then open watches end and in-flight
+    /// requests finish.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let api = self.api.clone();
+        let shutdown = async move {
+            shutdown.await;
+            api.close_watches();
+        };
         serve(self.listener, self.router, &self.tls, shutdown).await
     }
 }

@@ -174,6 +174,10 @@ async fn run(
             revision
         }
     };
+    let mut closing = api.closing.subscribe();
+    if *closing.borrow() {
+        return Ok(());
+    }
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let mut ticks = tokio::time::interval(api.bookmark_interval);
@@ -181,6 +185,8 @@ async fn run(
     loop {
         tokio::select! {
             _ = &mut deadline => return Ok(()),
+            // Only `true` is ever sent: the server is shutting down.
+            Ok(()) = closing.changed() => return Ok(()),
             _ = ticks.tick(), if watch.bookmarks => {
                 send(&mut sink, &api, &watch, "BOOKMARK", &bookmark(watch.kind, last, false), last).await?;
             }
