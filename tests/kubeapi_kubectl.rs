@@ -224,6 +224,22 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         "{out}"
     );
 
+    // Client-side apply of a changed file: kubectl sends its three-way patch.
+    write(
+        state.path(),
+        "multi.yaml",
+        "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: beta}\nspec: {operatingMode: Running}\n",
+    );
+    let out = server.ok(&["apply", "-f", &multi]).await;
+    assert!(out.contains("workspace.molecule.ai/beta configured"), "{out}");
+    assert_eq!(server.ok(&["get", "ws", "beta", "-o", "jsonpath={.spec.operatingMode}"]).await, "Running");
+    write(
+        state.path(),
+        "multi.yaml",
+        "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: beta}\nspec: {operatingMode: Stopped}\n",
+    );
+    server.ok(&["apply", "-f", &multi]).await;
+
     // The printer columns.
     let out = server.ok(&["get", "ws"]).await;
     let header = out.lines().next().unwrap_or_default();
