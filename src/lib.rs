@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod cli;
 pub mod config;
 pub mod execute;
+pub mod kubeapi;
 pub mod observe;
 pub mod operator;
 pub mod reconcile;

@@ -14,7 +14,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use molecule::api::{
     Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, SourceRef, TokenStatus, WorkspaceStatus,
 };
-use molecule::store::{self, DecisionRecord, DynStore, RevokeReason, StoreError, token};
+use molecule::store::{self, DecisionRecord, DynStore, ObjectWrite, RevokeReason, StoreError, StoredObject, token};
 use sqlx::{Connection, Row};
 
 /// A store under test, and the way to look at its database behind its back.
@@ -732,6 +732,100 @@ mod cases {
         );
         assert_eq!(reopened.decisions(&ws.uid, 10).await.unwrap(), [decision(1)]);
     }
+
+    fn object(kind: &str, namespace: &str, name: &str, tier: i64) -> StoredObject {
+        StoredObject {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uuid::Uuid::new_v4().to_string(),
+            resource_version: 0,
+            generation: 1,
+            creation_timestamp: "2026-01-02T03:04:05Z".into(),
+            deletion_timestamp: None,
+            body: serde_json::json!({"apiVersion": "molecule.ai/v1alpha1", "kind": kind,
+                "metadata": {"name": name, "namespace": namespace}, "spec": {"tier": tier}}),
+        }
+    }
+
+    fn written(w: ObjectWrite) -> StoredObject {
+        match w {
+            ObjectWrite::Written(o) => o,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    pub async fn objects_take_one_global_increasing_resource_version(s: &Subject) {
+        let store = &s.store;
+        assert_eq!(store.object_revision().await.unwrap(), 0);
+        let a = written(store.put_object(&object("Workspace", "default", "a", 1), None).await.unwrap());
+        let t = written(store.put_object(&object("Team", "default", "eng", 1), None).await.unwrap());
+        let b = written(store.put_object(&object("Workspace", "prod", "b", 2), None).await.unwrap());
+        assert_eq!((a.resource_version, t.resource_version, b.resource_version), (1, 2, 3));
+        assert_eq!(a.body["metadata"]["resourceVersion"], "1", "the body carries its resourceVersion");
+        assert_eq!(store.get_object("Workspace", "default", "a").await.unwrap(), Some(a.clone()));
+        assert_eq!(store.get_object("Team", "default", "a").await.unwrap(), None);
+
+        let (all, rv) = store.list_objects("Workspace", None).await.unwrap();
+        assert_eq!((all.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), rv), (vec!["a", "b"], 3));
+        let (prod, _) = store.list_objects("Workspace", Some("prod")).await.unwrap();
+        assert_eq!(prod, vec![b]);
+
+        let mut changed = a.clone();
+        changed.body["spec"]["tier"] = serde_json::json!(4);
+        changed.generation = 2;
+        let updated = written(store.put_object(&changed, Some(1)).await.unwrap());
+        assert_eq!((updated.resource_version, updated.generation), (4, 2));
+        assert_eq!(store.object_revision().await.unwrap(), 4);
+    }
+
+    pub async fn stale_or_duplicate_object_writes_conflict(s: &Subject) {
+        let store = &s.store;
+        let a = written(store.put_object(&object("Workspace", "default", "a", 1), None).await.unwrap());
+        assert_eq!(
+            store.put_object(&object("Workspace", "default", "a", 2), None).await.unwrap(),
+            ObjectWrite::Conflict { current: Some(a.resource_version) },
+            "a create of an existing name conflicts"
+        );
+        written(store.put_object(&a, Some(a.resource_version)).await.unwrap());
+        assert_eq!(
+            store.put_object(&a, Some(a.resource_version)).await.unwrap(),
+            ObjectWrite::Conflict { current: Some(a.resource_version + 1) },
+            "an update from a stale resourceVersion conflicts"
+        );
+        assert_eq!(
+            store.put_object(&object("Workspace", "default", "ghost", 1), Some(7)).await.unwrap(),
+            ObjectWrite::Conflict { current: None }
+        );
+        assert_eq!(store.object_revision().await.unwrap(), 2, "a refused write does not use up a revision");
+    }
+
+    pub async fn deleting_an_object_takes_a_revision_and_honours_preconditions(s: &Subject) {
+        let store = &s.store;
+        let a = written(store.put_object(&object("Workspace", "default", "a", 1), None).await.unwrap());
+        assert_eq!(
+            store.delete_object("Workspace", "default", "a", Some(99)).await.unwrap(),
+            ObjectWrite::Conflict { current: Some(a.resource_version) }
+        );
+        let gone = written(store.delete_object("Workspace", "default", "a", Some(a.resource_version)).await.unwrap());
+        assert_eq!((gone.resource_version, gone.uid.as_str()), (2, a.uid.as_str()));
+        assert_eq!(store.get_object("Workspace", "default", "a").await.unwrap(), None);
+        assert_eq!(
+            store.delete_object("Workspace", "default", "a", None).await.unwrap(),
+            ObjectWrite::Conflict { current: None }
+        );
+        let again = written(store.put_object(&object("Workspace", "default", "a", 1), None).await.unwrap());
+        assert_eq!(again.resource_version, 3, "the revision never goes back, even after a delete");
+    }
+
+    pub async fn objects_survive_reopen(s: &Subject) {
+        let mut deleting = object("Workspace", "default", "a", 1);
+        deleting.deletion_timestamp = Some("2026-01-02T03:04:06Z".into());
+        let a = written(s.store.put_object(&deleting, None).await.unwrap());
+        let reopened = s.reopen().await;
+        assert_eq!(reopened.get_object("Workspace", "default", "a").await.unwrap(), Some(a));
+        assert_eq!(reopened.object_revision().await.unwrap(), 1);
+    }
 }
 
 /// Declares every case once per store.
@@ -775,6 +869,10 @@ conformance!(
     mode_override_and_restart_request_round_trip,
     save_status_round_trips_the_whole_status,
     the_store_survives_reopen,
+    objects_take_one_global_increasing_resource_version,
+    stale_or_duplicate_object_writes_conflict,
+    deleting_an_object_takes_a_revision_and_honours_preconditions,
+    objects_survive_reopen,
 );
 
 /// What only one of the stores has.

@@ -254,6 +254,96 @@ pub trait Store: Send + Sync + 'static {
     async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()>;
     /// Newest first.
     async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>>;
+
+    // Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps
+    // one global revision in its own transaction; the object takes that value as its
+    // resource_version (also written into body.metadata.resourceVersion). Both real
+    // stores implement these; the defaults are for test doubles that keep no objects.
+
+    async fn get_object(&self, _kind: &str, _namespace: &str, _name: &str) -> StoreResult<Option<StoredObject>> {
+        Err(no_objects())
+    }
+    /// Objects of `kind` (in `namespace`, or all), ordered by namespace and name, and
+    /// the revision they were read at.
+    async fn list_objects(&self, _kind: &str, _namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
+        Err(no_objects())
+    }
+    /// Writes `object` whole. `expected` None creates (Conflict if it exists);
+    /// Some(rv) updates only if the stored resource_version is still rv.
+    async fn put_object(&self, _object: &StoredObject, _expected: Option<i64>) -> StoreResult<ObjectWrite> {
+        Err(no_objects())
+    }
+    /// Removes an object (only if its resource_version is `expected`, when given);
+    /// returns it with the resource_version of the deletion.
+    async fn delete_object(
+        &self,
+        _kind: &str,
+        _namespace: &str,
+        _name: &str,
+        _expected: Option<i64>,
+    ) -> StoreResult<ObjectWrite> {
+        Err(no_objects())
+    }
+    /// The current global revision (0 before any object write).
+    async fn object_revision(&self) -> StoreResult<i64> {
+        Err(no_objects())
+    }
+}
+
+fn no_objects() -> StoreError {
+    StoreError::Invalid("this store keeps no Kubernetes API objects".into())
+}
+
+/// One object of the local Kubernetes API: the whole object as JSON plus the
+/// metadata the API server works on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredObject {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub resource_version: i64,
+    pub generation: i64,
+    /// RFC 3339, as in the body.
+    pub creation_timestamp: String,
+    pub deletion_timestamp: Option<String>,
+    pub body: serde_json::Value,
+}
+
+/// What an object write did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ObjectWrite {
+    /// Written (or, for a delete, removed); carries the new resource_version.
+    Written(StoredObject),
+    /// The precondition failed: `current` is the stored resource_version (None: absent).
+    Conflict { current: Option<i64> },
+}
+
+/// The body with metadata.resourceVersion set to `rv`, as text for the database.
+fn encode_object_body(object: &StoredObject, rv: i64) -> StoreResult<(serde_json::Value, String)> {
+    let mut body = object.body.clone();
+    match body.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        Some(meta) => {
+            meta.insert("resourceVersion".into(), serde_json::Value::String(rv.to_string()));
+        }
+        None => {
+            return Err(StoreError::Invalid(format!(
+                "object {}/{} of kind {} has no metadata",
+                object.namespace, object.name, object.kind
+            )));
+        }
+    }
+    let text = serde_json::to_string(&body)
+        .map_err(|e| StoreError::Invalid(format!("cannot encode object {}/{}: {e}", object.namespace, object.name)))?;
+    Ok((body, text))
+}
+
+fn decode_object_body(kind: &str, namespace: &str, name: &str, text: &str) -> StoreResult<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| {
+        StoreError::Invalid(format!(
+            "the stored {kind} {namespace}/{name} is not valid JSON: {e}"
+        ))
+    })
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -164,6 +164,30 @@ fn token_from_row(row: &SqliteRow) -> StoreResult<TokenRow> {
     })
 }
 
+macro_rules! object_columns {
+    () => {
+        "kind, namespace, name, uid, resource_version, generation, creation_timestamp, deletion_timestamp, body"
+    };
+}
+
+fn object_from_row(row: &SqliteRow) -> StoreResult<StoredObject> {
+    let kind: String = row.try_get("kind")?;
+    let namespace: String = row.try_get("namespace")?;
+    let name: String = row.try_get("name")?;
+    let body: String = row.try_get("body")?;
+    Ok(StoredObject {
+        body: decode_object_body(&kind, &namespace, &name, &body)?,
+        uid: row.try_get("uid")?,
+        resource_version: row.try_get("resource_version")?,
+        generation: row.try_get("generation")?,
+        creation_timestamp: row.try_get("creation_timestamp")?,
+        deletion_timestamp: row.try_get("deletion_timestamp")?,
+        kind,
+        namespace,
+        name,
+    })
+}
+
 /// `Err(unknown workspace)` when an UPDATE keyed by uid matched no row.
 fn expect_one(uid: &str, rows_affected: u64) -> StoreResult<()> {
     if rows_affected == 0 {
@@ -546,6 +570,107 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>> {
+        let sql = concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3");
+        let row = sqlx::query(sql)
+            .bind(kind)
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(object_from_row).transpose()
+    }
+
+    async fn list_objects(&self, kind: &str, namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
+        // One read transaction: the rows and the revision are one snapshot (WAL).
+        let mut tx = self.pool.begin().await?;
+        let sql = concat!(
+            "SELECT ",
+            object_columns!(),
+            " FROM objects WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2) ORDER BY namespace, name"
+        );
+        let rows = sqlx::query(sql).bind(kind).bind(namespace).fetch_all(&mut *tx).await?;
+        let revision: i64 = sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((rows.iter().map(object_from_row).collect::<StoreResult<_>>()?, revision))
+    }
+
+    async fn put_object(&self, object: &StoredObject, expected: Option<i64>) -> StoreResult<ObjectWrite> {
+        let mut tx = self.write_tx().await?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT resource_version FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3")
+                .bind(&object.kind)
+                .bind(&object.namespace)
+                .bind(&object.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if current != expected {
+            return Ok(ObjectWrite::Conflict { current });
+        }
+        let rv: i64 = sqlx::query_scalar("UPDATE object_revision SET value = value + 1 WHERE id = 1 RETURNING value")
+            .fetch_one(&mut *tx)
+            .await?;
+        let (body, text) = encode_object_body(object, rv)?;
+        sqlx::query(
+            "INSERT INTO objects (kind, namespace, name, uid, resource_version, generation, creation_timestamp, \
+                                  deletion_timestamp, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT (kind, namespace, name) DO UPDATE SET uid = excluded.uid, \
+                resource_version = excluded.resource_version, generation = excluded.generation, \
+                creation_timestamp = excluded.creation_timestamp, deletion_timestamp = excluded.deletion_timestamp, \
+                body = excluded.body",
+        )
+        .bind(&object.kind)
+        .bind(&object.namespace)
+        .bind(&object.name)
+        .bind(&object.uid)
+        .bind(rv)
+        .bind(object.generation)
+        .bind(&object.creation_timestamp)
+        .bind(&object.deletion_timestamp)
+        .bind(text)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ObjectWrite::Written(StoredObject { resource_version: rv, body, ..object.clone() }))
+    }
+
+    async fn delete_object(&self, kind: &str, namespace: &str, name: &str, expected: Option<i64>) -> StoreResult<ObjectWrite> {
+        let mut tx = self.write_tx().await?;
+        let sql = concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3");
+        let row = sqlx::query(sql)
+            .bind(kind)
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(stored) = row.as_ref().map(object_from_row).transpose()? else {
+            return Ok(ObjectWrite::Conflict { current: None });
+        };
+        if expected.is_some_and(|rv| rv != stored.resource_version) {
+            return Ok(ObjectWrite::Conflict { current: Some(stored.resource_version) });
+        }
+        let rv: i64 = sqlx::query_scalar("UPDATE object_revision SET value = value + 1 WHERE id = 1 RETURNING value")
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3")
+            .bind(kind)
+            .bind(namespace)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let (body, _) = encode_object_body(&stored, rv)?;
+        Ok(ObjectWrite::Written(StoredObject { resource_version: rv, body, ..stored }))
+    }
+
+    async fn object_revision(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 

@@ -1,0 +1,532 @@
+//! A Kubernetes-compatible API server for the two molecule.ai kinds
+//! (`up --kube-api ADDR`): the subset of the API that kubectl and kube-rs use
+//! (discovery, OpenAPI v3, get/list/watch/create/update/patch/delete, the status
+//! subresource, Table output). Objects live in the state store (SQLite or
+//! Postgres), so they survive restarts; one global resourceVersion orders every
+//! write. A bounded in-memory event history serves watches that resume from a
+//! resourceVersion; older ones get 410 Expired, as from a real API server.
+//!
+//! Wiring: `bind(store, admin_token, addr, state_dir)` then `Bound::serve(shutdown)`.
+//! It serves HTTPS with a self-signed certificate kept in `STATE/kube-api/`:
+//! kubectl only sends a kubeconfig's token over TLS. Every request needs
+//! `Authorization: Bearer <admin token>` (401 Status otherwise).
+//!
+//! Choices, where a real API server does more:
+//! - Validation is the CRD schema (types, enums, ranges, unknown fields: always
+//!   strict) plus decoding into the Rust types; errors are 422 Status with causes.
+//! - Strategic merge patch is a JSON merge patch with `$` directives dropped (CRDs
+//!   have no patch strategies). Server-side apply merges the applied fields into
+//!   the object and records them per field manager in managedFields (FieldsV1), so
+//!   a field the same manager applied before and leaves out now is removed; it
+//!   never reports a conflict between managers, so `force` is accepted and changes
+//!   nothing. Applying status replaces the status whole (the controller's way).
+//! - Discovery is the legacy form (kubectl falls back from aggregated discovery when
+//!   the answer is plain JSON); core v1 lists only `events`. Events (core v1 and
+//!   events.k8s.io/v1) are kept in memory only, the newest 1000, so `kubectl
+//!   describe` shows what the controller recorded since the operator started.
+//! - coordination.k8s.io/v1 Leases (for leader election) are served and stored, but
+//!   not watched nor listed in discovery.
+//! - Lists are never paginated (`limit` is ignored, no `continue`).
+//! - Watch events live in this process: several replicas sharing one Postgres each
+//!   see only their own writes (local mode runs one).
+
+mod discovery;
+mod events;
+mod leases;
+mod objects;
+mod schema;
+mod status;
+mod table;
+mod tls;
+mod watch;
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use kube::CustomResourceExt;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::api::{GROUP, Team, VERSION, Workspace};
+use crate::store::{DynStore, StoreResult};
+pub use status::ApiError;
+pub use tls::KubeTls;
+
+/// How many write events a watch can resume from (older resourceVersions get 410).
+pub const DEFAULT_HISTORY: usize = 1000;
+/// How often a watch that allows bookmarks gets one.
+pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The two kinds this server knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Workspace,
+    Team,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Workspace, Kind::Team];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Workspace => "Workspace",
+            Kind::Team => "Team",
+        }
+    }
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Workspace => "workspaces",
+            Kind::Team => "teams",
+        }
+    }
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Workspace => "workspace",
+            Kind::Team => "team",
+        }
+    }
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Kind::Workspace => "ws",
+            Kind::Team => "team",
+        }
+    }
+    fn from_plural(plural: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.plural() == plural)
+    }
+    /// `Workspace.molecule.ai`, as the API server names a kind in messages.
+    fn qualified(self) -> String {
+        format!("{}.{GROUP}", self.name())
+    }
+    /// The generated CRD as JSON (schema, printer columns).
+    fn crd(self) -> Value {
+        let crd = match self {
+            Kind::Workspace => Workspace::crd(),
+            Kind::Team => Team::crd(),
+        };
+        serde_json::to_value(crd).expect("a CRD serializes")
+    }
+}
+
+/// One write, as a watch delivers it.
+#[derive(Debug)]
+pub struct WatchEvent {
+    pub rv: i64,
+    pub kind: Kind,
+    pub namespace: String,
+    /// ADDED | MODIFIED | DELETED
+    pub event_type: &'static str,
+    /// The whole object (for DELETED: as it was, with the deletion's resourceVersion).
+    pub object: Value,
+}
+
+struct History {
+    /// Every event with rv > floor is in `events`; a watch from below it gets 410.
+    floor: i64,
+    events: VecDeque<Arc<WatchEvent>>,
+}
+
+/// Per-kind data derived once from the CRDs.
+struct KindInfo {
+    /// openAPIV3Schema
+    schema: Value,
+    /// additionalPrinterColumns
+    columns: Vec<Value>,
+}
+
+/// The schema (with apiVersion, kind and metadata added) and printer columns of a kind.
+fn kind_info(kind: Kind) -> KindInfo {
+    let crd = kind.crd();
+    let version = &crd["spec"]["versions"][0];
+    let mut schema = version["schema"]["openAPIV3Schema"].clone();
+    // The generated schema covers spec and status; every object also has these.
+    if let Some(properties) = schema["properties"].as_object_mut() {
+        properties
+            .entry("apiVersion")
+            .or_insert(serde_json::json!({"type": "string",
+        "description": "APIVersion defines the versioned schema of this representation of an object."}));
+        properties.entry("kind").or_insert(serde_json::json!({"type": "string",
+        "description": "Kind is a string value representing the REST resource this object represents."}));
+        properties
+            .entry("metadata")
+            .or_insert(serde_json::json!({"type": "object",
+        "description": "Standard object's metadata (name, namespace, labels, annotations, finalizers, ...)."}));
+    }
+    KindInfo {
+        schema,
+        columns: version["additionalPrinterColumns"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+/// The server's state: the store, the bearer token it requires, the event history.
+pub struct KubeApi {
+    store: DynStore,
+    token: String,
+    /// Serializes writes so history order is resourceVersion order.
+    write_lock: tokio::sync::Mutex<()>,
+    history: Mutex<History>,
+    history_limit: usize,
+    events: broadcast::Sender<Arc<WatchEvent>>,
+    bookmark_interval: Duration,
+    /// Set when the server shuts down: open watches end, so a graceful shutdown
+    /// does not wait out their timeouts.
+    closing: tokio::sync::watch::Sender<bool>,
+    workspace: KindInfo,
+    team: KindInfo,
+    event_log: events::EventLog,
+}
+
+impl KubeApi {
+    /// A server over `store` that requires `Authorization: Bearer <token>` (the
+    /// operator's admin token). Watches can resume from the store's current revision on.
+    pub async fn new(store: DynStore, token: impl Into<String>) -> StoreResult<Self> {
+        let floor = store.object_revision().await?;
+        let (events, _) = broadcast::channel(DEFAULT_HISTORY);
+        Ok(Self {
+            store,
+            token: token.into(),
+            write_lock: tokio::sync::Mutex::new(()),
+            history: Mutex::new(History {
+                floor,
+                events: VecDeque::new(),
+            }),
+            history_limit: DEFAULT_HISTORY,
+            events,
+            bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            closing: tokio::sync::watch::Sender::new(false),
+            workspace: kind_info(Kind::Workspace),
+            team: kind_info(Kind::Team),
+            event_log: events::EventLog::default(),
+        })
+    }
+
+    /// How many events watches can resume from (default [`DEFAULT_HISTORY`]).
+    pub fn with_history_limit(mut self, limit: usize) -> Self {
+        self.history_limit = limit.max(1);
+        self
+    }
+
+    pub fn with_bookmark_interval(mut self, interval: Duration) -> Self {
+        self.bookmark_interval = interval;
+        self
+    }
+
+    /// Ends every open watch (clients reconnect); call it when shutting down, or a
+    /// graceful shutdown waits for the watches' timeouts.
+    pub fn close_watches(&self) {
+        self.closing.send_replace(true);
+    }
+
+    fn info(&self, kind: Kind) -> &KindInfo {
+        match kind {
+            Kind::Workspace => &self.workspace,
+            Kind::Team => &self.team,
+        }
+    }
+
+    /// Appends a write to the history and tells the watches. Called with the write
+    /// lock held, in resourceVersion order.
+    fn publish(&self, event: WatchEvent) {
+        let event = Arc::new(event);
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            history.events.push_back(event.clone());
+            while history.events.len() > self.history_limit {
+                if let Some(old) = history.events.pop_front() {
+                    history.floor = old.rv;
+                }
+            }
+        }
+        // No receiver is fine: nobody watches.
+        let _ = self.events.send(event);
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), self.token.as_bytes()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The router: every path goes through one dispatcher that speaks Kubernetes
+/// (Status bodies for errors, 401 without the bearer token).
+pub fn router(api: Arc<KubeApi>) -> axum::Router {
+    axum::Router::new().fallback(dispatch).with_state(api)
+}
+
+/// The API bound to its address, with STATE/kubeconfig written: what `up --kube-api
+/// ADDR` starts. `serve` runs it until the shutdown future completes.
+pub struct Bound {
+    /// `https://127.0.0.1:PORT` (the real port when ADDR asked for port 0).
+    pub url: String,
+    /// STATE/kubeconfig: `kubectl --kubeconfig` this, or point KUBECONFIG at it.
+    pub kubeconfig: PathBuf,
+    api: Arc<KubeApi>,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: KubeTls,
+}
+
+/// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/`, and writes
+/// `state_dir/kubeconfig` (server, CA, `token`). The store's objects are served at once.
+pub async fn bind(
+    store: DynStore,
+    token: &str,
+    addr: std::net::SocketAddr,
+    state_dir: &Path,
+) -> std::io::Result<Bound> {
+    let api = KubeApi::new(store, token)
+        .await
+        .map_err(|e| std::io::Error::other(format!("the Kubernetes API cannot read the state store: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for the Kubernetes API: {e}")))?;
+    let local = listener.local_addr()?;
+    let host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        local.ip().to_string()
+    };
+    let host = if local.is_ipv6() && !local.ip().is_unspecified() {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let url = format!("https://{host}:{}", local.port());
+    let tls = KubeTls::load_or_create(state_dir)?;
+    let kubeconfig = write_kubeconfig(state_dir, &url, token, &tls)?;
+    let api = Arc::new(api);
+    Ok(Bound {
+        url,
+        kubeconfig,
+        router: router(api.clone()),
+        api,
+        listener,
+        tls,
+    })
+}
+
+impl Bound {
+    /// Every write through this API, in resourceVersion order (to trigger reconciles
+    /// without a kube-rs watch).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<WatchEvent>> {
+        self.api.events.subscribe()
+    }
+
+    /// Serves until `shutdown` completes; then open watches end and in-flight
+    /// requests finish.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let api = self.api.clone();
+        let shutdown = async move {
+            shutdown.await;
+            api.close_watches();
+        };
+        serve(self.listener, self.router, &self.tls, shutdown).await
+    }
+}
+
+/// The Workspaces and Teams stored through this API (all namespaces), decoded: what
+/// a source reads. Objects being deleted are included (their deletionTimestamp is set).
+pub async fn declared(store: &DynStore) -> StoreResult<(Vec<Workspace>, Vec<Team>)> {
+    fn decode<T: serde::de::DeserializeOwned>(objects: Vec<crate::store::StoredObject>) -> Vec<T> {
+        objects
+            .into_iter()
+            .filter_map(|o| match serde_json::from_value(o.body) {
+                Ok(decoded) => Some(decoded),
+                Err(error) => {
+                    // Only validated objects are stored; one another version wrote is skipped.
+                    tracing::warn!(kind = %o.kind, namespace = %o.namespace, name = %o.name, %error, "kube-api: a stored object does not decode");
+                    None
+                }
+            })
+            .collect()
+    }
+    let (workspaces, _) = store.list_objects(Kind::Workspace.name(), None).await?;
+    let (teams, _) = store.list_objects(Kind::Team.name(), None).await?;
+    Ok((decode(workspaces), decode(teams)))
+}
+
+/// Serves `router` over TLS (`tls`) on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: &KubeTls,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tls::TlsListener::new(listener, tls)?;
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Writes `STATE_DIR/kubeconfig` (mode 0600): one cluster at `url`
+/// (`https://127.0.0.1:PORT`) trusting `tls`' certificate, a user with `token`,
+/// one context (namespace `default`) that is current. Returns its path.
+pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str, tls: &KubeTls) -> std::io::Result<PathBuf> {
+    use base64::Engine;
+    let path = state_dir.join("kubeconfig");
+    let ca = base64::engine::general_purpose::STANDARD.encode(tls.ca_pem());
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "molecule", "cluster": {"server": url, "certificate-authority-data": ca}}],
+        "users": [{"name": "molecule-admin", "user": {"token": token}}],
+        "contexts": [{"name": "molecule", "context": {"cluster": "molecule", "user": "molecule-admin", "namespace": "default"}}],
+        "current-context": "molecule",
+        "preferences": {},
+    });
+    // JSON is YAML: kubectl and kube-rs both read it.
+    let text = serde_json::to_string_pretty(&config).map_err(std::io::Error::other)?;
+    let tmp = state_dir.join(".kubeconfig.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+async fn dispatch(
+    State(api): State<Arc<KubeApi>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !api.authorized(&headers) {
+        return ApiError::unauthorized().into_response();
+    }
+    let query = Query::parse(uri.query().unwrap_or(""));
+    let path = uri.path().trim_matches('/');
+    let segments: Vec<&str> = if path.is_empty() {
+        vec![]
+    } else {
+        path.split('/').collect()
+    };
+    let result = match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["version"]) => Ok(discovery::version()),
+        (Method::GET, ["api"]) => Ok(discovery::core_versions()),
+        (Method::GET, ["api", "v1"]) => Ok(discovery::core_resources()),
+        (_, ["api", "v1", "events"]) | (_, ["apis", "events.k8s.io", "v1", "events"]) => {
+            api.event_log.handle(&method, None, None, &query, &body)
+        }
+        (_, ["api", "v1", "namespaces", ns, "events", rest @ ..])
+        | (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", rest @ ..])
+            if rest.len() <= 1 =>
+        {
+            api.event_log
+                .handle(&method, Some(ns), rest.first().copied(), &query, &body)
+        }
+        (
+            _,
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+                rest @ ..,
+            ],
+        ) if rest.len() <= 1 => leases::handle(&api, &method, ns, rest.first().copied(), &headers, &body).await,
+        (Method::GET, ["apis"]) => Ok(discovery::groups()),
+        (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),
+        (Method::GET, ["apis", g, v]) if *g == GROUP && *v == VERSION => Ok(discovery::resources()),
+        (Method::GET, ["openapi", "v3"]) => Ok(discovery::openapi_index(&api)),
+        (Method::GET, ["openapi", "v3", "apis", g, v]) if *g == GROUP && *v == VERSION => {
+            Ok(discovery::openapi_v3(&api))
+        }
+        (_, ["apis", g, v, rest @ ..]) if *g == GROUP && *v == VERSION => {
+            objects::route(&api, &method, rest, &query, &headers, &body).await
+        }
+        _ => Err(ApiError::not_found_path(uri.path())),
+    };
+    match result {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Query parameters, decoded.
+#[derive(Debug, Default)]
+pub(crate) struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: &str) -> Self {
+        Query(
+            raw.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect(),
+        )
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("1" | "true" | ""))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// JSON response with a status code.
+fn json_response(code: u16, value: &Value) -> Response {
+    let code = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::OK);
+    (
+        code,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// RFC 3339 at second precision, as Kubernetes writes timestamps.
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
