@@ -52,6 +52,11 @@ pub struct OperatorArgs {
     /// URL agents use to reach the registry (default: http://<listen>).
     #[arg(long)]
     pub registry_url: Option<String>,
+    /// Serve the Kubernetes API for Workspaces and Teams on ADDR (HTTPS, self-signed;
+    /// writes STATE/kubeconfig): `kubectl --kubeconfig STATE/kubeconfig apply -f ...`.
+    /// Objects applied there are stored in the state store and reconciled like any source.
+    #[arg(long, value_name = "ADDR")]
+    pub kube_api: Option<SocketAddr>,
     /// Leader Lease duration with several replicas (`--source kubernetes`).
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,

@@ -108,6 +108,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         }
     }
     let cluster_mode = sources.contains(&SourceSpec::Kubernetes);
+    if cluster_mode && args.kube_api.is_some() {
+        bail!("--kube-api serves the Kubernetes API in local mode; with --source kubernetes the cluster's API is the source");
+    }
     let pg_source = match (sources.contains(&SourceSpec::Postgres), args.database_url.as_deref()) {
         (false, _) => None,
         (true, Some(url)) if url.starts_with("postgres") => Some(url.to_string()),
@@ -157,6 +160,21 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             SourceSpec::Postgres => source_names.push(crate::source::postgres::SOURCE_NAME.to_string()),
         }
     }
+    // Local mode speaking the Kubernetes API: objects applied with kubectl live in the
+    // state store, and the same kube-rs controller as in a cluster reads them back
+    // through this API (the operator is its own client).
+    let kube_api = match args.kube_api {
+        Some(addr) => {
+            let bound = crate::kubeapi::bind(store.clone(), &admin_token, addr, &args.state).await?;
+            tracing::info!(url = %bound.url, kubeconfig = %bound.kubeconfig.display(), "serving the Kubernetes API");
+            source_names.push(crate::cluster::SOURCE_NAME.to_string());
+            let kubeconfig = bound.kubeconfig.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(bound.serve(async move { stop.cancelled().await }));
+            Some(kubeconfig)
+        }
+        None => None,
+    };
     let pg_source = match pg_source {
         Some(url) => {
             let src = crate::source::postgres::PostgresSource::connect(&url)
@@ -230,6 +248,10 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             });
         }
         spawn_cluster(client, identity, &snap_tx, &desired_rx, &trigger, &ctx, &shutdown);
+    }
+    if let Some(kubeconfig) = kube_api {
+        let client = crate::cluster::client(Some(&kubeconfig)).await.context("cannot reach our own Kubernetes API")?;
+        spawn_cluster(client, instance.clone(), &snap_tx, &desired_rx, &trigger, &ctx, &shutdown);
     }
     drop(snap_tx);
     {

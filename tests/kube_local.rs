@@ -1,0 +1,102 @@
+//! `up --kube-api`: the real kubectl drives the operator through its own
+//! Kubernetes-compatible API; the kube-rs controller (the same code as cluster mode)
+//! reconciles, and real Docker containers follow.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::operator::*;
+
+const UP: Duration = Duration::from_secs(120);
+const CONVERGE: Duration = Duration::from_secs(40);
+
+struct Kubectl {
+    kubeconfig: std::path::PathBuf,
+    home: tempfile::TempDir,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HOME", self.home.path())
+            .env("KUBECACHEDIR", self.home.path().join("cache"))
+            .output()
+            .expect("kubectl runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while t0.elapsed() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn kubectl_drives_real_containers_through_the_operators_own_api() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("kubelocal");
+    let port = free_port();
+    op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{port}")];
+    op.start();
+    let k = Kubectl { kubeconfig: op.state.join("kubeconfig"), home: tempfile::tempdir().unwrap() };
+    wait_until("kubeconfig written and API up", UP, || k.kubeconfig.exists() && k.run(&["get", "ws"]).status.success());
+
+    // apply a directory (a Team with an inline member and Workspaces), as in a cluster.
+    let org = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/org/");
+    k.ok(&["apply", "-f", org]);
+    let names = ["pm", "dev-lead", "backend", "qa", "research", "engineering-docs"];
+    let ws = op.wait_online(&names, UP);
+    assert_eq!(ws["pm"]["source"]["kind"], "kubernetes");
+    // Status came back through the API (server-side apply by the controller).
+    wait_until("kubectl shows Running", CONVERGE, || k.ok(&["get", "ws", "pm"]).contains("Running"));
+    let json: serde_json::Value = serde_json::from_str(&k.ok(&["get", "ws", "pm", "-o", "json"])).unwrap();
+    assert_eq!(json["status"]["incarnation"], ws["pm"]["incarnation"]);
+    assert!(json["metadata"]["finalizers"].as_array().unwrap().iter().any(|f| f == "molecule.ai/cleanup"));
+    let describe = k.ok(&["describe", "ws", "pm"]);
+    assert!(describe.contains("Provisioned"), "an Event for the decision:\n{describe}");
+
+    // patch: pause and resume the real container.
+    let id = ws["qa"]["container"]["id"].as_str().unwrap().to_string();
+    k.ok(&["patch", "ws", "qa", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#]);
+    wait_until("qa paused in Docker", CONVERGE, || docker(&["inspect", "-f", "{{.State.Paused}}", &id]) == "true");
+    k.ok(&["patch", "ws", "qa", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Running"}}"#]);
+    wait_until("qa running again", CONVERGE, || docker(&["inspect", "-f", "{{.State.Paused}}", &id]) == "false");
+
+    // delete: the finalizer removes container and volume before the object goes.
+    let research = ws["research"]["container"]["id"].as_str().unwrap()[..12].to_string();
+    k.ok(&["delete", "ws", "research", "--wait=true", "--timeout=60s"]);
+    assert!(!op.containers().contains(&research), "the container is gone once the object is");
+    assert!(!k.run(&["get", "ws", "research"]).status.success());
+
+    // A bad manifest is refused by the API with a readable error; nothing changes.
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), workspace_yaml("bad").replace("tier: 1", "tier: 9")).unwrap();
+    let out = k.run(&["apply", "-f", bad.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tier"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Objects survive an operator restart.
+    op.stop();
+    op.start();
+    wait_until("API back", UP, || k.run(&["get", "ws", "pm"]).status.success());
+    let ws2 = op.wait_online(&["pm", "qa"], UP);
+    assert_eq!(ws2["pm"]["incarnation"], ws["pm"]["incarnation"], "nothing was recreated by the restart");
+}
