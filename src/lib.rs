@@ -2,8 +2,8 @@
 //! matching what users declare. See DESIGN.md for the architecture.
 
 pub mod api;
-pub mod cluster;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod execute;
 pub mod kubeapi;
@@ -12,7 +12,7 @@ pub mod operator;
 pub mod reconcile;
 pub mod registry;
 pub mod rules;
-pub mod secrets;
 pub mod runtime;
+pub mod secrets;
 pub mod source;
 pub mod store;

@@ -89,7 +89,9 @@ async fn main() -> ExitCode {
         }
         Command::Migrate { database_url } => {
             init_tracing();
-            report(molecule::store::open(&database_url).await.map(|_| println!("migrations applied")).map_err(Into::into))
+            report(
+                molecule::store::open(&database_url).await.map(|_| println!("migrations applied")).map_err(Into::into),
+            )
         }
     }
 }

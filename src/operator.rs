@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -16,9 +16,9 @@ use crate::registry::{self, AppState, Metrics};
 use crate::rules::Settings;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::render::AgentEnv;
-use crate::source::desired::{merge, DesiredSet};
-use crate::source::dir::DirSource;
 use crate::source::Snapshot;
+use crate::source::desired::{DesiredSet, merge};
+use crate::source::dir::DirSource;
 
 /// Where desired state comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,7 +109,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     }
     let cluster_mode = sources.contains(&SourceSpec::Kubernetes);
     if cluster_mode && args.kube_api.is_some() {
-        bail!("--kube-api serves the Kubernetes API in local mode; with --source kubernetes the cluster's API is the source");
+        bail!(
+            "--kube-api serves the Kubernetes API in local mode; with --source kubernetes the cluster's API is the source"
+        );
     }
     let pg_source = match (sources.contains(&SourceSpec::Postgres), args.database_url.as_deref()) {
         (false, _) => None,
@@ -123,9 +125,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     prepare_state_dir(&args.state)?;
     let _lock = lock_state_dir(&args.state)?;
     let db = args.database_url();
-    let store = crate::store::open(&db)
-        .await
-        .with_context(|| format!("cannot open the state store at {db}"))?;
+    let store = crate::store::open(&db).await.with_context(|| format!("cannot open the state store at {db}"))?;
     let admin_token = registry::load_or_create_admin_token(&args.state)
         .with_context(|| format!("cannot read or create the admin token in {}", args.state.display()))?;
 
@@ -134,7 +134,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         match docker.ensure_agent_image().await {
             Ok(true) => tracing::info!(image = crate::runtime::agent_image::AGENT_IMAGE, "built the agent image"),
             Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "could not build the agent image; workspaces using it will fail until it exists"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not build the agent image; workspaces using it will fail until it exists")
+            }
         }
     }
     let runtime: Arc<dyn crate::runtime::Runtime> = Arc::new(docker);
@@ -187,16 +189,14 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     };
     tokio::spawn(desired_store(snap_rx, source_names, defaults, desired_tx));
 
-    let keyring = Arc::new(
-        crate::secrets::Keyring::load(&args.state).context("cannot load the secrets key")?,
-    );
+    let keyring = Arc::new(crate::secrets::Keyring::load(&args.state).context("cannot load the secrets key")?);
     let metrics = Arc::new(Metrics::new());
     let (trigger, trigger_rx) = Trigger::new();
     let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
     state.keyring = Some(keyring.clone());
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (is another operator running there? use --listen)", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
+        format!("cannot listen on {} (is another operator running there? use --listen)", args.listen)
+    })?;
     let addr = listener.local_addr()?;
     let url = registry::write_address(&args.state, addr)?;
     let server = {
@@ -215,10 +215,13 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // With Postgres, replicas of this instance share the database: only the holder of
     // the lease reconciles, through a store the database fences by epoch.
     let reconcile_store = match db.starts_with("postgres") {
-        true => lead_with_postgres_lease(&db, &instance, Duration::from_secs(args.lease_seconds.max(2)), &shutdown).await?,
+        true => {
+            lead_with_postgres_lease(&db, &instance, Duration::from_secs(args.lease_seconds.max(2)), &shutdown).await?
+        }
         false => store,
     };
-    let mut ctx = Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
+    let mut ctx =
+        Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
     let ctx = Arc::new(ctx);
     if let Some(src) = pg_source {
@@ -234,7 +237,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         tracing::info!(%namespace, %identity, "waiting for leadership");
         let leadership = crate::cluster::wait_for_leadership(
             client.clone(),
-            crate::cluster::leader::LeaseConfig::new(namespace, identity.clone(), Duration::from_secs(args.lease_seconds.max(3))),
+            crate::cluster::leader::LeaseConfig::new(
+                namespace,
+                identity.clone(),
+                Duration::from_secs(args.lease_seconds.max(3)),
+            ),
             shutdown.clone(),
         )
         .await?;
@@ -267,7 +274,14 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         });
     }
     tracing::info!(%instance, %url, state = %args.state.display(), "operator running");
-    reconcile::run(ctx, trigger_rx, Duration::from_secs(args.resync_seconds.max(1)), args.concurrency.max(1), shutdown.clone()).await;
+    reconcile::run(
+        ctx,
+        trigger_rx,
+        Duration::from_secs(args.resync_seconds.max(1)),
+        args.concurrency.max(1),
+        shutdown.clone(),
+    )
+    .await;
     let _ = server.await;
     let _ = registry::remove_address(&args.state);
     tracing::info!("operator stopped");
@@ -395,7 +409,8 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
 
 pub const KEY_FILE: &str = "secrets.key";
@@ -36,7 +36,8 @@ impl Scope {
     }
 
     pub fn parse(s: &str) -> Result<Self, String> {
-        let with_ns = |k: &str| if k.contains('/') { k.to_string() } else { format!("{}/{k}", crate::api::DEFAULT_NAMESPACE) };
+        let with_ns =
+            |k: &str| if k.contains('/') { k.to_string() } else { format!("{}/{k}", crate::api::DEFAULT_NAMESPACE) };
         match s.split_once(':') {
             None if s == "global" => Ok(Self::Global),
             Some(("team", k)) if !k.is_empty() => Ok(Self::Team(with_ns(k))),
@@ -62,7 +63,9 @@ pub enum SecretError {
     BadKey,
     #[error("cannot read or create the secrets key file {path}: {error}")]
     KeyFile { path: String, error: std::io::Error },
-    #[error("secret {name} ({scope}) was sealed with key {key_id}, which is not configured; add it to MOLECULE_SECRETS_OLD_KEYS")]
+    #[error(
+        "secret {name} ({scope}) was sealed with key {key_id}, which is not configured; add it to MOLECULE_SECRETS_OLD_KEYS"
+    )]
     UnknownKey { scope: String, name: String, key_id: String },
     #[error("secret {name} ({scope}) does not decrypt: it was altered or moved")]
     Corrupt { scope: String, name: String },
@@ -126,7 +129,8 @@ impl Keyring {
                 getrandom::fill(&mut bytes).map_err(|e| err(std::io::Error::other(e.to_string())))?;
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(err)?;
+                let mut f =
+                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(err)?;
                 f.write_all(B64.encode(bytes).as_bytes()).map_err(err)?;
                 Ok(bytes.to_vec())
             }
@@ -161,11 +165,11 @@ impl Keyring {
     pub fn open(&self, scope: &Scope, name: &str, sealed: &Sealed) -> Result<String, SecretError> {
         let scope_s = scope.as_string();
         let corrupt = || SecretError::Corrupt { scope: scope_s.clone(), name: name.to_string() };
-        let key = std::iter::once(&self.current)
-            .chain(&self.old)
-            .find(|k| k.id == sealed.key_id)
-            .ok_or_else(|| SecretError::UnknownKey { scope: scope_s.clone(), name: name.into(), key_id: sealed.key_id.clone() })?;
-        let nonce: [u8; NONCE_LEN] = B64.decode(&sealed.nonce).ok().and_then(|n| n.try_into().ok()).ok_or_else(corrupt)?;
+        let key = std::iter::once(&self.current).chain(&self.old).find(|k| k.id == sealed.key_id).ok_or_else(|| {
+            SecretError::UnknownKey { scope: scope_s.clone(), name: name.into(), key_id: sealed.key_id.clone() }
+        })?;
+        let nonce: [u8; NONCE_LEN] =
+            B64.decode(&sealed.nonce).ok().and_then(|n| n.try_into().ok()).ok_or_else(corrupt)?;
         let mut buf = B64.decode(&sealed.ciphertext).map_err(|_| corrupt())?;
         let aad = format!("{scope_s}\0{name}");
         let plain = key
@@ -182,7 +186,11 @@ pub fn valid_name(name: &str) -> Result<(), String> {
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit();
-    if ok { Ok(()) } else { Err(format!("secret name {name:?}: use letters, digits and _ (an env var name, e.g. OPENAI_API_KEY)")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("secret name {name:?}: use letters, digits and _ (an env var name, e.g. OPENAI_API_KEY)"))
+    }
 }
 
 #[cfg(test)]

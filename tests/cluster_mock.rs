@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::Client;
 use molecule::api::effective::Defaults;
 use molecule::api::{Phase, WorkspaceStatus};
 use molecule::cluster::controller::{Context, error_policy, reconcile};
@@ -337,7 +337,9 @@ async fn a_decision_a_user_should_see_is_published_as_an_event_then_status_is_wr
     let ctx = h.ctx.clone();
     let run = tokio::spawn(async move { ctx.handle_report(&report).await });
 
-    for (reason, note) in [("Recreated", "no container: revoked 1 token"), ("TokenRevoked", "revoked 1 token: container-missing")] {
+    for (reason, note) in
+        [("Recreated", "no container: revoked 1 token"), ("TokenRevoked", "revoked 1 token: container-missing")]
+    {
         let req = h.api.next().await;
         assert_eq!(req.method, Method::POST);
         assert_eq!(req.path, "/apis/events.k8s.io/v1/namespaces/eng/events");
@@ -475,8 +477,11 @@ async fn a_failing_reconcile_shows_in_status_and_is_requeued_with_growing_backof
     h.queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
     let run = tokio::spawn(reconcile(obj, h.ctx.clone()));
     let req = h.api.next().await;
-    req.respond(StatusCode::INTERNAL_SERVER_ERROR, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "message": "etcd is down", "reason": "InternalError", "code": 500}));
+    req.respond(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "etcd is down", "reason": "InternalError", "code": 500}),
+    );
     let err = run.await.unwrap().unwrap_err();
     assert_eq!(err.metric_label(), "kube");
 }
@@ -493,9 +498,15 @@ async fn leadership_is_acquired_by_creating_the_lease_and_handed_back_on_shutdow
     let lease_path = "/apis/coordination.k8s.io/v1/namespaces/molecule-system/leases";
 
     let req = api.next().await;
-    assert_eq!((req.method.clone(), req.path.as_str()), (Method::GET, format!("{lease_path}/molecule-operator").as_str()));
-    req.respond(StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "reason": "NotFound", "code": 404}));
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::GET, format!("{lease_path}/molecule-operator").as_str())
+    );
+    req.respond(
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "NotFound", "code": 404}),
+    );
     let req = api.next().await;
     assert_eq!((req.method.clone(), req.path.as_str()), (Method::POST, lease_path));
     assert_eq!(req.body["spec"]["holderIdentity"], "pod-a");
@@ -542,7 +553,8 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
     let (sent_tx, sent_rx) = watch::channel(SentMap::new());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (team_store, team_writer) = reflector::store::<GuardedTeam>();
-    let run = tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, team_writer, shutdown.clone()));
+    let run =
+        tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, team_writer, shutdown.clone()));
 
     let mut deleting = named("leaving", "11", 1, json!({}));
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T07:00:00Z");
@@ -557,7 +569,11 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
             watches.push(req);
         } else if req.path == "/apis/molecule.ai/v1alpha1/workspaces" {
             lists += 1;
-            let items = vec![named("good", "10", 1, json!({"tier": 2})), named("bad", "10", 1, json!({"tier": "two"})), deleting.clone()];
+            let items = vec![
+                named("good", "10", 1, json!({"tier": 2})),
+                named("bad", "10", 1, json!({"tier": "two"})),
+                deleting.clone(),
+            ];
             req.respond(StatusCode::OK, list("Workspace", items));
         } else if req.path == "/apis/molecule.ai/v1alpha1/teams" {
             lists += 1;
@@ -572,12 +588,18 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
         .objects
         .iter()
         .map(|o| match o {
-            SourceObject::Workspace { object, source } => format!("ws {} {}", object.metadata.name.as_deref().unwrap(), source.reference),
+            SourceObject::Workspace { object, source } => {
+                format!("ws {} {}", object.metadata.name.as_deref().unwrap(), source.reference)
+            }
             SourceObject::Team { object, .. } => format!("team {}", object.metadata.name.as_deref().unwrap()),
             SourceObject::Invalid { kind, key, .. } => format!("invalid {kind} {key}"),
         })
         .collect();
-    assert_eq!(names, ["invalid Workspace eng/bad", "ws good eng/good@10", "team core"], "the one being deleted is left out");
+    assert_eq!(
+        names,
+        ["invalid Workspace eng/bad", "ws good eng/good@10", "team core"],
+        "the one being deleted is left out"
+    );
     assert_eq!(sent_rx.borrow().len(), 2);
 
     // A spec change arrives on the Workspace watch: a new snapshot.
@@ -658,7 +680,9 @@ async fn a_client_is_built_from_a_kubeconfig_file_such_as_local_modes() {
     .unwrap();
     let client = molecule::cluster::client(Some(&path)).await.expect("a client");
     assert_eq!(client.default_namespace(), "eng");
-    let Err(err) = molecule::cluster::client(Some(&dir.path().join("missing"))).await else { panic!("no kubeconfig there") };
+    let Err(err) = molecule::cluster::client(Some(&dir.path().join("missing"))).await else {
+        panic!("no kubeconfig there")
+    };
     assert!(err.to_string().contains("cannot read kubeconfig"), "{err}");
 }
 
@@ -800,7 +824,10 @@ async fn losing_the_race_to_renew_is_losing_leadership() {
     req.respond(StatusCode::OK, lease("pod-a", Timestamp::now(), "4", 0));
     let req = api.next().await;
     assert_eq!(req.method, Method::PUT);
-    req.respond(StatusCode::CONFLICT, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "reason": "Conflict", "code": 409, "message": "the object has been modified"}));
+    req.respond(
+        StatusCode::CONFLICT,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+    );
     tokio::time::timeout(Duration::from_secs(5), leadership.lost.cancelled()).await.expect("lost is signalled");
 }

@@ -88,10 +88,8 @@ fn the_cluster_role_and_the_leader_role_grant_exactly_what_the_controller_calls(
 #[test]
 fn deploy_includes_the_generated_crds_and_a_hardened_deployment() {
     let docs = rendered();
-    let crds: BTreeSet<&str> = find(&docs, "CustomResourceDefinition")
-        .iter()
-        .filter_map(|c| c["metadata"]["name"].as_str())
-        .collect();
+    let crds: BTreeSet<&str> =
+        find(&docs, "CustomResourceDefinition").iter().filter_map(|c| c["metadata"]["name"].as_str()).collect();
     assert_eq!(crds, BTreeSet::from(["teams.molecule.ai", "workspaces.molecule.ai"]));
     assert_eq!(one(&docs, "Namespace")["metadata"]["name"], NAMESPACE);
 

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use molecule::store::lease::{is_fenced, Lease};
+use molecule::store::lease::{Lease, is_fenced};
 use molecule::store::postgres::PostgresStore;
 use molecule::store::{RevokeReason, Store};
 use support::operator::*;
@@ -40,7 +40,8 @@ async fn a_deposed_leader_can_neither_issue_nor_revoke_tokens() {
     // a wakes up: every write it tries is refused by the database.
     let issue = store_a.issue_token(&ws.uid, inc, chrono::Utc::now()).await.unwrap_err();
     assert!(is_fenced(&issue), "{issue}");
-    let revoke = store_a.revoke_tokens(&ws.uid, RevokeReason::ContainerMissing, None, chrono::Utc::now()).await.unwrap_err();
+    let revoke =
+        store_a.revoke_tokens(&ws.uid, RevokeReason::ContainerMissing, None, chrono::Utc::now()).await.unwrap_err();
     assert!(is_fenced(&revoke), "{revoke}");
     assert!(is_fenced(&store_a.bump_incarnation(&ws.uid).await.unwrap_err()));
     assert!(!a.renew(epoch_a).await.unwrap(), "a's lease is gone");
@@ -103,13 +104,17 @@ async fn a_paused_leader_that_wakes_after_losing_the_lease_stops_without_acting(
     leader.start();
     let ws = tokio::task::block_in_place(|| leader.wait_online(&["dev"], Duration::from_secs(90)));
     follower.start();
-    tokio::task::block_in_place(|| follower.wait("follower serving", Duration::from_secs(30), |ws| ws.contains_key("dev")));
+    tokio::task::block_in_place(|| {
+        follower.wait("follower serving", Duration::from_secs(30), |ws| ws.contains_key("dev"))
+    });
     let inc = ws["dev"]["incarnation"].as_i64().unwrap();
     leader.signal("STOP");
     // While the old leader is frozen, its container goes; the new leader heals it.
     assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
     let healed = tokio::task::block_in_place(|| {
-        follower.wait("new leader healed", Duration::from_secs(60), |ws| online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(inc))
+        follower.wait("new leader healed", Duration::from_secs(60), |ws| {
+            online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(inc)
+        })
     });
     leader.signal("CONT");
     assert!(tokio::task::block_in_place(|| leader.wait_exit(Duration::from_secs(30))), "the deposed leader must stop");
@@ -121,7 +126,10 @@ async fn a_paused_leader_that_wakes_after_losing_the_lease_stops_without_acting(
     assert_eq!(follower.containers().len(), 1);
     let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
     let live: i64 = sqlx::Row::get(
-        &sqlx::query("SELECT count(*) AS n FROM workspace_auth_tokens WHERE revoked_at IS NULL").fetch_one(&mut c).await.unwrap(),
+        &sqlx::query("SELECT count(*) AS n FROM workspace_auth_tokens WHERE revoked_at IS NULL")
+            .fetch_one(&mut c)
+            .await
+            .unwrap(),
         "n",
     );
     assert_eq!(live, 1);

@@ -34,15 +34,10 @@ struct Server {
 impl Server {
     /// Through the entry point `up --kube-api` uses.
     async fn start(store: DynStore, state_dir: &Path) -> Self {
-        let bound = kubeapi::bind(store, TOKEN, "127.0.0.1:0".parse().unwrap(), state_dir)
-            .await
-            .expect("the API binds");
+        let bound =
+            kubeapi::bind(store, TOKEN, "127.0.0.1:0".parse().unwrap(), state_dir).await.expect("the API binds");
         let (url, kubeconfig) = (bound.url.clone(), bound.kubeconfig.clone());
-        let mode = std::fs::metadata(&kubeconfig)
-            .expect("the kubeconfig exists")
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(&kubeconfig).expect("the kubeconfig exists").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the kubeconfig holds the admin token");
         let tls = kubeapi::KubeTls::load_or_create(state_dir).expect("the TLS pair bind made");
         let changes = bound.subscribe();
@@ -68,9 +63,7 @@ impl Server {
     }
 
     async fn start_with(api: KubeApi, state_dir: &Path) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a loopback port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let url = format!("https://{}", listener.local_addr().expect("bound"));
         let tls = kubeapi::KubeTls::load_or_create(state_dir).expect("the TLS pair");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -146,29 +139,18 @@ impl Server {
     }
 
     fn http(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .add_root_certificate(self.ca.clone())
-            .build()
-            .expect("an HTTPS client")
+        reqwest::Client::builder().add_root_certificate(self.ca.clone()).build().expect("an HTTPS client")
     }
 
     async fn get_json(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http()
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("GET");
+        let resp = self.http().get(format!("{}{path}", self.url)).bearer_auth(TOKEN).send().await.expect("GET");
         let code = resp.status().as_u16();
         (code, resp.json().await.unwrap_or(Value::Null))
     }
 }
 
 async fn sqlite_store(dir: &Path) -> DynStore {
-    store::open(&dir.join("state.db").display().to_string())
-        .await
-        .expect("the SQLite store opens")
+    store::open(&dir.join("state.db").display().to_string()).await.expect("the SQLite store opens")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -194,17 +176,9 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
     let mut added = Vec::new();
     while let Ok(change) = changes.try_recv() {
         assert_eq!(change.event_type, "ADDED");
-        added.push(
-            change.object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
+        added.push(change.object["metadata"]["name"].as_str().unwrap_or_default().to_string());
     }
-    assert!(
-        added.contains(&"dev-lead".to_string()) && added.contains(&"engineering".to_string()),
-        "{added:?}"
-    );
+    assert!(added.contains(&"dev-lead".to_string()) && added.contains(&"engineering".to_string()), "{added:?}");
     let (workspaces, teams) = kubeapi::declared(&store).await.expect("the declared objects read");
     assert_eq!((workspaces.len(), teams.len()), (added.len() - 1, 1), "{added:?}");
     // Applying again changes nothing.
@@ -246,18 +220,11 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
     for column in ["NAME", "PHASE", "TEAM", "INCARNATION", "READY", "AGE"] {
         assert!(header.contains(column), "no {column} column in:\n{out}");
     }
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("dev-lead") && l.contains("engineering")),
-        "{out}"
-    );
+    assert!(out.lines().any(|l| l.starts_with("dev-lead") && l.contains("engineering")), "{out}");
     let out = server.ok(&["get", "teams"]).await;
     assert!(out.contains("engineering") && out.contains("MEMBERS"), "{out}");
     let out = server.ok(&["get", "molecule"]).await;
-    assert!(
-        out.contains("workspace.molecule.ai/dev-lead") && out.contains("team.molecule.ai/engineering"),
-        "{out}"
-    );
+    assert!(out.contains("workspace.molecule.ai/dev-lead") && out.contains("team.molecule.ai/engineering"), "{out}");
     let out = server.ok(&["get", "ws", "-l", "tier=one", "-o", "name"]).await;
     assert_eq!(out.trim(), "workspace.molecule.ai/alpha");
 
@@ -271,84 +238,27 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
     assert!(dev_lead["metadata"]["uid"].as_str().is_some_and(|u| u.len() == 36));
 
     let out = server.ok(&["describe", "ws", "dev-lead"]).await;
-    assert!(
-        out.contains("Name:") && out.contains("dev-lead") && out.contains("engineering"),
-        "{out}"
-    );
+    assert!(out.contains("Name:") && out.contains("dev-lead") && out.contains("engineering"), "{out}");
 
     // Merge patch to Paused and back: the spec changed, so the generation moved.
     let out = server
-        .ok(&[
-            "patch",
-            "ws",
-            "dev-lead",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"operatingMode":"Paused"}}"#,
-        ])
+        .ok(&["patch", "ws", "dev-lead", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#])
         .await;
     assert!(out.contains("patched"), "{out}");
-    let mode = server
-        .ok(&[
-            "get",
-            "ws",
-            "dev-lead",
-            "-o",
-            "jsonpath={.spec.operatingMode} {.metadata.generation}",
-        ])
-        .await;
+    let mode =
+        server.ok(&["get", "ws", "dev-lead", "-o", "jsonpath={.spec.operatingMode} {.metadata.generation}"]).await;
     assert_eq!(mode, "Paused 2");
-    server
-        .ok(&[
-            "patch",
-            "ws",
-            "dev-lead",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"operatingMode":"Running"}}"#,
-        ])
-        .await;
-    let mode = server
-        .ok(&[
-            "get",
-            "ws",
-            "dev-lead",
-            "-o",
-            "jsonpath={.spec.operatingMode} {.metadata.generation}",
-        ])
-        .await;
+    server.ok(&["patch", "ws", "dev-lead", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Running"}}"#]).await;
+    let mode =
+        server.ok(&["get", "ws", "dev-lead", "-o", "jsonpath={.spec.operatingMode} {.metadata.generation}"]).await;
     assert_eq!(mode, "Running 3");
     // JSON patch and the default (strategic, handled as merge) patch.
     server
-        .ok(&[
-            "patch",
-            "ws",
-            "alpha",
-            "--type",
-            "json",
-            "-p",
-            r#"[{"op":"replace","path":"/spec/tier","value":3}]"#,
-        ])
+        .ok(&["patch", "ws", "alpha", "--type", "json", "-p", r#"[{"op":"replace","path":"/spec/tier","value":3}]"#])
         .await;
-    server
-        .ok(&[
-            "patch",
-            "ws",
-            "alpha",
-            "-p",
-            r#"{"metadata":{"labels":{"extra":"yes"}}}"#,
-        ])
-        .await;
+    server.ok(&["patch", "ws", "alpha", "-p", r#"{"metadata":{"labels":{"extra":"yes"}}}"#]).await;
     let out = server
-        .ok(&[
-            "get",
-            "ws",
-            "alpha",
-            "-o",
-            "jsonpath={.spec.tier} {.metadata.labels.extra} {.metadata.generation}",
-        ])
+        .ok(&["get", "ws", "alpha", "-o", "jsonpath={.spec.tier} {.metadata.labels.extra} {.metadata.generation}"])
         .await;
     assert_eq!(out, "3 yes 2", "labels do not bump the generation");
 
@@ -365,13 +275,8 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         "ssa.yaml",
         "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: gamma}\nspec: {tier: 4, env: {ROLE: ssa}}\n",
     );
-    server
-        .ok(&["apply", "--server-side", "--force-conflicts", "-f", &ssa])
-        .await;
-    assert_eq!(
-        server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.spec.tier}"]).await,
-        "4"
-    );
+    server.ok(&["apply", "--server-side", "--force-conflicts", "-f", &ssa]).await;
+    assert_eq!(server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.spec.tier}"]).await, "4");
     // A field the manager applied before and leaves out now is removed; others' fields stay.
     server.ok(&["label", "ws", "gamma", "owner=someone"]).await;
     write(
@@ -380,25 +285,11 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: gamma}\nspec: {tier: 4}\n",
     );
     server.ok(&["apply", "--server-side", "-f", &ssa]).await;
-    let out = server
-        .ok(&[
-            "get",
-            "ws",
-            "gamma",
-            "-o",
-            "jsonpath={.spec.tier} [{.spec.env}] {.metadata.labels.owner}",
-        ])
-        .await;
+    let out =
+        server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.spec.tier} [{.spec.env}] {.metadata.labels.owner}"]).await;
     assert_eq!(out, "4 [] someone");
     let managers = server
-        .ok(&[
-            "get",
-            "ws",
-            "gamma",
-            "--show-managed-fields",
-            "-o",
-            "jsonpath={.metadata.managedFields[*].manager}",
-        ])
+        .ok(&["get", "ws", "gamma", "--show-managed-fields", "-o", "jsonpath={.metadata.managedFields[*].manager}"])
         .await;
     assert_eq!(managers, "kubectl");
 
@@ -406,10 +297,7 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
     let out = server.ok(&["delete", "ws", "beta"]).await;
     assert!(out.contains("workspace.molecule.ai \"beta\" deleted"), "{out}");
     let (ok, _, err) = server.kubectl(&["get", "ws", "beta"]).await;
-    assert!(
-        !ok && err.contains("NotFound") && err.contains("\"beta\" not found"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("NotFound") && err.contains("\"beta\" not found"), "{err}");
 
     // With a finalizer: marked deleting and kept until the finalizer goes.
     server
@@ -424,29 +312,11 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         ])
         .await;
     server.ok(&["delete", "ws", "gamma", "--wait=false"]).await;
-    let ts = server
-        .ok(&["get", "ws", "gamma", "-o", "jsonpath={.metadata.deletionTimestamp}"])
-        .await;
-    assert!(
-        ts.ends_with('Z'),
-        "a deleting object carries its deletionTimestamp: {ts:?}"
-    );
-    server
-        .ok(&[
-            "patch",
-            "ws",
-            "gamma",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"metadata":{"finalizers":null}}"#,
-        ])
-        .await;
+    let ts = server.ok(&["get", "ws", "gamma", "-o", "jsonpath={.metadata.deletionTimestamp}"]).await;
+    assert!(ts.ends_with('Z'), "a deleting object carries its deletionTimestamp: {ts:?}");
+    server.ok(&["patch", "ws", "gamma", "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#]).await;
     let (ok, _, err) = server.kubectl(&["get", "ws", "gamma"]).await;
-    assert!(
-        !ok && err.contains("not found"),
-        "the last finalizer's removal deletes it: {err}"
-    );
+    assert!(!ok && err.contains("not found"), "the last finalizer's removal deletes it: {err}");
 
     server.stop().await;
 }
@@ -464,14 +334,8 @@ async fn kubectl_prints_readable_errors_for_bad_manifests() {
     };
     let cases = [
         (bad("typo", "{teir: 2}"), vec!["typo", "spec.teir", "Unknown field"]),
-        (
-            bad("big", "{tier: 9}"),
-            vec!["big", "spec.tier", "less than or equal to 4"],
-        ),
-        (
-            bad("mode", "{operatingMode: Sleeping}"),
-            vec!["mode", "spec.operatingMode", "Unsupported value", "Paused"],
-        ),
+        (bad("big", "{tier: 9}"), vec!["big", "spec.tier", "less than or equal to 4"]),
+        (bad("mode", "{operatingMode: Sleeping}"), vec!["mode", "spec.operatingMode", "Unsupported value", "Paused"]),
         (bad("Upper", "{}"), vec!["metadata.name", "lowercase"]),
     ];
     for (file, wanted) in cases {
@@ -498,17 +362,7 @@ async fn kubectl_watch_prints_added_and_modified() {
         .expect("kubectl get -w starts");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.ok(&["apply", "-f", "examples/org/qa.yaml"]).await;
-    server
-        .ok(&[
-            "patch",
-            "ws",
-            "pm",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"operatingMode":"Paused"}}"#,
-        ])
-        .await;
+    server.ok(&["patch", "ws", "pm", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#]).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let _ = child.start_kill();
     let mut out = String::new();
@@ -516,10 +370,7 @@ async fn kubectl_watch_prints_added_and_modified() {
     let _ = child.wait().await;
     assert!(out.lines().any(|l| l.starts_with("ADDED") && l.contains("pm")), "{out}");
     assert!(out.lines().any(|l| l.starts_with("ADDED") && l.contains("qa")), "{out}");
-    assert!(
-        out.lines().any(|l| l.starts_with("MODIFIED") && l.contains("pm")),
-        "{out}"
-    );
+    assert!(out.lines().any(|l| l.starts_with("MODIFIED") && l.contains("pm")), "{out}");
     server.stop().await;
 }
 
@@ -544,62 +395,30 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     .await;
     let (code, after) = server.get_json(&format!("{WS}/dev-lead")).await;
     assert_eq!(code, 200);
-    assert_eq!(
-        after, before,
-        "the object, its uid and resourceVersion survive the restart"
-    );
+    assert_eq!(after, before, "the object, its uid and resourceVersion survive the restart");
     let (_, list_after) = server.get_json(WS).await;
-    assert_eq!(
-        list_after["metadata"]["resourceVersion"],
-        list_before["metadata"]["resourceVersion"]
-    );
+    assert_eq!(list_after["metadata"]["resourceVersion"], list_before["metadata"]["resourceVersion"]);
 
     // Stale resourceVersion: 409 Conflict, as a Status.
     let http = server.http();
     let mut stale = after.clone();
     stale["spec"]["tier"] = json!(3);
-    let fresh = http
-        .put(format!("{}{WS}/dev-lead", server.url))
-        .bearer_auth(TOKEN)
-        .json(&stale)
-        .send()
-        .await
-        .unwrap();
+    let fresh = http.put(format!("{}{WS}/dev-lead", server.url)).bearer_auth(TOKEN).json(&stale).send().await.unwrap();
     assert_eq!(fresh.status().as_u16(), 200, "the current resourceVersion is accepted");
-    let resp = http
-        .put(format!("{}{WS}/dev-lead", server.url))
-        .bearer_auth(TOKEN)
-        .json(&stale)
-        .send()
-        .await
-        .unwrap();
+    let resp = http.put(format!("{}{WS}/dev-lead", server.url)).bearer_auth(TOKEN).json(&stale).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 409);
     let status: Value = resp.json().await.unwrap();
-    assert_eq!(
-        (status["kind"].as_str(), status["reason"].as_str()),
-        (Some("Status"), Some("Conflict"))
-    );
+    assert_eq!((status["kind"].as_str(), status["reason"].as_str()), (Some("Status"), Some("Conflict")));
 
     // Three more writes with a history of two: the pre-restart RV is too old.
     for mode in ["Paused", "Running", "Paused"] {
         server
-            .ok(&[
-                "patch",
-                "ws",
-                "pm",
-                "--type",
-                "merge",
-                "-p",
-                &format!(r#"{{"spec":{{"operatingMode":"{mode}"}}}}"#),
-            ])
+            .ok(&["patch", "ws", "pm", "--type", "merge", "-p", &format!(r#"{{"spec":{{"operatingMode":"{mode}"}}}}"#)])
             .await;
     }
     let old_rv = before["metadata"]["resourceVersion"].as_str().unwrap();
     let resp = http
-        .get(format!(
-            "{}{WS}?watch=1&resourceVersion={old_rv}&timeoutSeconds=2",
-            server.url
-        ))
+        .get(format!("{}{WS}?watch=1&resourceVersion={old_rv}&timeoutSeconds=2", server.url))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -607,44 +426,26 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let text = resp.text().await.unwrap();
     let event: Value = serde_json::from_str(text.lines().next().unwrap_or("null")).unwrap();
     assert_eq!(event["type"], "ERROR", "{text}");
-    assert_eq!(
-        (event["object"]["code"].as_i64(), event["object"]["reason"].as_str()),
-        (Some(410), Some("Expired"))
-    );
+    assert_eq!((event["object"]["code"].as_i64(), event["object"]["reason"].as_str()), (Some(410), Some("Expired")));
 
     // A recent RV replays what followed it.
     let (_, pm) = server.get_json(&format!("{WS}/pm")).await;
     let rv: i64 = pm["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
     let resp = http
-        .get(format!(
-            "{}{WS}?watch=1&resourceVersion={}&timeoutSeconds=1",
-            server.url,
-            rv - 1
-        ))
+        .get(format!("{}{WS}?watch=1&resourceVersion={}&timeoutSeconds=1", server.url, rv - 1))
         .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
     let text = resp.text().await.unwrap();
     let event: Value = serde_json::from_str(text.lines().next().unwrap_or("null")).unwrap();
-    assert_eq!(
-        (event["type"].as_str(), event["object"]["metadata"]["name"].as_str()),
-        (Some("MODIFIED"), Some("pm"))
-    );
+    assert_eq!((event["type"].as_str(), event["object"]["metadata"]["name"].as_str()), (Some("MODIFIED"), Some("pm")));
 
     // Bookmarks when allowed (the interval is 200 ms in this server), and the
     // initial-events stream kube-rs' streaming-list strategy asks for.
-    let now = list_after["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap()
-        .parse::<i64>()
-        .unwrap()
-        + 5;
+    let now = list_after["metadata"]["resourceVersion"].as_str().unwrap().parse::<i64>().unwrap() + 5;
     let text = http
-        .get(format!(
-            "{}{WS}?watch=1&resourceVersion={now}&allowWatchBookmarks=true&timeoutSeconds=1",
-            server.url
-        ))
+        .get(format!("{}{WS}?watch=1&resourceVersion={now}&allowWatchBookmarks=true&timeoutSeconds=1", server.url))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -669,16 +470,11 @@ async fn survives_restart_and_keeps_resource_version_semantics(open: impl AsyncF
     let added = events.iter().take_while(|e| e["type"] == "ADDED").count();
     assert!(added >= 5, "{text}");
     assert_eq!(events[added]["type"], "BOOKMARK");
-    assert_eq!(
-        events[added]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
-        "true"
-    );
+    assert_eq!(events[added]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
 
     let resp = http.get(format!("{}{WS}", server.url)).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
-    let (code, status) = server
-        .get_json("/apis/molecule.ai/v1alpha1/namespaces/default/gadgets")
-        .await;
+    let (code, status) = server.get_json("/apis/molecule.ai/v1alpha1/namespaces/default/gadgets").await;
     assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
     server.stop().await;
 }
@@ -710,20 +506,12 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     server.ok(&["apply", "-f", "examples/org/pm.yaml"]).await;
 
     let kubeconfig = kube::config::Kubeconfig::read_from(&server.kubeconfig).expect("the kubeconfig reads");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("a config");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("a config");
     let client = kube::Client::try_from(config).expect("a client");
     let api: Api<Workspace> = Api::namespaced(client.clone(), "default");
 
     let list = api.list(&Default::default()).await.expect("list");
-    assert_eq!(
-        list.items
-            .iter()
-            .map(|w| w.metadata.name.clone().unwrap())
-            .collect::<Vec<_>>(),
-        ["pm"]
-    );
+    assert_eq!(list.items.iter().map(|w| w.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["pm"]);
     let all: Api<Workspace> = Api::all(client);
     assert_eq!(all.list(&Default::default()).await.unwrap().items.len(), 1);
 
@@ -738,13 +526,9 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     });
     let applied = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
         "metadata": {"name": "from-kube-rs"}, "spec": {"tier": 1}});
-    api.patch(
-        "from-kube-rs",
-        &PatchParams::apply("molecule-test"),
-        &Patch::Apply(&applied),
-    )
-    .await
-    .expect("SSA creates");
+    api.patch("from-kube-rs", &PatchParams::apply("molecule-test"), &Patch::Apply(&applied))
+        .await
+        .expect("SSA creates");
     let mut got_apply = false;
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
         // InitApply when the watcher's first list already had it.
@@ -761,41 +545,24 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     let status = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
         "status": {"phase": "Running", "observedGeneration": 1, "incarnation": 2}});
     let patched = api
-        .patch_status(
-            "pm",
-            &PatchParams::apply("molecule-operator").force(),
-            &Patch::Apply(&status),
-        )
+        .patch_status("pm", &PatchParams::apply("molecule-operator").force(), &Patch::Apply(&status))
         .await
         .expect("status SSA");
     let s = patched.status.expect("a status");
     assert_eq!((s.incarnation, s.observed_generation), (2, Some(1)));
-    assert_eq!(
-        patched.metadata.generation,
-        Some(1),
-        "status writes never bump the generation"
-    );
+    assert_eq!(patched.metadata.generation, Some(1), "status writes never bump the generation");
     // A main-resource write leaves the status alone.
     let mut replaced = api.get("pm").await.unwrap();
     replaced.status = None;
     replaced.spec.tier = Some(3);
-    let replaced = api
-        .replace("pm", &PostParams::default(), &replaced)
-        .await
-        .expect("replace");
-    assert_eq!(
-        (replaced.status.map(|s| s.incarnation), replaced.metadata.generation),
-        (Some(2), Some(2))
-    );
+    let replaced = api.replace("pm", &PostParams::default(), &replaced).await.expect("replace");
+    assert_eq!((replaced.status.map(|s| s.incarnation), replaced.metadata.generation), (Some(2), Some(2)));
 
     // PUT on /status changes the status only, even when the body says otherwise.
     let mut whole = api.get_status("pm").await.expect("get status");
     whole.spec.tier = Some(1);
     whole.status.as_mut().unwrap().incarnation = 5;
-    let after = api
-        .replace_status("pm", &PostParams::default(), &whole)
-        .await
-        .expect("replace status");
+    let after = api.replace_status("pm", &PostParams::default(), &whole).await.expect("replace status");
     assert_eq!((after.status.unwrap().incarnation, after.spec.tier), (5, Some(3)));
 
     // Events from kube-rs' recorder (create, then a merge patch for the repeat)
@@ -812,10 +579,7 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
             .unwrap(),
         )
         .unwrap(),
-        Reporter {
-            controller: "molecule-operator".into(),
-            instance: None,
-        },
+        Reporter { controller: "molecule-operator".into(), instance: None },
     );
     let pm = api.get("pm").await.unwrap();
     let event = Event {
@@ -825,14 +589,8 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
         action: "Provision".into(),
         secondary: None,
     };
-    recorder
-        .publish(&event, &pm.object_ref(&()))
-        .await
-        .expect("an event is recorded");
-    recorder
-        .publish(&event, &pm.object_ref(&()))
-        .await
-        .expect("a repeat patches the series");
+    recorder.publish(&event, &pm.object_ref(&())).await.expect("an event is recorded");
+    recorder.publish(&event, &pm.object_ref(&())).await.expect("a repeat patches the series");
     let out = server.ok(&["describe", "ws", "pm"]).await;
     assert!(
         out.contains("Provisioned")
@@ -846,9 +604,7 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
         {"op": "test", "path": "/metadata/finalizers", "value": null},
         {"op": "add", "path": "/metadata/finalizers", "value": ["molecule.ai/cleanup"]}]))
     .unwrap();
-    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(add))
-        .await
-        .expect("finalizer added");
+    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(add)).await.expect("finalizer added");
     api.delete("pm", &Default::default()).await.expect("delete");
     let deleting = api.get("pm").await.expect("still there while the finalizer holds it");
     assert!(deleting.metadata.deletion_timestamp.is_some());
@@ -856,9 +612,7 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
         {"op": "test", "path": "/metadata/finalizers/0", "value": "molecule.ai/cleanup"},
         {"op": "remove", "path": "/metadata/finalizers/0"}]))
     .unwrap();
-    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(remove))
-        .await
-        .expect("finalizer removed");
+    api.patch::<()>("pm", &PatchParams::default(), &Patch::Json(remove)).await.expect("finalizer removed");
     let mut deleted = false;
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
         if let Ok(watcher::Event::Delete(ws)) = event.as_ref()
@@ -886,24 +640,13 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "molecule-operator"},
         "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}))
     .unwrap();
-    let created = leases
-        .create(&PostParams::default(), &lease)
-        .await
-        .expect("a lease is created");
+    let created = leases.create(&PostParams::default(), &lease).await.expect("a lease is created");
     let mut renewed = created.clone();
     renewed.spec.as_mut().unwrap().holder_identity = Some("b".into());
-    let renewed = leases
-        .replace("molecule-operator", &PostParams::default(), &renewed)
-        .await
-        .expect("renewed");
+    let renewed = leases.replace("molecule-operator", &PostParams::default(), &renewed).await.expect("renewed");
     assert_eq!(renewed.spec.unwrap().holder_identity.as_deref(), Some("b"));
-    let stale = leases
-        .replace("molecule-operator", &PostParams::default(), &created)
-        .await;
-    assert!(
-        matches!(stale, Err(kube::Error::Api(ref s)) if s.code == 409),
-        "{stale:?}"
-    );
+    let stale = leases.replace("molecule-operator", &PostParams::default(), &created).await;
+    assert!(matches!(stale, Err(kube::Error::Api(ref s)) if s.code == 409), "{stale:?}");
     // The watcher is still connected: shutting down ends its watch instead of waiting for it.
     server.stop().await;
     watching.abort();
@@ -914,10 +657,7 @@ async fn kubectl_discovers_and_explains_the_kinds() {
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
     let out = server.ok(&["api-resources", "--api-group=molecule.ai"]).await;
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("workspaces"))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = out.lines().find(|l| l.starts_with("workspaces")).unwrap_or_else(|| panic!("{out}"));
     for word in ["ws", "molecule.ai/v1alpha1", "true", "Workspace"] {
         assert!(line.split_whitespace().any(|w| w == word), "{word} missing in {line:?}");
     }
@@ -930,13 +670,8 @@ async fn kubectl_discovers_and_explains_the_kinds() {
 
     server.ok(&["apply", "-f", "examples/org/pm.yaml"]).await;
     let out = server.ok(&["get", "ws", "-A"]).await;
-    assert!(
-        out.starts_with("NAMESPACE") && out.contains("default") && out.contains("pm"),
-        "{out}"
-    );
-    let out = server
-        .ok(&["apply", "-f", "examples/org/qa.yaml", "--dry-run=server"])
-        .await;
+    assert!(out.starts_with("NAMESPACE") && out.contains("default") && out.contains("pm"), "{out}");
+    let out = server.ok(&["apply", "-f", "examples/org/qa.yaml", "--dry-run=server"]).await;
     assert!(out.contains("qa created (server dry run)"), "{out}");
     let (ok, _, _) = server.kubectl(&["get", "ws", "qa"]).await;
     assert!(!ok, "a dry run stores nothing");
@@ -952,10 +687,7 @@ async fn kubectl_discovers_and_explains_the_kinds() {
         "{out}"
     );
     let yaml = server.ok(&["get", "ws", "pm", "-o", "yaml"]).await;
-    assert!(
-        yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"),
-        "{yaml}"
-    );
+    assert!(yaml.contains("kind: Workspace") && yaml.contains("resourceVersion:"), "{yaml}");
     server.stop().await;
 }
 
@@ -966,35 +698,21 @@ async fn measure_create_list_and_watch_latency() {
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
     let http = server.http();
-    let mut watch = http
-        .get(format!("{}{WS}?watch=1&resourceVersion=0", server.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let mut watch =
+        http.get(format!("{}{WS}?watch=1&resourceVersion=0", server.url)).bearer_auth(TOKEN).send().await.unwrap();
     let n = 200;
     let started = std::time::Instant::now();
     for i in 0..n {
         let ws = json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
             "metadata": {"name": format!("w{i}")}, "spec": {"tier": 2, "env": {"I": i.to_string()}}});
-        let resp = http
-            .post(format!("{}{WS}", server.url))
-            .bearer_auth(TOKEN)
-            .json(&ws)
-            .send()
-            .await
-            .unwrap();
+        let resp = http.post(format!("{}{WS}", server.url)).bearer_auth(TOKEN).json(&ws).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 201);
     }
     let created = started.elapsed();
     let mut seen = 0;
     let mut buffer = Vec::new();
     while seen < n {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), watch.chunk())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let chunk = tokio::time::timeout(Duration::from_secs(10), watch.chunk()).await.unwrap().unwrap().unwrap();
         buffer.extend_from_slice(&chunk);
         seen = buffer.iter().filter(|b| **b == b'\n').count();
     }

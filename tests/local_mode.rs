@@ -36,7 +36,10 @@ fn one(test: &str, name: &str) -> (Op, std::collections::BTreeMap<String, Value>
 /// token is answered 401 while the new one is answered 200.
 fn assert_healed(op: &Op, name: &str, old_inc: i64, old_token: &str) -> std::collections::BTreeMap<String, Value> {
     let ws = op.wait(&format!("{name} healed past incarnation {old_inc}"), HEAL, |ws| {
-        ws.get(name).is_some_and(|w| online(w) && w["incarnation"].as_i64() > Some(old_inc) || online(w) && w["token"]["prefix"].as_str() != Some(&old_token[..8]))
+        ws.get(name).is_some_and(|w| {
+            online(w) && w["incarnation"].as_i64() > Some(old_inc)
+                || online(w) && w["token"]["prefix"].as_str() != Some(&old_token[..8])
+        })
     });
     let (tok, _, _) = read_token(&cid(&ws, name)).expect("token file readable");
     assert_ne!(tok, old_token, "the token was not replaced");
@@ -246,7 +249,10 @@ fn heal_token_rows_revoked_by_hand() {
     }
     let (op, ws) = one("healrevoke", "dev");
     let (i, t) = (inc(&ws, "dev"), token_of(&ws, "dev"));
-    sql(&op, "UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now'), revoke_reason = 'by-hand' WHERE revoked_at IS NULL");
+    sql(
+        &op,
+        "UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now'), revoke_reason = 'by-hand' WHERE revoked_at IS NULL",
+    );
     assert_healed(&op, "dev", i, &t);
 }
 
@@ -279,7 +285,13 @@ fn heal_damage_done_while_the_operator_was_stopped() {
     assert!(docker_ok(&["rm", "-f", "-v", &cid(&ws, "b")]));
     assert!(docker_ok(&["volume", "rm", &vol_b]));
     overwrite_token(&cid(&ws, "c"), "");
-    sql(&op, &format!("UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now'), revoke_reason = 'by-hand' WHERE workspace_uid = '{}'", uid(&ws, "d")));
+    sql(
+        &op,
+        &format!(
+            "UPDATE workspace_auth_tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ','now'), revoke_reason = 'by-hand' WHERE workspace_uid = '{}'",
+            uid(&ws, "d")
+        ),
+    );
     op.start();
     for (n, (i, t)) in ["a", "b", "c", "d"].iter().zip(before) {
         assert_healed(&op, n, i, &t);
@@ -322,7 +334,10 @@ fn broken_yaml_keeps_what_the_file_declared_and_converges_when_fixed() {
     }
     let (op, ws) = one("badyaml", "dev");
     let id = cid(&ws, "dev");
-    op.write("dev.yaml", "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata:\n  name: dev\nspec: [unclosed\n");
+    op.write(
+        "dev.yaml",
+        "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata:\n  name: dev\nspec: [unclosed\n",
+    );
     let t0 = std::time::Instant::now();
     while !op.logs().contains("dev.yaml:") && t0.elapsed() < HEAL {
         std::thread::sleep(Duration::from_millis(50));
@@ -351,17 +366,26 @@ fn invalid_objects_get_invalid_spec_and_others_proceed() {
     op.start();
     op.wait_online(&["good"], UP);
     let ws = op.wait("invalid ones reported", HEAL, |ws| {
-        ["unknown", "tier", "grace", "orphan", "cyc1", "Bad_Name"].iter().all(|n| ws.get(*n).is_some_and(|w| w["phase"] == "Failed"))
+        ["unknown", "tier", "grace", "orphan", "cyc1", "Bad_Name"]
+            .iter()
+            .all(|n| ws.get(*n).is_some_and(|w| w["phase"] == "Failed"))
     });
     let msg = |n: &str| -> String {
-        ws[n]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "InvalidSpec").unwrap()["message"].as_str().unwrap().to_string()
+        ws[n]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "InvalidSpec").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     assert!(msg("unknown").contains("colour"), "{}", msg("unknown"));
     assert!(msg("tier").contains("tier"), "{}", msg("tier"));
     assert!(msg("grace").contains("staleGrace"), "{}", msg("grace"));
     assert!(msg("orphan").contains("nobody"), "{}", msg("orphan"));
     assert!(msg("cyc1").contains("cycle"), "{}", msg("cyc1"));
-    assert!(msg("Bad_Name").to_lowercase().contains("dns") || msg("Bad_Name").contains("lowercase"), "{}", msg("Bad_Name"));
+    assert!(
+        msg("Bad_Name").to_lowercase().contains("dns") || msg("Bad_Name").contains("lowercase"),
+        "{}",
+        msg("Bad_Name")
+    );
     assert_eq!(op.containers().len(), 1, "only the valid workspace runs");
 }
 
@@ -428,10 +452,31 @@ fn containers_with_our_labels_but_not_our_identity_are_removed_never_adopted() {
     let inst = format!("ai.molecule.instance={}", op.instance);
     // A stranger claims to be dev (wrong uid), and another claims a workspace nobody declares.
     for (name, labels) in [
-        (format!("spoof-a-{}", std::process::id()), vec!["ai.molecule.workspace=default/dev".to_string(), "ai.molecule.uid=ffffffff-0000-0000-0000-000000000000".into(), "ai.molecule.incarnation=99".into()]),
-        (format!("spoof-b-{}", std::process::id()), vec!["ai.molecule.workspace=default/ghost".to_string(), "ai.molecule.uid=eeeeeeee-0000-0000-0000-000000000000".into()]),
+        (
+            format!("spoof-a-{}", std::process::id()),
+            vec![
+                "ai.molecule.workspace=default/dev".to_string(),
+                "ai.molecule.uid=ffffffff-0000-0000-0000-000000000000".into(),
+                "ai.molecule.incarnation=99".into(),
+            ],
+        ),
+        (
+            format!("spoof-b-{}", std::process::id()),
+            vec![
+                "ai.molecule.workspace=default/ghost".to_string(),
+                "ai.molecule.uid=eeeeeeee-0000-0000-0000-000000000000".into(),
+            ],
+        ),
     ] {
-        let mut args = vec!["create".to_string(), "--name".into(), name, "--label".into(), inst.clone(), "--label".into(), "ai.molecule.managed=true".into()];
+        let mut args = vec![
+            "create".to_string(),
+            "--name".into(),
+            name,
+            "--label".into(),
+            inst.clone(),
+            "--label".into(),
+            "ai.molecule.managed=true".into(),
+        ];
         for l in labels {
             args.push("--label".into());
             args.push(l);
@@ -444,7 +489,12 @@ fn containers_with_our_labels_but_not_our_identity_are_removed_never_adopted() {
     while op.containers().len() > 1 && t0.elapsed() < HEAL {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(op.containers(), vec![cid(&ws, "dev")[..12].to_string()], "strangers must be removed; log:\n{}", op.logs());
+    assert_eq!(
+        op.containers(),
+        vec![cid(&ws, "dev")[..12].to_string()],
+        "strangers must be removed; log:\n{}",
+        op.logs()
+    );
     let ws2 = op.wait_online(&["dev"], HEAL);
     assert_eq!(uid(&ws2, "dev"), u);
     assert_eq!(inc(&ws2, "dev"), inc(&ws, "dev"), "our own container is untouched");
@@ -479,12 +529,17 @@ async fn docker_unreachable_revokes_and_deletes_nothing_then_converges() {
     assert!(op.logs().contains("Docker is unreachable"), "a clear error is logged:\n{}", op.logs());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(op.containers(), before, "nothing may be removed while Docker is unreachable");
-    assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &u), 200, "no token may be revoked while Docker is unreachable");
+    assert_eq!(
+        registry(&op.url(), "/registry/heartbeat", &tok, &u),
+        200,
+        "no token may be revoked while Docker is unreachable"
+    );
     proxy.restore();
     let old_inc = inc(&ws, "dev");
     tokio::task::block_in_place(|| {
         op.wait("converged after Docker returned", Duration::from_secs(60), |ws| {
-            !ws.contains_key("other") && ws.get("dev").is_some_and(|w| online(w) && w["incarnation"].as_i64() > Some(old_inc))
+            !ws.contains_key("other")
+                && ws.get("dev").is_some_and(|w| online(w) && w["incarnation"].as_i64() > Some(old_inc))
         });
         let t0 = std::time::Instant::now();
         while op.containers().len() > 1 && t0.elapsed() < HEAL {
@@ -502,10 +557,16 @@ fn tier_and_image_changes_recreate_with_the_new_limits_and_image() {
     }
     let (op, ws) = one("tierimage", "dev");
     let (old_inc, old_tok) = (inc(&ws, "dev"), token_of(&ws, "dev"));
-    assert_eq!(docker(&["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.ReadonlyRootfs}}", &cid(&ws, "dev")]), "268435456 true");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.ReadonlyRootfs}}", &cid(&ws, "dev")]),
+        "268435456 true"
+    );
     op.write("dev.yaml", &workspace_yaml("dev").replace("tier: 1", "tier: 2"));
     let ws = assert_healed(&op, "dev", old_inc, &old_tok);
-    assert_eq!(docker(&["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.ReadonlyRootfs}}", &cid(&ws, "dev")]), "536870912 false");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.ReadonlyRootfs}}", &cid(&ws, "dev")]),
+        "536870912 false"
+    );
     let image = format!("molecule-agent-copy-{}:v2", std::process::id());
     assert!(docker_ok(&["tag", "molecule-agent:local", &image]));
     struct Untag(String);

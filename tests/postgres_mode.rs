@@ -24,18 +24,22 @@ async fn postgres_state_store_provisions_and_heals() {
     assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
     let old_inc = ws["dev"]["incarnation"].as_i64().unwrap();
     let ws = tokio::task::block_in_place(|| {
-        op.wait("healed", Duration::from_secs(30), |ws| online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(old_inc))
+        op.wait("healed", Duration::from_secs(30), |ws| {
+            online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(old_inc)
+        })
     });
     let (new_tok, _, _) = read_token(ws["dev"]["container"]["id"].as_str().unwrap()).unwrap();
     assert_ne!(tok, new_tok);
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &uid), 401);
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &new_tok, &uid), 200);
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    let rows = sqlx::query("SELECT revoke_reason, prefix FROM workspace_auth_tokens WHERE workspace_uid = $1 ORDER BY created_at")
-        .bind(&uid)
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
+    let rows = sqlx::query(
+        "SELECT revoke_reason, prefix FROM workspace_auth_tokens WHERE workspace_uid = $1 ORDER BY created_at",
+    )
+    .bind(&uid)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
     let reasons: Vec<Option<String>> = rows.iter().map(|r| r.get("revoke_reason")).collect();
     // The reconcile may see the container already gone (container-missing) or still
     // dying from `rm -f` (exited: reprovision); either way the old token is revoked

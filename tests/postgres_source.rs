@@ -52,10 +52,12 @@ async fn rows_are_reconciled_through_notify_and_status_is_written_back() {
     let mut phase = String::new();
     while t0.elapsed() < CONVERGE {
         let mut c = PgConnection::connect(&db.url).await.unwrap();
-        let row = sqlx::query("SELECT status->>'phase' AS phase FROM desired_objects WHERE kind = 'Workspace' AND name = 'pm'")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
+        let row = sqlx::query(
+            "SELECT status->>'phase' AS phase FROM desired_objects WHERE kind = 'Workspace' AND name = 'pm'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
         phase = row.get::<Option<String>, _>("phase").unwrap_or_default();
         if phase == "Running" {
             break;
@@ -78,9 +80,12 @@ async fn rows_are_reconciled_through_notify_and_status_is_written_back() {
     tokio::task::block_in_place(|| op.wait("research removed", CONVERGE, |ws| !ws.contains_key("research")));
 
     // An invalid row is InvalidSpec; the others are untouched.
-    sql(&db.url, r#"INSERT INTO desired_objects (kind, name, spec) VALUES ('Workspace', 'broken', '{"tier": 9}')"#).await;
+    sql(&db.url, r#"INSERT INTO desired_objects (kind, name, spec) VALUES ('Workspace', 'broken', '{"tier": 9}')"#)
+        .await;
     let ws = tokio::task::block_in_place(|| {
-        op.wait("broken reported", CONVERGE, |ws| ws.get("broken").is_some_and(|w| cond(w, "InvalidSpec")["status"] == "True"))
+        op.wait("broken reported", CONVERGE, |ws| {
+            ws.get("broken").is_some_and(|w| cond(w, "InvalidSpec")["status"] == "True")
+        })
     });
     assert!(online(&ws["pm"]));
     op.stop();
@@ -110,17 +115,25 @@ async fn the_same_workspace_from_two_sources_is_a_conflict_and_the_first_wins() 
     let mut op = Op::new("conflict");
     op.write("dev.yaml", &workspace_yaml("dev").replace("ROLE: dev", "ROLE: from-dir"));
     let pg_dir = tempfile::tempdir().unwrap();
-    std::fs::write(pg_dir.path().join("dev.yaml"), workspace_yaml("dev").replace("ROLE: dev", "ROLE: from-postgres")).unwrap();
+    std::fs::write(pg_dir.path().join("dev.yaml"), workspace_yaml("dev").replace("ROLE: dev", "ROLE: from-postgres"))
+        .unwrap();
     assert!(apply(&db.url, pg_dir.path().to_str().unwrap()).status.success());
     op.sources = vec![format!("dir:{}", op.dir.path().display()), "postgres".into()];
     op.extra = vec!["--database-url".into(), db.url.clone()];
     op.start();
     let ws = tokio::task::block_in_place(|| {
-        op.wait("conflict shown", UP, |ws| ws.get("dev").is_some_and(|w| online(w) && cond(w, "SourceConflict")["status"] == "True"))
+        op.wait("conflict shown", UP, |ws| {
+            ws.get("dev").is_some_and(|w| online(w) && cond(w, "SourceConflict")["status"] == "True")
+        })
     });
     let msg = cond(&ws["dev"], "SourceConflict")["message"].as_str().unwrap().to_string();
     assert!(msg.contains("postgres"), "{msg}");
-    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["dev"]["container"]["id"].as_str().unwrap()]);
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        ws["dev"]["container"]["id"].as_str().unwrap(),
+    ]);
     assert!(env.lines().any(|l| l == "ROLE=from-dir"), "the first-listed source wins: {env}");
     assert_eq!(ws["dev"]["source"]["kind"], "dir");
     op.stop();
@@ -155,7 +168,10 @@ async fn changes_made_while_the_database_was_away_are_caught_up() {
     assert_eq!(op.containers().len(), 2, "nothing is removed while the database is away");
     proxy.restore().await;
     tokio::task::block_in_place(|| {
-        op.wait("caught up", Duration::from_secs(60), |ws| !ws.contains_key("b") && ws.get("a").is_some_and(|w| online(w) && w["token"]["prefix"].as_str() != Some(&tok_a[..8])))
+        op.wait("caught up", Duration::from_secs(60), |ws| {
+            !ws.contains_key("b")
+                && ws.get("a").is_some_and(|w| online(w) && w["token"]["prefix"].as_str() != Some(&tok_a[..8]))
+        })
     });
     op.stop();
 }

@@ -5,8 +5,8 @@
 //! store is not merged yet. Every test reaches it as `Arc<dyn Store>`, so swapping
 //! in the real one is the one line in `Harness::start`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -22,10 +22,7 @@ use molecule::reconcile::Trigger;
 use molecule::registry::views::{ActionResponse, TeamSummary, WorkspaceDetail, WorkspaceSummary};
 use molecule::registry::{self, AppState, Metrics};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
-use molecule::store::{
-    DecisionRecord, DynStore, IssuedToken, RevokeReason, WorkspaceRecord,
-    token,
-};
+use molecule::store::{DecisionRecord, DynStore, IssuedToken, RevokeReason, WorkspaceRecord, token};
 
 // ---------------------------------------------------------------------------
 // In-memory Store (test only)
@@ -41,7 +38,7 @@ fn declared(name: &str, spec: WorkspaceSpec) -> DesiredWorkspace {
         source: SourceRef { kind: "dir".into(), reference: format!("org/{name}.yaml@1") },
         conflict: None,
         owner_team: None,
-            deletion_refused: None,
+        deletion_refused: None,
     }
 }
 
@@ -68,7 +65,8 @@ struct Harness {
 impl Harness {
     async fn start(desired: DesiredSet) -> Self {
         let state_dir = tempfile::tempdir().unwrap();
-        let store: DynStore = molecule::store::open(&state_dir.path().join("state.db").display().to_string()).await.unwrap();
+        let store: DynStore =
+            molecule::store::open(&state_dir.path().join("state.db").display().to_string()).await.unwrap();
         let (trigger, triggers) = Trigger::new();
         let (desired_tx, desired_rx) = watch::channel(Arc::new(desired));
         let admin_token = registry::load_or_create_admin_token(state_dir.path()).unwrap();

@@ -8,16 +8,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use support::proxy::SocketProxy;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::proxy::SocketProxy;
 
 use bollard::query_parameters::StopContainerOptionsBuilder;
-use support::docker::{NO_REGISTRY, TestDocker, collect_until, wait_for};
 use molecule::api::{ImagePullPolicy, WorkspaceSpec};
 use molecule::runtime::agent_image::{self, AGENT_IMAGE, VERSION_LABEL};
 use molecule::runtime::docker::DockerRuntime;
 use molecule::runtime::{AGENT_UID, CONFIGS_DIR, ContainerState, Runtime, RuntimeError, TOKEN_FILE, labels};
+use support::docker::{NO_REGISTRY, TestDocker, collect_until, wait_for};
 
 const TOKEN_PATH: &str = "/configs/.auth_token";
 
@@ -314,7 +314,6 @@ async fn events_report_lifecycle_of_this_instance_only() {
     let pos = |a: &str| actions.iter().position(|x| *x == a).unwrap_or_else(|| panic!("no {a} event in {actions:?}"));
     assert!(pos("create") < pos("start") && pos("start") < pos("destroy"), "{actions:?}");
 }
-
 
 #[tokio::test]
 async fn events_survive_a_lost_connection_without_losing_events() {

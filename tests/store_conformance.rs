@@ -32,22 +32,14 @@ impl Subject {
     async fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("state").join("state.db");
-        let store = store::open(&format!("sqlite://{}", path.display()))
-            .await
-            .expect("the SQLite store opens");
-        Self {
-            store,
-            backend: Backend::Sqlite { path, _dir: dir },
-        }
+        let store = store::open(&format!("sqlite://{}", path.display())).await.expect("the SQLite store opens");
+        Self { store, backend: Backend::Sqlite { path, _dir: dir } }
     }
 
     async fn postgres() -> Option<Self> {
         let db = support::postgres::fresh_database().await?;
         let store = store::open(&db.url).await.expect("the Postgres store connects");
-        Some(Self {
-            store,
-            backend: Backend::Postgres { db },
-        })
+        Some(Self { store, backend: Backend::Postgres { db } })
     }
 
     /// A second, independent store on the same database (as after a restart).
@@ -72,11 +64,7 @@ impl Subject {
                         (0..row.len())
                             .map(|i| match row.try_get::<Option<String>, _>(i) {
                                 Ok(text) => text.unwrap_or_default(),
-                                Err(_) => row
-                                    .try_get::<Option<i64>, _>(i)
-                                    .unwrap()
-                                    .unwrap_or_default()
-                                    .to_string(),
+                                Err(_) => row.try_get::<Option<i64>, _>(i).unwrap().unwrap_or_default().to_string(),
                             })
                             .collect::<Vec<_>>()
                             .join(" | ")
@@ -146,15 +134,9 @@ mod cases {
         assert_eq!(first.incarnation, 0);
         assert_eq!(first.created_at, t0());
         assert_eq!(first.restart_count, 0);
-        assert_eq!(
-            (first.status.as_ref(), first.mode_override, first.restart_requested_at),
-            (None, None, None)
-        );
+        assert_eq!((first.status.as_ref(), first.mode_override, first.restart_requested_at), (None, None, None));
 
-        let again = store
-            .ensure_workspace("default/dev-lead", t0() + mins(5))
-            .await
-            .unwrap();
+        let again = store.ensure_workspace("default/dev-lead", t0() + mins(5)).await.unwrap();
         assert_eq!(again, first, "a second sight changes nothing");
         assert_eq!(store.workspace("default/dev-lead").await.unwrap(), Some(first.clone()));
         assert_eq!(store.workspace_by_uid(&first.uid).await.unwrap(), Some(first.clone()));
@@ -163,13 +145,7 @@ mod cases {
 
         let other = store.ensure_workspace("default/pm", t0()).await.unwrap();
         assert_ne!(other.uid, first.uid);
-        let keys: Vec<String> = store
-            .list_workspaces()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|w| w.key)
-            .collect();
+        let keys: Vec<String> = store.list_workspaces().await.unwrap().into_iter().map(|w| w.key).collect();
         assert_eq!(keys, ["default/dev-lead", "default/pm"]);
 
         // Several reconcilers seeing a new name at once agree on one identity.
@@ -218,10 +194,7 @@ mod cases {
         assert_eq!(issued.row.prefix, plaintext[..8]);
         assert_eq!((issued.row.incarnation, issued.row.created_at), (1, t0()));
         assert!(issued.row.is_live());
-        assert!(
-            !format!("{issued:?}").contains(&plaintext),
-            "Debug never prints the token"
-        );
+        assert!(!format!("{issued:?}").contains(&plaintext), "Debug never prints the token");
 
         assert_eq!(store.live_tokens(&ws.uid).await.unwrap(), vec![issued.row.clone()]);
         let rows = s.raw_rows("workspace_auth_tokens").await;
@@ -243,13 +216,7 @@ mod cases {
 
         let second = store.issue_token(&ws.uid, 1, t0() + mins(1)).await.unwrap();
         assert_ne!(second.plaintext, plaintext);
-        let live: Vec<String> = store
-            .live_tokens(&ws.uid)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
+        let live: Vec<String> = store.live_tokens(&ws.uid).await.unwrap().into_iter().map(|t| t.id).collect();
         assert_eq!(live, [issued.row.id.clone(), second.row.id.clone()], "oldest first");
         assert_unknown_workspace(store.issue_token("no-such-uid", 1, t0()).await, "no-such-uid");
     }
@@ -272,26 +239,14 @@ mod cases {
         store.bump_incarnation(&ws.uid).await.unwrap();
         let owner = store.token_owner(&hash).await.unwrap().unwrap();
         assert_eq!((owner.token_incarnation, owner.current_incarnation), (1, 2));
-        assert_eq!(
-            store.live_tokens(&ws.uid).await.unwrap()[0].last_used_at,
-            None,
-            "lookup does not touch"
-        );
+        assert_eq!(store.live_tokens(&ws.uid).await.unwrap()[0].last_used_at, None, "lookup does not touch");
 
-        store
-            .revoke_tokens(&ws.uid, RevokeReason::Superseded, None, t0())
-            .await
-            .unwrap();
-        assert_eq!(
-            store.token_owner(&hash).await.unwrap(),
-            None,
-            "a revoked token resolves to nobody"
-        );
+        store.revoke_tokens(&ws.uid, RevokeReason::Superseded, None, t0()).await.unwrap();
+        assert_eq!(store.token_owner(&hash).await.unwrap(), None, "a revoked token resolves to nobody");
 
         // A live token whose workspace record is gone resolves to nobody either.
         let orphan = store.issue_token(&ws.uid, 2, t0()).await.unwrap();
-        s.execute(&format!("DELETE FROM workspaces WHERE uid = '{}'", ws.uid))
-            .await;
+        s.execute(&format!("DELETE FROM workspaces WHERE uid = '{}'", ws.uid)).await;
         assert_eq!(store.token_owner(&token::hash(&orphan.plaintext)).await.unwrap(), None);
     }
 
@@ -305,45 +260,18 @@ mod cases {
         }
         let bystander = store.issue_token(&other.uid, 1, t0()).await.unwrap().row.id;
 
-        let revoked = store
-            .revoke_tokens(&ws.uid, RevokeReason::Rotated, Some(&ids[1]), t0() + mins(5))
-            .await
-            .unwrap();
+        let revoked = store.revoke_tokens(&ws.uid, RevokeReason::Rotated, Some(&ids[1]), t0() + mins(5)).await.unwrap();
         assert_eq!(revoked, 2);
-        let live: Vec<String> = store
-            .live_tokens(&ws.uid)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
+        let live: Vec<String> = store.live_tokens(&ws.uid).await.unwrap().into_iter().map(|t| t.id).collect();
         assert_eq!(live, [ids[1].clone()]);
-        assert_eq!(
-            store.live_tokens(&other.uid).await.unwrap()[0].id,
-            bystander,
-            "other workspaces untouched"
-        );
+        assert_eq!(store.live_tokens(&other.uid).await.unwrap()[0].id, bystander, "other workspaces untouched");
 
-        assert_eq!(
-            store
-                .revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0() + mins(6))
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            store
-                .revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0() + mins(7))
-                .await
-                .unwrap(),
-            0
-        );
+        assert_eq!(store.revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0() + mins(6)).await.unwrap(), 1);
+        assert_eq!(store.revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0() + mins(7)).await.unwrap(), 0);
         assert!(store.live_tokens(&ws.uid).await.unwrap().is_empty());
         let history = store.token_history(&ws.uid, 10).await.unwrap();
-        let reasons: Vec<(&str, Option<&str>)> = history
-            .iter()
-            .map(|t| (t.id.as_str(), t.revoke_reason.as_deref()))
-            .collect();
+        let reasons: Vec<(&str, Option<&str>)> =
+            history.iter().map(|t| (t.id.as_str(), t.revoke_reason.as_deref())).collect();
         assert_eq!(
             reasons,
             [
@@ -360,33 +288,17 @@ mod cases {
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
         let unused_old = store.issue_token(&ws.uid, 1, t0()).await.unwrap().row;
         let used_recently = store.issue_token(&ws.uid, 1, t0()).await.unwrap().row;
-        store
-            .record_heartbeat(&used_recently.id, &ws.uid, t0() + mins(8))
-            .await
-            .unwrap();
+        store.record_heartbeat(&used_recently.id, &ws.uid, t0() + mins(8)).await.unwrap();
         let fresh = store.issue_token(&ws.uid, 1, t0() + mins(10)).await.unwrap().row;
         let exactly_at_cutoff = store.issue_token(&ws.uid, 1, t0() + mins(5)).await.unwrap().row;
 
         let cutoff = t0() + mins(5);
-        let revoked = store
-            .revoke_stale_tokens(&ws.uid, cutoff, RevokeReason::ContainerMissing, t0() + mins(10))
-            .await
-            .unwrap();
+        let revoked =
+            store.revoke_stale_tokens(&ws.uid, cutoff, RevokeReason::ContainerMissing, t0() + mins(10)).await.unwrap();
         assert_eq!(revoked, 1);
-        let live: BTreeSet<String> = store
-            .live_tokens(&ws.uid)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect();
+        let live: BTreeSet<String> = store.live_tokens(&ws.uid).await.unwrap().into_iter().map(|t| t.id).collect();
         assert_eq!(live, BTreeSet::from([used_recently.id, fresh.id, exactly_at_cutoff.id]));
-        let revoked_row = store
-            .token_history(&ws.uid, 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|t| t.id == unused_old.id);
+        let revoked_row = store.token_history(&ws.uid, 10).await.unwrap().into_iter().find(|t| t.id == unused_old.id);
         let revoked_row = revoked_row.unwrap();
         assert_eq!(revoked_row.revoke_reason.as_deref(), Some("container-missing"));
         assert_eq!(revoked_row.revoked_at, Some(t0() + mins(10)));
@@ -409,10 +321,7 @@ mod cases {
         assert!(store.live_tokens(&ws.uid).await.unwrap()[0].last_activity() < cutoff);
         // Before its UPDATE runs, the agent heartbeats.
         store.record_heartbeat(&row.id, &ws.uid, now).await.unwrap();
-        let revoked = store
-            .revoke_stale_tokens(&ws.uid, cutoff, RevokeReason::ContainerMissing, now)
-            .await
-            .unwrap();
+        let revoked = store.revoke_stale_tokens(&ws.uid, cutoff, RevokeReason::ContainerMissing, now).await.unwrap();
         assert_eq!(revoked, 0, "the heartbeat wins");
         assert_eq!(store.live_tokens(&ws.uid).await.unwrap().len(), 1);
     }
@@ -431,7 +340,11 @@ mod cases {
         // Revoking one token by id leaves the other live; a second time is a no-op.
         assert_eq!(store.revoke_token(&ws.uid, &old.row.id, RevokeReason::Rotated, t0() + mins(3)).await.unwrap(), 1);
         assert_eq!(store.revoke_token(&ws.uid, &old.row.id, RevokeReason::Rotated, t0() + mins(3)).await.unwrap(), 0);
-        assert_eq!(store.revoke_token("someone-else", &new.row.id, RevokeReason::Rotated, t0()).await.unwrap(), 0, "scoped to the workspace");
+        assert_eq!(
+            store.revoke_token("someone-else", &new.row.id, RevokeReason::Rotated, t0()).await.unwrap(),
+            0,
+            "scoped to the workspace"
+        );
         let live = store.live_tokens(&ws.uid).await.unwrap();
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].id, new.row.id);
@@ -441,10 +354,19 @@ mod cases {
 
     pub async fn secrets_are_versioned_scoped_and_deleted(s: &Subject) {
         let store = &s.store;
-        let sealed = |c: &str| molecule::secrets::Sealed { key_id: "k1".into(), nonce: "n".into(), ciphertext: c.into() };
+        let sealed =
+            |c: &str| molecule::secrets::Sealed { key_id: "k1".into(), nonce: "n".into(), ciphertext: c.into() };
         assert_eq!(store.put_secret("global", "A", &sealed("c1"), t0()).await.unwrap(), 1);
-        assert_eq!(store.put_secret("global", "A", &sealed("c2"), t0() + mins(1)).await.unwrap(), 2, "a set bumps the version");
-        assert_eq!(store.put_secret("team:default/eng", "A", &sealed("c3"), t0()).await.unwrap(), 1, "scopes are separate");
+        assert_eq!(
+            store.put_secret("global", "A", &sealed("c2"), t0() + mins(1)).await.unwrap(),
+            2,
+            "a set bumps the version"
+        );
+        assert_eq!(
+            store.put_secret("team:default/eng", "A", &sealed("c3"), t0()).await.unwrap(),
+            1,
+            "scopes are separate"
+        );
         let global = store.secrets(&["global".to_string()]).await.unwrap();
         assert_eq!(global.len(), 1);
         assert_eq!((global[0].ciphertext.as_str(), global[0].version, global[0].updated_at), ("c2", 2, t0() + mins(1)));
@@ -473,16 +395,10 @@ mod cases {
             assert_eq!(store.revoke_tokens(&ws.uid, *reason, None, at).await.unwrap(), 1);
         }
         let history = store.token_history(&ws.uid, 100).await.unwrap();
-        let read: Vec<RevokeReason> = history
-            .iter()
-            .rev()
-            .map(|t| RevokeReason::parse(t.revoke_reason.as_deref().unwrap()).unwrap())
-            .collect();
+        let read: Vec<RevokeReason> =
+            history.iter().rev().map(|t| RevokeReason::parse(t.revoke_reason.as_deref().unwrap()).unwrap()).collect();
         assert_eq!(read, reasons, "oldest last in the history, every reason kept");
-        assert!(
-            history.windows(2).all(|w| w[0].created_at > w[1].created_at),
-            "newest first"
-        );
+        assert!(history.windows(2).all(|w| w[0].created_at > w[1].created_at), "newest first");
         assert_eq!(store.token_history(&ws.uid, 3).await.unwrap(), history[..3]);
         assert!(store.token_history("no-such-uid", 10).await.unwrap().is_empty());
     }
@@ -496,31 +412,12 @@ mod cases {
         let token = store.live_tokens(&ws.uid).await.unwrap().remove(0);
         assert_eq!(token.last_used_at, Some(beat));
         assert_eq!(token.last_activity(), beat);
-        assert_eq!(
-            store
-                .workspace_by_uid(&ws.uid)
-                .await
-                .unwrap()
-                .unwrap()
-                .last_heartbeat_at,
-            Some(beat)
-        );
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(beat));
 
         // A late, out-of-order heartbeat never moves activity back.
-        store
-            .record_heartbeat(&row.id, &ws.uid, t0() + Duration::seconds(30))
-            .await
-            .unwrap();
+        store.record_heartbeat(&row.id, &ws.uid, t0() + Duration::seconds(30)).await.unwrap();
         assert_eq!(store.live_tokens(&ws.uid).await.unwrap()[0].last_used_at, Some(beat));
-        assert_eq!(
-            store
-                .workspace_by_uid(&ws.uid)
-                .await
-                .unwrap()
-                .unwrap()
-                .last_heartbeat_at,
-            Some(beat)
-        );
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(beat));
     }
 
     pub async fn decisions_are_kept_newest_first_and_trimmed(s: &Subject) {
@@ -531,16 +428,9 @@ mod cases {
         for n in 1..=5 {
             store.append_decision(&ws.uid, &decision(n), 3).await.unwrap();
         }
-        assert_eq!(
-            store.decisions(&ws.uid, 10).await.unwrap(),
-            [decision(5), decision(4), decision(3)]
-        );
+        assert_eq!(store.decisions(&ws.uid, 10).await.unwrap(), [decision(5), decision(4), decision(3)]);
         assert_eq!(store.decisions(&ws.uid, 2).await.unwrap(), [decision(5), decision(4)]);
-        assert_eq!(
-            store.decisions(&other.uid, 10).await.unwrap(),
-            [decision(100)],
-            "trimming is per workspace"
-        );
+        assert_eq!(store.decisions(&other.uid, 10).await.unwrap(), [decision(100)], "trimming is per workspace");
         assert_eq!(s.raw_rows("decisions").await.len(), 4, "trimmed rows are deleted");
     }
 
@@ -548,10 +438,7 @@ mod cases {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
         let earlier = store.issue_token(&ws.uid, 1, t0()).await.unwrap().row;
-        store
-            .revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0())
-            .await
-            .unwrap();
+        store.revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0()).await.unwrap();
         let live = store.issue_token(&ws.uid, 2, t0() + mins(1)).await.unwrap();
         store.append_decision(&ws.uid, &decision(1), 10).await.unwrap();
 
@@ -564,27 +451,13 @@ mod cases {
         assert_eq!(store.token_owner(&token::hash(&live.plaintext)).await.unwrap(), None);
         // The rows stay, revoked, for audit; an earlier revocation keeps its reason.
         let history = store.token_history(&ws.uid, 10).await.unwrap();
-        let reasons: Vec<(&str, Option<&str>)> = history
-            .iter()
-            .map(|t| (t.id.as_str(), t.revoke_reason.as_deref()))
-            .collect();
-        assert_eq!(
-            reasons,
-            [
-                (live.row.id.as_str(), Some("deleted")),
-                (earlier.id.as_str(), Some("reprovision"))
-            ]
-        );
+        let reasons: Vec<(&str, Option<&str>)> =
+            history.iter().map(|t| (t.id.as_str(), t.revoke_reason.as_deref())).collect();
+        assert_eq!(reasons, [(live.row.id.as_str(), Some("deleted")), (earlier.id.as_str(), Some("reprovision"))]);
         assert!(history[0].revoked_at.is_some());
 
-        store
-            .delete_workspace(&ws.uid)
-            .await
-            .expect("deleting twice is fine (idempotent executor)");
-        let reborn = store
-            .ensure_workspace("default/dev-lead", t0() + mins(2))
-            .await
-            .unwrap();
+        store.delete_workspace(&ws.uid).await.expect("deleting twice is fine (idempotent executor)");
+        let reborn = store.ensure_workspace("default/dev-lead", t0() + mins(2)).await.unwrap();
         assert_ne!(reborn.uid, ws.uid, "a uid is never reused");
         assert_eq!(reborn.incarnation, 0);
     }
@@ -594,36 +467,19 @@ mod cases {
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
         for mode in [OperatingMode::Paused, OperatingMode::Stopped, OperatingMode::Running] {
             store.set_mode_override(&ws.uid, Some(mode)).await.unwrap();
-            assert_eq!(
-                store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().mode_override,
-                Some(mode)
-            );
+            assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().mode_override, Some(mode));
         }
         store.set_mode_override(&ws.uid, None).await.unwrap();
-        assert_eq!(
-            store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().mode_override,
-            None
-        );
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().mode_override, None);
 
         store.request_restart(&ws.uid, t0() + mins(3)).await.unwrap();
         assert_eq!(
-            store
-                .workspace("default/dev-lead")
-                .await
-                .unwrap()
-                .unwrap()
-                .restart_requested_at,
+            store.workspace("default/dev-lead").await.unwrap().unwrap().restart_requested_at,
             Some(t0() + mins(3))
         );
 
-        store
-            .record_restart(&ws.uid, "agent silent for 90s", t0() + mins(4))
-            .await
-            .unwrap();
-        store
-            .record_restart(&ws.uid, "agent silent for 95s", t0() + mins(6))
-            .await
-            .unwrap();
+        store.record_restart(&ws.uid, "agent silent for 90s", t0() + mins(4)).await.unwrap();
+        store.record_restart(&ws.uid, "agent silent for 95s", t0() + mins(6)).await.unwrap();
         let record = store.workspace_by_uid(&ws.uid).await.unwrap().unwrap();
         assert_eq!(record.restart_count, 2);
         assert_eq!(record.last_restart_at, Some(t0() + mins(6)));
@@ -631,11 +487,7 @@ mod cases {
         store.reset_restarts(&ws.uid).await.unwrap();
         let record = store.workspace_by_uid(&ws.uid).await.unwrap().unwrap();
         assert_eq!(record.restart_count, 0);
-        assert_eq!(
-            record.last_restart_reason.as_deref(),
-            Some("agent silent for 95s"),
-            "the last reason stays"
-        );
+        assert_eq!(record.last_restart_reason.as_deref(), Some("agent silent for 95s"), "the last reason stays");
 
         assert_unknown_workspace(store.set_mode_override("no-such-uid", None).await, "no-such-uid");
         assert_unknown_workspace(store.request_restart("no-such-uid", t0()).await, "no-such-uid");
@@ -665,10 +517,7 @@ mod cases {
             last_heartbeat_at: Some(t0() + mins(1)),
             restart_count: 1,
             last_restart_reason: Some("agent silent".into()),
-            source: Some(SourceRef {
-                kind: "dir".into(),
-                reference: "org/eng.yaml@1234".into(),
-            }),
+            source: Some(SourceRef { kind: "dir".into(), reference: "org/eng.yaml@1234".into() }),
             pending_hash: Some("def456".into()),
             applied_hash: Some("abc123".into()),
             conditions: vec![
@@ -677,21 +526,12 @@ mod cases {
             ],
         };
         store.save_status(&ws.uid, &full).await.unwrap();
-        assert_eq!(
-            store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().status,
-            Some(full.clone())
-        );
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().status, Some(full.clone()));
 
         // Written whole: fields absent from the new status are gone.
-        let small = WorkspaceStatus {
-            phase: Phase::Stopped,
-            ..Default::default()
-        };
+        let small = WorkspaceStatus { phase: Phase::Stopped, ..Default::default() };
         store.save_status(&ws.uid, &small).await.unwrap();
-        assert_eq!(
-            store.workspace("default/dev-lead").await.unwrap().unwrap().status,
-            Some(small)
-        );
+        assert_eq!(store.workspace("default/dev-lead").await.unwrap().unwrap().status, Some(small));
         assert_unknown_workspace(store.save_status("no-such-uid", &full).await, "no-such-uid");
     }
 
@@ -701,16 +541,7 @@ mod cases {
         store.bump_incarnation(&ws.uid).await.unwrap();
         let issued = store.issue_token(&ws.uid, 1, t0()).await.unwrap();
         store.append_decision(&ws.uid, &decision(1), 10).await.unwrap();
-        store
-            .save_status(
-                &ws.uid,
-                &WorkspaceStatus {
-                    phase: Phase::Running,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        store.save_status(&ws.uid, &WorkspaceStatus { phase: Phase::Running, ..Default::default() }).await.unwrap();
 
         let reopened = s.reopen().await;
         reopened.ping().await.unwrap();
@@ -718,18 +549,9 @@ mod cases {
             reopened.workspace("default/dev-lead").await.unwrap(),
             store.workspace("default/dev-lead").await.unwrap()
         );
-        assert_eq!(
-            reopened.workspace_by_uid(&ws.uid).await.unwrap().unwrap().incarnation,
-            1
-        );
+        assert_eq!(reopened.workspace_by_uid(&ws.uid).await.unwrap().unwrap().incarnation, 1);
         assert_eq!(reopened.live_tokens(&ws.uid).await.unwrap(), vec![issued.row]);
-        assert!(
-            reopened
-                .token_owner(&token::hash(&issued.plaintext))
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(reopened.token_owner(&token::hash(&issued.plaintext)).await.unwrap().is_some());
         assert_eq!(reopened.decisions(&ws.uid, 10).await.unwrap(), [decision(1)]);
     }
 
@@ -882,26 +704,17 @@ mod sqlite_only {
     #[tokio::test]
     async fn the_state_file_is_created_private_in_wal_mode() {
         let subject = Subject::sqlite().await;
-        let Backend::Sqlite { path, .. } = &subject.backend else {
-            unreachable!()
-        };
+        let Backend::Sqlite { path, .. } = &subject.backend else { unreachable!() };
         let ws = subject.store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
         subject.store.issue_token(&ws.uid, 1, t0()).await.unwrap();
         assert!(path.parent().unwrap().is_dir(), "the parent directory is created");
-        for file in [
-            path.clone(),
-            path.with_extension("db-wal"),
-            path.with_extension("db-shm"),
-        ] {
+        for file in [path.clone(), path.with_extension("db-wal"), path.with_extension("db-shm")] {
             let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{} has mode {mode:o}", file.display());
         }
         let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
         let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
-        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
         assert_eq!(journal, "wal");
     }
 
@@ -909,9 +722,7 @@ mod sqlite_only {
     #[tokio::test]
     async fn the_stale_token_update_uses_an_index() {
         let subject = Subject::sqlite().await;
-        let Backend::Sqlite { path, .. } = &subject.backend else {
-            unreachable!()
-        };
+        let Backend::Sqlite { path, .. } = &subject.backend else { unreachable!() };
         let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
         let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
         let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::REVOKE_STALE_TOKENS_SQL));
@@ -945,15 +756,9 @@ mod sqlite_only {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("not-a-dir");
         std::fs::write(&blocker, b"").unwrap();
-        let error = store::open(&blocker.join("state.db").display().to_string())
-            .await
-            .err()
-            .unwrap();
+        let error = store::open(&blocker.join("state.db").display().to_string()).await.err().unwrap();
         let message = error.to_string();
-        assert!(
-            message.contains("cannot create the state directory") && message.contains("not-a-dir"),
-            "{message}"
-        );
+        assert!(message.contains("cannot create the state directory") && message.contains("not-a-dir"), "{message}");
     }
 }
 
@@ -968,9 +773,7 @@ mod postgres_only {
         let Some(subject) = Subject::postgres().await else {
             return;
         };
-        let Backend::Postgres { db } = &subject.backend else {
-            unreachable!()
-        };
+        let Backend::Postgres { db } = &subject.backend else { unreachable!() };
         let ws = subject.store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
         let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
         sqlx::query(
@@ -985,10 +788,7 @@ mod postgres_only {
         .execute(&mut conn)
         .await
         .unwrap();
-        sqlx::query("ANALYZE workspace_auth_tokens")
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::query("ANALYZE workspace_auth_tokens").execute(&mut conn).await.unwrap();
 
         let plan = |sql: &'static str| {
             let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {sql}"));
@@ -1007,66 +807,31 @@ mod postgres_only {
             .unwrap();
         let update = lines(update);
         eprintln!("the store's UPDATE:\n{update}");
-        assert!(
-            update.contains("Index Scan") && !update.contains("Seq Scan"),
-            "{update}"
-        );
+        assert!(update.contains("Index Scan") && !update.contains("Seq Scan"), "{update}");
 
         // A sweep over every workspace (the original sweeper's selection).
         let sweep_sql = "SELECT DISTINCT workspace_uid FROM workspace_auth_tokens \
                          WHERE revoked_at IS NULL AND COALESCE(last_used_at, created_at) < $1";
-        let sweep = lines(
-            plan(sweep_sql)
-                .bind(t0() - Duration::hours(5))
-                .fetch_all(&mut conn)
-                .await
-                .unwrap(),
-        );
+        let sweep = lines(plan(sweep_sql).bind(t0() - Duration::hours(5)).fetch_all(&mut conn).await.unwrap());
         eprintln!("a sweep over all workspaces:\n{sweep}");
         if !sweep.contains("workspace_auth_tokens_live_activity_idx") {
             // The planner may still prefer a scan of a table this small: check that the
             // index can serve the query at all.
-            sqlx::query("SET enable_seqscan = off")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            let forced = lines(
-                plan(sweep_sql)
-                    .bind(t0() - Duration::hours(5))
-                    .fetch_all(&mut conn)
-                    .await
-                    .unwrap(),
-            );
-            assert!(
-                forced.contains("workspace_auth_tokens_live_activity_idx"),
-                "{sweep}\n---\n{forced}"
-            );
+            sqlx::query("SET enable_seqscan = off").execute(&mut conn).await.unwrap();
+            let forced = lines(plan(sweep_sql).bind(t0() - Duration::hours(5)).fetch_all(&mut conn).await.unwrap());
+            assert!(forced.contains("workspace_auth_tokens_live_activity_idx"), "{sweep}\n---\n{forced}");
         }
     }
 
     /// "Database down" is a prompt, clear error, not a hang.
     #[tokio::test]
     async fn an_unreachable_database_is_a_prompt_clear_error() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let started = std::time::Instant::now();
-        let error = store::open(&format!("postgres://postgres@127.0.0.1:{port}/molecule"))
-            .await
-            .err()
-            .unwrap();
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(7),
-            "took {:?}",
-            started.elapsed()
-        );
+        let error = store::open(&format!("postgres://postgres@127.0.0.1:{port}/molecule")).await.err().unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(7), "took {:?}", started.elapsed());
         let message = error.to_string();
-        assert!(
-            message.contains("unreachable") && message.contains(&format!("127.0.0.1:{port}")),
-            "{message}"
-        );
+        assert!(message.contains("unreachable") && message.contains(&format!("127.0.0.1:{port}")), "{message}");
         assert_eq!(error.metric_label(), "store_database");
     }
 }

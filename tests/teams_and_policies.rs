@@ -45,7 +45,12 @@ fn team_defaults_mode_and_owned_members() {
     op.write("solo.yaml", &format!("{}  team: eng\n", workspace_yaml("solo")));
     op.start();
     let ws = op.wait_online(&["eng-a", "eng-b", "solo"], UP);
-    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["eng-a"]["container"]["id"].as_str().unwrap()]);
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        ws["eng-a"]["container"]["id"].as_str().unwrap(),
+    ]);
     assert!(env.contains("TEAM=eng") && env.contains("ROLE=a"), "members inherit team env: {env}");
     assert_eq!(ws["solo"]["team"], "eng");
     let teams = String::from_utf8(op.cli(&["get", "teams"]).stdout).unwrap();
@@ -95,7 +100,10 @@ fn on_next_stop_and_manual_wait_for_their_moment() {
     }
     let mut op = Op::new("policies");
     let with = |name: &str, policy: &str, role: &str| {
-        format!("{}  updatePolicy: {policy}\n", workspace_yaml(name).replace(&format!("ROLE: {name}"), &format!("ROLE: {role}")))
+        format!(
+            "{}  updatePolicy: {policy}\n",
+            workspace_yaml(name).replace(&format!("ROLE: {name}"), &format!("ROLE: {role}"))
+        )
     };
     op.write("next.yaml", &with("next", "OnNextStop", "v1"));
     op.write("manual.yaml", &with("manual", "Manual", "v1"));
@@ -111,7 +119,11 @@ fn on_next_stop_and_manual_wait_for_their_moment() {
     for n in ["next", "manual"] {
         let c = cond(&ws[n], "SpecDrift");
         assert_eq!(c["reason"], "Pending", "{c}");
-        assert_eq!(ws[n]["incarnation"].as_i64(), Some(if n == "next" { next0 } else { manual0 }), "{n} must not be recreated yet");
+        assert_eq!(
+            ws[n]["incarnation"].as_i64(),
+            Some(if n == "next" { next0 } else { manual0 }),
+            "{n} must not be recreated yet"
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     let ws = op.get().unwrap();
@@ -122,16 +134,30 @@ fn on_next_stop_and_manual_wait_for_their_moment() {
     op.write("next.yaml", &format!("{}  operatingMode: Stopped\n", with("next", "OnNextStop", "v2")));
     op.wait("stopped", CONVERGE, |ws| ws["next"]["phase"] == "Stopped");
     op.write("next.yaml", &with("next", "OnNextStop", "v2"));
-    let ws = op.wait("applied at start", CONVERGE, |ws| online(&ws["next"]) && cond(&ws["next"], "SpecDrift")["status"] == "False");
-    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["next"]["container"]["id"].as_str().unwrap()]);
+    let ws = op.wait("applied at start", CONVERGE, |ws| {
+        online(&ws["next"]) && cond(&ws["next"], "SpecDrift")["status"] == "False"
+    });
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        ws["next"]["container"]["id"].as_str().unwrap(),
+    ]);
     assert!(env.lines().any(|l| l == "ROLE=v2"), "{env}");
 
     // Manual: `molecule-operator restart` applies it.
     assert!(op.cli(&["restart", "workspace", "manual"]).status.success());
     let ws = op.wait("applied by restart", CONVERGE, |ws| {
-        online(&ws["manual"]) && ws["manual"]["incarnation"].as_i64() > Some(manual0) && cond(&ws["manual"], "SpecDrift")["status"] == "False"
+        online(&ws["manual"])
+            && ws["manual"]["incarnation"].as_i64() > Some(manual0)
+            && cond(&ws["manual"], "SpecDrift")["status"] == "False"
     });
-    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", ws["manual"]["container"]["id"].as_str().unwrap()]);
+    let env = docker(&[
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        ws["manual"]["container"]["id"].as_str().unwrap(),
+    ]);
     assert!(env.lines().any(|l| l == "ROLE=v2"), "{env}");
 }
 
@@ -146,7 +172,12 @@ fn quota_holds_extra_members_in_line_and_releases_them_when_room_appears() {
     op.start();
     let ws = op.wait("two run, one waits", UP, |ws| {
         let online_n = ["eng-a", "eng-b", "eng-c"].iter().filter(|n| ws.get(**n).is_some_and(online)).count();
-        let waiting = ["eng-a", "eng-b", "eng-c"].iter().filter(|n| ws.get(**n).is_some_and(|w| w["phase"] == "Pending" && cond(w, "QuotaExceeded")["status"] == "True")).count();
+        let waiting = ["eng-a", "eng-b", "eng-c"]
+            .iter()
+            .filter(|n| {
+                ws.get(**n).is_some_and(|w| w["phase"] == "Pending" && cond(w, "QuotaExceeded")["status"] == "True")
+            })
+            .count();
         online_n == 2 && waiting == 1
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -159,7 +190,9 @@ fn quota_holds_extra_members_in_line_and_releases_them_when_room_appears() {
     let staying_container = ws[staying]["container"]["id"].clone();
     let members: Vec<&str> = ["a", "b", "c"].into_iter().filter(|m| format!("eng-{m}") != leaving).collect();
     op.write("team.yaml", &with_quota(&members));
-    let ws = op.wait("the waiting one starts", CONVERGE, |ws| ws.get(waiting).is_some_and(online) && !ws.contains_key(leaving));
+    let ws = op.wait("the waiting one starts", CONVERGE, |ws| {
+        ws.get(waiting).is_some_and(online) && !ws.contains_key(leaving)
+    });
     assert_eq!(ws[staying]["container"]["id"], staying_container);
     wait_containers(&op, 2);
 }
@@ -169,7 +202,9 @@ fn registry_401s(op: &Op) -> u64 {
     let out = std::process::Command::new("curl").args(["-s", &format!("{}/metrics", op.url())]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.starts_with("molecule_registry_requests_total") && l.contains("/registry/") && l.contains("code=\"401\""))
+        .filter(|l| {
+            l.starts_with("molecule_registry_requests_total") && l.contains("/registry/") && l.contains("code=\"401\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
@@ -190,9 +225,10 @@ fn live_rotation_replaces_the_token_without_a_restart_or_a_single_401() {
     while prefixes.len() < 4 && t0.elapsed() < Duration::from_secs(40) {
         if let Some(ws) = op.get()
             && let Some(p) = ws["dev"]["token"]["prefix"].as_str()
-                && prefixes.last().map(String::as_str) != Some(p) {
-                    prefixes.push(p.to_string());
-                }
+            && prefixes.last().map(String::as_str) != Some(p)
+        {
+            prefixes.push(p.to_string());
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(prefixes.len() >= 4, "at least 3 rotations: {prefixes:?}");
@@ -245,11 +281,15 @@ fn secrets_override_by_scope_restart_only_their_users_and_never_leak() {
             && env_of(&ws["solo"]).contains(&format!("SHARED={g}"))
     });
     assert!(env_of(&ws["eng-a"]).contains(&format!("TEAM_ONLY={t}")));
-    assert!(env_of(&ws["eng-b"]).contains(&format!("SHARED={g}")), "the team member without its own value gets the global one");
+    assert!(
+        env_of(&ws["eng-b"]).contains(&format!("SHARED={g}")),
+        "the team member without its own value gets the global one"
+    );
     assert!(!env_of(&ws["solo"]).iter().any(|l| l.starts_with("TEAM_ONLY=")), "a team secret stays in its team");
 
     // Changing the team secret recreates exactly the team's members.
-    let before: BTreeMap<String, i64> = ws.iter().map(|(n, w)| (n.clone(), w["incarnation"].as_i64().unwrap())).collect();
+    let before: BTreeMap<String, i64> =
+        ws.iter().map(|(n, w)| (n.clone(), w["incarnation"].as_i64().unwrap())).collect();
     set(&["TEAM_ONLY", "--team", "eng", "--value", t2]);
     let ws = op.wait("team members recreated", CONVERGE, |ws| {
         ["eng-a", "eng-b"].iter().all(|n| online(&ws[*n]) && env_of(&ws[*n]).contains(&format!("TEAM_ONLY={t2}")))
@@ -263,7 +303,9 @@ fn secrets_override_by_scope_restart_only_their_users_and_never_leak() {
     let json = String::from_utf8(op.cli(&["get", "workspaces", "-o", "json"]).stdout).unwrap();
     let describe = String::from_utf8(op.cli(&["describe", "workspace", "eng-a"]).stdout).unwrap();
     for v in [g, t, own, t2] {
-        for (what, text) in [("list", &list), ("get -o json", &json), ("describe", &describe), ("operator log", &op.logs())] {
+        for (what, text) in
+            [("list", &list), ("get -o json", &json), ("describe", &describe), ("operator log", &op.logs())]
+        {
             assert!(!text.contains(v), "secret value found in {what}");
         }
     }

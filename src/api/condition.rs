@@ -30,7 +30,13 @@ pub struct Condition {
 }
 
 impl Condition {
-    pub fn new(type_: &str, status: ConditionStatus, reason: &str, message: impl Into<String>, now: DateTime<Utc>) -> Self {
+    pub fn new(
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: impl Into<String>,
+        now: DateTime<Utc>,
+    ) -> Self {
         Self {
             type_: type_.to_string(),
             status,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{duration, tiers, ImagePullPolicy, OnPause, OperatingMode, Security, UpdatePolicy, WorkspaceSpec};
+use super::{ImagePullPolicy, OnPause, OperatingMode, Security, UpdatePolicy, WorkspaceSpec, duration, tiers};
 
 pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(300);
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(60);
@@ -269,7 +269,10 @@ mod tests {
 
     #[test]
     fn image_template_uses_runtime() {
-        let d = Defaults { image_template: "ghcr.io/molecule-ai/workspace-template-{runtime}:latest".into(), ..Default::default() };
+        let d = Defaults {
+            image_template: "ghcr.io/molecule-ai/workspace-template-{runtime}:latest".into(),
+            ..Default::default()
+        };
         let eff = resolve(&WorkspaceSpec { runtime: Some("crewai".into()), ..Default::default() }, &d).unwrap();
         assert_eq!(eff.image, "ghcr.io/molecule-ai/workspace-template-crewai:latest");
     }

@@ -34,7 +34,9 @@ pub fn parse_memory(value: &str) -> Result<i64, String> {
     let v = value.trim();
     let split = v.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("resources.memory: {value:?} is not a quantity; write it like 512Mi or 2Gi"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("resources.memory: {value:?} is not a quantity; write it like 512Mi or 2Gi"))?;
     let mult: f64 = match unit {
         "" => 1.0,
         "k" | "K" => 1e3,

@@ -5,13 +5,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
-use crate::api::effective::Defaults;
 use crate::api::SourceRef;
-use crate::source::desired::{merge, DesiredSet};
+use crate::api::effective::Defaults;
+use crate::source::desired::{DesiredSet, merge};
 use crate::source::postgres::PostgresSource;
-use crate::source::{dir::DirSource, manifest, Snapshot, SourceObject};
+use crate::source::{Snapshot, SourceObject, dir::DirSource, manifest};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ApplyArgs {
@@ -36,7 +36,8 @@ fn read(files: &[PathBuf]) -> anyhow::Result<Snapshot> {
         } else {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
             let origin = path.display().to_string();
-            let parsed = manifest::parse_file(&text, &origin, &SourceRef { kind: "apply".into(), reference: origin.clone() });
+            let parsed =
+                manifest::parse_file(&text, &origin, &SourceRef { kind: "apply".into(), reference: origin.clone() });
             snap.objects.extend(parsed.objects);
             snap.errors.extend(parsed.errors);
         }
@@ -60,7 +61,11 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
     crate::store::open(&args.database_url).await.context("cannot open the database (migrations)")?;
     let db = PostgresSource::connect(&args.database_url).await.context("cannot connect to the database")?;
     let current = db.load().await.context("cannot read desired_objects")?;
-    let set: DesiredSet = merge(&[snap.clone(), current], &Defaults { allow_privileged: true, ..Defaults::default() }, &DesiredSet::default());
+    let set: DesiredSet = merge(
+        &[snap.clone(), current],
+        &Defaults { allow_privileged: true, ..Defaults::default() },
+        &DesiredSet::default(),
+    );
     for w in set.workspaces.values().filter(|w| w.source.kind == "apply" || w.source.kind == "dir") {
         if let Err(errors) = &w.spec {
             problems.push(format!("Workspace {}: {}", w.key, errors.join("; ")));
@@ -74,7 +79,9 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     for o in &snap.objects {
         let (kind, meta, spec) = match o {
-            SourceObject::Workspace { object, .. } => ("Workspace", &object.metadata, serde_json::to_value(&object.spec)?),
+            SourceObject::Workspace { object, .. } => {
+                ("Workspace", &object.metadata, serde_json::to_value(&object.spec)?)
+            }
             SourceObject::Team { object, .. } => ("Team", &object.metadata, serde_json::to_value(&object.spec)?),
             SourceObject::Invalid { .. } => continue,
         };
@@ -82,7 +89,9 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
         let name = meta.name.clone().unwrap_or_default();
         let labels = serde_json::to_value(meta.labels.clone().unwrap_or_default())?;
         if !args.dry_run {
-            db.upsert(kind, &namespace, &name, &spec, &labels).await.with_context(|| format!("cannot write {kind} {namespace}/{name}"))?;
+            db.upsert(kind, &namespace, &name, &spec, &labels)
+                .await
+                .with_context(|| format!("cannot write {kind} {namespace}/{name}"))?;
         }
         out.push_str(&format!(
             "{}.molecule.ai/{name} {}{}\n",

@@ -117,14 +117,16 @@ impl Client {
     /// Sets a secret; returns the operator's sentence about it.
     pub async fn set_secret(&self, scope: &str, name: &str, value: &str) -> Result<String, CliError> {
         let body = serde_json::json!({ "value": value });
-        let v: serde_json::Value =
-            self.call_with(Method::PUT, &["api", "v1", "secrets"], &[("scope", scope), ("name", name)], Some(body)).await?;
+        let v: serde_json::Value = self
+            .call_with(Method::PUT, &["api", "v1", "secrets"], &[("scope", scope), ("name", name)], Some(body))
+            .await?;
         Ok(v["message"].as_str().unwrap_or_default().to_string())
     }
 
     pub async fn delete_secret(&self, scope: &str, name: &str) -> Result<String, CliError> {
-        let v: serde_json::Value =
-            self.call_with(Method::DELETE, &["api", "v1", "secrets"], &[("scope", scope), ("name", name)], None).await?;
+        let v: serde_json::Value = self
+            .call_with(Method::DELETE, &["api", "v1", "secrets"], &[("scope", scope), ("name", name)], None)
+            .await?;
         Ok(v["message"].as_str().unwrap_or_default().to_string())
     }
 
@@ -164,10 +166,7 @@ impl Client {
         if let Some(b) = body {
             request = request.json(&b);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+        let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
         let body = response.bytes().await.map_err(|e| self.transport(e))?;
         if status.is_success() {

@@ -295,7 +295,15 @@ pub async fn secret(cmd: &SecretCommand) -> Result<String, CliError> {
             let now = Utc::now();
             let table: Vec<Vec<String>> = rows
                 .iter()
-                .map(|r| vec![r.scope.clone(), r.name.clone(), r.version.to_string(), r.key_id.clone(), output::ago(Some(r.updated_at), now)])
+                .map(|r| {
+                    vec![
+                        r.scope.clone(),
+                        r.name.clone(),
+                        r.version.to_string(),
+                        r.key_id.clone(),
+                        output::ago(Some(r.updated_at), now),
+                    ]
+                })
                 .collect();
             Ok(output::table(&["SCOPE", "NAME", "VERSION", "KEY", "UPDATED"], &table))
         }

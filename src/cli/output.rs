@@ -5,8 +5,8 @@ use std::fmt::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::api::{ConditionStatus, Phase, TokenStatus};
 use crate::api::EffectiveSpec;
+use crate::api::{ConditionStatus, Phase, TokenStatus};
 use crate::registry::views::{TeamSummary, WorkspaceDetail, WorkspaceSummary};
 
 /// Columns separated by three spaces, left-aligned, no trailing spaces.
@@ -476,11 +476,20 @@ mod tests {
             max_workspaces: None,
             max_running: None,
             declared: true,
-            conditions: vec![crate::api::Condition::new("Ready", crate::api::ConditionStatus::False, "MembersNotReady", "", Utc::now())],
+            conditions: vec![crate::api::Condition::new(
+                "Ready",
+                crate::api::ConditionStatus::False,
+                "MembersNotReady",
+                "",
+                Utc::now(),
+            )],
         };
         let out = teams_table(&[t]);
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "NAME   READY   MEMBERS   RUNNING   PENDING   PAUSED   STOPPED   DEGRADED   FAILED   MODE");
+        assert_eq!(
+            lines[0],
+            "NAME   READY   MEMBERS   RUNNING   PENDING   PAUSED   STOPPED   DEGRADED   FAILED   MODE"
+        );
         assert_eq!(lines[1], "eng    False   3         2         1         0        0         0          0        -");
     }
 

@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use super::source::{GuardedTeam, GuardedWorkspace, SentMap, key_of};
 use super::team_status;
 use super::{Error, FIELD_MANAGER, FINALIZER, Options, SOURCE_NAME};
-use crate::api::{API_VERSION, Condition, ConditionStatus, ObjectKey, Phase, Team, TeamStatus, Workspace, WorkspaceStatus};
+use crate::api::{
+    API_VERSION, Condition, ConditionStatus, ObjectKey, Phase, Team, TeamStatus, Workspace, WorkspaceStatus,
+};
 use crate::reconcile::{Report, Trigger};
 use crate::source::desired::DesiredSet;
 
@@ -161,7 +163,12 @@ impl Context {
     }
 
     /// Writes the status whole by server-side apply, unless it is what was last written.
-    pub async fn write_status(&self, key: &ObjectKey, generation: Option<i64>, mut status: WorkspaceStatus) -> Result<(), Error> {
+    pub async fn write_status(
+        &self,
+        key: &ObjectKey,
+        generation: Option<i64>,
+        mut status: WorkspaceStatus,
+    ) -> Result<(), Error> {
         status.observed_generation = generation;
         let value = serde_json::to_value(&status)?;
         if self.written.lock().ok().and_then(|w| w.get(key).map(|w| w.status == value)).unwrap_or(false) {

@@ -98,7 +98,11 @@ mod tests {
         let healed = report(
             2,
             Phase::Running,
-            vec![decision("provision", "no container", &["revoked 1 token: container-missing", "created container ws-1"])],
+            vec![decision(
+                "provision",
+                "no container",
+                &["revoked 1 token: container-missing", "created container ws-1"],
+            )],
         );
         let ev = events_for(&healed, Some(Phase::Running));
         assert_eq!(reasons(&ev), ["Recreated", "TokenRevoked"]);
@@ -108,9 +112,14 @@ mod tests {
 
     #[test]
     fn token_file_heals_stale_tokens_revoke_and_degraded_is_announced_once() {
-        let r = report(3, Phase::Running, vec![decision("token-file", "no live token matches", &["wrote token Ab3x…"])]);
+        let r =
+            report(3, Phase::Running, vec![decision("token-file", "no live token matches", &["wrote token Ab3x…"])]);
         assert_eq!(reasons(&events_for(&r, None)), ["Healed"]);
-        let r = report(3, Phase::Running, vec![decision("stale-token-without-container", "x", &["revoked 2 tokens: container-missing"])]);
+        let r = report(
+            3,
+            Phase::Running,
+            vec![decision("stale-token-without-container", "x", &["revoked 2 tokens: container-missing"])],
+        );
         assert_eq!(reasons(&events_for(&r, None)), ["TokenRevoked"]);
         let degraded = report(3, Phase::Degraded, vec![]);
         let ev = events_for(&degraded, Some(Phase::Running));

@@ -61,7 +61,10 @@ pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp, duration: D
     match expires {
         Some(at) if !holder.is_empty() && at > now => {
             let left = at.duration_since(now).unsigned_abs();
-            Decision::Wait { holder: holder.to_string(), retry_in: left.min(duration / 2).max(Duration::from_millis(200)) }
+            Decision::Wait {
+                holder: holder.to_string(),
+                retry_in: left.min(duration / 2).max(Duration::from_millis(200)),
+            }
         }
         _ => Decision::TakeOver(fresh(transitions + 1)),
     }
@@ -228,7 +231,11 @@ mod tests {
 
     fn lease(holder: Option<&str>, renewed: i64, transitions: i32) -> Lease {
         Lease {
-            metadata: ObjectMeta { name: Some("molecule-operator".into()), resource_version: Some("5".into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some("molecule-operator".into()),
+                resource_version: Some("5".into()),
+                ..Default::default()
+            },
             spec: Some(LeaseSpec {
                 holder_identity: holder.map(str::to_string),
                 lease_duration_seconds: Some(15),

@@ -57,7 +57,12 @@ pub const API_USES: &[ApiUse] = &[
     ApiUse { group: "molecule.ai", resource: "teams/status", verbs: &["patch"], own_namespace: false },
     // Recorder: create, then patch the series of a repeated event.
     ApiUse { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], own_namespace: false },
-    ApiUse { group: "coordination.k8s.io", resource: "leases", verbs: &["get", "create", "update"], own_namespace: true },
+    ApiUse {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "update"],
+        own_namespace: true,
+    },
 ];
 
 /// Everything that can go wrong in cluster mode. `metric_label` is stable.
@@ -182,7 +187,12 @@ impl Default for Options {
 /// Runs the Kubernetes source, the Workspace controller and the status/events writer
 /// until `shutdown` (or until the controller stops). Call it only while this replica
 /// leads (see [`leader::acquire`]); cancel `shutdown` when leadership is lost.
-pub async fn run(client: kube::Client, options: Options, wiring: Wiring, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    client: kube::Client,
+    options: Options,
+    wiring: Wiring,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let stop = shutdown.child_token();
     let (sent_tx, sent_rx) = watch::channel(source::SentMap::new());
     let (teams, team_writer) = kube::runtime::reflector::store();

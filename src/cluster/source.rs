@@ -26,10 +26,7 @@ pub type GuardedTeam = DeserializeGuard<Team>;
 /// `ns/name` of any namespaced object.
 pub fn key_of<K: Resource>(obj: &K) -> ObjectKey {
     let meta = obj.meta();
-    ObjectKey::new(
-        meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
-        meta.name.as_deref().unwrap_or_default(),
-    )
+    ObjectKey::new(meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), meta.name.as_deref().unwrap_or_default())
 }
 
 /// Where an object came from: `kubernetes`, `<ns>/<name>@<resourceVersion>`.
@@ -118,7 +115,11 @@ fn invalid_object<K: Resource>(kind: &str, obj: &K, error: &str, source: SourceR
     let key = key_of(obj);
     SourceObject::Invalid {
         kind: kind.to_string(),
-        error: format!("{kind} {key}: {error}; fix the object with `kubectl edit {} {}`", kind.to_lowercase(), key.name),
+        error: format!(
+            "{kind} {key}: {error}; fix the object with `kubectl edit {} {}`",
+            kind.to_lowercase(),
+            key.name
+        ),
         key,
         source,
     }
@@ -260,6 +261,8 @@ mod tests {
         deleting["metadata"]["finalizers"] = json!(["molecule.ai/cleanup"]);
         let snap = snapshot(&[guard::<Workspace>(deleting), guard::<Workspace>(ws("kept", json!({})))], &[]);
         assert_eq!(snap.objects.len(), 1);
-        assert!(matches!(&snap.objects[0], SourceObject::Workspace { object, .. } if object.metadata.name.as_deref() == Some("kept")));
+        assert!(
+            matches!(&snap.objects[0], SourceObject::Workspace { object, .. } if object.metadata.name.as_deref() == Some("kept"))
+        );
     }
 }

@@ -38,7 +38,13 @@ pub fn rollup(
     let ready = if members == 0 {
         Condition::new("Ready", ConditionStatus::False, "NoMembers", "the team has no workspaces", now)
     } else if settled == members {
-        Condition::new("Ready", ConditionStatus::True, "AllMembersReady", format!("{members} of {members} workspaces ready"), now)
+        Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "AllMembersReady",
+            format!("{members} of {members} workspaces ready"),
+            now,
+        )
     } else {
         let waiting: Vec<String> = counts
             .iter()
@@ -63,24 +69,27 @@ pub fn rollup(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::SourceRef;
     use crate::api::effective::Defaults;
     use crate::api::{Team, Workspace};
     use crate::source::desired::merge;
     use crate::source::{Snapshot, SourceObject};
-    use crate::api::SourceRef;
 
     fn declared() -> DesiredSet {
         let source = SourceRef { kind: "kubernetes".into(), reference: "x".into() };
         let team: Team = serde_json::from_value(serde_json::json!({
             "apiVersion": "molecule.ai/v1alpha1", "kind": "Team",
             "metadata": {"name": "core", "namespace": "eng"},
-            "spec": {"workspaces": [{"name": "a"}, {"name": "b"}]}})).unwrap();
+            "spec": {"workspaces": [{"name": "a"}, {"name": "b"}]}}))
+        .unwrap();
         let ws: Workspace = serde_json::from_value(serde_json::json!({
             "apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
-            "metadata": {"name": "lead", "namespace": "eng"}, "spec": {"team": "core"}})).unwrap();
+            "metadata": {"name": "lead", "namespace": "eng"}, "spec": {"team": "core"}}))
+        .unwrap();
         let loner: Workspace = serde_json::from_value(serde_json::json!({
             "apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
-            "metadata": {"name": "loner", "namespace": "eng"}, "spec": {}})).unwrap();
+            "metadata": {"name": "loner", "namespace": "eng"}, "spec": {}}))
+        .unwrap();
         let snap = Snapshot {
             source: "kubernetes".into(),
             objects: vec![
@@ -106,7 +115,10 @@ mod tests {
         ]);
         let st = rollup(&core, &set, &phases, Some(4), None, t0);
         assert_eq!(st.members, 3);
-        assert_eq!(st.phases, BTreeMap::from([("Running".into(), 1), ("Provisioning".into(), 1), ("Pending".into(), 1)]));
+        assert_eq!(
+            st.phases,
+            BTreeMap::from([("Running".into(), 1), ("Provisioning".into(), 1), ("Pending".into(), 1)])
+        );
         assert_eq!(st.observed_generation, Some(4));
         let ready = &st.conditions[0];
         assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::False, "MembersNotReady"));

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 
 use crate::api::OperatingMode;
 use crate::rules::{Action, Ctx, Desired};
-use crate::runtime::render::{config_volume_name, container_name, render, AgentEnv, Identity};
-use crate::runtime::{labels, Runtime, RuntimeError, CONFIGS_DIR, TOKEN_FILE};
+use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, render};
+use crate::runtime::{CONFIGS_DIR, Runtime, RuntimeError, TOKEN_FILE, labels};
 use crate::store::{RevokeReason, Store, StoreError, WorkspaceRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,12 @@ impl Env<'_> {
         }
     }
 
-    pub async fn apply(&self, ctx: &Ctx<'_>, actions: &[Action], now: DateTime<Utc>) -> (Outcome, Result<(), ExecError>) {
+    pub async fn apply(
+        &self,
+        ctx: &Ctx<'_>,
+        actions: &[Action],
+        now: DateTime<Utc>,
+    ) -> (Outcome, Result<(), ExecError>) {
         let mut out = Outcome::default();
         for a in actions {
             if let Err(e) = self.apply_one(ctx, a, now, &mut out).await {
@@ -71,22 +76,28 @@ impl Env<'_> {
         (out, Ok(()))
     }
 
-    async fn apply_one(&self, ctx: &Ctx<'_>, action: &Action, now: DateTime<Utc>, out: &mut Outcome) -> Result<(), ExecError> {
+    async fn apply_one(
+        &self,
+        ctx: &Ctx<'_>,
+        action: &Action,
+        now: DateTime<Utc>,
+        out: &mut Outcome,
+    ) -> Result<(), ExecError> {
         // Removing a stray container needs no identity; everything else does.
         if let Action::RemoveContainer { id } = action {
             self.runtime.remove(id).await?;
             out.done.push(format!("removed container {}", short(id)));
             return Ok(());
         }
-        let record = ctx
-            .observed
-            .record
-            .as_ref()
-            .ok_or_else(|| ExecError::Precondition(format!("{} needs the workspace's record", action.describe())))?;
+        let record =
+            ctx.observed.record.as_ref().ok_or_else(|| {
+                ExecError::Precondition(format!("{} needs the workspace's record", action.describe()))
+            })?;
         let uid = record.uid.as_str();
         match action {
             Action::Provision { revoke } => {
-                let desired = ctx.desired.ok_or_else(|| ExecError::Precondition("provision without a declaration".into()))?;
+                let desired =
+                    ctx.desired.ok_or_else(|| ExecError::Precondition("provision without a declaration".into()))?;
                 self.provision(ctx, desired, record, *revoke, now, out).await?;
             }
             Action::RemoveContainer { .. } => {} // handled above

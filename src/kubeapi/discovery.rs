@@ -55,10 +55,7 @@ fn group_json() -> Value {
 }
 
 pub fn groups() -> Response {
-    json_response(
-        200,
-        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_json()]}),
-    )
+    json_response(200, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_json()]}))
 }
 
 pub fn group() -> Response {
@@ -132,11 +129,8 @@ fn openapi_document(api: &KubeApi) -> Value {
             }),
         );
         let one = json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", schema_name(kind.name()))}}}});
-        let write_params = json!([
-            param("dryRun", "string"),
-            param("fieldManager", "string"),
-            param("fieldValidation", "string")
-        ]);
+        let write_params =
+            json!([param("dryRun", "string"), param("fieldManager", "string"), param("fieldValidation", "string")]);
         let op = |action: &str, extra: &Value| {
             let mut params = vec![path_param("namespace")];
             params.extend(extra.as_array().cloned().unwrap_or_default());
@@ -152,10 +146,7 @@ fn openapi_document(api: &KubeApi) -> Value {
         patch_params.push(param("force", "boolean"));
         let patch_params = Value::Array(patch_params);
         let base = format!("/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{}", kind.plural());
-        paths.insert(
-            base.clone(),
-            json!({"get": op("list", &json!([])), "post": op("post", &write_params)}),
-        );
+        paths.insert(base.clone(), json!({"get": op("list", &json!([])), "post": op("post", &write_params)}));
         for suffix in ["/{name}", "/{name}/status"] {
             let mut item = json!({
                 "get": op("get", &json!([path_param("name")])),

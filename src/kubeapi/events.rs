@@ -27,14 +27,8 @@ fn as_core(event: &Value) -> Value {
     if event["apiVersion"] != "events.k8s.io/v1" {
         return event.clone();
     }
-    let first = event
-        .get("deprecatedFirstTimestamp")
-        .cloned()
-        .unwrap_or_else(|| event["eventTime"].clone());
-    let last = event["series"]
-        .get("lastObservedTime")
-        .cloned()
-        .unwrap_or_else(|| event["eventTime"].clone());
+    let first = event.get("deprecatedFirstTimestamp").cloned().unwrap_or_else(|| event["eventTime"].clone());
+    let last = event["series"].get("lastObservedTime").cloned().unwrap_or_else(|| event["eventTime"].clone());
     json!({
         "apiVersion": "v1",
         "kind": "Event",
@@ -148,9 +142,7 @@ impl EventLog {
                 }
                 Ok(json_response(200, stored))
             }
-            _ => Err(ApiError::method_not_allowed(format!(
-                "{method} is not supported on events"
-            ))),
+            _ => Err(ApiError::method_not_allowed(format!("{method} is not supported on events"))),
         }
     }
 }

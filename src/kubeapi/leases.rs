@@ -95,18 +95,14 @@ pub async fn handle(
             Ok(json_response(201, &body))
         }
         (Method::PUT | Method::PATCH, Some(name)) => {
-            let current = store
-                .get_object(KIND, ns, name)
-                .await?
-                .ok_or_else(|| ApiError::not_found(QUALIFIED, name))?;
+            let current =
+                store.get_object(KIND, ns, name).await?.ok_or_else(|| ApiError::not_found(QUALIFIED, name))?;
             let incoming = parse(body)?;
             let mut lease = if *method == Method::PUT {
                 incoming
             } else {
-                let content_type = headers
-                    .get(axum::http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
+                let content_type =
+                    headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
                 let mut out = current.body.clone();
                 if content_type.starts_with("application/json-patch+json") {
                     let ops: json_patch::Patch = serde_json::from_value(incoming)
@@ -127,17 +123,13 @@ pub async fn handle(
             for key in ["name", "namespace", "uid", "creationTimestamp"] {
                 lease["metadata"][key] = current.body["metadata"][key].clone();
             }
-            let result = store
-                .put_object(&to_stored(ns, lease), Some(current.resource_version))
-                .await?;
+            let result = store.put_object(&to_stored(ns, lease), Some(current.resource_version)).await?;
             Ok(json_response(200, &written(result, name, false)?))
         }
         (Method::DELETE, Some(name)) => {
             let result = store.delete_object(KIND, ns, name, None).await?;
             Ok(json_response(200, &written(result, name, false)?))
         }
-        _ => Err(ApiError::method_not_allowed(format!(
-            "{method} is not supported on leases"
-        ))),
+        _ => Err(ApiError::method_not_allowed(format!("{method} is not supported on leases"))),
     }
 }

@@ -149,24 +149,14 @@ fn kind_info(kind: Kind) -> KindInfo {
     let mut schema = version["schema"]["openAPIV3Schema"].clone();
     // The generated schema covers spec and status; every object also has these.
     if let Some(properties) = schema["properties"].as_object_mut() {
-        properties
-            .entry("apiVersion")
-            .or_insert(serde_json::json!({"type": "string",
+        properties.entry("apiVersion").or_insert(serde_json::json!({"type": "string",
         "description": "APIVersion defines the versioned schema of this representation of an object."}));
         properties.entry("kind").or_insert(serde_json::json!({"type": "string",
         "description": "Kind is a string value representing the REST resource this object represents."}));
-        properties
-            .entry("metadata")
-            .or_insert(serde_json::json!({"type": "object",
+        properties.entry("metadata").or_insert(serde_json::json!({"type": "object",
         "description": "Standard object's metadata (name, namespace, labels, annotations, finalizers, ...)."}));
     }
-    KindInfo {
-        schema,
-        columns: version["additionalPrinterColumns"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default(),
-    }
+    KindInfo { schema, columns: version["additionalPrinterColumns"].as_array().cloned().unwrap_or_default() }
 }
 
 /// The server's state: the store, the bearer token it requires, the event history.
@@ -197,10 +187,7 @@ impl KubeApi {
             store,
             token: token.into(),
             write_lock: tokio::sync::Mutex::new(()),
-            history: Mutex::new(History {
-                floor,
-                events: VecDeque::new(),
-            }),
+            history: Mutex::new(History { floor, events: VecDeque::new() }),
             history_limit: DEFAULT_HISTORY,
             events,
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
@@ -300,28 +287,13 @@ pub async fn bind(
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for the Kubernetes API: {e}")))?;
     let local = listener.local_addr()?;
-    let host = if local.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        local.ip().to_string()
-    };
-    let host = if local.is_ipv6() && !local.ip().is_unspecified() {
-        format!("[{host}]")
-    } else {
-        host
-    };
+    let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
+    let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
     let url = format!("https://{host}:{}", local.port());
     let tls = KubeTls::load_or_create(state_dir)?;
     let kubeconfig = write_kubeconfig(state_dir, &url, token, &tls)?;
     let api = Arc::new(api);
-    Ok(Bound {
-        url,
-        kubeconfig,
-        router: router(api.clone()),
-        api,
-        listener,
-        tls,
-    })
+    Ok(Bound { url, kubeconfig, router: router(api.clone()), api, listener, tls })
 }
 
 impl Bound {
@@ -395,11 +367,7 @@ pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str, tls: &KubeTls)
     let text = serde_json::to_string_pretty(&config).map_err(std::io::Error::other)?;
     let tmp = state_dir.join(".kubeconfig.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, &path)?;
@@ -418,11 +386,7 @@ async fn dispatch(
     }
     let query = Query::parse(uri.query().unwrap_or(""));
     let path = uri.path().trim_matches('/');
-    let segments: Vec<&str> = if path.is_empty() {
-        vec![]
-    } else {
-        path.split('/').collect()
-    };
+    let segments: Vec<&str> = if path.is_empty() { vec![] } else { path.split('/').collect() };
     let result = match (method.clone(), segments.as_slice()) {
         (Method::GET, ["version"]) => Ok(discovery::version()),
         (Method::GET, ["api"]) => Ok(discovery::core_versions()),
@@ -434,21 +398,11 @@ async fn dispatch(
         | (_, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", rest @ ..])
             if rest.len() <= 1 =>
         {
-            api.event_log
-                .handle(&method, Some(ns), rest.first().copied(), &query, &body)
+            api.event_log.handle(&method, Some(ns), rest.first().copied(), &query, &body)
         }
-        (
-            _,
-            [
-                "apis",
-                "coordination.k8s.io",
-                "v1",
-                "namespaces",
-                ns,
-                "leases",
-                rest @ ..,
-            ],
-        ) if rest.len() <= 1 => leases::handle(&api, &method, ns, rest.first().copied(), &headers, &body).await,
+        (_, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..]) if rest.len() <= 1 => {
+            leases::handle(&api, &method, ns, rest.first().copied(), &headers, &body).await
+        }
         (Method::GET, ["apis"]) => Ok(discovery::groups()),
         (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),
         (Method::GET, ["apis", g, v]) if *g == GROUP && *v == VERSION => Ok(discovery::resources()),
@@ -518,11 +472,7 @@ fn percent_decode(s: &str) -> String {
 /// JSON response with a status code.
 fn json_response(code: u16, value: &Value) -> Response {
     let code = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::OK);
-    (
-        code,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        serde_json::to_vec(value).unwrap_or_default(),
-    )
+    (code, [(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_vec(value).unwrap_or_default())
         .into_response()
 }
 

@@ -35,10 +35,7 @@ pub async fn route(
             let kind = Kind::from_plural(plural).ok_or_else(unknown)?;
             match *method {
                 Method::GET => list_or_watch(api, kind, None, query, headers).await,
-                _ => Err(ApiError::method_not_allowed(format!(
-                    "{} on all namespaces: only get/list/watch",
-                    method
-                ))),
+                _ => Err(ApiError::method_not_allowed(format!("{} on all namespaces: only get/list/watch", method))),
             }
         }
         ["namespaces", ns, plural] => {
@@ -46,9 +43,7 @@ pub async fn route(
             match *method {
                 Method::GET => list_or_watch(api, kind, Some(ns), query, headers).await,
                 Method::POST => create(api, kind, ns, query, body).await,
-                _ => Err(ApiError::method_not_allowed(format!(
-                    "{method} is not supported on a collection"
-                ))),
+                _ => Err(ApiError::method_not_allowed(format!("{method} is not supported on a collection"))),
             }
         }
         ["namespaces", ns, plural, name, sub @ ..] => {
@@ -63,9 +58,7 @@ pub async fn route(
                 (Method::PUT, _) => update(api, kind, ns, name, part, query, body).await,
                 (Method::PATCH, _) => patch(api, kind, ns, name, part, query, headers, body).await,
                 (Method::DELETE, Part::Main) => delete(api, kind, ns, name, body).await,
-                _ => Err(ApiError::method_not_allowed(format!(
-                    "{method} is not supported on the status subresource"
-                ))),
+                _ => Err(ApiError::method_not_allowed(format!("{method} is not supported on the status subresource"))),
             }
         }
         _ => Err(unknown()),
@@ -86,13 +79,7 @@ async fn get(
         .await?
         .ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
     if table::wanted(headers) {
-        let t = table::table(
-            api,
-            kind,
-            &[&stored.body],
-            stored.resource_version,
-            query.get("includeObject"),
-        );
+        let t = table::table(api, kind, &[&stored.body], stored.resource_version, query.get("includeObject"));
         return Ok(json_response(200, &t));
     }
     Ok(json_response(200, &stored.body))
@@ -110,16 +97,9 @@ async fn list_or_watch(
         return watch::watch(api, kind, ns, selector, query, table::wanted(headers));
     }
     let (objects, revision) = api.store.list_objects(kind.name(), ns).await?;
-    let items: Vec<&Value> = objects
-        .iter()
-        .map(|o| &o.body)
-        .filter(|b| selector.matches(b))
-        .collect();
+    let items: Vec<&Value> = objects.iter().map(|o| &o.body).filter(|b| selector.matches(b)).collect();
     if table::wanted(headers) {
-        return Ok(json_response(
-            200,
-            &table::table(api, kind, &items, revision, query.get("includeObject")),
-        ));
+        return Ok(json_response(200, &table::table(api, kind, &items, revision, query.get("includeObject"))));
     }
     Ok(json_response(
         200,
@@ -210,9 +190,7 @@ impl Selector {
                     field.trim()
                 )));
             }
-            selector
-                .fields
-                .push((field.trim().to_string(), equal, value.trim().to_string()));
+            selector.fields.push((field.trim().to_string(), equal, value.trim().to_string()));
         }
         Ok(selector)
     }
@@ -283,11 +261,7 @@ fn validate_object(api: &KubeApi, kind: Kind, object: &Value) -> Result<(), ApiE
             });
         }
     }
-    if causes.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(&kind.qualified(), name, causes))
-    }
+    if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(&kind.qualified(), name, causes)) }
 }
 
 fn stored(kind: Kind, ns: &str, body: Value) -> StoredObject {
@@ -376,11 +350,7 @@ async fn remove(
     current: &StoredObject,
     expected: Option<i64>,
 ) -> Result<(u16, Value), ApiError> {
-    match api
-        .store
-        .delete_object(kind.name(), &current.namespace, &current.name, expected)
-        .await?
-    {
+    match api.store.delete_object(kind.name(), &current.namespace, &current.name, expected).await? {
         ObjectWrite::Written(gone) => {
             api.publish(WatchEvent {
                 rv: gone.resource_version,
@@ -453,11 +423,7 @@ fn merge_write(existing: &StoredObject, mut object: Value, part: Part) -> Value 
                 }
             }
             let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
-            let bumped = if object.get("spec") != old.get("spec") {
-                generation + 1
-            } else {
-                generation
-            };
+            let bumped = if object.get("spec") != old.get("spec") { generation + 1 } else { generation };
             object["metadata"]["generation"] = json!(bumped);
             object
         }
@@ -485,11 +451,7 @@ async fn create_object(
         )));
     }
     if meta.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
-        let prefix = meta
-            .get("generateName")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let prefix = meta.get("generateName").and_then(Value::as_str).unwrap_or_default().to_string();
         if prefix.is_empty() {
             return Err(ApiError::invalid(
                 &kind.qualified(),
@@ -501,26 +463,15 @@ async fn create_object(
                 }],
             ));
         }
-        let suffix: String = uuid::Uuid::new_v4()
-            .simple()
-            .to_string()
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(5)
-            .collect();
+        let suffix: String =
+            uuid::Uuid::new_v4().simple().to_string().chars().filter(char::is_ascii_alphanumeric).take(5).collect();
         meta.insert("name".into(), json!(format!("{prefix}{suffix}")));
     }
     meta.insert("namespace".into(), json!(ns));
     meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
     meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
     meta.insert("generation".into(), json!(1));
-    for key in [
-        "resourceVersion",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "managedFields",
-        "selfLink",
-    ] {
+    for key in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"] {
         meta.remove(key);
     }
     if let Some(entry) = managed {
@@ -537,10 +488,7 @@ async fn create_object(
 }
 
 async fn current(api: &KubeApi, kind: Kind, ns: &str, name: &str) -> Result<StoredObject, ApiError> {
-    api.store
-        .get_object(kind.name(), ns, name)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&kind.qualified(), name))
+    api.store.get_object(kind.name(), ns, name).await?.ok_or_else(|| ApiError::not_found(&kind.qualified(), name))
 }
 
 async fn update(
@@ -603,9 +551,7 @@ async fn patch(
     let mut applied_fields = None;
     let patched = match content_type.as_str() {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
-            let existing = existing
-                .as_ref()
-                .ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
+            let existing = existing.as_ref().ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
             let mut patch = parse_json(body)?;
             strip_directives(&mut patch);
             let mut out = existing.body.clone();
@@ -613,9 +559,7 @@ async fn patch(
             out
         }
         "application/json-patch+json" => {
-            let existing = existing
-                .as_ref()
-                .ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
+            let existing = existing.as_ref().ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
             let mut out = existing.body.clone();
             let not_a_patch = |e: serde_json::Error| {
                 ApiError::bad_request(format!("the body is not a JSON patch (a list of operations): {e}"))
@@ -626,9 +570,7 @@ async fn patch(
             let ops: Vec<Value> = ops
                 .into_iter()
                 .filter(|op| {
-                    let absent = op["path"]
-                        .as_str()
-                        .is_some_and(|p| out.pointer(p).is_none_or(Value::is_null));
+                    let absent = op["path"].as_str().is_some_and(|p| out.pointer(p).is_none_or(Value::is_null));
                     !(op["op"] == "test" && op["value"].is_null() && absent)
                 })
                 .collect();
@@ -664,9 +606,7 @@ async fn patch(
                     object["metadata"]["name"] = json!(name);
                     let entry = managed_entry(query, &owned_fields(&object, 0));
                     drop(_guard);
-                    return create_object(api, kind, ns, object, query, Some(entry))
-                        .await
-                        .map(respond);
+                    return create_object(api, kind, ns, object, query, Some(entry)).await.map(respond);
                 }
                 (None, Part::Status) => return Err(ApiError::not_found(&kind.qualified(), name)),
                 (Some(existing), Part::Status) => {
@@ -683,10 +623,9 @@ async fn patch(
                     // Fields this manager applied before and leaves out now are removed.
                     let fields = owned_fields(&applied, 0);
                     let manager = query.get("fieldManager").unwrap_or("unknown");
-                    let previous = existing.body["metadata"]["managedFields"].as_array().and_then(|all| {
-                        all.iter()
-                            .find(|e| e["manager"] == manager && e["operation"] == "Apply")
-                    });
+                    let previous = existing.body["metadata"]["managedFields"]
+                        .as_array()
+                        .and_then(|all| all.iter().find(|e| e["manager"] == manager && e["operation"] == "Apply"));
                     if let Some(previous) = previous {
                         null_removed(&previous["fieldsV1"], &fields, &mut applied);
                     }
@@ -702,10 +641,7 @@ async fn patch(
     let existing = existing.ok_or_else(|| ApiError::not_found(&kind.qualified(), name))?;
     let mut merged = merge_write(&existing, patched, part);
     if let Some(entry) = applied_fields {
-        let mut entries: Vec<Value> = merged["metadata"]["managedFields"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let mut entries: Vec<Value> = merged["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
         entries.retain(|e| !(e["manager"] == entry["manager"] && e["operation"] == "Apply"));
         entries.push(entry);
         merged["metadata"]["managedFields"] = Value::Array(entries);
@@ -777,9 +713,7 @@ async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -
     let options: Value = if body.is_empty() { json!({}) } else { parse_json(body)? };
     let _guard = api.write_lock.lock().await;
     let existing = current(api, kind, ns, name).await?;
-    let precondition = options["preconditions"]["resourceVersion"]
-        .as_str()
-        .and_then(|rv| rv.parse::<i64>().ok());
+    let precondition = options["preconditions"]["resourceVersion"].as_str().and_then(|rv| rv.parse::<i64>().ok());
     if precondition.is_some_and(|rv| rv != existing.resource_version) {
         return Err(ApiError::conflict(&kind.qualified(), name, STALE));
     }
@@ -793,9 +727,7 @@ async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -
         ));
     }
     if finalizers_empty(&existing.body) {
-        return remove(api, kind, &existing, Some(existing.resource_version))
-            .await
-            .map(respond);
+        return remove(api, kind, &existing, Some(existing.resource_version)).await.map(respond);
     }
     if existing.deletion_timestamp.is_some() {
         return Ok(json_response(200, &existing.body));
@@ -804,11 +736,7 @@ async fn delete(api: &KubeApi, kind: Kind, ns: &str, name: &str, body: &Bytes) -
     let mut object = existing.body.clone();
     object["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
     object["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-    match api
-        .store
-        .put_object(&stored(kind, ns, object), Some(existing.resource_version))
-        .await?
-    {
+    match api.store.put_object(&stored(kind, ns, object), Some(existing.resource_version)).await? {
         ObjectWrite::Written(written) => {
             api.publish(WatchEvent {
                 rv: written.resource_version,

@@ -15,11 +15,7 @@ pub fn check(schema: &Value, value: &Value) -> Vec<Cause> {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
 }
 
 fn type_name(value: &Value) -> &'static str {
@@ -43,11 +39,7 @@ fn shown(value: &Value) -> String {
 
 fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
     let invalid = |causes: &mut Vec<Cause>, reason: &'static str, message: String| {
-        causes.push(Cause {
-            field: path.to_string(),
-            reason,
-            message,
-        })
+        causes.push(Cause { field: path.to_string(), reason, message })
     };
     if value.is_null() {
         // Optional fields are nullable in the generated schemas; a null means "unset".
@@ -119,10 +111,7 @@ fn walk(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
     match value {
         Value::Object(map) => {
             if path == "metadata"
-                || schema
-                    .get("x-kubernetes-preserve-unknown-fields")
-                    .and_then(Value::as_bool)
-                    == Some(true)
+                || schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true)
             {
                 return;
             }
@@ -193,10 +182,7 @@ mod tests {
     fn bad_values_and_unknown_fields_name_their_path() {
         let ws = serde_json::json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
             "metadata": {"name": "a"}, "spec": {"tier": 9, "operatingMode": "Sleeping", "teir": 2}});
-        let fields: Vec<String> = check(&schema(Kind::Workspace), &ws)
-            .into_iter()
-            .map(|c| c.field)
-            .collect();
+        let fields: Vec<String> = check(&schema(Kind::Workspace), &ws).into_iter().map(|c| c.field).collect();
         assert!(fields.contains(&"spec.tier".to_string()), "{fields:?}");
         assert!(fields.contains(&"spec.operatingMode".to_string()), "{fields:?}");
         assert!(fields.contains(&"spec.teir".to_string()), "{fields:?}");

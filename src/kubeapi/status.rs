@@ -22,12 +22,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason,
-            message: message.into(),
-            details: None,
-        }
+        Self { code, reason, message: message.into(), details: None }
     }
     pub fn unauthorized() -> Self {
         Self::new(
@@ -37,11 +32,7 @@ impl ApiError {
         )
     }
     pub fn not_found_path(path: &str) -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            format!("the server could not find the requested resource ({path})"),
-        )
+        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
     }
     pub fn not_found(qualified_kind: &str, name: &str) -> Self {
         let (kind, group) = qualified_kind.split_once('.').unwrap_or((qualified_kind, ""));
@@ -64,37 +55,24 @@ impl ApiError {
         )
     }
     pub fn conflict(qualified_kind: &str, name: &str, why: &str) -> Self {
-        Self::new(
-            409,
-            "Conflict",
-            format!("Operation cannot be fulfilled on {qualified_kind} \"{name}\": {why}"),
-        )
+        Self::new(409, "Conflict", format!("Operation cannot be fulfilled on {qualified_kind} \"{name}\": {why}"))
     }
     pub fn already_exists(qualified_kind: &str, name: &str) -> Self {
-        Self::new(
-            409,
-            "AlreadyExists",
-            format!("{qualified_kind} \"{name}\" already exists"),
-        )
+        Self::new(409, "AlreadyExists", format!("{qualified_kind} \"{name}\" already exists"))
     }
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }
     /// 422 naming the object and every field at fault, as `kubectl` prints them.
     pub fn invalid(qualified_kind: &str, name: &str, causes: Vec<Cause>) -> Self {
-        let list = causes
-            .iter()
-            .map(|c| format!("{}: {}", c.field, c.message))
-            .collect::<Vec<_>>();
+        let list = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect::<Vec<_>>();
         let message = match list.as_slice() {
             [one] => format!("{qualified_kind} \"{name}\" is invalid: {one}"),
             many => format!("{qualified_kind} \"{name}\" is invalid: [{}]", many.join(", ")),
         };
         let (kind, group) = qualified_kind.split_once('.').unwrap_or((qualified_kind, ""));
-        let causes: Vec<Value> = causes
-            .iter()
-            .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
-            .collect();
+        let causes: Vec<Value> =
+            causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect();
         let mut e = Self::new(422, "Invalid", message);
         e.details = Some(json!({"name": name, "group": group, "kind": kind, "causes": causes}));
         e

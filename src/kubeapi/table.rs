@@ -8,11 +8,7 @@ use super::{Kind, KubeApi};
 
 /// Whether the client asked for a Table.
 pub fn wanted(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(axum::http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("as=Table"))
+    headers.get_all(axum::http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains("as=Table"))
 }
 
 /// A Table of `objects`. `include` is the `includeObject` parameter (None,
@@ -129,10 +125,7 @@ mod tests {
         let ws = json!({"status": {"phase": "Running", "conditions": [
             {"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}]}});
         assert_eq!(lookup(&ws, ".status.phase"), Some(&json!("Running")));
-        assert_eq!(
-            lookup(&ws, ".status.conditions[?(@.type==\"Ready\")].status"),
-            Some(&json!("True"))
-        );
+        assert_eq!(lookup(&ws, ".status.conditions[?(@.type==\"Ready\")].status"), Some(&json!("True")));
         assert_eq!(lookup(&ws, ".spec.team"), None);
     }
 

@@ -57,10 +57,7 @@ impl KubeTls {
         let names = vec!["127.0.0.1".to_string(), "localhost".to_string(), "::1".to_string()];
         let pair = rcgen::generate_simple_self_signed(names)
             .map_err(|e| io::Error::other(format!("cannot make the kube-api TLS certificate: {e}")))?;
-        Ok(Self {
-            cert_pem: pair.cert.pem(),
-            key_pem: pair.key_pair.serialize_pem(),
-        })
+        Ok(Self { cert_pem: pair.cert.pem(), key_pem: pair.key_pair.serialize_pem() })
     }
 
     /// The certificate clients must trust (the kubeconfig's certificate-authority-data).
@@ -70,10 +67,7 @@ impl KubeTls {
 
     fn acceptor(&self) -> io::Result<TlsAcceptor> {
         let invalid = |what: &str, e: &dyn std::fmt::Display| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the kube-api TLS {what} is unusable: {e}"),
-            )
+            io::Error::new(io::ErrorKind::InvalidData, format!("the kube-api TLS {what} is unusable: {e}"))
         };
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -94,12 +88,7 @@ impl KubeTls {
 
 fn write_private(path: &Path, text: &str) -> io::Result<()> {
     use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
@@ -139,11 +128,7 @@ impl TlsListener {
                 });
             }
         });
-        Ok(Self {
-            local,
-            ready,
-            accepting,
-        })
+        Ok(Self { local, ready, accepting })
     }
 }
 

@@ -32,9 +32,7 @@ pub fn watch(
     let from = match query.get("resourceVersion").filter(|rv| !rv.is_empty() && *rv != "0") {
         None => None,
         Some(rv) => Some(rv.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(format!(
-                "resourceVersion {rv:?} is not a resourceVersion this server gave out"
-            ))
+            ApiError::bad_request(format!("resourceVersion {rv:?} is not a resourceVersion this server gave out"))
         })?),
     };
     let send_initial = query.flag("sendInitialEvents") && query.get("sendInitialEvents").is_some();
@@ -161,15 +159,7 @@ async fn run(
                 send(&mut sink, &api, &watch, "ADDED", &object.body, object.resource_version).await?;
             }
             if send_initial {
-                send(
-                    &mut sink,
-                    &api,
-                    &watch,
-                    "BOOKMARK",
-                    &bookmark(watch.kind, revision, true),
-                    revision,
-                )
-                .await?;
+                send(&mut sink, &api, &watch, "BOOKMARK", &bookmark(watch.kind, revision, true), revision).await?;
             }
             revision
         }

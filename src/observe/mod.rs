@@ -4,15 +4,12 @@
 use sha2::{Digest, Sha256};
 
 use crate::rules::{ContainerState, Observed, TokenFile};
-use crate::runtime::{ContainerInfo, Runtime, CONFIGS_DIR, TOKEN_FILE};
+use crate::runtime::{CONFIGS_DIR, ContainerInfo, Runtime, TOKEN_FILE};
 use crate::store::{Store, StoreResult, WorkspaceRecord};
 
 /// Containers of this workspace: those labelled with its key or its uid.
 pub fn containers_of(all: &[ContainerInfo], key: &str, uid: Option<&str>) -> Vec<ContainerInfo> {
-    all.iter()
-        .filter(|c| c.workspace() == Some(key) || (uid.is_some() && c.uid() == uid))
-        .cloned()
-        .collect()
+    all.iter().filter(|c| c.workspace() == Some(key) || (uid.is_some() && c.uid() == uid)).cloned().collect()
 }
 
 /// Observes one workspace. A runtime listing failure is recorded as `containers:
@@ -36,9 +33,17 @@ pub async fn observe(
         Some(uid) => store.live_tokens(uid).await?,
         None => Vec::new(),
     };
-    let mut obs = Observed { record, containers, live_tokens, token_file: TokenFile::NotRead, provisioning: false, quota_hold: None };
+    let mut obs = Observed {
+        record,
+        containers,
+        live_tokens,
+        token_file: TokenFile::NotRead,
+        provisioning: false,
+        quota_hold: None,
+    };
     if read_token_file
-        && let Some(c) = obs.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(obs.incarnation()))
+        && let Some(c) =
+            obs.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(obs.incarnation()))
     {
         let path = format!("{CONFIGS_DIR}/{TOKEN_FILE}");
         obs.token_file = match runtime.read_file(&c.id, &path).await {
@@ -55,11 +60,7 @@ pub async fn observe(
 pub fn token_file_state(bytes: &[u8]) -> TokenFile {
     let text = String::from_utf8_lossy(bytes);
     let t = text.trim();
-    if t.is_empty() {
-        TokenFile::Missing
-    } else {
-        TokenFile::Hash(hex::encode(Sha256::digest(t.as_bytes())))
-    }
+    if t.is_empty() { TokenFile::Missing } else { TokenFile::Hash(hex::encode(Sha256::digest(t.as_bytes()))) }
 }
 
 #[cfg(test)]

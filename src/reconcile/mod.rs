@@ -14,15 +14,15 @@ use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::{delay_queue, DelayQueue};
+use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::api::{ObjectKey, WorkspaceStatus};
 use crate::execute::{Env, ExecError};
 use crate::observe::observe;
 use crate::registry::metrics::Metrics;
-use crate::rules::{plan, quota, Action, Ctx, Desired, Settings};
-use crate::runtime::render::{render, AgentEnv, Identity};
+use crate::rules::{Action, Ctx, Desired, Settings, plan, quota};
 use crate::runtime::Runtime;
+use crate::runtime::render::{AgentEnv, Identity, render};
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{DecisionRecord, DynStore, StoreError};
 
@@ -190,14 +190,24 @@ async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<BTreeMap<Stri
     for scope in &scopes {
         let scope_name = scope.as_string();
         for row in rows.iter().filter(|r| r.scope == scope_name) {
-            let sealed = crate::secrets::Sealed { key_id: row.key_id.clone(), nonce: row.nonce.clone(), ciphertext: row.ciphertext.clone() };
+            let sealed = crate::secrets::Sealed {
+                key_id: row.key_id.clone(),
+                nonce: row.nonce.clone(),
+                ciphertext: row.ciphertext.clone(),
+            };
             env.insert(row.name.clone(), keyring.open(scope, &row.name, &sealed)?);
         }
     }
     Ok(env)
 }
 
-fn to_rule_desired(d: &DesiredWorkspace, secrets: BTreeMap<String, String>, instance: &str, uid: &str, agent: &AgentEnv) -> Desired {
+fn to_rule_desired(
+    d: &DesiredWorkspace,
+    secrets: BTreeMap<String, String>,
+    instance: &str,
+    uid: &str,
+    agent: &AgentEnv,
+) -> Desired {
     let key = d.key.to_string();
     // Secrets join the env here only: never in the desired set the API shows.
     let spec = d.spec.clone().map(|mut s| {
@@ -247,7 +257,9 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             None => ctx.store.workspace(key).await?,
         };
         let desired = match (declared, &record) {
-            (Some(d), Some(r)) => Some(to_rule_desired(d, secret_env(ctx, d).await?, &ctx.instance, &r.uid, &ctx.agent)),
+            (Some(d), Some(r)) => {
+                Some(to_rule_desired(d, secret_env(ctx, d).await?, &ctx.instance, &r.uid, &ctx.agent))
+            }
             _ => None,
         };
         let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());
@@ -278,16 +290,16 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         ctx.metrics.reconciled(decision.rule, if result.is_ok() { "ok" } else { "error" });
         let forgotten = decision.actions.contains(&Action::Forget) && result.is_ok();
         let rec = DecisionRecord {
-                at: now,
-                rule: decision.rule.to_string(),
-                cause: decision.cause.clone(),
-                actions: if outcome.done.is_empty() {
-                    decision.actions.iter().map(Action::describe).collect()
-                } else {
-                    outcome.done.clone()
-                },
-                outcome: outcome_text,
-            };
+            at: now,
+            rule: decision.rule.to_string(),
+            cause: decision.cause.clone(),
+            actions: if outcome.done.is_empty() {
+                decision.actions.iter().map(Action::describe).collect()
+            } else {
+                outcome.done.clone()
+            },
+            outcome: outcome_text,
+        };
         if let (Some(r), false) = (&record, forgotten) {
             ctx.store.append_decision(&r.uid, &rec, DECISIONS_KEPT).await?;
         }
@@ -297,7 +309,8 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
                 let observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), false).await?;
-                let rctx = Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
+                let rctx =
+                    Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
                 report.status = write_status(ctx, key, &rctx, declared).await?;
             }
             return Err(e.into());
@@ -343,7 +356,8 @@ async fn quota_hold(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Re
         .iter()
         .map(|w| {
             let record = records.get(&w.key.to_string());
-            let mine: Vec<_> = containers.iter().filter(|c| record.is_some_and(|r| c.uid() == Some(r.uid.as_str()))).collect();
+            let mine: Vec<_> =
+                containers.iter().filter(|c| record.is_some_and(|r| c.uid() == Some(r.uid.as_str()))).collect();
             let mode = record
                 .and_then(|r| r.mode_override)
                 .or(w.spec.as_ref().ok().map(|s| s.operating_mode))
@@ -393,9 +407,7 @@ fn next_look(rctx: &Ctx<'_>) -> Requeue {
             None => crate::rules::rotation::due(spec, t),
         })
     });
-    let token = token_times
-        .map(|at| (at - rctx.now).to_std().unwrap_or_default() + Duration::from_millis(50))
-        .min();
+    let token = token_times.map(|at| (at - rctx.now).to_std().unwrap_or_default() + Duration::from_millis(50)).min();
     heartbeat.into_iter().chain(token).min()
 }
 
@@ -465,15 +477,14 @@ pub async fn run(
     let mut delay_keys: HashMap<String, delay_queue::Key> = HashMap::new();
     let mut attempts: HashMap<String, u32> = HashMap::new(); // consecutive failures per key
 
-    let enqueue = |key: String,
-                       in_flight: &mut HashMap<String, bool>,
-                       ready: &mut std::collections::VecDeque<String>| {
-        if let Some(dirty) = in_flight.get_mut(&key) {
-            *dirty = true;
-        } else if !ready.contains(&key) {
-            ready.push_back(key);
-        }
-    };
+    let enqueue =
+        |key: String, in_flight: &mut HashMap<String, bool>, ready: &mut std::collections::VecDeque<String>| {
+            if let Some(dirty) = in_flight.get_mut(&key) {
+                *dirty = true;
+            } else if !ready.contains(&key) {
+                ready.push_back(key);
+            }
+        };
 
     loop {
         while running.len() < concurrency {

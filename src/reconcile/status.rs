@@ -3,8 +3,10 @@
 //! nothing changed.
 
 use crate::api::condition::carry_transition_times;
-use crate::api::{Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, TokenStatus, UpdatePolicy, WorkspaceStatus};
-use crate::rules::{heartbeat, ContainerState, Ctx, TokenFile};
+use crate::api::{
+    Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, TokenStatus, UpdatePolicy, WorkspaceStatus,
+};
+use crate::rules::{ContainerState, Ctx, TokenFile, heartbeat};
 
 /// What the last execution attempt left behind, if it failed.
 #[derive(Clone, Debug, Default)]
@@ -74,12 +76,24 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
         c("DeletionRefused", tf(true), "HasChildren", msg.to_string());
     }
     match (obs.containers.as_ref(), container) {
-        (None, _) => c("ContainerRunning", ConditionStatus::Unknown, "RuntimeUnavailable", "the container runtime could not be listed".into()),
-        (_, Some(k)) => c("ContainerRunning", tf(k.state == ContainerState::Running), &format!("{:?}", k.state), format!("container {}", k.name)),
+        (None, _) => c(
+            "ContainerRunning",
+            ConditionStatus::Unknown,
+            "RuntimeUnavailable",
+            "the container runtime could not be listed".into(),
+        ),
+        (_, Some(k)) => c(
+            "ContainerRunning",
+            tf(k.state == ContainerState::Running),
+            &format!("{:?}", k.state),
+            format!("container {}", k.name),
+        ),
         (_, None) => c("ContainerRunning", tf(false), "NoContainer", extra.last_error.unwrap_or("").to_string()),
     }
     match &obs.token_file {
-        TokenFile::Hash(h) if token.is_some_and(|t| &t.token_hash == h) => c("TokenValid", tf(true), "Live", String::new()),
+        TokenFile::Hash(h) if token.is_some_and(|t| &t.token_hash == h) => {
+            c("TokenValid", tf(true), "Live", String::new())
+        }
         TokenFile::Hash(_) => c("TokenValid", tf(false), "Mismatch", "the token file holds no live token".into()),
         TokenFile::Missing => c("TokenValid", tf(false), "Missing", "the token file is missing or empty".into()),
         TokenFile::NotRead | TokenFile::Unreadable(_) => c(
@@ -130,7 +144,11 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
             spec_hash: k.spec_hash().unwrap_or_default().to_string(),
             image: k.image.clone(),
         }),
-        token: token.map(|t| TokenStatus { prefix: t.prefix.clone(), issued_at: t.created_at, last_used_at: t.last_used_at }),
+        token: token.map(|t| TokenStatus {
+            prefix: t.prefix.clone(),
+            issued_at: t.created_at,
+            last_used_at: t.last_used_at,
+        }),
         last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at),
         restart_count: record.map(|r| r.restart_count).unwrap_or(0),
         last_restart_reason: record.and_then(|r| r.last_restart_reason.clone()),
@@ -182,7 +200,8 @@ mod tests {
     fn execution_error_is_failed_and_shown() {
         let mut obs = healthy();
         obs.containers = Some(vec![]);
-        let st = status(&obs, Some(&desired()), Extra { last_error: Some("image x is not present"), ..Extra::default() });
+        let st =
+            status(&obs, Some(&desired()), Extra { last_error: Some("image x is not present"), ..Extra::default() });
         assert_eq!(st.phase, Phase::Failed);
         assert!(find(&st.conditions, "Ready").unwrap().message.contains("image x"));
     }
@@ -194,7 +213,8 @@ mod tests {
         assert_eq!(status(&obs, Some(&desired_mode(OperatingMode::Paused)), Extra::default()).phase, Phase::Paused);
         obs.containers = Some(vec![]);
         assert_eq!(status(&obs, Some(&desired_mode(OperatingMode::Stopped)), Extra::default()).phase, Phase::Stopped);
-        let mut des = desired_with(crate::api::WorkspaceSpec { update_policy: Some(UpdatePolicy::Manual), ..Default::default() });
+        let mut des =
+            desired_with(crate::api::WorkspaceSpec { update_policy: Some(UpdatePolicy::Manual), ..Default::default() });
         des.spec_hash = "new".into();
         let st = status(&healthy(), Some(&des), Extra::default());
         assert!(find(&st.conditions, "SpecDrift").unwrap().is_true());

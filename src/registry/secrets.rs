@@ -71,7 +71,13 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Response {
     match state.store.secrets(&[]).await {
         Ok(rows) => Json(
             rows.into_iter()
-                .map(|r| SecretView { scope: r.scope, name: r.name, version: r.version, key_id: r.key_id, updated_at: r.updated_at })
+                .map(|r| SecretView {
+                    scope: r.scope,
+                    name: r.name,
+                    version: r.version,
+                    key_id: r.key_id,
+                    updated_at: r.updated_at,
+                })
                 .collect::<Vec<_>>(),
         )
         .into_response(),
@@ -80,7 +86,11 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `PUT /api/v1/secrets?scope=S&name=N`, body `{"value": "..."}`.
-pub(crate) async fn set(State(state): State<Arc<AppState>>, Query(q): Query<SecretQuery>, Json(body): Json<SecretBody>) -> Response {
+pub(crate) async fn set(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<SecretQuery>,
+    Json(body): Json<SecretBody>,
+) -> Response {
     let scope = match parse(&q) {
         Ok(s) => s,
         Err(r) => return r,

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::condition::find;
 use crate::api::{
-    Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ObjectKey, OperatingMode, Phase, SourceRef,
-    TokenStatus,
+    Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ObjectKey, OperatingMode, Phase, SourceRef, TokenStatus,
 };
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{DecisionRecord, TokenRow, WorkspaceRecord};
@@ -325,7 +324,13 @@ pub fn teams(desired: &DesiredSet, workspaces: &[WorkspaceSummary]) -> Vec<TeamS
         t.conditions = vec![Condition::new(
             "Ready",
             if ready { ConditionStatus::True } else { ConditionStatus::False },
-            if ready { "AllSettled" } else if t.members == 0 { "NoMembers" } else { "MembersNotReady" },
+            if ready {
+                "AllSettled"
+            } else if t.members == 0 {
+                "NoMembers"
+            } else {
+                "MembersNotReady"
+            },
             counts.join(", "),
             now,
         )];

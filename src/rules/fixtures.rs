@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::*;
-use crate::api::effective::{resolve, Defaults};
+use crate::api::effective::{Defaults, resolve};
 use crate::api::{ObjectKey, OperatingMode, SourceRef, WorkspaceSpec};
 use crate::runtime::labels;
 use crate::store::{TokenRow, WorkspaceRecord};

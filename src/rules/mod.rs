@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
 use crate::api::OperatingMode;
+use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
 use crate::runtime::ContainerInfo;
 use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
 
@@ -120,7 +120,6 @@ pub struct Settings {
     pub restart_backoff: Duration,
 }
 
-
 /// Everything a rule may look at.
 #[derive(Clone, Copy, Debug)]
 pub struct Ctx<'a> {
@@ -151,27 +150,49 @@ impl Decision {
 pub enum Action {
     /// New incarnation: revoke live tokens (reason), remove any old container, ensure the
     /// config volume, create the container, write a fresh token into it, start it.
-    Provision { revoke: RevokeReason },
+    Provision {
+        revoke: RevokeReason,
+    },
     /// Force-remove one container by id.
-    RemoveContainer { id: String },
+    RemoveContainer {
+        id: String,
+    },
     /// Remove the workspace's config volume.
     RemoveVolume,
     /// Revoke every live token of the workspace.
-    RevokeTokens { reason: RevokeReason },
+    RevokeTokens {
+        reason: RevokeReason,
+    },
     /// Revoke these live tokens.
-    RevokeTokenIds { ids: Vec<String>, reason: RevokeReason },
+    RevokeTokenIds {
+        ids: Vec<String>,
+        reason: RevokeReason,
+    },
     /// Live rotation: issue a token, write it into the running container, and let
     /// `old` stay valid until `old_valid_until` (the overlap).
-    RotateToken { old: String, old_valid_until: DateTime<Utc> },
+    RotateToken {
+        old: String,
+        old_valid_until: DateTime<Utc>,
+    },
     /// Revoke live tokens unused since `cutoff` (condition repeated in the UPDATE).
-    RevokeStaleTokens { cutoff: DateTime<Utc> },
+    RevokeStaleTokens {
+        cutoff: DateTime<Utc>,
+    },
     /// Issue a token for the current incarnation, write it into the running container,
     /// then revoke the others (reason).
-    ReissueToken { revoke: RevokeReason },
-    Pause { id: String },
-    Unpause { id: String },
+    ReissueToken {
+        revoke: RevokeReason,
+    },
+    Pause {
+        id: String,
+    },
+    Unpause {
+        id: String,
+    },
     /// Count a heartbeat restart against the budget (precedes a Provision).
-    RecordRestart { reason: String },
+    RecordRestart {
+        reason: String,
+    },
     /// The agent is back: the restart budget starts over.
     ResetRestarts,
     /// Forget the workspace's record (its container and volume are gone).
@@ -190,8 +211,12 @@ impl Action {
             Action::RotateToken { old_valid_until, .. } => {
                 format!("rotate the token (the old one valid until {})", old_valid_until.to_rfc3339())
             }
-            Action::RevokeStaleTokens { cutoff } => format!("revoke tokens unused since {}: container-missing", cutoff.to_rfc3339()),
-            Action::ReissueToken { revoke } => format!("write a new token into the container (old ones revoked: {revoke})"),
+            Action::RevokeStaleTokens { cutoff } => {
+                format!("revoke tokens unused since {}: container-missing", cutoff.to_rfc3339())
+            }
+            Action::ReissueToken { revoke } => {
+                format!("write a new token into the container (old ones revoked: {revoke})")
+            }
             Action::Pause { .. } => "pause container".into(),
             Action::Unpause { .. } => "unpause container".into(),
             Action::RecordRestart { reason } => format!("count restart: {reason}"),

@@ -12,7 +12,9 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
         return None;
     }
     let cause = match uid {
-        None => format!("{} container(s) carry this workspace's labels but the operator never provisioned it", strays.len()),
+        None => {
+            format!("{} container(s) carry this workspace's labels but the operator never provisioned it", strays.len())
+        }
         Some(_) => format!("{} container(s) carry this workspace's name but not its uid", strays.len()),
     };
     let actions = strays.iter().map(|c| Action::RemoveContainer { id: c.id.clone() }).collect();

@@ -24,8 +24,12 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
             RevokeReason::Superseded,
         ),
         Some(c) => match c.state {
-            ContainerState::Created => ("container was never started (interrupted provision)".into(), RevokeReason::Reprovision),
-            ContainerState::Exited | ContainerState::Dead => (format!("container {:?}", c.state).to_lowercase(), RevokeReason::Reprovision),
+            ContainerState::Created => {
+                ("container was never started (interrupted provision)".into(), RevokeReason::Reprovision)
+            }
+            ContainerState::Exited | ContainerState::Dead => {
+                (format!("container {:?}", c.state).to_lowercase(), RevokeReason::Reprovision)
+            }
             _ => return None,
         },
     };

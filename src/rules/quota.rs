@@ -31,20 +31,24 @@ pub struct Limits {
 pub fn hold(team: &str, limits: Limits, members: &[Member], me: &str) -> Option<String> {
     let mine = members.iter().find(|m| m.name == me)?;
     let order = |m: &&Member| (m.first_seen.unwrap_or(DateTime::<Utc>::MAX_UTC), m.name.clone());
-    let check = |max: Option<u32>, holds: fn(&Member) -> bool, wants: fn(&Member) -> bool, what: &str| -> Option<String> {
-        let max = max? as usize;
-        if holds(mine) || !wants(mine) {
-            return None;
-        }
-        let held = members.iter().filter(|m| holds(m)).count();
-        let mut waiting: Vec<&Member> = members.iter().filter(|m| !holds(m) && wants(m)).collect();
-        waiting.sort_by_key(order);
-        let place = waiting.iter().position(|m| m.name == me)?;
-        let room = max.saturating_sub(held);
-        (place >= room).then(|| {
-            format!("team {team} allows {max} {what} and {held} are taken; this one is number {} in line", place + 1 - room)
-        })
-    };
+    let check =
+        |max: Option<u32>, holds: fn(&Member) -> bool, wants: fn(&Member) -> bool, what: &str| -> Option<String> {
+            let max = max? as usize;
+            if holds(mine) || !wants(mine) {
+                return None;
+            }
+            let held = members.iter().filter(|m| holds(m)).count();
+            let mut waiting: Vec<&Member> = members.iter().filter(|m| !holds(m) && wants(m)).collect();
+            waiting.sort_by_key(order);
+            let place = waiting.iter().position(|m| m.name == me)?;
+            let room = max.saturating_sub(held);
+            (place >= room).then(|| {
+                format!(
+                    "team {team} allows {max} {what} and {held} are taken; this one is number {} in line",
+                    place + 1 - room
+                )
+            })
+        };
     check(limits.max_workspaces, |m| m.has_container, |m| m.wants_container, "workspaces")
         .or_else(|| check(limits.max_running, |m| m.running, |m| m.wants_running, "running workspaces"))
 }

@@ -32,7 +32,11 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
     let overlap = chrono::Duration::from_std(spec.token_policy.overlap).ok()?;
     Some(Decision::new(
         "rotation",
-        format!("token {}… is due for rotation (issued {})", current.prefix, current.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        format!(
+            "token {}… is due for rotation (issued {})",
+            current.prefix,
+            current.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
         vec![Action::RotateToken { old: current.id.clone(), old_valid_until: ctx.now + overlap }],
     ))
 }
@@ -66,7 +70,10 @@ mod tests {
         // The healthy token was issued at t(100); now is t(1000).
         let (obs, s) = (healthy(), settings());
         let d = rule(&ctx(Some(&policy(Some("10m"), None)), &obs, &s)).unwrap();
-        assert_eq!(d.actions, vec![Action::RotateToken { old: "t1".into(), old_valid_until: now() + chrono::Duration::seconds(30) }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::RotateToken { old: "t1".into(), old_valid_until: now() + chrono::Duration::seconds(30) }]
+        );
         assert_eq!(rule(&ctx(Some(&policy(Some("1h"), None)), &obs, &s)), None);
     }
 

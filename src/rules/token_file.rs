@@ -17,7 +17,9 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
     };
     match &ctx.observed.token_file {
         TokenFile::NotRead | TokenFile::Unreadable(_) => None,
-        TokenFile::Missing => reissue(format!("{}/{} is missing or empty", crate::runtime::CONFIGS_DIR, crate::runtime::TOKEN_FILE)),
+        TokenFile::Missing => {
+            reissue(format!("{}/{} is missing or empty", crate::runtime::CONFIGS_DIR, crate::runtime::TOKEN_FILE))
+        }
         TokenFile::Hash(h) => {
             let now = ctx.now;
             let Some(live) = ctx.observed.current_tokens().find(|t| &t.token_hash == h && t.valid_at(now)) else {
@@ -71,7 +73,10 @@ mod tests {
     fn missing_or_foreign_file_gets_a_new_token() {
         let mut obs = healthy();
         obs.token_file = TokenFile::Missing;
-        assert_eq!(decide(&obs).unwrap().actions, vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]);
+        assert_eq!(
+            decide(&obs).unwrap().actions,
+            vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]
+        );
         obs.token_file = TokenFile::Hash("hash-of-garbage".into());
         assert!(decide(&obs).unwrap().cause.contains("no live token"));
     }
@@ -96,7 +101,10 @@ mod tests {
         let mut obs = healthy();
         obs.live_tokens.insert(0, token("t0", 0, t(0), None));
         let d = decide(&obs).unwrap();
-        assert_eq!(d.actions, vec![Action::RevokeTokenIds { ids: vec!["t0".into()], reason: RevokeReason::Superseded }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::RevokeTokenIds { ids: vec!["t0".into()], reason: RevokeReason::Superseded }]
+        );
     }
 
     #[test]
@@ -107,7 +115,10 @@ mod tests {
         obs.live_tokens.insert(0, old);
         assert_eq!(decide(&obs), None, "inside the overlap the old token is left alone");
         obs.live_tokens[0].expires_at = Some(now() - chrono::Duration::seconds(1));
-        assert_eq!(decide(&obs).unwrap().actions, vec![Action::RevokeTokenIds { ids: vec!["t0".into()], reason: RevokeReason::Rotated }]);
+        assert_eq!(
+            decide(&obs).unwrap().actions,
+            vec![Action::RevokeTokenIds { ids: vec!["t0".into()], reason: RevokeReason::Rotated }]
+        );
     }
 
     #[test]

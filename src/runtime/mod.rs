@@ -133,7 +133,9 @@ pub struct RuntimeEvent {
 pub enum RuntimeError {
     #[error("Docker is unreachable ({0}); is the daemon running and /var/run/docker.sock readable?")]
     Unavailable(String),
-    #[error("image {image} is not present and imagePullPolicy is Never; build or load it (`molecule-operator agent-image` builds molecule-agent:local)")]
+    #[error(
+        "image {image} is not present and imagePullPolicy is Never; build or load it (`molecule-operator agent-image` builds molecule-agent:local)"
+    )]
     ImageMissing { image: String },
     #[error("image {image} could not be pulled: {message}")]
     PullFailed { image: String, message: String },

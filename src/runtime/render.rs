@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use super::{labels, ContainerSpec};
+use super::{ContainerSpec, labels};
 use crate::api::EffectiveSpec;
 
 /// Who the container is for.
@@ -85,8 +85,8 @@ pub fn spec_hash(spec: &ContainerSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::effective::{resolve, Defaults};
     use crate::api::WorkspaceSpec;
+    use crate::api::effective::{Defaults, resolve};
 
     fn rendered(spec: WorkspaceSpec) -> ContainerSpec {
         let eff = resolve(&spec, &Defaults::default()).unwrap();

@@ -163,7 +163,10 @@ pub fn merge(snapshots: &[Snapshot], defaults: &Defaults, previous: &DesiredSet)
 /// Workspaces declared before but not now whose children (declared now, or kept by
 /// this same rule) still name them as parent, with those children's names. Removing a
 /// parent together with all its children is allowed.
-fn refused_deletions(previous: &DesiredSet, inherited: &BTreeMap<&ObjectKey, Inherited>) -> BTreeMap<ObjectKey, (DesiredWorkspace, Vec<String>)> {
+fn refused_deletions(
+    previous: &DesiredSet,
+    inherited: &BTreeMap<&ObjectKey, Inherited>,
+) -> BTreeMap<ObjectKey, (DesiredWorkspace, Vec<String>)> {
     let parent_of_now = |k: &ObjectKey| -> Option<String> {
         inherited.get(k).and_then(|e| e.as_ref().ok()).and_then(|(s, _)| s.parent.clone())
     };
@@ -177,11 +180,8 @@ fn refused_deletions(previous: &DesiredSet, inherited: &BTreeMap<&ObjectKey, Inh
             let named_by = |child: &ObjectKey, parent: Option<String>| {
                 child.namespace == key.namespace && parent.as_deref() == Some(key.name.as_str())
             };
-            let mut children: Vec<String> = inherited
-                .keys()
-                .filter(|c| named_by(c, parent_of_now(c)))
-                .map(|c| c.name.clone())
-                .collect();
+            let mut children: Vec<String> =
+                inherited.keys().filter(|c| named_by(c, parent_of_now(c))).map(|c| c.name.clone()).collect();
             children.extend(
                 refused
                     .iter()
@@ -644,7 +644,10 @@ mod deletion_tests {
     fn ws(name: &str, parent: Option<&str>) -> SourceObject {
         let mut w = Workspace::new(name, WorkspaceSpec { parent: parent.map(str::to_string), ..Default::default() });
         w.metadata.namespace = Some("default".into());
-        SourceObject::Workspace { object: w, source: SourceRef { kind: "dir".into(), reference: format!("{name}.yaml") } }
+        SourceObject::Workspace {
+            object: w,
+            source: SourceRef { kind: "dir".into(), reference: format!("{name}.yaml") },
+        }
     }
 
     fn set(objects: Vec<SourceObject>, previous: &DesiredSet) -> DesiredSet {

@@ -12,11 +12,22 @@ use crate::api::{ObjectKey, SourceRef, Team, Workspace};
 /// One object as a source read it, or why it could not be read.
 #[derive(Clone, Debug)]
 pub enum SourceObject {
-    Workspace { object: Workspace, source: SourceRef },
-    Team { object: Team, source: SourceRef },
+    Workspace {
+        object: Workspace,
+        source: SourceRef,
+    },
+    Team {
+        object: Team,
+        source: SourceRef,
+    },
     /// An object whose kind and name are known but whose body is invalid (unknown
     /// field, bad value): it gets InvalidSpec and nothing is changed for it.
-    Invalid { kind: String, key: ObjectKey, source: SourceRef, error: String },
+    Invalid {
+        kind: String,
+        key: ObjectKey,
+        source: SourceRef,
+        error: String,
+    },
 }
 
 /// Everything one source declares right now.

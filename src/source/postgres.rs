@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use serde_json::{Value, json};
 use sqlx::Row;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -31,11 +31,7 @@ pub struct PostgresSource {
 impl PostgresSource {
     /// Connects; the tables come from the state store's migrations (the same database).
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await?;
+        let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
         Ok(Self { pool, url: url.to_string() })
     }
 
@@ -97,7 +93,9 @@ impl PostgresSource {
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "postgres source: reading desired_objects failed; keeping the last rows read"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres source: reading desired_objects failed; keeping the last rows read")
+                    }
                 }
                 let wait_listener = async {
                     match listener.as_mut() {
@@ -126,7 +124,11 @@ impl PostgresSource {
     }
 
     /// Writes each reported status into its Workspace row (whole; skipped when equal).
-    pub fn write_status(self, mut reports: broadcast::Receiver<Report>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn write_status(
+        self,
+        mut reports: broadcast::Receiver<Report>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
                 let report = tokio::select! {
@@ -158,7 +160,14 @@ impl PostgresSource {
 
     /// Upserts objects (what `molecule-operator apply --database-url` writes); an
     /// object applied again after a soft delete is declared again.
-    pub async fn upsert(&self, kind: &str, namespace: &str, name: &str, spec: &Value, labels: &Value) -> Result<(), sqlx::Error> {
+    pub async fn upsert(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        spec: &Value,
+        labels: &Value,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO desired_objects (kind, namespace, name, spec, labels) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb) \
              ON CONFLICT (kind, namespace, name) DO UPDATE SET spec = excluded.spec, labels = excluded.labels, deleted_at = NULL",
@@ -175,10 +184,26 @@ impl PostgresSource {
 }
 
 /// A row as a typed object, or Invalid with what to fix.
-fn object(kind: &str, namespace: &str, name: &str, generation: i64, spec: &str, labels: &str, source: SourceRef) -> SourceObject {
+fn object(
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    generation: i64,
+    spec: &str,
+    labels: &str,
+    source: SourceRef,
+) -> SourceObject {
     let key = ObjectKey::new(namespace, name);
-    let invalid = |error: String| SourceObject::Invalid { kind: kind.to_string(), key: key.clone(), source: source.clone(), error };
-    let parse = |text: &str, what: &str| serde_json::from_str::<Value>(text).map_err(|e| format!("desired_objects {kind} {key}: {what} is not JSON: {e}"));
+    let invalid = |error: String| SourceObject::Invalid {
+        kind: kind.to_string(),
+        key: key.clone(),
+        source: source.clone(),
+        error,
+    };
+    let parse = |text: &str, what: &str| {
+        serde_json::from_str::<Value>(text)
+            .map_err(|e| format!("desired_objects {kind} {key}: {what} is not JSON: {e}"))
+    };
     let (spec, labels) = match (parse(spec, "spec"), parse(labels, "labels")) {
         (Ok(s), Ok(l)) => (s, l),
         (Err(e), _) | (_, Err(e)) => return invalid(e),

@@ -229,13 +229,31 @@ pub trait Store: Send + Sync + 'static {
     /// Every token row of a workspace, newest first, at most `limit`.
     async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>>;
     /// Revokes the workspace's live tokens except `keep`; returns how many.
-    async fn revoke_tokens(&self, uid: &str, reason: RevokeReason, keep: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
+    async fn revoke_tokens(
+        &self,
+        uid: &str,
+        reason: RevokeReason,
+        keep: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
     /// Revokes live tokens whose COALESCE(last_used_at, created_at) < cutoff. The
     /// condition is repeated in the UPDATE, so a heartbeat landing after the caller
     /// looked wins.
-    async fn revoke_stale_tokens(&self, uid: &str, cutoff: DateTime<Utc>, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64>;
+    async fn revoke_stale_tokens(
+        &self,
+        uid: &str,
+        cutoff: DateTime<Utc>,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
     /// Revokes one live token of the workspace; returns 1, or 0 if it was not live.
-    async fn revoke_token(&self, uid: &str, token_id: &str, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64>;
+    async fn revoke_token(
+        &self,
+        uid: &str,
+        token_id: &str,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
     /// Rotation: the live token stays valid until `at`, then is refused (and revoked).
     async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
     /// Resolves a presented token by its hash; live rows only. Does not touch it.
@@ -245,7 +263,13 @@ pub trait Store: Send + Sync + 'static {
     async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
 
     /// Stores a sealed secret (insert or replace); returns its new version.
-    async fn put_secret(&self, scope: &str, name: &str, sealed: &crate::secrets::Sealed, now: DateTime<Utc>) -> StoreResult<i64>;
+    async fn put_secret(
+        &self,
+        scope: &str,
+        name: &str,
+        sealed: &crate::secrets::Sealed,
+        now: DateTime<Utc>,
+    ) -> StoreResult<i64>;
     /// Secrets of the given scopes (all scopes when empty), by scope then name.
     async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>>;
     /// Deletes a secret; false when there was none.
@@ -339,11 +363,8 @@ fn encode_object_body(object: &StoredObject, rv: i64) -> StoreResult<(serde_json
 }
 
 fn decode_object_body(kind: &str, namespace: &str, name: &str, text: &str) -> StoreResult<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| {
-        StoreError::Invalid(format!(
-            "the stored {kind} {namespace}/{name} is not valid JSON: {e}"
-        ))
-    })
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Invalid(format!("the stored {kind} {namespace}/{name} is not valid JSON: {e}")))
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -353,10 +374,7 @@ pub async fn open(url: &str) -> StoreResult<DynStore> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
     } else {
-        let path = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .unwrap_or(url);
+        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
         Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?))
     }
 }

@@ -67,10 +67,9 @@ async fn probe(options: &PgConnectOptions) -> StoreResult<()> {
             let _ = conn.close().await;
             Ok(())
         }
-        Ok(Err(sqlx::Error::Io(e))) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("{server}: {e}"),
-        )))),
+        Ok(Err(sqlx::Error::Io(e))) => {
+            Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(e.kind(), format!("{server}: {e}")))))
+        }
         Ok(Err(e)) => Err(StoreError::Database(e)),
         Err(_) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -126,11 +125,7 @@ fn token_from_row(row: &PgRow) -> StoreResult<TokenRow> {
 
 /// `Err(unknown workspace)` when an UPDATE keyed by uid matched no row.
 fn expect_one(uid: &str, rows_affected: u64) -> StoreResult<()> {
-    if rows_affected == 0 {
-        Err(unknown_workspace(uid))
-    } else {
-        Ok(())
-    }
+    if rows_affected == 0 { Err(unknown_workspace(uid)) } else { Ok(()) }
 }
 
 #[async_trait]
@@ -201,10 +196,8 @@ impl Store for PostgresStore {
     }
 
     async fn reset_restarts(&self, uid: &str) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE workspaces SET restart_count = 0 WHERE uid = $1")
-            .bind(uid)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE workspaces SET restart_count = 0 WHERE uid = $1").bind(uid).execute(&self.pool).await?;
         expect_one(uid, done.rows_affected())
     }
 
@@ -246,14 +239,8 @@ impl Store for PostgresStore {
         .bind(RevokeReason::Deleted.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM decisions WHERE workspace_uid = $1")
-            .bind(uid)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM workspaces WHERE uid = $1")
-            .bind(uid)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("DELETE FROM decisions WHERE workspace_uid = $1").bind(uid).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM workspaces WHERE uid = $1").bind(uid).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -294,11 +281,7 @@ impl Store for PostgresStore {
             token_columns!(),
             " FROM workspace_auth_tokens WHERE workspace_uid = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
         );
-        let rows = sqlx::query(sql)
-            .bind(uid)
-            .bind(limit.max(0))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sql).bind(uid).bind(limit.max(0)).fetch_all(&self.pool).await?;
         rows.iter().map(token_from_row).collect()
     }
 
@@ -322,7 +305,13 @@ impl Store for PostgresStore {
         Ok(done.rows_affected())
     }
 
-    async fn revoke_token(&self, uid: &str, token_id: &str, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64> {
+    async fn revoke_token(
+        &self,
+        uid: &str,
+        token_id: &str,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE workspace_auth_tokens SET revoked_at = $3, revoke_reason = $4 \
              WHERE workspace_uid = $1 AND id = $2 AND revoked_at IS NULL",
@@ -415,7 +404,13 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn put_secret(&self, scope: &str, name: &str, sealed: &crate::secrets::Sealed, now: DateTime<Utc>) -> StoreResult<i64> {
+    async fn put_secret(
+        &self,
+        scope: &str,
+        name: &str,
+        sealed: &crate::secrets::Sealed,
+        now: DateTime<Utc>,
+    ) -> StoreResult<i64> {
         let row = sqlx::query(
             "INSERT INTO secrets (scope, name, key_id, nonce, ciphertext, version, updated_at) \
              VALUES ($1, $2, $3, $4, $5, 1, $6) \
@@ -435,7 +430,11 @@ impl Store for PostgresStore {
     }
 
     async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>> {
-        let rows = sqlx::query("SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query(
+            "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .filter(|row| scopes.is_empty() || row.try_get::<String, _>("scope").is_ok_and(|s| scopes.contains(&s)))
             .map(|row| {
@@ -511,31 +510,24 @@ impl Store for PostgresStore {
     }
 
     async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>> {
-        let sql = concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = $1 AND namespace = $2 AND name = $3");
-        let row = sqlx::query(sql)
-            .bind(kind)
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let sql =
+            concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = $1 AND namespace = $2 AND name = $3");
+        let row = sqlx::query(sql).bind(kind).bind(namespace).bind(name).fetch_optional(&self.pool).await?;
         row.as_ref().map(object_from_row).transpose()
     }
 
     async fn list_objects(&self, kind: &str, namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
         // REPEATABLE READ: the rows and the revision are one snapshot.
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
         let sql = concat!(
             "SELECT ",
             object_columns!(),
             " FROM objects WHERE kind = $1 AND ($2::text IS NULL OR namespace = $2) ORDER BY namespace, name"
         );
         let rows = sqlx::query(sql).bind(kind).bind(namespace).fetch_all(&mut *tx).await?;
-        let revision: i64 = sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
+        let revision: i64 =
+            sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1").fetch_one(&mut *tx).await?;
         tx.commit().await?;
         Ok((rows.iter().map(object_from_row).collect::<StoreResult<_>>()?, revision))
     }
@@ -582,18 +574,20 @@ impl Store for PostgresStore {
         Ok(ObjectWrite::Written(StoredObject { resource_version: rv, body, ..object.clone() }))
     }
 
-    async fn delete_object(&self, kind: &str, namespace: &str, name: &str, expected: Option<i64>) -> StoreResult<ObjectWrite> {
+    async fn delete_object(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<ObjectWrite> {
         let mut tx = self.pool.begin().await?;
         let rv: i64 = sqlx::query_scalar("UPDATE object_revision SET value = value + 1 WHERE id = 1 RETURNING value")
             .fetch_one(&mut *tx)
             .await?;
-        let sql = concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = $1 AND namespace = $2 AND name = $3");
-        let row = sqlx::query(sql)
-            .bind(kind)
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let sql =
+            concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = $1 AND namespace = $2 AND name = $3");
+        let row = sqlx::query(sql).bind(kind).bind(namespace).bind(name).fetch_optional(&mut *tx).await?;
         let Some(stored) = row.as_ref().map(object_from_row).transpose()? else {
             tx.rollback().await?;
             return Ok(ObjectWrite::Conflict { current: None });
@@ -614,9 +608,7 @@ impl Store for PostgresStore {
     }
 
     async fn object_revision(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1").fetch_one(&self.pool).await?)
     }
 }
 

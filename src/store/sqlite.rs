@@ -8,11 +8,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
+use sqlx::Row;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::Row;
 
 use super::*;
 
@@ -100,13 +100,9 @@ fn ts(t: DateTime<Utc>) -> String {
 }
 
 fn parse_ts(column: &str, text: &str) -> StoreResult<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| {
-            StoreError::Invalid(format!(
-                "the state database holds a malformed timestamp {text:?} in {column}: {e}"
-            ))
-        })
+    DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).map_err(|e| {
+        StoreError::Invalid(format!("the state database holds a malformed timestamp {text:?} in {column}: {e}"))
+    })
 }
 
 fn get_ts(row: &SqliteRow, column: &str) -> StoreResult<DateTime<Utc>> {
@@ -190,11 +186,7 @@ fn object_from_row(row: &SqliteRow) -> StoreResult<StoredObject> {
 
 /// `Err(unknown workspace)` when an UPDATE keyed by uid matched no row.
 fn expect_one(uid: &str, rows_affected: u64) -> StoreResult<()> {
-    if rows_affected == 0 {
-        Err(unknown_workspace(uid))
-    } else {
-        Ok(())
-    }
+    if rows_affected == 0 { Err(unknown_workspace(uid)) } else { Ok(()) }
 }
 
 #[async_trait]
@@ -265,10 +257,8 @@ impl Store for SqliteStore {
     }
 
     async fn reset_restarts(&self, uid: &str) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE workspaces SET restart_count = 0 WHERE uid = ?1")
-            .bind(uid)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE workspaces SET restart_count = 0 WHERE uid = ?1").bind(uid).execute(&self.pool).await?;
         expect_one(uid, done.rows_affected())
     }
 
@@ -310,14 +300,8 @@ impl Store for SqliteStore {
         .bind(RevokeReason::Deleted.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM decisions WHERE workspace_uid = ?1")
-            .bind(uid)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM workspaces WHERE uid = ?1")
-            .bind(uid)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("DELETE FROM decisions WHERE workspace_uid = ?1").bind(uid).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM workspaces WHERE uid = ?1").bind(uid).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -358,11 +342,7 @@ impl Store for SqliteStore {
             token_columns!(),
             " FROM workspace_auth_tokens WHERE workspace_uid = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
         );
-        let rows = sqlx::query(sql)
-            .bind(uid)
-            .bind(limit.max(0))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sql).bind(uid).bind(limit.max(0)).fetch_all(&self.pool).await?;
         rows.iter().map(token_from_row).collect()
     }
 
@@ -386,7 +366,13 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn revoke_token(&self, uid: &str, token_id: &str, reason: RevokeReason, now: DateTime<Utc>) -> StoreResult<u64> {
+    async fn revoke_token(
+        &self,
+        uid: &str,
+        token_id: &str,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE workspace_auth_tokens SET revoked_at = ?3, revoke_reason = ?4 \
              WHERE workspace_uid = ?1 AND id = ?2 AND revoked_at IS NULL",
@@ -479,7 +465,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn put_secret(&self, scope: &str, name: &str, sealed: &crate::secrets::Sealed, now: DateTime<Utc>) -> StoreResult<i64> {
+    async fn put_secret(
+        &self,
+        scope: &str,
+        name: &str,
+        sealed: &crate::secrets::Sealed,
+        now: DateTime<Utc>,
+    ) -> StoreResult<i64> {
         let row = sqlx::query(
             "INSERT INTO secrets (scope, name, key_id, nonce, ciphertext, version, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6) \
@@ -499,7 +491,11 @@ impl Store for SqliteStore {
     }
 
     async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>> {
-        let rows = sqlx::query("SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query(
+            "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .filter(|row| scopes.is_empty() || row.try_get::<String, _>("scope").is_ok_and(|s| scopes.contains(&s)))
             .map(|row| {
@@ -573,13 +569,9 @@ impl Store for SqliteStore {
     }
 
     async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>> {
-        let sql = concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3");
-        let row = sqlx::query(sql)
-            .bind(kind)
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let sql =
+            concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3");
+        let row = sqlx::query(sql).bind(kind).bind(namespace).bind(name).fetch_optional(&self.pool).await?;
         row.as_ref().map(object_from_row).transpose()
     }
 
@@ -592,9 +584,8 @@ impl Store for SqliteStore {
             " FROM objects WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2) ORDER BY namespace, name"
         );
         let rows = sqlx::query(sql).bind(kind).bind(namespace).fetch_all(&mut *tx).await?;
-        let revision: i64 = sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
+        let revision: i64 =
+            sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1").fetch_one(&mut *tx).await?;
         tx.commit().await?;
         Ok((rows.iter().map(object_from_row).collect::<StoreResult<_>>()?, revision))
     }
@@ -638,15 +629,17 @@ impl Store for SqliteStore {
         Ok(ObjectWrite::Written(StoredObject { resource_version: rv, body, ..object.clone() }))
     }
 
-    async fn delete_object(&self, kind: &str, namespace: &str, name: &str, expected: Option<i64>) -> StoreResult<ObjectWrite> {
+    async fn delete_object(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<ObjectWrite> {
         let mut tx = self.write_tx().await?;
-        let sql = concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3");
-        let row = sqlx::query(sql)
-            .bind(kind)
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let sql =
+            concat!("SELECT ", object_columns!(), " FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3");
+        let row = sqlx::query(sql).bind(kind).bind(namespace).bind(name).fetch_optional(&mut *tx).await?;
         let Some(stored) = row.as_ref().map(object_from_row).transpose()? else {
             return Ok(ObjectWrite::Conflict { current: None });
         };
@@ -668,9 +661,7 @@ impl Store for SqliteStore {
     }
 
     async fn object_revision(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT value FROM object_revision WHERE id = 1").fetch_one(&self.pool).await?)
     }
 }
 
@@ -678,12 +669,9 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-
     #[test]
     fn stored_timestamps_sort_as_time() {
-        let a = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let a = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
         let b = a + chrono::Duration::microseconds(1);
         let c = a + chrono::Duration::seconds(10);
         assert_eq!(ts(a), "2026-01-02T03:04:05.000000Z");

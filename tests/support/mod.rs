@@ -4,5 +4,5 @@
 
 pub mod docker;
 pub mod operator;
-pub mod proxy;
 pub mod postgres;
+pub mod proxy;

@@ -15,7 +15,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_molecule-operator");
 
 /// Docker must be there. In CI a missing daemon fails the test; locally it skips.
 pub fn docker_available() -> bool {
-    let ok = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("Docker is required (CI=true) but `docker info` failed: is the daemon running?");
@@ -72,9 +75,24 @@ impl Op {
         let dir = tempfile::Builder::new().prefix("mol-org-").tempdir().unwrap();
         let state_root = tempfile::Builder::new().prefix("mol-state-").tempdir().unwrap();
         let state = state_root.path().join("state");
-        let instance = format!("t{}-{}", std::process::id(), test.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect::<String>());
+        let instance = format!(
+            "t{}-{}",
+            std::process::id(),
+            test.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect::<String>()
+        );
         let log = state_root.path().join("operator.log");
-        Self { dir, state, _state_root: state_root, port: free_port(), instance, extra: vec![], env: vec![], sources: vec![], child: None, log }
+        Self {
+            dir,
+            state,
+            _state_root: state_root,
+            port: free_port(),
+            instance,
+            extra: vec![],
+            env: vec![],
+            sources: vec![],
+            child: None,
+            log,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -109,7 +127,14 @@ impl Op {
         }
         cmd.arg("--state")
             .arg(&self.state)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--instance", &self.instance, "--heartbeat-seconds", "1"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--instance",
+                &self.instance,
+                "--heartbeat-seconds",
+                "1",
+            ])
             .args(&self.extra)
             .env("RUST_LOG", "info,molecule=debug")
             .stdout(log.try_clone().unwrap())
@@ -174,13 +199,7 @@ impl Op {
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("--state")
-            .arg(&self.state)
-            .args(["--server", &self.url()])
-            .output()
-            .unwrap()
+        Command::new(BIN).args(args).arg("--state").arg(&self.state).args(["--server", &self.url()]).output().unwrap()
     }
 
     /// `get workspaces -o json`, by name.
@@ -194,7 +213,12 @@ impl Op {
     }
 
     /// Polls `get` until `pred` holds; panics with the last state and the log tail.
-    pub fn wait(&self, what: &str, deadline: Duration, pred: impl Fn(&BTreeMap<String, Value>) -> bool) -> BTreeMap<String, Value> {
+    pub fn wait(
+        &self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) -> BTreeMap<String, Value> {
         let t0 = Instant::now();
         let mut last = None;
         while t0.elapsed() < deadline {
@@ -207,8 +231,12 @@ impl Op {
             std::thread::sleep(Duration::from_millis(50));
         }
         let logs = self.logs();
-        let tail: String = logs.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        panic!("timed out after {deadline:?} waiting for {what}\nlast state: {}\nlog tail:\n{tail}", serde_json::to_string_pretty(&last).unwrap_or_default());
+        let tail: String =
+            logs.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        panic!(
+            "timed out after {deadline:?} waiting for {what}\nlast state: {}\nlog tail:\n{tail}",
+            serde_json::to_string_pretty(&last).unwrap_or_default()
+        );
     }
 
     /// Waits until every named workspace is Running with a heartbeat from its current container.

@@ -88,11 +88,7 @@ pub async fn fresh_database() -> Option<TestDatabase> {
         .await
         .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
     let _ = conn.close().await;
-    Some(TestDatabase {
-        url: with_database(&admin_url, &name),
-        name,
-        server,
-    })
+    Some(TestDatabase { url: with_database(&admin_url, &name), name, server })
 }
 
 impl Drop for TestDatabase {
@@ -105,8 +101,7 @@ impl Drop for TestDatabase {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(async {
                     let mut conn = PgConnection::connect(&admin_url).await?;
-                    conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                        .await?;
+                    conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await?;
                     conn.close().await?;
                     Ok::<_, sqlx::Error>(())
                 })?;
@@ -221,28 +216,14 @@ impl Cluster {
             .current_dir("/")
             .process_group(0);
         run_as(&mut watchdog, owner);
-        let mut child = watchdog
-            .spawn()
-            .map_err(|e| failed("cannot start the cleanup watchdog", &e))?;
-        let pipe = child
-            .stdin
-            .take()
-            .ok_or_else(|| failed("the watchdog has no stdin", &"piped stdin missing"))?;
-        let mut cluster = Cluster {
-            dir,
-            port: 0,
-            watchdog: Some((child, pipe)),
-        };
+        let mut child = watchdog.spawn().map_err(|e| failed("cannot start the cleanup watchdog", &e))?;
+        let pipe = child.stdin.take().ok_or_else(|| failed("the watchdog has no stdin", &"piped stdin missing"))?;
+        let mut cluster = Cluster { dir, port: 0, watchdog: Some((child, pipe)) };
 
         let data = cluster.dir.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
-        cluster
-            .run(&mut initdb, owner, "initdb.log")
-            .map_err(Unavailable::Failed)?;
+        initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        cluster.run(&mut initdb, owner, "initdb.log").map_err(Unavailable::Failed)?;
 
         // A free port can be taken between our look and the server's bind: retry.
         let mut last_error = String::new();
@@ -283,14 +264,8 @@ impl Cluster {
     fn run(&self, cmd: &mut Command, owner: Option<(u32, u32)>, log: &str) -> Result<(), String> {
         let log_path = self.dir.join(log);
         let log_file = File::create(&log_path).map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .current_dir(&self.dir)
-            .env("LC_ALL", "C");
+        let log_err = log_file.try_clone().map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        cmd.stdin(Stdio::null()).stdout(log_file).stderr(log_err).current_dir(&self.dir).env("LC_ALL", "C");
         run_as(cmd, owner);
         let program = cmd.get_program().to_string_lossy().into_owned();
         let status = cmd.status().map_err(|e| format!("cannot run {program}: {e}"))?;
@@ -325,14 +300,8 @@ impl Drop for Cluster {
 /// 2-3 s on the ext4 disk.
 fn scratch_root() -> PathBuf {
     let shm = Path::new("/dev/shm");
-    let writable = shm
-        .metadata()
-        .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o002 != 0);
-    if writable {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    }
+    let writable = shm.metadata().is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o002 != 0);
+    if writable { shm.to_path_buf() } else { std::env::temp_dir() }
 }
 
 fn run_as(cmd: &mut Command, owner: Option<(u32, u32)>) {
