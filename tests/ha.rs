@@ -134,3 +134,40 @@ async fn a_paused_leader_that_wakes_after_losing_the_lease_stops_without_acting(
     );
     assert_eq!(live, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_one_leader_and_exactly_one_successor() {
+    if !docker_available() {
+        return;
+    }
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let org = tempfile::tempdir().unwrap();
+    std::fs::write(org.path().join("dev.yaml"), workspace_yaml("dev")).unwrap();
+    let instance = format!("h3{}", std::process::id());
+    let mut first = replica("ha3a", &db.url, org.path(), &instance);
+    first.start();
+    let ws = tokio::task::block_in_place(|| first.wait_online(&["dev"], Duration::from_secs(90)));
+    let mut others = [replica("ha3b", &db.url, org.path(), &instance), replica("ha3c", &db.url, org.path(), &instance)];
+    for o in others.iter_mut() {
+        o.start();
+    }
+    for o in &others {
+        tokio::task::block_in_place(|| {
+            o.wait("follower serving", Duration::from_secs(30), |ws| ws.contains_key("dev"))
+        });
+    }
+    let inc = ws["dev"]["incarnation"].as_i64().unwrap();
+    first.kill();
+    assert!(docker_ok(&["rm", "-f", ws["dev"]["container"]["id"].as_str().unwrap()]));
+    tokio::task::block_in_place(|| {
+        others[0].wait("a successor healed", Duration::from_secs(60), |ws| {
+            online(&ws["dev"]) && ws["dev"]["incarnation"].as_i64() > Some(inc)
+        })
+    });
+    // Exactly one successor leads; the other keeps following.
+    std::thread::sleep(Duration::from_secs(4)); // more than a lease: a second leader would show by now
+    let leading = others.iter().filter(|o| o.logs().contains("leading")).count();
+    assert_eq!(leading, 1, "exactly one successor");
+    assert_eq!(others[0].containers().len(), 1, "no duplicate containers");
+    assert_eq!(others[0].get().unwrap()["dev"]["incarnation"].as_i64(), Some(inc + 1), "healed once, not twice");
+}

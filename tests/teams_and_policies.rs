@@ -312,3 +312,30 @@ fn secrets_override_by_scope_restart_only_their_users_and_never_leak() {
     let db = std::fs::read(op.state.join("state.db")).unwrap();
     assert!(!db.windows(t2.len()).any(|w| w == t2.as_bytes()), "the database holds only ciphertext");
 }
+
+#[test]
+fn on_resume_reissue_gives_a_thawed_workspace_a_new_token_without_recreating_it() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("onresume");
+    let yaml = |mode: &str| {
+        format!("{}  operatingMode: {mode}\n  tokenPolicy:\n    onResume: Reissue\n", workspace_yaml("dev"))
+    };
+    op.write("dev.yaml", &yaml("Running"));
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
+    let id = ws["dev"]["container"]["id"].as_str().unwrap().to_string();
+    let (old, _, _) = read_token(&id).unwrap();
+    op.write("dev.yaml", &yaml("Paused"));
+    op.wait("paused", CONVERGE, |ws| ws["dev"]["phase"] == "Paused");
+    op.write("dev.yaml", &yaml("Running"));
+    let ws = op.wait("resumed on a new token", CONVERGE, |ws| {
+        online(&ws["dev"]) && ws["dev"]["token"]["prefix"].as_str() != Some(&old[..8])
+    });
+    assert_eq!(ws["dev"]["container"]["id"].as_str(), Some(id.as_str()), "the same container, thawed");
+    let uid = ws["dev"]["uid"].as_str().unwrap();
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &old, uid), 401);
+    let (new, _, _) = read_token(&id).unwrap();
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &new, uid), 200);
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{ImagePullPolicy, OnPause, OperatingMode, Security, UpdatePolicy, WorkspaceSpec, duration, tiers};
+use super::{
+    ImagePullPolicy, OnPause, OnResume, OperatingMode, Security, UpdatePolicy, WorkspaceSpec, duration, tiers,
+};
 
 pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(300);
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(60);
@@ -39,6 +41,8 @@ pub struct EffectiveTokenPolicy {
     #[serde(with = "humantime_serde_secs")]
     pub stale_grace: Duration,
     pub on_pause: OnPause,
+    #[serde(default)]
+    pub on_resume: OnResume,
     #[serde(default, with = "humantime_serde_opt")]
     pub rotate_every: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -81,6 +85,7 @@ pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> Workspa
         (Some(o), Some(t)) => Some(super::TokenPolicy {
             stale_grace: o.stale_grace.clone().or(t.stale_grace.clone()),
             on_pause: o.on_pause.or(t.on_pause),
+            on_resume: o.on_resume.or(t.on_resume),
             rotate_every: o.rotate_every.clone().or(t.rotate_every.clone()),
             max_age: o.max_age.clone().or(t.max_age.clone()),
             overlap: o.overlap.clone().or(t.overlap.clone()),
@@ -182,6 +187,7 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         token_policy: EffectiveTokenPolicy {
             stale_grace,
             on_pause: tp.on_pause.unwrap_or_default(),
+            on_resume: tp.on_resume.unwrap_or_default(),
             rotate_every,
             max_age,
             overlap,

@@ -130,6 +130,16 @@ impl Security {
     }
 }
 
+/// What resuming a paused workspace does to its token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OnResume {
+    /// The token it had keeps working (or, after onPause: Revoke, a new one is written).
+    #[default]
+    Keep,
+    /// A new token is written into the container as it thaws; the old one is revoked.
+    Reissue,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum OnPause {
     #[default]
@@ -146,6 +156,8 @@ pub struct TokenPolicy {
     pub stale_grace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_pause: Option<OnPause>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_resume: Option<OnResume>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_every: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,7 +217,9 @@ pub struct WorkspaceStatus {
     pub pending_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_hash: Option<String>,
+    /// One per type (a list-map keyed by `type`, as Kubernetes conditions are).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -47,7 +47,11 @@ pub fn resume(ctx: &Ctx<'_>) -> Option<Decision> {
     if ctx.observed.quota_hold.is_some() {
         return None; // maxRunning: waits for a running slot
     }
-    Some(Decision::new("resume", "operating mode is Running", vec![Action::Unpause { id: c.id.clone() }]))
+    let mut actions = vec![Action::Unpause { id: c.id.clone() }];
+    if ctx.spec()?.token_policy.on_resume == crate::api::OnResume::Reissue {
+        actions.push(Action::ReissueToken { revoke: RevokeReason::Resumed });
+    }
+    Some(Decision::new("resume", "operating mode is Running", actions))
 }
 
 #[cfg(test)]
@@ -104,6 +108,19 @@ mod tests {
         let d = resume(&ctx(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions, vec![Action::Unpause { id: "c0ffee000001".into() }]);
         assert_eq!(pause(&ctx(Some(&des), &obs, &s)), None);
+    }
+
+    #[test]
+    fn on_resume_reissue_writes_a_new_token_as_it_thaws() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        let s = settings();
+        let des = desired_with(WorkspaceSpec {
+            token_policy: Some(TokenPolicy { on_resume: Some(crate::api::OnResume::Reissue), ..Default::default() }),
+            ..Default::default()
+        });
+        let d = resume(&ctx(Some(&des), &obs, &s)).unwrap();
+        assert_eq!(d.actions[1], Action::ReissueToken { revoke: RevokeReason::Resumed });
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum RevokeReason {
     Paused,
     Stopped,
     Rotated,
+    /// Reissued as the workspace resumed (tokenPolicy.onResume: Reissue).
+    Resumed,
     /// The token belongs to an older incarnation than the workspace's current one.
     Superseded,
 }
@@ -44,6 +46,7 @@ impl RevokeReason {
             Self::Paused => "paused",
             Self::Stopped => "stopped",
             Self::Rotated => "rotated",
+            Self::Resumed => "resumed",
             Self::Superseded => "superseded",
         }
     }
@@ -57,6 +60,7 @@ impl RevokeReason {
             Self::Paused,
             Self::Stopped,
             Self::Rotated,
+            Self::Resumed,
             Self::Superseded,
         ]
         .into_iter()
