@@ -516,6 +516,9 @@ pub async fn run(
                 enqueue(key, &mut in_flight, &mut ready);
             }
             Some(ev) = events.next() => {
+                if !ev.is_lifecycle() {
+                    continue;
+                }
                 if let Some(key) = ev.workspace {
                     tracing::debug!(workspace = %key, action = %ev.action, "runtime event");
                     ctx.metrics.triggered("runtime-event");

@@ -119,6 +119,31 @@ pub struct ContainerSpec {
     pub security: Security,
 }
 
+impl RuntimeEvent {
+    /// Whether the event can change what a reconcile would observe: lifecycle changes,
+    /// and files written into the container (someone overwriting the token file).
+    /// Archive reads (our own token-file checks), exec, attach and the like cannot:
+    /// reacting to reads would make every check trigger the next reconcile, forever.
+    pub fn is_lifecycle(&self) -> bool {
+        matches!(
+            self.action.split(':').next().unwrap_or_default().trim(),
+            "create"
+                | "start"
+                | "restart"
+                | "die"
+                | "kill"
+                | "stop"
+                | "destroy"
+                | "pause"
+                | "unpause"
+                | "oom"
+                | "rename"
+                | "update"
+                | "extract-to-dir"
+        )
+    }
+}
+
 /// A container lifecycle event for one of our containers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuntimeEvent {
@@ -155,6 +180,23 @@ impl RuntimeError {
 }
 
 pub type RuntimeResult<T> = Result<T, RuntimeError>;
+
+#[cfg(test)]
+mod tests {
+    use super::RuntimeEvent;
+
+    #[test]
+    fn only_lifecycle_events_trigger_reconciles() {
+        let ev =
+            |a: &str| RuntimeEvent { workspace: Some("default/a".into()), container_id: "c".into(), action: a.into() };
+        for a in ["create", "start", "die", "destroy", "pause", "unpause", "kill", "oom"] {
+            assert!(ev(a).is_lifecycle(), "{a}");
+        }
+        for a in ["archive-path", "exec_create: ls", "exec_start: ls", "attach", "top"] {
+            assert!(!ev(a).is_lifecycle(), "{a}");
+        }
+    }
+}
 
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
