@@ -25,7 +25,10 @@ def free_port():
 
 
 def docker(*a, check=True, inp=None):
-    r = subprocess.run(["docker", *a], input=inp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(3):  # fuse-overlayfs sometimes fails a removal once ("directory not empty")
+        r = subprocess.run(["docker", *a], input=inp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if r.returncode == 0 or b"directory not empty" not in r.stderr:
+            break
     if check and r.returncode != 0:
         raise RuntimeError("docker %s: %s" % (" ".join(a), r.stderr.decode()[-300:]))
     return r.stdout.decode().strip()
