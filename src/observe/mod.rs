@@ -12,23 +12,31 @@ pub fn containers_of(all: &[ContainerInfo], key: &str, uid: Option<&str>) -> Vec
     all.iter().filter(|c| c.workspace() == Some(key) || (uid.is_some() && c.uid() == uid)).cloned().collect()
 }
 
-/// Observes one workspace. A runtime listing failure is recorded as `containers:
-/// None` (unknown), never as empty; a store failure is an error (the pass stops).
+/// Every container of this operator instance, or None (logged) when listing failed:
+/// unknown, never empty.
+pub async fn list(runtime: &dyn Runtime, key: &str) -> Option<Vec<ContainerInfo>> {
+    match runtime.list().await {
+        Ok(all) => Some(all),
+        Err(e) => {
+            tracing::warn!(workspace = key, error = %e, "listing containers failed; nothing will be revoked or removed until it works");
+            None
+        }
+    }
+}
+
+/// Observes one workspace from a listing of all containers (`list`). A failed
+/// listing is recorded as `containers: None` (unknown), never as empty; a store
+/// failure is an error (the pass stops).
 pub async fn observe(
     runtime: &dyn Runtime,
     store: &dyn Store,
     key: &str,
     record: Option<WorkspaceRecord>,
+    all: Option<&[ContainerInfo]>,
     read_token_file: bool,
 ) -> StoreResult<Observed> {
     let uid = record.as_ref().map(|r| r.uid.clone());
-    let containers = match runtime.list().await {
-        Ok(all) => Some(containers_of(&all, key, uid.as_deref())),
-        Err(e) => {
-            tracing::warn!(workspace = key, error = %e, "listing containers failed; nothing will be revoked or removed until it works");
-            None
-        }
-    };
+    let containers = all.map(|all| containers_of(all, key, uid.as_deref()));
     let live_tokens = match &uid {
         Some(uid) => store.live_tokens(uid).await?,
         None => Vec::new(),

@@ -263,9 +263,13 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             _ => None,
         };
         let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());
-        let mut observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), read_token).await?;
-        if let Some(d) = declared {
-            observed.quota_hold = quota_hold(ctx, &set, d).await?;
+        // One listing per pass serves this workspace and its team's quota.
+        let listing = crate::observe::list(ctx.runtime.as_ref(), key).await;
+        let mut observed =
+            observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), listing.as_deref(), read_token)
+                .await?;
+        if let (Some(d), Some(all)) = (declared, listing.as_deref()) {
+            observed.quota_hold = quota_hold(ctx, &set, d, all).await?;
         }
         if observed.record.is_none() && observed.containers.as_ref().is_none_or(|c| c.is_empty()) {
             return Ok(None); // never seen, not declared: nothing to do
@@ -308,7 +312,9 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             ctx.set_failure(key, Some(e.to_string()));
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
-                let observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), false).await?;
+                let listing = crate::observe::list(ctx.runtime.as_ref(), key).await;
+                let observed =
+                    observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), listing.as_deref(), false).await?;
                 let rctx =
                     Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
                 report.status = write_status(ctx, key, &rctx, declared).await?;
@@ -334,7 +340,12 @@ fn team_limits<'a>(set: &'a DesiredSet, d: &DesiredWorkspace) -> Option<(&'a str
 
 /// Members of the same team, as the quota sees them. Only computed for teams that
 /// have limits.
-async fn quota_hold(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Result<Option<String>, StoreError> {
+async fn quota_hold(
+    ctx: &Context,
+    set: &DesiredSet,
+    d: &DesiredWorkspace,
+    containers: &[crate::runtime::ContainerInfo],
+) -> Result<Option<String>, StoreError> {
     let Some((team, limits)) = team_limits(set, d) else { return Ok(None) };
     let members: Vec<&DesiredWorkspace> = set
         .workspaces
@@ -351,7 +362,6 @@ async fn quota_hold(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Re
             slot.insert(ctx.store.ensure_workspace(&key, Utc::now()).await?);
         }
     }
-    let Ok(containers) = ctx.runtime.list().await else { return Ok(None) }; // unknown: decide nothing
     let members: Vec<quota::Member> = members
         .iter()
         .map(|w| {

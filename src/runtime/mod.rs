@@ -181,23 +181,6 @@ impl RuntimeError {
 
 pub type RuntimeResult<T> = Result<T, RuntimeError>;
 
-#[cfg(test)]
-mod tests {
-    use super::RuntimeEvent;
-
-    #[test]
-    fn only_lifecycle_events_trigger_reconciles() {
-        let ev =
-            |a: &str| RuntimeEvent { workspace: Some("default/a".into()), container_id: "c".into(), action: a.into() };
-        for a in ["create", "start", "die", "destroy", "pause", "unpause", "kill", "oom"] {
-            assert!(ev(a).is_lifecycle(), "{a}");
-        }
-        for a in ["archive-path", "exec_create: ls", "exec_start: ls", "attach", "top"] {
-            assert!(!ev(a).is_lifecycle(), "{a}");
-        }
-    }
-}
-
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
     /// Every container (running or not) carrying this operator instance's label.
@@ -225,4 +208,21 @@ pub trait Runtime: Send + Sync + 'static {
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
     /// Lifecycle events of this instance's containers; reconnects by itself.
     fn events(&self) -> BoxStream<'static, RuntimeEvent>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RuntimeEvent;
+
+    #[test]
+    fn only_lifecycle_events_trigger_reconciles() {
+        let ev =
+            |a: &str| RuntimeEvent { workspace: Some("default/a".into()), container_id: "c".into(), action: a.into() };
+        for a in ["create", "start", "die", "destroy", "pause", "unpause", "kill", "oom"] {
+            assert!(ev(a).is_lifecycle(), "{a}");
+        }
+        for a in ["archive-path", "exec_create: ls", "exec_start: ls", "attach", "top"] {
+            assert!(!ev(a).is_lifecycle(), "{a}");
+        }
+    }
 }
