@@ -315,25 +315,11 @@ pub fn teams(desired: &DesiredSet, workspaces: &[WorkspaceSummary]) -> Vec<TeamS
         t.members += 1;
         *t.phases.entry(w.phase.to_string()).or_default() += 1;
     }
+    // Ready is the same rollup the cluster controller writes into Team status.
     let now = Utc::now();
-    for t in out.values_mut() {
-        let settled = [Phase::Running, Phase::Paused, Phase::Stopped].iter().map(|p| t.count(*p)).sum::<u32>();
-        let counts: Vec<String> =
-            ALL_PHASES.iter().filter(|p| t.count(**p) > 0).map(|p| format!("{} {p}", t.count(*p))).collect();
-        let ready = t.members > 0 && settled == t.members;
-        t.conditions = vec![Condition::new(
-            "Ready",
-            if ready { ConditionStatus::True } else { ConditionStatus::False },
-            if ready {
-                "AllSettled"
-            } else if t.members == 0 {
-                "NoMembers"
-            } else {
-                "MembersNotReady"
-            },
-            counts.join(", "),
-            now,
-        )];
+    let phases: std::collections::HashMap<ObjectKey, Phase> = workspaces.iter().map(|w| (w.key(), w.phase)).collect();
+    for (key, t) in out.iter_mut() {
+        t.conditions = crate::cluster::team_status::rollup(key, desired, &phases, None, None, now).conditions;
     }
     out.into_values().collect()
 }
