@@ -11,8 +11,7 @@ use crate::source::desired::DesiredSet;
 
 /// The Team a declared workspace belongs to (inline member or by `spec.team`).
 pub fn team_of(desired: &DesiredSet, workspace: &ObjectKey) -> Option<ObjectKey> {
-    let d = desired.workspaces.get(workspace)?;
-    let team = d.owner_team.clone().or_else(|| d.spec.as_ref().ok().and_then(|s| s.team.clone()))?;
+    let team = desired.workspaces.get(workspace)?.team()?;
     Some(ObjectKey::new(workspace.namespace.clone(), team))
 }
 

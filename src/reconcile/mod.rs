@@ -174,9 +174,11 @@ pub type Requeue = Option<Duration>;
 /// own (each overriding the one before).
 async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<BTreeMap<String, String>, ReconcileError> {
     use crate::secrets::Scope;
-    let Ok(spec) = &d.spec else { return Ok(BTreeMap::new()) };
+    if d.spec.is_err() {
+        return Ok(BTreeMap::new());
+    }
     let mut scopes = vec![Scope::Global];
-    if let Some(team) = spec.team.as_ref().or(d.owner_team.as_ref()) {
+    if let Some(team) = d.team() {
         scopes.push(Scope::Team(format!("{}/{team}", d.key.namespace)));
     }
     scopes.push(Scope::Workspace(d.key.to_string()));
@@ -332,7 +334,7 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
 
 /// The team a declared workspace belongs to and its quota limits, if it has any.
 fn team_limits<'a>(set: &'a DesiredSet, d: &DesiredWorkspace) -> Option<(&'a str, quota::Limits)> {
-    let team_name = d.spec.as_ref().ok().and_then(|s| s.team.clone()).or(d.owner_team.clone())?;
+    let team_name = d.team()?;
     let (key, team) = set.teams.iter().find(|(k, _)| k.namespace == d.key.namespace && k.name == team_name)?;
     let limits = quota::Limits { max_workspaces: team.spec.max_workspaces, max_running: team.spec.max_running };
     (limits != quota::Limits::default()).then_some((key.name.as_str(), limits))

@@ -49,10 +49,7 @@ fn affected(state: &AppState, scope: &Scope) -> Vec<ObjectKey> {
         .filter(|w| match scope {
             Scope::Global => true,
             Scope::Workspace(k) => w.key.to_string() == *k,
-            Scope::Team(k) => {
-                let team = w.spec.as_ref().ok().and_then(|s| s.team.clone()).or(w.owner_team.clone());
-                team.is_some_and(|t| format!("{}/{t}", w.key.namespace) == *k)
-            }
+            Scope::Team(k) => w.team().is_some_and(|t| format!("{}/{t}", w.key.namespace) == *k),
         })
         .map(|w| w.key.clone())
         .collect()

@@ -193,10 +193,7 @@ pub fn summary(
     let status = record.and_then(|r| r.status.as_ref());
     let mut conditions = status.map(|s| s.conditions.clone()).unwrap_or_default();
     let mut phase = status.map(|s| s.phase).unwrap_or_default();
-    let team = declared.and_then(|d| match &d.spec {
-        Ok(e) => e.team.clone().or_else(|| d.owner_team.clone()),
-        Err(_) => d.owner_team.clone(),
-    });
+    let team = declared.and_then(|d| d.team().map(str::to_string));
     if let Some(d) = declared {
         if let Err(errors) = &d.spec {
             if status.is_none() {

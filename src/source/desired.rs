@@ -27,6 +27,13 @@ pub struct DesiredWorkspace {
     pub deletion_refused: Option<String>,
 }
 
+impl DesiredWorkspace {
+    /// The Team it belongs to: the one that generated it, else its `spec.team`.
+    pub fn team(&self) -> Option<&str> {
+        self.owner_team.as_deref().or_else(|| self.spec.as_ref().ok().and_then(|s| s.team.as_deref()))
+    }
+}
+
 /// Everything declared, merged from all sources.
 #[derive(Clone, Debug, Default)]
 pub struct DesiredSet {
