@@ -223,6 +223,14 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let mut ctx =
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
+    // In a cluster, envFrom reads Kubernetes Secrets (the local Kubernetes API of
+    // `--kube-api` stores none: there, secrets are set with `secret set`).
+    let mut secrets_feed = None;
+    if cluster_mode {
+        let (objects, feed) = crate::cluster::secrets::reflector();
+        ctx.secret_objects = Some(Arc::new(objects));
+        secrets_feed = Some(feed);
+    }
     let ctx = Arc::new(ctx);
     if let Some(src) = pg_source {
         src.write_status(ctx.reports.subscribe(), shutdown.clone());
@@ -254,11 +262,13 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
                 stop.cancel();
             });
         }
-        spawn_cluster(client, identity, &snap_tx, &desired_rx, &trigger, &ctx, &shutdown);
+        let wiring = cluster_wiring(&snap_tx, &desired_rx, &trigger, &ctx, secrets_feed.take());
+        spawn_cluster(client, identity, wiring, &shutdown);
     }
     if let Some(kubeconfig) = kube_api {
         let client = crate::cluster::client(Some(&kubeconfig)).await.context("cannot reach our own Kubernetes API")?;
-        spawn_cluster(client, instance.clone(), &snap_tx, &desired_rx, &trigger, &ctx, &shutdown);
+        let wiring = cluster_wiring(&snap_tx, &desired_rx, &trigger, &ctx, None);
+        spawn_cluster(client, instance.clone(), wiring, &shutdown);
     }
     drop(snap_tx);
     {
@@ -349,22 +359,25 @@ async fn lead_with_postgres_lease(
     Ok(store)
 }
 
-/// Runs the Kubernetes source and controller against `client` until shutdown.
-fn spawn_cluster(
-    client: kube::Client,
-    identity: String,
+/// What the cluster controller needs from the rest of the operator.
+fn cluster_wiring(
     snapshots: &mpsc::Sender<Snapshot>,
     desired: &watch::Receiver<Arc<DesiredSet>>,
     trigger: &Trigger,
     ctx: &Arc<Context>,
-    shutdown: &CancellationToken,
-) {
-    let wiring = crate::cluster::Wiring {
+    secrets: Option<crate::cluster::secrets::SecretsWriter>,
+) -> crate::cluster::Wiring {
+    crate::cluster::Wiring {
         snapshots: snapshots.clone(),
         desired: desired.clone(),
         trigger: trigger.clone(),
         reports: ctx.reports.clone(),
-    };
+        secrets,
+    }
+}
+
+/// Runs the Kubernetes source and controller against `client` until shutdown.
+fn spawn_cluster(client: kube::Client, identity: String, wiring: crate::cluster::Wiring, shutdown: &CancellationToken) {
     let options = crate::cluster::Options { identity, ..Default::default() };
     let stop = shutdown.clone();
     tokio::spawn(async move {

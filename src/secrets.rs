@@ -180,6 +180,65 @@ impl Keyring {
     }
 }
 
+/// Kubernetes Secrets as the operator can read them. Cluster mode reflects them
+/// (`cluster::secrets`); other modes have none, and `envFrom` there says so.
+pub trait SecretObjects: Send + Sync {
+    fn lookup(&self, namespace: &str, name: &str) -> SecretLookup;
+}
+
+/// One Secret's state, as far as the operator knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretLookup {
+    /// The first list of Secrets has not come back yet: unknown, not missing.
+    NotListedYet,
+    Missing,
+    /// Its data, decoded.
+    Found(std::collections::BTreeMap<String, String>),
+    /// It exists but cannot become env (e.g. a value that is not UTF-8); says why.
+    Unusable(String),
+}
+
+/// What a workspace's `envFrom` yields: the variables, and why the workspace must
+/// wait when a Secret it needs cannot be read (never its values).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvFrom {
+    pub env: std::collections::BTreeMap<String, String>,
+    pub hold: Option<String>,
+}
+
+/// Reads every `envFrom` Secret in order (later keys win). Optional Secrets that are
+/// missing add nothing; anything else that is not found holds the workspace.
+pub fn env_from(namespace: &str, refs: &[crate::api::EnvFromSource], objects: Option<&dyn SecretObjects>) -> EnvFrom {
+    let mut out = EnvFrom::default();
+    let mut problems = Vec::new();
+    for r in refs {
+        let name = &r.secret_ref.name;
+        let lookup = match objects {
+            Some(o) => o.lookup(namespace, name),
+            None => SecretLookup::Missing,
+        };
+        match lookup {
+            SecretLookup::Found(data) => {
+                let prefix = r.prefix.as_deref().unwrap_or("");
+                out.env.extend(data.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+            }
+            SecretLookup::Missing if r.secret_ref.optional => {}
+            SecretLookup::Missing if objects.is_none() => problems.push(format!(
+                "Secret {namespace}/{name} cannot be read: Kubernetes Secrets are read only in Kubernetes mode; \
+                 here, set the values with `molecule-operator secret set`"
+            )),
+            SecretLookup::Missing => problems.push(format!("Secret {namespace}/{name} not found")),
+            SecretLookup::NotListedYet => problems.push("Kubernetes Secrets are not listed yet".to_string()),
+            SecretLookup::Unusable(why) => problems.push(format!("Secret {namespace}/{name}: {why}")),
+        }
+    }
+    problems.dedup();
+    if !problems.is_empty() {
+        out.hold = Some(problems.join("; "));
+    }
+    out
+}
+
 /// Secret names become environment variable names.
 pub fn valid_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -217,6 +276,63 @@ mod tests {
         let without = Keyring::from_keys(&[2; 32], &[]);
         let err = without.open(&Scope::Global, "A", &sealed).unwrap_err().to_string();
         assert!(err.contains(&sealed.key_id) && !err.contains("v1-value"), "{err}");
+    }
+
+    struct Objects(std::collections::BTreeMap<(&'static str, &'static str), SecretLookup>);
+    impl SecretObjects for Objects {
+        fn lookup(&self, namespace: &str, name: &str) -> SecretLookup {
+            self.0
+                .iter()
+                .find(|((n, m), _)| *n == namespace && *m == name)
+                .map_or(SecretLookup::Missing, |(_, l)| l.clone())
+        }
+    }
+
+    fn from(name: &str, optional: bool, prefix: Option<&str>) -> crate::api::EnvFromSource {
+        crate::api::EnvFromSource {
+            secret_ref: crate::api::SecretEnvSource { name: name.into(), optional },
+            prefix: prefix.map(str::to_string),
+        }
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> SecretLookup {
+        SecretLookup::Found(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn env_from_reads_secrets_in_order_with_prefixes_and_holds_on_a_missing_one() {
+        let objects = Objects(
+            [
+                (("ns", "a"), data(&[("KEY", "from-a"), ("ONLY_A", "1")])),
+                (("ns", "b"), data(&[("KEY", "from-b")])),
+                (("ns", "bin"), SecretLookup::Unusable("key BLOB is not UTF-8 text".into())),
+            ]
+            .into(),
+        );
+        let got = env_from(
+            "ns",
+            &[from("a", false, None), from("b", false, None), from("a", false, Some("X_"))],
+            Some(&objects),
+        );
+        assert_eq!(got.hold, None);
+        assert_eq!(got.env["KEY"], "from-b", "a later Secret wins");
+        assert_eq!(got.env["X_KEY"], "from-a");
+        assert_eq!(got.env["ONLY_A"], "1");
+
+        let got = env_from("ns", &[from("gone", true, None), from("a", false, None)], Some(&objects));
+        assert_eq!((got.hold, got.env.len()), (None, 2), "a missing optional Secret adds nothing");
+
+        let got = env_from("ns", &[from("gone", false, None), from("bin", false, None)], Some(&objects));
+        assert_eq!(got.hold.as_deref(), Some("Secret ns/gone not found; Secret ns/bin: key BLOB is not UTF-8 text"));
+        let got = env_from("other", &[from("a", false, None)], Some(&objects));
+        assert_eq!(got.hold.as_deref(), Some("Secret other/a not found"), "only the workspace's namespace");
+    }
+
+    #[test]
+    fn env_from_outside_kubernetes_mode_says_where_values_go_instead() {
+        let got = env_from("default", &[from("keys", false, None)], None);
+        assert!(got.hold.unwrap().contains("molecule-operator secret set"));
+        assert_eq!(env_from("default", &[from("keys", true, None)], None), EnvFrom::default());
     }
 
     #[test]

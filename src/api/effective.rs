@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ImagePullPolicy, OnPause, OnResume, OperatingMode, Security, UpdatePolicy, WorkspaceSpec, duration, tiers,
+    EnvFromSource, ImagePullPolicy, OnPause, OnResume, OperatingMode, Security, UpdatePolicy, WorkspaceSpec, duration,
+    tiers,
 };
 
 pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(300);
@@ -67,6 +68,10 @@ pub struct EffectiveSpec {
     pub read_only_root: bool,
     pub tmp_tmpfs_bytes: Option<i64>,
     pub env: BTreeMap<String, String>,
+    /// Kubernetes Secrets whose keys join `env` (names only; values are read at
+    /// reconcile time and never kept in the spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
     pub operating_mode: OperatingMode,
     pub restarted_at: Option<DateTime<Utc>>,
     pub update_policy: UpdatePolicy,
@@ -76,11 +81,15 @@ pub struct EffectiveSpec {
 }
 
 /// Fills every field the workspace leaves out from `defaults` (a Team's `spec.defaults`).
-/// A member's own value wins; env maps merge key by key.
+/// A member's own value wins; env maps merge key by key, and `envFrom` lists the
+/// team's Secrets before the member's (so the member's keys win).
 pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> WorkspaceSpec {
     let Some(d) = defaults else { return own.clone() };
     let mut env = d.env.clone();
     env.extend(own.env.clone());
+    let mut env_from = d.env_from.clone();
+    env_from.retain(|e| !own.env_from.contains(e));
+    env_from.extend(own.env_from.iter().cloned());
     let token_policy = match (&own.token_policy, &d.token_policy) {
         (Some(o), Some(t)) => Some(super::TokenPolicy {
             stale_grace: o.stale_grace.clone().or(t.stale_grace.clone()),
@@ -103,6 +112,7 @@ pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> Workspa
         tier: own.tier.or(d.tier),
         resources: own.resources.clone().or(d.resources.clone()),
         env,
+        env_from,
         operating_mode: own.operating_mode.or(d.operating_mode),
         restarted_at: own.restarted_at.or(d.restarted_at),
         update_policy: own.update_policy.or(d.update_policy),
@@ -164,6 +174,14 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
             errors.push(format!("env: {key:?} is not a valid variable name"));
         }
     }
+    for (i, e) in spec.env_from.iter().enumerate() {
+        if let Err(why) = super::validate::dns_subdomain(&e.secret_ref.name) {
+            errors.push(format!("envFrom[{i}].secretRef.name: {why}"));
+        }
+        if let Some(p) = e.prefix.as_deref().filter(|p| p.contains('=') || p.contains('\0')) {
+            errors.push(format!("envFrom[{i}].prefix: {p:?} cannot be part of a variable name"));
+        }
+    }
     let runtime = spec.runtime.clone().unwrap_or_else(|| defaults.default_runtime.clone());
     let image = spec.image.clone().unwrap_or_else(|| defaults.image_template.replace("{runtime}", &runtime));
     if !errors.is_empty() {
@@ -181,6 +199,7 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         read_only_root: limits.read_only_root,
         tmp_tmpfs_bytes: limits.tmp_tmpfs_bytes,
         env: spec.env.clone(),
+        env_from: spec.env_from.clone(),
         operating_mode: spec.operating_mode.unwrap_or_default(),
         restarted_at: spec.restarted_at,
         update_policy: spec.update_policy.unwrap_or_default(),
@@ -230,6 +249,22 @@ mod humantime_serde_opt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_from_lists_the_teams_secrets_first_so_the_members_win_and_names_are_checked() {
+        let from = |name: &str| crate::api::EnvFromSource {
+            secret_ref: crate::api::SecretEnvSource { name: name.into(), optional: false },
+            prefix: None,
+        };
+        let team = WorkspaceSpec { env_from: vec![from("team-keys"), from("shared")], ..Default::default() };
+        let own = WorkspaceSpec { env_from: vec![from("shared"), from("mine")], ..Default::default() };
+        let merged = inherit(&own, Some(&team));
+        let names: Vec<&str> = merged.env_from.iter().map(|e| e.secret_ref.name.as_str()).collect();
+        assert_eq!(names, ["team-keys", "shared", "mine"]);
+        let bad = WorkspaceSpec { env_from: vec![from("Bad_Name")], ..Default::default() };
+        let errors = resolve(&bad, &Defaults::default()).unwrap_err();
+        assert!(errors[0].starts_with("envFrom[0].secretRef.name"), "{errors:?}");
+    }
 
     #[test]
     fn own_values_win_and_env_merges() {

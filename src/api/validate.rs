@@ -35,6 +35,19 @@ pub fn dns1123_label(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a DNS-1123 subdomain (what Secret names are): dot-separated labels, at most
+/// 253 characters.
+pub fn dns_subdomain(name: &str) -> Result<(), String> {
+    if name.len() > 253 {
+        return Err(format!("`{name}` is not a valid name: it is {} characters long; use at most 253", name.len()));
+    }
+    name.split('.').try_for_each(|label| {
+        dns1123_label(label).map_err(|_| {
+            format!("`{name}` is not a valid name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit")
+        })
+    })
+}
+
 /// A DNS-1123 label close to `name`, if one can be made from it.
 fn suggest_label(name: &str) -> Option<String> {
     let mapped: String = name
@@ -126,6 +139,16 @@ pub fn set_errors(workspaces: &[Declared<'_>], teams: &BTreeSet<ObjectKey>) -> B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_names_are_dns_subdomains() {
+        for ok in ["openai", "team.keys", "a-1.b-2"] {
+            assert_eq!(dns_subdomain(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "Keys", "a..b", ".a", "a_b", &"a".repeat(254)] {
+            assert!(dns_subdomain(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn dns1123_accepts_valid_and_explains_invalid() {

@@ -55,6 +55,14 @@ pub struct WorkspaceSpec {
     /// (`PORT: 8080` means "8080").
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "env_map")]
     pub env: BTreeMap<String, String>,
+    /// Environment variables from Kubernetes Secrets (Kubernetes mode): every key of
+    /// each named Secret in the workspace's namespace becomes a variable, a later
+    /// entry winning over an earlier one and over `env`. Secrets set with
+    /// `molecule-operator secret set` win over these. Until a Secret that is not
+    /// `optional` can be read, no container is created or recreated for the workspace
+    /// (a running one is left as it is) and status shows `SecretsReady=False`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operating_mode: Option<OperatingMode>,
     /// Set or bump to restart (like `kubectl rollout restart`).
@@ -79,6 +87,26 @@ pub enum ImagePullPolicy {
     #[default]
     IfNotPresent,
     Never,
+}
+
+/// One `envFrom` entry, shaped like a Pod's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvFromSource {
+    pub secret_ref: SecretEnvSource,
+    /// Put before every key of the Secret (e.g. `OPENAI_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// A Secret in the workspace's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretEnvSource {
+    pub name: String,
+    /// A missing optional Secret adds nothing instead of holding the workspace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

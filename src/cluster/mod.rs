@@ -6,7 +6,8 @@
 //!   `molecule.ai/cleanup` finalizer, drives the one reconcile queue through the
 //!   `Trigger` (it never touches containers itself), writes status by server-side
 //!   apply and publishes Events for the decisions a user should see;
-//! - [`leader`] elects one acting replica with a `coordination.k8s.io/v1` Lease.
+//! - [`leader`] elects one acting replica with a `coordination.k8s.io/v1` Lease;
+//! - [`secrets`] reflects Opaque Secrets for `envFrom` and triggers their users.
 //!
 //! [`run`] starts the source, the controller and the status writer; the caller
 //! acquires leadership first ([`leader::acquire`]) and stops acting when it is lost.
@@ -14,6 +15,7 @@
 pub mod controller;
 pub mod events;
 pub mod leader;
+pub mod secrets;
 pub mod source;
 pub mod team_status;
 
@@ -57,6 +59,8 @@ pub const API_USES: &[ApiUse] = &[
     ApiUse { group: "molecule.ai", resource: "teams/status", verbs: &["patch"], own_namespace: false },
     // Recorder: create, then patch the series of a repeated event.
     ApiUse { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], own_namespace: false },
+    // envFrom: Opaque Secrets are reflected, never written.
+    ApiUse { group: "", resource: "secrets", verbs: &["list", "watch"], own_namespace: false },
     ApiUse {
         group: "coordination.k8s.io",
         resource: "leases",
@@ -165,6 +169,8 @@ pub struct Wiring {
     pub trigger: Trigger,
     /// `Context.reports` of the reconcile queue: status and events for every reconcile.
     pub reports: broadcast::Sender<Report>,
+    /// Feeds the reconcile context's view of Secrets (`envFrom`), when it has one.
+    pub secrets: Option<secrets::SecretsWriter>,
 }
 
 /// Options of cluster mode.
@@ -204,6 +210,13 @@ pub async fn run(
         team_writer,
         stop.clone(),
     ));
+    let secrets = wiring.secrets.map(|feed| {
+        let api = match &options.namespace {
+            Some(ns) => kube::Api::namespaced(client.clone(), ns),
+            None => kube::Api::all(client.clone()),
+        };
+        tokio::spawn(secrets::run(api, feed, wiring.desired.clone(), wiring.trigger.clone(), stop.clone()))
+    });
     let controller = controller::build(client.clone(), options.namespace.as_deref());
     let ctx = Arc::new(controller::Context::new(
         client,
@@ -218,6 +231,9 @@ pub async fn run(
     controller::run(ctx, controller, stop.clone()).await;
     stop.cancel();
     let _ = writer.await;
+    if let Some(secrets) = secrets {
+        let _ = secrets.await;
+    }
     match source.await {
         Ok(r) => r,
         Err(_) => Ok(()),

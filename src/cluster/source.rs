@@ -91,21 +91,21 @@ pub fn snapshot(workspaces: &[Arc<GuardedWorkspace>], teams: &[Arc<GuardedTeam>]
     for ws in workspaces.iter().filter(|o| o.meta().deletion_timestamp.is_none()) {
         let source = source_ref(ws.as_ref());
         objects.push(match &ws.0 {
-            Ok(object) => SourceObject::Workspace { object: object.clone(), source },
+            Ok(object) => SourceObject::Workspace { object: Box::new(object.clone()), source },
             Err(invalid) => invalid_object("Workspace", ws.as_ref(), &invalid.error, source),
         });
     }
     for team in teams.iter().filter(|o| o.meta().deletion_timestamp.is_none()) {
         let source = source_ref(team.as_ref());
         objects.push(match &team.0 {
-            Ok(object) => SourceObject::Team { object: object.clone(), source },
+            Ok(object) => SourceObject::Team { object: Box::new(object.clone()), source },
             Err(invalid) => invalid_object("Team", team.as_ref(), &invalid.error, source),
         });
     }
     // Stable order, so two snapshots of the same state are equal.
     objects.sort_by_key(|o| match o {
-        SourceObject::Workspace { object, .. } => (0, key_of(object)),
-        SourceObject::Team { object, .. } => (1, key_of(object)),
+        SourceObject::Workspace { object, .. } => (0, key_of(object.as_ref())),
+        SourceObject::Team { object, .. } => (1, key_of(object.as_ref())),
         SourceObject::Invalid { kind, key, .. } => (if kind == "Team" { 1 } else { 0 }, key.clone()),
     });
     Snapshot { source: SOURCE_NAME.to_string(), objects, errors: Vec::new() }

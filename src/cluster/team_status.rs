@@ -92,9 +92,9 @@ mod tests {
         let snap = Snapshot {
             source: "kubernetes".into(),
             objects: vec![
-                SourceObject::Team { object: team, source: source.clone() },
-                SourceObject::Workspace { object: ws, source: source.clone() },
-                SourceObject::Workspace { object: loner, source },
+                SourceObject::Team { object: Box::new(team), source: source.clone() },
+                SourceObject::Workspace { object: Box::new(ws), source: source.clone() },
+                SourceObject::Workspace { object: Box::new(loner), source },
             ],
             errors: vec![],
         };

@@ -5,7 +5,7 @@
 
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,6 +96,8 @@ pub struct Context {
     pub failpoint: Option<String>,
     /// Opens secrets for delivery into containers.
     pub keyring: Option<Arc<crate::secrets::Keyring>>,
+    /// Kubernetes Secrets for `envFrom` (cluster mode only).
+    pub secret_objects: Option<Arc<dyn crate::secrets::SecretObjects>>,
     /// Every finished reconcile is published here (status writers subscribe).
     pub reports: broadcast::Sender<Report>,
     /// The last execution error per workspace (shown in status until it succeeds).
@@ -128,6 +130,7 @@ impl Context {
             failpoint: std::env::var("MOLECULE_FAILPOINT").ok().filter(|s| !s.is_empty()),
             reports: broadcast::channel(1024).0,
             keyring: None,
+            secret_objects: None,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -170,13 +173,13 @@ impl ReconcileError {
 /// When to look at a workspace again after a successful reconcile.
 pub type Requeue = Option<Duration>;
 
-/// The secrets a workspace receives as env vars: global, then its team's, then its
-/// own (each overriding the one before).
-async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<BTreeMap<String, String>, ReconcileError> {
+/// The secrets a workspace receives as env vars: the Kubernetes Secrets its
+/// `envFrom` names, then the operator's global, team and own secrets (each
+/// overriding the one before). `hold` says why a needed Secret cannot be read.
+async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<crate::secrets::EnvFrom, ReconcileError> {
     use crate::secrets::Scope;
-    if d.spec.is_err() {
-        return Ok(BTreeMap::new());
-    }
+    let Ok(spec) = &d.spec else { return Ok(Default::default()) };
+    let mut out = crate::secrets::env_from(&d.key.namespace, &spec.env_from, ctx.secret_objects.as_deref());
     let mut scopes = vec![Scope::Global];
     if let Some(team) = d.team() {
         scopes.push(Scope::Team(format!("{}/{team}", d.key.namespace)));
@@ -184,9 +187,8 @@ async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<BTreeMap<Stri
     scopes.push(Scope::Workspace(d.key.to_string()));
     let names: Vec<String> = scopes.iter().map(Scope::as_string).collect();
     let rows = ctx.store.secrets(&names).await?;
-    let mut env = BTreeMap::new();
     if rows.is_empty() {
-        return Ok(env);
+        return Ok(out);
     }
     let keyring = ctx.keyring.as_ref().ok_or(ReconcileError::NoKeyring)?;
     for scope in &scopes {
@@ -197,15 +199,15 @@ async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<BTreeMap<Stri
                 nonce: row.nonce.clone(),
                 ciphertext: row.ciphertext.clone(),
             };
-            env.insert(row.name.clone(), keyring.open(scope, &row.name, &sealed)?);
+            out.env.insert(row.name.clone(), keyring.open(scope, &row.name, &sealed)?);
         }
     }
-    Ok(env)
+    Ok(out)
 }
 
 fn to_rule_desired(
     d: &DesiredWorkspace,
-    secrets: BTreeMap<String, String>,
+    secrets: crate::secrets::EnvFrom,
     instance: &str,
     uid: &str,
     agent: &AgentEnv,
@@ -213,7 +215,7 @@ fn to_rule_desired(
     let key = d.key.to_string();
     // Secrets join the env here only: never in the desired set the API shows.
     let spec = d.spec.clone().map(|mut s| {
-        s.env.extend(secrets);
+        s.env.extend(secrets.env);
         s
     });
     let spec_hash = match &spec {
@@ -223,7 +225,14 @@ fn to_rule_desired(
         }
         Err(_) => String::new(),
     };
-    Desired { key: d.key.clone(), generation: d.generation, spec, spec_hash, source: d.source.clone() }
+    Desired {
+        key: d.key.clone(),
+        generation: d.generation,
+        spec,
+        spec_hash,
+        source: d.source.clone(),
+        secrets_hold: secrets.hold,
+    }
 }
 
 /// Reconciles one workspace until desired and observed agree (or a step fails),

@@ -41,6 +41,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     let tf = |ok: bool| if ok { ConditionStatus::True } else { ConditionStatus::False };
 
     let invalid = ctx.desired.and_then(|d| d.spec.as_ref().err());
+    let secrets_hold = ctx.desired.and_then(|d| d.secrets_hold.as_deref());
     let degraded = heartbeat::degraded(ctx);
     let mode = ctx.mode();
     let phase = match (ctx.desired, invalid) {
@@ -55,7 +56,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
             (_, Some(ContainerState::Running)) if online => Phase::Running,
             (_, Some(ContainerState::Running)) if degraded.is_some() => Phase::Degraded,
             (_, Some(_)) => Phase::Provisioning,
-            (_, None) if obs.quota_hold.is_some() => Phase::Pending,
+            (_, None) if obs.quota_hold.is_some() || secrets_hold.is_some() => Phase::Pending,
             (_, None) if record.is_some_and(|r| r.incarnation > 0) => Phase::Provisioning,
             (_, None) => Phase::Pending,
         },
@@ -71,6 +72,11 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     }
     if let Some(msg) = &obs.quota_hold {
         c("QuotaExceeded", tf(true), "TeamQuota", msg.clone());
+    }
+    match (secrets_hold, ctx.spec().is_some_and(|s| !s.env_from.is_empty())) {
+        (Some(msg), _) => c("SecretsReady", tf(false), "SecretUnavailable", msg.to_string()),
+        (None, true) => c("SecretsReady", tf(true), "Resolved", String::new()),
+        (None, false) => {}
     }
     if let Some(msg) = extra.deletion_refused {
         c("DeletionRefused", tf(true), "HasChildren", msg.to_string());
@@ -116,7 +122,11 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
         (Some((want, have)), Some(policy)) => c(
             "SpecDrift",
             tf(true),
-            if policy == UpdatePolicy::Immediate { "Recreating" } else { "Pending" },
+            match policy {
+                _ if secrets_hold.is_some() => "WaitingForSecrets",
+                UpdatePolicy::Immediate => "Recreating",
+                _ => "Pending",
+            },
             format!("running {have}, declared {want}; updatePolicy {policy:?}"),
         ),
         _ => c("SpecDrift", tf(false), "InSync", String::new()),
@@ -124,6 +134,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     let ready_msg = match (&degraded, extra.last_error, invalid) {
         (_, _, Some(e)) => e.join("; "),
         _ if obs.quota_hold.is_some() && container.is_none() => obs.quota_hold.clone().unwrap_or_default(),
+        _ if secrets_hold.is_some() => secrets_hold.unwrap_or_default().to_string(),
         (_, Some(e), _) => e.to_string(),
         (Some(d), _, _) => d.clone(),
         _ => String::new(),
@@ -220,5 +231,30 @@ mod tests {
         assert!(find(&st.conditions, "SpecDrift").unwrap().is_true());
         assert_eq!(st.pending_hash.as_deref(), Some("new"));
         assert_eq!(st.applied_hash.as_deref(), Some(HASH));
+    }
+
+    #[test]
+    fn an_unreadable_secret_keeps_a_new_workspace_pending_and_says_which() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        let mut des = desired_with(crate::api::WorkspaceSpec {
+            env_from: vec![crate::api::EnvFromSource {
+                secret_ref: crate::api::SecretEnvSource { name: "keys".into(), optional: false },
+                prefix: None,
+            }],
+            ..Default::default()
+        });
+        des.secrets_hold = Some("Secret default/keys not found".into());
+        let st = status(&obs, Some(&des), Extra::default());
+        assert_eq!(st.phase, Phase::Pending);
+        let c = find(&st.conditions, "SecretsReady").unwrap();
+        assert!(!c.is_true() && c.message == "Secret default/keys not found", "{c:?}");
+        assert!(find(&st.conditions, "Ready").unwrap().message.contains("keys not found"));
+        des.secrets_hold = None;
+        let st = status(&healthy(), Some(&des), Extra::default());
+        assert!(find(&st.conditions, "SecretsReady").unwrap().is_true());
+        assert!(find(&st.conditions, "SecretsReady").is_some());
+        let st = status(&healthy(), Some(&desired()), Extra::default());
+        assert!(find(&st.conditions, "SecretsReady").is_none(), "only workspaces that use envFrom");
     }
 }

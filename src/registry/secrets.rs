@@ -36,9 +36,10 @@ pub(crate) struct SecretBody {
     value: String,
 }
 
-fn parse(q: &SecretQuery) -> Result<Scope, Response> {
-    valid_name(&q.name).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
-    Scope::parse(q.scope.as_deref().unwrap_or("global")).map_err(|e| error(StatusCode::BAD_REQUEST, e))
+/// The scope a request names, or why it is a bad request.
+fn parse(q: &SecretQuery) -> Result<Scope, String> {
+    valid_name(&q.name)?;
+    Scope::parse(q.scope.as_deref().unwrap_or("global"))
 }
 
 /// Workspaces that receive a secret of this scope: reconciled at once.
@@ -90,7 +91,7 @@ pub(crate) async fn set(
 ) -> Response {
     let scope = match parse(&q) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let Some(keyring) = state.keyring.as_ref() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the operator has no secrets key");
@@ -113,7 +114,7 @@ pub(crate) async fn set(
 pub(crate) async fn delete(State(state): State<Arc<AppState>>, Query(q): Query<SecretQuery>) -> Response {
     let scope = match parse(&q) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match state.store.delete_secret(&scope.as_string(), &q.name).await {
         Ok(true) => {

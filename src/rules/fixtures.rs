@@ -39,6 +39,7 @@ pub fn desired_with(spec: WorkspaceSpec) -> Desired {
         spec: resolve(&spec, &Defaults::default()),
         spec_hash: HASH.into(),
         source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() },
+        secrets_hold: None,
     }
 }
 

@@ -38,6 +38,9 @@ pub struct Desired {
     /// Hash of the rendered container config (see runtime::render).
     pub spec_hash: String,
     pub source: SourceRef,
+    /// Why a Secret the workspace's `envFrom` needs cannot be read. While set, no
+    /// container is created or recreated for it (see [`plan`]).
+    pub secrets_hold: Option<String>,
 }
 
 impl Desired {
@@ -246,8 +249,15 @@ pub const RULES: &[(&str, Rule)] = &[
 ];
 
 /// The first rule with something to do, or None when desired and observed agree.
+/// While a needed Secret is unreadable, decisions that would create a container are
+/// passed over: it would start without its secrets. Everything else (pause, stop,
+/// removal, revoking tokens) still happens.
 pub fn plan(ctx: &Ctx<'_>) -> Option<Decision> {
-    RULES.iter().find_map(|(_, rule)| rule(ctx))
+    let held = ctx.desired.is_some_and(|d| d.secrets_hold.is_some());
+    RULES
+        .iter()
+        .filter_map(|(_, rule)| rule(ctx))
+        .find(|d| !(held && d.actions.iter().any(|a| matches!(a, Action::Provision { .. }))))
 }
 
 #[cfg(test)]
@@ -259,6 +269,25 @@ mod tests {
     fn a_healthy_workspace_needs_nothing() {
         let (obs, s, des) = (healthy(), settings(), desired());
         assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None);
+    }
+
+    #[test]
+    fn an_unreadable_secret_holds_every_container_creation_but_nothing_else() {
+        let s = settings();
+        let mut des = desired();
+        des.secrets_hold = Some("Secret default/keys not found".into());
+        let mut obs = healthy();
+        obs.containers = Some(vec![]);
+        obs.live_tokens.clear();
+        assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None, "no container is created without its secrets");
+        // A running container with an old spec keeps running as it is.
+        let obs = healthy();
+        des.spec_hash = "0000000000000000".into();
+        assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None);
+        // Pausing and stopping still happen.
+        let mut paused = desired_mode(OperatingMode::Paused);
+        paused.secrets_hold = des.secrets_hold.clone();
+        assert_eq!(plan(&ctx(Some(&paused), &obs, &s)).unwrap().rule, "pause");
     }
 
     #[test]

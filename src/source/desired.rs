@@ -652,7 +652,7 @@ mod deletion_tests {
         let mut w = Workspace::new(name, WorkspaceSpec { parent: parent.map(str::to_string), ..Default::default() });
         w.metadata.namespace = Some("default".into());
         SourceObject::Workspace {
-            object: w,
+            object: Box::new(w),
             source: SourceRef { kind: "dir".into(), reference: format!("{name}.yaml") },
         }
     }

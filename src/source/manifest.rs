@@ -94,14 +94,14 @@ pub fn parse_file(text: &str, origin: &str, source: &SourceRef) -> ParsedFile {
         let object = match kind {
             Kind::Workspace => match typed(&mut typed_workspaces, index, doc.value, origin, line, &what) {
                 Ok((metadata, spec)) => SourceObject::Workspace {
-                    object: Workspace { metadata: with_namespace(metadata, &key), spec, status: None },
+                    object: Box::new(Workspace { metadata: with_namespace(metadata, &key), spec, status: None }),
                     source: source.clone(),
                 },
                 Err(e) => invalid(e),
             },
             Kind::Team => match typed(&mut typed_teams, index, doc.value, origin, line, &what) {
                 Ok((metadata, spec)) => SourceObject::Team {
-                    object: Team { metadata: with_namespace(metadata, &key), spec, status: None },
+                    object: Box::new(Team { metadata: with_namespace(metadata, &key), spec, status: None }),
                     source: source.clone(),
                 },
                 Err(e) => invalid(e),

@@ -13,11 +13,12 @@ use crate::api::{ObjectKey, SourceRef, Team, Workspace};
 #[derive(Clone, Debug)]
 pub enum SourceObject {
     Workspace {
-        object: Workspace,
+        /// Boxed (as is a Team): both are several times larger than `Invalid`.
+        object: Box<Workspace>,
         source: SourceRef,
     },
     Team {
-        object: Team,
+        object: Box<Team>,
         source: SourceRef,
     },
     /// An object whose kind and name are known but whose body is invalid (unknown

@@ -217,11 +217,11 @@ fn object(
     let err = |e: serde_json::Error| format!("desired_objects {kind} {key}: {e}");
     match kind {
         "Workspace" => match serde_json::from_value::<Workspace>(doc) {
-            Ok(object) => SourceObject::Workspace { object, source },
+            Ok(object) => SourceObject::Workspace { object: Box::new(object), source },
             Err(e) => invalid(err(e)),
         },
         _ => match serde_json::from_value::<Team>(doc) {
-            Ok(object) => SourceObject::Team { object, source },
+            Ok(object) => SourceObject::Team { object: Box::new(object), source },
             Err(e) => invalid(err(e)),
         },
     }
