@@ -1,9 +1,7 @@
 //! The registry server driven over real HTTP (a listener on 127.0.0.1:0), and the
 //! CLI's client functions against it.
 //!
-//! The store is an in-memory `Store` defined below, only for this file: the SQLite
-//! store is not merged yet. Every test reaches it as `Arc<dyn Store>`, so swapping
-//! in the real one is the one line in `Harness::start`.
+//! The store is the real SQLite store, in a temp dir per test.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,9 +21,6 @@ use molecule::registry::views::{ActionResponse, TeamSummary, WorkspaceDetail, Wo
 use molecule::registry::{self, AppState, Metrics};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
 use molecule::store::{DecisionRecord, DynStore, IssuedToken, RevokeReason, WorkspaceRecord, token};
-
-// ---------------------------------------------------------------------------
-// In-memory Store (test only)
 
 // ---------------------------------------------------------------------------
 // Harness

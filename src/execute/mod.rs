@@ -41,9 +41,41 @@ pub struct Env<'a> {
     pub instance: &'a str,
     pub agent: &'a AgentEnv,
     /// Failpoints for crash-consistency tests: `MOLECULE_FAILPOINT=<name>` aborts the
-    /// process at that step.
+    /// process the first time it reaches that step, `<name>@<n>` the n-th time. Every
+    /// name is in [`FAILPOINTS`].
     pub failpoint: Option<&'a str>,
 }
+
+/// Every step the process can be killed at (tests/crash.rs crashes at each): the
+/// steps inside a provision, a token reissue and a rotation, and after every action.
+pub const FAILPOINTS: &[&str] = &[
+    "provision-after-bump",
+    "provision-after-remove",
+    "provision-after-create",
+    "provision-after-issue",
+    "provision-after-write",
+    "provision-after-start",
+    "reissue-after-issue",
+    "reissue-after-write",
+    "rotate-after-issue",
+    "rotate-after-write",
+    "after-provision",
+    "after-remove-container",
+    "after-remove-volume",
+    "after-revoke-tokens",
+    "after-revoke-token-ids",
+    "after-rotate-token",
+    "after-revoke-stale-tokens",
+    "after-reissue-token",
+    "after-pause",
+    "after-unpause",
+    "after-record-restart",
+    "after-reset-restarts",
+    "after-forget",
+];
+
+/// How often the configured failpoint has been reached in this process.
+static FAILPOINT_HITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// What happened, for the decision log and metrics.
 #[derive(Debug, Default)]
@@ -55,7 +87,13 @@ pub struct Outcome {
 
 impl Env<'_> {
     fn failpoint(&self, name: &str) {
-        if self.failpoint == Some(name) {
+        debug_assert!(FAILPOINTS.contains(&name), "failpoint {name} is not listed in FAILPOINTS");
+        let Some(spec) = self.failpoint else { return };
+        let (point, nth) = match spec.split_once('@') {
+            Some((p, n)) => (p, n.parse::<u32>().unwrap_or(1)),
+            None => (spec, 1),
+        };
+        if point == name && FAILPOINT_HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= nth {
             tracing::error!(failpoint = name, "failpoint reached: aborting the process");
             std::process::abort();
         }
@@ -72,6 +110,7 @@ impl Env<'_> {
             if let Err(e) = self.apply_one(ctx, a, now, &mut out).await {
                 return (out, Err(e));
             }
+            self.failpoint(a.failpoint());
         }
         (out, Ok(()))
     }
@@ -122,7 +161,9 @@ impl Env<'_> {
                     .container()
                     .ok_or_else(|| ExecError::Precondition("no container to write the token into".into()))?;
                 let issued = self.store.issue_token(uid, record.incarnation, now).await?;
+                self.failpoint("rotate-after-issue");
                 self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
+                self.failpoint("rotate-after-write");
                 out.issued += 1;
                 // Only once the new token is in the file does the old one start to expire.
                 self.store.expire_token(uid, old, *old_valid_until).await?;
@@ -146,6 +187,7 @@ impl Env<'_> {
                 // If the write fails the new token is live but unused: the next pass sees the
                 // file still wrong, reissues, and revokes every token but the one written.
                 self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
+                self.failpoint("reissue-after-write");
                 out.issued += 1;
                 out.done.push(format!("wrote token {}… into the container", issued.row.prefix));
                 let n = self.store.revoke_tokens(uid, *revoke, Some(&issued.row.id), now).await?;
@@ -223,6 +265,7 @@ impl Env<'_> {
         let issued = self.store.issue_token(uid, incarnation, now).await?;
         self.failpoint("provision-after-issue");
         self.runtime.write_file(&cid, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
+        self.failpoint("provision-after-write");
         out.issued += 1;
         self.runtime.start(&cid).await?;
         self.failpoint("provision-after-start");

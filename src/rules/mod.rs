@@ -18,6 +18,8 @@ pub mod token_file;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+#[cfg(test)]
+mod props;
 
 use std::time::Duration;
 
@@ -203,6 +205,25 @@ pub enum Action {
 }
 
 impl Action {
+    /// The failpoint just after this action (see `execute::FAILPOINTS`).
+    pub fn failpoint(&self) -> &'static str {
+        match self {
+            Action::Provision { .. } => "after-provision",
+            Action::RemoveContainer { .. } => "after-remove-container",
+            Action::RemoveVolume => "after-remove-volume",
+            Action::RevokeTokens { .. } => "after-revoke-tokens",
+            Action::RevokeTokenIds { .. } => "after-revoke-token-ids",
+            Action::RotateToken { .. } => "after-rotate-token",
+            Action::RevokeStaleTokens { .. } => "after-revoke-stale-tokens",
+            Action::ReissueToken { .. } => "after-reissue-token",
+            Action::Pause { .. } => "after-pause",
+            Action::Unpause { .. } => "after-unpause",
+            Action::RecordRestart { .. } => "after-record-restart",
+            Action::ResetRestarts => "after-reset-restarts",
+            Action::Forget => "after-forget",
+        }
+    }
+
     /// How the action reads in the decision log.
     pub fn describe(&self) -> String {
         match self {

@@ -557,4 +557,72 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(did_you_mean("zzzzzz", ["tier", "env"].into_iter()), "");
     }
+
+    mod fuzz {
+        //! Hostile input: whatever the text, parsing ends (quickly, within the budget),
+        //! never panics, and every error names the file.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// YAML-shaped text: manifest keys, values, anchors, aliases, flow and block
+        /// nesting, document markers, tabs and odd scalars, glued at random.
+        fn yamlish() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("apiVersion: molecule.ai/v1alpha1\n".to_string()),
+                Just("kind: Workspace\n".to_string()),
+                Just("kind: Team\n".to_string()),
+                Just("metadata: {name: a}\n".to_string()),
+                Just("metadata:\n  name: b\n  namespace: x\n".to_string()),
+                Just("spec:\n".to_string()),
+                Just("  tier: 2\n".to_string()),
+                Just("  env: {A: 1, B: true, C: ~}\n".to_string()),
+                Just("  envFrom: [{secretRef: {name: k}}]\n".to_string()),
+                Just("  workspaces: [{name: m}]\n".to_string()),
+                Just("---\n".to_string()),
+                Just("...\n".to_string()),
+                Just("a: &x [1, 2]\nb: [*x, *x, *x]\n".to_string()),
+                Just("*undefined\n".to_string()),
+                Just("[[[[{{{{".to_string()),
+                Just("}}]]".to_string()),
+                Just("\t- \"unterminated\n".to_string()),
+                Just("? complex key\n: value\n".to_string()),
+                Just("!!binary aGVsbG8=\n".to_string()),
+                Just("%YAML 1.2\n".to_string()),
+                "[ -~]{0,40}\n",
+                "\\PC{0,20}",
+            ];
+            proptest::collection::vec(piece, 0..30).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_parses_or_is_refused_with_the_file_named(text in yamlish()) {
+                let p = parse(&text);
+                for e in &p.errors {
+                    prop_assert!(e.starts_with("org/a.yaml"), "{e}");
+                }
+                if p.failed {
+                    prop_assert!(p.objects.is_empty() && !p.errors.is_empty());
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_as_text_never_panic(text in "\\PC{0,400}") {
+                let _ = parse(&text);
+            }
+
+            #[test]
+            fn deep_nesting_of_any_shape_is_refused_not_followed(depth in 33usize..5000, flow in any::<bool>()) {
+                let text = if flow {
+                    format!("spec: {}1{}", "[".repeat(depth), "]".repeat(depth))
+                } else {
+                    (0..depth.min(400)).map(|i| format!("{}- \n", "  ".repeat(i))).collect()
+                };
+                let p = parse(&text);
+                prop_assert!(p.failed || p.objects.is_empty(), "{:?}", p.objects.len());
+            }
+        }
+    }
 }
