@@ -78,12 +78,16 @@ fn prepare_state_dir(state: &Path) -> anyhow::Result<()> {
 /// even by SIGKILL.
 fn lock_state_dir(state: &Path) -> anyhow::Result<std::fs::File> {
     let path = state.join("lock");
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
+    // A lock file made by an older version may be 0644.
+    let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(

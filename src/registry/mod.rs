@@ -151,7 +151,15 @@ pub fn write_address(state_dir: &Path, addr: SocketAddr) -> io::Result<String> {
     let url = address_url(addr);
     std::fs::create_dir_all(state_dir)?;
     let tmp = state_dir.join(format!(".{ADDRESS_FILE}.{}", std::process::id()));
-    std::fs::write(&tmp, format!("{url}\n"))?;
+    // Private like everything in the state directory (not a secret, but nobody
+    // else's business either).
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(format!("{url}\n").as_bytes())?;
+    }
     std::fs::rename(&tmp, address_path(state_dir))?;
     Ok(url)
 }

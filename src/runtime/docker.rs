@@ -37,8 +37,11 @@ const DIR_MODE: u32 = 0o755;
 /// Labels copied from a container spec onto its config volume. Incarnation and
 /// spec-hash are left out: the volume outlives both.
 const VOLUME_LABELS: [&str; 4] = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID];
-/// bollard's default: how long a request may wait for the response headers.
-const REQUEST_TIMEOUT_SECS: u64 = 120;
+/// How long a request may wait for the response headers (bollard's default is 120 s).
+/// A hung daemon call fails after this and the reconcile backs off and retries,
+/// rather than holding its workspace's one reconcile slot for two minutes. Pulls,
+/// builds and the event stream answer with headers at once and then stream.
+const REQUEST_TIMEOUT_SECS: u64 = 30;
 const EVENTS_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -61,7 +64,8 @@ impl DockerRuntime {
     /// not answer is `Unavailable`; callers retry.
     pub async fn connect(instance: &str) -> RuntimeResult<Self> {
         let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?;
+            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
+            .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS));
         Self::handshake(docker, instance).await
     }
 

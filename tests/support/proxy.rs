@@ -97,3 +97,155 @@ impl Drop for TcpProxy {
         self.cut();
     }
 }
+
+/// Faults a [`FaultProxy`] injects, each a probability per request (the rest are
+/// forwarded untouched).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Answer 500 with a Docker-style error body.
+    pub error_500: f64,
+    /// Drop the connection without an answer.
+    pub reset: f64,
+    /// Forward after `delay`.
+    pub slow: f64,
+    pub delay: std::time::Duration,
+    /// Never answer (the client's own timeout ends it).
+    pub hang: f64,
+}
+
+/// Counts of what a [`FaultProxy`] did.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    pub forwarded: std::sync::atomic::AtomicU64,
+    pub faulted: std::sync::atomic::AtomicU64,
+}
+
+/// An HTTP-aware unix-socket proxy to the real Docker daemon that fails requests at
+/// random (seeded): 500s, dropped connections, delays and hangs.
+pub struct FaultProxy {
+    pub path: std::path::PathBuf,
+    pub counts: Arc<FaultCounts>,
+    faults: Arc<Mutex<Faults>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub fn start(path: std::path::PathBuf, seed: u64) -> Self {
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let faults: Arc<Mutex<Faults>> = Arc::default();
+        let counts: Arc<FaultCounts> = Arc::default();
+        let rng = Arc::new(Mutex::new(seed.max(1)));
+        let (f, c) = (faults.clone(), counts.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (f, c, rng) = (f.clone(), c.clone(), rng.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let pick = pick(&f.lock().unwrap(), &mut rng.lock().unwrap());
+                        let c = c.clone();
+                        async move { answer(req, pick, &c).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(client), service)
+                        .await;
+                });
+            }
+        });
+        Self { path, counts, faults, accept }
+    }
+
+    /// From now on, inject these faults (`Faults::default()` heals the proxy).
+    pub fn set(&self, faults: Faults) {
+        *self.faults.lock().unwrap() = faults;
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Pick {
+    Forward,
+    Error500,
+    Reset,
+    Slow(std::time::Duration),
+    Hang,
+}
+
+/// xorshift64: reproducible from the seed.
+fn next(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn pick(f: &Faults, rng: &mut u64) -> Pick {
+    let x = next(rng);
+    let mut edge = f.error_500;
+    if x < edge {
+        return Pick::Error500;
+    }
+    edge += f.reset;
+    if x < edge {
+        return Pick::Reset;
+    }
+    edge += f.slow;
+    if x < edge {
+        return Pick::Slow(f.delay);
+    }
+    edge += f.hang;
+    if x < edge {
+        return Pick::Hang;
+    }
+    Pick::Forward
+}
+
+type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    pick: Pick,
+    counts: &FaultCounts,
+) -> Result<hyper::Response<ProxyBody>, std::io::Error> {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    let faulted = || counts.faulted.fetch_add(1, Ordering::Relaxed);
+    match pick {
+        Pick::Forward => {}
+        Pick::Error500 => {
+            faulted();
+            let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{\"message\":\"injected fault\"}"))
+                .map_err(|never| match never {})
+                .boxed();
+            let mut r = hyper::Response::new(body);
+            *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            return Ok(r);
+        }
+        Pick::Reset => {
+            faulted();
+            return Err(std::io::Error::other("injected connection reset"));
+        }
+        Pick::Slow(d) => {
+            faulted();
+            tokio::time::sleep(d).await;
+        }
+        Pick::Hang => {
+            faulted();
+            std::future::pending::<()>().await;
+        }
+    }
+    counts.forwarded.fetch_add(1, Ordering::Relaxed);
+    let daemon = tokio::net::UnixStream::connect("/var/run/docker.sock").await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(daemon))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await.map_err(std::io::Error::other)?;
+    Ok(response.map(|b| b.boxed()))
+}
