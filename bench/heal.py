@@ -10,90 +10,16 @@ and a token prefix different from the one that was damaged), over N trials:
   token    token file inside the running container overwritten
   restart  container removed while the operator was stopped; timed from the operator's start
 
-Usage: python3 bench/heal.py [--trials N] [--cases rm,rm-v,token,restart] [--bin PATH]
-Prints a table and a JSON line per case (p50/p99/max seconds). Builds nothing:
-run `cargo build --release` first (or pass --bin). Cleans up its containers.
+Usage: python3 bench/heal.py [--trials N] [--cases rm,rm-v,token,restart] [--quick]
+Prints a JSON line per case (p50/p99/max seconds) and writes its markdown section,
+with the original platform's design beside it as a computed model (see benchlib.py
+for --bin/--out). Builds nothing. Cleans up its containers.
 """
-import argparse, io, json, os, shutil, signal, socket, statistics, subprocess, sys, tarfile, tempfile, time, urllib.request
-from datetime import datetime
+import argparse, io, json, os, subprocess, sys, tarfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def docker(*a, check=True, inp=None):
-    for _ in range(3):  # fuse-overlayfs sometimes fails a removal once ("directory not empty")
-        r = subprocess.run(["docker", *a], input=inp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if r.returncode == 0 or b"directory not empty" not in r.stderr:
-            break
-    if check and r.returncode != 0:
-        raise RuntimeError("docker %s: %s" % (" ".join(a), r.stderr.decode()[-300:]))
-    return r.stdout.decode().strip()
-
-
-def ts(s):
-    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
-
-
-class Op:
-    def __init__(self, binary, names):
-        self.bin = binary
-        self.dir = tempfile.mkdtemp(prefix="bench-org-")
-        self.state = tempfile.mkdtemp(prefix="bench-state-")
-        self.port = free_port()
-        self.instance = "bench%d" % os.getpid()
-        self.proc = None
-        for n in names:
-            with open(os.path.join(self.dir, n + ".yaml"), "w") as f:
-                f.write("apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata:\n  name: %s\nspec:\n  tier: 1\n" % n)
-
-    def start(self):
-        log = open(os.path.join(self.state, "operator.log"), "ab")
-        self.proc = subprocess.Popen([self.bin, "up", self.dir, "--state", self.state, "--listen", "127.0.0.1:%d" % self.port,
-                                      "--instance", self.instance, "--heartbeat-seconds", "1"], stdout=log, stderr=subprocess.STDOUT)
-
-    def stop(self):
-        if self.proc:
-            self.proc.send_signal(signal.SIGTERM); self.proc.wait(30); self.proc = None
-
-    def workspaces(self):
-        try:
-            tok = open(os.path.join(self.state, "admin-token")).read().strip()
-            req = urllib.request.Request("http://127.0.0.1:%d/api/v1/workspaces" % self.port, headers={"Authorization": "Bearer " + tok})
-            with urllib.request.urlopen(req, timeout=2) as r:
-                return {w["name"]: w for w in json.load(r)}
-        except Exception:
-            return None
-
-    def wait(self, pred, deadline=60):
-        t0 = time.time()
-        while time.time() - t0 < deadline:
-            ws = self.workspaces()
-            if ws is not None and pred(ws):
-                return ws
-            time.sleep(0.01)
-        raise RuntimeError("timed out; log: " + open(os.path.join(self.state, "operator.log")).read()[-2000:])
-
-    def cleanup(self):
-        if self.proc:
-            self.proc.kill(); self.proc.wait()
-        ids = docker("ps", "-aq", "--filter", "label=ai.molecule.instance=" + self.instance, check=False).split()
-        names = docker("inspect", "-f", "{{.Name}}", *ids, check=False).split() if ids else []
-        if ids:
-            docker("rm", "-f", "-v", *ids, check=False)
-        for n in names:  # volumes Docker re-created without labels in a removal race
-            docker("volume", "rm", "-f", n.lstrip("/") + "-configs", check=False)
-        vols = docker("volume", "ls", "-q", "--filter", "label=ai.molecule.instance=" + self.instance, check=False).split()
-        if vols:
-            docker("volume", "rm", "-f", *vols, check=False)
-        shutil.rmtree(self.dir, ignore_errors=True); shutil.rmtree(self.state, ignore_errors=True)
-
-
-def online(w):
-    return w.get("phase") == "Running" and w.get("container") and w.get("lastHeartbeatAt")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (Operator, add_common_args, command_line, docker, loadavg, online, pct, require_bin, ts,  # noqa: E402
+                      write_section)
 
 
 def healed(name, t_damage, old_prefix):
@@ -145,38 +71,86 @@ def trial(op, case, name):
 LOST_RACES = [0]
 
 
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100.0 * (len(xs) - 1))))]
+# The original platform's design, as a model (computed, not measured): a sweeper pass
+# every 60 s revokes a token that has no container once it is older than a 5-minute
+# grace; the damage happens at a uniformly random moment of the sweep period; then a
+# human restarts the workspace by hand. The human's reaction and the restart itself
+# are not counted, so these are lower bounds.
+SWEEP_S, GRACE_S = 60.0, 300.0
+CASES = {
+    "rm": "container removed (`docker rm -f`)",
+    "rm-v": "container and config volume removed (`docker compose down -v`)",
+    "token": "token file overwritten inside the running container",
+    "restart": "container removed while the operator was stopped (timed from its start)",
+}
+
+
+def original_model(case, q):
+    """Seconds to heal at quantile q under the original design; None: no automatic path."""
+    if case == "token":
+        return None  # the container exists, so the sweeper never touches its tokens
+    return GRACE_S + SWEEP_S * q
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=10)
+    add_common_args(ap, "heal")
+    ap.add_argument("--trials", type=int, default=None, help="per case; default 20, --quick: 3")
     ap.add_argument("--cases", default="rm,rm-v,token,restart")
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "molecule-operator"))
     a = ap.parse_args()
-    if not os.path.exists(a.bin):
-        sys.exit("no operator binary at %s: run `cargo build --release` first" % a.bin)
-    op = Op(a.bin, ["bench"])
-    results = {}
+    require_bin(a.bin)
+    trials = a.trials or (3 if a.quick else 20)
+    op = Operator(a.bin, ["bench"], tier=1, tag="heal", extra_args=["--heartbeat-seconds", "1"])
+    results, races = {}, {}
+    load_start = loadavg()
     try:
         op.start()
         for case in a.cases.split(","):
             xs, LOST_RACES[0] = [], 0
-            while len(xs) < a.trials and LOST_RACES[0] < 10 * a.trials:
+            while len(xs) < trials and LOST_RACES[0] < 10 * trials:
                 x = trial(op, case, "bench")
                 if x is not None:
                     xs.append(x)
-            results[case] = xs
+            results[case], races[case] = xs, LOST_RACES[0]
             print(json.dumps({"case": case, "trials": len(xs), "p50_s": round(pct(xs, 50), 3),
                               "p99_s": round(pct(xs, 99), 3), "max_s": round(max(xs), 3),
                               "retried_lost_races": LOST_RACES[0]}), flush=True)
     finally:
         op.cleanup()
-    print("\n| case | trials | p50 (s) | p99 (s) | max (s) |\n|---|---|---|---|---|")
+    out = ["## Heal latency (issues 3 and 7.2)", "",
+           "Time from the damage to the workspace's agent registered again **on a new token** (phase Running, a "
+           "heartbeat newer than the damage, a token prefix different from the damaged one), one workspace, "
+           "`--heartbeat-seconds 1`, %d trials per case." % trials, "",
+           "```sh", command_line(), "```", "",
+           "| case | trials | p50 (s) | p99 (s) | max (s) | original design, modelled: p50 / p99 (s) | p50 faster by |",
+           "|---|---|---|---|---|---|---|"]
     for case, xs in results.items():
-        print("| %s | %d | %.3f | %.3f | %.3f |" % (case, len(xs), pct(xs, 50), pct(xs, 99), max(xs)))
+        m50, m99 = original_model(case, 0.5), original_model(case, 0.99)
+        model = ("≥ %.0f / ≥ %.0f" % (m50, m99)) if m50 is not None else "never by itself (no rule applies)"
+        faster = ("≥ %.0fx" % (m50 / pct(xs, 50))) if m50 is not None else "-"
+        out.append("| %s | %d | %.3f | %.3f | %.3f | %s | %s |" % (CASES.get(case, case), len(xs), pct(xs, 50),
+                                                                  pct(xs, 99), max(xs), model, faster))
+    lost = races.get("rm-v", 0)
+    out += ["", "Targets: p50 under 1 s and p99 under 2 s for the first three cases; under 3 s after a restart: %s."
+            % ("all hold" if all(pct(results[c], 50) < 1 and pct(results[c], 99) < 2 for c in results if c != "restart")
+               and ("restart" not in results or pct(results["restart"], 99) < 3) else "NOT all hold"), "",
+            "The original platform's column is a **model, computed and not measured**: its sweeper ran every 60 s and "
+            "revoked a token with no container once it was past a 5-minute grace; then someone had to restart the "
+            "workspace by hand. With the damage at a uniformly random point of the sweep period, revocation comes "
+            "300 + U(0, 60) s after the damage (p50 330 s, p99 359 s); the human's reaction and the restart are not "
+            "counted, so the column is a lower bound. A token file overwritten inside a running container has a "
+            "container, so the sweeper never revokes its token: the agent is refused until someone revokes rows by hand.",
+            "", "Notes:",
+            "- In the `rm -v` case the operator often recreates the container between the two removals (it reacts to "
+            "Docker's `destroy` event within milliseconds), so the volume is then in use and cannot be removed. Those "
+            "trials (%d in this run) are retried and not counted; the counted ones really lost both. The test suite makes "
+            "this case deterministic (`tests/local_mode.rs`, `heal_container_and_volume_removed_together`)." % lost,
+            "- The token-file case is bounded by the agent: it re-reads the file every 0.5 s, presents the wrong token, "
+            "gets a 401, and the 401 triggers the reconcile that writes a new token.",
+            "- Machine load (1-minute average) at the start: %s; at the end: %s." % (load_start, loadavg())]
+    if a.quick:
+        out.insert(2, "_Quick smoke run: not the numbers to quote._\n")
+    write_section(a.out, "\n".join(out))
 
 
 if __name__ == "__main__":
