@@ -532,11 +532,11 @@ mod tests {
         {
             bomb.push_str(&format!("{name}: &{name} [{}]\n", vec![format!("*{prev}"); 10].join(",")));
         }
-        let started = std::time::Instant::now();
+        // Refused by the alias budget, not expanded (no timing threshold here: the
+        // budget error itself shows the expansion was cut short).
         let p = parse(&bomb);
         assert!(p.failed, "{:?}", p.objects);
         assert!(p.errors[0].starts_with("org/a.yaml:") && p.errors[0].contains("simplify it"), "{:?}", p.errors);
-        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
 
         let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
         assert!(parse(&deep).failed);
