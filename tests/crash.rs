@@ -79,7 +79,12 @@ fn yaml(extra: &str) -> String {
 }
 
 fn sqlite(op: &Op, q: &str) -> String {
-    let out = std::process::Command::new("sqlite3").arg(op.state.join("state.db")).arg(q).output().unwrap();
+    let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(op.state.join("state.db"))
+        .arg(q)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 

@@ -238,7 +238,12 @@ fn heal_token_file_overwritten() {
 
 fn sql(op: &Op, q: &str) {
     let db = op.state.join("state.db");
-    let out = std::process::Command::new("sqlite3").arg(&db).arg(q).output().expect("sqlite3 runs");
+    let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(&db)
+        .arg(q)
+        .output()
+        .expect("sqlite3 runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -317,6 +322,7 @@ fn sigkill_in_the_middle_of_provisioning_leaves_no_duplicates_or_orphan_tokens()
         let tok = token_of(&ws, "dev");
         assert_eq!(registry(&op.url(), "/registry/heartbeat", &tok, &uid(&ws, "dev")), 200);
         let live = std::process::Command::new("sqlite3")
+            .args(["-cmd", ".timeout 5000"])
             .arg(op.state.join("state.db"))
             .arg("SELECT count(*) FROM workspace_auth_tokens WHERE revoked_at IS NULL")
             .output()
