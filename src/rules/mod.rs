@@ -148,6 +148,11 @@ impl Decision {
     pub fn new(rule: &'static str, cause: impl Into<String>, actions: Vec<Action>) -> Self {
         Self { rule, cause: cause.into(), actions }
     }
+
+    /// Whether carrying it out creates a container (a provision).
+    pub fn creates_container(&self) -> bool {
+        self.actions.iter().any(|a| matches!(a, Action::Provision { .. }))
+    }
 }
 
 /// Idempotent steps the executor knows how to take.
@@ -275,10 +280,7 @@ pub const RULES: &[(&str, Rule)] = &[
 /// removal, revoking tokens) still happens.
 pub fn plan(ctx: &Ctx<'_>) -> Option<Decision> {
     let held = ctx.desired.is_some_and(|d| d.secrets_hold.is_some());
-    RULES
-        .iter()
-        .filter_map(|(_, rule)| rule(ctx))
-        .find(|d| !(held && d.actions.iter().any(|a| matches!(a, Action::Provision { .. }))))
+    RULES.iter().filter_map(|(_, rule)| rule(ctx)).find(|d| !(held && d.creates_container()))
 }
 
 #[cfg(test)]
