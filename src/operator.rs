@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -218,15 +219,23 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
     // With Postgres, replicas of this instance share the database: only the holder of
     // the lease reconciles, through a store the database fences by epoch.
+    let lease_unconfirmed = Arc::new(AtomicBool::new(false));
     let reconcile_store = match db.starts_with("postgres") {
         true => {
-            lead_with_postgres_lease(&db, &instance, Duration::from_secs(args.lease_seconds.max(2)), &shutdown).await?
+            let ttl = Duration::from_secs(args.lease_seconds.max(2));
+            lead_with_postgres_lease(&db, &instance, ttl, lease_unconfirmed.clone(), &shutdown).await?
         }
         false => store,
     };
     let mut ctx =
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
+    ctx.lost_heartbeats = state.lost_heartbeats.clone();
+    // While no operator ran (down, restarting, or a standby before it took the lease)
+    // agents' heartbeats could not be recorded either: their silence counts from now,
+    // so an operator restart after a long downtime restarts no healthy agent.
+    ctx.lost_heartbeats.note(chrono::Utc::now());
+    ctx.lease_unconfirmed = lease_unconfirmed;
     // In a cluster, envFrom reads Kubernetes Secrets (the local Kubernetes API of
     // `--kube-api` stores none: there, secrets are set with `secret set`).
     let mut secrets_feed = None;
@@ -305,10 +314,19 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
 /// Waits until this process holds the instance's lease in Postgres, keeps renewing
 /// it, and returns a store fenced with its epoch. Losing the lease stops the process
 /// (a deposed leader's writes are refused by the database meanwhile).
+///
+/// The database being unreachable is not losing the lease: past the TTL without a
+/// renewal, `unconfirmed` is set (reconciles pause) and renewal goes on. Once the
+/// database answers, the lease is taken back if it is still ours, i.e. no other
+/// replica took it meanwhile (then holder and epoch are unchanged, the fence stays
+/// valid) and reconciling resumes; if another replica took it, the process stops as
+/// before. A single replica thus rides out a database outage of any length instead
+/// of exiting.
 async fn lead_with_postgres_lease(
     url: &str,
     instance: &str,
     ttl: Duration,
+    unconfirmed: Arc<AtomicBool>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<crate::store::DynStore> {
     use crate::store::lease::Lease;
@@ -344,17 +362,38 @@ async fn lead_with_postgres_lease(
                 }
                 _ = tokio::time::sleep(lease.ttl / 3) => {}
             }
-            match lease.renew(epoch).await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!(epoch, "lost the lease to another replica: stopping");
-                    stop.cancel();
-                    return;
+            let renewed = match lease.renew(epoch).await {
+                Ok(true) => Ok(()),
+                // Expired (the database was unreachable past the TTL) or taken: still
+                // ours only if nobody took it meanwhile, which keeps the same epoch.
+                Ok(false) => match lease.try_acquire().await {
+                    Ok(Some(e)) if e == epoch => Ok(()),
+                    Ok(other) => {
+                        if let Some(e) = other {
+                            let _ = lease.release(e).await; // taken back under a new epoch our fence lacks
+                        }
+                        tracing::error!(epoch, "lost the lease to another replica: stopping");
+                        stop.cancel();
+                        return;
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match renewed {
+                Ok(()) => {
+                    last_ok = tokio::time::Instant::now();
+                    if unconfirmed.swap(false, Ordering::AcqRel) {
+                        tracing::info!(epoch, "the lease is confirmed again: reconciling");
+                    }
                 }
                 Err(e) if last_ok.elapsed() >= lease.ttl => {
-                    tracing::error!(error = %e, "could not renew the lease within its TTL: stopping");
-                    stop.cancel();
-                    return;
+                    if !unconfirmed.swap(true, Ordering::AcqRel) {
+                        tracing::error!(
+                            error = %e,
+                            "could not renew the lease within its TTL: not reconciling until the database answers"
+                        );
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
             }

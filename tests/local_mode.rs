@@ -609,3 +609,35 @@ fn a_second_operator_on_the_same_state_dir_refuses_to_start() {
     // The first one is unharmed.
     op.wait_online(&["dev"], HEAL);
 }
+
+#[test]
+fn an_operator_down_longer_than_the_heartbeat_ttl_restarts_no_healthy_agent() {
+    if !docker_available() {
+        return;
+    }
+    // Heartbeats every 4 s, 2 misses: the TTL is 10 s. The operator (and its registry)
+    // is down for longer than that, so the store holds no beat for well past the TTL;
+    // the agent kept running and was never silent, only unheard. After the restart its
+    // next beat comes up to 4 s later, the operator's first reconcile sooner.
+    let mut op = Op::new("downtime");
+    op.heartbeat_seconds = 4;
+    op.extra = vec!["--heartbeat-misses".into(), "2".into()];
+    op.write_ws("dev");
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
+    let (container, incarnation) = (cid(&ws, "dev"), inc(&ws, "dev"));
+    op.stop();
+    std::thread::sleep(Duration::from_secs(14)); // the outage itself
+    let back = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    op.start();
+    let ws = op.wait("the agent reports to the restarted operator", UP, |ws| {
+        ws.get("dev").is_some_and(|w| w["lastHeartbeatAt"].as_str().is_some_and(|t| t > back.as_str()))
+    });
+    let w = &ws["dev"];
+    assert!(w["lastRestartReason"].is_null(), "a healthy agent was restarted for the operator's downtime: {w}");
+    assert_eq!(inc(&ws, "dev"), incarnation, "{w}");
+    // Docker's word, not the status's: the same container is still the only one.
+    let running = docker(&["inspect", "-f", "{{.State.Running}}", &container]);
+    assert_eq!(running.trim(), "true", "the agent's container is gone or stopped");
+    assert_eq!(op.containers().len(), 1);
+}

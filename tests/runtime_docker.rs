@@ -87,6 +87,11 @@ async fn token_written_before_start_is_owned_by_and_readable_for_the_agent() {
     write_token(&t, &id, &rotated).await;
     assert_eq!(t.runtime.read_file(&id, TOKEN_PATH).await.unwrap(), Some(rotated.into_bytes()));
     assert!(!t.logs(&id).await.contains(&token));
+
+    // A container removed meanwhile: unknown, not "no token file".
+    t.runtime.remove(&id).await.unwrap();
+    let gone = t.runtime.read_file(&id, TOKEN_PATH).await;
+    assert!(gone.is_err(), "reading from a removed container is an error, not a missing file: {gone:?}");
 }
 
 #[tokio::test]

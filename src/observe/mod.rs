@@ -48,6 +48,7 @@ pub async fn observe(
         token_file: TokenFile::NotRead,
         provisioning: false,
         quota_hold: None,
+        heartbeats_lost_at: None,
     };
     if read_token_file
         && let Some(c) =

@@ -100,6 +100,14 @@ pub struct Context {
     pub secret_objects: Option<Arc<dyn crate::secrets::SecretObjects>>,
     /// Every finished reconcile is published here (status writers subscribe).
     pub reports: broadcast::Sender<Report>,
+    /// Heartbeats the registry could not record (shared with it; see the heartbeat rule).
+    pub lost_heartbeats: Arc<crate::store::LostHeartbeats>,
+    /// Set while this replica cannot confirm that it still holds the leader lease (the
+    /// database was unreachable for longer than the lease): reconciles do nothing and
+    /// retry with backoff until the lease is confirmed (or the process stops, if it was
+    /// lost). The database refuses a deposed leader's writes anyway; this keeps it from
+    /// acting on containers meanwhile as well.
+    pub lease_unconfirmed: Arc<std::sync::atomic::AtomicBool>,
     /// The last execution error per workspace (shown in status until it succeeds).
     failures: Mutex<HashMap<String, Failure>>,
 }
@@ -129,6 +137,8 @@ impl Context {
             metrics,
             failpoint: std::env::var("MOLECULE_FAILPOINT").ok().filter(|s| !s.is_empty()),
             reports: broadcast::channel(1024).0,
+            lost_heartbeats: Arc::default(),
+            lease_unconfirmed: Arc::default(),
             keyring: None,
             secret_objects: None,
             failures: Mutex::new(HashMap::new()),
@@ -158,6 +168,8 @@ pub enum ReconcileError {
     Secret(#[from] crate::secrets::SecretError),
     #[error("secrets are set for this workspace but the operator has no secrets key")]
     NoKeyring,
+    #[error("not reconciling: the leader lease cannot be confirmed while the state database is unreachable")]
+    LeaseUnconfirmed,
 }
 
 impl ReconcileError {
@@ -166,6 +178,7 @@ impl ReconcileError {
             Self::Store(e) => e.metric_label(),
             Self::Exec(e) => e.metric_label(),
             Self::Secret(_) | Self::NoKeyring => "secret",
+            Self::LeaseUnconfirmed => "lease",
         }
     }
 }
@@ -257,6 +270,9 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         failpoint: ctx.failpoint.as_deref(),
     };
     for _ in 0..MAX_PASSES {
+        if ctx.lease_unconfirmed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ReconcileError::LeaseUnconfirmed);
+        }
         let set = ctx.desired.borrow().clone();
         let declared = set.workspaces.get(&okey);
         if declared.is_none() && !set.complete {
@@ -282,6 +298,7 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         if let (Some(d), Some(all)) = (declared, listing.as_deref()) {
             observed.quota_hold = quota_hold(ctx, &set, d, all).await?;
         }
+        observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
         if observed.record.is_none() && observed.containers.as_ref().is_none_or(|c| c.is_empty()) {
             return Ok(None); // never seen, not declared: nothing to do
         }
@@ -324,8 +341,9 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
                 let listing = crate::observe::list(ctx.runtime.as_ref(), key).await;
-                let observed =
+                let mut observed =
                     observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), listing.as_deref(), false).await?;
+                observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
                 let rctx =
                     Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
                 report.status = write_status(ctx, key, &rctx, declared).await?;
@@ -441,7 +459,8 @@ fn heartbeat_look(rctx: &Ctx<'_>) -> Requeue {
     let record = rctx.observed.record.as_ref()?;
     match record.last_heartbeat_at.filter(|h| Some(*h) >= c.provisioned_at()) {
         Some(h) => {
-            let due = h + chrono::Duration::from_std(ttl).ok()? - rctx.now;
+            let from = crate::rules::heartbeat::silent_since(h, rctx.observed);
+            let due = from + chrono::Duration::from_std(ttl).ok()? - rctx.now;
             Some(due.to_std().unwrap_or_default() + Duration::from_millis(100))
         }
         None => Some(rctx.settings.heartbeat_interval.min(ttl)),

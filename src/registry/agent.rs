@@ -81,7 +81,7 @@ async fn handle(state: &AppState, call: Call, headers: &HeaderMap, body: Result<
     let prefix = token::prefix(presented);
     let owner = match state.store.token_owner(&token::hash(presented)).await {
         Ok(owner) => owner,
-        Err(e) => return store_unavailable(e),
+        Err(e) => return heartbeat_lost(state, e),
     };
     let Some(owner) = owner else {
         tracing::debug!(workspace_id = %uid, token_prefix = %prefix, ?call, "registry: unknown or revoked token");
@@ -108,7 +108,7 @@ async fn handle(state: &AppState, call: Call, headers: &HeaderMap, body: Result<
         return error(StatusCode::FORBIDDEN, WRONG_WORKSPACE);
     }
     if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, Utc::now()).await {
-        return store_unavailable(e);
+        return heartbeat_lost(state, e);
     }
     match call {
         // An agent (re)started: let the status catch up at once.
@@ -161,6 +161,13 @@ async fn enqueue_if_known(state: &AppState, uid: &str, why: &'static str) {
         Ok(None) => {}
         Err(e) => tracing::warn!(workspace_id = %uid, error = %e, "registry: cannot look the workspace up"),
     }
+}
+
+/// The store failed while an agent reported in: a 503 (the agent retries), and the
+/// time is noted so the heartbeat rule does not take the unrecorded beats for silence.
+fn heartbeat_lost(state: &AppState, e: crate::store::StoreError) -> Response {
+    state.lost_heartbeats.note(Utc::now());
+    store_unavailable(e)
 }
 
 fn store_unavailable(e: crate::store::StoreError) -> Response {

@@ -66,6 +66,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Seals secrets set through the admin API.
     pub keyring: Option<Arc<crate::secrets::Keyring>>,
+    /// Heartbeats the store failed to record (read by the heartbeat rule).
+    pub lost_heartbeats: Arc<crate::store::LostHeartbeats>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
     nudges: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -87,6 +89,7 @@ impl AppState {
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
             keyring: None,
+            lost_heartbeats: Arc::default(),
             nudges: Arc::default(),
         }
     }

@@ -228,10 +228,13 @@ pub fn summary(
         token: status.and_then(|s| s.token.clone()),
         // The heartbeat path updates the record live; the status copy lags a reconcile.
         last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at).or(status.and_then(|s| s.last_heartbeat_at)),
-        restart_count: status.map(|s| s.restart_count).or(record.map(|r| r.restart_count)).unwrap_or(0),
-        last_restart_reason: status
-            .and_then(|s| s.last_restart_reason.clone())
-            .or_else(|| record.and_then(|r| r.last_restart_reason.clone())),
+        // Count and reason from one place, the record when there is one (it is written
+        // as the restart happens), so the two never disagree while the status lags.
+        restart_count: record.map(|r| r.restart_count).or(status.map(|s| s.restart_count)).unwrap_or(0),
+        last_restart_reason: match record {
+            Some(r) => r.last_restart_reason.clone(),
+            None => status.and_then(|s| s.last_restart_reason.clone()),
+        },
         source: declared.map(|d| d.source.clone()).or_else(|| status.and_then(|s| s.source.clone())),
         conditions,
         created_at: record.map(|r| r.created_at),

@@ -110,6 +110,7 @@ pub fn healthy() -> Observed {
         token_file: TokenFile::Hash("hash-t1".into()),
         provisioning: false,
         quota_hold: None,
+        heartbeats_lost_at: None,
     }
 }
 

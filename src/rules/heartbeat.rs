@@ -25,7 +25,7 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
         return (record.restart_count > 0 && settled)
             .then(|| Decision::new("heartbeat", "agent is online again", vec![Action::ResetRestarts]));
     }
-    let since = heard.or(c.provisioned_at())?;
+    let since = silent_since(heard.or(c.provisioned_at())?, ctx.observed);
     let silent = ctx.now - since;
     if silent <= ttl {
         return None;
@@ -42,6 +42,15 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
         reason.clone(),
         vec![Action::RecordRestart { reason }, Action::Provision { revoke: RevokeReason::Reprovision }],
     ))
+}
+
+/// Where the agent's silence starts counting: at `from` (its last recorded heartbeat,
+/// or its container's start), or later if the registry failed to record heartbeats
+/// since (the state store was down or locked): beats the operator could not record
+/// are not the agent's silence, so an outage of the operator's own database never
+/// restarts healthy agents nor revokes their tokens.
+pub fn silent_since(from: DateTime<Utc>, observed: &Observed) -> DateTime<Utc> {
+    observed.heartbeats_lost_at.map_or(from, |lost| lost.max(from))
 }
 
 /// Within budget and past the backoff since the last restart.
@@ -122,6 +131,17 @@ mod tests {
         assert_eq!(decide(&obs), None);
         obs.record.as_mut().unwrap().last_restart_at = Some(now() - chrono::Duration::seconds(41));
         assert!(decide(&obs).is_some());
+    }
+
+    #[test]
+    fn heartbeats_the_store_could_not_record_are_not_silence() {
+        let mut obs = silent(30);
+        obs.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(2));
+        assert_eq!(decide(&obs), None, "the store failed to record beats 2 s ago: not silent past the TTL");
+        obs.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(25));
+        assert!(decide(&obs).unwrap().cause.contains("silent for 25s"), "silence counts from the outage's end");
+        obs.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(60));
+        assert!(decide(&obs).unwrap().cause.contains("silent for 30s"), "an older outage changes nothing");
     }
 
     #[test]

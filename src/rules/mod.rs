@@ -91,6 +91,9 @@ pub struct Observed {
     pub provisioning: bool,
     /// Why the team's quota makes this workspace wait (see quota.rs), if it does.
     pub quota_hold: Option<String>,
+    /// The last time the registry could not record a heartbeat because the state
+    /// store failed (see store::LostHeartbeats): silence before it is not the agent's.
+    pub heartbeats_lost_at: Option<DateTime<Utc>>,
 }
 
 impl Observed {

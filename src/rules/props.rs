@@ -131,6 +131,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                 token_file,
                 provisioning,
                 quota_hold: quota.then(|| "team eng allows 1 running workspace".to_string()),
+                heartbeats_lost_at: None,
             };
             World { desired, observed, issued: 0 }
         })

@@ -298,7 +298,22 @@ impl Runtime for DockerRuntime {
         let chunks: Result<Vec<_>, _> = self.docker.download_from_container(id, Some(options)).try_collect().await;
         let archive = match chunks {
             Ok(chunks) => chunks.concat(),
-            Err(e) if status(&e) == Some(404) => return Ok(None),
+            // 404 is "no such file", but also "no such container", and a container being
+            // torn down (`docker rm -f`) loses its files before it is gone. A container
+            // removed since it was listed is not one whose token file is missing: the
+            // token-file rule would issue a token for it. So a missing file counts only
+            // in a container that is still there and running.
+            Err(e) if status(&e) == Some(404) => {
+                let state = match self.inspect(id).await? {
+                    Some(c) if c.state == ContainerState::Running => return Ok(None),
+                    Some(c) => format!("{:?}", c.state),
+                    None => "gone".to_string(),
+                };
+                return Err(RuntimeError::Api(format!(
+                    "reading {path} from container {id}: {} (the container is {state}, not running)",
+                    message(&e)
+                )));
+            }
             Err(e) => return Err(api_error(format!("reading {path} from container {id}"), e)),
         };
         first_file_in_tar(&archive)

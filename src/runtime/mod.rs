@@ -204,7 +204,9 @@ pub trait Runtime: Send + Sync + 'static {
     /// Writes `dir/name` inside the container via the archive API (works before start and
     /// on scratch images), owned by AGENT_UID with the given mode.
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], mode: u32) -> RuntimeResult<()>;
-    /// Reads a file via the archive API; Ok(None) when it does not exist.
+    /// Reads a file via the archive API; Ok(None) when it does not exist in a running
+    /// container, an error when the container is gone or no longer running (a container
+    /// being removed loses its files first: that is not a missing file).
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
     /// Lifecycle events of this instance's containers; reconnects by itself.
     fn events(&self) -> BoxStream<'static, RuntimeEvent>;

@@ -200,6 +200,31 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// When the registry last failed to record an agent's heartbeat because the state
+/// store failed (unreachable, restarting, locked). Until then an agent's silence in
+/// the store may be the store's, not the agent's: the heartbeat rule counts silence
+/// only from the later of the last recorded heartbeat and this moment, so healthy
+/// agents are not restarted (and their tokens revoked) for an outage of the
+/// operator's own database. Shared by the registry (which notes) and the reconciler
+/// (which reads).
+#[derive(Debug, Default)]
+pub struct LostHeartbeats(std::sync::Mutex<Option<DateTime<Utc>>>);
+
+impl LostHeartbeats {
+    /// A heartbeat could not be recorded at `at`.
+    pub fn note(&self, at: DateTime<Utc>) {
+        let mut last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|t| t < at) {
+            *last = Some(at);
+        }
+    }
+
+    /// The last time a heartbeat could not be recorded, if ever.
+    pub fn last(&self) -> Option<DateTime<Utc>> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap liveness query (for /readyz).

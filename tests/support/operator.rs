@@ -58,6 +58,30 @@ pub fn docker_ok(args: &[&str]) -> bool {
     })
 }
 
+/// `docker rm -f` of every id in ONE command (an out-of-band removal, all at once).
+/// fuse-overlayfs (this project's VMs) sometimes fails a removal with "directory not
+/// empty": those containers are removed again until they are gone. Any other failure
+/// fails the test.
+pub fn remove_out_of_band(ids: &[&str]) {
+    let out = Command::new("docker").args(["rm", "-f"]).args(ids).output().expect("docker runs");
+    if out.status.success() {
+        return;
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("docker rm -f of {} containers: {stderr}", ids.len());
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(line.contains("directory not empty"), "docker rm -f failed: {line}");
+    }
+    for id in ids {
+        let mut tries = 0;
+        while docker_ok(&["inspect", id]) && !docker_ok(&["rm", "-f", id]) {
+            tries += 1;
+            assert!(tries < 10, "docker rm -f {id} keeps failing");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 pub const WS: &str = "apiVersion: molecule.ai/v1alpha1
 kind: Workspace
 metadata:
@@ -81,6 +105,8 @@ pub struct Op {
     pub instance: String,
     pub extra: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `--heartbeat-seconds` (1 unless a test sets it).
+    pub heartbeat_seconds: u64,
     /// `run --source ...` instead of `up DIR` when set.
     pub sources: Vec<String>,
     child: Option<Child>,
@@ -106,6 +132,7 @@ impl Op {
             instance,
             extra: vec![],
             env: vec![],
+            heartbeat_seconds: 1,
             sources: vec![],
             child: None,
             log,
@@ -150,7 +177,7 @@ impl Op {
                 "--instance",
                 &self.instance,
                 "--heartbeat-seconds",
-                "1",
+                &self.heartbeat_seconds.to_string(),
             ])
             .args(&self.extra)
             .env("RUST_LOG", "info,molecule=debug")
@@ -190,6 +217,11 @@ impl Op {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Whether the operator process is still running (false once it exited, whatever the reason).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Waits for the operator process to exit on its own (e.g. a failpoint abort).

@@ -42,6 +42,11 @@
 //! server lingering after the run). Each start prints its cost to stderr (`cargo
 //! nextest run --no-capture` shows it).
 //!
+//! A test that stops or restarts the server takes [`private_database`] instead: a
+//! cluster of its own (same setup, same cleanup), never shared and never
+//! `MOLECULE_TEST_DATABASE_URL`'s, with `stop_server`, `start_server` (same port)
+//! and `restart_server`.
+//!
 //! No PostgreSQL installed: the test prints a notice and passes, unless `CI` is
 //! `true` (or `1`), where it fails saying what to install.
 
@@ -115,6 +120,62 @@ impl Drop for TestDatabase {
     }
 }
 
+/// A database on a PostgreSQL server of the test's own, which the test may stop
+/// and start again (a restart, a crash) without disturbing any other test: never the
+/// process's shared server, never `MOLECULE_TEST_DATABASE_URL`'s. Dropping it stops
+/// the server and removes its directory.
+pub struct PrivateDatabase {
+    /// `postgres://` URL of the database (the server keeps its port across restarts).
+    pub url: String,
+    pub port: u16,
+    cluster: Cluster,
+}
+
+/// Like [`fresh_database`], on a server of its own (see [`PrivateDatabase`]).
+pub async fn private_database() -> Option<PrivateDatabase> {
+    let cluster = match Cluster::start() {
+        Ok(cluster) => cluster,
+        Err(Unavailable::Missing(why)) if ci() => {
+            panic!("{why}. CI=true requires the Postgres tests to run: install PostgreSQL (apt-get install postgresql)")
+        }
+        Err(Unavailable::Missing(why)) => {
+            eprintln!("notice: skipping this Postgres test: {why} (set CI=true to make this a failure)");
+            return None;
+        }
+        Err(Unavailable::Failed(why)) => panic!("{why}"),
+    };
+    let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let mut conn = PgConnection::connect(&admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL server: {e}"));
+    conn.execute("CREATE DATABASE molecule").await.unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
+    let _ = conn.close().await;
+    Some(PrivateDatabase { url: with_database(&admin_url, "molecule"), port: cluster.port, cluster })
+}
+
+impl PrivateDatabase {
+    /// Stops the server: `fast` disconnects every client and shuts down cleanly,
+    /// `immediate` is a crash (the next start recovers from the WAL). Blocks until it
+    /// is down.
+    pub fn stop_server(&self, mode: &str) {
+        self.cluster.pg_ctl_stop(mode).unwrap_or_else(|e| panic!("cannot stop the test PostgreSQL: {e}"));
+        eprintln!("test PostgreSQL on 127.0.0.1:{} stopped ({mode})", self.port);
+    }
+
+    /// Starts the stopped server again on the same port; blocks until it accepts
+    /// connections.
+    pub fn start_server(&self) {
+        self.cluster.pg_ctl_start(self.port).unwrap_or_else(|e| panic!("cannot start the test PostgreSQL again: {e}"));
+        eprintln!("test PostgreSQL on 127.0.0.1:{} started again", self.port);
+    }
+
+    /// `stop_server(mode)` then `start_server()`.
+    pub fn restart_server(&self, mode: &str) {
+        self.stop_server(mode);
+        self.start_server();
+    }
+}
+
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
@@ -162,6 +223,9 @@ fn shared_server() -> Result<Arc<Server>, Unavailable> {
 struct Cluster {
     dir: PathBuf,
     port: u16,
+    /// Where pg_ctl is, and who runs it: kept for [`PrivateDatabase::stop_server`] and `start_server`.
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
     watchdog: Option<(Child, ChildStdin)>,
 }
 
@@ -218,7 +282,7 @@ impl Cluster {
         run_as(&mut watchdog, owner);
         let mut child = watchdog.spawn().map_err(|e| failed("cannot start the cleanup watchdog", &e))?;
         let pipe = child.stdin.take().ok_or_else(|| failed("the watchdog has no stdin", &"piped stdin missing"))?;
-        let mut cluster = Cluster { dir, port: 0, watchdog: Some((child, pipe)) };
+        let mut cluster = Cluster { dir, port: 0, bin: bin.clone(), owner, watchdog: Some((child, pipe)) };
 
         let data = cluster.dir.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
@@ -229,20 +293,7 @@ impl Cluster {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port().map_err(|e| failed("cannot find a free port", &e))?;
-            let mut pg_ctl = Command::new(bin.join("pg_ctl"));
-            pg_ctl
-                .arg("-D")
-                .arg(&data)
-                .args(["-w", "-t", "60", "-l"])
-                .arg(cluster.dir.join("postgres.log"))
-                .arg("-o")
-                .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-                     -c full_page_writes=off",
-                    cluster.dir.display()
-                ));
-            pg_ctl.arg("start");
-            match cluster.run(&mut pg_ctl, owner, "pg_ctl.log") {
+            match cluster.pg_ctl_start(port) {
                 Ok(()) => {
                     cluster.port = port;
                     eprintln!(
@@ -257,6 +308,32 @@ impl Cluster {
             }
         }
         Err(Unavailable::Failed(last_error))
+    }
+
+    /// `pg_ctl start` on `port`, waiting until the server accepts connections.
+    fn pg_ctl_start(&self, port: u16) -> Result<(), String> {
+        let mut pg_ctl = Command::new(self.bin.join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-t", "60", "-l"])
+            .arg(self.dir.join("postgres.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+                 -c full_page_writes=off",
+                self.dir.display()
+            ));
+        pg_ctl.arg("start");
+        self.run(&mut pg_ctl, self.owner, "pg_ctl.log")
+    }
+
+    /// `pg_ctl stop` in `mode` (`fast`: clients are disconnected, a clean shutdown;
+    /// `immediate`: like a crash, recovery at the next start).
+    fn pg_ctl_stop(&self, mode: &str) -> Result<(), String> {
+        let mut pg_ctl = Command::new(self.bin.join("pg_ctl"));
+        pg_ctl.arg("-D").arg(self.dir.join("data")).args(["-m", mode, "-w", "-t", "60", "stop"]);
+        self.run(&mut pg_ctl, self.owner, "pg_ctl-stop.log")
     }
 
     /// Runs a PostgreSQL tool to completion, its output in `log` inside the cluster
