@@ -231,6 +231,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
     ctx.lost_heartbeats = state.lost_heartbeats.clone();
+    ctx.limiter = Some(state.limiter.clone());
     // While no operator ran (down, restarting, or a standby before it took the lease)
     // agents' heartbeats could not be recorded either: their silence counts from now,
     // so an operator restart after a long downtime restarts no healthy agent.

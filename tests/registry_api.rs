@@ -604,3 +604,53 @@ async fn cli_errors_read_like_sentences() {
     let e = get(h.client()).await.unwrap_err().to_string();
     assert!(e.contains("not running at") && e.contains("molecule-operator up") && e.contains("address"), "{e}");
 }
+
+#[tokio::test]
+async fn repeated_failures_from_one_source_are_throttled_while_its_good_agents_keep_working() {
+    let h = Harness::start(desired_set(vec![])).await;
+    let (rec, good) = h.workspace_with_token("a").await;
+    let (rec_b, fresh) = h.workspace_with_token("b").await; // valid, never presented yet
+    assert_eq!(h.heartbeat(Some(&good.plaintext), &rec.uid).await.0, 200);
+
+    // Everything here comes from 127.0.0.1, like every host-networked agent.
+    let burst = registry::limit::BURST as usize;
+    for i in 0..burst {
+        assert_eq!(h.heartbeat(Some(&token::generate()), &rec.uid).await.0, 401, "guess {i} within the allowance");
+    }
+    let resp = h
+        .http
+        .post(format!("{}/registry/heartbeat", h.url))
+        .bearer_auth(token::generate())
+        .body(format!("{{\"workspace_id\":\"{}\"}}", rec.uid))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429, "guesses past the allowance are throttled");
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "Retry-After {retry}");
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], registry::limit::THROTTLED);
+    assert_eq!(h.heartbeat(None, &rec.uid).await.0, 429, "a missing token too");
+
+    // The agent that authenticated before is still checked, and accepted.
+    assert_eq!(h.heartbeat(Some(&good.plaintext), &rec.uid).await.0, 200);
+    // A valid token nobody has presented yet waits out the flood (the agent retries).
+    assert_eq!(h.heartbeat(Some(&fresh.plaintext), &rec_b.uid).await.0, 429);
+    // Being remembered never accepts a token: revoked is refused at once.
+    h.store.revoke_tokens(&rec.uid, RevokeReason::Rotated, None, Utc::now()).await.unwrap();
+    assert_eq!(h.heartbeat(Some(&good.plaintext), &rec.uid).await.0, 401);
+    // Admin guesses count against the same source; the admin token always passes.
+    assert_eq!(h.admin(reqwest::Method::GET, "/api/v1/workspaces", Some("guess")).await.0, 429);
+    assert_eq!(h.get("/api/v1/workspaces").await.0, 200);
+
+    // The allowance refills: the fresh agent gets through once the source has calmed down.
+    let t0 = std::time::Instant::now();
+    loop {
+        let code = h.heartbeat(Some(&fresh.plaintext), &rec_b.uid).await.0;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 429);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "still throttled after 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

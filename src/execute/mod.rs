@@ -44,6 +44,9 @@ pub struct Env<'a> {
     /// process the first time it reaches that step, `<name>@<n>` the n-th time. Every
     /// name is in [`FAILPOINTS`].
     pub failpoint: Option<&'a str>,
+    /// Told about every token issued, so the registry lets its agent be checked even
+    /// while the agent's address is throttled for others' failures (registry/limit.rs).
+    pub vouch: Option<&'a crate::registry::limit::FailureLimiter>,
 }
 
 /// Every step the process can be killed at (tests/crash.rs crashes at each): the
@@ -86,6 +89,12 @@ pub struct Outcome {
 }
 
 impl Env<'_> {
+    fn vouch(&self, issued: &crate::store::IssuedToken) {
+        if let Some(limiter) = self.vouch {
+            limiter.vouch(&issued.row.token_hash, std::time::Instant::now());
+        }
+    }
+
     fn failpoint(&self, name: &str) {
         debug_assert!(FAILPOINTS.contains(&name), "failpoint {name} is not listed in FAILPOINTS");
         let Some(spec) = self.failpoint else { return };
@@ -161,6 +170,7 @@ impl Env<'_> {
                     .container()
                     .ok_or_else(|| ExecError::Precondition("no container to write the token into".into()))?;
                 let issued = self.store.issue_token(uid, record.incarnation, now).await?;
+                self.vouch(&issued);
                 self.failpoint("rotate-after-issue");
                 self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
                 self.failpoint("rotate-after-write");
@@ -183,6 +193,7 @@ impl Env<'_> {
                     .container()
                     .ok_or_else(|| ExecError::Precondition("no container to write the token into".into()))?;
                 let issued = self.store.issue_token(uid, record.incarnation, now).await?;
+                self.vouch(&issued);
                 self.failpoint("reissue-after-issue");
                 // If the write fails the new token is live but unused: the next pass sees the
                 // file still wrong, reissues, and revokes every token but the one written.
@@ -263,6 +274,7 @@ impl Env<'_> {
         let cid = self.runtime.create(&cs).await?;
         self.failpoint("provision-after-create");
         let issued = self.store.issue_token(uid, incarnation, now).await?;
+        self.vouch(&issued);
         self.failpoint("provision-after-issue");
         self.runtime.write_file(&cid, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
         self.failpoint("provision-after-write");

@@ -102,6 +102,8 @@ pub struct Context {
     pub reports: broadcast::Sender<Report>,
     /// Heartbeats the registry could not record (shared with it; see the heartbeat rule).
     pub lost_heartbeats: Arc<crate::store::LostHeartbeats>,
+    /// The registry's failure limiter, told about every token issued.
+    pub limiter: Option<Arc<crate::registry::limit::FailureLimiter>>,
     /// Set while this replica cannot confirm that it still holds the leader lease (the
     /// database was unreachable for longer than the lease): reconciles do nothing and
     /// retry with backoff until the lease is confirmed (or the process stops, if it was
@@ -138,6 +140,7 @@ impl Context {
             failpoint: std::env::var("MOLECULE_FAILPOINT").ok().filter(|s| !s.is_empty()),
             reports: broadcast::channel(1024).0,
             lost_heartbeats: Arc::default(),
+            limiter: None,
             lease_unconfirmed: Arc::default(),
             keyring: None,
             secret_objects: None,
@@ -268,6 +271,7 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         instance: &ctx.instance,
         agent: &ctx.agent,
         failpoint: ctx.failpoint.as_deref(),
+        vouch: ctx.limiter.as_deref(),
     };
     for _ in 0..MAX_PASSES {
         if ctx.lease_unconfirmed.load(std::sync::atomic::Ordering::Acquire) {

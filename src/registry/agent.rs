@@ -23,6 +23,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use super::auth::{bearer, unauthorized};
+use super::limit::{Source, too_many};
 use super::{AppState, BODY_LIMIT, error};
 use crate::api::condition::find;
 use crate::api::{Phase, WorkspaceStatus};
@@ -55,37 +56,52 @@ enum Call {
 
 pub(crate) async fn register(
     State(state): State<Arc<AppState>>,
+    source: Source,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(&state, Call::Register, &headers, body).await
+    handle(&state, Call::Register, source, &headers, body).await
 }
 
 pub(crate) async fn heartbeat(
     State(state): State<Arc<AppState>>,
+    source: Source,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(&state, Call::Heartbeat, &headers, body).await
+    handle(&state, Call::Heartbeat, source, &headers, body).await
 }
 
-async fn handle(state: &AppState, call: Call, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn handle(
+    state: &AppState,
+    call: Call,
+    Source(ip): Source,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let uid = match parse_body(body) {
         Ok(uid) => uid,
         Err((code, message)) => return error(code, message),
     };
-    let Some(presented) = bearer(headers).filter(|t| token::well_formed(t)) else {
+    let presented = bearer(headers).filter(|t| token::well_formed(t));
+    let hash = presented.map(token::hash);
+    // A source that keeps failing is answered 429 before any lookup (see limit.rs).
+    let now = Instant::now();
+    if let Err(wait) = state.limiter.admit(ip, hash.as_deref(), now) {
+        return too_many(wait);
+    }
+    let (Some(presented), Some(hash)) = (presented, hash) else {
         tracing::debug!(workspace_id = %uid, ?call, "registry: missing or malformed bearer");
-        return reject(state, &uid, "registry-401").await;
+        return reject(state, ip, &uid, "registry-401").await;
     };
     let prefix = token::prefix(presented);
-    let owner = match state.store.token_owner(&token::hash(presented)).await {
+    let owner = match state.store.token_owner(&hash).await {
         Ok(owner) => owner,
         Err(e) => return heartbeat_lost(state, e),
     };
     let Some(owner) = owner else {
         tracing::debug!(workspace_id = %uid, token_prefix = %prefix, ?call, "registry: unknown or revoked token");
-        return reject(state, &uid, "registry-401").await;
+        return reject(state, ip, &uid, "registry-401").await;
     };
     if owner.token_incarnation != owner.current_incarnation {
         tracing::debug!(
@@ -93,23 +109,25 @@ async fn handle(state: &AppState, call: Call, headers: &HeaderMap, body: Result<
             token_incarnation = owner.token_incarnation, current = owner.current_incarnation,
             "registry: token of a superseded incarnation"
         );
-        return reject(state, &uid, "registry-401").await;
+        return reject(state, ip, &uid, "registry-401").await;
     }
     if owner.expires_at.is_some_and(|e| e <= Utc::now()) {
         tracing::debug!(workspace = %owner.workspace_key, token_prefix = %prefix, "registry: rotated-out token past its overlap");
-        return reject(state, &uid, "registry-401").await;
+        return reject(state, ip, &uid, "registry-401").await;
     }
     if !same_uid(&owner.workspace_uid, &uid) {
         tracing::info!(
             workspace_id = %uid, token_workspace = %owner.workspace_key, token_prefix = %prefix,
             "registry: a workspace presented another workspace's token"
         );
+        state.limiter.failed(ip, Instant::now());
         enqueue_if_known(state, &uid, "registry-403").await;
         return error(StatusCode::FORBIDDEN, WRONG_WORKSPACE);
     }
     if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, Utc::now()).await {
         return heartbeat_lost(state, e);
     }
+    state.limiter.vouch(&hash, now);
     match call {
         // An agent (re)started: let the status catch up at once.
         Call::Register => state.trigger.enqueue(&owner.workspace_key, "registry-register"),
@@ -150,7 +168,8 @@ fn same_uid(a: &str, b: &str) -> bool {
 
 /// A 401; the workspace it claims to be, if known, is queued for reconcile: an agent
 /// locked out is itself a sign of drift (e.g. a token file that no longer matches).
-async fn reject(state: &AppState, uid: &str, why: &'static str) -> Response {
+async fn reject(state: &AppState, ip: std::net::IpAddr, uid: &str, why: &'static str) -> Response {
+    state.limiter.failed(ip, Instant::now());
     enqueue_if_known(state, uid, why).await;
     unauthorized(INVALID_TOKEN)
 }

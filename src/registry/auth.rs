@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use sha2::{Digest, Sha256};
 
+use super::limit::{Source, too_many};
 use super::{AppState, admin_token_path, error};
 use crate::store::token;
 
@@ -41,10 +42,24 @@ pub const ADMIN_UNAUTHORIZED: &str =
     "missing or wrong admin token: send `Authorization: Bearer <STATE/admin-token>` (the CLI does this with --state)";
 
 /// Admin routes: the bearer must be the admin token.
-pub(crate) async fn require_admin(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// Wrong tokens count against the source's allowance (limit.rs): a source that keeps
+/// guessing is answered 429, while the right token is always let through.
+pub(crate) async fn require_admin(
+    State(state): State<Arc<AppState>>,
+    Source(ip): Source,
+    req: Request,
+    next: Next,
+) -> Response {
     match bearer(req.headers()) {
         Some(t) if constant_time_eq(t, &state.admin_token) => next.run(req).await,
-        _ => unauthorized(ADMIN_UNAUTHORIZED),
+        _ => {
+            let now = std::time::Instant::now();
+            if let Err(wait) = state.limiter.admit(ip, None, now) {
+                return too_many(wait);
+            }
+            state.limiter.failed(ip, now);
+            unauthorized(ADMIN_UNAUTHORIZED)
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 mod admin;
 mod agent;
 pub mod auth;
+pub mod limit;
 pub mod metrics;
 pub mod secrets;
 pub mod views;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub keyring: Option<Arc<crate::secrets::Keyring>>,
     /// Heartbeats the store failed to record (read by the heartbeat rule).
     pub lost_heartbeats: Arc<crate::store::LostHeartbeats>,
+    /// Failed authentications per source address (see limit.rs).
+    pub limiter: Arc<limit::FailureLimiter>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
     nudges: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -90,6 +93,7 @@ impl AppState {
             ready: Arc::new(AtomicBool::new(false)),
             keyring: None,
             lost_heartbeats: Arc::default(),
+            limiter: Arc::default(),
             nudges: Arc::default(),
         }
     }
@@ -136,7 +140,10 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    // With each connection's peer address: failed authentications are limited per source.
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// The URL clients use for a listening address (an unspecified IP becomes loopback).
