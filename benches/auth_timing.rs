@@ -163,7 +163,7 @@ async fn main() {
          p99) that is larger. Missing and malformed bearers are answered without a lookup and so \
          are faster, but they tell the caller nothing it did not already know: it chose to send \
          no token or a malformed one. Over a real socket each answer also costs the connection \
-         and HTTP framing which blurs the differences further.\n",
+         and HTTP framing, which blurs the differences further.\n",
         all_401_bodies.len()
     );
     std::fs::create_dir_all(&results).unwrap();
