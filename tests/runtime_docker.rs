@@ -60,13 +60,26 @@ async fn connect_reports_a_missing_socket_as_unavailable() {
 #[tokio::test]
 async fn token_written_before_start_is_owned_by_and_readable_for_the_agent() {
     let t = docker_or_return!("token-before-start");
+    token_written_before_start(&t).await;
+}
+
+/// The same through Docker's archive API, which is what an operator that cannot reach
+/// the volume's directory (not root, or not on the daemon's host) uses.
+#[tokio::test]
+async fn token_uploaded_before_start_is_owned_by_and_readable_for_the_agent() {
+    let mut t = docker_or_return!("token-upload-before-start");
+    t.runtime = t.runtime.clone().archive_writes_only();
+    token_written_before_start(&t).await;
+}
+
+async fn token_written_before_start(t: &TestDocker) {
     t.agent_image().await;
     let spec = t.spec("tok", tier(2), NO_REGISTRY);
 
     let started = Instant::now();
     let id = t.runtime.create(&spec).await.unwrap();
     let token = token();
-    write_token(&t, &id, &token).await;
+    write_token(t, &id, &token).await;
     t.runtime.start(&id).await.unwrap();
     eprintln!("MEASURE create+write token+start: {:?}", started.elapsed());
 
@@ -80,11 +93,11 @@ async fn token_written_before_start_is_owned_by_and_readable_for_the_agent() {
     assert_eq!(t.runtime.read_file(&id, TOKEN_PATH).await.unwrap(), Some(token.clone().into_bytes()));
     assert_eq!(t.runtime.read_file(&id, "/configs/missing").await.unwrap(), None);
     // The agent (uid 65534) read it: it logs the prefix only.
-    wait_for_log(&t, &id, &format!("token loaded from /configs/.auth_token (prefix {})", &token[..8])).await;
+    wait_for_log(t, &id, &format!("token loaded from /configs/.auth_token (prefix {})", &token[..8])).await;
 
     // Replacing it in the running container works the same way.
     let rotated = self::token();
-    write_token(&t, &id, &rotated).await;
+    write_token(t, &id, &rotated).await;
     assert_eq!(t.runtime.read_file(&id, TOKEN_PATH).await.unwrap(), Some(rotated.into_bytes()));
     assert!(!t.logs(&id).await.contains(&token));
 
@@ -96,7 +109,18 @@ async fn token_written_before_start_is_owned_by_and_readable_for_the_agent() {
 
 #[tokio::test]
 async fn fresh_root_owned_volume_is_handed_to_the_agent_by_the_archive_upload() {
-    let t = docker_or_return!("bare-volume");
+    let mut t = docker_or_return!("bare-volume");
+    t.runtime = t.runtime.clone().archive_writes_only();
+    fresh_root_owned_volume_is_handed_to_the_agent(&t).await;
+}
+
+#[tokio::test]
+async fn fresh_root_owned_volume_is_handed_to_the_agent_by_a_direct_write() {
+    let t = docker_or_return!("bare-volume-direct");
+    fresh_root_owned_volume_is_handed_to_the_agent(&t).await;
+}
+
+async fn fresh_root_owned_volume_is_handed_to_the_agent(t: &TestDocker) {
     let image = t.bare_agent_image().await;
     let mut spec = t.spec("bare", tier(2), NO_REGISTRY);
     spec.image = image;
@@ -106,14 +130,43 @@ async fn fresh_root_owned_volume_is_handed_to_the_agent_by_the_archive_upload() 
     assert_eq!((before.uid, before.mode), (0, 0o755), "Docker makes a fresh volume's root root-owned");
 
     let token = token();
-    write_token(&t, &id, &token).await;
+    write_token(t, &id, &token).await;
     let dir = t.stat(&id, CONFIGS_DIR).await.unwrap();
-    assert_eq!((dir.uid, dir.gid, dir.mode), (AGENT_UID, AGENT_UID, 0o755), "the upload re-owns the volume root");
+    assert_eq!((dir.uid, dir.gid, dir.mode), (AGENT_UID, AGENT_UID, 0o755), "the write re-owns the volume root");
     let file = t.stat(&id, TOKEN_PATH).await.unwrap();
     assert_eq!((file.uid, file.gid, file.mode), (AGENT_UID, AGENT_UID, 0o600));
 
     t.runtime.start(&id).await.unwrap();
-    wait_for_log(&t, &id, &format!("(prefix {})", &token[..8])).await;
+    wait_for_log(t, &id, &format!("(prefix {})", &token[..8])).await;
+}
+
+/// A container owns its volume's content: a symlink it leaves where the token goes
+/// must never make the operator (root, on the host) write through it.
+#[tokio::test]
+async fn a_direct_write_replaces_a_symlink_and_never_follows_it() {
+    let t = docker_or_return!("symlink-token");
+    t.agent_image().await;
+    let spec = t.spec("sym", tier(2), NO_REGISTRY);
+    let id = t.runtime.create(&spec).await.unwrap();
+    let mountpoint = t.docker.inspect_volume(&spec.config_volume).await.unwrap().mountpoint;
+    let volume_dir = std::path::PathBuf::from(mountpoint);
+    if !volume_dir.is_dir() {
+        eprintln!("SKIP: the volume's directory is not reachable from here; only uploads are possible");
+        return;
+    }
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(outside.path(), b"host file").unwrap();
+    std::os::unix::fs::symlink(outside.path(), volume_dir.join(TOKEN_FILE)).unwrap();
+
+    let token = token();
+    write_token(&t, &id, &token).await;
+    assert_eq!(std::fs::read(outside.path()).unwrap(), b"host file", "the symlink's target is untouched");
+    let meta = std::fs::symlink_metadata(volume_dir.join(TOKEN_FILE)).unwrap();
+    assert!(meta.file_type().is_file(), "the symlink was replaced by a regular file");
+    let file = t.stat(&id, TOKEN_PATH).await.unwrap();
+    assert_eq!((file.uid, file.gid, file.mode, file.content), (AGENT_UID, AGENT_UID, 0o600, token.into_bytes()));
+    let leftovers: Vec<_> = std::fs::read_dir(&volume_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from(TOKEN_FILE)], "no temporary file is left behind");
 }
 
 #[tokio::test]

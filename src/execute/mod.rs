@@ -86,6 +86,9 @@ pub struct Outcome {
     pub done: Vec<String>,
     pub revoked: Vec<(RevokeReason, u64)>,
     pub issued: u64,
+    /// Token files written: (container id, sha256 of the token), in order, so the
+    /// reconciler knows the file's content without reading it back.
+    pub written: Vec<(String, String)>,
 }
 
 impl Env<'_> {
@@ -175,6 +178,7 @@ impl Env<'_> {
                 self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
                 self.failpoint("rotate-after-write");
                 out.issued += 1;
+                out.written.push((c.id.clone(), issued.row.token_hash.clone()));
                 // Only once the new token is in the file does the old one start to expire.
                 self.store.expire_token(uid, old, *old_valid_until).await?;
                 out.done.push(format!(
@@ -200,6 +204,7 @@ impl Env<'_> {
                 self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
                 self.failpoint("reissue-after-write");
                 out.issued += 1;
+                out.written.push((c.id.clone(), issued.row.token_hash.clone()));
                 out.done.push(format!("wrote token {}… into the container", issued.row.prefix));
                 let n = self.store.revoke_tokens(uid, *revoke, Some(&issued.row.id), now).await?;
                 self.revoked(out, *revoke, n, &record.key);
@@ -279,6 +284,7 @@ impl Env<'_> {
         self.runtime.write_file(&cid, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
         self.failpoint("provision-after-write");
         out.issued += 1;
+        out.written.push((cid.clone(), issued.row.token_hash.clone()));
         self.runtime.start(&cid).await?;
         self.failpoint("provision-after-start");
         if ctx.mode() == Some(OperatingMode::Paused) {

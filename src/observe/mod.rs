@@ -24,6 +24,33 @@ pub async fn list(runtime: &dyn Runtime, key: &str) -> Option<Vec<ContainerInfo>
     }
 }
 
+/// The containers of one workspace (labelled with its key or its uid), or None (logged)
+/// when listing failed. Two small listings the daemon filters: much cheaper than `list`
+/// when the instance has many containers.
+pub async fn list_workspace(runtime: &dyn Runtime, key: &str, uid: Option<&str>) -> Option<Vec<ContainerInfo>> {
+    use crate::runtime::labels;
+    let by_uid = async {
+        match uid {
+            Some(uid) => runtime.list_labeled(labels::UID, uid).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    match tokio::join!(runtime.list_labeled(labels::WORKSPACE, key), by_uid) {
+        (Ok(mut mine), Ok(by_uid)) => {
+            for c in by_uid {
+                if !mine.iter().any(|m| m.id == c.id) {
+                    mine.push(c);
+                }
+            }
+            Some(mine)
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(workspace = key, error = %e, "listing containers failed; nothing will be revoked or removed until it works");
+            None
+        }
+    }
+}
+
 /// Observes one workspace from a listing of all containers (`list`). A failed
 /// listing is recorded as `containers: None` (unknown), never as empty; a store
 /// failure is an error (the pass stops).
@@ -50,18 +77,27 @@ pub async fn observe(
         quota_hold: None,
         heartbeats_lost_at: None,
     };
-    if read_token_file
-        && let Some(c) =
-            obs.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(obs.incarnation()))
-    {
-        let path = format!("{CONFIGS_DIR}/{TOKEN_FILE}");
-        obs.token_file = match runtime.read_file(&c.id, &path).await {
-            Ok(Some(bytes)) => token_file_state(&bytes),
-            Ok(None) => TokenFile::Missing,
-            Err(e) => TokenFile::Unreadable(e.to_string()),
-        };
+    if read_token_file && let Some(c) = token_file_container(&obs) {
+        let id = c.id.clone();
+        obs.token_file = read_token(runtime, &id).await;
     }
     Ok(obs)
+}
+
+/// The container whose token file the token-file rule checks: running, of the
+/// workspace's current incarnation.
+pub fn token_file_container(obs: &Observed) -> Option<&ContainerInfo> {
+    obs.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(obs.incarnation()))
+}
+
+/// Reads the token file of container `id` (Docker's archive API).
+pub async fn read_token(runtime: &dyn Runtime, id: &str) -> TokenFile {
+    let path = format!("{CONFIGS_DIR}/{TOKEN_FILE}");
+    match runtime.read_file(id, &path).await {
+        Ok(Some(bytes)) => token_file_state(&bytes),
+        Ok(None) => TokenFile::Missing,
+        Err(e) => TokenFile::Unreadable(e.to_string()),
+    }
 }
 
 /// An empty (or whitespace-only) file counts as missing; otherwise the hash of the

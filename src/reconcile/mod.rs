@@ -4,6 +4,7 @@
 //! until no rule has anything to do, then writes the status whole.
 
 pub mod status;
+pub mod token_memo;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -112,6 +113,9 @@ pub struct Context {
     pub lease_unconfirmed: Arc<std::sync::atomic::AtomicBool>,
     /// The last execution error per workspace (shown in status until it succeeds).
     failures: Mutex<HashMap<String, Failure>>,
+    /// Token files' content as last known: a reconcile reads a file only when it may
+    /// have changed since.
+    pub token_memo: token_memo::TokenMemo,
 }
 
 #[derive(Clone, Debug)]
@@ -145,6 +149,7 @@ impl Context {
             keyring: None,
             secret_objects: None,
             failures: Mutex::new(HashMap::new()),
+            token_memo: token_memo::TokenMemo::default(),
         }
     }
 
@@ -294,11 +299,14 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             _ => None,
         };
         let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());
-        // One listing per pass serves this workspace and its team's quota.
-        let listing = crate::observe::list(ctx.runtime.as_ref(), key).await;
+        // One listing per pass serves this workspace and, when its team has a quota, the team's.
+        let uid = record.as_ref().map(|r| r.uid.as_str());
+        let listing = listing_for(ctx, &set, declared, key, uid).await;
         let mut observed =
-            observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), listing.as_deref(), read_token)
-                .await?;
+            observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), listing.as_deref(), false).await?;
+        if read_token {
+            ctx.token_memo.observe(ctx.runtime.as_ref(), key, &mut observed).await;
+        }
         if let (Some(d), Some(all)) = (declared, listing.as_deref()) {
             observed.quota_hold = quota_hold(ctx, &set, d, all).await?;
         }
@@ -313,6 +321,10 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         };
         tracing::info!(workspace = key, rule = decision.rule, cause = %decision.cause, "decision");
         let (outcome, result) = env.apply(&rctx, &decision.actions, now).await;
+        for (container_id, hash) in &outcome.written {
+            // As of now, after the write returned: its own copy event is not newer.
+            ctx.token_memo.record(key, container_id, hash, Utc::now());
+        }
         for (reason, n) in &outcome.revoked {
             ctx.metrics.revoked(*reason, *n);
         }
@@ -344,7 +356,7 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             ctx.set_failure(key, Some(e.to_string()));
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
-                let listing = crate::observe::list(ctx.runtime.as_ref(), key).await;
+                let listing = listing_for(ctx, &set, declared, key, Some(r.uid.as_str())).await;
                 let mut observed =
                     observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), listing.as_deref(), false).await?;
                 observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
@@ -361,6 +373,24 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         }
     }
     Ok(Some(Duration::from_millis(200)))
+}
+
+/// The containers a pass looks at: every container of this instance when the
+/// workspace's team has a quota (the quota counts the team's), else only the
+/// workspace's own (listing all of them for each workspace made a cold start of n
+/// workspaces O(n²) in the daemon's work).
+async fn listing_for(
+    ctx: &Context,
+    set: &DesiredSet,
+    declared: Option<&DesiredWorkspace>,
+    key: &str,
+    uid: Option<&str>,
+) -> Option<Vec<crate::runtime::ContainerInfo>> {
+    if declared.is_some_and(|d| team_limits(set, d).is_some()) {
+        crate::observe::list(ctx.runtime.as_ref(), key).await
+    } else {
+        crate::observe::list_workspace(ctx.runtime.as_ref(), key, uid).await
+    }
 }
 
 /// The team a declared workspace belongs to and its quota limits, if it has any.
@@ -554,12 +584,17 @@ pub async fn run(
             Some(Request { key, why, done }) = triggers.recv() => {
                 tracing::debug!(workspace = %key, why, "triggered");
                 ctx.metrics.triggered(why);
+                if why == "registry-401" || why == "registry-403" {
+                    // The agent presented what its file holds and was refused: read it again.
+                    ctx.token_memo.forget(&key);
+                }
                 if let Some(done) = done {
                     waiting.entry(key.clone()).or_default().push(done);
                 }
                 enqueue(key, &mut in_flight, &mut ready);
             }
             Some(ev) = events.next() => {
+                ctx.token_memo.saw_event(&ev);
                 if !ev.is_lifecycle() {
                     continue;
                 }

@@ -50,6 +50,8 @@ const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct DockerRuntime {
     docker: Docker,
     instance: String,
+    /// Write files into a volume's host directory when it is reachable (see `write_file`).
+    direct_volume_writes: bool,
 }
 
 impl fmt::Debug for DockerRuntime {
@@ -83,11 +85,38 @@ impl DockerRuntime {
         let unavailable = |e: DockerError| RuntimeError::Unavailable(chain(&e));
         let docker = docker.negotiate_version().await.map_err(unavailable)?;
         docker.ping().await.map_err(unavailable)?;
-        Ok(Self { docker, instance: instance.to_string() })
+        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true })
     }
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Always writes files through Docker's archive API, even where the volume's
+    /// directory is reachable (tests use it to cover both paths).
+    pub fn archive_writes_only(mut self) -> Self {
+        self.direct_volume_writes = false;
+        self
+    }
+
+    /// The host directory of the named volume mounted (read-write) at `dir` in our
+    /// container `id`, when this process can reach it: the operator runs on the
+    /// daemon's host with access to its volumes (as root next to a rootful daemon).
+    /// None otherwise, and then files go through the archive API.
+    async fn reachable_volume_dir(&self, id: &str, dir: &str) -> Option<std::path::PathBuf> {
+        let c = self.docker.inspect_container(id, None).await.ok()?;
+        let ours = c.config.as_ref().and_then(|c| c.labels.as_ref()).and_then(|l| l.get(labels::INSTANCE));
+        if ours != Some(&self.instance) {
+            return None;
+        }
+        let mount = c.mounts?.into_iter().find(|m| {
+            m.typ.as_deref() == Some("volume")
+                && m.rw != Some(false)
+                && m.destination.as_deref().map(|d| d.trim_end_matches('/')) == Some(dir)
+        })?;
+        let source = std::path::PathBuf::from(mount.source?);
+        let reachable = tokio::fs::symlink_metadata(&source).await.is_ok_and(|m| m.is_dir());
+        reachable.then_some(source)
     }
 
     /// Builds the `molecule-agent:local` image unless it is present and current;
@@ -158,6 +187,18 @@ impl Runtime for DockerRuntime {
     /// (it needs an inspect per container: use `DockerRuntime::inspect`).
     async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>> {
         let options = ListContainersOptionsBuilder::new().all(true).filters(&self.instance_filter()).build();
+        let containers =
+            self.docker.list_containers(Some(options)).await.map_err(|e| api_error("listing containers", e))?;
+        Ok(containers.into_iter().filter_map(container_info).collect())
+    }
+
+    /// Filtered by the daemon: on Docker 20.10 a listing costs it a few milliseconds per
+    /// container it returns, so one workspace's containers cost little where all of them
+    /// (hundreds) cost a large part of a second.
+    async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
+        let mut filters = self.instance_filter();
+        filters.entry("label").or_default().push(format!("{key}={value}"));
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers =
             self.docker.list_containers(Some(options)).await.map_err(|e| api_error("listing containers", e))?;
         Ok(containers.into_iter().filter_map(container_info).collect())
@@ -282,6 +323,24 @@ impl Runtime for DockerRuntime {
         let what = || format!("writing {dir}/{name} into container {id}");
         let tar = |dir| file_tar(dir, name, content, mode).map_err(|e| RuntimeError::Api(format!("{}: {e}", what())));
         let dir = dir.trim_end_matches('/');
+        // An upload costs the daemon a mount and a helper process, as much as creating
+        // the container; a file written straight into the volume's directory costs
+        // nothing there. Same ownership and modes either way.
+        if self.direct_volume_writes
+            && let Some(host_dir) = self.reachable_volume_dir(id, dir).await
+        {
+            let (name, content) = (name.to_string(), content.to_vec());
+            let written = tokio::task::spawn_blocking(move || write_into_dir(&host_dir, &name, &content, mode)).await;
+            match written {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    tracing::debug!(container = id, error = %e, "writing into the volume directory failed; uploading instead")
+                }
+                Err(e) => {
+                    tracing::debug!(container = id, error = %e, "writing into the volume directory failed; uploading instead")
+                }
+            }
+        }
         if let Some((parent, base)) = dir.rsplit_once('/').filter(|(_, base)| !base.is_empty()) {
             match self.upload(id, if parent.is_empty() { "/" } else { parent }, tar(Some(base))?).await {
                 Ok(()) => return Ok(()),
@@ -453,7 +512,41 @@ fn runtime_event(message: EventMessage, instance: &str) -> Option<RuntimeEvent> 
     // "exec_start: sh -c ..." and "health_status: healthy" carry details after a colon.
     let action = message.action?;
     let action = action.split(':').next().unwrap_or_default().trim().to_string();
-    Some(RuntimeEvent { workspace: attributes.get(labels::WORKSPACE).cloned(), container_id: actor.id?, action })
+    let at = message
+        .time_nano
+        .map(DateTime::from_timestamp_nanos)
+        .or_else(|| message.time.and_then(|s| DateTime::from_timestamp(s, 0)));
+    Some(RuntimeEvent { workspace: attributes.get(labels::WORKSPACE).cloned(), container_id: actor.id?, action, at })
+}
+
+/// Writes `dir/name` (owned by AGENT_UID, `mode`) into a volume's host directory and
+/// hands the directory to the agent (AGENT_UID, 0755), as the archive upload does.
+/// The volume's content is the container's to change, so nothing in it is followed:
+/// the content goes into a new file (`create_new` refuses any existing name, a
+/// symlink included), which then replaces `name` by rename (a rename replaces a
+/// symlink, never its target). Readers see the old file or the new one, never a
+/// partial one.
+fn write_into_dir(dir: &std::path::Path, name: &str, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, fchown};
+    let d = std::fs::File::open(dir)?;
+    fchown(&d, Some(AGENT_UID), Some(AGENT_UID))?;
+    d.set_permissions(std::fs::Permissions::from_mode(DIR_MODE))?;
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = dir.join(format!(".{name}.molecule-{}", hex::encode(nonce)));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        fchown(&f, Some(AGENT_UID), Some(AGENT_UID))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// A tar with `name` (uid/gid AGENT_UID, `mode`), under a `dir/` entry owned the same way when given.
@@ -663,6 +756,7 @@ mod tests {
     fn events_map_to_workspace_and_bare_action() {
         let message = EventMessage {
             action: Some("exec_start: sh -c true".into()),
+            time_nano: Some(1_700_000_000_123_456_789),
             actor: Some(bollard::models::EventActor {
                 id: Some("abc".into()),
                 attributes: Some(HashMap::from([
@@ -678,7 +772,8 @@ mod tests {
             RuntimeEvent {
                 workspace: Some("default/a".into()),
                 container_id: "abc".into(),
-                action: "exec_start".into()
+                action: "exec_start".into(),
+                at: Some(DateTime::from_timestamp_nanos(1_700_000_000_123_456_789)),
             }
         );
         assert_eq!(runtime_event(message, "other"), None);

@@ -152,6 +152,8 @@ pub struct RuntimeEvent {
     pub container_id: String,
     /// create, start, die, stop, kill, destroy, pause, unpause, ...
     pub action: String,
+    /// When the daemon says it happened (None when it did not say).
+    pub at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +188,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every container (running or not) carrying this operator instance's label.
     /// An error means "unknown", never "none": callers must not act as if empty.
     async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>>;
+    /// This instance's containers labelled `key=value` (e.g. one workspace's). An error
+    /// means "unknown". The default filters `list`.
+    async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
+        Ok(self.list().await?.into_iter().filter(|c| c.label(key) == Some(value)).collect())
+    }
     /// Whether the named volume exists.
     async fn volume_exists(&self, name: &str) -> RuntimeResult<bool>;
     /// Creates the named volume (with our labels) if it is missing.
@@ -218,8 +225,12 @@ mod tests {
 
     #[test]
     fn only_lifecycle_events_trigger_reconciles() {
-        let ev =
-            |a: &str| RuntimeEvent { workspace: Some("default/a".into()), container_id: "c".into(), action: a.into() };
+        let ev = |a: &str| RuntimeEvent {
+            workspace: Some("default/a".into()),
+            container_id: "c".into(),
+            action: a.into(),
+            at: None,
+        };
         for a in ["create", "start", "die", "destroy", "pause", "unpause", "kill", "oom"] {
             assert!(ev(a).is_lifecycle(), "{a}");
         }
