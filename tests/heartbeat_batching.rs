@@ -90,10 +90,16 @@ mod cases {
         assert_eq!(store.revoke_tokens(&c.uid, RevokeReason::Reprovision, None, t0() + secs(5)).await.unwrap(), 1);
 
         let moved = store
-            .record_heartbeats(&[beat(&ta, t0() + secs(10)), beat(&tb, t0() + secs(20)), beat(&tc, t0() + secs(30))])
+            .record_heartbeats(&[
+                beat(&ta, t0() + secs(7)),
+                beat(&ta, t0() + secs(10)),
+                beat(&tb, t0() + secs(20)),
+                beat(&tc, t0() + secs(30)),
+                beat(&ta, t0() + secs(8)),
+            ])
             .await
             .unwrap();
-        assert_eq!(moved, 1, "only a's token moves: b's is newer already, c's is revoked");
+        assert_eq!(moved, 1, "only a's token moves (to its latest): b's is newer already, c's is revoked");
         assert_eq!(last_used(&store, &a.uid, &ta.row.id).await, Some(t0() + secs(10)));
         assert_eq!(last_heartbeat(&store, &a.uid).await, Some(t0() + secs(10)));
         assert_eq!(last_used(&store, &b.uid, &tb.row.id).await, Some(t0() + secs(50)), "never back");

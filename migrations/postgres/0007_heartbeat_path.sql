@@ -1,4 +1,4 @@
--- The registry's hot path at 10,000 agents (issue 7; bench/registry, bench/stale-tokens).
+-- The registry's hot path at 10,000 agents (issue 7; bench/registry, bench/stale_token).
 --
 -- 1. No query sweeps every workspace by last activity: the stale-token rule runs per
 --    workspace (Store::live_tokens and Store::revoke_stale_tokens, both served by

@@ -1,4 +1,4 @@
--- The registry's hot path at 10,000 agents (issue 7; bench/registry, bench/stale-tokens).
+-- The registry's hot path at 10,000 agents (issue 7; bench/registry, bench/stale_token).
 -- Same as migrations/postgres/0007_heartbeat_path.sql, minus what SQLite has no use for.
 --
 -- 1. No query sweeps every workspace by last activity: the stale-token rule runs per

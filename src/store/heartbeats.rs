@@ -133,6 +133,17 @@ impl HeartbeatBuffer {
     }
 }
 
+/// The latest heartbeat of each token, sorted by token id: what a batch write
+/// binds. (An UPDATE ... FROM joining a row to several source rows uses one of them,
+/// unspecified which; sorted, concurrent batches lock token rows in one order.)
+pub(crate) fn latest_per_token(beats: &[Heartbeat]) -> Vec<&Heartbeat> {
+    let mut sorted: Vec<&Heartbeat> = beats.iter().collect();
+    // Latest first within a token, so dedup keeps it.
+    sorted.sort_by(|a, b| a.token_id.cmp(&b.token_id).then(b.at.cmp(&a.at)));
+    sorted.dedup_by(|later, kept| later.token_id == kept.token_id);
+    sorted
+}
+
 fn merge(pending: &mut HashMap<String, Heartbeat>, beat: Heartbeat) {
     match pending.get_mut(&beat.token_id) {
         Some(have) if have.at >= beat.at => {}

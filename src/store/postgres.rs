@@ -109,7 +109,7 @@ macro_rules! token_columns {
 }
 
 // The statements on the hot paths, public so the benchmarks and the conformance
-// suite can EXPLAIN exactly what runs (see bench/stale-tokens, bench/registry).
+// suite can EXPLAIN exactly what runs (see bench/stale_token, bench/registry).
 
 /// `Store::workspace` (and the first look of `ensure_workspace`): one row by key.
 pub const WORKSPACE_BY_KEY_SQL: &str = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE key = $1");
@@ -411,8 +411,7 @@ impl Store for PostgresStore {
         if beats.is_empty() {
             return Ok(0);
         }
-        let mut sorted: Vec<&Heartbeat> = beats.iter().collect();
-        sorted.sort_by(|a, b| a.token_id.cmp(&b.token_id));
+        let sorted = heartbeats::latest_per_token(beats);
         let ids: Vec<&str> = sorted.iter().map(|b| b.token_id.as_str()).collect();
         let uids: Vec<&str> = sorted.iter().map(|b| b.workspace_uid.as_str()).collect();
         let times: Vec<DateTime<Utc>> = sorted.iter().map(|b| micros(b.at)).collect();

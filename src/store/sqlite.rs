@@ -146,7 +146,7 @@ macro_rules! token_columns {
 }
 
 // The statements on the hot paths, public so the benchmarks and the conformance
-// suite can EXPLAIN exactly what runs (see bench/stale-tokens, bench/registry).
+// suite can EXPLAIN exactly what runs (see bench/stale_token, bench/registry).
 
 /// `Store::workspace` (and the first look of `ensure_workspace`): one row by key.
 pub const WORKSPACE_BY_KEY_SQL: &str = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE key = ?1");
@@ -473,7 +473,7 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let batch: Vec<(&str, &str, String)> =
-            beats.iter().map(|b| (b.token_id.as_str(), b.workspace_uid.as_str(), ts(b.at))).collect();
+            heartbeats::latest_per_token(beats).iter().map(|b| (b.token_id.as_str(), b.workspace_uid.as_str(), ts(b.at))).collect();
         let batch = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Invalid(format!("cannot encode a batch of heartbeats: {e}")))?;
         // One write transaction for the whole batch: the token rows first, then the
