@@ -424,9 +424,12 @@ async fn run_queries(s: &Subject, samples: usize) -> Vec<Row_> {
     })
     .await;
     push("`revoke_stale_tokens`, the 10,000-row workspace (0 rows)", st);
+    // Half of the wedged workspaces only: the other half stays stale for the
+    // comparison sweeps below (which would otherwise find nothing).
     let wedged: Vec<usize> = (0..w).step_by(WEDGED_EVERY).collect();
-    let n = samples.min(wedged.len() - warm.min(wedged.len() / 2));
-    let warm_w = (wedged.len() - n).min(warm);
+    let usable = wedged.len() / 2;
+    let warm_w = (usable / 5).clamp(1, warm);
+    let n = samples.min(usable - warm_w);
     let st = measure(n, warm_w, |i| {
         let u = uid(wedged[i]);
         async move {

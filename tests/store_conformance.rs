@@ -771,6 +771,19 @@ mod sqlite_only {
             .collect();
         let plan = plan.join("\n");
         assert!(plan.contains("USING INDEX workspace_auth_tokens_live_idx"), "{plan}");
+
+        // The rule's look, too: not the history index (which reads every revoked row).
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::LIVE_TOKENS_SQL));
+        let plan: Vec<String> = sqlx::query(sql)
+            .bind("uid")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("USING INDEX workspace_auth_tokens_live_idx"), "{plan}");
     }
 
     #[tokio::test]
