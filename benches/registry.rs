@@ -159,7 +159,13 @@ struct Outcome {
 
 /// Closed loop: `clients` tasks, each sending the next agent's heartbeat as soon as
 /// the previous one is answered, until `duration` or MAX_REQUESTS.
-async fn closed(addr: std::net::SocketAddr, agents: Arc<Vec<Agent>>, client: Client, clients: usize, duration: Duration) -> Outcome {
+async fn closed(
+    addr: std::net::SocketAddr,
+    agents: Arc<Vec<Agent>>,
+    client: Client,
+    clients: usize,
+    duration: Duration,
+) -> Outcome {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + duration;
@@ -218,7 +224,13 @@ async fn closed(addr: std::net::SocketAddr, agents: Arc<Vec<Agent>>, client: Cli
 
 /// Open loop at `rate` per second for `duration`: heartbeat n is due at n/rate;
 /// its latency counts from then.
-async fn open(addr: std::net::SocketAddr, agents: Arc<Vec<Agent>>, client: Client, rate: u64, duration: Duration) -> Outcome {
+async fn open(
+    addr: std::net::SocketAddr,
+    agents: Arc<Vec<Agent>>,
+    client: Client,
+    rate: u64,
+    duration: Duration,
+) -> Outcome {
     let started = Instant::now();
     let total = ((rate as f64 * duration.as_secs_f64()) as usize).min(MAX_REQUESTS);
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -479,7 +491,13 @@ struct RunResult {
 }
 
 /// Runs one load against the server from a generator thread (`loadgen`).
-fn run_load(addr: std::net::SocketAddr, agents: Arc<Vec<Agent>>, client: Client, load: Load, duration: Duration) -> Outcome {
+fn run_load(
+    addr: std::net::SocketAddr,
+    agents: Arc<Vec<Agent>>,
+    client: Client,
+    load: Load,
+    duration: Duration,
+) -> Outcome {
     std::thread::Builder::new()
         .name("loadgen".into())
         .spawn(move || {
@@ -544,7 +562,7 @@ async fn run_all(
     results: &mut Vec<RunResult>,
 ) {
     for &(client, load) in runs {
-        let reqs = requests(server.addr, &agents, client);
+        let reqs = requests(server.addr, agents, client);
         // A short warm-up at the same load (connections, caches, prepared statements).
         let _ = tokio::task::spawn_blocking({
             let reqs = reqs.clone();
@@ -557,7 +575,8 @@ async fn run_all(
         eprintln!("  measuring (pid {}) {} {}", std::process::id(), client.name(), load.name());
         let before = cpu_now(postmaster);
         let addr = server.addr;
-        let mut outcome = tokio::task::spawn_blocking(move || run_load(addr, reqs, client, load, duration)).await.unwrap();
+        let mut outcome =
+            tokio::task::spawn_blocking(move || run_load(addr, reqs, client, load, duration)).await.unwrap();
         let after = cpu_now(postmaster);
         let cpu = Cpu {
             server: after.server - before.server,
@@ -651,7 +670,9 @@ async fn main() {
         .iter()
         .map(|r| {
             let rate = r.outcome.ok as f64 / r.outcome.elapsed.as_secs_f64();
-            let per_req = |cpu: f64| if r.outcome.ok > 0 { format!("{:.0}", cpu * 1e6 / r.outcome.ok as f64) } else { "-".into() };
+            let per_req = |cpu: f64| {
+                if r.outcome.ok > 0 { format!("{:.0}", cpu * 1e6 / r.outcome.ok as f64) } else { "-".into() }
+            };
             vec![
                 r.store.clone(),
                 if r.batched { "batched".into() } else { "one by one".into() },
@@ -662,7 +683,12 @@ async fn main() {
                 ms(r.stats.p99),
                 ms(r.stats.max),
                 format!("{}", r.outcome.errors + r.outcome.not_started),
-                format!("{} / {} / {}", per_req(r.cpu.server + r.cpu.other_threads), per_req(r.cpu.postgres), per_req(r.cpu.generator)),
+                format!(
+                    "{} / {} / {}",
+                    per_req(r.cpu.server + r.cpu.other_threads),
+                    per_req(r.cpu.postgres),
+                    per_req(r.cpu.generator)
+                ),
             ]
         })
         .collect();
@@ -689,10 +715,11 @@ async fn main() {
 /// The target's verdict, from the open-loop runs at 5,000 heartbeats/s offered with
 /// heartbeats batched (as `up` runs).
 fn verdict(results: &[RunResult], quick: bool) -> String {
-    let mut out =
-        String::from("### Against the target (issue 7): at least 5,000 heartbeats/s with p99 under 5 ms
+    let mut out = String::from(
+        "### Against the target (issue 7): at least 5,000 heartbeats/s with p99 under 5 ms
 
-");
+",
+    );
     for r in results.iter().filter(|r| r.batched && matches!(r.load, Load::Open { .. })) {
         let Load::Open { rate } = r.load else { continue };
         let achieved = r.outcome.ok as f64 / r.outcome.elapsed.as_secs_f64();

@@ -134,7 +134,12 @@ async fn load_sqlite(path: &std::path::Path, workspaces: usize, base: DateTime<U
         sqlite_time("40 * 86400"),
         sqlite_time("i % 30"),
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql)).bind(w as i64).bind(&base_text).bind(status_json(base)).execute(&mut *tx).await?;
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(w as i64)
+        .bind(&base_text)
+        .bind(status_json(base))
+        .execute(&mut *tx)
+        .await?;
     let live = k - 1;
     let sql = format!(
         "WITH RECURSIVE s(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM s WHERE x + 1 < ?1), \
@@ -238,7 +243,12 @@ async fn load_postgres(url: &str, workspaces: usize, base: DateTime<Utc>) -> sql
         recent = ago("5"),
         revoked = ago("($1 - x) * 3600 - 3660"),
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql)).bind(HISTORY as i64).bind(base).bind(uid(workspaces)).execute(&mut *tx).await?;
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(HISTORY as i64)
+        .bind(base)
+        .bind(uid(workspaces))
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO secrets (scope, name, key_id, nonce, ciphertext, version, updated_at) \
          SELECT 'workspace:default/ws-' || i, 'API_KEY', 'k1', 'bm9uY2U', 'Y2lwaGVydGV4dA', 1, $2 \
@@ -327,7 +337,7 @@ where
 fn healthy(rng: &mut Rng, w: usize) -> usize {
     loop {
         let i = rng.below(w);
-        if i % WEDGED_EVERY != 0 {
+        if !i.is_multiple_of(WEDGED_EVERY) {
             return i;
         }
     }
@@ -629,7 +639,11 @@ async fn plans(s: &Subject) -> String {
                     vec![r#"["global","team:default/eng","workspace:default/ws-10"]"#.into()],
                 ),
                 ("token_owner", store::sqlite::TOKEN_OWNER_SQL, vec![hash.clone()]),
-                ("record_heartbeats (tokens), a batch of 500", store::sqlite::HEARTBEAT_TOKENS_SQL, vec![batch_json(s.base)]),
+                (
+                    "record_heartbeats (tokens), a batch of 500",
+                    store::sqlite::HEARTBEAT_TOKENS_SQL,
+                    vec![batch_json(s.base)],
+                ),
                 (
                     "record_heartbeats (workspaces), a batch of 500",
                     store::sqlite::HEARTBEAT_WORKSPACES_SQL,
@@ -727,11 +741,8 @@ fn sql_oneline(sql: &str) -> String {
 async fn main() {
     let args = Args::parse("bench/results/stale_token.md", "bench/stale_token");
     let sizes: Vec<usize> = if args.quick { vec![100_000] } else { vec![100_000, 1_000_000] };
-    let samples: usize = args.value("samples").map(|v| v.parse().expect("--samples N")).unwrap_or(if args.quick {
-        300
-    } else {
-        2000
-    });
+    let samples: usize =
+        args.value("samples").map(|v| v.parse().expect("--samples N")).unwrap_or(if args.quick { 300 } else { 2000 });
     let scratch = common::scratch_dir(&args, "stale-tokens-");
     let cluster = Cluster::start(None, &[]).expect("start PostgreSQL");
     let mut report = Report::default();
@@ -866,9 +877,11 @@ type Table = (Kind, usize, usize, String, Duration, Vec<Row_>);
 
 /// The target's verdict from the numbers measured, then what they mean.
 fn notes(tables: &[Table], quick: bool) -> String {
-    let mut out = String::from("### Against the target (issue 7): the stale-token query under 20 ms at 1M rows
+    let mut out = String::from(
+        "### Against the target (issue 7): the stale-token query under 20 ms at 1M rows
 
-");
+",
+    );
     let largest = tables.iter().map(|t| t.1).max().unwrap_or(0);
     for (kind, rows, _, _, _, results) in tables.iter().filter(|t| t.1 == largest) {
         let worst = results
@@ -892,7 +905,9 @@ fn notes(tables: &[Table], quick: bool) -> String {
         }
     }
     if quick {
-        out.push_str("\n_A `--quick` run: 100k rows only and fewer samples; run `bench/stale_token` for the 1M-row numbers._\n");
+        out.push_str(
+            "\n_A `--quick` run: 100k rows only and fewer samples; run `bench/stale_token` for the 1M-row numbers._\n",
+        );
     }
     out.push('\n');
     out.push_str(NOTES);

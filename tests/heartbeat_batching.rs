@@ -13,9 +13,7 @@ use molecule::reconcile::Trigger;
 use molecule::registry::{self, AppState, Metrics};
 use molecule::source::desired::DesiredSet;
 use molecule::store::heartbeats::Coalescing;
-use molecule::store::{
-    self, DynStore, Heartbeat, IssuedToken, LostHeartbeats, RevokeReason, Store, WorkspaceRecord,
-};
+use molecule::store::{self, DynStore, Heartbeat, IssuedToken, LostHeartbeats, RevokeReason, Store, WorkspaceRecord};
 use tokio::sync::{mpsc, watch};
 
 /// A store under test: its URL (to open more stores on the same database, as a
@@ -145,7 +143,10 @@ mod cases {
         let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
         let (a, ta) = workspace(&raw, "a").await;
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(10)).await.unwrap();
-        assert_eq!(store.revoke_tokens(&a.uid, RevokeReason::TokenFileMismatch, None, t0() + secs(5)).await.unwrap(), 1);
+        assert_eq!(
+            store.revoke_tokens(&a.uid, RevokeReason::TokenFileMismatch, None, t0() + secs(5)).await.unwrap(),
+            1
+        );
         store.flush().await.unwrap();
         let row = &store.token_history(&a.uid, 1).await.unwrap()[0];
         assert_eq!(row.revoked_at, Some(t0() + secs(5)));

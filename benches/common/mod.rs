@@ -55,7 +55,7 @@ impl Args {
 
     pub fn flag(&self, name: &str) -> bool {
         let flag = format!("--{name}");
-        self.rest.iter().any(|a| *a == flag)
+        self.rest.contains(&flag)
     }
 }
 

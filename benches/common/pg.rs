@@ -65,10 +65,8 @@ impl Cluster {
         let mut initdb = Command::new(bin.join("initdb"));
         initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C"]);
         cluster.run(&mut initdb, owner, "initdb.log")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
         let mut options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", cluster.dir.display());
         for e in extra {
             options.push_str(" -c ");

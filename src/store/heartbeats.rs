@@ -221,7 +221,11 @@ impl Coalescing {
     }
 
     /// Flushes every `interval` until `shutdown`, then once more.
-    pub fn spawn_flusher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_flusher(
+        self: &Arc<Self>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);

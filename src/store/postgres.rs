@@ -389,10 +389,7 @@ impl Store for PostgresStore {
     }
 
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        let row = sqlx::query(TOKEN_OWNER_SQL)
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(TOKEN_OWNER_SQL).bind(token_hash).fetch_optional(&self.pool).await?;
         row.map(|row| {
             Ok(TokenOwner {
                 token_id: row.try_get("id")?,

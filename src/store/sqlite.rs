@@ -455,10 +455,7 @@ impl Store for SqliteStore {
     }
 
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        let row = sqlx::query(TOKEN_OWNER_SQL)
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(TOKEN_OWNER_SQL).bind(token_hash).fetch_optional(&self.pool).await?;
         row.map(|row| {
             Ok(TokenOwner {
                 token_id: row.try_get("id")?,
@@ -477,8 +474,10 @@ impl Store for SqliteStore {
         if beats.is_empty() {
             return Ok(0);
         }
-        let batch: Vec<(&str, &str, String)> =
-            heartbeats::latest_per_token(beats).iter().map(|b| (b.token_id.as_str(), b.workspace_uid.as_str(), ts(b.at))).collect();
+        let batch: Vec<(&str, &str, String)> = heartbeats::latest_per_token(beats)
+            .iter()
+            .map(|b| (b.token_id.as_str(), b.workspace_uid.as_str(), ts(b.at)))
+            .collect();
         let batch = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Invalid(format!("cannot encode a batch of heartbeats: {e}")))?;
         // One write transaction for the whole batch: the token rows first, then the
