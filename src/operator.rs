@@ -131,6 +131,14 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let _lock = lock_state_dir(&args.state)?;
     let db = args.database_url();
     let store = crate::store::open(&db).await.with_context(|| format!("cannot open the state store at {db}"))?;
+    // The registry's heartbeats are coalesced in memory and written in one transaction
+    // every 100 ms (store::heartbeats explains why the rules stay correct).
+    // Heartbeats it could not write are noted where the heartbeat rule reads them.
+    let lost_heartbeats = Arc::new(crate::store::LostHeartbeats::default());
+    let heartbeats = Arc::new(crate::store::heartbeats::Coalescing::new(store, lost_heartbeats.clone()));
+    let heartbeat_flusher =
+        heartbeats.spawn_flusher(crate::store::heartbeats::DEFAULT_FLUSH_INTERVAL, shutdown.clone());
+    let store: crate::store::DynStore = heartbeats.clone();
     let admin_token = registry::load_or_create_admin_token(&args.state)
         .with_context(|| format!("cannot read or create the admin token in {}", args.state.display()))?;
 
@@ -199,6 +207,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let (trigger, trigger_rx) = Trigger::new();
     let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
     state.keyring = Some(keyring.clone());
+    state.lost_heartbeats = lost_heartbeats;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
         format!("cannot listen on {} (is another operator running there? use --listen)", args.listen)
     })?;
@@ -220,10 +229,13 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // With Postgres, replicas of this instance share the database: only the holder of
     // the lease reconciles, through a store the database fences by epoch.
     let lease_unconfirmed = Arc::new(AtomicBool::new(false));
-    let reconcile_store = match db.starts_with("postgres") {
+    let reconcile_store: crate::store::DynStore = match db.starts_with("postgres") {
+        // The leader's fenced store shares the heartbeat buffer: its stale-token
+        // revokes flush the registry's pending heartbeats first.
         true => {
             let ttl = Duration::from_secs(args.lease_seconds.max(2));
-            lead_with_postgres_lease(&db, &instance, ttl, lease_unconfirmed.clone(), &shutdown).await?
+            let fenced = lead_with_postgres_lease(&db, &instance, ttl, lease_unconfirmed.clone(), &shutdown).await?;
+            Arc::new(heartbeats.sharing(fenced))
         }
         false => store,
     };
@@ -307,6 +319,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     )
     .await;
     let _ = server.await;
+    // The last heartbeats the server answered.
+    let _ = heartbeat_flusher.await;
+    if let Err(e) = heartbeats.flush().await {
+        tracing::warn!(error = %e, "could not write the last heartbeats");
+    }
     let _ = registry::remove_address(&args.state);
     tracing::info!("operator stopped");
     Ok(())

@@ -250,6 +250,37 @@ mod cases {
         assert_eq!(store.token_owner(&token::hash(&orphan.plaintext)).await.unwrap(), None);
     }
 
+    /// Whether the status shows the agent online comes with the token, as the status
+    /// last written says (unknown before any status), so a heartbeat needs one query.
+    pub async fn token_owner_tells_whether_the_status_shows_the_agent_online(s: &Subject) {
+        let store = &s.store;
+        let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
+        let issued = store.issue_token(&ws.uid, 0, t0()).await.unwrap();
+        let online = || async { store.token_owner(&issued.row.token_hash).await.unwrap().unwrap().agent_online };
+        assert_eq!(online().await, None, "no status written yet");
+        let condition = |status| Condition {
+            type_: "AgentOnline".into(),
+            status,
+            reason: "r".into(),
+            message: String::new(),
+            last_transition_time: t0(),
+            observed_generation: None,
+        };
+        let cases = [
+            (Phase::Running, vec![condition(ConditionStatus::True)], true),
+            (Phase::Running, vec![condition(ConditionStatus::False)], false),
+            (Phase::Degraded, vec![condition(ConditionStatus::Unknown)], false),
+            (Phase::Running, vec![], true),
+            (Phase::Pending, vec![], false),
+        ];
+        for (phase, conditions, expected) in cases {
+            let status = WorkspaceStatus { phase, conditions, ..Default::default() };
+            assert_eq!(store::shows_agent_online(&status), expected, "{status:?}");
+            store.save_status(&ws.uid, &status).await.unwrap();
+            assert_eq!(online().await, Some(expected), "{status:?}");
+        }
+    }
+
     pub async fn revoke_tokens_spares_the_kept_token(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -679,6 +710,7 @@ conformance!(
     bump_incarnation_increments_atomically,
     issue_token_stores_only_the_hash,
     token_owner_resolves_live_tokens_only,
+    token_owner_tells_whether_the_status_shows_the_agent_online,
     revoke_tokens_spares_the_kept_token,
     revoke_stale_tokens_revokes_only_rows_older_than_cutoff,
     a_heartbeat_after_the_look_protects_the_token,
@@ -738,7 +770,20 @@ mod sqlite_only {
             .map(|row| row.get::<String, _>("detail"))
             .collect();
         let plan = plan.join("\n");
-        assert!(plan.contains("USING INDEX workspace_auth_tokens_live"), "{plan}");
+        assert!(plan.contains("USING INDEX workspace_auth_tokens_live_idx"), "{plan}");
+
+        // The rule's look, too: not the history index (which reads every revoked row).
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::LIVE_TOKENS_SQL));
+        let plan: Vec<String> = sqlx::query(sql)
+            .bind("uid")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("USING INDEX workspace_auth_tokens_live_idx"), "{plan}");
     }
 
     #[tokio::test]
@@ -765,9 +810,10 @@ mod sqlite_only {
 mod postgres_only {
     use super::*;
 
-    /// The stale-token condition (COALESCE(last_used_at, created_at) among live rows) is
-    /// served by an index, both in the store's per-workspace UPDATE and in a sweep over
-    /// all workspaces, on a table with thousands of revoked and live rows.
+    /// The stale-token rule's two statements (its look, `live_tokens`, and its write,
+    /// `revoke_stale_tokens`) and the heartbeat flush are served by indexes on a table
+    /// with thousands of revoked and live rows. (No statement sweeps all workspaces by
+    /// last activity: the heartbeat-path migration dropped the index for that.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_stale_token_query_uses_an_index() {
         let Some(subject) = Subject::postgres().await else {
@@ -796,7 +842,6 @@ mod postgres_only {
         };
         let lines = |rows: Vec<String>| rows.join("\n");
 
-        // The store's own statement, as it runs.
         let update = plan(store::postgres::REVOKE_STALE_TOKENS_SQL)
             .bind(&ws.uid)
             .bind(t0())
@@ -806,21 +851,26 @@ mod postgres_only {
             .await
             .unwrap();
         let update = lines(update);
-        eprintln!("the store's UPDATE:\n{update}");
-        assert!(update.contains("Index Scan") && !update.contains("Seq Scan"), "{update}");
+        eprintln!("revoke_stale_tokens:\n{update}");
+        assert!(update.contains("workspace_auth_tokens_live_idx") && !update.contains("Seq Scan"), "{update}");
 
-        // A sweep over every workspace (the original sweeper's selection).
-        let sweep_sql = "SELECT DISTINCT workspace_uid FROM workspace_auth_tokens \
-                         WHERE revoked_at IS NULL AND COALESCE(last_used_at, created_at) < $1";
-        let sweep = lines(plan(sweep_sql).bind(t0() - Duration::hours(5)).fetch_all(&mut conn).await.unwrap());
-        eprintln!("a sweep over all workspaces:\n{sweep}");
-        if !sweep.contains("workspace_auth_tokens_live_activity_idx") {
-            // The planner may still prefer a scan of a table this small: check that the
-            // index can serve the query at all.
-            sqlx::query("SET enable_seqscan = off").execute(&mut conn).await.unwrap();
-            let forced = lines(plan(sweep_sql).bind(t0() - Duration::hours(5)).fetch_all(&mut conn).await.unwrap());
-            assert!(forced.contains("workspace_auth_tokens_live_activity_idx"), "{sweep}\n---\n{forced}");
-        }
+        let look = lines(plan(store::postgres::LIVE_TOKENS_SQL).bind("ws-7").fetch_all(&mut conn).await.unwrap());
+        eprintln!("live_tokens:\n{look}");
+        assert!(look.contains("workspace_auth_tokens_live_idx") && !look.contains("Seq Scan"), "{look}");
+
+        let ids: Vec<String> = (1..=50).map(|i| format!("tok-{}", i * 10)).collect();
+        let uids: Vec<String> = (1..=50).map(|i| format!("ws-{}", (i * 10) % 500)).collect();
+        let times = vec![t0(); 50];
+        let flush = plan(store::postgres::HEARTBEAT_TOKENS_SQL)
+            .bind(&ids)
+            .bind(&uids)
+            .bind(&times)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let flush = lines(flush);
+        eprintln!("record_heartbeats:\n{flush}");
+        assert!(flush.contains("workspace_auth_tokens_pkey") && !flush.contains("Seq Scan"), "{flush}");
     }
 
     /// "Database down" is a prompt, clear error, not a hang.

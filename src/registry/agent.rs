@@ -10,6 +10,7 @@
 //! revoked or of a superseded incarnation, so an answer reveals nothing about which.
 //! Tokens are never logged; at most their 8-character prefix.
 
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -19,15 +20,13 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::auth::{bearer, unauthorized};
 use super::limit::{Source, too_many};
 use super::{AppState, BODY_LIMIT, error};
-use crate::api::condition::find;
-use crate::api::{Phase, WorkspaceStatus};
-use crate::store::{WorkspaceRecord, token};
+use crate::store::{TokenOwner, shows_agent_online, token};
 
 /// The one body of every 401 from the registry.
 pub const INVALID_TOKEN: &str = "invalid workspace auth token";
@@ -124,14 +123,26 @@ async fn handle(
         enqueue_if_known(state, &uid, "registry-403").await;
         return error(StatusCode::FORBIDDEN, WRONG_WORKSPACE);
     }
-    if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, Utc::now()).await {
-        return heartbeat_lost(state, e);
-    }
     state.limiter.vouch(&hash, now);
+    let now = Utc::now();
     match call {
-        // An agent (re)started: let the status catch up at once.
-        Call::Register => state.trigger.enqueue(&owner.workspace_key, "registry-register"),
-        Call::Heartbeat => nudge(state, &owner.workspace_uid, &owner.workspace_key).await,
+        // An agent (re)started: written at once, so the reconcile it queues sees it.
+        Call::Register => {
+            if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
+                return heartbeat_lost(state, e);
+            }
+            state.trigger.enqueue(&owner.workspace_key, "registry-register");
+        }
+        // The steady state: batched (store::heartbeats), unless it makes the status
+        // catch up (nudge), which writes it at once.
+        Call::Heartbeat => {
+            if let Err(e) = state.store.note_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
+                return heartbeat_lost(state, e);
+            }
+            if let Err(e) = nudge(state, &owner, now).await {
+                return heartbeat_lost(state, e);
+            }
+        }
     }
     let body =
         AgentResponse { status: "ok", workspace_id: &owner.workspace_uid, incarnation: owner.current_incarnation };
@@ -195,40 +206,56 @@ fn store_unavailable(e: crate::store::StoreError) -> Response {
 }
 
 /// A good heartbeat from a workspace whose status does not show its agent online
-/// queues a reconcile, so the status catches up now rather than at the next resync.
-/// Cheap by construction: the status is read at most once per workspace per
-/// `NUDGE_INTERVAL` (an in-memory check, no store access otherwise), and nothing is
-/// queued once the status says online.
-async fn nudge(state: &AppState, uid: &str, key: &str) {
-    if !nudge_due(state, uid, Instant::now()) {
-        return;
+/// queues a reconcile, so the status catches up now rather than at the next resync;
+/// the heartbeat is then written at once, for that reconcile to see it.
+/// Cheap by construction: whether the status shows the agent online comes with the
+/// token (`TokenOwner::agent_online`, no second query), so the steady state costs
+/// nothing; otherwise at most one reconcile per workspace per `NUDGE_INTERVAL` is
+/// queued (an in-memory check). Only a state whose status was not written since the
+/// upgrade (agent_online unknown) reads the status, as often.
+async fn nudge(state: &AppState, owner: &TokenOwner, at: DateTime<Utc>) -> Result<(), crate::store::StoreError> {
+    let (uid, key) = (owner.workspace_uid.as_str(), owner.workspace_key.as_str());
+    if owner.agent_online == Some(true) || !nudge_due(state, uid, Instant::now()) {
+        return Ok(());
     }
-    match state.store.workspace_by_uid(uid).await {
-        Ok(Some(record)) if !shows_online(&record) => state.trigger.enqueue(key, "registry-heartbeat"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(workspace = %key, error = %e, "registry: cannot read the workspace's status"),
+    let behind = match owner.agent_online {
+        Some(online) => !online,
+        None => match state.store.workspace_by_uid(uid).await {
+            Ok(Some(record)) => !record.status.as_ref().is_some_and(shows_agent_online),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(workspace = %key, error = %e, "registry: cannot read the workspace's status");
+                false
+            }
+        },
+    };
+    if behind {
+        state.store.record_heartbeat(&owner.token_id, uid, at).await?;
+        state.trigger.enqueue(key, "registry-heartbeat");
     }
+    Ok(())
+}
+
+/// When each workspace may next be nudged. Expired entries are dropped whenever the
+/// map has doubled since the last pruning, so the cost stays constant per heartbeat
+/// however many agents there are.
+#[derive(Default)]
+pub(crate) struct Nudges {
+    next: HashMap<String, Instant>,
+    prune_above: usize,
 }
 
 fn nudge_due(state: &AppState, uid: &str, now: Instant) -> bool {
-    let mut last = state.nudges.lock().unwrap_or_else(PoisonError::into_inner);
-    if last.len() > 4096 {
-        last.retain(|_, t| now.duration_since(*t) < NUDGE_INTERVAL);
+    let mut nudges = state.nudges.lock().unwrap_or_else(PoisonError::into_inner);
+    if nudges.next.len() > nudges.prune_above.max(4096) {
+        nudges.next.retain(|_, next| *next > now);
+        nudges.prune_above = nudges.next.len() * 2;
     }
-    match last.get(uid) {
-        Some(t) if now.duration_since(*t) < NUDGE_INTERVAL => false,
+    match nudges.next.get(uid) {
+        Some(next) if *next > now => false,
         _ => {
-            last.insert(uid.to_string(), now);
+            nudges.next.insert(uid.to_string(), now + NUDGE_INTERVAL);
             true
         }
-    }
-}
-
-/// AgentOnline=True; without that condition, phase Running.
-fn shows_online(record: &WorkspaceRecord) -> bool {
-    let Some(WorkspaceStatus { phase, conditions, .. }) = &record.status else { return false };
-    match find(conditions, "AgentOnline") {
-        Some(c) => c.is_true(),
-        None => *phase == Phase::Running,
     }
 }

@@ -21,14 +21,12 @@ pub mod metrics;
 pub mod secrets;
 pub mod views;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
@@ -72,7 +70,7 @@ pub struct AppState {
     /// Failed authentications per source address (see limit.rs).
     pub limiter: Arc<limit::FailureLimiter>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
-    nudges: Arc<Mutex<HashMap<String, Instant>>>,
+    nudges: Arc<Mutex<agent::Nudges>>,
 }
 
 impl AppState {

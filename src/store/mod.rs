@@ -2,6 +2,7 @@
 //! status and the decision log. One trait, two implementations (SQLite, Postgres),
 //! one conformance suite (tests/store_conformance.rs) run against both.
 
+pub mod heartbeats;
 pub mod lease;
 pub mod postgres;
 pub mod sqlite;
@@ -14,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{OperatingMode, WorkspaceStatus};
+pub use heartbeats::Heartbeat;
 
 /// Why a token was revoked. Every revocation records one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -152,6 +154,20 @@ pub struct TokenOwner {
     pub current_incarnation: i64,
     /// A rotated-out token is refused after this.
     pub expires_at: Option<DateTime<Utc>>,
+    /// Whether the workspace's last written status shows its agent online
+    /// ([`shows_agent_online`]); None when no status was written since this was
+    /// recorded (a state from before migration 0005/0007): read the status to know.
+    pub agent_online: Option<bool>,
+}
+
+/// Whether a status shows the workspace's agent online: AgentOnline=True; without
+/// that condition, phase Running. Stored beside the status (`agent_online`) so the
+/// registry learns it with the token, without reading and decoding the status.
+pub fn shows_agent_online(status: &WorkspaceStatus) -> bool {
+    match crate::api::condition::find(&status.conditions, "AgentOnline") {
+        Some(c) => c.is_true(),
+        None => status.phase == crate::api::Phase::Running,
+    }
 }
 
 /// A sealed secret as stored (see crate::secrets); never its plaintext.
@@ -287,9 +303,21 @@ pub trait Store: Send + Sync + 'static {
     async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
     /// Resolves a presented token by its hash; live rows only. Does not touch it.
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>>;
-    /// A successful register/heartbeat: touches the token's last_used_at and the
-    /// workspace's last_heartbeat_at.
-    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// A successful register/heartbeat, written at once: moves the token's
+    /// last_used_at and, if the token is still live, the workspace's
+    /// last_heartbeat_at forward to `at` (never back; a revoked token is not touched).
+    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let beat = Heartbeat { token_id: token_id.to_string(), workspace_uid: uid.to_string(), at };
+        self.record_heartbeats(std::slice::from_ref(&beat)).await.map(|_| ())
+    }
+    /// [`Store::record_heartbeat`] for many heartbeats in one transaction (see
+    /// store::heartbeats); returns how many token rows moved.
+    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64>;
+    /// A successful heartbeat that may be written a little later: the stores write it
+    /// at once; [`heartbeats::Coalescing`] buffers it and writes it in a batch.
+    async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        self.record_heartbeat(token_id, uid, at).await
+    }
 
     /// Stores a sealed secret (insert or replace); returns its new version.
     async fn put_secret(

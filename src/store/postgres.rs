@@ -108,6 +108,45 @@ macro_rules! token_columns {
     };
 }
 
+// The statements on the hot paths, public so the benchmarks and the conformance
+// suite can EXPLAIN exactly what runs (see bench/stale_token, bench/registry).
+
+/// `Store::workspace` (and the first look of `ensure_workspace`): one row by key.
+pub const WORKSPACE_BY_KEY_SQL: &str = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE key = $1");
+/// `Store::workspace_by_uid`: one row by uid.
+pub const WORKSPACE_BY_UID_SQL: &str = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE uid = $1");
+/// `Store::live_tokens` (what the stale-token and token-file rules look at).
+pub const LIVE_TOKENS_SQL: &str = concat!(
+    "SELECT ",
+    token_columns!(),
+    " FROM workspace_auth_tokens WHERE workspace_uid = $1 AND revoked_at IS NULL ORDER BY created_at, id"
+);
+/// `Store::token_owner`: a presented token's row (by hash, live only) and its workspace.
+pub const TOKEN_OWNER_SQL: &str = "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
+            w.incarnation AS current_incarnation, t.expires_at, w.agent_online \
+     FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
+     WHERE t.token_hash = $1 AND t.revoked_at IS NULL";
+/// `Store::record_heartbeats`, the token half (binds: token ids, uids, times, as
+/// arrays sorted by token id, so concurrent batches lock rows in one order). Only
+/// forwards, and only on live rows.
+pub const HEARTBEAT_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens t SET last_used_at = b.at \
+     FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS b(id, uid, at) \
+     WHERE t.id = b.id AND t.workspace_uid = b.uid AND t.revoked_at IS NULL \
+       AND (t.last_used_at IS NULL OR t.last_used_at < b.at)";
+/// `Store::record_heartbeats`, the workspace half (same binds): the latest heartbeat
+/// of each workspace whose token is still live. Only forwards.
+pub const HEARTBEAT_WORKSPACES_SQL: &str = "UPDATE workspaces w SET last_heartbeat_at = b.at \
+     FROM (SELECT j.uid, max(j.at) AS at \
+           FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS j(id, uid, at) \
+           JOIN workspace_auth_tokens t ON t.id = j.id AND t.workspace_uid = j.uid AND t.revoked_at IS NULL \
+           GROUP BY j.uid) AS b \
+     WHERE w.uid = b.uid AND (w.last_heartbeat_at IS NULL OR w.last_heartbeat_at < b.at)";
+/// `Store::secrets` for some scopes (bind: text[] of scope names).
+pub const SECRETS_OF_SCOPES_SQL: &str = "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at \
+     FROM secrets WHERE scope = ANY($1) ORDER BY scope, name";
+const ALL_SECRETS_SQL: &str =
+    "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name";
+
 fn token_from_row(row: &PgRow) -> StoreResult<TokenRow> {
     Ok(TokenRow {
         id: row.try_get("id")?,
@@ -155,14 +194,12 @@ impl Store for PostgresStore {
     }
 
     async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>> {
-        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE key = $1");
-        let row = sqlx::query(sql).bind(key).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(WORKSPACE_BY_KEY_SQL).bind(key).fetch_optional(&self.pool).await?;
         row.as_ref().map(workspace_from_row).transpose()
     }
 
     async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>> {
-        let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE uid = $1");
-        let row = sqlx::query(sql).bind(uid).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(WORKSPACE_BY_UID_SQL).bind(uid).fetch_optional(&self.pool).await?;
         row.as_ref().map(workspace_from_row).transpose()
     }
 
@@ -220,9 +257,10 @@ impl Store for PostgresStore {
     }
 
     async fn save_status(&self, uid: &str, status: &WorkspaceStatus) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE workspaces SET status = $2::jsonb WHERE uid = $1")
+        let done = sqlx::query("UPDATE workspaces SET status = $2::jsonb, agent_online = $3 WHERE uid = $1")
             .bind(uid)
             .bind(encode_status(status)?)
+            .bind(shows_agent_online(status))
             .execute(&self.pool)
             .await?;
         expect_one(uid, done.rows_affected())
@@ -266,12 +304,7 @@ impl Store for PostgresStore {
     }
 
     async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
-        let sql = concat!(
-            "SELECT ",
-            token_columns!(),
-            " FROM workspace_auth_tokens WHERE workspace_uid = $1 AND revoked_at IS NULL ORDER BY created_at, id"
-        );
-        let rows = sqlx::query(sql).bind(uid).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(LIVE_TOKENS_SQL).bind(uid).fetch_all(&self.pool).await?;
         rows.iter().map(token_from_row).collect()
     }
 
@@ -356,15 +389,7 @@ impl Store for PostgresStore {
     }
 
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        let row = sqlx::query(
-            "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
-                    w.incarnation AS current_incarnation, t.expires_at \
-             FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
-             WHERE t.token_hash = $1 AND t.revoked_at IS NULL",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(TOKEN_OWNER_SQL).bind(token_hash).fetch_optional(&self.pool).await?;
         row.map(|row| {
             Ok(TokenOwner {
                 token_id: row.try_get("id")?,
@@ -373,35 +398,33 @@ impl Store for PostgresStore {
                 token_incarnation: row.try_get("token_incarnation")?,
                 current_incarnation: row.try_get("current_incarnation")?,
                 expires_at: row.try_get("expires_at")?,
+                agent_online: row.try_get("agent_online")?,
             })
         })
         .transpose()
     }
 
-    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        let at = micros(at);
+    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64> {
+        if beats.is_empty() {
+            return Ok(0);
+        }
+        let sorted = heartbeats::latest_per_token(beats);
+        let ids: Vec<&str> = sorted.iter().map(|b| b.token_id.as_str()).collect();
+        let uids: Vec<&str> = sorted.iter().map(|b| b.workspace_uid.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = sorted.iter().map(|b| micros(b.at)).collect();
+        // One transaction: the token rows first (their row locks keep a concurrent
+        // revoke waiting until this commits), then the workspaces whose token is live.
         let mut tx = self.pool.begin().await?;
-        // Only forwards: a late, out-of-order heartbeat never moves activity back.
-        sqlx::query(
-            "UPDATE workspace_auth_tokens SET last_used_at = $3 \
-             WHERE id = $1 AND workspace_uid = $2 AND revoked_at IS NULL \
-               AND (last_used_at IS NULL OR last_used_at < $3)",
-        )
-        .bind(token_id)
-        .bind(uid)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE workspaces SET last_heartbeat_at = $2 \
-             WHERE uid = $1 AND (last_heartbeat_at IS NULL OR last_heartbeat_at < $2)",
-        )
-        .bind(uid)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
+        let moved = sqlx::query(HEARTBEAT_TOKENS_SQL)
+            .bind(&ids)
+            .bind(&uids)
+            .bind(&times)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query(HEARTBEAT_WORKSPACES_SQL).bind(&ids).bind(&uids).bind(&times).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(moved)
     }
 
     async fn put_secret(
@@ -430,13 +453,14 @@ impl Store for PostgresStore {
     }
 
     async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>> {
-        let rows = sqlx::query(
-            "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at FROM secrets ORDER BY scope, name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        // Only the asked scopes are read (primary key (scope, name)): every reconcile
+        // asks for its workspace's three, whatever the number of secrets stored.
+        let rows = if scopes.is_empty() {
+            sqlx::query(ALL_SECRETS_SQL).fetch_all(&self.pool).await?
+        } else {
+            sqlx::query(SECRETS_OF_SCOPES_SQL).bind(scopes).fetch_all(&self.pool).await?
+        };
         rows.iter()
-            .filter(|row| scopes.is_empty() || row.try_get::<String, _>("scope").is_ok_and(|s| scopes.contains(&s)))
             .map(|row| {
                 Ok(SecretRow {
                     scope: row.try_get("scope")?,
