@@ -122,7 +122,20 @@ macro_rules! workspace_columns {
     };
 }
 
+macro_rules! brief_workspace_columns {
+    () => {
+        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
+         last_restart_reason, mode_override, restart_requested_at"
+    };
+}
+
 fn workspace_from_row(row: &SqliteRow) -> StoreResult<WorkspaceRecord> {
+    record_from_row(row, true)
+}
+
+/// A record from a row; without `with_status` the row has no status column and the
+/// record's status is None.
+fn record_from_row(row: &SqliteRow, with_status: bool) -> StoreResult<WorkspaceRecord> {
     let uid: String = row.try_get("uid")?;
     Ok(WorkspaceRecord {
         key: row.try_get("key")?,
@@ -132,7 +145,7 @@ fn workspace_from_row(row: &SqliteRow) -> StoreResult<WorkspaceRecord> {
         restart_count: row.try_get("restart_count")?,
         last_restart_at: get_opt_ts(row, "last_restart_at")?,
         last_restart_reason: row.try_get("last_restart_reason")?,
-        status: decode_status(&uid, row.try_get("status")?),
+        status: if with_status { decode_status(&uid, row.try_get("status")?) } else { None },
         mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
         restart_requested_at: get_opt_ts(row, "restart_requested_at")?,
         uid,
@@ -231,6 +244,16 @@ impl Store for SqliteStore {
         let sql = concat!("SELECT ", workspace_columns!(), " FROM workspaces ORDER BY key");
         let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
         rows.iter().map(workspace_from_row).collect()
+    }
+
+    async fn list_workspaces_brief(&self) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
+        let sql = concat!(
+            "SELECT ",
+            brief_workspace_columns!(),
+            ", json_extract(status, '$.phase') AS phase FROM workspaces ORDER BY key"
+        );
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(|row| Ok((record_from_row(row, false)?, parse_phase(row.try_get("phase")?)))).collect()
     }
 
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
@@ -333,6 +356,16 @@ impl Store for SqliteStore {
             " FROM workspace_auth_tokens WHERE workspace_uid = ?1 AND revoked_at IS NULL ORDER BY created_at, id"
         );
         let rows = sqlx::query(sql).bind(uid).fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn all_live_tokens(&self) -> StoreResult<Vec<TokenRow>> {
+        let sql = concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM workspace_auth_tokens WHERE revoked_at IS NULL ORDER BY workspace_uid, created_at, id"
+        );
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
         rows.iter().map(token_from_row).collect()
     }
 
