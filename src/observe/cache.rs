@@ -378,7 +378,7 @@ pub enum Feed {
 }
 
 const RELIST_BACKOFF_MIN: Duration = Duration::from_millis(500);
-const RELIST_BACKOFF_MAX: Duration = Duration::from_secs(15);
+const RELIST_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Most events refreshed with one read.
 const BURST: usize = 512;
 

@@ -145,7 +145,9 @@ pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
     }
     let started = std::time::Instant::now();
     let mut keys: BTreeSet<String> = set.workspaces.keys().map(ObjectKey::to_string).collect();
-    let listed = ctx.containers.relist(ctx.runtime.as_ref()).await.is_ok();
+    // A listing that ends an outage (the cache was unknown) vouches for nothing the
+    // reconciles saw meanwhile: like a failed one, every workspace gets a full look.
+    let listed = ctx.containers.relist(ctx.runtime.as_ref()).await.is_ok_and(|applied| !applied.recovered);
     let t_list = started.elapsed();
     keys.extend(ctx.containers.workspace_keys().unwrap_or_default());
     let records = ctx.store.list_workspaces_brief().await;
@@ -166,7 +168,7 @@ pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
     let tokens = ctx.store.all_live_tokens().await;
     let t_tokens = started.elapsed();
     let (Ok(records), true, Ok(tokens), Ok(secrets)) = (records, listed, tokens, ctx.store.secrets(&[]).await) else {
-        tracing::warn!("the resync could not read everything at once; reconciling every workspace");
+        tracing::warn!("the resync could not read everything at once (or Docker just came back); reconciling every workspace");
         return keys.into_iter().collect();
     };
     let secrets = secrets_fingerprint(&secrets);
