@@ -57,6 +57,12 @@ struct Result {
     rss_mb: f64,
     rss_peak_mb: f64,
     sim_mb: f64,
+    /// Live heap (malloc'd and not freed), the simulated daemon's included.
+    #[serde(default)]
+    heap_mb: f64,
+    /// RSS once glibc has given its free pages back (malloc_trim).
+    #[serde(default)]
+    rss_trimmed_mb: f64,
 }
 
 fn cpu_now() -> Duration {
@@ -78,6 +84,12 @@ fn proc_status_mb(field: &str) -> f64 {
 
 fn heap_in_use() -> usize {
     unsafe { libc::mallinfo2().uordblks }
+}
+
+/// Everything malloc has handed out and not taken back: arena chunks and mmapped blocks.
+fn heap_live_mb() -> f64 {
+    let mi = unsafe { libc::mallinfo2() };
+    (mi.uordblks + mi.hblkhd) as f64 / (1024.0 * 1024.0)
 }
 
 fn name(i: usize) -> String {
@@ -144,7 +156,7 @@ impl Bench {
                 }
             }
         }
-        let done = |r: u64, d: u64| expect.map_or(true, |e| r >= e) && done(r, d);
+        let done = |r: u64, d: u64| expect.is_none_or(|e| r >= e) && done(r, d);
         let (mut reports, mut decisions, mut errors) = (0u64, 0u64, 0u64);
         let mut last = Instant::now();
         let deadline = Duration::from_secs(3600);
@@ -257,7 +269,7 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     let nudged = b.heartbeat_all().await;
     assert!(nudged.is_empty(), "every agent shows online");
     b.phase("no-op resync, every agent heartbeated since the last", Kick::Resync, |_, _| true).await;
-    let changed = |i: usize| i % 100 == 0;
+    let changed = |i: usize| i.is_multiple_of(100);
     let n_changed = (0..n).filter(|i| changed(*i)).count() as u64;
     let set2 = Arc::new(declare(n, &changed, &set));
     b.phase("1% of specs changed (recreated)", Kick::Declare(set2), |_, d| d >= n_changed).await;
@@ -278,10 +290,13 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     let copy = b.sim.clone_state();
     let sim_mb = heap_in_use().saturating_sub(before) as f64 / (1024.0 * 1024.0);
     drop(copy);
+    let heap_mb = heap_live_mb();
+    unsafe { libc::malloc_trim(0) };
+    let rss_trimmed_mb = proc_status_mb("VmRSS:");
     assert_eq!(b.sim.container_count(), n, "one container per workspace");
     shutdown.cancel();
     let _ = queue.await;
-    Result { workspaces: n, store: store_name, phases: b.phases, rss_mb, rss_peak_mb, sim_mb }
+    Result { workspaces: n, store: store_name, phases: b.phases, rss_mb, rss_peak_mb, sim_mb, heap_mb, rss_trimmed_mb }
 }
 
 fn machine() -> String {
@@ -329,17 +344,19 @@ fn markdown(results: &[Result], command: &str) -> String {
         }
     }
     out.push_str(
-        "\n| workspaces | RSS (MB) | peak RSS (MB) | of which the simulated daemon (MB) | RSS without it (MB) |\n",
+        "\n| workspaces | RSS (MB) | peak RSS (MB) | RSS after malloc_trim (MB) | live heap (MB) | of which the simulated daemon (MB) | operator's live heap (MB) |\n",
     );
-    out.push_str("|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in results {
         out.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
             r.workspaces,
             r.rss_mb,
             r.rss_peak_mb,
+            r.rss_trimmed_mb,
+            r.heap_mb,
             r.sim_mb,
-            r.rss_mb - r.sim_mb
+            r.heap_mb - r.sim_mb
         ));
     }
     out.push('\n');

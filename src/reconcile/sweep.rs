@@ -168,7 +168,9 @@ pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
     let tokens = ctx.store.all_live_tokens().await;
     let t_tokens = started.elapsed();
     let (Ok(records), true, Ok(tokens), Ok(secrets)) = (records, listed, tokens, ctx.store.secrets(&[]).await) else {
-        tracing::warn!("the resync could not read everything at once (or Docker just came back); reconciling every workspace");
+        tracing::warn!(
+            "the resync could not read everything at once (or Docker just came back); reconciling every workspace"
+        );
         return keys.into_iter().collect();
     };
     let secrets = secrets_fingerprint(&secrets);

@@ -43,7 +43,31 @@ pub struct Inner {
     /// Container name -> id (names are unique, as on Docker).
     names: HashMap<String, String>,
     volumes: HashMap<String, Volume>,
+    /// (label, value) -> ids, for the workspace and uid labels (the ones the operator
+    /// filters by), so that a filtered listing costs what it costs the daemon's caller,
+    /// not a scan of every container inside the benchmark's own process.
+    by_label: HashMap<(String, String), std::collections::BTreeSet<String>>,
     next: u64,
+}
+
+const INDEXED: [&str; 2] = [labels::WORKSPACE, labels::UID];
+
+impl Inner {
+    fn index(&mut self, info: &ContainerInfo, add: bool) {
+        for k in INDEXED {
+            if let Some(v) = info.label(k) {
+                let slot = (k.to_string(), v.to_string());
+                if add {
+                    self.by_label.entry(slot).or_default().insert(info.id.clone());
+                } else if let Some(ids) = self.by_label.get_mut(&slot) {
+                    ids.remove(&info.id);
+                    if ids.is_empty() {
+                        self.by_label.remove(&slot);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -194,6 +218,16 @@ impl Runtime for SimRuntime {
     async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
         bump(&self.calls.list_labeled);
         let inner = self.inner.lock().expect("sim lock");
+        if INDEXED.contains(&key) {
+            let ids = inner.by_label.get(&(key.to_string(), value.to_string()));
+            return Ok(ids
+                .into_iter()
+                .flatten()
+                .filter_map(|id| inner.containers.get(id))
+                .filter(|c| self.mine(&c.info))
+                .map(|c| c.info.clone())
+                .collect());
+        }
         Ok(inner
             .containers
             .values()
@@ -251,6 +285,7 @@ impl Runtime for SimRuntime {
                 started_at: None,
             };
             inner.names.insert(spec.name.clone(), id.clone());
+            inner.index(&info, true);
             inner.containers.insert(id, SimContainer { info: info.clone(), config_volume: spec.config_volume.clone() });
             info
         };
@@ -308,6 +343,7 @@ impl Runtime for SimRuntime {
             }
             let c = inner.containers.remove(&id).expect("resolved");
             inner.names.remove(&c.info.name);
+            inner.index(&c.info, false);
             c.info
         };
         let actions: &[&str] = match removed.state {
@@ -404,5 +440,11 @@ mod tests {
         let id2 = sim.create(&spec("a")).await.unwrap();
         assert_eq!(sim.read_file(&id2, "/configs/.auth_token").await.unwrap().as_deref(), Some(&b"tok"[..]));
         assert_eq!(sim.list().await.unwrap().len(), 1);
+        let labeled = sim.list_labeled(labels::WORKSPACE, "default/a").await.unwrap();
+        assert_eq!(
+            labeled.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            [id2.as_str()],
+            "the index forgets removed ones"
+        );
     }
 }
