@@ -586,19 +586,18 @@ pub async fn run(
     let mut waiting: HashMap<String, Vec<oneshot::Sender<Report>>> = HashMap::new();
     let mut waiting_running: HashMap<String, Vec<oneshot::Sender<Report>>> = HashMap::new();
     let mut in_flight: HashMap<String, bool> = HashMap::new(); // key -> dirty
-    let mut ready: std::collections::VecDeque<String> = Default::default();
+    let mut ready = Ready::default();
     let mut delayed: DelayQueue<String> = DelayQueue::new();
     let mut delay_keys: HashMap<String, delay_queue::Key> = HashMap::new();
     let mut attempts: HashMap<String, u32> = HashMap::new(); // consecutive failures per key
 
-    let enqueue =
-        |key: String, in_flight: &mut HashMap<String, bool>, ready: &mut std::collections::VecDeque<String>| {
-            if let Some(dirty) = in_flight.get_mut(&key) {
-                *dirty = true;
-            } else if !ready.contains(&key) {
-                ready.push_back(key);
-            }
-        };
+    let enqueue = |key: String, in_flight: &mut HashMap<String, bool>, ready: &mut Ready| {
+        if let Some(dirty) = in_flight.get_mut(&key) {
+            *dirty = true;
+        } else if !ready.contains(&key) {
+            ready.push_back(key);
+        }
+    };
 
     loop {
         while running.len() < concurrency {
@@ -722,6 +721,33 @@ pub async fn run(
         }
     }
     running.shutdown().await;
+}
+
+/// Keys waiting for a reconcile slot, in order, each once. A set beside the queue keeps
+/// "already queued?" O(1): a resync or a recovery queues every workspace at once, and a
+/// scan of the queue per key made that O(n²) (minutes at 100k workspaces).
+#[derive(Default)]
+struct Ready {
+    order: std::collections::VecDeque<String>,
+    queued: std::collections::HashSet<String>,
+}
+
+impl Ready {
+    fn contains(&self, key: &str) -> bool {
+        self.queued.contains(key)
+    }
+
+    fn push_back(&mut self, key: String) {
+        if self.queued.insert(key.clone()) {
+            self.order.push_back(key);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<String> {
+        let key = self.order.pop_front()?;
+        self.queued.remove(&key);
+        Some(key)
+    }
 }
 
 /// Keys whose declaration appeared, disappeared or changed.
