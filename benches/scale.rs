@@ -313,7 +313,9 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    format!("{cores} cores ({model}), {mem_gib:.0} GiB")
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{cores} cores ({model}), {mem_gib:.0} GiB; load average at the end {}", load.join(" "))
 }
 
 fn markdown(results: &[Result], command: &str) -> String {
