@@ -1,69 +1,34 @@
-//! What is, for one workspace: the runtime's containers (by label), the store's
-//! record and live tokens, and the token file inside a running container.
+//! What is, for one workspace: the runtime's containers (by label, from the container
+//! cache), the store's record and live tokens, and the token file inside a running
+//! container.
+
+pub mod cache;
 
 use sha2::{Digest, Sha256};
+
+pub use cache::ContainerCache;
 
 use crate::rules::{ContainerState, Observed, TokenFile};
 use crate::runtime::{CONFIGS_DIR, ContainerInfo, Runtime, TOKEN_FILE};
 use crate::store::{Store, StoreResult, WorkspaceRecord};
 
-/// Containers of this workspace: those labelled with its key or its uid.
-pub fn containers_of(all: &[ContainerInfo], key: &str, uid: Option<&str>) -> Vec<ContainerInfo> {
-    all.iter().filter(|c| c.workspace() == Some(key) || (uid.is_some() && c.uid() == uid)).cloned().collect()
-}
-
-/// Every container of this operator instance, or None (logged) when listing failed:
-/// unknown, never empty.
-pub async fn list(runtime: &dyn Runtime, key: &str) -> Option<Vec<ContainerInfo>> {
-    match runtime.list().await {
-        Ok(all) => Some(all),
-        Err(e) => {
-            tracing::warn!(workspace = key, error = %e, "listing containers failed; nothing will be revoked or removed until it works");
-            None
-        }
-    }
-}
-
-/// The containers of one workspace (labelled with its key or its uid), or None (logged)
-/// when listing failed. Two small listings the daemon filters: much cheaper than `list`
-/// when the instance has many containers.
-pub async fn list_workspace(runtime: &dyn Runtime, key: &str, uid: Option<&str>) -> Option<Vec<ContainerInfo>> {
-    use crate::runtime::labels;
-    let by_uid = async {
-        match uid {
-            Some(uid) => runtime.list_labeled(labels::UID, uid).await,
-            None => Ok(Vec::new()),
-        }
-    };
-    match tokio::join!(runtime.list_labeled(labels::WORKSPACE, key), by_uid) {
-        (Ok(mut mine), Ok(by_uid)) => {
-            for c in by_uid {
-                if !mine.iter().any(|m| m.id == c.id) {
-                    mine.push(c);
-                }
-            }
-            Some(mine)
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(workspace = key, error = %e, "listing containers failed; nothing will be revoked or removed until it works");
-            None
-        }
-    }
-}
-
-/// Observes one workspace from a listing of all containers (`list`). A failed
-/// listing is recorded as `containers: None` (unknown), never as empty; a store
-/// failure is an error (the pass stops).
+/// Observes one workspace: its containers from the container cache (None when the
+/// cache is unknown: never read as "no containers"), its record and live tokens from
+/// the store, and the token file of its running container. A store failure is an error
+/// (the pass stops).
 pub async fn observe(
     runtime: &dyn Runtime,
     store: &dyn Store,
+    cache: &ContainerCache,
     key: &str,
     record: Option<WorkspaceRecord>,
-    all: Option<&[ContainerInfo]>,
     read_token_file: bool,
 ) -> StoreResult<Observed> {
     let uid = record.as_ref().map(|r| r.uid.clone());
-    let containers = all.map(|all| containers_of(all, key, uid.as_deref()));
+    let containers = cache.containers_of(key, uid.as_deref());
+    if containers.is_none() {
+        tracing::debug!(workspace = key, why = %cache.why_unknown(), "containers unknown; nothing will be revoked or removed until Docker can be listed");
+    }
     let live_tokens = match &uid {
         Some(uid) => store.live_tokens(uid).await?,
         None => Vec::new(),

@@ -4,9 +4,11 @@
 //! until no rule has anything to do, then writes the status whole.
 
 pub mod status;
+pub mod sweep;
 pub mod token_memo;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::api::{ObjectKey, WorkspaceStatus};
 use crate::execute::{Env, ExecError};
+use crate::observe::cache::{self, ContainerCache, Feed};
 use crate::observe::observe;
 use crate::registry::metrics::Metrics;
 use crate::rules::{Action, Ctx, Desired, Settings, plan, quota};
@@ -35,6 +38,8 @@ pub struct Request {
     pub why: &'static str,
     /// Told the outcome of the first reconcile of `key` that starts after the request.
     pub done: Option<oneshot::Sender<Report>>,
+    /// For a resync (empty `key`): told how many workspaces it queued for a reconcile.
+    pub resynced: Option<oneshot::Sender<usize>>,
 }
 
 /// What one finished reconcile did, for whoever writes status back to where the
@@ -68,14 +73,28 @@ impl Trigger {
 
     /// `why` names the trigger for logs and metrics: "registry-401", "docker-event", ...
     pub fn enqueue(&self, key: &str, why: &'static str) {
-        let _ = self.tx.send(Request { key: key.to_string(), why, done: None });
+        let _ = self.tx.send(Request { key: key.to_string(), why, done: None, resynced: None });
+    }
+
+    /// Asks for a full resync now, as the periodic one does: every declared, recorded or
+    /// labelled workspace is looked at.
+    pub fn resync(&self, why: &'static str) {
+        let _ = self.tx.send(Request { key: String::new(), why, done: None, resynced: None });
+    }
+
+    /// `resync`, and waits until it has decided which workspaces need a reconcile;
+    /// returns how many it queued. None when the operator is shutting down.
+    pub async fn resync_and_wait(&self, why: &'static str) -> Option<usize> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Request { key: String::new(), why, done: None, resynced: Some(tx) }).ok()?;
+        rx.await.ok()
     }
 
     /// Enqueues and waits for the outcome of a reconcile that starts after this call.
     /// None when the operator is shutting down.
     pub async fn reconcile_and_wait(&self, key: &str, why: &'static str) -> Option<Report> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Request { key: key.to_string(), why, done: Some(done) }).ok()?;
+        self.tx.send(Request { key: key.to_string(), why, done: Some(done), resynced: None }).ok()?;
         rx.await.ok()
     }
 }
@@ -89,6 +108,8 @@ const DECISIONS_KEPT: i64 = 50;
 pub struct Context {
     pub instance: String,
     pub runtime: Arc<dyn Runtime>,
+    /// The runtime's containers, kept current by its events (see observe::cache).
+    pub containers: Arc<ContainerCache>,
     pub store: DynStore,
     pub desired: watch::Receiver<Arc<DesiredSet>>,
     pub settings: Settings,
@@ -116,6 +137,10 @@ pub struct Context {
     /// Token files' content as last known: a reconcile reads a file only when it may
     /// have changed since.
     pub token_memo: token_memo::TokenMemo,
+    /// What each workspace's last quiet reconcile saw (the resync sweep's memory).
+    seen: Mutex<HashMap<String, sweep::Seen>>,
+    /// The secrets' fingerprint as the last sweep (or the start) read it.
+    secrets_seen: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -136,6 +161,7 @@ impl Context {
         Self {
             instance,
             runtime,
+            containers: Arc::new(ContainerCache::new()),
             store,
             desired,
             settings,
@@ -150,7 +176,21 @@ impl Context {
             secret_objects: None,
             failures: Mutex::new(HashMap::new()),
             token_memo: token_memo::TokenMemo::default(),
+            seen: Mutex::new(HashMap::new()),
+            secrets_seen: AtomicU64::new(0),
         }
+    }
+
+    fn failing_keys(&self) -> BTreeSet<String> {
+        self.failures.lock().map(|f| f.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    fn remember(&self, key: &str, seen: Option<sweep::Seen>) {
+        let mut memo = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen {
+            Some(seen) => memo.insert(key.to_string(), seen),
+            None => memo.remove(key),
+        };
     }
 
     fn failure(&self, key: &str) -> Option<Failure> {
@@ -292,6 +332,8 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             Some(_) => Some(ctx.store.ensure_workspace(key, now).await?),
             None => ctx.store.workspace(key).await?,
         };
+        // Read before the secrets are: a secret changed meanwhile then counts as changed.
+        let secrets_seen = ctx.secrets_seen.load(Ordering::SeqCst);
         let desired = match (declared, &record) {
             (Some(d), Some(r)) => {
                 Some(to_rule_desired(d, secret_env(ctx, d).await?, &ctx.instance, &r.uid, &ctx.agent))
@@ -299,16 +341,13 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             _ => None,
         };
         let read_token = desired.as_ref().is_some_and(|d| d.spec.is_ok());
-        // One listing per pass serves this workspace and, when its team has a quota, the team's.
-        let uid = record.as_ref().map(|r| r.uid.as_str());
-        let listing = listing_for(ctx, &set, declared, key, uid).await;
         let mut observed =
-            observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, record.clone(), listing.as_deref(), false).await?;
+            observe(ctx.runtime.as_ref(), ctx.store.as_ref(), &ctx.containers, key, record.clone(), false).await?;
         if read_token {
             ctx.token_memo.observe(ctx.runtime.as_ref(), key, &mut observed).await;
         }
-        if let (Some(d), Some(all)) = (declared, listing.as_deref()) {
-            observed.quota_hold = quota_hold(ctx, &set, d, all).await?;
+        if let (Some(d), Some(_)) = (declared, &observed.containers) {
+            observed.quota_hold = quota_hold(ctx, &set, d).await?;
         }
         observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
         if observed.record.is_none() && observed.containers.as_ref().is_none_or(|c| c.is_empty()) {
@@ -317,6 +356,17 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         let rctx = Ctx { desired: desired.as_ref(), observed: &observed, now, settings: &ctx.settings };
         let Some(decision) = plan(&rctx) else {
             report.status = write_status(ctx, key, &rctx, declared).await?;
+            // Only what was seen with the containers known is worth remembering.
+            ctx.remember(
+                key,
+                desired.as_ref().filter(|_| observed.containers.is_some()).map(|d| sweep::Seen {
+                    generation: d.generation,
+                    secrets: secrets_seen,
+                    spec_hash: d.spec_hash.clone(),
+                    container: observed.container().map(|c| c.id.clone()),
+                    token_file: observed.token_file.clone(),
+                }),
+            );
             return Ok(next_look(&rctx));
         };
         tracing::info!(workspace = key, rule = decision.rule, cause = %decision.cause, "decision");
@@ -324,6 +374,12 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         for (container_id, hash) in &outcome.written {
             // As of now, after the write returned: its own copy event is not newer.
             ctx.token_memo.record(key, container_id, hash, Utc::now());
+        }
+        if decision.actions.iter().any(Action::changes_containers) {
+            // Read our own writes before looking again (the events come later). A failure
+            // leaves the cache unknown, which the next pass respects.
+            let uid = record.as_ref().map(|r| r.uid.as_str());
+            let _ = ctx.containers.refresh_workspace(ctx.runtime.as_ref(), key, uid).await;
         }
         for (reason, n) in &outcome.revoked {
             ctx.metrics.revoked(*reason, *n);
@@ -356,9 +412,8 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             ctx.set_failure(key, Some(e.to_string()));
             // Show the failure in status before backing off.
             if let Some(r) = ctx.store.workspace(key).await? {
-                let listing = listing_for(ctx, &set, declared, key, Some(r.uid.as_str())).await;
                 let mut observed =
-                    observe(ctx.runtime.as_ref(), ctx.store.as_ref(), key, Some(r), listing.as_deref(), false).await?;
+                    observe(ctx.runtime.as_ref(), ctx.store.as_ref(), &ctx.containers, key, Some(r), false).await?;
                 observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
                 let rctx =
                     Ctx { desired: desired.as_ref(), observed: &observed, now: Utc::now(), settings: &ctx.settings };
@@ -368,29 +423,12 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         }
         ctx.set_failure(key, None);
         if forgotten {
+            ctx.remember(key, None);
             report.forgotten = true;
             return Ok(None);
         }
     }
     Ok(Some(Duration::from_millis(200)))
-}
-
-/// The containers a pass looks at: every container of this instance when the
-/// workspace's team has a quota (the quota counts the team's), else only the
-/// workspace's own (listing all of them for each workspace made a cold start of n
-/// workspaces O(n²) in the daemon's work).
-async fn listing_for(
-    ctx: &Context,
-    set: &DesiredSet,
-    declared: Option<&DesiredWorkspace>,
-    key: &str,
-    uid: Option<&str>,
-) -> Option<Vec<crate::runtime::ContainerInfo>> {
-    if declared.is_some_and(|d| team_limits(set, d).is_some()) {
-        crate::observe::list(ctx.runtime.as_ref(), key).await
-    } else {
-        crate::observe::list_workspace(ctx.runtime.as_ref(), key, uid).await
-    }
 }
 
 /// The team a declared workspace belongs to and its quota limits, if it has any.
@@ -403,12 +441,7 @@ fn team_limits<'a>(set: &'a DesiredSet, d: &DesiredWorkspace) -> Option<(&'a str
 
 /// Members of the same team, as the quota sees them. Only computed for teams that
 /// have limits.
-async fn quota_hold(
-    ctx: &Context,
-    set: &DesiredSet,
-    d: &DesiredWorkspace,
-    containers: &[crate::runtime::ContainerInfo],
-) -> Result<Option<String>, StoreError> {
+async fn quota_hold(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Result<Option<String>, StoreError> {
     let Some((team, limits)) = team_limits(set, d) else { return Ok(None) };
     let members: Vec<&DesiredWorkspace> = set
         .workspaces
@@ -425,12 +458,23 @@ async fn quota_hold(
             slot.insert(ctx.store.ensure_workspace(&key, Utc::now()).await?);
         }
     }
-    let members: Vec<quota::Member> = members
-        .iter()
-        .map(|w| {
-            let record = records.get(&w.key.to_string());
-            let mine: Vec<_> =
-                containers.iter().filter(|c| record.is_some_and(|r| c.uid() == Some(r.uid.as_str()))).collect();
+    let mut looked = Vec::with_capacity(members.len());
+    for w in &members {
+        let record = records.get(&w.key.to_string());
+        let mine = match record {
+            // Unknown (the cache went unknown since this pass observed): hold, never
+            // count a member as having no container.
+            Some(r) => match ctx.containers.containers_of_uid(&r.uid) {
+                Some(mine) => mine,
+                None => return Ok(Some("waiting until Docker's containers can be listed".to_string())),
+            },
+            None => Vec::new(),
+        };
+        looked.push((*w, record, mine));
+    }
+    let members: Vec<quota::Member> = looked
+        .into_iter()
+        .map(|(w, record, mine)| {
             let mode = record
                 .and_then(|r| r.mode_override)
                 .or(w.spec.as_ref().ok().map(|s| s.operating_mode))
@@ -507,23 +551,30 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(ms.min(30_000))
 }
 
+/// The records are at hand: publish the workspaces-by-phase gauge from them.
+fn publish_phases(ctx: &Context, records: &[crate::store::WorkspaceRecord]) {
+    let mut phases: HashMap<crate::api::Phase, i64> = HashMap::new();
+    for r in records {
+        *phases.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
+    }
+    ctx.metrics.set_workspaces(phases);
+}
+
 /// Every key worth a look on a resync: declared, known to the store, or labelled.
 async fn all_keys(ctx: &Context) -> BTreeSet<String> {
     let mut keys: BTreeSet<String> = ctx.desired.borrow().workspaces.keys().map(|k| k.to_string()).collect();
     match ctx.store.list_workspaces().await {
         Ok(records) => {
-            // The records are at hand: publish the workspaces-by-phase gauge from them.
-            let mut phases: HashMap<crate::api::Phase, i64> = HashMap::new();
-            for r in &records {
-                *phases.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
-            }
-            ctx.metrics.set_workspaces(phases);
+            publish_phases(ctx, &records);
             keys.extend(records.into_iter().map(|r| r.key));
         }
         Err(e) => tracing::warn!(error = %e, "resync could not list workspace records"),
     }
-    if let Ok(containers) = ctx.runtime.list().await {
-        keys.extend(containers.iter().filter_map(|c| c.workspace().map(str::to_string)));
+    // The resync's one full listing: it also repairs anything the events missed.
+    if ctx.containers.relist(ctx.runtime.as_ref()).await.is_ok()
+        && let Some(labelled) = ctx.containers.workspace_keys()
+    {
+        keys.extend(labelled);
     }
     keys
 }
@@ -539,26 +590,30 @@ pub async fn run(
 ) {
     let mut desired_rx = ctx.desired.clone();
     let mut last_set = desired_rx.borrow().clone();
-    let mut events = ctx.runtime.events();
+    if let Ok(rows) = ctx.store.secrets(&[]).await {
+        ctx.secrets_seen.store(sweep::secrets_fingerprint(&rows), Ordering::SeqCst);
+    }
+    // The container cache's feeder: passes each runtime event on once the cache holds it.
+    let (feed_tx, mut feed) = mpsc::unbounded_channel();
+    tokio::spawn(cache::feed(ctx.containers.clone(), ctx.runtime.clone(), feed_tx, shutdown.child_token()));
     let mut resync_tick = tokio::time::interval(resync);
     let mut running: JoinSet<(String, Result<Requeue, ReconcileError>, Report)> = JoinSet::new();
     // Waiters for the next reconcile of a key to start, and for the one running now.
     let mut waiting: HashMap<String, Vec<oneshot::Sender<Report>>> = HashMap::new();
     let mut waiting_running: HashMap<String, Vec<oneshot::Sender<Report>>> = HashMap::new();
     let mut in_flight: HashMap<String, bool> = HashMap::new(); // key -> dirty
-    let mut ready: std::collections::VecDeque<String> = Default::default();
+    let mut ready = Ready::default();
     let mut delayed: DelayQueue<String> = DelayQueue::new();
     let mut delay_keys: HashMap<String, delay_queue::Key> = HashMap::new();
     let mut attempts: HashMap<String, u32> = HashMap::new(); // consecutive failures per key
 
-    let enqueue =
-        |key: String, in_flight: &mut HashMap<String, bool>, ready: &mut std::collections::VecDeque<String>| {
-            if let Some(dirty) = in_flight.get_mut(&key) {
-                *dirty = true;
-            } else if !ready.contains(&key) {
-                ready.push_back(key);
-            }
-        };
+    let enqueue = |key: String, in_flight: &mut HashMap<String, bool>, ready: &mut Ready| {
+        if let Some(dirty) = in_flight.get_mut(&key) {
+            *dirty = true;
+        } else if !ready.contains(&key) {
+            ready.push_back(key);
+        }
+    };
 
     loop {
         while running.len() < concurrency {
@@ -581,9 +636,20 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(Request { key, why, done }) = triggers.recv() => {
+            Some(Request { key, why, done, resynced }) = triggers.recv() => {
                 tracing::debug!(workspace = %key, why, "triggered");
                 ctx.metrics.triggered(why);
+                if key.is_empty() {
+                    // Trigger::resync: no workspace key is empty.
+                    let due = sweep::sweep(&ctx).await;
+                    if let Some(tx) = resynced {
+                        let _ = tx.send(due.len());
+                    }
+                    for key in due {
+                        enqueue(key, &mut in_flight, &mut ready);
+                    }
+                    continue;
+                }
                 if why == "registry-401" || why == "registry-403" {
                     // The agent presented what its file holds and was refused: read it again.
                     ctx.token_memo.forget(&key);
@@ -593,17 +659,22 @@ pub async fn run(
                 }
                 enqueue(key, &mut in_flight, &mut ready);
             }
-            Some(ev) = events.next() => {
-                ctx.token_memo.saw_event(&ev);
-                if !ev.is_lifecycle() {
-                    continue;
-                }
-                if let Some(key) = ev.workspace {
-                    tracing::debug!(workspace = %key, action = %ev.action, "runtime event");
+            Some(f) = feed.recv() => match f {
+                // Every event, lifecycle or not: a copy into a container or an exec in it
+                // may have changed its token file.
+                Feed::Seen(ev) => ctx.token_memo.saw_event(&ev),
+                Feed::Changed { key, action } => {
+                    tracing::debug!(workspace = %key, %action, "runtime event");
                     ctx.metrics.triggered("runtime-event");
                     enqueue(key, &mut in_flight, &mut ready);
                 }
-            }
+                Feed::Recovered => {
+                    ctx.metrics.triggered("runtime-recovered");
+                    for key in all_keys(&ctx).await {
+                        enqueue(key, &mut in_flight, &mut ready);
+                    }
+                }
+            },
             Ok(()) = desired_rx.changed() => {
                 let set = desired_rx.borrow_and_update().clone();
                 for key in changed_keys(&last_set, &set) {
@@ -617,7 +688,7 @@ pub async fn run(
                 last_set = set;
             }
             _ = resync_tick.tick() => {
-                for key in all_keys(&ctx).await {
+                for key in sweep::sweep(&ctx).await {
                     enqueue(key, &mut in_flight, &mut ready);
                 }
             }
@@ -673,6 +744,33 @@ pub async fn run(
         }
     }
     running.shutdown().await;
+}
+
+/// Keys waiting for a reconcile slot, in order, each once. A set beside the queue keeps
+/// "already queued?" O(1): a resync or a recovery queues every workspace at once, and a
+/// scan of the queue per key made that O(n²) (minutes at 100k workspaces).
+#[derive(Default)]
+struct Ready {
+    order: std::collections::VecDeque<String>,
+    queued: std::collections::HashSet<String>,
+}
+
+impl Ready {
+    fn contains(&self, key: &str) -> bool {
+        self.queued.contains(key)
+    }
+
+    fn push_back(&mut self, key: String) {
+        if self.queued.insert(key.clone()) {
+            self.order.push_back(key);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<String> {
+        let key = self.order.pop_front()?;
+        self.queued.remove(&key);
+        Some(key)
+    }
 }
 
 /// Keys whose declaration appeared, disappeared or changed.

@@ -232,6 +232,15 @@ impl Action {
         }
     }
 
+    /// Whether executing it creates, removes or changes the state of containers (the
+    /// reconciler then re-reads the workspace's containers before it looks again).
+    pub fn changes_containers(&self) -> bool {
+        matches!(
+            self,
+            Action::Provision { .. } | Action::RemoveContainer { .. } | Action::Pause { .. } | Action::Unpause { .. }
+        )
+    }
+
     /// How the action reads in the decision log.
     pub fn describe(&self) -> String {
         match self {

@@ -27,7 +27,7 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::{
     AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
-    RuntimeResult, agent_image, labels,
+    RuntimeResult, Watched, agent_image, labels,
 };
 use crate::api::ImagePullPolicy;
 
@@ -192,16 +192,28 @@ impl Runtime for DockerRuntime {
         Ok(containers.into_iter().filter_map(container_info).collect())
     }
 
-    /// Filtered by the daemon: on Docker 20.10 a listing costs it a few milliseconds per
-    /// container it returns, so one workspace's containers cost little where all of them
-    /// (hundreds) cost a large part of a second.
+    /// One API call, filtered by id (the daemon matches each given id) and our label.
+    async fn list_ids(&self, ids: &[String]) -> RuntimeResult<Vec<ContainerInfo>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut filters = self.instance_filter();
+        filters.insert("id", ids.to_vec());
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let containers =
+            self.docker.list_containers(Some(options)).await.map_err(|e| api_error("listing containers", e))?;
+        // The daemon's id filter matches prefixes; keep exactly the ids asked for.
+        Ok(containers.into_iter().filter_map(container_info).filter(|c| ids.contains(&c.id)).collect())
+    }
+
+    /// One API call: label filters are ANDed by the daemon.
     async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
         let mut filters = self.instance_filter();
         filters.entry("label").or_default().push(format!("{key}={value}"));
         let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers =
             self.docker.list_containers(Some(options)).await.map_err(|e| api_error("listing containers", e))?;
-        Ok(containers.into_iter().filter_map(container_info).collect())
+        Ok(containers.into_iter().filter_map(container_info).filter(|c| c.label(key) == Some(value)).collect())
     }
 
     async fn volume_exists(&self, name: &str) -> RuntimeResult<bool> {
@@ -386,6 +398,19 @@ impl Runtime for DockerRuntime {
     /// after a reconnect, none in between is lost (the daemon keeps its last 256
     /// events). The stream never ends by itself.
     fn events(&self) -> BoxStream<'static, RuntimeEvent> {
+        self.watch()
+            .filter_map(|w| async move {
+                match w {
+                    Watched::Event(ev) => Some(ev),
+                    Watched::Lost(_) => None,
+                }
+            })
+            .boxed()
+    }
+
+    /// `events`, with a `Lost` each time the stream fails or ends, before it waits to
+    /// reconnect.
+    fn watch(&self) -> BoxStream<'static, Watched> {
         let state = EventsState {
             docker: self.docker.clone(),
             instance: self.instance.clone(),
@@ -397,9 +422,15 @@ impl Runtime for DockerRuntime {
             current: None,
             since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
             backoff: EVENTS_BACKOFF_MIN,
+            lost: false,
         };
         stream::unfold(state, |mut st| async move {
             loop {
+                if st.lost {
+                    st.lost = false;
+                    tokio::time::sleep(st.backoff).await;
+                    st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
+                }
                 let current = st.current.get_or_insert_with(|| {
                     let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
                     st.docker.events(Some(options)).boxed()
@@ -411,7 +442,7 @@ impl Runtime for DockerRuntime {
                             st.since = since_arg(nanos);
                         }
                         if let Some(event) = runtime_event(message, &st.instance) {
-                            return Some((event, st));
+                            return Some((Watched::Event(event), st));
                         }
                     }
                     ended => {
@@ -421,8 +452,8 @@ impl Runtime for DockerRuntime {
                         };
                         tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
                         st.current = None;
-                        tokio::time::sleep(st.backoff).await;
-                        st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
+                        st.lost = true; // wait before reconnecting, after the loss is reported
+                        return Some((Watched::Lost(format!("the Docker event stream was lost: {error}")), st));
                     }
                 }
             }
@@ -439,6 +470,8 @@ struct EventsState {
     /// Where a (re)connect starts: the subscription's or the last event's time (`secs.nanos`).
     since: String,
     backoff: Duration,
+    /// The stream was just lost (and reported): wait `backoff` before reconnecting.
+    lost: bool,
 }
 
 /// The container a spec describes: hardened by default, privileges only as asked.

@@ -4,6 +4,8 @@
 pub mod agent_image;
 pub mod docker;
 pub mod render;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 use std::collections::BTreeMap;
 
@@ -144,8 +146,16 @@ impl RuntimeEvent {
     }
 }
 
-/// A container lifecycle event for one of our containers.
+/// What a runtime's watch delivers: events, and word that the stream was lost (events
+/// may have been missed until it is back, so whatever was learnt from them is stale).
 #[derive(Clone, Debug, PartialEq)]
+pub enum Watched {
+    Event(RuntimeEvent),
+    Lost(String),
+}
+
+/// A container lifecycle event for one of our containers.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeEvent {
     /// `ns/name` from the workspace label.
     pub workspace: Option<String>,
@@ -188,6 +198,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every container (running or not) carrying this operator instance's label.
     /// An error means "unknown", never "none": callers must not act as if empty.
     async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>>;
+    /// Those of `ids` that exist and carry this instance's label; an id missing from the
+    /// answer is gone. An error means "unknown". The default filters `list`.
+    async fn list_ids(&self, ids: &[String]) -> RuntimeResult<Vec<ContainerInfo>> {
+        Ok(self.list().await?.into_iter().filter(|c| ids.contains(&c.id)).collect())
+    }
     /// This instance's containers labelled `key=value` (e.g. one workspace's). An error
     /// means "unknown". The default filters `list`.
     async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
@@ -217,6 +232,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
     /// Lifecycle events of this instance's containers; reconnects by itself.
     fn events(&self) -> BoxStream<'static, RuntimeEvent>;
+    /// `events`, plus a `Lost` each time the stream fails (before it reconnects by
+    /// itself). The default never reports a loss.
+    fn watch(&self) -> BoxStream<'static, Watched> {
+        use futures::StreamExt;
+        self.events().map(Watched::Event).boxed()
+    }
 }
 
 #[cfg(test)]

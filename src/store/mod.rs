@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{OperatingMode, WorkspaceStatus};
+use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 pub use heartbeats::Heartbeat;
 
 /// Why a token was revoked. Every revocation records one.
@@ -251,6 +251,20 @@ pub trait Store: Send + Sync + 'static {
     async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>>;
     async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>>;
     async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>>;
+    /// Every record without its status (`status: None`), with the phase that status
+    /// shows: what the resync sweep reads, without decoding n statuses. The default
+    /// decodes them.
+    async fn list_workspaces_brief(&self) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
+        Ok(self
+            .list_workspaces()
+            .await?
+            .into_iter()
+            .map(|mut r| {
+                let phase = r.status.take().map(|s| s.phase);
+                (r, phase)
+            })
+            .collect())
+    }
     /// Increments and returns the incarnation.
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64>;
     /// Counts a heartbeat-rule restart (restart budget) with its reason.
@@ -271,6 +285,15 @@ pub trait Store: Send + Sync + 'static {
     async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken>;
     /// Live (not revoked) tokens of a workspace, oldest first.
     async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>>;
+    /// Every live token of every workspace, by workspace uid, oldest first: the resync
+    /// sweep's one query instead of one per workspace. The default asks per workspace.
+    async fn all_live_tokens(&self) -> StoreResult<Vec<TokenRow>> {
+        let mut out = Vec::new();
+        for r in self.list_workspaces().await? {
+            out.extend(self.live_tokens(&r.uid).await?);
+        }
+        Ok(out)
+    }
     /// Every token row of a workspace, newest first, at most `limit`.
     async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>>;
     /// Revokes the workspace's live tokens except `keep`; returns how many.
@@ -478,6 +501,13 @@ fn decode_status(uid: &str, json: Option<String>) -> Option<WorkspaceStatus> {
             None
         }
     }
+}
+
+/// A phase as stored inside a status (`"Running"`); None for anything else.
+fn parse_phase(text: Option<String>) -> Option<Phase> {
+    use serde::de::IntoDeserializer;
+    let text = text?;
+    Phase::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(text.as_str())).ok()
 }
 
 fn encode_actions(actions: &[String]) -> StoreResult<String> {

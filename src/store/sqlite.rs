@@ -122,7 +122,20 @@ macro_rules! workspace_columns {
     };
 }
 
+macro_rules! brief_workspace_columns {
+    () => {
+        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
+         last_restart_reason, mode_override, restart_requested_at"
+    };
+}
+
 fn workspace_from_row(row: &SqliteRow) -> StoreResult<WorkspaceRecord> {
+    record_from_row(row, true)
+}
+
+/// A record from a row; without `with_status` the row has no status column and the
+/// record's status is None.
+fn record_from_row(row: &SqliteRow, with_status: bool) -> StoreResult<WorkspaceRecord> {
     let uid: String = row.try_get("uid")?;
     Ok(WorkspaceRecord {
         key: row.try_get("key")?,
@@ -132,7 +145,7 @@ fn workspace_from_row(row: &SqliteRow) -> StoreResult<WorkspaceRecord> {
         restart_count: row.try_get("restart_count")?,
         last_restart_at: get_opt_ts(row, "last_restart_at")?,
         last_restart_reason: row.try_get("last_restart_reason")?,
-        status: decode_status(&uid, row.try_get("status")?),
+        status: if with_status { decode_status(&uid, row.try_get("status")?) } else { None },
         mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
         restart_requested_at: get_opt_ts(row, "restart_requested_at")?,
         uid,
@@ -275,6 +288,16 @@ impl Store for SqliteStore {
         rows.iter().map(workspace_from_row).collect()
     }
 
+    async fn list_workspaces_brief(&self) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
+        let sql = concat!(
+            "SELECT ",
+            brief_workspace_columns!(),
+            ", json_extract(status, '$.phase') AS phase FROM workspaces ORDER BY key"
+        );
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(|row| Ok((record_from_row(row, false)?, parse_phase(row.try_get("phase")?)))).collect()
+    }
+
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
         let incarnation: Option<i64> = sqlx::query_scalar(
             "UPDATE workspaces SET incarnation = incarnation + 1 WHERE uid = ?1 RETURNING incarnation",
@@ -371,6 +394,16 @@ impl Store for SqliteStore {
 
     async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
         let rows = sqlx::query(LIVE_TOKENS_SQL).bind(uid).fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn all_live_tokens(&self) -> StoreResult<Vec<TokenRow>> {
+        let sql = concat!(
+            "SELECT ",
+            token_columns!(),
+            " FROM workspace_auth_tokens WHERE revoked_at IS NULL ORDER BY workspace_uid, created_at, id"
+        );
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
         rows.iter().map(token_from_row).collect()
     }
 

@@ -1,0 +1,417 @@
+//! Scale without Docker: the real reconcile queue, the real rules and executor, and the
+//! real SQLite store (a file in a temp dir), with Docker replaced by the simulated
+//! in-memory runtime (`src/runtime/sim.rs`, feature `sim`). Run through `bench/scale`.
+//!
+//! For each N (1k, 10k, 100k; `--quick`: 1k) one child process (so that memory
+//! figures are that N's own) declares N workspaces and measures:
+//! - cold converge: N containers created, tokens written, started;
+//! - a full no-op resync right after the previous one (nothing changed);
+//! - a full resync after every agent heartbeated (the steady state: agents heartbeat
+//!   more often than the resync runs);
+//! - a 1% change: 1% of the specs change, those workspaces are recreated;
+//! - RSS of the process, and how much of it the simulated daemon's own state is.
+//!
+//! Time is wall time from the trigger to the last reconcile report; CPU is user+sys of
+//! the whole process (getrusage) over the same span plus a 200 ms quiet tail.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use molecule::api::effective::Defaults;
+use molecule::api::{SourceRef, Workspace, WorkspaceSpec};
+use molecule::reconcile::{self, Context, Report, Trigger};
+use molecule::registry::Metrics;
+use molecule::rules::Settings;
+use molecule::runtime::render::AgentEnv;
+use molecule::runtime::sim::SimRuntime;
+use molecule::source::desired::{DesiredSet, merge};
+use molecule::source::{Snapshot, SourceObject};
+use molecule::store::DynStore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+const QUIET: Duration = Duration::from_millis(200);
+const CONCURRENCY: usize = 8;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Phase {
+    name: String,
+    wall_ms: f64,
+    cpu_ms: f64,
+    reports: u64,
+    decisions: u64,
+    errors: u64,
+    /// Simulated Docker API calls made in the phase.
+    docker_calls: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Result {
+    workspaces: usize,
+    store: String,
+    phases: Vec<Phase>,
+    rss_mb: f64,
+    rss_peak_mb: f64,
+    sim_mb: f64,
+    /// Live heap (malloc'd and not freed), the simulated daemon's included.
+    #[serde(default)]
+    heap_mb: f64,
+    /// RSS once glibc has given its free pages back (malloc_trim).
+    #[serde(default)]
+    rss_trimmed_mb: f64,
+}
+
+fn cpu_now() -> Duration {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn proc_status_mb(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn heap_in_use() -> usize {
+    unsafe { libc::mallinfo2().uordblks }
+}
+
+/// Everything malloc has handed out and not taken back: arena chunks and mmapped blocks.
+fn heap_live_mb() -> f64 {
+    let mi = unsafe { libc::mallinfo2() };
+    (mi.uordblks + mi.hblkhd) as f64 / (1024.0 * 1024.0)
+}
+
+fn name(i: usize) -> String {
+    format!("ws-{i:06}")
+}
+
+/// N workspaces in 10 teams (no quotas), merged exactly as the operator merges a source.
+fn declare(n: usize, changed: &dyn Fn(usize) -> bool, previous: &DesiredSet) -> DesiredSet {
+    let source = SourceRef { kind: "bench".into(), reference: "generated".into() };
+    let objects = (0..n)
+        .map(|i| {
+            let mut env = BTreeMap::from([("ROLE".to_string(), format!("agent-{}", i % 7))]);
+            if changed(i) {
+                env.insert("CHANGED".into(), "1".into());
+            }
+            let spec = WorkspaceSpec { tier: Some(2), env, runtime: Some("langgraph".into()), ..Default::default() };
+            let mut w = Workspace::new(&name(i), spec);
+            w.metadata.namespace = Some("default".into());
+            SourceObject::Workspace { object: Box::new(w), source: source.clone() }
+        })
+        .collect();
+    let snap = Snapshot { source: "bench".into(), objects, errors: vec![] };
+    let mut set = merge(&[snap], &Defaults::default(), previous);
+    set.complete = true;
+    set
+}
+
+enum Kick {
+    /// Publish a new desired set.
+    Declare(Arc<DesiredSet>),
+    /// A full resync (as the periodic one), waiting for the reconciles it queues.
+    Resync,
+    /// Reconcile these workspaces.
+    Keys(Vec<String>),
+}
+
+struct Bench {
+    n: usize,
+    sim: Arc<SimRuntime>,
+    store: DynStore,
+    trigger: Trigger,
+    desired: watch::Sender<Arc<DesiredSet>>,
+    reports: broadcast::Receiver<Report>,
+    phases: Vec<Phase>,
+}
+
+impl Bench {
+    /// Starts a phase, then waits until `done(reports, decisions)` holds over the reports
+    /// seen and nothing more arrives for QUIET.
+    async fn phase(&mut self, name: &str, kick: Kick, done: impl Fn(u64, u64) -> bool) {
+        while self.reports.try_recv().is_ok() {} // drain leftovers
+        let calls0 = self.sim.calls().snapshot();
+        let (t0, c0) = (Instant::now(), cpu_now());
+        let mut expect = None;
+        match kick {
+            Kick::Declare(set) => {
+                self.desired.send_replace(set);
+            }
+            Kick::Resync => expect = Some(self.trigger.resync_and_wait("bench").await.expect("queue running") as u64),
+            Kick::Keys(keys) => {
+                expect = Some(keys.len() as u64);
+                for k in keys {
+                    self.trigger.enqueue(&k, "bench");
+                }
+            }
+        }
+        let done = |r: u64, d: u64| expect.is_none_or(|e| r >= e) && done(r, d);
+        let (mut reports, mut decisions, mut errors) = (0u64, 0u64, 0u64);
+        let mut last = Instant::now();
+        let deadline = Duration::from_secs(3600);
+        loop {
+            let wait = if done(reports, decisions) { QUIET } else { deadline };
+            match tokio::time::timeout(wait, self.reports.recv()).await {
+                Ok(Ok(r)) => {
+                    reports += 1;
+                    decisions += r.decisions.len() as u64;
+                    errors += u64::from(r.error.is_some());
+                    last = Instant::now();
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(k))) => {
+                    // Too many to keep up with: counted, their decisions are not.
+                    reports += k;
+                    last = Instant::now();
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => panic!("the queue stopped"),
+                Err(_) if done(reports, decisions) => break,
+                Err(_) => panic!("{name}: timed out after {reports} reports"),
+            }
+        }
+        let cpu = cpu_now() - c0;
+        let calls1 = self.sim.calls().snapshot();
+        let docker_calls = calls1
+            .iter()
+            .map(|(k, v)| (k.to_string(), v - calls0.get(k).copied().unwrap_or(0)))
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        let p = Phase {
+            name: name.into(),
+            wall_ms: (last - t0).as_secs_f64() * 1e3,
+            cpu_ms: cpu.as_secs_f64() * 1e3,
+            reports,
+            decisions,
+            errors,
+            docker_calls,
+        };
+        eprintln!(
+            "n={} {name}: wall {:.1} ms, cpu {:.1} ms, {} reports, {} decisions, {} errors, docker {:?}",
+            self.n, p.wall_ms, p.cpu_ms, p.reports, p.decisions, p.errors, p.docker_calls
+        );
+        self.phases.push(p);
+    }
+
+    /// Every agent heartbeats once (through the store, as the registry records it).
+    /// Returns the workspaces whose status does not show the agent online yet: the
+    /// registry queues a reconcile for those (its `nudge`).
+    async fn heartbeat_all(&self) -> Vec<String> {
+        let records = self.store.list_workspaces().await.expect("list workspaces");
+        let store = self.store.clone();
+        futures::stream::iter(records)
+            .for_each_concurrent(8, |r| {
+                let store = store.clone();
+                async move {
+                    let tokens = store.live_tokens(&r.uid).await.expect("live tokens");
+                    if let Some(t) = tokens.iter().rev().find(|t| t.incarnation == r.incarnation) {
+                        store.record_heartbeat(&t.id, &r.uid, Utc::now()).await.expect("heartbeat");
+                    }
+                }
+            })
+            .await;
+        let online = |r: &molecule::store::WorkspaceRecord| {
+            r.status
+                .as_ref()
+                .and_then(|s| molecule::api::condition::find(&s.conditions, "AgentOnline"))
+                .is_some_and(|c| c.is_true())
+        };
+        self.store.list_workspaces().await.expect("list").iter().filter(|r| !online(r)).map(|r| r.key.clone()).collect()
+    }
+}
+
+async fn run_one(n: usize, store_url: Option<String>) -> Result {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, store_name) = match store_url {
+        Some(url) => (molecule::store::open(&url).await.expect("postgres"), "postgres".to_string()),
+        None => {
+            let path = dir.path().join("state.db");
+            (molecule::store::open(&path.display().to_string()).await.expect("sqlite"), "sqlite".to_string())
+        }
+    };
+    let sim = Arc::new(SimRuntime::new("bench"));
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredSet::default()));
+    let settings = Settings {
+        heartbeat_interval: Duration::from_secs(30),
+        heartbeat_ttl: Duration::from_secs(180),
+        restart_budget: 3,
+        restart_backoff: Duration::from_secs(10),
+    };
+    let agent = AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 30 };
+    let ctx =
+        Context::new("bench".into(), sim.clone(), store.clone(), desired_rx, settings, agent, Arc::new(Metrics::new()));
+    let ctx = Arc::new(ctx);
+    let reports = ctx.reports.subscribe();
+    let (trigger, trigger_rx) = Trigger::new();
+    let shutdown = CancellationToken::new();
+    // The periodic resync is left to the benchmark (Trigger::resync); its first tick at
+    // start finds nothing.
+    let queue =
+        tokio::spawn(reconcile::run(ctx, trigger_rx, Duration::from_secs(24 * 3600), CONCURRENCY, shutdown.clone()));
+    let mut b = Bench { n, sim, store, trigger, desired: desired_tx, reports, phases: vec![] };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let set = Arc::new(declare(n, &|_| false, &DesiredSet::default()));
+    let nn = n as u64;
+    b.phase("cold converge", Kick::Declare(set.clone()), |_, d| d >= nn).await;
+    let nudged = b.heartbeat_all().await;
+    b.phase("agents come online (the registry queues each)", Kick::Keys(nudged), |_, _| true).await;
+    b.phase("no-op resync", Kick::Resync, |_, _| true).await;
+    let nudged = b.heartbeat_all().await;
+    assert!(nudged.is_empty(), "every agent shows online");
+    b.phase("no-op resync, every agent heartbeated since the last", Kick::Resync, |_, _| true).await;
+    let changed = |i: usize| i.is_multiple_of(100);
+    let n_changed = (0..n).filter(|i| changed(*i)).count() as u64;
+    let set2 = Arc::new(declare(n, &changed, &set));
+    b.phase("1% of specs changed (recreated)", Kick::Declare(set2), |_, d| d >= n_changed).await;
+    b.phase("no-op resync after the change", Kick::Resync, |_, _| true).await;
+    // SCALE_PROFILE_RESYNCS=K: K more no-op resyncs, so that a profiler sees mostly them.
+    let extra: usize = std::env::var("SCALE_PROFILE_RESYNCS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    for _ in 0..extra {
+        b.phase("profiled no-op resync", Kick::Resync, |_, _| true).await;
+    }
+    b.phases.retain(|p| p.name != "profiled no-op resync");
+    let all: Vec<String> = (0..n).map(|i| format!("default/{}", name(i))).collect();
+    b.phase("every workspace fully reconciled (a resync before the sweep)", Kick::Keys(all), |_, _| true).await;
+
+    let rss_mb = proc_status_mb("VmRSS:");
+    let rss_peak_mb = proc_status_mb("VmHWM:");
+    // The simulated daemon's share: the heap a deep copy of its state takes.
+    let before = heap_in_use();
+    let copy = b.sim.clone_state();
+    let sim_mb = heap_in_use().saturating_sub(before) as f64 / (1024.0 * 1024.0);
+    drop(copy);
+    let heap_mb = heap_live_mb();
+    unsafe { libc::malloc_trim(0) };
+    let rss_trimmed_mb = proc_status_mb("VmRSS:");
+    assert_eq!(b.sim.container_count(), n, "one container per workspace");
+    shutdown.cancel();
+    let _ = queue.await;
+    Result { workspaces: n, store: store_name, phases: b.phases, rss_mb, rss_peak_mb, sim_mb, heap_mb, rss_trimmed_mb }
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{cores} cores ({model}), {mem_gib:.0} GiB; load average at the end {}", load.join(" "))
+}
+
+fn markdown(results: &[Result], command: &str) -> String {
+    let mut out = String::new();
+    out.push_str("## Scale without Docker (simulated runtime)\n\n");
+    out.push_str(&format!("Machine: {}. Release build (bench profile).\n\n", machine()));
+    out.push_str(&format!("```sh\n{command}\n```\n\n"));
+    out.push_str(
+        "The real reconcile queue (concurrency 8), rules, executor and SQLite store (a file in a temp dir); only \
+         Docker is replaced, by an in-memory runtime that emits the events Docker emits. Time is wall time from the \
+         trigger to the last reconcile; CPU is user+sys of the whole process over the same span (getrusage).\n\n",
+    );
+    out.push_str("| workspaces | phase | time (ms) | CPU (ms) | reconciles | decisions | simulated Docker calls |\n");
+    out.push_str("|---:|---|---:|---:|---:|---:|---|\n");
+    for r in results {
+        for p in &r.phases {
+            let calls: Vec<String> = p.docker_calls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out.push_str(&format!(
+                "| {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
+                r.workspaces,
+                p.name,
+                p.wall_ms,
+                p.cpu_ms,
+                p.reports,
+                p.decisions,
+                calls.join(", ")
+            ));
+        }
+    }
+    out.push_str(
+        "\n| workspaces | RSS (MB) | peak RSS (MB) | RSS after malloc_trim (MB) | live heap (MB) | of which the simulated daemon (MB) | operator's live heap (MB) |\n",
+    );
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            r.workspaces,
+            r.rss_mb,
+            r.rss_peak_mb,
+            r.rss_trimmed_mb,
+            r.heap_mb,
+            r.sim_mb,
+            r.heap_mb - r.sim_mb
+        ));
+    }
+    out.push('\n');
+    if let Ok(notes) = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/scale-notes.md")) {
+        out.push_str(&notes);
+    }
+    out
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let value = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
+    let store_url = value("--database-url");
+    if std::env::var("RUST_LOG").is_ok() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if let Some(n) = value("--one") {
+        let n: usize = n.parse().expect("--one N");
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        let result = rt.block_on(run_one(n, store_url));
+        println!("{}", serde_json::to_string(&result).expect("json"));
+        return;
+    }
+    let sizes: Vec<usize> = match value("--sizes") {
+        Some(s) => s.split(',').map(|x| x.parse().expect("--sizes 1000,10000")).collect(),
+        None if flag("--quick") => vec![1_000],
+        None => vec![1_000, 10_000, 100_000],
+    };
+    let out = value("--out").unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/scale.md").into());
+    let command = value("--command").unwrap_or_else(|| "bench/scale".into());
+    let exe = std::env::current_exe().expect("current exe");
+    let mut results = Vec::new();
+    for n in sizes {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("--one").arg(n.to_string());
+        if let Some(url) = &store_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        let output = cmd.stderr(std::process::Stdio::inherit()).output().expect("run one size");
+        assert!(output.status.success(), "the run with {n} workspaces failed");
+        let line = String::from_utf8_lossy(&output.stdout);
+        let result: Result = serde_json::from_str(line.lines().last().unwrap_or_default()).expect("a JSON result line");
+        results.push(result);
+    }
+    let md = markdown(&results, &command);
+    if let Some(parent) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(parent).expect("results dir");
+    }
+    std::fs::write(&out, &md).expect("write results");
+    print!("{md}");
+    eprintln!("wrote {out}");
+}

@@ -1,0 +1,629 @@
+//! The container cache: this instance's containers as the runtime last reported them,
+//! kept current by its events, so that observing one workspace reads memory instead
+//! of listing every container (which made a resync of n workspaces O(n²)).
+//!
+//! - One full listing at start, on every resync and after any failure (a lost event
+//!   stream, a failed read) fills it; until a full listing that *started after* the
+//!   failure has succeeded, the cache is **unknown** and every read answers `None`,
+//!   which the rules treat as "unknown", never as "no containers": nothing is revoked,
+//!   removed or provisioned on it.
+//! - Each burst of lifecycle events re-reads just the containers it names (one
+//!   `list_ids` call), before the events are passed on to the queue: a reconcile an
+//!   event triggers sees what the event changed.
+//! - A reconcile that created, removed, paused or unpaused containers re-reads its
+//!   workspace's containers (`list_labeled`) before it looks again (read-your-writes).
+//!
+//! Reads race each other (a full listing, an event refresh and a reconcile's refresh
+//! may overlap). Each read takes a ticket from one counter *before* it asks the runtime,
+//! and per container id the answer of the latest-started read wins, including "gone"
+//! (a tombstone, or the last full listing's ticket for ids it did not return): an
+//! older answer that arrives late never resurrects a removed container or undoes a
+//! newer state. Every change made to a container produces an event whose refresh
+//! starts after the change, so the cache converges to the truth after every change.
+//!
+//! The bookkeeping (`begin`, `apply_full`, `apply_partial`, `mark_unknown`, the reads)
+//! is pure and unit-tested here; the IO wrappers (`relist`, `refresh_ids`,
+//! `refresh_workspace`) and `feed` are exercised against the real Docker daemon by the
+//! integration tests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{ContainerInfo, Runtime, RuntimeError, Watched, labels};
+
+/// A read's place in time: taken before the runtime is asked.
+pub type Ticket = u64;
+
+#[derive(Default)]
+pub struct ContainerCache {
+    seq: AtomicU64,
+    state: Mutex<State>,
+    /// Woken when the cache becomes unknown (the feeder then re-lists, with backoff).
+    unknown: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// False until the first full listing, and from a failure until a full listing
+    /// started after it succeeds.
+    known: bool,
+    /// Whether it has ever been known (a return from unknown then asks for a resync).
+    was_known: bool,
+    /// Ticket of the last failure; a full listing must have started after it.
+    failed_at: Ticket,
+    why_unknown: String,
+    /// Ticket of the last applied full listing: the floor for ids it did not return.
+    full_at: Ticket,
+    containers: HashMap<String, Entry>,
+    /// Removed ids and the ticket of the read that saw them gone (cleared by the next
+    /// full listing, whose ticket then serves as the floor).
+    gone: HashMap<String, Ticket>,
+    by_workspace: HashMap<String, BTreeSet<String>>,
+    by_uid: HashMap<String, BTreeSet<String>>,
+}
+
+struct Entry {
+    info: ContainerInfo,
+    seen_at: Ticket,
+}
+
+/// Which containers a partial read covered: those it did not return are gone.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    Ids(&'a [String]),
+    /// Every container labelled `key=value`.
+    Label(&'a str, &'a str),
+}
+
+/// What a full listing changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Workspace keys (from the labels) whose containers appeared, vanished or changed.
+    pub changed: BTreeSet<String>,
+    /// The cache was known before, became unknown, and is known again: whatever was
+    /// missed meanwhile is worth a look everywhere.
+    pub recovered: bool,
+}
+
+impl State {
+    fn index(&mut self, info: &ContainerInfo) {
+        if let Some(w) = info.workspace() {
+            self.by_workspace.entry(w.to_string()).or_default().insert(info.id.clone());
+        }
+        if let Some(u) = info.uid() {
+            self.by_uid.entry(u.to_string()).or_default().insert(info.id.clone());
+        }
+    }
+
+    fn unindex(&mut self, info: &ContainerInfo) {
+        fn drop_id(map: &mut HashMap<String, BTreeSet<String>>, k: Option<&str>, id: &str) {
+            if let Some(k) = k
+                && let Some(ids) = map.get_mut(k)
+            {
+                ids.remove(id);
+                if ids.is_empty() {
+                    map.remove(k);
+                }
+            }
+        }
+        drop_id(&mut self.by_workspace, info.workspace(), &info.id);
+        drop_id(&mut self.by_uid, info.uid(), &info.id);
+    }
+
+    /// Stores what a read started at `t` saw of one container; true if that changed
+    /// anything.
+    fn upsert(&mut self, t: Ticket, info: ContainerInfo, changed: &mut BTreeSet<String>) {
+        let floor = match self.containers.get(&info.id) {
+            Some(e) => e.seen_at,
+            None => self.gone.get(&info.id).copied().unwrap_or(self.full_at),
+        };
+        if t <= floor {
+            return; // an older answer than the one already applied
+        }
+        self.gone.remove(&info.id);
+        match self.containers.get_mut(&info.id) {
+            Some(e) if e.info == info => e.seen_at = t,
+            Some(_) => {
+                let old = self.containers.remove(&info.id).expect("present").info;
+                self.unindex(&old);
+                changed.extend(old.workspace().map(str::to_string));
+                self.insert(t, info, changed);
+            }
+            None => self.insert(t, info, changed),
+        }
+    }
+
+    fn insert(&mut self, t: Ticket, info: ContainerInfo, changed: &mut BTreeSet<String>) {
+        changed.extend(info.workspace().map(str::to_string));
+        self.index(&info);
+        self.containers.insert(info.id.clone(), Entry { info, seen_at: t });
+    }
+
+    /// A read started at `t` did not see container `id`.
+    fn remove(&mut self, t: Ticket, id: &str, changed: &mut BTreeSet<String>) {
+        let Some(e) = self.containers.get(id) else { return };
+        if t <= e.seen_at {
+            return;
+        }
+        let old = self.containers.remove(id).expect("present").info;
+        self.unindex(&old);
+        changed.extend(old.workspace().map(str::to_string));
+        self.gone.insert(id.to_string(), t);
+    }
+
+    fn ids_in(&self, scope: Scope<'_>) -> Vec<String> {
+        match scope {
+            Scope::Ids(ids) => ids.to_vec(),
+            Scope::Label(k, v) if k == labels::WORKSPACE => {
+                self.by_workspace.get(v).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+            }
+            Scope::Label(k, v) if k == labels::UID => {
+                self.by_uid.get(v).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+            }
+            Scope::Label(k, v) => {
+                self.containers.values().filter(|e| e.info.label(k) == Some(v)).map(|e| e.info.id.clone()).collect()
+            }
+        }
+    }
+
+    fn get(&self, ids: Option<&BTreeSet<String>>) -> impl Iterator<Item = &ContainerInfo> {
+        ids.into_iter().flatten().filter_map(|id| self.containers.get(id).map(|e| &e.info))
+    }
+}
+
+impl ContainerCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state stays consistent under a panic elsewhere (every method finishes its
+        // update before it could panic), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the ticket for a read that is about to start.
+    pub fn begin(&self) -> Ticket {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Applies a full listing (every container of this instance) read from ticket `t`.
+    pub fn apply_full(&self, t: Ticket, all: Vec<ContainerInfo>) -> Applied {
+        let mut st = self.lock();
+        let mut changed = BTreeSet::new();
+        let listed: std::collections::HashSet<String> = all.iter().map(|c| c.id.clone()).collect();
+        for info in all {
+            st.upsert(t, info, &mut changed);
+        }
+        let missing: Vec<String> = st.containers.keys().filter(|id| !listed.contains(*id)).cloned().collect();
+        for id in missing {
+            st.remove(t, &id, &mut changed);
+        }
+        if t > st.full_at {
+            st.full_at = t;
+            st.gone.retain(|_, at| *at > t);
+        }
+        let mut recovered = false;
+        if t > st.failed_at && !st.known {
+            st.known = true;
+            recovered = st.was_known;
+            st.was_known = true;
+            st.why_unknown.clear();
+        }
+        Applied { changed, recovered }
+    }
+
+    /// Applies a partial read from ticket `t` covering `scope`; returns the workspace
+    /// keys whose containers changed.
+    pub fn apply_partial(&self, t: Ticket, scope: Scope<'_>, found: Vec<ContainerInfo>) -> BTreeSet<String> {
+        let mut st = self.lock();
+        let mut changed = BTreeSet::new();
+        let covered = st.ids_in(scope);
+        let found_ids: std::collections::HashSet<String> = found.iter().map(|c| c.id.clone()).collect();
+        for info in found {
+            st.upsert(t, info, &mut changed);
+        }
+        for id in covered.iter().filter(|id| !found_ids.contains(*id)) {
+            st.remove(t, id, &mut changed);
+        }
+        if let Scope::Ids(ids) = scope {
+            // Ids the cache never had and the read did not find: remember they are gone,
+            // so that an older answer arriving later cannot bring them back.
+            let unseen: Vec<&String> =
+                ids.iter().filter(|id| !found_ids.contains(*id) && !st.containers.contains_key(*id)).collect();
+            for id in unseen {
+                let at = st.gone.entry(id.clone()).or_insert(t);
+                *at = (*at).max(t);
+            }
+        }
+        changed
+    }
+
+    /// The runtime failed (a read, or the event stream): unknown until a full listing
+    /// that starts after this succeeds.
+    pub fn mark_unknown(&self, why: &str) {
+        let t = self.begin();
+        {
+            let mut st = self.lock();
+            st.failed_at = st.failed_at.max(t);
+            if st.known {
+                tracing::warn!(error = why, "container cache is unknown until Docker can be listed again");
+            }
+            st.known = false;
+            st.why_unknown = why.to_string();
+        }
+        self.unknown.notify_one();
+    }
+
+    pub fn is_known(&self) -> bool {
+        self.lock().known
+    }
+
+    /// Why it is unknown (empty while known).
+    pub fn why_unknown(&self) -> String {
+        self.lock().why_unknown.clone()
+    }
+
+    /// The containers of one workspace: labelled with its key, or with its uid. None
+    /// when unknown.
+    pub fn containers_of(&self, key: &str, uid: Option<&str>) -> Option<Vec<ContainerInfo>> {
+        let st = self.lock();
+        if !st.known {
+            return None;
+        }
+        let mut out: Vec<ContainerInfo> = st.get(st.by_workspace.get(key)).cloned().collect();
+        if let Some(uid) = uid {
+            for c in st.get(st.by_uid.get(uid)) {
+                if c.workspace() != Some(key) {
+                    out.push(c.clone());
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Containers labelled with this uid. None when unknown.
+    pub fn containers_of_uid(&self, uid: &str) -> Option<Vec<ContainerInfo>> {
+        let st = self.lock();
+        st.known.then(|| st.get(st.by_uid.get(uid)).cloned().collect())
+    }
+
+    /// Every workspace key a container is labelled with. None when unknown.
+    pub fn workspace_keys(&self) -> Option<Vec<String>> {
+        let st = self.lock();
+        st.known.then(|| st.by_workspace.keys().cloned().collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().containers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // ---- IO ----
+
+    /// Lists every container and applies it. On failure the cache is unknown.
+    pub async fn relist(&self, runtime: &dyn Runtime) -> Result<Applied, RuntimeError> {
+        let t = self.begin();
+        match runtime.list().await {
+            Ok(all) => Ok(self.apply_full(t, all)),
+            Err(e) => {
+                self.mark_unknown(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-reads the named containers. On failure the cache is unknown.
+    pub async fn refresh_ids(&self, runtime: &dyn Runtime, ids: &[String]) -> Result<BTreeSet<String>, RuntimeError> {
+        let t = self.begin();
+        match runtime.list_ids(ids).await {
+            Ok(found) => Ok(self.apply_partial(t, Scope::Ids(ids), found)),
+            Err(e) => {
+                self.mark_unknown(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-reads one workspace's containers (by its key label and its uid label), after
+    /// the reconciler changed them. On failure the cache is unknown.
+    pub async fn refresh_workspace(
+        &self,
+        runtime: &dyn Runtime,
+        key: &str,
+        uid: Option<&str>,
+    ) -> Result<(), RuntimeError> {
+        let t = self.begin();
+        let result = async {
+            let by_key = runtime.list_labeled(labels::WORKSPACE, key).await?;
+            let by_uid = match uid {
+                Some(uid) => Some(runtime.list_labeled(labels::UID, uid).await?),
+                None => None,
+            };
+            Ok::<_, RuntimeError>((by_key, by_uid))
+        }
+        .await;
+        match result {
+            Ok((by_key, by_uid)) => {
+                self.apply_partial(t, Scope::Label(labels::WORKSPACE, key), by_key);
+                if let (Some(uid), Some(found)) = (uid, by_uid) {
+                    self.apply_partial(t, Scope::Label(labels::UID, uid), found);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.mark_unknown(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What the feeder tells the reconcile queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// This workspace's containers changed (an event, or a difference a listing found).
+    Changed { key: String, action: String },
+    /// The cache is known again after an outage: look at everything.
+    Recovered,
+    /// Every event of this instance's containers as the runtime reported it (lifecycle
+    /// or not: the token memo watches copies into containers and execs in them).
+    Seen(crate::runtime::RuntimeEvent),
+}
+
+const RELIST_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const RELIST_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most events refreshed with one read.
+const BURST: usize = 512;
+
+/// Keeps `cache` current from the runtime's events until `shutdown`, and passes each
+/// lifecycle event on to the queue (`out`) only after the cache reflects it. Lists
+/// everything at start and whenever the cache becomes unknown (with backoff until
+/// that works).
+pub async fn feed(
+    cache: std::sync::Arc<ContainerCache>,
+    runtime: std::sync::Arc<dyn Runtime>,
+    out: mpsc::UnboundedSender<Feed>,
+    shutdown: CancellationToken,
+) {
+    let mut watch = runtime.watch();
+    let mut backoff = RELIST_BACKOFF_MIN;
+    let mut relist_at = Some(tokio::time::Instant::now());
+    loop {
+        let sleep = async {
+            match relist_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = cache.unknown.notified() => {
+                relist_at.get_or_insert_with(|| tokio::time::Instant::now() + backoff);
+            }
+            _ = sleep => {
+                match cache.relist(runtime.as_ref()).await {
+                    Ok(applied) => {
+                        relist_at = None;
+                        backoff = RELIST_BACKOFF_MIN;
+                        if applied.recovered {
+                            tracing::info!("Docker can be listed again; looking at every workspace");
+                            let _ = out.send(Feed::Recovered);
+                        }
+                        for key in applied.changed {
+                            let _ = out.send(Feed::Changed { key, action: "relisted".into() });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "listing containers failed; nothing will be revoked or removed until it works");
+                        relist_at = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(RELIST_BACKOFF_MAX);
+                    }
+                }
+            }
+            item = watch.next() => {
+                let Some(item) = item else {
+                    cache.mark_unknown("the runtime's event stream ended");
+                    return;
+                };
+                let mut burst = vec![item];
+                while burst.len() < BURST {
+                    match watch.next().now_or_never() {
+                        Some(Some(item)) => burst.push(item),
+                        _ => break,
+                    }
+                }
+                let mut ids: Vec<String> = Vec::new();
+                for item in &burst {
+                    match item {
+                        Watched::Lost(why) => cache.mark_unknown(why),
+                        Watched::Event(ev) if ev.is_lifecycle() && !ids.contains(&ev.container_id) => {
+                            ids.push(ev.container_id.clone());
+                        }
+                        Watched::Event(_) => {}
+                    }
+                }
+                if !ids.is_empty()
+                    && let Err(e) = cache.refresh_ids(runtime.as_ref(), &ids).await
+                {
+                    tracing::warn!(error = %e, "re-reading containers named by events failed");
+                }
+                for item in burst {
+                    if let Watched::Event(ev) = item {
+                        let _ = out.send(Feed::Seen(ev.clone()));
+                        if ev.is_lifecycle()
+                            && let Some(key) = ev.workspace
+                        {
+                            let _ = out.send(Feed::Changed { key, action: ev.action });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::ContainerState;
+
+    fn c(id: &str, ws: &str, uid: &str, state: ContainerState) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            name: format!("n-{id}"),
+            image: "img".into(),
+            state,
+            labels: [(labels::WORKSPACE.to_string(), ws.to_string()), (labels::UID.to_string(), uid.to_string())]
+                .into(),
+            created_at: None,
+            started_at: None,
+        }
+    }
+    use ContainerState::{Exited, Running};
+
+    fn ids(v: Option<Vec<ContainerInfo>>) -> Option<Vec<String>> {
+        v.map(|v| v.into_iter().map(|c| c.id).collect())
+    }
+
+    #[test]
+    fn unknown_until_the_first_full_listing_and_never_empty_meanwhile() {
+        let cache = ContainerCache::new();
+        assert_eq!(cache.containers_of("default/a", Some("u1")), None);
+        assert_eq!(cache.workspace_keys(), None);
+        let t = cache.begin();
+        cache.apply_partial(t, Scope::Ids(&["x".into()]), vec![c("x", "default/a", "u1", Running)]);
+        assert_eq!(cache.containers_of("default/a", Some("u1")), None, "a partial read does not make it known");
+        let t = cache.begin();
+        let applied = cache.apply_full(t, vec![c("x", "default/a", "u1", Running)]);
+        assert!(!applied.recovered, "the first listing is not a recovery");
+        assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec!["x".into()]));
+        assert_eq!(ids(cache.containers_of("default/b", None)), Some(vec![]), "known and absent is empty");
+    }
+
+    #[test]
+    fn a_failure_makes_it_unknown_until_a_listing_started_after_it_succeeds() {
+        let cache = ContainerCache::new();
+        let t = cache.begin();
+        cache.apply_full(t, vec![c("x", "default/a", "u1", Running)]);
+        let before_failure = cache.begin();
+        cache.mark_unknown("Docker is unreachable");
+        assert_eq!(cache.containers_of("default/a", Some("u1")), None);
+        assert_eq!(cache.why_unknown(), "Docker is unreachable");
+        // A listing that started before the failure proves nothing about after it.
+        assert!(!cache.apply_full(before_failure, vec![c("x", "default/a", "u1", Running)]).recovered);
+        assert_eq!(cache.containers_of("default/a", Some("u1")), None);
+        let t = cache.begin();
+        let applied = cache.apply_full(t, vec![]);
+        assert!(applied.recovered && cache.is_known());
+        assert_eq!(applied.changed, BTreeSet::from(["default/a".to_string()]), "x is gone");
+        assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec![]));
+    }
+
+    #[test]
+    fn the_latest_started_read_wins_per_container() {
+        let cache = ContainerCache::new();
+        let t0 = cache.begin();
+        cache.apply_full(t0, vec![c("x", "default/a", "u1", Running)]);
+        // A slow full listing starts, then an event refresh sees x destroyed.
+        let slow = cache.begin();
+        let fresh = cache.begin();
+        let changed = cache.apply_partial(fresh, Scope::Ids(&["x".into()]), vec![]);
+        assert_eq!(changed, BTreeSet::from(["default/a".to_string()]));
+        // The slow listing (x still there) lands late: x stays gone.
+        cache.apply_full(slow, vec![c("x", "default/a", "u1", Running)]);
+        assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec![]));
+        // And a container created after the slow listing started survives it.
+        let slow = cache.begin();
+        let fresh = cache.begin();
+        cache.apply_partial(fresh, Scope::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Running)]);
+        cache.apply_full(slow, vec![]);
+        assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec!["y".into()]));
+        // An older read of y's state never undoes a newer one.
+        let old = cache.begin();
+        let new = cache.begin();
+        cache.apply_partial(new, Scope::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Exited)]);
+        cache.apply_partial(old, Scope::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Running)]);
+        assert_eq!(cache.containers_of("default/a", None).unwrap()[0].state, Exited);
+    }
+
+    #[test]
+    fn an_old_read_never_resurrects_a_container_a_newer_one_saw_gone() {
+        let cache = ContainerCache::new();
+        let t = cache.begin();
+        cache.apply_full(t, vec![]);
+        let old = cache.begin();
+        let new = cache.begin();
+        // The newer read (an event for z) finds z already gone; the older one still saw it.
+        cache.apply_partial(new, Scope::Ids(&["z".into()]), vec![]);
+        cache.apply_partial(old, Scope::Ids(&["z".into()]), vec![c("z", "default/a", "u1", Running)]);
+        assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec![]));
+        // Nor does a full listing older than the last full one.
+        let older = cache.begin();
+        let t = cache.begin();
+        cache.apply_full(t, vec![]);
+        cache.apply_partial(older, Scope::Ids(&["w".into()]), vec![c("w", "default/b", "u2", Running)]);
+        assert_eq!(ids(cache.containers_of("default/b", Some("u2"))), Some(vec![]));
+    }
+
+    #[test]
+    fn workspace_refresh_covers_key_and_uid_labels() {
+        let cache = ContainerCache::new();
+        let t = cache.begin();
+        cache.apply_full(
+            t,
+            vec![
+                c("mine", "default/dev", "u1", Running),
+                // A stranger claiming dev's key with another uid, and one with dev's uid
+                // under another key: both are dev's to look at (the orphan rule removes them).
+                c("spoof-key", "default/dev", "u9", Running),
+                c("spoof-uid", "default/ghost", "u1", Running),
+                c("other", "default/other", "u2", Running),
+            ],
+        );
+        let mut of_dev = ids(cache.containers_of("default/dev", Some("u1"))).unwrap();
+        of_dev.sort();
+        assert_eq!(of_dev, ["mine", "spoof-key", "spoof-uid"]);
+        // The reconciler removed the strangers and re-read dev's labels.
+        let t = cache.begin();
+        cache.apply_partial(
+            t,
+            Scope::Label(labels::WORKSPACE, "default/dev"),
+            vec![c("mine", "default/dev", "u1", Running)],
+        );
+        cache.apply_partial(t, Scope::Label(labels::UID, "u1"), vec![c("mine", "default/dev", "u1", Running)]);
+        assert_eq!(ids(cache.containers_of("default/dev", Some("u1"))), Some(vec!["mine".into()]));
+        assert_eq!(ids(cache.containers_of("default/other", Some("u2"))), Some(vec!["other".into()]));
+        let mut keys = cache.workspace_keys().unwrap();
+        keys.sort();
+        assert_eq!(keys, ["default/dev", "default/other"]);
+    }
+
+    #[test]
+    fn a_full_listing_reports_what_changed() {
+        let cache = ContainerCache::new();
+        let t = cache.begin();
+        cache.apply_full(t, vec![c("x", "default/a", "u1", Running), c("y", "default/b", "u2", Running)]);
+        let t = cache.begin();
+        let applied = cache.apply_full(
+            t,
+            vec![
+                c("x", "default/a", "u1", Running),
+                c("y", "default/b", "u2", Exited),
+                c("z", "default/c", "u3", Running),
+            ],
+        );
+        assert_eq!(applied.changed, BTreeSet::from(["default/b".to_string(), "default/c".to_string()]));
+        assert!(cache.apply_full(cache.begin(), vec![]).changed.len() == 3);
+        assert!(cache.is_empty());
+    }
+}

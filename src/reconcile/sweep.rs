@@ -1,0 +1,366 @@
+//! The periodic resync as a sweep. A full reconcile of one workspace costs store
+//! queries (record, secrets, live tokens), a render and hash of its container config,
+//! an archive read of its token file and a status write: a resync that reconciled all
+//! of n workspaces cost n of each. The sweep instead reads everything in bulk, once:
+//! one container listing (which also repairs the container cache), one query of the
+//! records, one of the live tokens and one of the secrets, and asks the same rules
+//! (`rules::plan`) in memory about each workspace. Only the workspaces where a rule
+//! would act, or whose inputs changed since their last full reconcile, get one.
+//!
+//! What the sweep takes from the last full reconcile instead of recomputing (`Seen`):
+//! - the spec hash, valid while the declaration's generation and the secrets are the
+//!   same (any change to any secret makes every workspace reconcile once);
+//! - the token file's hash, valid while the container is the same one. Every way the
+//!   file can change is already a trigger: a write through Docker's archive API is an
+//!   `extract-to-dir` event, and a file changed any other way (inside the container,
+//!   on the volume) makes the agent present a token the registry refuses (401).
+//!
+//! Anything the sweep cannot vouch for (a workspace failing, a member of a team with
+//! quotas, no `Seen` yet, a different container) gets a full reconcile, as before.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use super::{Context, team_limits};
+use crate::api::ObjectKey;
+use crate::rules::{Ctx, Desired, Observed, Settings, TokenFile, plan};
+use crate::runtime::ContainerInfo;
+use crate::source::desired::{DesiredSet, DesiredWorkspace};
+use crate::store::{SecretRow, TokenRow, WorkspaceRecord};
+
+/// What the last quiet full reconcile of a workspace saw, for the sweep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Seen {
+    pub generation: i64,
+    /// `secrets_fingerprint` of the secrets as they were when the hash was computed.
+    pub secrets: u64,
+    pub spec_hash: String,
+    /// Its own container (by uid) and what its token file held.
+    pub container: Option<String>,
+    pub token_file: TokenFile,
+}
+
+/// One number for every secret's scope, name and version: any change to any secret
+/// changes it.
+pub fn secrets_fingerprint(rows: &[SecretRow]) -> u64 {
+    let mut h = Sha256::new();
+    for r in rows {
+        h.update(r.scope.as_bytes());
+        h.update([0]);
+        h.update(r.name.as_bytes());
+        h.update([0]);
+        h.update(r.version.to_le_bytes());
+    }
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+/// Whether a workspace needs a full reconcile, judged from bulk-read state and what its
+/// last full reconcile saw. Pure.
+pub struct Look<'a> {
+    pub declared: Option<&'a DesiredWorkspace>,
+    pub record: Option<&'a WorkspaceRecord>,
+    /// None: the container listing failed (unknown).
+    pub containers: Option<Vec<ContainerInfo>>,
+    pub live_tokens: Vec<TokenRow>,
+    pub seen: Option<&'a Seen>,
+    pub secrets: u64,
+    /// A member of a team with quotas (the hold needs the whole team: always reconciled).
+    pub quota_team: bool,
+    /// The last execution failed (it is retried with backoff anyway).
+    pub failing: bool,
+    /// When the registry last failed to record heartbeats (see the heartbeat rule).
+    pub heartbeats_lost_at: Option<DateTime<Utc>>,
+}
+
+impl Look<'_> {
+    /// Why it needs a full reconcile, or None when every rule would stay quiet.
+    pub fn why(self, settings: &Settings, now: DateTime<Utc>) -> Option<&'static str> {
+        if self.failing {
+            return Some("failing");
+        }
+        if self.quota_team {
+            return Some("quota-team");
+        }
+        // envFrom Secrets (Kubernetes objects) are not in the secrets fingerprint, and
+        // whether one is missing (a hold) is decided on reading them: reconciled.
+        if self.declared.is_some_and(|d| d.spec.as_ref().is_ok_and(|s| !s.env_from.is_empty())) {
+            return Some("env-from");
+        }
+        let Some(containers) = self.containers else { return Some("containers-unknown") };
+        let (declared, record) = match (self.declared, self.record) {
+            (None, None) if containers.is_empty() => return None,
+            (Some(_), None) => return Some("never-seen"),
+            pair => pair,
+        };
+        let seen = match (declared, self.seen) {
+            (Some(_), None) => return Some("not-seen-since-start"),
+            (_, seen) => seen,
+        };
+        let desired = match (declared, seen) {
+            (Some(d), Some(seen)) => {
+                if seen.generation != d.generation || seen.secrets != self.secrets {
+                    return Some("declaration-or-secrets-changed");
+                }
+                Some(Desired {
+                    key: d.key.clone(),
+                    generation: d.generation,
+                    spec: d.spec.clone(),
+                    spec_hash: seen.spec_hash.clone(),
+                    source: d.source.clone(),
+                    secrets_hold: None, // only envFrom holds, and those are reconciled above
+                })
+            }
+            _ => None,
+        };
+        let mut observed = Observed {
+            record: record.cloned(),
+            containers: Some(containers),
+            live_tokens: self.live_tokens,
+            token_file: TokenFile::NotRead,
+            provisioning: false,
+            quota_hold: None,
+            heartbeats_lost_at: self.heartbeats_lost_at,
+        };
+        let own = observed.container().map(|c| c.id.clone());
+        if let Some(seen) = seen {
+            if own != seen.container {
+                return Some("container-changed");
+            }
+            observed.token_file = seen.token_file.clone();
+        }
+        let ctx = Ctx { desired: desired.as_ref(), observed: &observed, now, settings };
+        plan(&ctx).map(|d| d.rule)
+    }
+}
+
+/// Every key worth a look on a resync, and which of them need a full reconcile. A
+/// failed bulk read sends every key to a full reconcile (which copes with failures one
+/// workspace at a time, as before the sweep).
+pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
+    let set: std::sync::Arc<DesiredSet> = ctx.desired.borrow().clone();
+    if !set.complete {
+        return Vec::new(); // every workspace gets a full reconcile once every source has spoken
+    }
+    let started = std::time::Instant::now();
+    let mut keys: BTreeSet<String> = set.workspaces.keys().map(ObjectKey::to_string).collect();
+    // A listing that ends an outage (the cache was unknown) vouches for nothing the
+    // reconciles saw meanwhile: like a failed one, every workspace gets a full look.
+    let listed = ctx.containers.relist(ctx.runtime.as_ref()).await.is_ok_and(|applied| !applied.recovered);
+    let t_list = started.elapsed();
+    keys.extend(ctx.containers.workspace_keys().unwrap_or_default());
+    let records = ctx.store.list_workspaces_brief().await;
+    let t_records = started.elapsed();
+    let records = records.map(|records| {
+        let mut phases: HashMap<crate::api::Phase, i64> = HashMap::new();
+        let records: Vec<WorkspaceRecord> = records
+            .into_iter()
+            .map(|(r, phase)| {
+                *phases.entry(phase.unwrap_or_default()).or_default() += 1;
+                r
+            })
+            .collect();
+        ctx.metrics.set_workspaces(phases);
+        keys.extend(records.iter().map(|r| r.key.clone()));
+        records
+    });
+    let tokens = ctx.store.all_live_tokens().await;
+    let t_tokens = started.elapsed();
+    let (Ok(records), true, Ok(tokens), Ok(secrets)) = (records, listed, tokens, ctx.store.secrets(&[]).await) else {
+        tracing::warn!(
+            "the resync could not read everything at once (or Docker just came back); reconciling every workspace"
+        );
+        return keys.into_iter().collect();
+    };
+    let secrets = secrets_fingerprint(&secrets);
+    // Reconciles from now on record this fingerprint with the spec hash they compute.
+    ctx.secrets_seen.store(secrets, std::sync::atomic::Ordering::SeqCst);
+    let records: HashMap<&str, &WorkspaceRecord> = records.iter().map(|r| (r.key.as_str(), r)).collect();
+    let mut tokens_of: HashMap<String, Vec<TokenRow>> = HashMap::new();
+    for t in tokens {
+        tokens_of.entry(t.workspace_uid.clone()).or_default().push(t);
+    }
+    let seen = ctx.seen.lock().unwrap_or_else(|e| e.into_inner());
+    let failures: BTreeSet<String> = ctx.failing_keys();
+    let now = Utc::now();
+    let heartbeats_lost_at = ctx.lost_heartbeats.last();
+    let mut due = Vec::new();
+    let mut reasons: HashMap<&'static str, usize> = HashMap::new();
+    for key in keys {
+        let okey = ObjectKey::parse(&key);
+        let declared = set.workspaces.get(&okey);
+        let record = records.get(key.as_str()).copied();
+        let look = Look {
+            declared,
+            record,
+            containers: ctx.containers.containers_of(&key, record.map(|r| r.uid.as_str())),
+            live_tokens: record.and_then(|r| tokens_of.remove(&r.uid)).unwrap_or_default(),
+            seen: seen.get(&key),
+            secrets,
+            quota_team: declared.is_some_and(|d| team_limits(&set, d).is_some()),
+            failing: failures.contains(&key),
+            heartbeats_lost_at,
+        };
+        if let Some(why) = look.why(&ctx.settings, now) {
+            *reasons.entry(why).or_default() += 1;
+            due.push(key);
+        }
+    }
+    drop(seen);
+    tracing::debug!(
+        ?reasons,
+        list = ?t_list,
+        records = ?t_records - t_list,
+        tokens = ?t_tokens - t_records,
+        total = ?started.elapsed(),
+        "resync sweep"
+    );
+    due
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::ContainerState;
+    use crate::rules::fixtures::*;
+
+    fn declared() -> DesiredWorkspace {
+        let d = desired();
+        DesiredWorkspace {
+            key: d.key,
+            generation: d.generation,
+            spec: d.spec,
+            source: d.source,
+            conflict: None,
+            owner_team: None,
+            deletion_refused: None,
+        }
+    }
+
+    fn seen() -> Seen {
+        Seen {
+            generation: 1,
+            secrets: 7,
+            spec_hash: HASH.into(),
+            container: Some(container(1, ContainerState::Running).id),
+            token_file: TokenFile::Hash("hash-t1".into()),
+        }
+    }
+
+    /// A healthy workspace as the sweep sees it, with `f` applied.
+    fn why(f: impl FnOnce(&mut Look<'_>)) -> Option<&'static str> {
+        let (d, r, s, obs) = (declared(), record(1), seen(), healthy());
+        let mut look = Look {
+            declared: Some(&d),
+            record: Some(&r),
+            containers: obs.containers,
+            live_tokens: obs.live_tokens,
+            seen: Some(&s),
+            secrets: 7,
+            quota_team: false,
+            failing: false,
+            heartbeats_lost_at: None,
+        };
+        f(&mut look);
+        look.why(&settings(), now())
+    }
+
+    #[test]
+    fn a_healthy_workspace_as_last_seen_needs_no_reconcile() {
+        assert_eq!(why(|_| {}), None);
+    }
+
+    #[test]
+    fn what_the_rules_would_act_on_is_reconciled() {
+        assert_eq!(why(|l| l.containers = Some(vec![])), Some("container-changed"));
+        assert_eq!(why(|l| l.live_tokens.clear()), Some("token-file"), "token rows revoked by hand");
+        assert_eq!(why(|l| l.declared = None), Some("remove"));
+        let silent = record(1);
+        let silent = WorkspaceRecord { last_heartbeat_at: Some(now() - chrono::Duration::seconds(60)), ..silent };
+        let (d, s) = (declared(), seen());
+        let look = Look {
+            declared: Some(&d),
+            record: Some(&silent),
+            containers: healthy().containers,
+            live_tokens: healthy().live_tokens,
+            seen: Some(&s),
+            secrets: 7,
+            quota_team: false,
+            failing: false,
+            heartbeats_lost_at: None,
+        };
+        assert_eq!(look.why(&settings(), now()), Some("heartbeat"), "an agent silent past its TTL");
+    }
+
+    #[test]
+    fn what_the_sweep_cannot_vouch_for_is_reconciled() {
+        assert_eq!(why(|l| l.containers = None), Some("containers-unknown"));
+        assert_eq!(why(|l| l.seen = None), Some("not-seen-since-start"));
+        assert_eq!(why(|l| l.secrets = 8), Some("declaration-or-secrets-changed"));
+        assert_eq!(why(|l| l.record = None), Some("never-seen"));
+        assert_eq!(why(|l| l.failing = true), Some("failing"));
+        assert_eq!(why(|l| l.quota_team = true), Some("quota-team"));
+        let replaced = Some(vec![container(2, ContainerState::Running)]);
+        assert_eq!(why(|l| l.containers = replaced), Some("container-changed"));
+    }
+
+    #[test]
+    fn a_new_generation_is_reconciled() {
+        let mut d = declared();
+        d.generation = 2;
+        let (r, s, obs) = (record(1), seen(), healthy());
+        let look = Look {
+            declared: Some(&d),
+            record: Some(&r),
+            containers: obs.containers,
+            live_tokens: obs.live_tokens,
+            seen: Some(&s),
+            secrets: 7,
+            quota_team: false,
+            failing: false,
+            heartbeats_lost_at: None,
+        };
+        assert_eq!(look.why(&settings(), now()), Some("declaration-or-secrets-changed"));
+    }
+
+    #[test]
+    fn nothing_declared_recorded_or_running_is_left_alone() {
+        assert_eq!(
+            why(|l| {
+                l.declared = None;
+                l.record = None;
+                l.containers = Some(vec![]);
+                l.seen = None;
+            }),
+            None
+        );
+        // An undeclared container with our labels: the orphan rule's.
+        assert_eq!(
+            why(|l| {
+                l.declared = None;
+                l.record = None;
+                l.seen = None;
+            }),
+            Some("orphan")
+        );
+    }
+
+    #[test]
+    fn the_secrets_fingerprint_covers_scope_name_and_version() {
+        let row = |scope: &str, name: &str, version| SecretRow {
+            scope: scope.into(),
+            name: name.into(),
+            key_id: "k".into(),
+            nonce: "n".into(),
+            ciphertext: "c".into(),
+            version,
+            updated_at: now(),
+        };
+        let base = secrets_fingerprint(&[row("global", "A", 1)]);
+        assert_eq!(base, secrets_fingerprint(&[row("global", "A", 1)]));
+        assert_ne!(base, secrets_fingerprint(&[row("global", "A", 2)]));
+        assert_ne!(base, secrets_fingerprint(&[row("team:default/t", "A", 1)]));
+        assert_ne!(base, secrets_fingerprint(&[]));
+    }
+}
