@@ -161,6 +161,7 @@ impl SimRuntime {
                 workspace: info.workspace().map(str::to_string),
                 container_id: info.id.clone(),
                 action: action.to_string(),
+                at: Some(chrono::Utc::now()),
             };
             subs.retain(|tx| tx.send(ev.clone()).is_ok());
         }
