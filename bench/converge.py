@@ -99,6 +99,7 @@ class Peers:
         self.registry_url = registry_url
         self.run = run_id
         self.label = "ai.molecule.bench-converge=" + run_id
+        self.timeout = 120
 
     def names(self, n):
         return ["%s-%d" % (self.run, i) for i in range(n)]
@@ -146,8 +147,13 @@ class Peers:
         path = os.path.join(workdir, "docker-compose.yml")
         with open(path, "w") as f:
             f.write(self.compose_file(n))
-        r = subprocess.run(["docker-compose", "-p", self.run, "-f", path, "up", "-d"], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
+        try:
+            r = subprocess.run(["docker-compose", "-p", self.run, "-f", path, "up", "-d"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            started = len(docker("ps", "-q", "--filter", "label=" + self.label, check=False).split())
+            raise RuntimeError("`docker-compose up -d` had not returned after %d s (%d of %d containers running)"
+                               % (self.timeout, started, n))
         if r.returncode != 0:
             raise RuntimeError("docker-compose up failed: " + r.stdout.decode()[-1500:])
 
@@ -237,7 +243,7 @@ def main():
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 10,50,200; --quick: 5)")
     ap.add_argument("--trials", type=int, default=None, help="runs per contender and N; the median is reported (default 3; --quick: 1)")
     ap.add_argument("--contenders", default="docker-seq,docker-par8,compose,operator")
-    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--timeout", type=int, default=120, help="per run: a contender not converged by then is reported as such and not tried again at that N")
     a = ap.parse_args()
     require_bin(a.bin)
     sizes = [int(s) for s in (a.sizes or ("5" if a.quick else "10,50,200")).split(",")]
@@ -247,6 +253,8 @@ def main():
     stub = StubRegistry()
     run_id = "cvg%d" % os.getpid()
     peers = Peers(image_id, "http://127.0.0.1:%d" % stub.port, run_id)
+    peers.timeout = a.timeout
+    failed = {}  # (kind, n) -> why; a contender that failed at N is not tried again at N
     results = {}  # (kind, n) -> [run dicts]
     loads = []
     try:
@@ -254,12 +262,19 @@ def main():
             for t in range(trials):
                 order = contenders[t % len(contenders):] + contenders[:t % len(contenders)]  # rotate: no fixed position bias
                 for kind in order:
+                    if (kind, n) in failed:
+                        continue
                     loads.append(float(loadavg()) if loadavg() != "?" else 0.0)
                     poll = 0.1 if n <= 50 else 0.2
-                    if kind == "operator":
-                        r = run_operator(n, a.bin, a.timeout, poll)
-                    else:
-                        r = run_peer(kind, n, peers, stub, a.timeout)
+                    try:
+                        if kind == "operator":
+                            r = run_operator(n, a.bin, a.timeout, poll)
+                        else:
+                            r = run_peer(kind, n, peers, stub, a.timeout)
+                    except RuntimeError as e:
+                        failed[(kind, n)] = "trial %d: %s" % (t + 1, str(e).splitlines()[0][:300])
+                        print(json.dumps({"contender": kind, "n": n, "trial": t + 1, "failed": failed[(kind, n)]}), flush=True)
+                        continue
                     r.update(contender=kind, n=n, trial=t + 1, load1=loadavg())
                     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
                     results.setdefault((kind, n), []).append(r)
@@ -287,6 +302,9 @@ def main():
         floor = med("docker-par8", n)
         for kind in contenders:
             c = med(kind, n)
+            if (kind, n) in failed:
+                out.append("| %d | %s | **did not converge**: %s | - | - | - |" % (n, label.get(kind, kind), failed[(kind, n)]))
+                continue
             if c is None:
                 continue
             ratio = "%.2fx" % (c / floor) if floor else "-"
