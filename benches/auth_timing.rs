@@ -157,10 +157,12 @@ async fn main() {
          Times in microseconds from request to the end of the body.\n\n\
          | credential | status | p50 µs | p90 µs | p99 µs | p50 − unknown's |\n|---|---|---|---|---|---|\n{rows}\n\
          Distinct 401 bodies across every kind: **{}** (one means the body tells nothing).\n\n\
-         What it means: every kind that carries a well-formed token costs the same one indexed \
-         lookup of its hash, so unknown, revoked, superseded and expired tokens are answered in the \
-         same time within noise; their p50s differ by a few microseconds against a spread (p90, \
-         p99) that is larger. Missing and malformed bearers are answered without a lookup and so \
+         What it means: every kind that carries a well-formed token costs one indexed \
+         lookup of its hash, then the same workspace lookup; compare the last column with the \
+         spread (p90 against p50). A superseded-incarnation token (a live row of an older \
+         incarnation: a transient state, since every reprovision revokes the old incarnation's \
+         tokens) is found and then refused, the others are not found or are refused on the same \
+         row read, so small differences remain. Missing and malformed bearers are answered without a lookup and so \
          are faster, but they tell the caller nothing it did not already know: it chose to send \
          no token or a malformed one. Over a real socket each answer also costs the connection \
          and HTTP framing, which blurs the differences further.\n",
