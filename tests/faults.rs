@@ -18,22 +18,6 @@ use support::proxy::{FaultProxy, Faults};
 
 const UP: Duration = Duration::from_secs(90);
 
-fn per_workspace(op: &Op) -> BTreeMap<String, usize> {
-    let out = docker(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=ai.molecule.instance={}", op.instance),
-        "--format",
-        "{{.Label \"ai.molecule.workspace\"}}",
-    ]);
-    let mut n = BTreeMap::new();
-    for w in out.lines().filter(|l| !l.is_empty()) {
-        *n.entry(w.to_string()).or_default() += 1;
-    }
-    n
-}
-
 fn field(ws: &BTreeMap<String, Value>, name: &str, path: &[&str]) -> Value {
     let mut v = &ws[name];
     for p in path {
@@ -70,7 +54,7 @@ async fn docker_faults_are_retried_never_revoke_or_duplicate_and_converge_once_h
     // Under faults: at most one container per workspace, and c keeps its token.
     let t0 = std::time::Instant::now();
     while proxy.counts.faulted.load(Ordering::Relaxed) < 40 && t0.elapsed() < Duration::from_secs(60) {
-        let counts = per_workspace(&op);
+        let counts = op.containers_per_workspace();
         assert!(counts.values().all(|n| *n <= 1), "two containers for one workspace under faults: {counts:?}");
         assert_eq!(
             registry(&op.url(), "/registry/heartbeat", &c_token, &c_uid),
@@ -91,7 +75,11 @@ async fn docker_faults_are_retried_never_revoke_or_duplicate_and_converge_once_h
                 && ws["b"]["incarnation"].as_i64() > b_inc.as_i64()
         })
     });
-    assert_eq!(per_workspace(&op).values().copied().collect::<Vec<_>>(), vec![1, 1, 1], "one container each");
+    assert_eq!(
+        op.containers_per_workspace().values().copied().collect::<Vec<_>>(),
+        vec![1, 1, 1],
+        "one container each"
+    );
     assert_eq!(field(&ws, "c", &["container", "id"]), c_container, "the untouched workspace kept its container");
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &c_token, &c_uid), 200);
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &b_token, &b_uid), 401, "b's replaced token is revoked");

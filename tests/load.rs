@@ -22,19 +22,7 @@ fn name(i: usize) -> String {
 
 /// Containers (any state) per workspace name, from Docker itself.
 fn per_workspace(op: &Op) -> BTreeMap<String, usize> {
-    let out = docker(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=ai.molecule.instance={}", op.instance),
-        "--format",
-        "{{.Label \"ai.molecule.workspace\"}}",
-    ]);
-    let mut n = BTreeMap::new();
-    for w in out.lines().filter(|l| !l.is_empty()) {
-        *n.entry(w.trim_start_matches("default/").to_string()).or_default() += 1;
-    }
-    n
+    op.containers_per_workspace().into_iter().map(|(k, n)| (k.trim_start_matches("default/").to_string(), n)).collect()
 }
 
 /// Polls `get` (once a second: 200 workspaces make a large answer) until `done`

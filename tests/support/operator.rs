@@ -293,6 +293,23 @@ impl Op {
         self.wait(&format!("{names:?} online"), deadline, |ws| names.iter().all(|n| ws.get(*n).is_some_and(online)))
     }
 
+    /// How many containers (any state) each workspace key (`ns/name`) has, from Docker itself.
+    pub fn containers_per_workspace(&self) -> BTreeMap<String, usize> {
+        let out = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=ai.molecule.instance={}", self.instance),
+            "--format",
+            "{{.Label \"ai.molecule.workspace\"}}",
+        ]);
+        let mut n = BTreeMap::new();
+        for w in out.lines().filter(|l| !l.is_empty()) {
+            *n.entry(w.to_string()).or_default() += 1;
+        }
+        n
+    }
+
     /// Containers carrying this operator's instance label (any state).
     pub fn containers(&self) -> Vec<String> {
         docker(&["ps", "-a", "-q", "--filter", &format!("label=ai.molecule.instance={}", self.instance)])
