@@ -5,10 +5,14 @@
 //! For each N (1k, 10k, 100k; `--quick`: 1k) one child process (so that memory
 //! figures are that N's own) declares N workspaces and measures:
 //! - cold converge: N containers created, tokens written, started;
-//! - a full no-op resync right after the previous one (nothing changed);
-//! - a full resync after every agent heartbeated (the steady state: agents heartbeat
-//!   more often than the resync runs);
-//! - a 1% change: 1% of the specs change, those workspaces are recreated;
+//! - a full resync sweep (every container listed, every record and token read; at start
+//!   and every `--full-resync-seconds`);
+//! - a no-op resync right after it (nothing changed: the periodic resync, which reads
+//!   the store's change log and looks at what it names);
+//! - the same after every agent heartbeated (the steady state: agents heartbeat more
+//!   often than the resync runs, and heartbeats are not in the change log);
+//! - a 1% change: 1% of the specs change, those workspaces are recreated, and the
+//!   resync after it (which finds their changes in the log);
 //! - RSS of the process, and how much of it the simulated daemon's own state is.
 //!
 //! Time is wall time from the trigger to the last reconcile report; CPU is user+sys of
@@ -30,6 +34,7 @@ use molecule::runtime::sim::SimRuntime;
 use molecule::source::desired::{DesiredSet, merge};
 use molecule::source::{Snapshot, SourceObject};
 use molecule::store::DynStore;
+use molecule::store::heartbeats::{Coalescing, DEFAULT_FLUSH_INTERVAL};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -120,8 +125,10 @@ fn declare(n: usize, changed: &dyn Fn(usize) -> bool, previous: &DesiredSet) -> 
 enum Kick {
     /// Publish a new desired set.
     Declare(Arc<DesiredSet>),
-    /// A full resync (as the periodic one), waiting for the reconciles it queues.
+    /// A resync (as the periodic one), waiting for the reconciles it queues.
     Resync,
+    /// A full resync sweep, waiting for the reconciles it queues.
+    FullResync,
     /// Reconcile these workspaces.
     Keys(Vec<String>),
 }
@@ -149,6 +156,10 @@ impl Bench {
                 self.desired.send_replace(set);
             }
             Kick::Resync => expect = Some(self.trigger.resync_and_wait("bench").await.expect("queue running") as u64),
+            Kick::FullResync => {
+                let queued = self.trigger.resync_and_wait(reconcile::FULL_RESYNC).await.expect("queue running");
+                expect = Some(queued as u64);
+            }
             Kick::Keys(keys) => {
                 expect = Some(keys.len() as u64);
                 for k in keys {
@@ -247,12 +258,18 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
         restart_backoff: Duration::from_secs(10),
     };
     let agent = AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 30 };
-    let ctx =
+    // As the operator runs it: heartbeats coalesced, everything else straight through.
+    let shutdown = CancellationToken::new();
+    let coalescing = Arc::new(Coalescing::new(store, Arc::default()));
+    let flusher = coalescing.spawn_flusher(DEFAULT_FLUSH_INTERVAL, shutdown.clone());
+    let store: DynStore = coalescing;
+    let mut ctx =
         Context::new("bench".into(), sim.clone(), store.clone(), desired_rx, settings, agent, Arc::new(Metrics::new()));
+    // Full sweeps only when the benchmark asks for one (Kick::FullResync).
+    ctx.full_resync = Duration::from_secs(24 * 3600);
     let ctx = Arc::new(ctx);
     let reports = ctx.reports.subscribe();
     let (trigger, trigger_rx) = Trigger::new();
-    let shutdown = CancellationToken::new();
     // The periodic resync is left to the benchmark (Trigger::resync); its first tick at
     // start finds nothing.
     let queue =
@@ -265,10 +282,12 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     b.phase("cold converge", Kick::Declare(set.clone()), |_, d| d >= nn).await;
     let nudged = b.heartbeat_all().await;
     b.phase("agents come online (the registry queues each)", Kick::Keys(nudged), |_, _| true).await;
+    b.phase("full resync sweep", Kick::FullResync, |_, _| true).await;
     b.phase("no-op resync", Kick::Resync, |_, _| true).await;
     let nudged = b.heartbeat_all().await;
     assert!(nudged.is_empty(), "every agent shows online");
     b.phase("no-op resync, every agent heartbeated since the last", Kick::Resync, |_, _| true).await;
+    b.phase("full resync sweep, nothing changed", Kick::FullResync, |_, _| true).await;
     let changed = |i: usize| i.is_multiple_of(100);
     let n_changed = (0..n).filter(|i| changed(*i)).count() as u64;
     let set2 = Arc::new(declare(n, &changed, &set));
@@ -293,9 +312,16 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     let heap_mb = heap_live_mb();
     unsafe { libc::malloc_trim(0) };
     let rss_trimmed_mb = proc_status_mb("VmRSS:");
+    // SCALE_EXIT_LIVE=1: exit here without freeing anything, so that a heap profiler's
+    // "leaked" report is what is live at the end (heaptrack ... scale --one 10000).
+    if std::env::var("SCALE_EXIT_LIVE").is_ok() {
+        eprintln!("rss {rss_mb:.1} MB, live heap {heap_mb:.1} MB, of which the simulated daemon {sim_mb:.1} MB");
+        std::process::exit(0);
+    }
     assert_eq!(b.sim.container_count(), n, "one container per workspace");
     shutdown.cancel();
     let _ = queue.await;
+    let _ = flusher.await;
     Result { workspaces: n, store: store_name, phases: b.phases, rss_mb, rss_peak_mb, sim_mb, heap_mb, rss_trimmed_mb }
 }
 

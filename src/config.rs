@@ -36,9 +36,14 @@ pub struct OperatorArgs {
     /// First wait between heartbeat restarts; doubles after each.
     #[arg(long, default_value_t = 10)]
     pub restart_backoff_seconds: u64,
-    /// Periodic full resync, the safety net behind event-driven reconciles.
+    /// Periodic resync, the safety net behind event-driven reconciles: looks at the
+    /// workspaces whose records or tokens changed without the operator being told.
     #[arg(long, default_value_t = 60)]
     pub resync_seconds: u64,
+    /// How often a resync is a full one instead: every container listed, every record
+    /// and token read (also at start, and after a secret or the Docker connection changed).
+    #[arg(long, default_value_t = 600)]
+    pub full_resync_seconds: u64,
     /// Image for a runtime; `{runtime}` is replaced. Production:
     /// ghcr.io/molecule-ai/workspace-template-{runtime}:latest
     #[arg(long, default_value = "molecule-agent:local")]

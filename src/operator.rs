@@ -249,6 +249,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // so an operator restart after a long downtime restarts no healthy agent.
     ctx.lost_heartbeats.note(chrono::Utc::now());
     ctx.lease_unconfirmed = lease_unconfirmed;
+    ctx.full_resync = Duration::from_secs(args.full_resync_seconds.max(args.resync_seconds).max(1));
     // In a cluster, envFrom reads Kubernetes Secrets (the local Kubernetes API of
     // `--kube-api` stores none: there, secrets are set with `secret set`).
     let mut secrets_feed = None;

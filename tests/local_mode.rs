@@ -272,6 +272,35 @@ fn heal_token_rows_deleted_by_hand() {
     assert_healed(&op, "dev", i, &t);
 }
 
+/// A row edited in the state database by hand (no CLI, no event, no heartbeat refused)
+/// is acted on by the next periodic resync, which reads the store's change log, not left
+/// for the next full resync (an hour away here). The agent heartbeats every 30 s, so no
+/// heartbeat deadline brings a reconcile within the wait either.
+#[test]
+fn a_row_edited_by_hand_is_acted_on_by_the_next_resync() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("changelog");
+    op.heartbeat_seconds = 30;
+    op.extra = ["--resync-seconds", "1", "--full-resync-seconds", "3600"].map(String::from).to_vec();
+    op.write_ws("dev");
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
+    let id = cid(&ws, "dev");
+    // After the full resync at start, and one reading the change log: the edit below
+    // can only be found by the next ones reading it.
+    let deadline = std::time::Instant::now() + HEAL;
+    while op.metric_sum("molecule_resyncs_total", &["scope=\"changes\""]) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no resync read the change log");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(op.metric_sum("molecule_resyncs_total", &["scope=\"full\""]), 1);
+    sql(&op, "UPDATE workspaces SET mode_override = 'Paused' WHERE key = 'default/dev'");
+    op.wait("paused by a row edited by hand", HEAL, |ws| ws["dev"]["phase"] == "Paused");
+    assert_eq!(docker(&["inspect", "-f", "{{.State.Paused}}", &id]), "true");
+}
+
 #[test]
 fn heal_damage_done_while_the_operator_was_stopped() {
     if !docker_available() {

@@ -434,6 +434,76 @@ mod cases {
         assert!(store.token_history("no-such-uid", 10).await.unwrap().is_empty());
     }
 
+    pub async fn the_change_log_names_what_changed_but_heartbeats_and_status(s: &Subject) {
+        let store = &s.store;
+        let keys = |names: &[&str]| store::Changes {
+            keys: names.iter().map(|n| format!("default/{n}")).collect(),
+            secrets: false,
+        };
+        let a = store.ensure_workspace("default/a", t0()).await.unwrap();
+        let b = store.ensure_workspace("default/b", t0()).await.unwrap();
+        assert_eq!(store.take_changes().await.unwrap(), keys(&["a", "b"]), "new records");
+        assert_eq!(store.take_changes().await.unwrap(), keys(&[]), "each change is taken once");
+
+        let token = store.issue_token(&a.uid, 1, t0()).await.unwrap().row;
+        assert_eq!(store.take_changes().await.unwrap(), keys(&["a"]), "a token issued");
+        // What the operator writes on every heartbeat and every reconcile is not a change.
+        store.record_heartbeat(&token.id, &a.uid, t0() + mins(1)).await.unwrap();
+        let status = WorkspaceStatus { phase: Phase::Running, ..WorkspaceStatus::default() };
+        store.save_status(&a.uid, &status).await.unwrap();
+        store.reset_restarts(&b.uid).await.unwrap(); // already 0: the same value written
+        assert_eq!(store.take_changes().await.unwrap(), keys(&[]), "heartbeats, statuses, same values");
+
+        // Changes made behind the operator's back are logged like its own.
+        s.execute(
+            "UPDATE workspace_auth_tokens SET revoked_at = '2026-01-01T00:00:00.000000Z', revoke_reason = 'manual'",
+        )
+        .await;
+        s.execute("UPDATE workspaces SET restart_count = 5 WHERE key = 'default/b'").await;
+        assert_eq!(store.take_changes().await.unwrap(), keys(&["a", "b"]), "rows edited by hand");
+        store.set_mode_override(&b.uid, Some(OperatingMode::Paused)).await.unwrap();
+        store.bump_incarnation(&a.uid).await.unwrap();
+        assert_eq!(store.take_changes().await.unwrap(), keys(&["a", "b"]));
+        store.delete_workspace(&b.uid).await.unwrap();
+        assert_eq!(store.take_changes().await.unwrap(), keys(&["b"]), "a forgotten record");
+
+        let sealed = molecule::secrets::Sealed { key_id: "k1".into(), nonce: "n".into(), ciphertext: "c".into() };
+        store.put_secret("global", "A", &sealed, t0()).await.unwrap();
+        assert_eq!(store.take_changes().await.unwrap(), store::Changes { keys: BTreeSet::new(), secrets: true });
+        store.delete_secret("global", "A").await.unwrap();
+        assert!(store.take_changes().await.unwrap().secrets, "a secret deleted");
+        assert!(s.raw_rows("workspace_changes").await.is_empty(), "taking the log empties it");
+    }
+
+    pub async fn the_sweep_reads_only_the_workspaces_it_names(s: &Subject) {
+        let store = &s.store;
+        let a = store.ensure_workspace("default/a", t0()).await.unwrap();
+        let b = store.ensure_workspace("default/b", t0()).await.unwrap();
+        let a1 = store.issue_token(&a.uid, 1, t0()).await.unwrap().row;
+        let a2 = store.issue_token(&a.uid, 1, t0() + mins(1)).await.unwrap().row;
+        let b1 = store.issue_token(&b.uid, 1, t0()).await.unwrap().row;
+        let revoked = store.issue_token(&b.uid, 1, t0() + mins(2)).await.unwrap().row;
+        store.revoke_token(&b.uid, &revoked.id, RevokeReason::Rotated, t0() + mins(3)).await.unwrap();
+
+        let brief = |keys: Option<&[&str]>| {
+            let keys: Option<Vec<String>> = keys.map(|k| k.iter().map(|k| k.to_string()).collect());
+            async move {
+                let rows = store.list_workspaces_brief(keys.as_deref()).await.unwrap();
+                rows.into_iter().map(|(r, _)| r.key).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(brief(None).await, ["default/a", "default/b"]);
+        assert_eq!(brief(Some(&["default/b", "default/gone"])).await, ["default/b"]);
+        assert!(brief(Some(&[])).await.is_empty());
+
+        let ids = |rows: Vec<molecule::store::TokenRow>| rows.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        let mut all = vec![a1.id.clone(), a2.id.clone(), b1.id.clone()];
+        all.sort_by_key(|id| if [&a1.id, &a2.id].contains(&id) { a.uid.clone() } else { b.uid.clone() });
+        assert_eq!(ids(store.all_live_tokens(None).await.unwrap()), all, "live only, by workspace, oldest first");
+        assert_eq!(ids(store.all_live_tokens(Some(&[a.uid.clone()])).await.unwrap()), [a1.id, a2.id]);
+        assert_eq!(ids(store.all_live_tokens(Some(&[b.uid.clone(), "nobody".into()])).await.unwrap()), [b1.id]);
+    }
+
     pub async fn record_heartbeat_touches_token_and_workspace(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -718,6 +788,8 @@ conformance!(
     secrets_are_versioned_scoped_and_deleted,
     revoke_reasons_are_recorded_and_readable,
     record_heartbeat_touches_token_and_workspace,
+    the_change_log_names_what_changed_but_heartbeats_and_status,
+    the_sweep_reads_only_the_workspaces_it_names,
     decisions_are_kept_newest_first_and_trimmed,
     delete_workspace_revokes_tokens_and_forgets_the_record,
     mode_override_and_restart_request_round_trip,

@@ -199,14 +199,7 @@ fn quota_holds_extra_members_in_line_and_releases_them_when_room_appears() {
 
 /// 401s the registry answered so far (from /metrics).
 fn registry_401s(op: &Op) -> u64 {
-    let out = std::process::Command::new("curl").args(["-s", &format!("{}/metrics", op.url())]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            l.starts_with("molecule_registry_requests_total") && l.contains("/registry/") && l.contains("code=\"401\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    op.metric_sum("molecule_registry_requests_total", &["/registry/", "code=\"401\""])
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub struct Report {
     pub error: Option<String>,
 }
 
+/// The `why` of a resync that must be a full sweep.
+pub const FULL_RESYNC: &str = "full-resync";
+
 /// Asks for workspaces to be reconciled soon. Cheap and non-blocking; repeated
 /// requests for the same key coalesce.
 #[derive(Clone, Debug)]
@@ -83,7 +86,8 @@ impl Trigger {
     }
 
     /// `resync`, and waits until it has decided which workspaces need a reconcile;
-    /// returns how many it queued. None when the operator is shutting down.
+    /// returns how many it queued. None when the operator is shutting down. `why`
+    /// [`FULL_RESYNC`] asks for a full sweep (every container listed, every record read).
     pub async fn resync_and_wait(&self, why: &'static str) -> Option<usize> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Request { key: String::new(), why, done: None, resynced: Some(tx) }).ok()?;
@@ -98,6 +102,10 @@ impl Trigger {
         rx.await.ok()
     }
 }
+
+/// How often a resync re-lists every container and re-reads every record, unless told
+/// otherwise (`--full-resync-seconds`).
+pub const DEFAULT_FULL_RESYNC: Duration = Duration::from_secs(600);
 
 /// Most passes one reconcile makes (observe, plan, execute) before it yields.
 const MAX_PASSES: usize = 6;
@@ -141,6 +149,12 @@ pub struct Context {
     seen: Mutex<HashMap<String, sweep::Seen>>,
     /// The secrets' fingerprint as the last sweep (or the start) read it.
     secrets_seen: AtomicU64,
+    /// When the last full sweep ran (see `sweep::sweep`).
+    sweeps: Mutex<sweep::Sweeps>,
+    /// How often a resync is a full sweep rather than a look at what the change log names.
+    pub full_resync: Duration,
+    /// Each workspace's phase, for the workspaces-by-phase gauge.
+    phases: sweep::Phases,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +192,9 @@ impl Context {
             token_memo: token_memo::TokenMemo::default(),
             seen: Mutex::new(HashMap::new()),
             secrets_seen: AtomicU64::new(0),
+            sweeps: Mutex::default(),
+            full_resync: DEFAULT_FULL_RESYNC,
+            phases: sweep::Phases::default(),
         }
     }
 
@@ -424,6 +441,7 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
         ctx.set_failure(key, None);
         if forgotten {
             ctx.remember(key, None);
+            ctx.phases.set(key, None);
             report.forgotten = true;
             return Ok(None);
         }
@@ -510,6 +528,7 @@ async fn write_status(
     if record.status.as_ref() != Some(&st) {
         ctx.store.save_status(&record.uid, &st).await?;
     }
+    ctx.phases.set(key, Some(st.phase));
     Ok(Some(st))
 }
 
@@ -551,21 +570,18 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(ms.min(30_000))
 }
 
-/// The records are at hand: publish the workspaces-by-phase gauge from them.
-fn publish_phases(ctx: &Context, records: &[crate::store::WorkspaceRecord]) {
-    let mut phases: HashMap<crate::api::Phase, i64> = HashMap::new();
-    for r in records {
-        *phases.entry(r.status.as_ref().map(|s| s.phase).unwrap_or_default()).or_default() += 1;
-    }
-    ctx.metrics.set_workspaces(phases);
-}
-
 /// Every key worth a look on a resync: declared, known to the store, or labelled.
 async fn all_keys(ctx: &Context) -> BTreeSet<String> {
     let mut keys: BTreeSet<String> = ctx.desired.borrow().workspaces.keys().map(|k| k.to_string()).collect();
     match ctx.store.list_workspaces().await {
         Ok(records) => {
-            publish_phases(ctx, &records);
+            ctx.phases.replace(
+                records
+                    .iter()
+                    .map(|r| (r.key.clone(), r.status.as_ref().map(|s| s.phase).unwrap_or_default()))
+                    .collect(),
+            );
+            ctx.phases.publish(&ctx.metrics);
             keys.extend(records.into_iter().map(|r| r.key));
         }
         Err(e) => tracing::warn!(error = %e, "resync could not list workspace records"),
@@ -641,7 +657,7 @@ pub async fn run(
                 ctx.metrics.triggered(why);
                 if key.is_empty() {
                     // Trigger::resync: no workspace key is empty.
-                    let due = sweep::sweep(&ctx).await;
+                    let due = sweep::sweep(&ctx, why == FULL_RESYNC).await;
                     if let Some(tx) = resynced {
                         let _ = tx.send(due.len());
                     }
@@ -688,7 +704,7 @@ pub async fn run(
                 last_set = set;
             }
             _ = resync_tick.tick() => {
-                for key in sweep::sweep(&ctx).await {
+                for key in sweep::sweep(&ctx, false).await {
                     enqueue(key, &mut in_flight, &mut ready);
                 }
             }

@@ -135,47 +135,168 @@ impl Look<'_> {
     }
 }
 
-/// Every key worth a look on a resync, and which of them need a full reconcile. A
-/// failed bulk read sends every key to a full reconcile (which copes with failures one
-/// workspace at a time, as before the sweep).
-pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
+/// How the last sweeps went: when the last full one ran.
+#[derive(Debug, Default)]
+pub struct Sweeps {
+    last_full: Option<std::time::Instant>,
+}
+
+/// Each workspace's phase as its status last showed it, for the workspaces-by-phase
+/// gauge: set by every status write and by full sweeps, published by every sweep.
+#[derive(Debug, Default)]
+pub struct Phases(std::sync::Mutex<HashMap<String, crate::api::Phase>>);
+
+impl Phases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::api::Phase>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `key`'s phase now (None: it has no record any more).
+    pub fn set(&self, key: &str, phase: Option<crate::api::Phase>) {
+        let mut map = self.lock();
+        match phase {
+            Some(phase) => match map.get_mut(key) {
+                Some(slot) => *slot = phase,
+                None => {
+                    map.insert(key.to_string(), phase);
+                }
+            },
+            None => {
+                map.remove(key);
+            }
+        }
+    }
+
+    pub(super) fn replace(&self, all: Vec<(String, crate::api::Phase)>) {
+        *self.lock() = all.into_iter().collect();
+    }
+
+    pub(super) fn publish(&self, metrics: &crate::registry::metrics::Metrics) {
+        let mut counts: HashMap<crate::api::Phase, i64> = HashMap::new();
+        for phase in self.lock().values() {
+            *counts.entry(*phase).or_default() += 1;
+        }
+        metrics.set_workspaces(counts);
+    }
+}
+
+/// Which workspaces a resync looks at: every one, or those in the change log.
+#[derive(Debug, PartialEq)]
+enum Scope {
+    Full(&'static str),
+    Changed(BTreeSet<String>),
+}
+
+/// Every key worth a look on a resync, and which of them need a full reconcile.
+///
+/// Most resyncs are incremental: the store's change log names the workspaces whose
+/// record or tokens changed since the last sweep, the container cache is kept current by
+/// Docker's events, the desired set's changes are queued as they happen, and each
+/// reconcile leaves a timer for the next deadline it knows of (a heartbeat, a rotation).
+/// What is left to look at is what the log names, plus the workspaces whose inputs the
+/// operator cannot see change (envFrom Secrets). A full sweep (every container listed,
+/// every record and token read) runs at start, every `Context::full_resync`, after a
+/// secret changed, and whenever the log or the cache cannot be trusted. A failed bulk
+/// read sends every key to a full reconcile (which copes with failures one workspace at
+/// a time, as before the sweep).
+pub(super) async fn sweep(ctx: &Context, force_full: bool) -> Vec<String> {
     let set: std::sync::Arc<DesiredSet> = ctx.desired.borrow().clone();
     if !set.complete {
         return Vec::new(); // every workspace gets a full reconcile once every source has spoken
     }
+    if ctx.lease_unconfirmed.load(std::sync::atomic::Ordering::Acquire) {
+        return Vec::new(); // the change log is the leader's to take
+    }
     let started = std::time::Instant::now();
-    let mut keys: BTreeSet<String> = set.workspaces.keys().map(ObjectKey::to_string).collect();
+    // Taken first: a change made after this is in the next sweep's log.
+    let changes = ctx.store.take_changes().await;
+    let last_full = ctx.sweeps.lock().unwrap_or_else(|e| e.into_inner()).last_full;
+    let scope = match changes {
+        _ if force_full => Scope::Full("asked"),
+        _ if last_full.is_none_or(|t| t.elapsed() >= ctx.full_resync) => Scope::Full("periodic"),
+        Err(e) => {
+            tracing::warn!(error = %e, "the resync could not read the change log; looking at everything");
+            Scope::Full("change-log-unreadable")
+        }
+        Ok(changes) if changes.secrets => Scope::Full("secrets-changed"),
+        Ok(_) if ctx.containers.workspace_keys().is_none() => Scope::Full("containers-unknown"),
+        Ok(changes) => Scope::Changed(changes.keys),
+    };
+    let full = matches!(scope, Scope::Full(_));
+    let mut keys: BTreeSet<String> = match &scope {
+        Scope::Full(_) => set.workspaces.keys().map(ObjectKey::to_string).collect(),
+        // envFrom Secrets are not in the log: those workspaces are looked at every time.
+        Scope::Changed(changed) => {
+            let env_from = set.workspaces.values().filter(|d| d.spec.as_ref().is_ok_and(|s| !s.env_from.is_empty()));
+            changed.iter().cloned().chain(env_from.map(|d| d.key.to_string())).collect()
+        }
+    };
     // A listing that ends an outage (the cache was unknown) vouches for nothing the
     // reconciles saw meanwhile: like a failed one, every workspace gets a full look.
-    let listed = ctx.containers.relist(ctx.runtime.as_ref()).await.is_ok_and(|applied| !applied.recovered);
+    let listed = !full || ctx.containers.relist(ctx.runtime.as_ref()).await.is_ok_and(|applied| !applied.recovered);
     let t_list = started.elapsed();
-    keys.extend(ctx.containers.workspace_keys().unwrap_or_default());
-    let records = ctx.store.list_workspaces_brief().await;
+    if full {
+        keys.extend(ctx.containers.workspace_keys().unwrap_or_default());
+    }
+    let key_list: Vec<String>;
+    let records = ctx
+        .store
+        .list_workspaces_brief(if full {
+            None
+        } else {
+            key_list = keys.iter().cloned().collect();
+            Some(&key_list)
+        })
+        .await;
     let t_records = started.elapsed();
+    let mut phases = Vec::new();
     let records = records.map(|records| {
-        let mut phases: HashMap<crate::api::Phase, i64> = HashMap::new();
         let records: Vec<WorkspaceRecord> = records
             .into_iter()
             .map(|(r, phase)| {
-                *phases.entry(phase.unwrap_or_default()).or_default() += 1;
+                phases.push((r.key.clone(), phase.unwrap_or_default()));
                 r
             })
             .collect();
-        ctx.metrics.set_workspaces(phases);
         keys.extend(records.iter().map(|r| r.key.clone()));
         records
     });
-    let tokens = ctx.store.all_live_tokens().await;
+    let uids: Vec<String>;
+    let tokens = match (&records, full) {
+        (_, true) => ctx.store.all_live_tokens(None).await,
+        (Ok(records), false) => {
+            uids = records.iter().map(|r| r.uid.clone()).collect();
+            ctx.store.all_live_tokens(Some(&uids)).await
+        }
+        (Err(_), false) => Ok(Vec::new()), // reconciled below anyway
+    };
     let t_tokens = started.elapsed();
-    let (Ok(records), true, Ok(tokens), Ok(secrets)) = (records, listed, tokens, ctx.store.secrets(&[]).await) else {
+    let secrets = match full {
+        true => ctx.store.secrets(&[]).await.map(|rows| secrets_fingerprint(&rows)),
+        false => Ok(ctx.secrets_seen.load(std::sync::atomic::Ordering::SeqCst)),
+    };
+    let (Ok(records), true, Ok(tokens), Ok(secrets)) = (records, listed, tokens, secrets) else {
         tracing::warn!(
-            "the resync could not read everything at once (or Docker just came back); reconciling every workspace"
+            "the resync could not read everything at once (or Docker just came back); reconciling every workspace it looked at"
         );
         return keys.into_iter().collect();
     };
-    let secrets = secrets_fingerprint(&secrets);
-    // Reconciles from now on record this fingerprint with the spec hash they compute.
-    ctx.secrets_seen.store(secrets, std::sync::atomic::Ordering::SeqCst);
+    // The workspaces-by-phase gauge: statuses are written by reconciles (which keep the
+    // gauge's per-workspace phases current), or by hand (seen here).
+    if full {
+        ctx.phases.replace(phases);
+    } else {
+        let found: HashMap<String, crate::api::Phase> = phases.into_iter().collect();
+        for key in &keys {
+            ctx.phases.set(key, found.get(key).copied());
+        }
+    }
+    ctx.phases.publish(&ctx.metrics);
+    if full {
+        ctx.sweeps.lock().unwrap_or_else(|e| e.into_inner()).last_full = Some(started);
+        // Reconciles from now on record this fingerprint with the spec hash they compute.
+        ctx.secrets_seen.store(secrets, std::sync::atomic::Ordering::SeqCst);
+    }
     let records: HashMap<&str, &WorkspaceRecord> = records.iter().map(|r| (r.key.as_str(), r)).collect();
     let mut tokens_of: HashMap<String, Vec<TokenRow>> = HashMap::new();
     for t in tokens {
@@ -187,6 +308,7 @@ pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
     let heartbeats_lost_at = ctx.lost_heartbeats.last();
     let mut due = Vec::new();
     let mut reasons: HashMap<&'static str, usize> = HashMap::new();
+    let looked = keys.len();
     for key in keys {
         let okey = ObjectKey::parse(&key);
         let declared = set.workspaces.get(&okey);
@@ -208,7 +330,13 @@ pub(super) async fn sweep(ctx: &Context) -> Vec<String> {
         }
     }
     drop(seen);
+    ctx.metrics.resynced(full, looked);
     tracing::debug!(
+        full = match scope {
+            Scope::Full(why) => why,
+            Scope::Changed(_) => "no",
+        },
+        looked,
         ?reasons,
         list = ?t_list,
         records = ?t_records - t_list,

@@ -47,6 +47,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResyncLabels {
+    scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -61,6 +66,8 @@ pub struct Metrics {
     registry_requests: Family<RequestLabels, Counter>,
     heal_seconds: Histogram,
     workspaces: Family<PhaseLabel, Gauge>,
+    resyncs: Family<ResyncLabels, Counter>,
+    resync_looked: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,6 +93,8 @@ impl Metrics {
         let registry_requests = Family::<RequestLabels, Counter>::default();
         let heal_seconds = Histogram::new(HEAL_BUCKETS);
         let workspaces = Family::<PhaseLabel, Gauge>::default();
+        let resyncs = Family::<ResyncLabels, Counter>::default();
+        let resync_looked = Counter::default();
         registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
         registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
@@ -102,6 +111,12 @@ impl Metrics {
             heal_seconds.clone(),
         );
         registry.register("workspaces", "Workspaces by phase", workspaces.clone());
+        registry.register(
+            "resyncs",
+            "Periodic resyncs: full (every container and record read) or changes (what the change log named)",
+            resyncs.clone(),
+        );
+        registry.register("resync_workspaces_looked", "Workspaces the resyncs looked at", resync_looked.clone());
         let metrics = Self {
             registry,
             reconciles,
@@ -112,6 +127,8 @@ impl Metrics {
             registry_requests,
             heal_seconds,
             workspaces,
+            resyncs,
+            resync_looked,
         };
         metrics.set_workspaces(std::iter::empty());
         metrics
@@ -148,6 +165,13 @@ impl Metrics {
         self.registry_requests
             .get_or_create(&RequestLabels { endpoint: endpoint.into(), code: code.to_string() })
             .inc();
+    }
+
+    /// A resync ran over `looked` workspaces; `full`: every one, else what changed.
+    pub fn resynced(&self, full: bool, looked: usize) {
+        let scope = if full { "full" } else { "changes" };
+        self.resyncs.get_or_create(&ResyncLabels { scope: scope.into() }).inc();
+        self.resync_looked.inc_by(looked as u64);
     }
 
     /// A drift was healed `seconds` after it was first seen.

@@ -291,6 +291,15 @@ impl Store for Coalescing {
     async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>> {
         self.inner.list_workspaces().await
     }
+    async fn list_workspaces_brief(
+        &self,
+        keys: Option<&[String]>,
+    ) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
+        self.inner.list_workspaces_brief(keys).await
+    }
+    async fn take_changes(&self) -> StoreResult<Changes> {
+        self.inner.take_changes().await
+    }
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
         self.inner.bump_incarnation(uid).await
     }
@@ -317,6 +326,9 @@ impl Store for Coalescing {
     }
     async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
         self.inner.live_tokens(uid).await
+    }
+    async fn all_live_tokens(&self, uids: Option<&[String]>) -> StoreResult<Vec<TokenRow>> {
+        self.inner.all_live_tokens(uids).await
     }
     async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>> {
         self.inner.token_history(uid, limit).await

@@ -241,6 +241,29 @@ impl LostHeartbeats {
     }
 }
 
+/// What [`Store::take_changes`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Workspaces whose record or token rows changed.
+    pub keys: std::collections::BTreeSet<String>,
+    /// A secret changed: every workspace may be affected.
+    pub secrets: bool,
+}
+
+/// The change log's rows (workspace keys; NULL for a secret) as [`Changes`].
+fn changes_from(rows: Vec<Option<String>>) -> Changes {
+    let mut changes = Changes::default();
+    for key in rows {
+        match key {
+            Some(key) => {
+                changes.keys.insert(key);
+            }
+            None => changes.secrets = true,
+        }
+    }
+    changes
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap liveness query (for /readyz).
@@ -251,20 +274,17 @@ pub trait Store: Send + Sync + 'static {
     async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>>;
     async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>>;
     async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>>;
-    /// Every record without its status (`status: None`), with the phase that status
-    /// shows: what the resync sweep reads, without decoding n statuses. The default
-    /// decodes them.
-    async fn list_workspaces_brief(&self) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
-        Ok(self
-            .list_workspaces()
-            .await?
-            .into_iter()
-            .map(|mut r| {
-                let phase = r.status.take().map(|s| s.phase);
-                (r, phase)
-            })
-            .collect())
-    }
+    /// Records without their status (`status: None`), with the phase that status shows:
+    /// what the resync sweep reads, without decoding n statuses. `keys`: None for every
+    /// record, or only these (a key with no record is left out).
+    async fn list_workspaces_brief(
+        &self,
+        keys: Option<&[String]>,
+    ) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>>;
+    /// Takes the change log (see migrations/*/`*_change_log.sql`): the keys of workspaces
+    /// whose record or token rows changed, other than by heartbeats and status writes,
+    /// since the last call, each change returned once. The resync sweep looks at these.
+    async fn take_changes(&self) -> StoreResult<Changes>;
     /// Increments and returns the incarnation.
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64>;
     /// Counts a heartbeat-rule restart (restart budget) with its reason.
@@ -285,15 +305,9 @@ pub trait Store: Send + Sync + 'static {
     async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken>;
     /// Live (not revoked) tokens of a workspace, oldest first.
     async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>>;
-    /// Every live token of every workspace, by workspace uid, oldest first: the resync
-    /// sweep's one query instead of one per workspace. The default asks per workspace.
-    async fn all_live_tokens(&self) -> StoreResult<Vec<TokenRow>> {
-        let mut out = Vec::new();
-        for r in self.list_workspaces().await? {
-            out.extend(self.live_tokens(&r.uid).await?);
-        }
-        Ok(out)
-    }
+    /// Live tokens by workspace uid, oldest first, of every workspace (None) or of these
+    /// uids: the resync sweep's one query instead of one per workspace.
+    async fn all_live_tokens(&self, uids: Option<&[String]>) -> StoreResult<Vec<TokenRow>>;
     /// Every token row of a workspace, newest first, at most `limit`.
     async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>>;
     /// Revokes the workspace's live tokens except `keep`; returns how many.

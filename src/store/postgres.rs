@@ -222,11 +222,32 @@ impl Store for PostgresStore {
         rows.iter().map(workspace_from_row).collect()
     }
 
-    async fn list_workspaces_brief(&self) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
-        let sql =
-            concat!("SELECT ", brief_workspace_columns!(), ", status->>'phase' AS phase FROM workspaces ORDER BY key");
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+    async fn list_workspaces_brief(
+        &self,
+        keys: Option<&[String]>,
+    ) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
+        macro_rules! select {
+            ($filter:literal) => {
+                concat!(
+                    "SELECT ",
+                    brief_workspace_columns!(),
+                    ", status->>'phase' AS phase FROM workspaces ",
+                    $filter,
+                    " ORDER BY key"
+                )
+            };
+        }
+        let rows = match keys {
+            None => sqlx::query(select!("")).fetch_all(&self.pool).await?,
+            Some(keys) => sqlx::query(select!("WHERE key = ANY($1)")).bind(keys).fetch_all(&self.pool).await?,
+        };
         rows.iter().map(|row| Ok((record_from_row(row, false)?, parse_phase(row.try_get("phase")?)))).collect()
+    }
+
+    async fn take_changes(&self) -> StoreResult<Changes> {
+        let rows: Vec<Option<String>> =
+            sqlx::query_scalar("DELETE FROM workspace_changes RETURNING workspace_key").fetch_all(&self.pool).await?;
+        Ok(changes_from(rows))
     }
 
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
@@ -328,13 +349,22 @@ impl Store for PostgresStore {
         rows.iter().map(token_from_row).collect()
     }
 
-    async fn all_live_tokens(&self) -> StoreResult<Vec<TokenRow>> {
-        let sql = concat!(
-            "SELECT ",
-            token_columns!(),
-            " FROM workspace_auth_tokens WHERE revoked_at IS NULL ORDER BY workspace_uid, created_at, id"
-        );
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+    async fn all_live_tokens(&self, uids: Option<&[String]>) -> StoreResult<Vec<TokenRow>> {
+        macro_rules! select {
+            ($filter:literal) => {
+                concat!(
+                    "SELECT ",
+                    token_columns!(),
+                    " FROM workspace_auth_tokens WHERE revoked_at IS NULL ",
+                    $filter,
+                    " ORDER BY workspace_uid, created_at, id"
+                )
+            };
+        }
+        let rows = match uids {
+            None => sqlx::query(select!("")).fetch_all(&self.pool).await?,
+            Some(uids) => sqlx::query(select!("AND workspace_uid = ANY($1)")).bind(uids).fetch_all(&self.pool).await?,
+        };
         rows.iter().map(token_from_row).collect()
     }
 

@@ -152,6 +152,12 @@ fn record_from_row(row: &SqliteRow, with_status: bool) -> StoreResult<WorkspaceR
     })
 }
 
+/// A list bound as one JSON array parameter (read back with `json_each`): any length,
+/// one prepared statement.
+fn json_array(items: &[String]) -> StoreResult<String> {
+    serde_json::to_string(items).map_err(|e| StoreError::Invalid(format!("cannot encode a list parameter: {e}")))
+}
+
 macro_rules! token_columns {
     () => {
         "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason, expires_at"
@@ -288,14 +294,35 @@ impl Store for SqliteStore {
         rows.iter().map(workspace_from_row).collect()
     }
 
-    async fn list_workspaces_brief(&self) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
-        let sql = concat!(
-            "SELECT ",
-            brief_workspace_columns!(),
-            ", json_extract(status, '$.phase') AS phase FROM workspaces ORDER BY key"
-        );
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+    async fn list_workspaces_brief(
+        &self,
+        keys: Option<&[String]>,
+    ) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
+        macro_rules! select {
+            ($filter:literal) => {
+                concat!(
+                    "SELECT ",
+                    brief_workspace_columns!(),
+                    ", json_extract(status, '$.phase') AS phase FROM workspaces ",
+                    $filter,
+                    " ORDER BY key"
+                )
+            };
+        }
+        let rows = match keys {
+            None => sqlx::query(select!("")).fetch_all(&self.pool).await?,
+            Some(keys) => {
+                let sql = select!("WHERE key IN (SELECT value FROM json_each(?1))");
+                sqlx::query(sql).bind(json_array(keys)?).fetch_all(&self.pool).await?
+            }
+        };
         rows.iter().map(|row| Ok((record_from_row(row, false)?, parse_phase(row.try_get("phase")?)))).collect()
+    }
+
+    async fn take_changes(&self) -> StoreResult<Changes> {
+        let rows: Vec<Option<String>> =
+            sqlx::query_scalar("DELETE FROM workspace_changes RETURNING workspace_key").fetch_all(&self.pool).await?;
+        Ok(changes_from(rows))
     }
 
     async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
@@ -397,13 +424,28 @@ impl Store for SqliteStore {
         rows.iter().map(token_from_row).collect()
     }
 
-    async fn all_live_tokens(&self) -> StoreResult<Vec<TokenRow>> {
-        let sql = concat!(
-            "SELECT ",
-            token_columns!(),
-            " FROM workspace_auth_tokens WHERE revoked_at IS NULL ORDER BY workspace_uid, created_at, id"
-        );
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+    async fn all_live_tokens(&self, uids: Option<&[String]>) -> StoreResult<Vec<TokenRow>> {
+        let rows = match uids {
+            None => {
+                let sql = concat!(
+                    "SELECT ",
+                    token_columns!(),
+                    " FROM workspace_auth_tokens WHERE revoked_at IS NULL ORDER BY workspace_uid, created_at, id"
+                );
+                sqlx::query(sql).fetch_all(&self.pool).await?
+            }
+            Some(uids) => {
+                // The live index, one lookup per uid (as live_tokens does).
+                let sql = concat!(
+                    "SELECT ",
+                    token_columns!(),
+                    " FROM workspace_auth_tokens INDEXED BY workspace_auth_tokens_live_idx \
+                     WHERE revoked_at IS NULL AND workspace_uid IN (SELECT value FROM json_each(?1)) \
+                     ORDER BY workspace_uid, created_at, id"
+                );
+                sqlx::query(sql).bind(json_array(uids)?).fetch_all(&self.pool).await?
+            }
+        };
         rows.iter().map(token_from_row).collect()
     }
 
@@ -553,9 +595,7 @@ impl Store for SqliteStore {
         let rows = if scopes.is_empty() {
             sqlx::query(ALL_SECRETS_SQL).fetch_all(&self.pool).await?
         } else {
-            let scopes = serde_json::to_string(scopes)
-                .map_err(|e| StoreError::Invalid(format!("cannot encode secret scopes: {e}")))?;
-            sqlx::query(SECRETS_OF_SCOPES_SQL).bind(scopes).fetch_all(&self.pool).await?
+            sqlx::query(SECRETS_OF_SCOPES_SQL).bind(json_array(scopes)?).fetch_all(&self.pool).await?
         };
         rows.iter()
             .map(|row| {

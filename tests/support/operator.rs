@@ -311,6 +311,17 @@ impl Op {
     }
 
     /// Containers carrying this operator's instance label (any state).
+    /// The sum of the samples of metric `name` whose labels contain every one of
+    /// `having`, from `GET /metrics` (0 when it cannot be read).
+    pub fn metric_sum(&self, name: &str, having: &[&str]) -> u64 {
+        let out = Command::new("curl").args(["-s", &format!("{}/metrics", self.url())]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name) && having.iter().all(|h| l.contains(h)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     pub fn containers(&self) -> Vec<String> {
         docker(&["ps", "-a", "-q", "--filter", &format!("label=ai.molecule.instance={}", self.instance)])
             .split_whitespace()
