@@ -291,6 +291,7 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     let changed = |i: usize| i.is_multiple_of(100);
     let n_changed = (0..n).filter(|i| changed(*i)).count() as u64;
     let set2 = Arc::new(declare(n, &changed, &set));
+    drop(set); // the operator holds one desired set, as it would in production
     b.phase("1% of specs changed (recreated)", Kick::Declare(set2), |_, d| d >= n_changed).await;
     b.phase("no-op resync after the change", Kick::Resync, |_, _| true).await;
     // SCALE_PROFILE_RESYNCS=K: K more no-op resyncs, so that a profiler sees mostly them.
@@ -316,6 +317,9 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     // "leaked" report is what is live at the end (heaptrack ... scale --one 10000).
     if std::env::var("SCALE_EXIT_LIVE").is_ok() {
         eprintln!("rss {rss_mb:.1} MB, live heap {heap_mb:.1} MB, of which the simulated daemon {sim_mb:.1} MB");
+        for f in ["RssAnon:", "RssFile:", "RssShmem:", "Threads:"] {
+            eprintln!("{f} {:.1}", proc_status_mb(f));
+        }
         std::process::exit(0);
     }
     assert_eq!(b.sim.container_count(), n, "one container per workspace");
@@ -407,6 +411,7 @@ fn main() {
     }
     if let Some(n) = value("--one") {
         let n: usize = n.parse().expect("--one N");
+        molecule::memory::tune_allocator(); // as the operator's main does
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
         let result = rt.block_on(run_one(n, store_url));
         println!("{}", serde_json::to_string(&result).expect("json"));

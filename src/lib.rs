@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod execute;
 pub mod kubeapi;
+pub mod memory;
 pub mod observe;
 pub mod operator;
 pub mod reconcile;

@@ -500,7 +500,7 @@ mod cases {
         let mut all = vec![a1.id.clone(), a2.id.clone(), b1.id.clone()];
         all.sort_by_key(|id| if [&a1.id, &a2.id].contains(&id) { a.uid.clone() } else { b.uid.clone() });
         assert_eq!(ids(store.all_live_tokens(None).await.unwrap()), all, "live only, by workspace, oldest first");
-        assert_eq!(ids(store.all_live_tokens(Some(&[a.uid.clone()])).await.unwrap()), [a1.id, a2.id]);
+        assert_eq!(ids(store.all_live_tokens(Some(std::slice::from_ref(&a.uid))).await.unwrap()), [a1.id, a2.id]);
         assert_eq!(ids(store.all_live_tokens(Some(&[b.uid.clone(), "nobody".into()])).await.unwrap()), [b1.id]);
     }
 

@@ -64,8 +64,19 @@ struct State {
     /// Removed ids and the ticket of the read that saw them gone (cleared by the next
     /// full listing, whose ticket then serves as the floor).
     gone: HashMap<String, Ticket>,
-    by_workspace: HashMap<String, BTreeSet<String>>,
-    by_uid: HashMap<String, BTreeSet<String>>,
+    by_workspace: HashMap<String, Ids>,
+    by_uid: HashMap<String, Ids>,
+}
+
+/// Container ids, sorted, each once: nearly always one (a workspace's container), for
+/// which a Vec takes a 24-byte allocation where a BTreeSet took a ~290-byte node, at
+/// 10,000 workspaces times two indexes.
+type Ids = Vec<String>;
+
+fn add_id(ids: &mut Ids, id: &str) {
+    if let Err(at) = ids.binary_search_by(|x| x.as_str().cmp(id)) {
+        ids.insert(at, id.to_string());
+    }
 }
 
 struct Entry {
@@ -94,19 +105,19 @@ pub struct Applied {
 impl State {
     fn index(&mut self, info: &ContainerInfo) {
         if let Some(w) = info.workspace() {
-            self.by_workspace.entry(w.to_string()).or_default().insert(info.id.clone());
+            add_id(self.by_workspace.entry(w.to_string()).or_default(), &info.id);
         }
         if let Some(u) = info.uid() {
-            self.by_uid.entry(u.to_string()).or_default().insert(info.id.clone());
+            add_id(self.by_uid.entry(u.to_string()).or_default(), &info.id);
         }
     }
 
     fn unindex(&mut self, info: &ContainerInfo) {
-        fn drop_id(map: &mut HashMap<String, BTreeSet<String>>, k: Option<&str>, id: &str) {
+        fn drop_id(map: &mut HashMap<String, Ids>, k: Option<&str>, id: &str) {
             if let Some(k) = k
                 && let Some(ids) = map.get_mut(k)
             {
-                ids.remove(id);
+                ids.retain(|x| x != id);
                 if ids.is_empty() {
                     map.remove(k);
                 }
@@ -161,10 +172,10 @@ impl State {
         match scope {
             Scope::Ids(ids) => ids.to_vec(),
             Scope::Label(k, v) if k == labels::WORKSPACE => {
-                self.by_workspace.get(v).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+                self.by_workspace.get(v).map(|s| s.to_vec()).unwrap_or_default()
             }
             Scope::Label(k, v) if k == labels::UID => {
-                self.by_uid.get(v).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+                self.by_uid.get(v).map(|s| s.to_vec()).unwrap_or_default()
             }
             Scope::Label(k, v) => {
                 self.containers.values().filter(|e| e.info.label(k) == Some(v)).map(|e| e.info.id.clone()).collect()
@@ -172,7 +183,7 @@ impl State {
         }
     }
 
-    fn get(&self, ids: Option<&BTreeSet<String>>) -> impl Iterator<Item = &ContainerInfo> {
+    fn get(&self, ids: Option<&Ids>) -> impl Iterator<Item = &ContainerInfo> {
         ids.into_iter().flatten().filter_map(|id| self.containers.get(id).map(|e| &e.info))
     }
 }

@@ -622,6 +622,7 @@ pub async fn run(
     let mut delayed: DelayQueue<String> = DelayQueue::new();
     let mut delay_keys: HashMap<String, delay_queue::Key> = HashMap::new();
     let mut attempts: HashMap<String, u32> = HashMap::new(); // consecutive failures per key
+    let mut since_trim = 0u32; // reconciles finished since freed memory was last given back
 
     let enqueue = |key: String, in_flight: &mut HashMap<String, bool>, ready: &mut Ready| {
         if let Some(dirty) = in_flight.get_mut(&key) {
@@ -714,6 +715,11 @@ pub async fn run(
                 enqueue(key, &mut in_flight, &mut ready);
             }
             Some(done) = running.join_next(), if !running.is_empty() => {
+                since_trim = since_trim.saturating_add(1);
+                if since_trim >= TRIM_AFTER && running.is_empty() && ready.order.is_empty() {
+                    since_trim = 0;
+                    crate::memory::release_free_memory();
+                }
                 let Ok((key, result, report)) = done else { continue };
                 let dirty = in_flight.remove(&key).unwrap_or(false);
                 // A team member that changed may have freed (or taken) quota room: the
@@ -761,6 +767,9 @@ pub async fn run(
     }
     running.shutdown().await;
 }
+
+/// Reconciles in a burst after which, once the queue is idle, freed memory is given back.
+const TRIM_AFTER: u32 = 1000;
 
 /// Keys waiting for a reconcile slot, in order, each once. A set beside the queue keeps
 /// "already queued?" O(1): a resync or a recovery queues every workspace at once, and a

@@ -200,12 +200,22 @@ enum Scope {
 /// read sends every key to a full reconcile (which copes with failures one workspace at
 /// a time, as before the sweep).
 pub(super) async fn sweep(ctx: &Context, force_full: bool) -> Vec<String> {
+    let (due, full) = sweep_inner(ctx, force_full).await;
+    if full {
+        // Its bulk reads are freed now.
+        crate::memory::release_free_memory();
+    }
+    due
+}
+
+/// `sweep`, and whether it was a full one.
+async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
     let set: std::sync::Arc<DesiredSet> = ctx.desired.borrow().clone();
     if !set.complete {
-        return Vec::new(); // every workspace gets a full reconcile once every source has spoken
+        return (Vec::new(), false); // every workspace gets a full reconcile once every source has spoken
     }
     if ctx.lease_unconfirmed.load(std::sync::atomic::Ordering::Acquire) {
-        return Vec::new(); // the change log is the leader's to take
+        return (Vec::new(), false); // the change log is the leader's to take
     }
     let started = std::time::Instant::now();
     // Taken first: a change made after this is in the next sweep's log.
@@ -279,7 +289,7 @@ pub(super) async fn sweep(ctx: &Context, force_full: bool) -> Vec<String> {
         tracing::warn!(
             "the resync could not read everything at once (or Docker just came back); reconciling every workspace it looked at"
         );
-        return keys.into_iter().collect();
+        return (keys.into_iter().collect(), full);
     };
     // The workspaces-by-phase gauge: statuses are written by reconciles (which keep the
     // gauge's per-workspace phases current), or by hand (seen here).
@@ -344,7 +354,7 @@ pub(super) async fn sweep(ctx: &Context, force_full: bool) -> Vec<String> {
         total = ?started.elapsed(),
         "resync sweep"
     );
-    due
+    (due, full)
 }
 
 #[cfg(test)]
