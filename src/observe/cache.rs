@@ -174,9 +174,7 @@ impl State {
             Scope::Label(k, v) if k == labels::WORKSPACE => {
                 self.by_workspace.get(v).map(|s| s.to_vec()).unwrap_or_default()
             }
-            Scope::Label(k, v) if k == labels::UID => {
-                self.by_uid.get(v).map(|s| s.to_vec()).unwrap_or_default()
-            }
+            Scope::Label(k, v) if k == labels::UID => self.by_uid.get(v).map(|s| s.to_vec()).unwrap_or_default(),
             Scope::Label(k, v) => {
                 self.containers.values().filter(|e| e.info.label(k) == Some(v)).map(|e| e.info.id.clone()).collect()
             }

@@ -554,14 +554,24 @@ fn heartbeat_look(rctx: &Ctx<'_>) -> Requeue {
     }
     let ttl = rctx.settings.heartbeat_ttl;
     let record = rctx.observed.record.as_ref()?;
-    match record.last_heartbeat_at.filter(|h| Some(*h) >= c.provisioned_at()) {
-        Some(h) => {
-            let from = crate::rules::heartbeat::silent_since(h, rctx.observed);
-            let due = from + chrono::Duration::from_std(ttl).ok()? - rctx.now;
-            Some(due.to_std().unwrap_or_default() + Duration::from_millis(100))
-        }
-        None => Some(rctx.settings.heartbeat_interval.min(ttl)),
+    let heard = record.last_heartbeat_at.filter(|h| Some(*h) >= c.provisioned_at());
+    let Some(from) = heard.or(c.provisioned_at()) else {
+        return Some(rctx.settings.heartbeat_interval.min(ttl));
+    };
+    let silent = crate::rules::heartbeat::silent_since(from, rctx.observed);
+    let due = (silent + chrono::Duration::from_std(ttl).ok()? - rctx.now).to_std().unwrap_or_default();
+    let due = due + Duration::from_millis(100);
+    if heard.is_some() {
+        return Some(due);
     }
+    // No heartbeat yet. The registry queues a reconcile on an agent's first heartbeat,
+    // so these looks are for heartbeats another replica recorded (which flip the phase
+    // to Running) and for the deadline. They back off, one heartbeat interval at first,
+    // then as long again as the agent has been waiting: n agents that never come up
+    // (a broken image, or 100,000 provisioned at once) cost a few reconciles each
+    // before their deadline, not one per interval.
+    let waited = (rctx.now - from).to_std().unwrap_or_default();
+    Some(due.min(waited.max(rctx.settings.heartbeat_interval)))
 }
 
 /// Backoff after the n-th consecutive failure: 0.5 s doubling, at most 30 s.
@@ -817,6 +827,26 @@ pub fn changed_keys(old: &DesiredSet, new: &DesiredSet) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_first_heartbeat_is_waited_for_with_backoff_and_the_deadline_kept() {
+        use crate::rules::fixtures::{healthy, settings, t};
+        let settings = settings(); // interval 1 s, TTL 10 s; the container was provisioned at t(100)
+        let mut observed = healthy();
+        let look = |observed: &crate::rules::Observed, now| {
+            heartbeat_look(&Ctx { desired: None, observed, now, settings: &settings })
+        };
+        let ms = Duration::from_millis;
+        // Heard from a second ago: look when the TTL would run out.
+        let heard = observed.record.as_ref().unwrap().last_heartbeat_at.unwrap();
+        assert_eq!(look(&observed, heard + chrono::Duration::seconds(1)), Some(ms(9100)));
+        observed.record.as_mut().unwrap().last_heartbeat_at = None;
+        let at = |s: f64| t(100) + chrono::Duration::milliseconds((s * 1000.0) as i64);
+        assert_eq!(look(&observed, at(0.5)), Some(ms(1000)), "one interval at first");
+        assert_eq!(look(&observed, at(2.0)), Some(ms(2000)), "then as long as it has waited");
+        assert_eq!(look(&observed, at(4.0)), Some(ms(4000)));
+        assert_eq!(look(&observed, at(7.0)), Some(ms(3100)), "never past the deadline");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
