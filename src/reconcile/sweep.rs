@@ -135,47 +135,90 @@ impl Look<'_> {
     }
 }
 
-/// How the last sweeps went: when the last full one ran.
+/// How the last sweeps went: when the last full one ran, and which workspaces of the
+/// desired set it saw use `envFrom` (recomputed only when the set changes).
 #[derive(Debug, Default)]
 pub struct Sweeps {
     last_full: Option<std::time::Instant>,
+    /// A Weak: a set the sources have replaced is not kept alive for this.
+    env_from: Option<(std::sync::Weak<DesiredSet>, Vec<String>)>,
+}
+
+impl Sweeps {
+    fn env_from(&mut self, set: &std::sync::Arc<DesiredSet>) -> Vec<String> {
+        match &self.env_from {
+            Some((seen, keys)) if std::sync::Weak::ptr_eq(seen, &std::sync::Arc::downgrade(set)) => keys.clone(),
+            _ => {
+                let keys: Vec<String> = set
+                    .workspaces
+                    .values()
+                    .filter(|d| d.spec.as_ref().is_ok_and(|s| !s.env_from.is_empty()))
+                    .map(|d| d.key.to_string())
+                    .collect();
+                self.env_from = Some((std::sync::Arc::downgrade(set), keys.clone()));
+                keys
+            }
+        }
+    }
 }
 
 /// Each workspace's phase as its status last showed it, for the workspaces-by-phase
-/// gauge: set by every status write and by full sweeps, published by every sweep.
+/// gauge: set by every status write and by full sweeps, published by every sweep. The
+/// counts are kept as phases change, so publishing does not walk every workspace.
 #[derive(Debug, Default)]
-pub struct Phases(std::sync::Mutex<HashMap<String, crate::api::Phase>>);
+pub struct Phases(std::sync::Mutex<PhaseCounts>);
+
+#[derive(Debug, Default)]
+pub struct PhaseCounts {
+    of: HashMap<String, crate::api::Phase>,
+    counts: HashMap<crate::api::Phase, i64>,
+}
+
+impl PhaseCounts {
+    fn count(&mut self, phase: crate::api::Phase, by: i64) {
+        *self.counts.entry(phase).or_default() += by;
+    }
+}
 
 impl Phases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::api::Phase>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PhaseCounts> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `key`'s phase now (None: it has no record any more).
     pub fn set(&self, key: &str, phase: Option<crate::api::Phase>) {
-        let mut map = self.lock();
-        match phase {
-            Some(phase) => match map.get_mut(key) {
-                Some(slot) => *slot = phase,
+        let mut p = self.lock();
+        let old = match phase {
+            Some(phase) => match p.of.get_mut(key) {
+                Some(slot) => Some(std::mem::replace(slot, phase)),
                 None => {
-                    map.insert(key.to_string(), phase);
+                    p.of.insert(key.to_string(), phase);
+                    None
                 }
             },
-            None => {
-                map.remove(key);
+            None => p.of.remove(key),
+        };
+        if old != phase {
+            if let Some(old) = old {
+                p.count(old, -1);
+            }
+            if let Some(new) = phase {
+                p.count(new, 1);
             }
         }
     }
 
     pub(super) fn replace(&self, all: Vec<(String, crate::api::Phase)>) {
-        *self.lock() = all.into_iter().collect();
+        let mut p = PhaseCounts::default();
+        for (_, phase) in &all {
+            p.count(*phase, 1);
+        }
+        p.of = all.into_iter().collect();
+        *self.lock() = p;
     }
 
     pub(super) fn publish(&self, metrics: &crate::registry::metrics::Metrics) {
-        let mut counts: HashMap<crate::api::Phase, i64> = HashMap::new();
-        for phase in self.lock().values() {
-            *counts.entry(*phase).or_default() += 1;
-        }
+        let counts: Vec<(crate::api::Phase, i64)> = self.lock().counts.iter().map(|(p, n)| (*p, *n)).collect();
         metrics.set_workspaces(counts);
     }
 }
@@ -229,7 +272,7 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
             Scope::Full("change-log-unreadable")
         }
         Ok(changes) if changes.secrets => Scope::Full("secrets-changed"),
-        Ok(_) if ctx.containers.workspace_keys().is_none() => Scope::Full("containers-unknown"),
+        Ok(_) if !ctx.containers.is_known() => Scope::Full("containers-unknown"),
         Ok(changes) => Scope::Changed(changes.keys),
     };
     let full = matches!(scope, Scope::Full(_));
@@ -237,8 +280,8 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
         Scope::Full(_) => set.workspaces.keys().map(ObjectKey::to_string).collect(),
         // envFrom Secrets are not in the log: those workspaces are looked at every time.
         Scope::Changed(changed) => {
-            let env_from = set.workspaces.values().filter(|d| d.spec.as_ref().is_ok_and(|s| !s.env_from.is_empty()));
-            changed.iter().cloned().chain(env_from.map(|d| d.key.to_string())).collect()
+            let env_from = ctx.sweeps.lock().unwrap_or_else(|e| e.into_inner()).env_from(&set);
+            changed.iter().cloned().chain(env_from).collect()
         }
     };
     // A listing that ends an outage (the cache was unknown) vouches for nothing the
@@ -482,6 +525,30 @@ mod tests {
             }),
             Some("orphan")
         );
+    }
+
+    #[test]
+    fn the_phase_gauge_follows_status_writes_removals_and_full_reads() {
+        use crate::api::Phase;
+        let metrics = crate::registry::metrics::Metrics::new();
+        let gauge = |phase: &str| {
+            let text = metrics.encode();
+            let line = format!("molecule_workspaces{{phase=\"{phase}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(line.as_str())?.parse::<i64>().ok()).unwrap()
+        };
+        let phases = Phases::default();
+        phases.replace(vec![("a".into(), Phase::Running), ("b".into(), Phase::Running), ("c".into(), Phase::Paused)]);
+        phases.publish(&metrics);
+        assert_eq!((gauge("Running"), gauge("Paused")), (2, 1));
+        phases.set("a", Some(Phase::Paused));
+        phases.set("a", Some(Phase::Paused)); // the same again changes nothing
+        phases.set("b", None);
+        phases.set("d", Some(Phase::Running));
+        phases.publish(&metrics);
+        assert_eq!((gauge("Running"), gauge("Paused")), (1, 2));
+        phases.replace(vec![]);
+        phases.publish(&metrics);
+        assert_eq!((gauge("Running"), gauge("Paused")), (0, 0));
     }
 
     #[test]
