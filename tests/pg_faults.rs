@@ -56,19 +56,8 @@ fn seen(ws: &BTreeMap<String, Value>, names: &[&str]) -> BTreeMap<String, Seen> 
 
 /// Containers (any state) per workspace name, from Docker itself.
 fn per_workspace(op: &Op) -> BTreeMap<String, Vec<String>> {
-    let out = docker(&[
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label=ai.molecule.instance={}", op.instance),
-        "--format",
-        "{{.ID}} {{.Label \"ai.molecule.workspace\"}}",
-    ]);
-    let mut n: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (id, w) in out.lines().filter_map(|l| l.split_once(' ')) {
-        n.entry(w.trim_start_matches("default/").to_string()).or_default().push(id.to_string());
-    }
-    n
+    let by_key = op.container_ids_per_workspace();
+    by_key.into_iter().map(|(w, ids)| (w.trim_start_matches("default/").to_string(), ids)).collect()
 }
 
 fn heartbeat(op: &Op, s: &Seen) -> u16 {

@@ -429,20 +429,27 @@ mod tests {
         }
     }
 
-    /// A healthy workspace as the sweep sees it, with `f` applied.
-    fn why(f: impl FnOnce(&mut Look<'_>)) -> Option<&'static str> {
-        let (d, r, s, obs) = (declared(), record(1), seen(), healthy());
-        let mut look = Look {
-            declared: Some(&d),
-            record: Some(&r),
+    /// The sweep's look at `d` recorded as `r` and last seen as `s`, with the containers
+    /// and tokens of a healthy workspace.
+    fn look<'a>(d: &'a DesiredWorkspace, r: &'a WorkspaceRecord, s: &'a Seen) -> Look<'a> {
+        let obs = healthy();
+        Look {
+            declared: Some(d),
+            record: Some(r),
             containers: obs.containers,
             live_tokens: obs.live_tokens,
-            seen: Some(&s),
+            seen: Some(s),
             secrets: 7,
             quota_team: false,
             failing: false,
             heartbeats_lost_at: None,
-        };
+        }
+    }
+
+    /// A healthy workspace as the sweep sees it, with `f` applied.
+    fn why(f: impl FnOnce(&mut Look<'_>)) -> Option<&'static str> {
+        let (d, r, s) = (declared(), record(1), seen());
+        let mut look = look(&d, &r, &s);
         f(&mut look);
         look.why(&settings(), now())
     }
@@ -460,18 +467,7 @@ mod tests {
         let silent = record(1);
         let silent = WorkspaceRecord { last_heartbeat_at: Some(now() - chrono::Duration::seconds(60)), ..silent };
         let (d, s) = (declared(), seen());
-        let look = Look {
-            declared: Some(&d),
-            record: Some(&silent),
-            containers: healthy().containers,
-            live_tokens: healthy().live_tokens,
-            seen: Some(&s),
-            secrets: 7,
-            quota_team: false,
-            failing: false,
-            heartbeats_lost_at: None,
-        };
-        assert_eq!(look.why(&settings(), now()), Some("heartbeat"), "an agent silent past its TTL");
+        assert_eq!(look(&d, &silent, &s).why(&settings(), now()), Some("heartbeat"), "an agent silent past its TTL");
     }
 
     #[test]
@@ -490,19 +486,8 @@ mod tests {
     fn a_new_generation_is_reconciled() {
         let mut d = declared();
         d.generation = 2;
-        let (r, s, obs) = (record(1), seen(), healthy());
-        let look = Look {
-            declared: Some(&d),
-            record: Some(&r),
-            containers: obs.containers,
-            live_tokens: obs.live_tokens,
-            seen: Some(&s),
-            secrets: 7,
-            quota_team: false,
-            failing: false,
-            heartbeats_lost_at: None,
-        };
-        assert_eq!(look.why(&settings(), now()), Some("declaration-or-secrets-changed"));
+        let (r, s) = (record(1), seen());
+        assert_eq!(look(&d, &r, &s).why(&settings(), now()), Some("declaration-or-secrets-changed"));
     }
 
     #[test]

@@ -293,21 +293,27 @@ impl Op {
         self.wait(&format!("{names:?} online"), deadline, |ws| names.iter().all(|n| ws.get(*n).is_some_and(online)))
     }
 
-    /// How many containers (any state) each workspace key (`ns/name`) has, from Docker itself.
-    pub fn containers_per_workspace(&self) -> BTreeMap<String, usize> {
+    /// The containers (any state) of each workspace key (`ns/name`), by id, from Docker itself.
+    pub fn container_ids_per_workspace(&self) -> BTreeMap<String, Vec<String>> {
         let out = docker(&[
             "ps",
             "-a",
             "--filter",
             &format!("label=ai.molecule.instance={}", self.instance),
             "--format",
-            "{{.Label \"ai.molecule.workspace\"}}",
+            "{{.ID}} {{.Label \"ai.molecule.workspace\"}}",
         ]);
-        let mut n = BTreeMap::new();
-        for w in out.lines().filter(|l| !l.is_empty()) {
-            *n.entry(w.to_string()).or_default() += 1;
+        let mut n: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (id, w) in out.lines().filter_map(|l| l.split_once(' ')) {
+            n.entry(w.to_string()).or_default().push(id.to_string());
         }
         n
+    }
+
+    /// How many containers (any state) each workspace key (`ns/name`) has, from Docker itself.
+    pub fn containers_per_workspace(&self) -> BTreeMap<String, usize> {
+        let by_key = self.container_ids_per_workspace().into_iter();
+        by_key.filter(|(w, _)| !w.is_empty()).map(|(w, ids)| (w, ids.len())).collect()
     }
 
     /// Containers carrying this operator's instance label (any state).
