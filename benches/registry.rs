@@ -223,7 +223,10 @@ async fn closed(
 }
 
 /// Open loop at `rate` per second for `duration`: heartbeat n is due at n/rate;
-/// its latency counts from then.
+/// its latency counts from then. A pacer thread starts each heartbeat when it is due
+/// (`std::thread::sleep`, accurate to tens of µs); the requests run on this task's
+/// runtime. (A tokio interval would start them in bursts on its 1 ms timer wheel, up
+/// to a tick late: a millisecond of the generator's own added to every latency.)
 async fn open(
     addr: std::net::SocketAddr,
     agents: Arc<Vec<Agent>>,
@@ -238,61 +241,65 @@ async fn open(
     let not_started = Arc::new(AtomicU64::new(0));
     // Keep-alive: a pool of idle connections, opened as needed.
     let pool: Arc<std::sync::Mutex<VecDeque<TcpStream>>> = Arc::default();
-    let mut n = 0usize;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    while n < total {
-        tick.tick().await;
-        let due_now = ((started.elapsed().as_secs_f64() * rate as f64) as usize).min(total);
-        while n < due_now {
-            let due = started + Duration::from_secs_f64(n as f64 / rate as f64);
-            if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
-                not_started.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-                continue;
-            }
-            in_flight.fetch_add(1, Ordering::Relaxed);
-            let (agents, tx, in_flight, pool) = (agents.clone(), tx.clone(), in_flight.clone(), pool.clone());
-            let i = n;
-            tokio::spawn(async move {
-                let agent = &agents[i % agents.len()];
-                let mut buf = Vec::with_capacity(512);
-                let result = match client {
-                    Client::Agent => agent_heartbeat(addr, agent, &mut buf).await,
-                    Client::KeepAlive => {
-                        let conn = pool.lock().unwrap().pop_front();
-                        let mut s = match conn {
-                            Some(s) => s,
-                            None => {
-                                let s = TcpStream::connect(addr).await.expect("connect");
-                                s.set_nodelay(true).unwrap();
-                                s
+    let runtime = tokio::runtime::Handle::current();
+    let pacer = {
+        let (in_flight, not_started) = (in_flight.clone(), not_started.clone());
+        std::thread::Builder::new()
+            .name("loadgen-pacer".into())
+            .spawn(move || {
+                let before = stat_cpu("/proc/thread-self/stat").map(|(_, s)| s).unwrap_or(0.0);
+                for n in 0..total {
+                    let due = started + Duration::from_secs_f64(n as f64 / rate as f64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                        not_started.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    in_flight.fetch_add(1, Ordering::Relaxed);
+                    let (agents, tx, in_flight, pool) = (agents.clone(), tx.clone(), in_flight.clone(), pool.clone());
+                    runtime.spawn(async move {
+                        let agent = &agents[n % agents.len()];
+                        let mut buf = Vec::with_capacity(512);
+                        let result = match client {
+                            Client::Agent => agent_heartbeat(addr, agent, &mut buf).await,
+                            Client::KeepAlive => {
+                                let conn = pool.lock().unwrap().pop_front();
+                                let mut s = match conn {
+                                    Some(s) => s,
+                                    None => {
+                                        let s = TcpStream::connect(addr).await.expect("connect");
+                                        s.set_nodelay(true).unwrap();
+                                        s
+                                    }
+                                };
+                                let r = match s.write_all(&agent.request).await {
+                                    Ok(()) => read_response(&mut s, &mut buf, false).await,
+                                    Err(e) => Err(e),
+                                };
+                                if r.is_ok() {
+                                    pool.lock().unwrap().push_back(s);
+                                }
+                                r
                             }
                         };
-                        let r = match s.write_all(&agent.request).await {
-                            Ok(()) => read_response(&mut s, &mut buf, false).await,
-                            Err(e) => Err(e),
+                        let latency = due.elapsed();
+                        let _ = match result {
+                            Ok(code) => tx.send((latency, code, true)),
+                            Err(_) => tx.send((latency, 0, false)),
                         };
-                        if r.is_ok() {
-                            pool.lock().unwrap().push_back(s);
-                        }
-                        r
-                    }
-                };
-                let latency = due.elapsed();
-                let _ = match result {
-                    Ok(code) => tx.send((latency, code, true)),
-                    Err(_) => tx.send((latency, 0, false)),
-                };
-                in_flight.fetch_sub(1, Ordering::Relaxed);
-            });
-            n += 1;
-        }
-    }
-    drop(tx);
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                stat_cpu("/proc/thread-self/stat").map(|(_, s)| s).unwrap_or(0.0) - before
+            })
+            .unwrap()
+    };
     let mut out = Outcome::default();
     // Bounded: whatever is still in flight 10 s after the last heartbeat was due is an error.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let last_due = started + Duration::from_secs_f64(total as f64 / rate as f64);
+    let deadline = tokio::time::Instant::from_std(last_due) + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some((latency, code, _))) => {
@@ -308,6 +315,7 @@ async fn open(
     }
     out.not_started = not_started.load(Ordering::Relaxed) as usize;
     out.elapsed = started.elapsed();
+    out.generator_cpu += pacer.join().expect("the pacer thread");
     out
 }
 
@@ -510,7 +518,7 @@ fn run_load(
                     Load::Open { rate } => open(addr, agents, client, rate, duration).await,
                 }
             });
-            out.generator_cpu = thread_cpu() - before;
+            out.generator_cpu += thread_cpu() - before;
             out
         })
         .unwrap()

@@ -638,7 +638,7 @@ async fn plans(s: &Subject) -> String {
                     store::sqlite::SECRETS_OF_SCOPES_SQL,
                     vec![r#"["global","team:default/eng","workspace:default/ws-10"]"#.into()],
                 ),
-                ("token_owner", store::sqlite::TOKEN_OWNER_SQL, vec![hash.clone()]),
+                ("token_owner(s)", store::sqlite::TOKEN_OWNERS_SQL, vec![format!("[\"{hash}\"]")]),
                 (
                     "record_heartbeats (tokens), a batch of 500",
                     store::sqlite::HEARTBEAT_TOKENS_SQL,
@@ -697,7 +697,7 @@ async fn plans(s: &Subject) -> String {
                 store::postgres::SECRETS_OF_SCOPES_SQL,
                 vec!["global".to_string(), "team:default/eng".into(), "workspace:default/ws-10".into()]
             );
-            explain!("token_owner", store::postgres::TOKEN_OWNER_SQL, hash.clone());
+            explain!("token_owner(s)", store::postgres::TOKEN_OWNERS_SQL, vec![hash.clone()]);
             let (ids, uids, times) = batch_arrays(s.base);
             explain!(
                 "record_heartbeats (tokens), a batch of 500",

@@ -250,6 +250,76 @@ mod cases {
         assert_eq!(store.token_owner(&token::hash(&orphan.plaintext)).await.unwrap(), None);
     }
 
+    /// Many hashes in one query: the live ones come back with their hashes; unknown,
+    /// revoked and repeated hashes add nothing.
+    pub async fn token_owners_resolves_many_hashes_at_once(s: &Subject) {
+        let store = &s.store;
+        let a = store.ensure_workspace("default/a", t0()).await.unwrap();
+        let b = store.ensure_workspace("default/b", t0()).await.unwrap();
+        let ta = store.issue_token(&a.uid, 0, t0()).await.unwrap();
+        let tb = store.issue_token(&b.uid, 0, t0()).await.unwrap();
+        let gone = store.issue_token(&b.uid, 0, t0()).await.unwrap();
+        store.revoke_token(&b.uid, &gone.row.id, RevokeReason::Superseded, t0()).await.unwrap();
+        assert!(store.token_owners(&[]).await.unwrap().is_empty());
+
+        let asked = [&ta, &tb, &gone, &ta].map(|t| t.row.token_hash.clone());
+        let asked = [&asked[..], &[token::hash("not-a-token")]].concat();
+        let mut found: Vec<(String, String, String)> = store
+            .token_owners(&asked)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(hash, owner)| (hash, owner.token_id, owner.workspace_key))
+            .collect();
+        found.sort();
+        found.dedup();
+        let mut expected = vec![
+            (ta.row.token_hash.clone(), ta.row.id.clone(), "default/a".to_string()),
+            (tb.row.token_hash.clone(), tb.row.id.clone(), "default/b".to_string()),
+        ];
+        expected.sort();
+        assert_eq!(found, expected);
+    }
+
+    /// The registry's store answers concurrent lookups in batches (store::lookups):
+    /// each caller still gets its own token's owner, and a token revoked before a
+    /// lookup begins is refused by it.
+    pub async fn concurrent_lookups_through_the_registry_store_get_their_own_answers(s: &Subject) {
+        let registry: DynStore = Arc::new(store::heartbeats::Coalescing::new(s.store.clone(), Arc::default()));
+        let mut tokens = Vec::new();
+        for i in 0..20 {
+            let ws = s.store.ensure_workspace(&format!("default/ws-{i}"), t0()).await.unwrap();
+            tokens.push((ws.key.clone(), s.store.issue_token(&ws.uid, 0, t0()).await.unwrap()));
+        }
+        let revoked = &tokens[7].1;
+        s.store
+            .revoke_token(&revoked.row.workspace_uid, &revoked.row.id, RevokeReason::Superseded, t0())
+            .await
+            .unwrap();
+
+        let lookups = (0..400).map(|n| {
+            let registry = registry.clone();
+            let (key, issued) = &tokens[n % tokens.len()];
+            let (key, hash) = (
+                key.clone(),
+                if n % 11 == 0 { token::hash(&format!("unknown-{n}")) } else { issued.row.token_hash.clone() },
+            );
+            let expected = (n % 11 != 0 && n % tokens.len() != 7).then_some(key);
+            tokio::spawn(async move {
+                let owner = registry.token_owner(&hash).await.unwrap();
+                assert_eq!(owner.map(|o| o.workspace_key), expected, "lookup {n}");
+            })
+        });
+        for lookup in futures::future::join_all(lookups.collect::<Vec<_>>()).await {
+            lookup.expect("every lookup got its own answer");
+        }
+
+        let (_, live) = &tokens[3];
+        assert!(registry.token_owner(&live.row.token_hash).await.unwrap().is_some());
+        s.store.revoke_token(&live.row.workspace_uid, &live.row.id, RevokeReason::Superseded, t0()).await.unwrap();
+        assert_eq!(registry.token_owner(&live.row.token_hash).await.unwrap(), None, "refused once revoked");
+    }
+
     /// Whether the status shows the agent online comes with the token, as the status
     /// last written says (unknown before any status), so a heartbeat needs one query.
     pub async fn token_owner_tells_whether_the_status_shows_the_agent_online(s: &Subject) {
@@ -781,6 +851,8 @@ conformance!(
     issue_token_stores_only_the_hash,
     token_owner_resolves_live_tokens_only,
     token_owner_tells_whether_the_status_shows_the_agent_online,
+    token_owners_resolves_many_hashes_at_once,
+    concurrent_lookups_through_the_registry_store_get_their_own_answers,
     revoke_tokens_spares_the_kept_token,
     revoke_stale_tokens_revokes_only_rows_older_than_cutoff,
     a_heartbeat_after_the_look_protects_the_token,

@@ -13,8 +13,9 @@
 //!
 //! - **A heartbeat with a revoked token is refused at once.** Nothing about
 //!   validation is buffered or cached: every request resolves its token in the
-//!   database (`token_owner`, live rows only), so a revocation committed before the
-//!   request is seen by it.
+//!   database (`token_owner`, live rows only), by a query that begins after the
+//!   request arrived (concurrent requests share one, store::lookups), so a
+//!   revocation committed before the request is seen by it.
 //! - **A revoke wins over a pending heartbeat.** A flushed entry only ever sets
 //!   `last_used_at` (never `revoked_at`), and only on a row that is still live when
 //!   it is written; the workspace's `last_heartbeat_at` moves only for entries whose
@@ -67,6 +68,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::lookups::TokenLookups;
 use super::*;
 
 /// How long a heartbeat may wait in memory before it is written.
@@ -155,7 +157,8 @@ fn merge(pending: &mut HashMap<String, Heartbeat>, beat: Heartbeat) {
 }
 
 /// A store whose `note_heartbeat` is buffered and flushed every `interval` (see the
-/// module documentation); everything else goes straight to the wrapped store.
+/// module documentation), and whose `token_owner` calls are answered in batches
+/// (store::lookups); everything else goes straight to the wrapped store.
 pub struct Coalescing {
     inner: DynStore,
     /// The store flushes write through (the registry's: unfenced, see store::lease).
@@ -165,6 +168,8 @@ pub struct Coalescing {
     /// failed, or is taking longer than [`SLOW_FLUSH`]): the heartbeat rule then
     /// does not take their absence from the database for the agents' silence.
     lost: Arc<LostHeartbeats>,
+    /// Token lookups, answered in batches (store::lookups).
+    lookups: Arc<TokenLookups>,
 }
 
 /// A flush still running after this is treated as failing for the heartbeat rule
@@ -176,13 +181,20 @@ impl Coalescing {
     /// Wraps `store`; flushes go through it too. Heartbeats that cannot be written
     /// are noted in `lost` (the registry's and the reconciler's shared record).
     pub fn new(store: DynStore, lost: Arc<LostHeartbeats>) -> Self {
-        Self { inner: store.clone(), writer: store, buffer: HeartbeatBuffer::new(), lost }
+        let lookups = TokenLookups::new(store.clone());
+        Self { inner: store.clone(), writer: store, buffer: HeartbeatBuffer::new(), lost, lookups }
     }
 
     /// Another view of the same buffer over a different store (the fenced store of a
     /// Postgres leader): its stale-token revokes flush the shared buffer first.
     pub fn sharing(&self, store: DynStore) -> Self {
-        Self { inner: store, writer: self.writer.clone(), buffer: self.buffer.clone(), lost: self.lost.clone() }
+        Self {
+            lookups: TokenLookups::new(store.clone()),
+            inner: store,
+            writer: self.writer.clone(),
+            buffer: self.buffer.clone(),
+            lost: self.lost.clone(),
+        }
     }
 
     pub fn buffer(&self) -> &Arc<HeartbeatBuffer> {
@@ -355,7 +367,10 @@ impl Store for Coalescing {
         self.inner.expire_token(uid, token_id, at).await
     }
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        self.inner.token_owner(token_hash).await
+        self.lookups.token_owner(token_hash).await
+    }
+    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>> {
+        self.inner.token_owners(token_hashes).await
     }
     async fn put_secret(
         &self,

@@ -4,6 +4,7 @@
 
 pub mod heartbeats;
 pub mod lease;
+pub mod lookups;
 pub mod postgres;
 pub mod sqlite;
 pub mod token;
@@ -339,7 +340,15 @@ pub trait Store: Send + Sync + 'static {
     /// Rotation: the live token stays valid until `at`, then is refused (and revoked).
     async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
     /// Resolves a presented token by its hash; live rows only. Does not touch it.
-    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>>;
+    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
+        let mut found = self.token_owners(std::slice::from_ref(&token_hash.to_string())).await?;
+        Ok(found.pop().map(|(_, owner)| owner))
+    }
+    /// [`Store::token_owner`] for many hashes in one query: the owner of each hash
+    /// that is a live token, with its hash (in no particular order; unknown and
+    /// revoked hashes are left out). The registry answers concurrent requests with it
+    /// (store::lookups).
+    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>>;
     /// A successful register/heartbeat, written at once: moves the token's
     /// last_used_at and, if the token is still live, the workspace's
     /// last_heartbeat_at forward to `at` (never back; a revoked token is not touched).

@@ -12,6 +12,9 @@ use super::*;
 /// before "database down" is reported instead of hanging.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: u32 = 8;
+/// The registry's token lookups have connections of their own (see
+/// [`PostgresStore::lookups`]): as many as lookups may be in flight.
+const LOOKUP_CONNECTIONS: u32 = super::lookups::MAX_IN_FLIGHT as u32;
 
 /// The migrations in `migrations/postgres`, embedded in the binary. (`sqlx::migrate!`
 /// needs sqlx's proc-macro crate, which this project does not build; a unit test
@@ -27,6 +30,14 @@ pub const REVOKE_STALE_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET revo
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Connections for [`Store::token_owners`] only, the registry's hot path: the
+    /// reconciler's queries never make a heartbeat wait for a connection, and these
+    /// run their one statement with a generic plan (`plan_cache_mode`). Postgres
+    /// would otherwise plan it anew on every execution, because a custom plan for the
+    /// array at hand looks cheaper than the generic one: planning was over a quarter
+    /// of the database's CPU per heartbeat (bench/registry, perf). The generic plan is
+    /// the same index lookup whatever the array (see `TOKEN_OWNERS_SQL`).
+    lookups: PgPool,
 }
 
 impl PostgresStore {
@@ -50,10 +61,14 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        let lookups = PgPoolOptions::new()
+            .max_connections(LOOKUP_CONNECTIONS)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
+        Ok(Self { pool, lookups })
     }
 }
 
@@ -134,11 +149,12 @@ pub const LIVE_TOKENS_SQL: &str = concat!(
     token_columns!(),
     " FROM workspace_auth_tokens WHERE workspace_uid = $1 AND revoked_at IS NULL ORDER BY created_at, id"
 );
-/// `Store::token_owner`: a presented token's row (by hash, live only) and its workspace.
-pub const TOKEN_OWNER_SQL: &str = "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
+/// `Store::token_owners`: presented tokens' rows (by hash; the caller keeps the live
+/// ones) and their workspaces.
+pub const TOKEN_OWNERS_SQL: &str = "SELECT t.token_hash, t.revoked_at IS NULL AS live, t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
             w.incarnation AS current_incarnation, t.expires_at, w.agent_online \
      FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
-     WHERE t.token_hash = $1 AND t.revoked_at IS NULL";
+     WHERE t.token_hash = ANY($1)";
 /// `Store::record_heartbeats`, the token half (binds: token ids, uids, times, as
 /// arrays sorted by token id, so concurrent batches lock rows in one order). Only
 /// forwards, and only on live rows.
@@ -448,20 +464,32 @@ impl Store for PostgresStore {
         Ok(done.rows_affected())
     }
 
-    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        let row = sqlx::query(TOKEN_OWNER_SQL).bind(token_hash).fetch_optional(&self.pool).await?;
-        row.map(|row| {
-            Ok(TokenOwner {
-                token_id: row.try_get("id")?,
-                workspace_uid: row.try_get("workspace_uid")?,
-                workspace_key: row.try_get("key")?,
-                token_incarnation: row.try_get("token_incarnation")?,
-                current_incarnation: row.try_get("current_incarnation")?,
-                expires_at: row.try_get("expires_at")?,
-                agent_online: row.try_get("agent_online")?,
-            })
-        })
-        .transpose()
+    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>> {
+        if token_hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(TOKEN_OWNERS_SQL).bind(token_hashes).fetch_all(&self.lookups).await?;
+        let mut owners = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // Revoked rows are left out here, not in the WHERE: with `revoked_at IS NULL`
+            // there, Postgres may plan a BitmapAnd with the partial index of live tokens
+            // (read whole, on every lookup) when its statistics are missing or stale.
+            if row.try_get("live")? {
+                owners.push((
+                    row.try_get("token_hash")?,
+                    TokenOwner {
+                        token_id: row.try_get("id")?,
+                        workspace_uid: row.try_get("workspace_uid")?,
+                        workspace_key: row.try_get("key")?,
+                        token_incarnation: row.try_get("token_incarnation")?,
+                        current_incarnation: row.try_get("current_incarnation")?,
+                        expires_at: row.try_get("expires_at")?,
+                        agent_online: row.try_get("agent_online")?,
+                    },
+                ));
+            }
+        }
+        Ok(owners)
     }
 
     async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64> {

@@ -182,11 +182,12 @@ pub const LIVE_TOKENS_SQL: &str = concat!(
     " FROM workspace_auth_tokens INDEXED BY workspace_auth_tokens_live_idx \
      WHERE workspace_uid = ?1 AND revoked_at IS NULL ORDER BY created_at, id"
 );
-/// `Store::token_owner`: a presented token's row (by hash, live only) and its workspace.
-pub const TOKEN_OWNER_SQL: &str = "SELECT t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
+/// `Store::token_owners`: presented tokens' rows (by hash; the caller keeps the live
+/// ones) and their workspaces.
+pub const TOKEN_OWNERS_SQL: &str = "SELECT t.token_hash, t.revoked_at IS NULL AS live, t.id, t.workspace_uid, w.key, t.incarnation AS token_incarnation, \
             w.incarnation AS current_incarnation, t.expires_at, w.agent_online \
      FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
-     WHERE t.token_hash = ?1 AND t.revoked_at IS NULL";
+     WHERE t.token_hash IN (SELECT value FROM json_each(?1))";
 /// `Store::record_heartbeats`, the token half (bind: a JSON array of
 /// `[token id, uid, at]`, one per token). Only forwards, and only on live rows.
 pub const HEARTBEAT_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET last_used_at = b.at \
@@ -529,20 +530,33 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        let row = sqlx::query(TOKEN_OWNER_SQL).bind(token_hash).fetch_optional(&self.pool).await?;
-        row.map(|row| {
-            Ok(TokenOwner {
-                token_id: row.try_get("id")?,
-                workspace_uid: row.try_get("workspace_uid")?,
-                workspace_key: row.try_get("key")?,
-                token_incarnation: row.try_get("token_incarnation")?,
-                current_incarnation: row.try_get("current_incarnation")?,
-                expires_at: get_opt_ts(&row, "expires_at")?,
-                agent_online: row.try_get("agent_online")?,
-            })
-        })
-        .transpose()
+    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>> {
+        if token_hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hashes = serde_json::to_string(token_hashes).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let rows = sqlx::query(TOKEN_OWNERS_SQL).bind(hashes).fetch_all(&self.pool).await?;
+        let mut owners = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // Revoked rows are left out here, not in the WHERE: with `revoked_at IS NULL`
+            // there, Postgres may plan a BitmapAnd with the partial index of live tokens
+            // (read whole, on every lookup) when its statistics are missing or stale.
+            if row.try_get("live")? {
+                owners.push((
+                    row.try_get("token_hash")?,
+                    TokenOwner {
+                        token_id: row.try_get("id")?,
+                        workspace_uid: row.try_get("workspace_uid")?,
+                        workspace_key: row.try_get("key")?,
+                        token_incarnation: row.try_get("token_incarnation")?,
+                        current_incarnation: row.try_get("current_incarnation")?,
+                        expires_at: get_opt_ts(row, "expires_at")?,
+                        agent_online: row.try_get("agent_online")?,
+                    },
+                ));
+            }
+        }
+        Ok(owners)
     }
 
     async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64> {

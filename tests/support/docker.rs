@@ -104,7 +104,10 @@ impl TestDocker {
             h.set_cksum();
             context.append(&h, data).unwrap();
         }
-        let options = BuildImageOptionsBuilder::new().dockerfile("Dockerfile").t(&tag).rm(true).build();
+        // No build cache: tests build this same image in parallel, and one that ends removes its tag (and with
+        // it the image) while another's build is resolving the cached layer, which then fails with
+        // "failed to get digest ... no such file or directory".
+        let options = BuildImageOptionsBuilder::new().dockerfile("Dockerfile").t(&tag).rm(true).nocache(true).build();
         self.track_image(&tag);
         self.docker
             .build_image(options, None, Some(bollard::body_full(context.into_inner().unwrap().into())))
