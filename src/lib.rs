@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod compact;
 pub mod config;
 pub mod execute;
 pub mod kubeapi;

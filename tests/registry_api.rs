@@ -30,7 +30,7 @@ fn declared(name: &str, spec: WorkspaceSpec) -> DesiredWorkspace {
         key: ObjectKey::new("default", name),
         generation: 1,
         spec: resolve(&spec, &Defaults::default()),
-        source: SourceRef { kind: "dir".into(), reference: format!("org/{name}.yaml@1") },
+        source: SourceRef { kind: "dir".into(), reference: format!("org/{name}.yaml@1") }.into(),
         conflict: None,
         owner_team: None,
         deletion_refused: None,

@@ -68,7 +68,7 @@ fn examples_org_is_valid() {
     for (key, w) in &set.workspaces {
         let spec = w.spec.as_ref().unwrap_or_else(|e| panic!("{key} is invalid: {e:?}"));
         assert!(spec.tier <= 2 && !spec.security.privileged, "{key}");
-        assert_eq!(spec.image, "molecule-agent:local", "{key}");
+        assert_eq!(&*spec.image, "molecule-agent:local", "{key}");
         assert!(spec.env.contains_key("ROLE"), "{key}");
         assert!(w.conflict.is_none(), "{key}");
         assert_eq!(w.source.kind, "dir");
@@ -76,7 +76,7 @@ fn examples_org_is_valid() {
     let spec = |n: &str| set.workspaces[&ObjectKey::new("default", n)].spec.clone().unwrap();
     assert_eq!(spec("pm").parent, None, "pm is the root");
     assert_eq!(spec("dev-lead").parent.as_deref(), Some("pm"));
-    assert_eq!(spec("backend").env["TEAM"], "engineering", "team defaults are inherited");
+    assert_eq!(spec("backend").env.get("TEAM").unwrap(), "engineering", "team defaults are inherited");
     assert_eq!((spec("qa").tier, spec("backend").tier), (1, 2));
     assert_eq!(
         set.workspaces[&ObjectKey::new("default", "engineering-docs")].owner_team.as_deref(),

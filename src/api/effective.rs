@@ -1,10 +1,11 @@
 //! The effective spec: a Workspace's own fields, then its Team's defaults, then the
 //! operator's defaults, resolved and parsed. Rules and the runtime only ever see this.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -59,15 +60,19 @@ pub struct EffectiveTokenPolicy {
 pub struct EffectiveSpec {
     pub team: Option<String>,
     pub parent: Option<String>,
-    pub runtime: String,
-    pub image: String,
+    /// Shared by every workspace with the same value (see `source::desired::merge`).
+    pub runtime: Arc<str>,
+    pub image: Arc<str>,
     pub image_pull_policy: ImagePullPolicy,
     pub tier: u8,
     pub memory_bytes: i64,
     pub nano_cpus: i64,
     pub read_only_root: bool,
     pub tmp_tmpfs_bytes: Option<i64>,
-    pub env: BTreeMap<String, String>,
+    /// A sorted flat map: a `BTreeMap` with one entry takes a 544-byte node, and the
+    /// operator keeps one of these per workspace (bench/scale).
+    #[serde(serialize_with = "env_as_map")]
+    pub env: LiteMap<String, String>,
     /// Kubernetes Secrets whose keys join `env` (names only; values are read at
     /// reconcile time and never kept in the spec).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -77,7 +82,7 @@ pub struct EffectiveSpec {
     pub update_policy: UpdatePolicy,
     pub token_policy: EffectiveTokenPolicy,
     pub security: Security,
-    pub network: String,
+    pub network: Arc<str>,
 }
 
 /// Fills every field the workspace leaves out from `defaults` (a Team's `spec.defaults`).
@@ -190,15 +195,15 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
     Ok(EffectiveSpec {
         team: spec.team.clone(),
         parent: spec.parent.clone(),
-        runtime,
-        image,
+        runtime: runtime.into(),
+        image: image.into(),
         image_pull_policy: spec.image_pull_policy.unwrap_or_default(),
         tier,
         memory_bytes,
         nano_cpus,
         read_only_root: limits.read_only_root,
         tmp_tmpfs_bytes: limits.tmp_tmpfs_bytes,
-        env: spec.env.clone(),
+        env: spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         env_from: spec.env_from.clone(),
         operating_mode: spec.operating_mode.unwrap_or_default(),
         restarted_at: spec.restarted_at,
@@ -212,8 +217,13 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
             overlap,
         },
         security,
-        network: spec.network.clone().unwrap_or_else(|| defaults.network.clone()),
+        network: spec.network.as_deref().unwrap_or(&defaults.network).into(),
     })
+}
+
+/// Always a JSON object, as a `BTreeMap` was (`LiteMap` writes an empty one as `[]`).
+fn env_as_map<S: serde::Serializer>(env: &LiteMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(env.iter())
 }
 
 mod humantime_serde_secs {
@@ -284,7 +294,7 @@ mod tests {
     fn defaults_and_every_error_reported() {
         let eff = resolve(&WorkspaceSpec::default(), &Defaults::default()).unwrap();
         assert_eq!(eff.tier, 2);
-        assert_eq!(eff.image, "molecule-agent:local");
+        assert_eq!(&*eff.image, "molecule-agent:local");
         assert_eq!(eff.token_policy.stale_grace, DEFAULT_STALE_GRACE);
         let bad = WorkspaceSpec {
             tier: Some(9),
@@ -315,6 +325,6 @@ mod tests {
             ..Default::default()
         };
         let eff = resolve(&WorkspaceSpec { runtime: Some("crewai".into()), ..Default::default() }, &d).unwrap();
-        assert_eq!(eff.image, "ghcr.io/molecule-ai/workspace-template-crewai:latest");
+        assert_eq!(&*eff.image, "ghcr.io/molecule-ai/workspace-template-crewai:latest");
     }
 }

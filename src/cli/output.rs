@@ -318,7 +318,7 @@ fn spec_section(o: &mut String, s: &EffectiveSpec) {
     let mut field = |label: &str, value: String| {
         let _ = writeln!(o, "  {:<16}{value}", format!("{label}:"));
     };
-    field("Runtime", s.runtime.clone());
+    field("Runtime", s.runtime.to_string());
     field("Image", format!("{} (pull {:?})", s.image, s.image_pull_policy));
     let mut tier = format!("{} ({} memory, {} CPU", s.tier, memory(s.memory_bytes), s.nano_cpus as f64 / 1e9);
     if s.read_only_root {
@@ -354,7 +354,7 @@ fn spec_section(o: &mut String, s: &EffectiveSpec) {
         security.push("dockerSocket");
     }
     field("Security", if security.is_empty() { "none".into() } else { security.join(", ") });
-    field("Network", s.network.clone());
+    field("Network", s.network.to_string());
     if let Some(p) = &s.parent {
         field("Parent", p.clone());
     }

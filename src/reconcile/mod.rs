@@ -146,7 +146,7 @@ pub struct Context {
     /// have changed since.
     pub token_memo: token_memo::TokenMemo,
     /// What each workspace's last quiet reconcile saw (the resync sweep's memory).
-    seen: Mutex<HashMap<String, sweep::Seen>>,
+    seen: Mutex<HashMap<Box<str>, sweep::Seen>>,
     /// The secrets' fingerprint as the last sweep (or the start) read it.
     secrets_seen: AtomicU64,
     /// When the last full sweep ran (see `sweep::sweep`).
@@ -205,7 +205,7 @@ impl Context {
     fn remember(&self, key: &str, seen: Option<sweep::Seen>) {
         let mut memo = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match seen {
-            Some(seen) => memo.insert(key.to_string(), seen),
+            Some(seen) => memo.insert(key.into(), seen),
             None => memo.remove(key),
         };
     }
@@ -379,9 +379,9 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
                 desired.as_ref().filter(|_| observed.containers.is_some()).map(|d| sweep::Seen {
                     generation: d.generation,
                     secrets: secrets_seen,
-                    spec_hash: d.spec_hash.clone(),
-                    container: observed.container().map(|c| c.id.clone()),
-                    token_file: observed.token_file.clone(),
+                    spec_hash: d.spec_hash.as_str().into(),
+                    container: observed.container().map(|c| c.id.as_str().into()),
+                    token_file: (&observed.token_file).into(),
                 }),
             );
             return Ok(next_look(&rctx));
@@ -804,6 +804,10 @@ impl Ready {
     fn pop_front(&mut self) -> Option<String> {
         let key = self.order.pop_front()?;
         self.queued.remove(&key);
+        if self.order.is_empty() && self.order.capacity() > 1024 {
+            // A burst (a resync, a recovery) is over: its room is not kept for good.
+            *self = Self::default();
+        }
         Some(key)
     }
 }

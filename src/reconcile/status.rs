@@ -163,7 +163,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
         last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at),
         restart_count: record.map(|r| r.restart_count).unwrap_or(0),
         last_restart_reason: record.and_then(|r| r.last_restart_reason.clone()),
-        source: ctx.desired.map(|d| d.source.clone()),
+        source: ctx.desired.map(|d| (*d.source).clone()),
         pending_hash: drift.as_ref().map(|(want, _)| want.clone()),
         applied_hash: drift.map(|(_, have)| have),
         conditions: cond,

@@ -25,21 +25,54 @@ use sha2::{Digest, Sha256};
 
 use super::{Context, team_limits};
 use crate::api::ObjectKey;
+use crate::compact::Hex;
 use crate::rules::{Ctx, Desired, Observed, Settings, TokenFile, plan};
 use crate::runtime::ContainerInfo;
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{SecretRow, TokenRow, WorkspaceRecord};
 
-/// What the last quiet full reconcile of a workspace saw, for the sweep.
+/// What the last quiet full reconcile of a workspace saw, for the sweep. One per
+/// workspace, so ids and hashes are kept as bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Seen {
     pub generation: i64,
     /// `secrets_fingerprint` of the secrets as they were when the hash was computed.
     pub secrets: u64,
-    pub spec_hash: String,
+    pub spec_hash: Hex,
     /// Its own container (by uid) and what its token file held.
-    pub container: Option<String>,
-    pub token_file: TokenFile,
+    pub container: Option<Hex>,
+    pub token_file: SeenFile,
+}
+
+/// A `TokenFile` as `Seen` keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeenFile {
+    NotRead,
+    Missing,
+    Hash(Hex),
+    Unreadable(Box<str>),
+}
+
+impl From<&TokenFile> for SeenFile {
+    fn from(file: &TokenFile) -> Self {
+        match file {
+            TokenFile::NotRead => Self::NotRead,
+            TokenFile::Missing => Self::Missing,
+            TokenFile::Hash(h) => Self::Hash(h.as_str().into()),
+            TokenFile::Unreadable(e) => Self::Unreadable(e.as_str().into()),
+        }
+    }
+}
+
+impl From<&SeenFile> for TokenFile {
+    fn from(file: &SeenFile) -> Self {
+        match file {
+            SeenFile::NotRead => Self::NotRead,
+            SeenFile::Missing => Self::Missing,
+            SeenFile::Hash(h) => Self::Hash(h.to_string()),
+            SeenFile::Unreadable(e) => Self::Unreadable(e.to_string()),
+        }
+    }
 }
 
 /// One number for every secret's scope, name and version: any change to any secret
@@ -107,7 +140,7 @@ impl Look<'_> {
                     key: d.key.clone(),
                     generation: d.generation,
                     spec: d.spec.clone(),
-                    spec_hash: seen.spec_hash.clone(),
+                    spec_hash: seen.spec_hash.to_string(),
                     source: d.source.clone(),
                     secrets_hold: None, // only envFrom holds, and those are reconciled above
                 })
@@ -123,12 +156,12 @@ impl Look<'_> {
             quota_hold: None,
             heartbeats_lost_at: self.heartbeats_lost_at,
         };
-        let own = observed.container().map(|c| c.id.clone());
+        let own = observed.container().map(|c| Hex::new(&c.id));
         if let Some(seen) = seen {
             if own != seen.container {
                 return Some("container-changed");
             }
-            observed.token_file = seen.token_file.clone();
+            observed.token_file = (&seen.token_file).into();
         }
         let ctx = Ctx { desired: desired.as_ref(), observed: &observed, now, settings };
         plan(&ctx).map(|d| d.rule)
@@ -371,7 +404,7 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
             record,
             containers: ctx.containers.containers_of(&key, record.map(|r| r.uid.as_str())),
             live_tokens: record.and_then(|r| tokens_of.remove(&r.uid)).unwrap_or_default(),
-            seen: seen.get(&key),
+            seen: seen.get(key.as_str()),
             secrets,
             quota_team: declared.is_some_and(|d| team_limits(&set, d).is_some()),
             failing: failures.contains(&key),
@@ -424,8 +457,8 @@ mod tests {
             generation: 1,
             secrets: 7,
             spec_hash: HASH.into(),
-            container: Some(container(1, ContainerState::Running).id),
-            token_file: TokenFile::Hash("hash-t1".into()),
+            container: Some(container(1, ContainerState::Running).id.as_str().into()),
+            token_file: SeenFile::Hash("hash-t1".into()),
         }
     }
 

@@ -31,16 +31,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::compact::Hex;
 use crate::rules::{Observed, TokenFile};
 use crate::runtime::{Runtime, RuntimeEvent};
 
 /// Longest an entry is trusted without a read (the net for unreported writes).
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 
+/// Ids and hashes as bytes: one of these per workspace (bench/scale).
 #[derive(Clone, Debug)]
 struct Entry {
-    container_id: String,
-    hash: String,
+    container_id: Hex,
+    hash: Hex,
     at: DateTime<Utc>,
 }
 
@@ -52,34 +54,39 @@ pub struct TokenMemo {
 #[derive(Debug, Default)]
 struct Inner {
     /// By workspace key.
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Box<str>, Entry>,
     /// The newest event that may have changed files, by container id. Kept apart from
     /// the entries so an event handled before a reconcile records its entry still counts.
-    last_event: HashMap<String, DateTime<Utc>>,
+    last_event: HashMap<Hex, DateTime<Utc>>,
 }
 
 impl TokenMemo {
     /// The file's content as last known, if nothing since may have changed it.
     pub fn known(&self, key: &str, container_id: &str, now: DateTime<Utc>) -> Option<String> {
         let inner = self.inner.lock().ok()?;
-        let e = inner.entries.get(key).filter(|e| e.container_id == container_id)?;
+        let id = Hex::new(container_id);
+        let e = inner.entries.get(key).filter(|e| e.container_id == id)?;
         let max_age = chrono::Duration::from_std(MAX_AGE).ok()?;
         if now - e.at > max_age {
             return None;
         }
-        if inner.last_event.get(container_id).is_some_and(|t| *t > e.at) {
+        if inner.last_event.get(&id).is_some_and(|t| *t > e.at) {
             return None;
         }
-        Some(e.hash.clone())
+        Some(e.hash.to_string())
     }
 
     /// The file in `container_id` held (or was just written with) content hashing to
     /// `hash` as of `at`.
     pub fn record(&self, key: &str, container_id: &str, hash: &str, at: DateTime<Utc>) {
         if let Ok(mut inner) = self.inner.lock() {
-            inner
-                .entries
-                .insert(key.to_string(), Entry { container_id: container_id.to_string(), hash: hash.to_string(), at });
+            let container_id = Hex::new(container_id);
+            // An event no newer than what is now known can never outdate it: not kept
+            // (one per container otherwise, from the operator's own token writes).
+            if inner.last_event.get(&container_id).is_some_and(|t| *t <= at) {
+                inner.last_event.remove(&container_id);
+            }
+            inner.entries.insert(key.into(), Entry { container_id, hash: hash.into(), at });
         }
     }
 
@@ -93,10 +100,11 @@ impl TokenMemo {
     /// Called with every runtime event of this instance (not only lifecycle ones).
     pub fn saw_event(&self, ev: &RuntimeEvent) {
         let Ok(mut inner) = self.inner.lock() else { return };
+        let id = Hex::new(&ev.container_id);
         if ev.action == "destroy" {
-            inner.last_event.remove(&ev.container_id);
-            if let Some(key) = &ev.workspace
-                && inner.entries.get(key).is_some_and(|e| e.container_id == ev.container_id)
+            inner.last_event.remove(&id);
+            if let Some(key) = ev.workspace.as_deref()
+                && inner.entries.get(key).is_some_and(|e| e.container_id == id)
             {
                 inner.entries.remove(key);
             }
@@ -107,7 +115,11 @@ impl TokenMemo {
         }
         // An event without a time counts as happening now: it outdates everything before.
         let at = ev.at.unwrap_or_else(Utc::now);
-        let slot = inner.last_event.entry(ev.container_id.clone()).or_insert(at);
+        let known_since = ev.workspace.as_deref().and_then(|k| inner.entries.get(k)).filter(|e| e.container_id == id);
+        if known_since.is_some_and(|e| e.at >= at) {
+            return; // older than what is known: it can never outdate it
+        }
+        let slot = inner.last_event.entry(id).or_insert(at);
         *slot = (*slot).max(at);
     }
 
@@ -196,5 +208,21 @@ mod tests {
         m.saw_event(&ev("destroy", "c1", Some(t0)));
         assert_eq!(m.known("default/a", "c1", t0), None);
         assert!(m.inner.lock().unwrap().last_event.is_empty());
+    }
+
+    #[test]
+    fn events_older_than_what_is_known_are_not_kept() {
+        let m = TokenMemo::default();
+        let t0 = Utc::now();
+        let later = t0 + chrono::Duration::milliseconds(5);
+        // The operator's own write: its copy event arrives before and after the record.
+        m.saw_event(&ev("extract-to-dir", "c1", Some(t0)));
+        m.record("default/a", "c1", "h1", later);
+        m.saw_event(&ev("extract-to-dir", "c1", Some(t0)));
+        assert!(m.inner.lock().unwrap().last_event.is_empty());
+        assert_eq!(m.known("default/a", "c1", later).as_deref(), Some("h1"));
+        // A newer one is kept, and counts.
+        m.saw_event(&ev("exec_start", "c1", Some(later + chrono::Duration::milliseconds(1))));
+        assert_eq!(m.known("default/a", "c1", later), None);
     }
 }

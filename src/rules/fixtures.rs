@@ -38,7 +38,7 @@ pub fn desired_with(spec: WorkspaceSpec) -> Desired {
         generation: 1,
         spec: resolve(&spec, &Defaults::default()),
         spec_hash: HASH.into(),
-        source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() },
+        source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() }.into(),
         secrets_hold: None,
     }
 }

@@ -39,7 +39,7 @@ pub struct Desired {
     pub spec: Result<EffectiveSpec, Vec<String>>,
     /// Hash of the rendered container config (see runtime::render).
     pub spec_hash: String,
-    pub source: SourceRef,
+    pub source: std::sync::Arc<SourceRef>,
     /// Why a Secret the workspace's `envFrom` needs cannot be read. While set, no
     /// container is created or recreated for it (see [`plan`]).
     pub secrets_hold: Option<String>,

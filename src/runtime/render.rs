@@ -37,7 +37,7 @@ pub fn config_volume_name(uid: &str) -> String {
 /// Renders the container for `spec`; labels carry everything but the incarnation
 /// (the executor stamps it when it creates the container).
 pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> ContainerSpec {
-    let mut env = spec.env.clone();
+    let mut env: BTreeMap<String, String> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.insert("MOLECULE_WORKSPACE_ID".into(), id.uid.into());
     env.insert("WORKSPACE_ID".into(), id.uid.into());
     env.insert("MOLECULE_WORKSPACE_NAME".into(), id.key.into());
@@ -51,7 +51,7 @@ pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> Cont
     }
     let mut spec_out = ContainerSpec {
         name: container_name(id.uid),
-        image: spec.image.clone(),
+        image: spec.image.to_string(),
         image_pull_policy: spec.image_pull_policy,
         env,
         labels: BTreeMap::new(),
@@ -59,7 +59,7 @@ pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> Cont
         nano_cpus: spec.nano_cpus,
         read_only_root: spec.read_only_root,
         tmp_tmpfs_bytes: spec.tmp_tmpfs_bytes,
-        network: spec.network.clone(),
+        network: spec.network.to_string(),
         config_volume: config_volume_name(id.uid),
         security: spec.security.clone(),
     };
