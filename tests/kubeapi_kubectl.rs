@@ -499,7 +499,7 @@ async fn postgres_objects_survive_restart_with_their_resource_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     use kube::api::{Api, Patch, PatchParams, PostParams};
-    use kube::runtime::watcher;
+    use kube::runtime::{WatchStreamExt, watcher};
 
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(sqlite_store(state.path()).await, state.path()).await;
@@ -519,7 +519,10 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let watch_api = api.clone();
     let watching = tokio::spawn(async move {
-        let mut stream = watcher(watch_api, watcher::Config::default()).boxed();
+        // With a backoff, as the operator's own watchers: without one, once the server is
+        // stopped below, the watcher retried in a loop that never yielded, and the test's
+        // runtime could not shut down (a hang, under load).
+        let mut stream = watcher(watch_api, watcher::Config::default()).default_backoff().boxed();
         while let Some(event) = stream.next().await {
             let _ = seen_tx.send(event.map_err(|e| e.to_string()));
         }
