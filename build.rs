@@ -12,6 +12,8 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 fn main() {
     println!("cargo:rerun-if-changed={AGENT_SRC}");
     println!("cargo:rerun-if-changed=build.rs");
+    // The migrations are embedded by `sqlx::migrate!`: a new file must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
 
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));

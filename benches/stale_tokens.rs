@@ -120,6 +120,11 @@ fn sqlite_time(expr: &str) -> String {
     format!("strftime('%Y-%m-%dT%H:%M:%S', ?2, '-' || ({expr}) || ' seconds') || '.000000Z'")
 }
 
+/// Live tokens' last uses where the store keeps them (migrations/*/`*_heartbeats.sql`),
+/// as the migration moves them.
+const LIVE_TOKENS_HEARTBEATS: &str = "INSERT INTO heartbeats (token_id, workspace_uid, at) SELECT id, workspace_uid, last_used_at \
+     FROM workspace_auth_tokens WHERE revoked_at IS NULL AND last_used_at IS NOT NULL";
+
 async fn load_sqlite(path: &std::path::Path, workspaces: usize, base: DateTime<Utc>) -> sqlx::Result<()> {
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
     let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
@@ -175,6 +180,7 @@ async fn load_sqlite(path: &std::path::Path, workspaces: usize, base: DateTime<U
     );
     sqlx::query(sqlx::AssertSqlSafe(sql)).bind(HISTORY as i64).bind(&base_text).bind(uid(w)).execute(&mut *tx).await?;
     load_secrets_sqlite(&mut tx, w, &ts_sqlite(base)).await?;
+    sqlx::query(LIVE_TOKENS_HEARTBEATS).execute(&mut *tx).await?;
     tx.commit().await?;
     sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await?;
     conn.close().await
@@ -259,6 +265,7 @@ async fn load_postgres(url: &str, workspaces: usize, base: DateTime<Utc>) -> sql
     .bind(base)
     .execute(&mut *tx)
     .await?;
+    sqlx::query(LIVE_TOKENS_HEARTBEATS).execute(&mut *tx).await?;
     tx.commit().await?;
     // What autovacuum does shortly after a bulk change in production.
     sqlx::query("VACUUM ANALYZE").execute(&mut conn).await?;
@@ -639,16 +646,7 @@ async fn plans(s: &Subject) -> String {
                     vec![r#"["global","team:default/eng","workspace:default/ws-10"]"#.into()],
                 ),
                 ("token_owner(s)", store::sqlite::TOKEN_OWNERS_SQL, vec![format!("[\"{hash}\"]")]),
-                (
-                    "record_heartbeats (tokens), a batch of 500",
-                    store::sqlite::HEARTBEAT_TOKENS_SQL,
-                    vec![batch_json(s.base)],
-                ),
-                (
-                    "record_heartbeats (workspaces), a batch of 500",
-                    store::sqlite::HEARTBEAT_WORKSPACES_SQL,
-                    vec![batch_json(s.base)],
-                ),
+                ("record_heartbeats, a batch of 500", store::sqlite::HEARTBEATS_SQL, vec![batch_json(s.base)]),
                 ("(comparison) the original sweeper's SELECT", SWEEP_SQLITE, vec![cut.clone()]),
             ];
             for (name, sql, binds) in list {
@@ -699,20 +697,7 @@ async fn plans(s: &Subject) -> String {
             );
             explain!("token_owner(s)", store::postgres::TOKEN_OWNERS_SQL, vec![hash.clone()]);
             let (ids, uids, times) = batch_arrays(s.base);
-            explain!(
-                "record_heartbeats (tokens), a batch of 500",
-                store::postgres::HEARTBEAT_TOKENS_SQL,
-                ids.clone(),
-                uids.clone(),
-                times.clone()
-            );
-            explain!(
-                "record_heartbeats (workspaces), a batch of 500",
-                store::postgres::HEARTBEAT_WORKSPACES_SQL,
-                ids.clone(),
-                uids.clone(),
-                times.clone()
-            );
+            explain!("record_heartbeats, a batch of 500", store::postgres::HEARTBEATS_SQL, ids, uids, times);
             explain!("(comparison) the original sweeper's SELECT", SWEEP_POSTGRES, cutoff);
         }
     }
@@ -925,8 +910,9 @@ const NOTES: &str = "### What the numbers mean
   stale-token rule runs inside each workspace's reconcile, and only when that workspace
   has no container. Its input is `live_tokens` (the look: the workspace's live rows) and
   its write is `revoke_stale_tokens`, an UPDATE that repeats the staleness condition
-  `COALESCE(last_used_at, created_at) < cutoff` so that a heartbeat landing in between
-  wins. Both are served by `workspace_auth_tokens_live_idx`, a partial index on
+  `COALESCE(last use, created_at) < cutoff` so that a heartbeat landing in between
+  wins (a live token's last use is its row in `heartbeats`, by primary key). Both are
+  served by `workspace_auth_tokens_live_idx`, a partial index on
   `workspace_uid` over live rows only (see the plans): their cost is that of the
   workspace's live rows (one or two), not of the table, so 1M rows cost what 100k do,
   and a workspace with 10,000 rows of revoked history costs what any other does.
@@ -939,10 +925,14 @@ const NOTES: &str = "### What the numbers mean
   moves on every heartbeat, that index cost a write per heartbeat and, in Postgres,
   ruled out HOT updates of token rows. The heartbeat-path migration (SQLite 0005,
   Postgres 0007) drops it; the table above shows what it costs a flush of heartbeats
-  and what it would buy a sweep the operator does not run.
+  and what it would buy a sweep the operator does not run. (Since heartbeat times
+  moved to their own table, SQLite 0007 and Postgres 0009, a flush no longer writes
+  token rows at all, so the index costs it nothing either way.)
 - **`record_heartbeats`** is one flush of the registry's batched heartbeats
   (src/store/heartbeats.rs): 500 heartbeats, what 100 ms of 5,000 heartbeats/s leaves,
-  written in one transaction. `record_heartbeat` is a single write-through (a register).
+  one upsert into the narrow `heartbeats` table. `record_heartbeat` is a single
+  write-through (a register). Live tokens' last uses are loaded into `heartbeats`, as
+  the migration moves them.
 - The machine is shared with other builds and tests (2 cores); the load average at the
   start is in the machine line above, and a p99 or maximum can include a scheduling
   delay that is not the database's.

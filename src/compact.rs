@@ -42,7 +42,10 @@ impl<T: ?Sized + Eq + Hash> Interner<T> {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Hex {
     /// Lowercase hex of `len` bytes (at most 32), the first `len` of `bytes`.
-    Bytes { len: u8, bytes: [u8; 32] },
+    Bytes {
+        len: u8,
+        bytes: [u8; 32],
+    },
     Text(Box<str>),
 }
 

@@ -257,22 +257,22 @@ mod cases {
         assert_eq!(store.flush().await.unwrap(), 1);
         assert_eq!(lost.last(), None, "a flush that succeeds notes nothing");
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(15)).await.unwrap();
-        execute(db, "ALTER TABLE workspaces RENAME TO workspaces_away").await;
+        execute(db, "ALTER TABLE heartbeats RENAME TO heartbeats_away").await;
         let failed_at = Utc::now();
         assert!(store.flush().await.is_err());
         assert_eq!(store.buffer().len(), 1, "kept");
         // The heartbeats it could not write were answered before it failed: noted as
         // lost, so the heartbeat rule counts no silence of their agents from before.
         assert!(lost.last().is_some_and(|t| t >= failed_at), "noted: {:?}", lost.last());
-        // Nothing half-written: the transaction rolled back.
-        assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, Some(t0() + secs(10)));
         // A stale-token revoke cannot flush either: it fails rather than revoke on
         // what may be out of date.
         let cutoff = t0() + secs(5);
         let revoke = store.revoke_stale_tokens(&a.uid, cutoff, RevokeReason::ContainerMissing, t0() + secs(20)).await;
         assert!(revoke.is_err());
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(20)).await.unwrap();
-        execute(db, "ALTER TABLE workspaces_away RENAME TO workspaces").await;
+        execute(db, "ALTER TABLE heartbeats_away RENAME TO heartbeats").await;
+        // Nothing half-written: the failed statement changed nothing.
+        assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, Some(t0() + secs(10)));
         assert_eq!(store.flush().await.unwrap(), 1);
         assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, Some(t0() + secs(20)));
         assert_eq!(last_heartbeat(&raw, &a.uid).await, Some(t0() + secs(20)));

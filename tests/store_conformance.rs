@@ -591,6 +591,46 @@ mod cases {
         assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(beat));
     }
 
+    /// Heartbeats are kept apart from the wide rows while a token is live; revoking it,
+    /// by any path, keeps its last use and the workspace's last heartbeat as they were,
+    /// and leaves only live tokens' rows in the heartbeat table.
+    pub async fn revoking_keeps_the_last_heartbeat_and_drops_the_row(s: &Subject) {
+        let store = &s.store;
+        let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
+        let old = store.issue_token(&ws.uid, 1, t0()).await.unwrap().row;
+        store.record_heartbeat(&old.id, &ws.uid, t0() + mins(2)).await.unwrap();
+        assert_eq!(s.raw_rows("heartbeats").await.len(), 1);
+        // A reprovision: the old token goes, the new one has not beaten yet.
+        store.revoke_tokens(&ws.uid, RevokeReason::Reprovision, None, t0() + mins(3)).await.unwrap();
+        let new = store.issue_token(&ws.uid, 2, t0() + mins(3)).await.unwrap().row;
+        assert!(s.raw_rows("heartbeats").await.is_empty(), "only live tokens have rows");
+        let revoked = store.token_history(&ws.uid, 10).await.unwrap().pop().unwrap();
+        assert_eq!((revoked.id.as_str(), revoked.last_used_at), (old.id.as_str(), Some(t0() + mins(2))));
+        let record = store.workspace_by_uid(&ws.uid).await.unwrap().unwrap();
+        assert_eq!(record.last_heartbeat_at, Some(t0() + mins(2)), "the last heartbeat survives the revoke");
+        assert_eq!(store.list_workspaces().await.unwrap()[0].last_heartbeat_at, Some(t0() + mins(2)));
+
+        // The new token's beats move it on; an older one than the folded time does not
+        // move the workspace back.
+        store.record_heartbeat(&new.id, &ws.uid, t0() + mins(1)).await.unwrap();
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(t0() + mins(2)));
+        store.record_heartbeat(&new.id, &ws.uid, t0() + mins(4)).await.unwrap();
+        let brief = store.list_workspaces_brief(None).await.unwrap();
+        assert_eq!(brief[0].0.last_heartbeat_at, Some(t0() + mins(4)));
+        // A revoked token's heartbeat leaves no trace; a stale revoke folds too.
+        store.record_heartbeat(&old.id, &ws.uid, t0() + mins(9)).await.unwrap();
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(t0() + mins(4)));
+        let cutoff = t0() + mins(5);
+        assert_eq!(
+            store.revoke_stale_tokens(&ws.uid, cutoff, RevokeReason::ContainerMissing, cutoff).await.unwrap(),
+            1
+        );
+        assert!(s.raw_rows("heartbeats").await.is_empty());
+        let history = store.token_history(&ws.uid, 10).await.unwrap();
+        assert_eq!(history[0].last_used_at, Some(t0() + mins(4)));
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(t0() + mins(4)));
+    }
+
     pub async fn decisions_are_kept_newest_first_and_trimmed(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -860,6 +900,7 @@ conformance!(
     secrets_are_versioned_scoped_and_deleted,
     revoke_reasons_are_recorded_and_readable,
     record_heartbeat_touches_token_and_workspace,
+    revoking_keeps_the_last_heartbeat_and_drops_the_row,
     the_change_log_names_what_changed_but_heartbeats_and_status,
     the_sweep_reads_only_the_workspaces_it_names,
     decisions_are_kept_newest_first_and_trimmed,
@@ -1005,7 +1046,7 @@ mod postgres_only {
         let ids: Vec<String> = (1..=50).map(|i| format!("tok-{}", i * 10)).collect();
         let uids: Vec<String> = (1..=50).map(|i| format!("ws-{}", (i * 10) % 500)).collect();
         let times = vec![t0(); 50];
-        let flush = plan(store::postgres::HEARTBEAT_TOKENS_SQL)
+        let flush = plan(store::postgres::HEARTBEATS_SQL)
             .bind(&ids)
             .bind(&uids)
             .bind(&times)
@@ -1014,7 +1055,10 @@ mod postgres_only {
             .unwrap();
         let flush = lines(flush);
         eprintln!("record_heartbeats:\n{flush}");
-        assert!(flush.contains("workspace_auth_tokens_pkey") && !flush.contains("Seq Scan"), "{flush}");
+        assert!(
+            flush.contains("heartbeats_pkey") && !flush.contains("Seq Scan on workspace_auth_tokens"),
+            "each heartbeat finds its token by an index and its row by the primary key: {flush}"
+        );
     }
 
     /// "Database down" is a prompt, clear error, not a hang.

@@ -310,9 +310,12 @@ impl State {
             Scope::Ids(ids) => ids.to_vec(),
             Scope::Label(k, v) if k == labels::WORKSPACE => of(self.by_workspace.get(v)),
             Scope::Label(k, v) if k == labels::UID => of(self.by_uid.get(v)),
-            Scope::Label(k, v) => {
-                self.containers.iter().filter(|(_, e)| e.kept.label(k) == Some(v)).map(|(id, _)| id.to_string()).collect()
-            }
+            Scope::Label(k, v) => self
+                .containers
+                .iter()
+                .filter(|(_, e)| e.kept.label(k) == Some(v))
+                .map(|(id, _)| id.to_string())
+                .collect(),
         }
     }
 

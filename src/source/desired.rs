@@ -6,8 +6,8 @@ use std::sync::Arc;
 use super::{Snapshot, SourceObject};
 use crate::api::effective::{self, Defaults};
 use crate::api::validate::{self, Declared};
-use crate::compact::Interner;
 use crate::api::{EffectiveSpec, ObjectKey, OperatingMode, SourceRef, Team, WorkspaceSpec};
+use crate::compact::Interner;
 
 /// One workspace as the operator should make it.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,13 +1,16 @@
 //! Heartbeats coalesced in memory and written in batches.
 //!
-//! Every accepted heartbeat moves two timestamps forward: its token's
-//! `last_used_at` (the stale-token rule's clock) and its workspace's
-//! `last_heartbeat_at` (the heartbeat rule's clock). Written one by one, that is a
+//! Every accepted heartbeat moves two clocks forward: its token's last use (the
+//! stale-token rule's) and its workspace's last heartbeat (the heartbeat rule's).
+//! Both are kept in one narrow table, `heartbeats` (one short row per live token;
+//! migrations/*/`*_heartbeats.sql`): a token's last use is its row, a workspace's
+//! last heartbeat the latest of its tokens' rows, and a revocation folds the row into
+//! the wide token and workspace rows and deletes it. Written one by one, that is a
 //! write transaction per heartbeat: with SQLite every one of them takes the single
 //! write lock, with Postgres every one waits for its WAL flush. [`Coalescing`] wraps
 //! a store so that the registry's heartbeats land in an in-memory map instead (one
 //! entry per token, the latest time wins) and a flusher writes the map every
-//! [`DEFAULT_FLUSH_INTERVAL`] in one transaction ([`Store::record_heartbeats`]).
+//! [`DEFAULT_FLUSH_INTERVAL`] in one statement ([`Store::record_heartbeats`]).
 //!
 //! What a deferred write means for the rules, and why each stays correct:
 //!
@@ -16,11 +19,12 @@
 //!   database (`token_owner`, live rows only), by a query that begins after the
 //!   request arrived (concurrent requests share one, store::lookups), so a
 //!   revocation committed before the request is seen by it.
-//! - **A revoke wins over a pending heartbeat.** A flushed entry only ever sets
-//!   `last_used_at` (never `revoked_at`), and only on a row that is still live when
-//!   it is written; the workspace's `last_heartbeat_at` moves only for entries whose
-//!   token is still live then. A token revoked while its heartbeat waited stays
-//!   revoked, and that heartbeat leaves no trace.
+//! - **A revoke wins over a pending heartbeat.** A flushed entry only ever writes a
+//!   heartbeat row (never `revoked_at`), and only for a token that is still live when
+//!   it is written (in Postgres the token row is share-locked meanwhile, so a revoke
+//!   either waits for the flush and then folds its row, or goes first and the flush
+//!   skips the token). A token revoked while its heartbeat waited stays revoked, and
+//!   that heartbeat leaves no trace.
 //! - **The stale-token rule revokes nothing a heartbeat should have saved.** Its
 //!   write, `revoke_stale_tokens`, first flushes what is pending (waiting for a flush
 //!   already running), then runs its UPDATE with the staleness condition repeated.
@@ -30,7 +34,7 @@
 //!   the grace is effectively that much shorter, 100 ms of a 5-minute default, and
 //!   the rule still requires that the workspace has no container at all.)
 //! - **The heartbeat rule (agent silent past the TTL) is unaffected.** It reads
-//!   `last_heartbeat_at`, which lags the truth by at most one flush interval plus a
+//!   the workspace's last heartbeat, which lags the truth by at most one flush interval plus a
 //!   flush; the TTL is at least two heartbeat intervals and at least 10 s, 100 times
 //!   the lag. Times are those of the requests, not of the flush, so a batched
 //!   heartbeat never looks newer than it was, and the rule's filter "heard since this

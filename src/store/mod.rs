@@ -349,15 +349,16 @@ pub trait Store: Send + Sync + 'static {
     /// revoked hashes are left out). The registry answers concurrent requests with it
     /// (store::lookups).
     async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>>;
-    /// A successful register/heartbeat, written at once: moves the token's
-    /// last_used_at and, if the token is still live, the workspace's
-    /// last_heartbeat_at forward to `at` (never back; a revoked token is not touched).
+    /// A successful register/heartbeat, written at once: if the token is still live,
+    /// moves its last use, and so its workspace's last heartbeat, forward to `at`
+    /// (never back; a revoked token is not touched). Both are read from the
+    /// `heartbeats` table (see store::heartbeats).
     async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
         let beat = Heartbeat { token_id: token_id.to_string(), workspace_uid: uid.to_string(), at };
         self.record_heartbeats(std::slice::from_ref(&beat)).await.map(|_| ())
     }
-    /// [`Store::record_heartbeat`] for many heartbeats in one transaction (see
-    /// store::heartbeats); returns how many token rows moved.
+    /// [`Store::record_heartbeat`] for many heartbeats in one statement (see
+    /// store::heartbeats); returns how many tokens' times moved.
     async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64>;
     /// A successful heartbeat that may be written a little later: the stores write it
     /// at once; [`heartbeats::Coalescing`] buffers it and writes it in a batch.

@@ -22,12 +22,6 @@ const LOOKUP_CONNECTIONS: u32 = super::lookups::MAX_IN_FLIGHT as u32;
 /// The migrations in `migrations/postgres`, embedded in the binary and applied on open.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
-/// The statement [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now,
-/// reason). Public so the conformance suite can check with EXPLAIN that it is
-/// served by an index.
-pub const REVOKE_STALE_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET revoked_at = $3, revoke_reason = $4 \
-     WHERE workspace_uid = $1 AND revoked_at IS NULL AND COALESCE(last_used_at, created_at) < $2";
-
 pub struct PostgresStore {
     pool: PgPool,
     /// Connections for [`Store::token_owners`] only, the registry's hot path: the
@@ -93,17 +87,33 @@ async fn probe(options: &PgConnectOptions) -> StoreResult<()> {
     }
 }
 
+/// A workspace's last heartbeat: the latest of its live tokens' rows in `heartbeats`
+/// and what revocations folded into `workspaces.last_heartbeat_at` (migration 0009).
+macro_rules! last_heartbeat_at {
+    () => {
+        "GREATEST(workspaces.last_heartbeat_at, \
+         (SELECT max(h.at) FROM heartbeats h WHERE h.workspace_uid = workspaces.uid)) AS last_heartbeat_at"
+    };
+}
+
 macro_rules! workspace_columns {
     () => {
-        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
-         last_restart_reason, status::text AS status, mode_override, restart_requested_at"
+        concat!(
+            "uid, key, incarnation, created_at, ",
+            last_heartbeat_at!(),
+            ", restart_count, last_restart_at, last_restart_reason, status::text AS status, mode_override, \
+             restart_requested_at"
+        )
     };
 }
 
 macro_rules! brief_workspace_columns {
     () => {
-        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
-         last_restart_reason, mode_override, restart_requested_at"
+        concat!(
+            "uid, key, incarnation, created_at, ",
+            last_heartbeat_at!(),
+            ", restart_count, last_restart_at, last_restart_reason, mode_override, restart_requested_at"
+        )
     };
 }
 
@@ -130,11 +140,33 @@ fn record_from_row(row: &PgRow, with_status: bool) -> StoreResult<WorkspaceRecor
     })
 }
 
-macro_rules! token_columns {
+/// A token's last use: its row in `heartbeats` while it is live, else what its
+/// revocation folded into `last_used_at` (migration 0009).
+macro_rules! last_used_at {
     () => {
-        "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason, expires_at"
+        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
     };
 }
+
+macro_rules! token_columns {
+    () => {
+        concat!(
+            "id, workspace_uid, token_hash, prefix, incarnation, created_at, ",
+            last_used_at!(),
+            " AS last_used_at, revoked_at, revoke_reason, expires_at"
+        )
+    };
+}
+
+/// The statement [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now,
+/// reason). Public so the conformance suite can check with EXPLAIN that it is
+/// served by an index.
+pub const REVOKE_STALE_TOKENS_SQL: &str = concat!(
+    "UPDATE workspace_auth_tokens SET revoked_at = $3, revoke_reason = $4 \
+     WHERE workspace_uid = $1 AND revoked_at IS NULL AND COALESCE(",
+    last_used_at!(),
+    ", created_at) < $2"
+);
 
 // The statements on the hot paths, public so the benchmarks and the conformance
 // suite can EXPLAIN exactly what runs (see bench/stale_token, bench/registry).
@@ -155,21 +187,17 @@ pub const TOKEN_OWNERS_SQL: &str = "SELECT t.token_hash, t.revoked_at IS NULL AS
             w.incarnation AS current_incarnation, t.expires_at, w.agent_online \
      FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
      WHERE t.token_hash = ANY($1)";
-/// `Store::record_heartbeats`, the token half (binds: token ids, uids, times, as
-/// arrays sorted by token id, so concurrent batches lock rows in one order). Only
-/// forwards, and only on live rows.
-pub const HEARTBEAT_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens t SET last_used_at = b.at \
+/// `Store::record_heartbeats` (binds: token ids, uids, times, as arrays sorted by
+/// token id, so concurrent batches lock rows in one order): each token's row in
+/// `heartbeats` moves forward to `at`, only while the token is live. The token rows
+/// are share-locked: a concurrent revoke waits until this commits (and then folds
+/// the row this wrote), or this waits for the revoke and skips the token.
+pub const HEARTBEATS_SQL: &str = "INSERT INTO heartbeats (token_id, workspace_uid, at) \
+     SELECT b.id, b.uid, b.at \
      FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS b(id, uid, at) \
-     WHERE t.id = b.id AND t.workspace_uid = b.uid AND t.revoked_at IS NULL \
-       AND (t.last_used_at IS NULL OR t.last_used_at < b.at)";
-/// `Store::record_heartbeats`, the workspace half (same binds): the latest heartbeat
-/// of each workspace whose token is still live. Only forwards.
-pub const HEARTBEAT_WORKSPACES_SQL: &str = "UPDATE workspaces w SET last_heartbeat_at = b.at \
-     FROM (SELECT j.uid, max(j.at) AS at \
-           FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS j(id, uid, at) \
-           JOIN workspace_auth_tokens t ON t.id = j.id AND t.workspace_uid = j.uid AND t.revoked_at IS NULL \
-           GROUP BY j.uid) AS b \
-     WHERE w.uid = b.uid AND (w.last_heartbeat_at IS NULL OR w.last_heartbeat_at < b.at)";
+     JOIN workspace_auth_tokens t ON t.id = b.id AND t.workspace_uid = b.uid AND t.revoked_at IS NULL \
+     FOR SHARE OF t \
+     ON CONFLICT (token_id) DO UPDATE SET at = excluded.at WHERE heartbeats.at < excluded.at";
 /// `Store::secrets` for some scopes (bind: text[] of scope names).
 pub const SECRETS_OF_SCOPES_SQL: &str = "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at \
      FROM secrets WHERE scope = ANY($1) ORDER BY scope, name";
@@ -500,19 +528,8 @@ impl Store for PostgresStore {
         let ids: Vec<&str> = sorted.iter().map(|b| b.token_id.as_str()).collect();
         let uids: Vec<&str> = sorted.iter().map(|b| b.workspace_uid.as_str()).collect();
         let times: Vec<DateTime<Utc>> = sorted.iter().map(|b| micros(b.at)).collect();
-        // One transaction: the token rows first (their row locks keep a concurrent
-        // revoke waiting until this commits), then the workspaces whose token is live.
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(HEARTBEAT_TOKENS_SQL)
-            .bind(&ids)
-            .bind(&uids)
-            .bind(&times)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        sqlx::query(HEARTBEAT_WORKSPACES_SQL).bind(&ids).bind(&uids).bind(&times).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(moved)
+        let done = sqlx::query(HEARTBEATS_SQL).bind(&ids).bind(&uids).bind(&times).execute(&self.pool).await?;
+        Ok(done.rows_affected())
     }
 
     async fn put_secret(

@@ -25,11 +25,6 @@ const MAX_CONNECTIONS: u32 = 4;
 /// The migrations in `migrations/sqlite`, embedded in the binary and applied on open.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
-/// The statement [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now,
-/// reason). Public so the conformance suite can check its query plan.
-pub const REVOKE_STALE_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET revoked_at = ?3, revoke_reason = ?4 \
-     WHERE workspace_uid = ?1 AND revoked_at IS NULL AND COALESCE(last_used_at, created_at) < ?2";
-
 pub struct SqliteStore {
     pool: SqlitePool,
 }
@@ -115,17 +110,33 @@ fn get_opt_ts(row: &SqliteRow, column: &str) -> StoreResult<Option<DateTime<Utc>
     text.map(|t| parse_ts(column, &t)).transpose()
 }
 
+/// A workspace's last heartbeat: the latest of its live tokens' rows in `heartbeats`
+/// and what revocations folded into `workspaces.last_heartbeat_at` (migration 0007).
+macro_rules! last_heartbeat_at {
+    () => {
+        "NULLIF(max(COALESCE(workspaces.last_heartbeat_at, ''), \
+         COALESCE((SELECT max(h.at) FROM heartbeats h WHERE h.workspace_uid = workspaces.uid), '')), '') \
+         AS last_heartbeat_at"
+    };
+}
+
 macro_rules! workspace_columns {
     () => {
-        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
-         last_restart_reason, status, mode_override, restart_requested_at"
+        concat!(
+            "uid, key, incarnation, created_at, ",
+            last_heartbeat_at!(),
+            ", restart_count, last_restart_at, last_restart_reason, status, mode_override, restart_requested_at"
+        )
     };
 }
 
 macro_rules! brief_workspace_columns {
     () => {
-        "uid, key, incarnation, created_at, last_heartbeat_at, restart_count, last_restart_at, \
-         last_restart_reason, mode_override, restart_requested_at"
+        concat!(
+            "uid, key, incarnation, created_at, ",
+            last_heartbeat_at!(),
+            ", restart_count, last_restart_at, last_restart_reason, mode_override, restart_requested_at"
+        )
     };
 }
 
@@ -158,11 +169,32 @@ fn json_array(items: &[String]) -> StoreResult<String> {
     serde_json::to_string(items).map_err(|e| StoreError::Invalid(format!("cannot encode a list parameter: {e}")))
 }
 
-macro_rules! token_columns {
+/// A token's last use: its row in `heartbeats` while it is live, else what its
+/// revocation folded into `last_used_at` (migration 0007).
+macro_rules! last_used_at {
     () => {
-        "id, workspace_uid, token_hash, prefix, incarnation, created_at, last_used_at, revoked_at, revoke_reason, expires_at"
+        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
     };
 }
+
+macro_rules! token_columns {
+    () => {
+        concat!(
+            "id, workspace_uid, token_hash, prefix, incarnation, created_at, ",
+            last_used_at!(),
+            " AS last_used_at, revoked_at, revoke_reason, expires_at"
+        )
+    };
+}
+
+/// The statement [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now,
+/// reason). Public so the conformance suite can check its query plan.
+pub const REVOKE_STALE_TOKENS_SQL: &str = concat!(
+    "UPDATE workspace_auth_tokens SET revoked_at = ?3, revoke_reason = ?4 \
+     WHERE workspace_uid = ?1 AND revoked_at IS NULL AND COALESCE(",
+    last_used_at!(),
+    ", created_at) < ?2"
+);
 
 // The statements on the hot paths, public so the benchmarks and the conformance
 // suite can EXPLAIN exactly what runs (see bench/stale_token, bench/registry).
@@ -188,21 +220,16 @@ pub const TOKEN_OWNERS_SQL: &str = "SELECT t.token_hash, t.revoked_at IS NULL AS
             w.incarnation AS current_incarnation, t.expires_at, w.agent_online \
      FROM workspace_auth_tokens t JOIN workspaces w ON w.uid = t.workspace_uid \
      WHERE t.token_hash IN (SELECT value FROM json_each(?1))";
-/// `Store::record_heartbeats`, the token half (bind: a JSON array of
-/// `[token id, uid, at]`, one per token). Only forwards, and only on live rows.
-pub const HEARTBEAT_TOKENS_SQL: &str = "UPDATE workspace_auth_tokens SET last_used_at = b.at \
+/// `Store::record_heartbeats` (bind: a JSON array of `[token id, uid, at]`, one per
+/// token): each token's row in `heartbeats` moves forward to `at`, only while the
+/// token is live (a revoked token's heartbeat leaves no trace). (`WHERE true`: SQLite
+/// needs a WHERE before an upsert's ON CONFLICT when the SELECT has a join.)
+pub const HEARTBEATS_SQL: &str = "INSERT INTO heartbeats (token_id, workspace_uid, at) \
+     SELECT b.id, b.uid, b.at \
      FROM (SELECT value ->> 0 AS id, value ->> 1 AS uid, value ->> 2 AS at FROM json_each(?1)) AS b \
-     WHERE workspace_auth_tokens.id = b.id AND workspace_auth_tokens.workspace_uid = b.uid \
-       AND workspace_auth_tokens.revoked_at IS NULL \
-       AND (workspace_auth_tokens.last_used_at IS NULL OR workspace_auth_tokens.last_used_at < b.at)";
-/// `Store::record_heartbeats`, the workspace half (same bind): the latest heartbeat
-/// of each workspace whose token is still live. Only forwards.
-pub const HEARTBEAT_WORKSPACES_SQL: &str = "UPDATE workspaces SET last_heartbeat_at = b.at \
-     FROM (SELECT j.uid, max(j.at) AS at \
-           FROM (SELECT value ->> 0 AS id, value ->> 1 AS uid, value ->> 2 AS at FROM json_each(?1)) AS j \
-           JOIN workspace_auth_tokens t ON t.id = j.id AND t.workspace_uid = j.uid AND t.revoked_at IS NULL \
-           GROUP BY j.uid) AS b \
-     WHERE workspaces.uid = b.uid AND (workspaces.last_heartbeat_at IS NULL OR workspaces.last_heartbeat_at < b.at)";
+     JOIN workspace_auth_tokens t ON t.id = b.id AND t.workspace_uid = b.uid AND t.revoked_at IS NULL \
+     WHERE true \
+     ON CONFLICT (token_id) DO UPDATE SET at = excluded.at WHERE excluded.at > heartbeats.at";
 /// `Store::secrets` for some scopes (bind: a JSON array of scope names).
 pub const SECRETS_OF_SCOPES_SQL: &str = "SELECT scope, name, key_id, nonce, ciphertext, version, updated_at \
      FROM secrets WHERE scope IN (SELECT value FROM json_each(?1)) ORDER BY scope, name";
@@ -569,13 +596,9 @@ impl Store for SqliteStore {
             .collect();
         let batch = serde_json::to_string(&batch)
             .map_err(|e| StoreError::Invalid(format!("cannot encode a batch of heartbeats: {e}")))?;
-        // One write transaction for the whole batch: the token rows first, then the
-        // workspaces whose token was still live (the same order as every other writer).
-        let mut tx = self.write_tx().await?;
-        let moved = sqlx::query(HEARTBEAT_TOKENS_SQL).bind(&batch).execute(&mut *tx).await?.rows_affected();
-        sqlx::query(HEARTBEAT_WORKSPACES_SQL).bind(&batch).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(moved)
+        // One statement, one write transaction, for the whole batch.
+        let done = sqlx::query(HEARTBEATS_SQL).bind(&batch).execute(&self.pool).await?;
+        Ok(done.rows_affected())
     }
 
     async fn put_secret(
