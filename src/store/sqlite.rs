@@ -45,6 +45,10 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(BUSY_TIMEOUT * 2)
+            // sqlx pings a connection before lending it out by default: for SQLite a round
+            // trip to the connection's thread, as dear as the query itself. A local
+            // file's connection does not go stale.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
