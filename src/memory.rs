@@ -67,18 +67,56 @@ pub fn release_free_memory() {
 pub fn allocated_bytes() -> Option<usize> {
     #[cfg(not(target_env = "msvc"))]
     {
-        tikv_jemalloc_ctl::epoch::advance().ok()?;
-        tikv_jemalloc_ctl::stats::allocated::read().ok()
+        // Statistics are a snapshot taken when the epoch advances (writing any u64 to it).
+        // SAFETY: "epoch" is a u64 option, "stats.allocated" a size_t statistic.
+        unsafe {
+            mallctl_write(c"epoch", 1u64)?;
+            mallctl_read::<usize>(c"stats.allocated")
+        }
     }
     #[cfg(target_env = "msvc")]
     None
+}
+
+/// Reads one of jemalloc's values by name (`mallctl(3)`); None if jemalloc refuses.
+///
+/// # Safety
+/// `T` must be the type jemalloc documents for `name`.
+#[cfg(not(target_env = "msvc"))]
+unsafe fn mallctl_read<T: Copy + Default>(name: &std::ffi::CStr) -> Option<T> {
+    let mut value = T::default();
+    let mut len = std::mem::size_of::<T>();
+    // SAFETY: value and len describe a T-sized buffer, as the caller vouches the value is.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(name.as_ptr(), (&raw mut value).cast(), &mut len, std::ptr::null_mut(), 0)
+    };
+    (rc == 0 && len == std::mem::size_of::<T>()).then_some(value)
+}
+
+/// Writes one of jemalloc's values by name (`mallctl(3)`); None if jemalloc refuses.
+///
+/// # Safety
+/// `T` must be the type jemalloc documents for `name`.
+#[cfg(not(target_env = "msvc"))]
+unsafe fn mallctl_write<T: Copy>(name: &std::ffi::CStr, mut value: T) -> Option<()> {
+    // SAFETY: the new value is a T, as the caller vouches the option is.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            (&raw mut value).cast(),
+            std::mem::size_of::<T>(),
+        )
+    };
+    (rc == 0).then_some(())
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn jemalloc_runs_with_the_settings_given_here() {
-        use tikv_jemalloc_ctl::{background_thread, raw};
+        use super::mallctl_read;
         if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
             return; // the environment overrides them on purpose
         }
@@ -87,11 +125,12 @@ mod tests {
         let during = super::allocated_bytes().expect("jemalloc stats");
         assert!(during >= before + (1 << 20), "a 1 MiB block counts: {before} -> {during}");
         drop(block);
-        assert!(background_thread::read().unwrap(), "the purging thread runs");
-        // SAFETY: each reads an option's value as the type jemalloc documents for it.
-        let arenas: u32 = unsafe { raw::read(b"opt.narenas\0") }.unwrap();
-        let decay: isize = unsafe { raw::read(b"opt.dirty_decay_ms\0") }.unwrap();
-        let muzzy: isize = unsafe { raw::read(b"opt.muzzy_decay_ms\0") }.unwrap();
+        // SAFETY: each reads a value as the type jemalloc documents for it.
+        let running: bool = unsafe { mallctl_read(c"background_thread") }.unwrap();
+        assert!(running, "the purging thread runs");
+        let arenas: u32 = unsafe { mallctl_read(c"opt.narenas") }.unwrap();
+        let decay: isize = unsafe { mallctl_read(c"opt.dirty_decay_ms") }.unwrap();
+        let muzzy: isize = unsafe { mallctl_read(c"opt.muzzy_decay_ms") }.unwrap();
         assert_eq!((arenas, decay, muzzy), (2, 1000, 0));
     }
 }
