@@ -164,13 +164,9 @@ async fn postgres_unreachable_for_half_a_minute_is_waited_out_then_caught_up() {
         return;
     }
     let Some(db) = support::postgres::fresh_database().await else { return };
-    let url = url::Url::parse(&db.url).unwrap();
-    let target: std::net::SocketAddr = format!("127.0.0.1:{}", url.port().unwrap()).parse().unwrap();
-    let mut proxy = support::proxy::TcpProxy::start(target).await;
-    let mut via_proxy = url.clone();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let (mut proxy, via_proxy) = db.behind_proxy().await;
     let mut op = Op::new("pgcut");
-    op.extra = vec!["--database-url".into(), via_proxy.to_string()];
+    op.extra = vec!["--database-url".into(), via_proxy];
     let names = ["a", "b", "c", "d"];
     for n in names {
         op.write_ws(n);

@@ -64,13 +64,9 @@ async fn database_unreachable_is_waited_out_then_healed() {
         return;
     }
     let Some(db) = support::postgres::fresh_database().await else { return };
-    let url = url::Url::parse(&db.url).unwrap();
-    let target: std::net::SocketAddr = format!("127.0.0.1:{}", url.port().unwrap()).parse().unwrap();
-    let mut proxy = support::proxy::TcpProxy::start(target).await;
-    let mut via_proxy = url.clone();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let (mut proxy, via_proxy) = db.behind_proxy().await;
     let mut op = Op::new("pgdown");
-    op.extra = vec!["--database-url".into(), via_proxy.to_string()];
+    op.extra = vec!["--database-url".into(), via_proxy];
     op.write_ws("dev");
     op.start();
     let ws = tokio::task::block_in_place(|| op.wait_online(&["dev"], Duration::from_secs(90)));

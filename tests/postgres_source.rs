@@ -149,14 +149,10 @@ async fn changes_made_while_the_database_was_away_are_caught_up() {
     std::fs::write(dir.path().join("a.yaml"), workspace_yaml("a")).unwrap();
     std::fs::write(dir.path().join("b.yaml"), workspace_yaml("b")).unwrap();
     assert!(apply(&db.url, dir.path().to_str().unwrap()).status.success());
-    let url = url::Url::parse(&db.url).unwrap();
-    let target: std::net::SocketAddr = format!("127.0.0.1:{}", url.port().unwrap()).parse().unwrap();
-    let mut proxy = support::proxy::TcpProxy::start(target).await;
-    let mut via_proxy = url.clone();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let (mut proxy, via_proxy) = db.behind_proxy().await;
     let mut op = Op::new("pgaway");
     op.sources = vec!["postgres".into()];
-    op.extra = vec!["--database-url".into(), via_proxy.to_string()];
+    op.extra = vec!["--database-url".into(), via_proxy];
     op.start();
     let ws = tokio::task::block_in_place(|| op.wait_online(&["a", "b"], UP));
     let (tok_a, _, _) = read_token(ws["a"]["container"]["id"].as_str().unwrap()).unwrap();

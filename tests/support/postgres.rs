@@ -96,6 +96,18 @@ pub async fn fresh_database() -> Option<TestDatabase> {
     Some(TestDatabase { url: with_database(&admin_url, &name), name, server })
 }
 
+impl TestDatabase {
+    /// The database behind a TCP proxy on 127.0.0.1 that the test can cut and restore
+    /// (an outage without touching the server): the proxy, and the URL through it.
+    pub async fn behind_proxy(&self) -> (super::proxy::TcpProxy, String) {
+        let mut url = url::Url::parse(&self.url).unwrap();
+        let target = std::net::SocketAddr::from(([127, 0, 0, 1], url.port().unwrap()));
+        let proxy = super::proxy::TcpProxy::start(target).await;
+        url.set_port(Some(proxy.port)).unwrap();
+        (proxy, url.to_string())
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         // A throwaway cluster goes away whole; a server of the developer's keeps
