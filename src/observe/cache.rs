@@ -37,6 +37,7 @@ use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::compact::Interner;
 use crate::runtime::{ContainerInfo, ContainerState, Runtime, RuntimeError, Watched, labels};
 
 /// A read's place in time: taken before the runtime is asked.
@@ -70,7 +71,7 @@ struct State {
     by_workspace: HashMap<Arc<str>, Ids>,
     by_uid: HashMap<Arc<str>, Ids>,
     /// Image names, each kept once (a fleet runs a handful of images).
-    images: HashSet<Arc<str>>,
+    images: Interner<str>,
 }
 
 /// Container ids, sorted, each once: nearly always one (a workspace's container), kept
@@ -214,14 +215,7 @@ pub struct Applied {
 impl State {
     /// What the cache keeps of `info`, its texts shared with what it holds already.
     fn keep(&mut self, info: &ContainerInfo) -> Kept {
-        let image = match self.images.get(info.image.as_str()) {
-            Some(image) => image.clone(),
-            None => {
-                let image: Arc<str> = Arc::from(info.image.as_str());
-                self.images.insert(image.clone());
-                image
-            }
-        };
+        let image = self.images.get(&info.image, || Arc::from(info.image.as_str()));
         Kept {
             name: info.name.as_str().into(),
             image,

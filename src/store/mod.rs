@@ -2,6 +2,16 @@
 //! status and the decision log. One trait, two implementations (SQLite, Postgres),
 //! one conformance suite (tests/store_conformance.rs) run against both.
 
+/// A token's last use, as both stores' SQL reads it: its row in `heartbeats` while it
+/// is live, else what its revocation folded into `workspace_auth_tokens.last_used_at`
+/// (migrations sqlite/0007, postgres/0009). Defined before the stores' modules, which
+/// build their statements with it.
+macro_rules! last_used_at {
+    () => {
+        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
+    };
+}
+
 pub mod heartbeats;
 pub mod lease;
 pub mod lookups;

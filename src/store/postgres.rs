@@ -140,14 +140,6 @@ fn record_from_row(row: &PgRow, with_status: bool) -> StoreResult<WorkspaceRecor
     })
 }
 
-/// A token's last use: its row in `heartbeats` while it is live, else what its
-/// revocation folded into `last_used_at` (migration 0009).
-macro_rules! last_used_at {
-    () => {
-        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
-    };
-}
-
 macro_rules! token_columns {
     () => {
         concat!(

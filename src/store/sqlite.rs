@@ -173,14 +173,6 @@ fn json_array(items: &[String]) -> StoreResult<String> {
     serde_json::to_string(items).map_err(|e| StoreError::Invalid(format!("cannot encode a list parameter: {e}")))
 }
 
-/// A token's last use: its row in `heartbeats` while it is live, else what its
-/// revocation folded into `last_used_at` (migration 0007).
-macro_rules! last_used_at {
-    () => {
-        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
-    };
-}
-
 macro_rules! token_columns {
     () => {
         concat!(
