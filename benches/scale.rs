@@ -126,10 +126,15 @@ fn rust_heap() -> usize {
     molecule::memory::allocated_bytes().expect("jemalloc is the allocator")
 }
 
+/// Bytes the C code holds (glibc malloc: SQLite): arena chunks and mmapped blocks.
+fn c_heap() -> usize {
+    let mi = unsafe { libc::mallinfo2() };
+    mi.uordblks + mi.hblkhd
+}
+
 /// Everything allocated and not freed: Rust's (jemalloc) and C's (glibc malloc: SQLite).
 fn heap_live_mb() -> f64 {
-    let mi = unsafe { libc::mallinfo2() };
-    (rust_heap() + mi.uordblks + mi.hblkhd) as f64 / (1024.0 * 1024.0)
+    (rust_heap() + c_heap()) as f64 / (1024.0 * 1024.0)
 }
 
 /// What each structure the operator keeps per workspace costs, in bytes per workspace:
@@ -429,8 +434,7 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     // "leaked" report is what is live at the end (heaptrack ... scale --one 10000).
     if std::env::var("SCALE_EXIT_LIVE").is_ok() {
         eprintln!("rss {rss_mb:.1} MB, live heap {heap_mb:.1} MB, of which the simulated daemon {sim_mb:.1} MB");
-        let mi = unsafe { libc::mallinfo2() };
-        eprintln!("of which C code (glibc malloc): {:.1} MB", (mi.uordblks + mi.hblkhd) as f64 / 1048576.0);
+        eprintln!("of which C code (glibc malloc): {:.1} MB", c_heap() as f64 / 1048576.0);
         for f in ["RssAnon:", "RssFile:", "RssShmem:"] {
             eprintln!("{f} {:.1}", proc_status_mb(f));
         }
