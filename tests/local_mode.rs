@@ -189,6 +189,36 @@ fn heal_container_removed_out_of_band() {
     assert_eq!(op.containers().len(), 1);
 }
 
+/// A container that exits on its own (an agent crash, an OOM kill, `docker kill`) is
+/// replaced because it exited, not later because its agent went silent: the heartbeat
+/// TTL here is far longer than the wait. Docker 20.10 emits `die` before `docker ps`
+/// shows the container exited, so the event alone used to leave it "Running".
+#[test]
+fn heal_container_that_exits_on_its_own() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("healexit");
+    op.extra = ["--heartbeat-misses", "600", "--resync-seconds", "3600"].map(String::from).to_vec();
+    for name in ["killed", "termed"] {
+        op.write_ws(name);
+    }
+    op.start();
+    let ws = op.wait_online(&["killed", "termed"], UP);
+    let before: Vec<(i64, String)> = ["killed", "termed"].iter().map(|n| (inc(&ws, n), token_of(&ws, n))).collect();
+    assert!(docker_ok(&["kill", "-s", "KILL", &cid(&ws, "killed")]));
+    assert!(docker_ok(&["kill", "-s", "TERM", &cid(&ws, "termed")]));
+    for (name, (i, t)) in ["killed", "termed"].iter().zip(&before) {
+        assert_healed(&op, name, *i, t);
+        let describe = String::from_utf8(op.cli(&["describe", "workspace", name]).stdout).unwrap();
+        let decisions = describe.split("Decisions").nth(1).unwrap_or_default();
+        assert!(decisions.contains("container exited"), "healed because it exited:\n{describe}");
+        let rules: Vec<&str> = decisions.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+        assert!(!rules.contains(&"heartbeat"), "not by the heartbeat rule:\n{describe}");
+    }
+    assert_eq!(op.containers().len(), 2, "the exited containers are replaced, not kept beside");
+}
+
 /// The `docker compose down -v` incident: container and config volume gone together.
 /// The operator is cut off from Docker (a socket proxy) while both are removed, so it
 /// cannot recreate the container between the two removals; then it sees both gone.

@@ -37,6 +37,7 @@ use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::settle::{self, Checked, Settling};
 use crate::compact::Interner;
 use crate::runtime::{ContainerInfo, ContainerState, Runtime, RuntimeError, Watched, labels};
 
@@ -427,6 +428,13 @@ impl ContainerCache {
         Some(out)
     }
 
+    /// The state of container `id` as cached: None when the cache is unknown, Some(None)
+    /// when it is not there.
+    pub fn state_of(&self, id: &str) -> Option<Option<ContainerState>> {
+        let st = self.lock();
+        st.known.then(|| st.containers.get(id).map(|e| e.kept.state))
+    }
+
     /// Containers labelled with this uid. None when unknown.
     pub fn containers_of_uid(&self, uid: &str) -> Option<Vec<ContainerInfo>> {
         let st = self.lock();
@@ -537,9 +545,16 @@ pub async fn feed(
     let mut watch = runtime.watch();
     let mut backoff = RELIST_BACKOFF_MIN;
     let mut relist_at = Some(tokio::time::Instant::now());
+    let mut settling = Settling::default();
     loop {
         let sleep = async {
             match relist_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let settle = async {
+            match settling.next_due() {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -552,6 +567,7 @@ pub async fn feed(
             _ = sleep => {
                 match cache.relist(runtime.as_ref()).await {
                     Ok(applied) => {
+                        settling.clear();
                         relist_at = None;
                         backoff = RELIST_BACKOFF_MIN;
                         if applied.recovered {
@@ -566,6 +582,25 @@ pub async fn feed(
                         tracing::warn!(error = %e, retry_in = ?backoff, "listing containers failed; nothing will be revoked or removed until it works");
                         relist_at = Some(tokio::time::Instant::now() + backoff);
                         backoff = (backoff * 2).min(RELIST_BACKOFF_MAX);
+                    }
+                }
+            }
+            _ = settle => {
+                let ids = settling.due(tokio::time::Instant::now());
+                match cache.refresh_ids(runtime.as_ref(), &ids).await {
+                    Ok(changed) => {
+                        let now = tokio::time::Instant::now();
+                        for id in &ids {
+                            check_settled(&cache, &mut settling, id, now);
+                        }
+                        for key in changed {
+                            let _ = out.send(Feed::Changed { key, action: "settled".into() });
+                        }
+                    }
+                    Err(e) => {
+                        // The cache is unknown now; the full listing that follows repairs it.
+                        settling.clear();
+                        tracing::warn!(error = %e, "re-reading containers whose events the listing did not show failed");
                     }
                 }
             }
@@ -596,6 +631,17 @@ pub async fn feed(
                 {
                     tracing::warn!(error = %e, "re-reading containers named by events failed");
                 }
+                let now = tokio::time::Instant::now();
+                for item in &burst {
+                    if let Watched::Event(ev) = item
+                        && ev.is_lifecycle()
+                    {
+                        settling.saw(&ev.container_id, &ev.action, now);
+                    }
+                }
+                for id in &ids {
+                    check_settled(&cache, &mut settling, id, now);
+                }
                 for item in burst {
                     if let Watched::Event(ev) = item {
                         let _ = out.send(Feed::Seen(ev.clone()));
@@ -608,6 +654,18 @@ pub async fn feed(
                 }
             }
         }
+    }
+}
+
+/// Whether the cache shows what the last event of `id` promised; when it does not,
+/// the id stays in `settling` to be read again (see settle.rs).
+fn check_settled(cache: &ContainerCache, settling: &mut Settling, id: &str, now: tokio::time::Instant) {
+    let Some(state) = cache.state_of(id) else {
+        settling.clear(); // unknown: the full listing that follows repairs everything
+        return;
+    };
+    if let Checked::GaveUp(action) = settling.checked(id, state, now) {
+        tracing::warn!(container = id, %action, after = ?settle::GIVE_UP, ?state, "Docker's listing still does not show an event; the periodic resync will look again");
     }
 }
 

@@ -3,6 +3,7 @@
 //! container.
 
 pub mod cache;
+pub mod settle;
 
 use sha2::{Digest, Sha256};
 
