@@ -16,7 +16,8 @@ use axum::extract::ConnectInfo;
 use chrono::Utc;
 use http::Request;
 use http_body_util::BodyExt;
-use molecule::registry::{AppState, Metrics};
+use molecule::metrics::Metrics;
+use molecule::registry::AppState;
 use molecule::store::{RevokeReason, token};
 use tower::ServiceExt;
 
@@ -68,7 +69,7 @@ async fn main() {
     store.issue_token(&e_uid, 1, now).await.unwrap();
     store.expire_token(&e_uid, &e_old.row.id, now - chrono::Duration::seconds(1)).await.unwrap();
 
-    let (trigger, mut triggered) = molecule::reconcile::Trigger::new();
+    let (trigger, mut triggered) = molecule::trigger::Trigger::new();
     tokio::spawn(async move { while triggered.recv().await.is_some() {} });
     let (_desired_tx, desired) =
         tokio::sync::watch::channel(Arc::new(molecule::source::desired::DesiredSet::default()));

@@ -26,8 +26,8 @@ use chrono::Utc;
 use futures::StreamExt;
 use molecule::api::effective::Defaults;
 use molecule::api::{SourceRef, Workspace, WorkspaceSpec};
-use molecule::reconcile::{self, Context, Report, Trigger};
-use molecule::registry::Metrics;
+use molecule::metrics::Metrics;
+use molecule::reconcile::{self, Context};
 use molecule::rules::Settings;
 use molecule::runtime::render::AgentEnv;
 use molecule::runtime::sim::SimRuntime;
@@ -35,6 +35,7 @@ use molecule::source::desired::{DesiredSet, merge};
 use molecule::source::{Snapshot, SourceObject};
 use molecule::store::DynStore;
 use molecule::store::heartbeats::{Coalescing, DEFAULT_FLUSH_INTERVAL};
+use molecule::trigger::{Report, Resync, Trigger, Why};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -241,7 +242,8 @@ enum Kick {
     /// A full resync sweep, waiting for the reconciles it queues.
     FullResync,
     /// Reconcile these workspaces.
-    Keys(Vec<String>),
+    /// Reconciles of these workspaces, asked for this reason.
+    Keys(Vec<String>, Why),
 }
 
 struct Bench {
@@ -266,15 +268,17 @@ impl Bench {
             Kick::Declare(set) => {
                 self.desired.send_replace(set);
             }
-            Kick::Resync => expect = Some(self.trigger.resync_and_wait("bench").await.expect("queue running") as u64),
+            Kick::Resync => {
+                expect = Some(self.trigger.resync_and_wait(Resync::Changed).await.expect("queue running") as u64)
+            }
             Kick::FullResync => {
-                let queued = self.trigger.resync_and_wait(reconcile::FULL_RESYNC).await.expect("queue running");
+                let queued = self.trigger.resync_and_wait(Resync::Full).await.expect("queue running");
                 expect = Some(queued as u64);
             }
-            Kick::Keys(keys) => {
+            Kick::Keys(keys, why) => {
                 expect = Some(keys.len() as u64);
                 for k in keys {
-                    self.trigger.enqueue(&k, "bench");
+                    self.trigger.enqueue(&k, why);
                 }
             }
         }
@@ -396,7 +400,8 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     let nn = n as u64;
     b.phase("cold converge", Kick::Declare(set.clone()), |_, d| d >= nn).await;
     let nudged = b.heartbeat_all().await;
-    b.phase("agents come online (the registry queues each)", Kick::Keys(nudged), |_, _| true).await;
+    b.phase("agents come online (the registry queues each)", Kick::Keys(nudged, Why::AgentHeartbeat), |_, _| true)
+        .await;
     b.phase("full resync sweep", Kick::FullResync, |_, _| true).await;
     b.phase("no-op resync", Kick::Resync, |_, _| true).await;
     let nudged = b.heartbeat_all().await;
@@ -416,7 +421,10 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     }
     b.phases.retain(|p| p.name != "profiled no-op resync");
     let all: Vec<String> = (0..n).map(|i| format!("default/{}", name(i))).collect();
-    b.phase("every workspace fully reconciled (a resync before the sweep)", Kick::Keys(all), |_, _| true).await;
+    // What a resync cost before the sweep, and what a cluster-mode controller asks for
+    // when it starts (it reconciles every object once).
+    let every = Kick::Keys(all, Why::Kubernetes);
+    b.phase("every workspace fully reconciled (a resync before the sweep)", every, |_, _| true).await;
 
     let rss_burst_mb = proc_status_mb("VmRSS:");
     // What `ps` shows of an operator between bursts: jemalloc gives freed pages back a

@@ -12,14 +12,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::effective::Defaults;
 use crate::config::OperatorArgs;
-use crate::reconcile::{self, Context, Trigger};
-use crate::registry::{self, AppState, Metrics};
+use crate::metrics::Metrics;
+use crate::reconcile::{self, Context};
+use crate::registry::{self, AppState};
 use crate::rules::Settings;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::render::AgentEnv;
 use crate::source::Snapshot;
 use crate::source::desired::{DesiredSet, merge};
 use crate::source::dir::DirSource;
+use crate::trigger::Trigger;
 
 /// Where desired state comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -243,7 +245,8 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.keyring = Some(keyring);
     ctx.lost_heartbeats = state.lost_heartbeats.clone();
-    ctx.limiter = Some(state.limiter.clone());
+    let limiter = state.limiter.clone();
+    ctx.tokens_issued = Some(Arc::new(move |hash: &str| limiter.vouch(hash, std::time::Instant::now())));
     // While no operator ran (down, restarting, or a standby before it took the lease)
     // agents' heartbeats could not be recorded either: their silence counts from now,
     // so an operator restart after a long downtime restarts no healthy agent.

@@ -18,7 +18,7 @@ pub const KEY_FILE: &str = "secrets.key";
 /// Where a secret applies; a workspace's value overrides its team's, which overrides
 /// the global one.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
+pub enum SecretScope {
     Global,
     /// `namespace/team`
     Team(String),
@@ -26,7 +26,7 @@ pub enum Scope {
     Workspace(String),
 }
 
-impl Scope {
+impl SecretScope {
     pub fn as_string(&self) -> String {
         match self {
             Self::Global => "global".into(),
@@ -150,7 +150,7 @@ impl Keyring {
         &self.current.id
     }
 
-    pub fn seal(&self, scope: &Scope, name: &str, plaintext: &str) -> Sealed {
+    pub fn seal(&self, scope: &SecretScope, name: &str, plaintext: &str) -> Sealed {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS random source is available");
         let mut buf = plaintext.as_bytes().to_vec();
@@ -162,7 +162,7 @@ impl Keyring {
         Sealed { key_id: self.current.id.clone(), nonce: B64.encode(nonce), ciphertext: B64.encode(buf) }
     }
 
-    pub fn open(&self, scope: &Scope, name: &str, sealed: &Sealed) -> Result<String, SecretError> {
+    pub fn open(&self, scope: &SecretScope, name: &str, sealed: &Sealed) -> Result<String, SecretError> {
         let scope_s = scope.as_string();
         let corrupt = || SecretError::Corrupt { scope: scope_s.clone(), name: name.to_string() };
         let key = std::iter::once(&self.current).chain(&self.old).find(|k| k.id == sealed.key_id).ok_or_else(|| {
@@ -259,22 +259,25 @@ mod tests {
     #[test]
     fn seal_open_round_trip_bound_to_scope_and_name() {
         let k = Keyring::from_keys(&[7; 32], &[]);
-        let s = k.seal(&Scope::Global, "API_KEY", "sk-secret");
+        let s = k.seal(&SecretScope::Global, "API_KEY", "sk-secret");
         assert!(!s.ciphertext.contains("sk-secret"));
-        assert_eq!(k.open(&Scope::Global, "API_KEY", &s).unwrap(), "sk-secret");
-        assert!(matches!(k.open(&Scope::Global, "OTHER", &s), Err(SecretError::Corrupt { .. })));
-        assert!(matches!(k.open(&Scope::Team("default/eng".into()), "API_KEY", &s), Err(SecretError::Corrupt { .. })));
-        assert_ne!(k.seal(&Scope::Global, "API_KEY", "sk-secret").nonce, s.nonce, "fresh nonce every time");
+        assert_eq!(k.open(&SecretScope::Global, "API_KEY", &s).unwrap(), "sk-secret");
+        assert!(matches!(k.open(&SecretScope::Global, "OTHER", &s), Err(SecretError::Corrupt { .. })));
+        assert!(matches!(
+            k.open(&SecretScope::Team("default/eng".into()), "API_KEY", &s),
+            Err(SecretError::Corrupt { .. })
+        ));
+        assert_ne!(k.seal(&SecretScope::Global, "API_KEY", "sk-secret").nonce, s.nonce, "fresh nonce every time");
     }
 
     #[test]
     fn rotated_keys_still_open_old_values_and_errors_never_show_values() {
         let old = Keyring::from_keys(&[1; 32], &[]);
-        let sealed = old.seal(&Scope::Global, "A", "v1-value");
+        let sealed = old.seal(&SecretScope::Global, "A", "v1-value");
         let new = Keyring::from_keys(&[2; 32], &[[1; 32]]);
-        assert_eq!(new.open(&Scope::Global, "A", &sealed).unwrap(), "v1-value");
+        assert_eq!(new.open(&SecretScope::Global, "A", &sealed).unwrap(), "v1-value");
         let without = Keyring::from_keys(&[2; 32], &[]);
-        let err = without.open(&Scope::Global, "A", &sealed).unwrap_err().to_string();
+        let err = without.open(&SecretScope::Global, "A", &sealed).unwrap_err().to_string();
         assert!(err.contains(&sealed.key_id) && !err.contains("v1-value"), "{err}");
     }
 
@@ -337,9 +340,9 @@ mod tests {
 
     #[test]
     fn scopes_and_names() {
-        assert_eq!(Scope::parse("team:eng").unwrap(), Scope::Team("default/eng".into()));
-        assert_eq!(Scope::parse("workspace:ns/dev").unwrap().as_string(), "workspace:ns/dev");
-        assert!(Scope::parse("planet:x").is_err());
+        assert_eq!(SecretScope::parse("team:eng").unwrap(), SecretScope::Team("default/eng".into()));
+        assert_eq!(SecretScope::parse("workspace:ns/dev").unwrap().as_string(), "workspace:ns/dev");
+        assert!(SecretScope::parse("planet:x").is_err());
         assert!(valid_name("OPENAI_API_KEY").is_ok());
         assert!(valid_name("1X").is_err() && valid_name("A-B").is_err());
     }

@@ -22,9 +22,9 @@ use molecule::api::{Phase, WorkspaceStatus};
 use molecule::cluster::controller::{Context, error_policy, reconcile};
 use molecule::cluster::source::{GuardedTeam, GuardedWorkspace, SentMap, sent_map, snapshot};
 use molecule::cluster::{API_USES, Error, Options};
-use molecule::reconcile::{Report, Request as ReconcileRequest, Trigger};
 use molecule::source::desired::{DesiredSet, merge};
 use molecule::store::DecisionRecord;
+use molecule::trigger::{Report, Request as ReconcileRequest, Trigger, Why};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -127,11 +127,12 @@ impl Queue {
         let (a, r) = (asked.clone(), reports.clone());
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
-                assert_eq!(req.why, "kubernetes");
+                let ReconcileRequest::Reconcile { key, why, done } = req else { panic!("a resync nobody expected") };
+                assert_eq!(why, Why::Kubernetes);
                 a.fetch_add(1, Ordering::SeqCst);
                 let mut report = r.lock().unwrap().pop_front().expect("a reconcile nobody expected");
-                report.key = req.key.clone();
-                if let Some(done) = req.done {
+                report.key = key.clone();
+                if let Some(done) = done {
                     let _ = done.send(report);
                 }
             }

@@ -16,14 +16,15 @@ use kube::Client;
 use kube::client::Body;
 use molecule::api::effective::Defaults;
 use molecule::api::{ConditionStatus, Phase, SourceRef, Workspace};
-use molecule::reconcile::{Context, Report, Trigger};
-use molecule::registry::metrics::Metrics;
+use molecule::metrics::Metrics;
+use molecule::reconcile::Context;
 use molecule::rules::Settings;
 use molecule::runtime::Runtime;
 use molecule::runtime::render::AgentEnv;
-use molecule::secrets::{Keyring, Scope};
+use molecule::secrets::{Keyring, SecretScope};
 use molecule::source::desired::{DesiredSet, merge};
 use molecule::source::{Snapshot, SourceObject};
+use molecule::trigger::{Report, Trigger};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,7 @@ async fn env_from_secrets_reach_the_container_override_order_holds_and_a_change_
     let store = molecule::store::open(dir.path().join("state.db").to_str().unwrap()).await.unwrap();
     let keyring = Arc::new(Keyring::from_keys(&[9; 32], &[]));
     // The operator's own secret for this one workspace wins over the Secret's key.
-    let sealed = keyring.seal(&Scope::Workspace("default/uses".into()), "SHARED", "from-operator-store");
+    let sealed = keyring.seal(&SecretScope::Workspace("default/uses".into()), "SHARED", "from-operator-store");
     store.put_secret("workspace:default/uses", "SHARED", &sealed, chrono::Utc::now()).await.unwrap();
 
     let snap = Snapshot {

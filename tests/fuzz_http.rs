@@ -181,10 +181,10 @@ proptest! {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let store = molecule::store::open(dir.path().join("s.db").to_str().unwrap()).await.unwrap();
-            let (trigger, _rx) = molecule::reconcile::Trigger::new();
+            let (trigger, _rx) = molecule::trigger::Trigger::new();
             let (_tx, desired) = tokio::sync::watch::channel(Arc::new(molecule::source::desired::DesiredSet::default()));
             let state = molecule::registry::AppState::new(
-                store, trigger, desired, TOKEN.to_string(), Arc::new(molecule::registry::Metrics::new()));
+                store, trigger, desired, TOKEN.to_string(), Arc::new(molecule::metrics::Metrics::new()));
             let router = molecule::registry::router(state);
             for (path, m, bytes, bearer) in requests {
                 let what = format!("{m} {path} ({} bytes, bearer {bearer:?})", bytes.len());

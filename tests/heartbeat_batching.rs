@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use molecule::api::{Condition, ConditionStatus, Phase, WorkspaceStatus};
-use molecule::reconcile::Trigger;
-use molecule::registry::{self, AppState, Metrics};
+use molecule::metrics::Metrics;
+use molecule::registry::{self, AppState};
 use molecule::source::desired::DesiredSet;
 use molecule::store::heartbeats::Coalescing;
 use molecule::store::{self, DynStore, Heartbeat, IssuedToken, LostHeartbeats, RevokeReason, Store, WorkspaceRecord};
+use molecule::trigger::{Request, Trigger, Why};
 use tokio::sync::{mpsc, watch};
 
 /// A store under test: its URL (to open more stores on the same database, as a
@@ -367,18 +368,26 @@ mod cases {
         assert_eq!(raw.revoke_tokens(&online.uid, RevokeReason::TokenFileMismatch, None, Utc::now()).await.unwrap(), 1);
         assert_eq!(call("/registry/heartbeat", &tok, &online.uid).await.unwrap().status(), 401);
         assert_eq!(store.buffer().len(), 1, "the refused heartbeat is not noted");
-        let queued = triggers.try_recv().unwrap();
-        assert_eq!((queued.key.as_str(), queued.why), ("default/online", "registry-401"));
+        let (key, why) = queued(&mut triggers);
+        assert_eq!((key.as_str(), why), ("default/online", Why::TokenRefused));
         store.flush().await.unwrap();
         assert_eq!(last_heartbeat(&raw, &online.uid).await, None, "the revoke won over the pending heartbeat");
 
         assert_eq!(call("/registry/register", &tok_behind, &behind.uid).await.unwrap().status(), 200);
         assert!(last_heartbeat(&raw, &behind.uid).await.is_some(), "a register is written at once");
-        assert_eq!(triggers.try_recv().unwrap().key, "default/behind");
+        assert_eq!(queued(&mut triggers).0, "default/behind");
         let before = last_heartbeat(&raw, &behind.uid).await.unwrap();
         assert_eq!(call("/registry/heartbeat", &tok_behind, &behind.uid).await.unwrap().status(), 200);
         assert!(last_heartbeat(&raw, &behind.uid).await.unwrap() > before, "a catch-up heartbeat is written at once");
-        assert_eq!(triggers.try_recv().unwrap().why, "registry-heartbeat");
+        assert_eq!(queued(&mut triggers).1, Why::AgentHeartbeat);
+    }
+}
+
+/// The next reconcile the registry asked for: (workspace, why).
+fn queued(triggers: &mut mpsc::UnboundedReceiver<Request>) -> (String, Why) {
+    match triggers.try_recv() {
+        Ok(Request::Reconcile { key, why, .. }) => (key, why),
+        other => panic!("expected a reconcile request, got {other:?}"),
     }
 }
 
@@ -391,7 +400,7 @@ fn online_status() -> WorkspaceStatus {
     }
 }
 
-type Served = (String, mpsc::UnboundedReceiver<molecule::reconcile::Request>, tokio::sync::oneshot::Sender<()>);
+type Served = (String, mpsc::UnboundedReceiver<Request>, tokio::sync::oneshot::Sender<()>);
 
 /// Serves the registry router on 127.0.0.1:0 over `store`; returns its URL, the
 /// reconcile queue and what stops it when dropped.

@@ -16,11 +16,12 @@ use molecule::api::{
     WorkspaceStatus,
 };
 use molecule::cli::{self, ActionArgs, ClientArgs, ClientCommand, DescribeArgs, GetArgs, GetKind, OutputFormat};
-use molecule::reconcile::Trigger;
+use molecule::metrics::Metrics;
 use molecule::registry::views::{ActionResponse, TeamSummary, WorkspaceDetail, WorkspaceSummary};
-use molecule::registry::{self, AppState, Metrics};
+use molecule::registry::{self, AppState};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
 use molecule::store::{DecisionRecord, DynStore, IssuedToken, RevokeReason, WorkspaceRecord, token};
+use molecule::trigger::{Request, Trigger};
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -48,7 +49,7 @@ fn desired_set(workspaces: Vec<DesiredWorkspace>) -> DesiredSet {
 struct Harness {
     url: String,
     store: DynStore,
-    triggers: mpsc::UnboundedReceiver<molecule::reconcile::Request>,
+    triggers: mpsc::UnboundedReceiver<Request>,
     _desired: watch::Sender<Arc<DesiredSet>>,
     admin_token: String,
     state_dir: tempfile::TempDir,
@@ -130,8 +131,8 @@ impl Harness {
 
     fn drain_triggers(&mut self) -> Vec<(String, &'static str)> {
         let mut out = Vec::new();
-        while let Ok(molecule::reconcile::Request { key, why, .. }) = self.triggers.try_recv() {
-            let t = (key, why);
+        while let Ok(Request::Reconcile { key, why, .. }) = self.triggers.try_recv() {
+            let t = (key, why.as_str());
             out.push(t);
         }
         out

@@ -208,6 +208,18 @@ pub enum Phase {
     Terminating,
 }
 
+/// Every phase, in lifecycle order (tables and gauges list each, 0 when empty).
+pub const ALL_PHASES: [Phase; 8] = [
+    Phase::Pending,
+    Phase::Provisioning,
+    Phase::Running,
+    Phase::Degraded,
+    Phase::Paused,
+    Phase::Stopped,
+    Phase::Failed,
+    Phase::Terminating,
+];
+
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self, f)

@@ -374,9 +374,10 @@ fn spec_section(o: &mut String, s: &EffectiveSpec) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ALL_PHASES;
     use crate::api::effective::{Defaults, resolve};
     use crate::api::{Condition, ContainerStatus, WorkspaceSpec};
-    use crate::registry::views::{ALL_PHASES, TokenView};
+    use crate::registry::views::TokenView;
     use crate::store::DecisionRecord;
     use chrono::{Duration, TimeZone};
 

@@ -25,13 +25,13 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::source::{GuardedTeam, GuardedWorkspace, SentMap, key_of};
-use super::team_status;
 use super::{Error, FIELD_MANAGER, FINALIZER, Options, SOURCE_NAME};
 use crate::api::{
     API_VERSION, Condition, ConditionStatus, ObjectKey, Phase, Team, TeamStatus, Workspace, WorkspaceStatus,
 };
-use crate::reconcile::{Report, Trigger};
 use crate::source::desired::DesiredSet;
+use crate::status::team as team_status;
+use crate::trigger::{Report, Trigger, Why};
 
 /// Look again this often when nothing happens (status from other triggers is
 /// written by [`write_reports`] anyway).
@@ -39,7 +39,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// While the desired store catches up or a deletion completes.
 const SOON: Duration = Duration::from_secs(1);
 /// The `why` of the reconciles this controller asks for.
-const WHY: &str = "kubernetes";
+const WHY: Why = Why::Kubernetes;
 
 /// Every IO handle the controller needs; tests build their own.
 pub struct Context {
@@ -421,7 +421,7 @@ pub fn error_policy(obj: Arc<GuardedWorkspace>, error: &Error, ctx: Arc<Context>
                 })
                 .unwrap_or(1);
             tracing::warn!(workspace = %key, error = %error, label = inner.metric_label(), attempt, "reconcile failed");
-            Action::requeue(crate::reconcile::backoff(attempt))
+            Action::requeue(crate::reconcile::queue::backoff(attempt))
         }
     }
 }

@@ -4,7 +4,7 @@
 use kube::runtime::events::{Event, EventType};
 
 use crate::api::Phase;
-use crate::reconcile::Report;
+use crate::trigger::Report;
 
 /// Events for one finished reconcile. `previous_phase` is the phase last written for
 /// the workspace: Degraded is announced once, when it is entered.

@@ -17,7 +17,6 @@ pub mod events;
 pub mod leader;
 pub mod secrets;
 pub mod source;
-pub mod team_status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +24,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::reconcile::{Report, Trigger};
 use crate::source::Snapshot;
 use crate::source::desired::DesiredSet;
+use crate::trigger::{Report, Trigger};
 
 /// The finalizer that keeps a Workspace until its container, volume and tokens are gone.
 pub const FINALIZER: &str = "molecule.ai/cleanup";

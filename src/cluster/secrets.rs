@@ -24,14 +24,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::source::key_of;
-use crate::reconcile::Trigger;
 use crate::secrets::{SecretLookup, SecretObjects};
 use crate::source::desired::DesiredSet;
+use crate::trigger::{Trigger, Why};
 
 /// Only these Secrets are reflected (a field selector the API server applies).
 pub const FIELD_SELECTOR: &str = "type=Opaque";
 /// The `why` of the reconciles a Secret change asks for.
-const WHY: &str = "secret-changed";
+const WHY: Why = Why::SecretChanged;
 
 /// The reconcile queue's view of the cluster's Secrets.
 #[derive(Clone)]

@@ -1,21 +1,32 @@
-//! Applies a Decision's actions through the Runtime and Store. Every action is
-//! idempotent and ordered so that a crash at any point, followed by a restart,
-//! converges to the same end state: no duplicate container (one name per uid,
-//! removed before create), no live token without its container (old tokens are
-//! revoked before the new container exists; a token is written before start).
+//! Carries out a decision's actions through the Runtime and Store, and decides
+//! nothing: every choice (which tokens go and why, whether a new container starts
+//! paused) is in the action, made by a rule. Every action is idempotent and ordered
+//! so that a crash at any point, followed by a restart, converges to the same end
+//! state: no duplicate container (one name per uid, removed before create), no live
+//! token without its container (old tokens are revoked before the new container
+//! exists; a token is written before start).
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::api::OperatingMode;
-use crate::rules::{Action, Ctx, Desired};
+use crate::rules::{Action, Desired, Facts};
 use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, render};
 use crate::runtime::{CONFIGS_DIR, Runtime, RuntimeError, TOKEN_FILE, labels};
 use crate::store::{RevokeReason, Store, StoreError, WorkspaceRecord};
 
+/// A step that failed, named after its action.
 #[derive(Debug, thiserror::Error)]
-pub enum ExecError {
+#[error("{step}: {source}")]
+pub struct ExecError {
+    /// The action's name (`Action::name`): provision, reissue-token, ...
+    pub step: &'static str,
+    #[source]
+    pub source: StepError,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
@@ -26,27 +37,24 @@ pub enum ExecError {
 
 impl ExecError {
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Runtime(e) => e.metric_label(),
-            Self::Store(e) => e.metric_label(),
-            Self::Precondition(_) => "precondition",
+        match &self.source {
+            StepError::Runtime(e) => e.metric_label(),
+            StepError::Store(e) => e.metric_label(),
+            StepError::Precondition(_) => "precondition",
         }
     }
 }
 
-/// What executing needs besides the traits.
-pub struct Env<'a> {
+/// Carries out actions for one operator instance.
+pub struct Executor<'a> {
     pub runtime: &'a dyn Runtime,
     pub store: &'a dyn Store,
     pub instance: &'a str,
     pub agent: &'a AgentEnv,
     /// Failpoints for crash-consistency tests: `MOLECULE_FAILPOINT=<name>` aborts the
-    /// process the first time it reaches that step, `<name>@<n>` the n-th time. Every
-    /// name is in [`FAILPOINTS`].
+    /// process the first time it reaches that step, `<name>@<n>` the n-th time, and
+    /// `panic:<name>` panics there instead. Every name is in [`FAILPOINTS`].
     pub failpoint: Option<&'a str>,
-    /// Told about every token issued, so the registry lets its agent be checked even
-    /// while the agent's address is throttled for others' failures (registry/limit.rs).
-    pub vouch: Option<&'a crate::registry::limit::FailureLimiter>,
 }
 
 /// Every step the process can be killed at (tests/crash.rs crashes at each): the
@@ -87,25 +95,28 @@ pub struct Outcome {
     pub revoked: Vec<(RevokeReason, u64)>,
     pub issued: u64,
     /// Token files written: (container id, sha256 of the token), in order, so the
-    /// reconciler knows the file's content without reading it back.
+    /// reconciler knows the file's content without reading it back (and the registry
+    /// knows the tokens it issued).
     pub written: Vec<(String, String)>,
 }
 
-impl Env<'_> {
-    fn vouch(&self, issued: &crate::store::IssuedToken) {
-        if let Some(limiter) = self.vouch {
-            limiter.vouch(&issued.row.token_hash, std::time::Instant::now());
-        }
-    }
-
+impl Executor<'_> {
     fn failpoint(&self, name: &str) {
         debug_assert!(FAILPOINTS.contains(&name), "failpoint {name} is not listed in FAILPOINTS");
         let Some(spec) = self.failpoint else { return };
+        // `panic:<name>` panics instead (the reconcile loop's test of a panicking reconcile).
+        let (panics, spec) = match spec.strip_prefix("panic:") {
+            Some(rest) => (true, rest),
+            None => (false, spec),
+        };
         let (point, nth) = match spec.split_once('@') {
             Some((p, n)) => (p, n.parse::<u32>().unwrap_or(1)),
             None => (spec, 1),
         };
-        if point == name && FAILPOINT_HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= nth {
+        if point == name && FAILPOINT_HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
+            if panics {
+                panic!("failpoint {name} reached");
+            }
             tracing::error!(failpoint = name, "failpoint reached: aborting the process");
             std::process::abort();
         }
@@ -113,27 +124,27 @@ impl Env<'_> {
 
     pub async fn apply(
         &self,
-        ctx: &Ctx<'_>,
+        facts: &Facts<'_>,
         actions: &[Action],
         now: DateTime<Utc>,
     ) -> (Outcome, Result<(), ExecError>) {
         let mut out = Outcome::default();
         for a in actions {
-            if let Err(e) = self.apply_one(ctx, a, now, &mut out).await {
-                return (out, Err(e));
+            if let Err(source) = self.apply_one(facts, a, now, &mut out).await {
+                return (out, Err(ExecError { step: a.name(), source }));
             }
-            self.failpoint(a.failpoint());
+            self.failpoint(&format!("after-{}", a.name()));
         }
         (out, Ok(()))
     }
 
     async fn apply_one(
         &self,
-        ctx: &Ctx<'_>,
+        facts: &Facts<'_>,
         action: &Action,
         now: DateTime<Utc>,
         out: &mut Outcome,
-    ) -> Result<(), ExecError> {
+    ) -> Result<(), StepError> {
         // Removing a stray container needs no identity; everything else does.
         if let Action::RemoveContainer { id } = action {
             self.runtime.remove(id).await?;
@@ -141,15 +152,15 @@ impl Env<'_> {
             return Ok(());
         }
         let record =
-            ctx.observed.record.as_ref().ok_or_else(|| {
-                ExecError::Precondition(format!("{} needs the workspace's record", action.describe()))
+            facts.observed.record.as_ref().ok_or_else(|| {
+                StepError::Precondition(format!("{} needs the workspace's record", action.describe()))
             })?;
         let uid = record.uid.as_str();
         match action {
-            Action::Provision { revoke } => {
+            Action::Provision { revoke, paused } => {
                 let desired =
-                    ctx.desired.ok_or_else(|| ExecError::Precondition("provision without a declaration".into()))?;
-                self.provision(ctx, desired, record, *revoke, now, out).await?;
+                    facts.desired.ok_or_else(|| StepError::Precondition("provision without a declaration".into()))?;
+                self.provision(facts, desired, record, *revoke, *paused, now, out).await?;
             }
             Action::RemoveContainer { .. } => {} // handled above
             Action::RemoveVolume => {
@@ -168,12 +179,11 @@ impl Env<'_> {
                 self.revoked(out, *reason, n, &record.key);
             }
             Action::RotateToken { old, old_valid_until } => {
-                let c = ctx
+                let c = facts
                     .observed
                     .container()
-                    .ok_or_else(|| ExecError::Precondition("no container to write the token into".into()))?;
+                    .ok_or_else(|| StepError::Precondition("no container to write the token into".into()))?;
                 let issued = self.store.issue_token(uid, record.incarnation, now).await?;
-                self.vouch(&issued);
                 self.failpoint("rotate-after-issue");
                 self.runtime.write_file(&c.id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
                 self.failpoint("rotate-after-write");
@@ -192,12 +202,11 @@ impl Env<'_> {
                 self.revoked(out, RevokeReason::ContainerMissing, n, &record.key);
             }
             Action::ReissueToken { revoke } => {
-                let c = ctx
+                let c = facts
                     .observed
                     .container()
-                    .ok_or_else(|| ExecError::Precondition("no container to write the token into".into()))?;
+                    .ok_or_else(|| StepError::Precondition("no container to write the token into".into()))?;
                 let issued = self.store.issue_token(uid, record.incarnation, now).await?;
-                self.vouch(&issued);
                 self.failpoint("reissue-after-issue");
                 // If the write fails the new token is live but unused: the next pass sees the
                 // file still wrong, reissues, and revokes every token but the one written.
@@ -244,16 +253,18 @@ impl Env<'_> {
     /// A new incarnation. The image is checked first so a bad image never costs a
     /// working container its tokens; then old tokens go, the old container goes, the
     /// new one is created, given its token, and started.
+    #[allow(clippy::too_many_arguments)]
     async fn provision(
         &self,
-        ctx: &Ctx<'_>,
+        facts: &Facts<'_>,
         desired: &Desired,
         record: &WorkspaceRecord,
         revoke: RevokeReason,
+        paused: bool,
         now: DateTime<Utc>,
         out: &mut Outcome,
-    ) -> Result<(), ExecError> {
-        let spec = desired.effective().ok_or_else(|| ExecError::Precondition("invalid spec".into()))?;
+    ) -> Result<(), StepError> {
+        let spec = desired.effective().ok_or_else(|| StepError::Precondition("invalid spec".into()))?;
         let uid = record.uid.as_str();
         let id = Identity { instance: self.instance, key: &record.key, uid };
         let mut cs = render(spec, &id, self.agent);
@@ -269,7 +280,7 @@ impl Env<'_> {
         self.failpoint("provision-after-bump");
         let n = self.store.revoke_tokens(uid, revoke, None, now).await?;
         self.revoked(out, revoke, n, &record.key);
-        for c in ctx.observed.containers.iter().flatten() {
+        for c in facts.observed.containers.iter().flatten() {
             self.runtime.remove(&c.id).await?;
         }
         self.runtime.remove(&container_name(uid)).await?;
@@ -279,7 +290,6 @@ impl Env<'_> {
         let cid = self.runtime.create(&cs).await?;
         self.failpoint("provision-after-create");
         let issued = self.store.issue_token(uid, incarnation, now).await?;
-        self.vouch(&issued);
         self.failpoint("provision-after-issue");
         self.runtime.write_file(&cid, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
         self.failpoint("provision-after-write");
@@ -287,7 +297,7 @@ impl Env<'_> {
         out.written.push((cid.clone(), issued.row.token_hash.clone()));
         self.runtime.start(&cid).await?;
         self.failpoint("provision-after-start");
-        if ctx.mode() == Some(OperatingMode::Paused) {
+        if paused {
             self.runtime.pause(&cid).await?;
         }
         out.done.push(format!(

@@ -197,7 +197,7 @@ impl Kept {
 
 /// Which containers a partial read covered: those it did not return are gone.
 #[derive(Clone, Copy, Debug)]
-pub enum Scope<'a> {
+pub enum Covered<'a> {
     Ids(&'a [String]),
     /// Every container labelled `key=value`.
     Label(&'a str, &'a str),
@@ -299,13 +299,13 @@ impl State {
         self.gone.insert((*id).into(), t);
     }
 
-    fn ids_in(&self, scope: Scope<'_>) -> Vec<String> {
+    fn ids_in(&self, scope: Covered<'_>) -> Vec<String> {
         let of = |ids: Option<&Ids>| ids.into_iter().flatten().map(|id| id.to_string()).collect();
         match scope {
-            Scope::Ids(ids) => ids.to_vec(),
-            Scope::Label(k, v) if k == labels::WORKSPACE => of(self.by_workspace.get(v)),
-            Scope::Label(k, v) if k == labels::UID => of(self.by_uid.get(v)),
-            Scope::Label(k, v) => self
+            Covered::Ids(ids) => ids.to_vec(),
+            Covered::Label(k, v) if k == labels::WORKSPACE => of(self.by_workspace.get(v)),
+            Covered::Label(k, v) if k == labels::UID => of(self.by_uid.get(v)),
+            Covered::Label(k, v) => self
                 .containers
                 .iter()
                 .filter(|(_, e)| e.kept.label(k) == Some(v))
@@ -363,7 +363,7 @@ impl ContainerCache {
 
     /// Applies a partial read from ticket `t` covering `scope`; returns the workspace
     /// keys whose containers changed.
-    pub fn apply_partial(&self, t: Ticket, scope: Scope<'_>, found: Vec<ContainerInfo>) -> BTreeSet<String> {
+    pub fn apply_partial(&self, t: Ticket, scope: Covered<'_>, found: Vec<ContainerInfo>) -> BTreeSet<String> {
         let mut st = self.lock();
         let mut changed = BTreeSet::new();
         let covered = st.ids_in(scope);
@@ -374,7 +374,7 @@ impl ContainerCache {
         for id in covered.iter().filter(|id| !found_ids.contains(id.as_str())) {
             st.remove(t, id, &mut changed);
         }
-        if let Scope::Ids(ids) = scope {
+        if let Covered::Ids(ids) = scope {
             // Ids the cache never had and the read did not find: remember they are gone,
             // so that an older answer arriving later cannot bring them back.
             let unseen: Vec<&String> = ids
@@ -473,7 +473,7 @@ impl ContainerCache {
     pub async fn refresh_ids(&self, runtime: &dyn Runtime, ids: &[String]) -> Result<BTreeSet<String>, RuntimeError> {
         let t = self.begin();
         match runtime.list_ids(ids).await {
-            Ok(found) => Ok(self.apply_partial(t, Scope::Ids(ids), found)),
+            Ok(found) => Ok(self.apply_partial(t, Covered::Ids(ids), found)),
             Err(e) => {
                 self.mark_unknown(&e.to_string());
                 Err(e)
@@ -501,9 +501,9 @@ impl ContainerCache {
         .await;
         match result {
             Ok((by_key, by_uid)) => {
-                self.apply_partial(t, Scope::Label(labels::WORKSPACE, key), by_key);
+                self.apply_partial(t, Covered::Label(labels::WORKSPACE, key), by_key);
                 if let (Some(uid), Some(found)) = (uid, by_uid) {
-                    self.apply_partial(t, Scope::Label(labels::UID, uid), found);
+                    self.apply_partial(t, Covered::Label(labels::UID, uid), found);
                 }
                 Ok(())
             }
@@ -517,7 +517,7 @@ impl ContainerCache {
 
 /// What the feeder tells the reconcile queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Feed {
+pub enum CacheNews {
     /// This workspace's containers changed (an event, or a difference a listing found).
     Changed { key: String, action: String },
     /// The cache is known again after an outage: look at everything.
@@ -539,7 +539,7 @@ const BURST: usize = 512;
 pub async fn feed(
     cache: std::sync::Arc<ContainerCache>,
     runtime: std::sync::Arc<dyn Runtime>,
-    out: mpsc::UnboundedSender<Feed>,
+    out: mpsc::UnboundedSender<CacheNews>,
     shutdown: CancellationToken,
 ) {
     let mut watch = runtime.watch();
@@ -572,10 +572,10 @@ pub async fn feed(
                         backoff = RELIST_BACKOFF_MIN;
                         if applied.recovered {
                             tracing::info!("Docker can be listed again; looking at every workspace");
-                            let _ = out.send(Feed::Recovered);
+                            let _ = out.send(CacheNews::Recovered);
                         }
                         for key in applied.changed {
-                            let _ = out.send(Feed::Changed { key, action: "relisted".into() });
+                            let _ = out.send(CacheNews::Changed { key, action: "relisted".into() });
                         }
                     }
                     Err(e) => {
@@ -594,7 +594,7 @@ pub async fn feed(
                             check_settled(&cache, &mut settling, id, now);
                         }
                         for key in changed {
-                            let _ = out.send(Feed::Changed { key, action: "settled".into() });
+                            let _ = out.send(CacheNews::Changed { key, action: "settled".into() });
                         }
                     }
                     Err(e) => {
@@ -644,11 +644,11 @@ pub async fn feed(
                 }
                 for item in burst {
                     if let Watched::Event(ev) = item {
-                        let _ = out.send(Feed::Seen(ev.clone()));
+                        let _ = out.send(CacheNews::Seen(ev.clone()));
                         if ev.is_lifecycle()
                             && let Some(key) = ev.workspace
                         {
-                            let _ = out.send(Feed::Changed { key, action: ev.action });
+                            let _ = out.send(CacheNews::Changed { key, action: ev.action });
                         }
                     }
                 }
@@ -712,7 +712,7 @@ mod tests {
         assert_eq!(read, listed);
         assert_eq!(read.incarnation(), Some(7));
         let t = cache.begin();
-        assert!(cache.apply_partial(t, Scope::Label("ai.molecule.future", &long), vec![read]).is_empty());
+        assert!(cache.apply_partial(t, Covered::Label("ai.molecule.future", &long), vec![read]).is_empty());
         assert_eq!(cache.len(), 1, "a scan by another label finds it, unchanged");
     }
 
@@ -722,7 +722,7 @@ mod tests {
         assert_eq!(cache.containers_of("default/a", Some("u1")), None);
         assert_eq!(cache.workspace_keys(), None);
         let t = cache.begin();
-        cache.apply_partial(t, Scope::Ids(&["x".into()]), vec![c("x", "default/a", "u1", Running)]);
+        cache.apply_partial(t, Covered::Ids(&["x".into()]), vec![c("x", "default/a", "u1", Running)]);
         assert_eq!(cache.containers_of("default/a", Some("u1")), None, "a partial read does not make it known");
         let t = cache.begin();
         let applied = cache.apply_full(t, vec![c("x", "default/a", "u1", Running)]);
@@ -758,7 +758,7 @@ mod tests {
         // A slow full listing starts, then an event refresh sees x destroyed.
         let slow = cache.begin();
         let fresh = cache.begin();
-        let changed = cache.apply_partial(fresh, Scope::Ids(&["x".into()]), vec![]);
+        let changed = cache.apply_partial(fresh, Covered::Ids(&["x".into()]), vec![]);
         assert_eq!(changed, BTreeSet::from(["default/a".to_string()]));
         // The slow listing (x still there) lands late: x stays gone.
         cache.apply_full(slow, vec![c("x", "default/a", "u1", Running)]);
@@ -766,14 +766,14 @@ mod tests {
         // And a container created after the slow listing started survives it.
         let slow = cache.begin();
         let fresh = cache.begin();
-        cache.apply_partial(fresh, Scope::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Running)]);
+        cache.apply_partial(fresh, Covered::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Running)]);
         cache.apply_full(slow, vec![]);
         assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec!["y".into()]));
         // An older read of y's state never undoes a newer one.
         let old = cache.begin();
         let new = cache.begin();
-        cache.apply_partial(new, Scope::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Exited)]);
-        cache.apply_partial(old, Scope::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Running)]);
+        cache.apply_partial(new, Covered::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Exited)]);
+        cache.apply_partial(old, Covered::Ids(&["y".into()]), vec![c("y", "default/a", "u1", Running)]);
         assert_eq!(cache.containers_of("default/a", None).unwrap()[0].state, Exited);
     }
 
@@ -785,14 +785,14 @@ mod tests {
         let old = cache.begin();
         let new = cache.begin();
         // The newer read (an event for z) finds z already gone; the older one still saw it.
-        cache.apply_partial(new, Scope::Ids(&["z".into()]), vec![]);
-        cache.apply_partial(old, Scope::Ids(&["z".into()]), vec![c("z", "default/a", "u1", Running)]);
+        cache.apply_partial(new, Covered::Ids(&["z".into()]), vec![]);
+        cache.apply_partial(old, Covered::Ids(&["z".into()]), vec![c("z", "default/a", "u1", Running)]);
         assert_eq!(ids(cache.containers_of("default/a", Some("u1"))), Some(vec![]));
         // Nor does a full listing older than the last full one.
         let older = cache.begin();
         let t = cache.begin();
         cache.apply_full(t, vec![]);
-        cache.apply_partial(older, Scope::Ids(&["w".into()]), vec![c("w", "default/b", "u2", Running)]);
+        cache.apply_partial(older, Covered::Ids(&["w".into()]), vec![c("w", "default/b", "u2", Running)]);
         assert_eq!(ids(cache.containers_of("default/b", Some("u2"))), Some(vec![]));
     }
 
@@ -818,10 +818,10 @@ mod tests {
         let t = cache.begin();
         cache.apply_partial(
             t,
-            Scope::Label(labels::WORKSPACE, "default/dev"),
+            Covered::Label(labels::WORKSPACE, "default/dev"),
             vec![c("mine", "default/dev", "u1", Running)],
         );
-        cache.apply_partial(t, Scope::Label(labels::UID, "u1"), vec![c("mine", "default/dev", "u1", Running)]);
+        cache.apply_partial(t, Covered::Label(labels::UID, "u1"), vec![c("mine", "default/dev", "u1", Running)]);
         assert_eq!(ids(cache.containers_of("default/dev", Some("u1"))), Some(vec!["mine".into()]));
         assert_eq!(ids(cache.containers_of("default/other", Some("u2"))), Some(vec!["other".into()]));
         let mut keys = cache.workspace_keys().unwrap();

@@ -39,8 +39,7 @@ pub async fn observe(
         containers,
         live_tokens,
         token_file: TokenFile::NotRead,
-        provisioning: false,
-        quota_hold: None,
+        team: Default::default(),
         heartbeats_lost_at: None,
     };
     if read_token_file && let Some(c) = token_file_container(&obs) {

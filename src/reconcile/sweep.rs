@@ -7,7 +7,7 @@
 //! (`rules::plan`) in memory about each workspace. Only the workspaces where a rule
 //! would act, or whose inputs changed since their last full reconcile, get one.
 //!
-//! What the sweep takes from the last full reconcile instead of recomputing (`Seen`):
+//! What the sweep takes from the last full reconcile instead of recomputing (`QuietSnapshot`):
 //! - the spec hash, valid while the declaration's generation and the secrets are the
 //!   same (any change to any secret makes every workspace reconcile once);
 //! - the token file's hash, valid while the container is the same one. Every way the
@@ -16,17 +16,18 @@
 //!   on the volume) makes the agent present a token the registry refuses (401).
 //!
 //! Anything the sweep cannot vouch for (a workspace failing, a member of a team with
-//! quotas, no `Seen` yet, a different container) gets a full reconcile, as before.
+//! quotas, no `QuietSnapshot` yet, a different container) gets a full reconcile, as before.
 
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use super::{Context, team_limits};
+use super::Context;
+use super::dereference::team_limits;
 use crate::api::ObjectKey;
 use crate::compact::Hex;
-use crate::rules::{Ctx, Desired, Observed, Settings, TokenFile, plan};
+use crate::rules::{Desired, Facts, Observed, Settings, TeamView, TokenFile, plan};
 use crate::runtime::ContainerInfo;
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{SecretRow, TokenRow, WorkspaceRecord};
@@ -34,26 +35,26 @@ use crate::store::{SecretRow, TokenRow, WorkspaceRecord};
 /// What the last quiet full reconcile of a workspace saw, for the sweep. One per
 /// workspace, so ids and hashes are kept as bytes.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Seen {
+pub struct QuietSnapshot {
     pub generation: i64,
     /// `secrets_fingerprint` of the secrets as they were when the hash was computed.
     pub secrets: u64,
     pub spec_hash: Hex,
     /// Its own container (by uid) and what its token file held.
     pub container: Option<Hex>,
-    pub token_file: SeenFile,
+    pub token_file: SnapshotFile,
 }
 
-/// A `TokenFile` as `Seen` keeps it.
+/// A `TokenFile` as `QuietSnapshot` keeps it.
 #[derive(Clone, Debug, PartialEq)]
-pub enum SeenFile {
+pub enum SnapshotFile {
     NotRead,
     Missing,
     Hash(Hex),
     Unreadable(Box<str>),
 }
 
-impl From<&TokenFile> for SeenFile {
+impl From<&TokenFile> for SnapshotFile {
     fn from(file: &TokenFile) -> Self {
         match file {
             TokenFile::NotRead => Self::NotRead,
@@ -64,13 +65,13 @@ impl From<&TokenFile> for SeenFile {
     }
 }
 
-impl From<&SeenFile> for TokenFile {
-    fn from(file: &SeenFile) -> Self {
+impl From<&SnapshotFile> for TokenFile {
+    fn from(file: &SnapshotFile) -> Self {
         match file {
-            SeenFile::NotRead => Self::NotRead,
-            SeenFile::Missing => Self::Missing,
-            SeenFile::Hash(h) => Self::Hash(h.to_string()),
-            SeenFile::Unreadable(e) => Self::Unreadable(e.to_string()),
+            SnapshotFile::NotRead => Self::NotRead,
+            SnapshotFile::Missing => Self::Missing,
+            SnapshotFile::Hash(h) => Self::Hash(h.to_string()),
+            SnapshotFile::Unreadable(e) => Self::Unreadable(e.to_string()),
         }
     }
 }
@@ -91,13 +92,13 @@ pub fn secrets_fingerprint(rows: &[SecretRow]) -> u64 {
 
 /// Whether a workspace needs a full reconcile, judged from bulk-read state and what its
 /// last full reconcile saw. Pure.
-pub struct Look<'a> {
+pub struct SweepInput<'a> {
     pub declared: Option<&'a DesiredWorkspace>,
     pub record: Option<&'a WorkspaceRecord>,
     /// None: the container listing failed (unknown).
     pub containers: Option<Vec<ContainerInfo>>,
     pub live_tokens: Vec<TokenRow>,
-    pub seen: Option<&'a Seen>,
+    pub snapshot: Option<&'a QuietSnapshot>,
     pub secrets: u64,
     /// A member of a team with quotas (the hold needs the whole team: always reconciled).
     pub quota_team: bool,
@@ -107,7 +108,7 @@ pub struct Look<'a> {
     pub heartbeats_lost_at: Option<DateTime<Utc>>,
 }
 
-impl Look<'_> {
+impl SweepInput<'_> {
     /// Why it needs a full reconcile, or None when every rule would stay quiet.
     pub fn why(self, settings: &Settings, now: DateTime<Utc>) -> Option<&'static str> {
         if self.failing {
@@ -127,7 +128,7 @@ impl Look<'_> {
             (Some(_), None) => return Some("never-seen"),
             pair => pair,
         };
-        let seen = match (declared, self.seen) {
+        let seen = match (declared, self.snapshot) {
             (Some(_), None) => return Some("not-seen-since-start"),
             (_, seen) => seen,
         };
@@ -142,7 +143,7 @@ impl Look<'_> {
                     spec: d.spec.clone(),
                     spec_hash: seen.spec_hash.to_string(),
                     source: d.source.clone(),
-                    secrets_hold: None, // only envFrom holds, and those are reconciled above
+                    secrets_unreadable: None, // only envFrom holds, and those are reconciled above
                 })
             }
             _ => None,
@@ -152,8 +153,7 @@ impl Look<'_> {
             containers: Some(containers),
             live_tokens: self.live_tokens,
             token_file: TokenFile::NotRead,
-            provisioning: false,
-            quota_hold: None,
+            team: TeamView::NoQuota, // quota teams are reconciled above
             heartbeats_lost_at: self.heartbeats_lost_at,
         };
         let own = observed.container().map(|c| Hex::new(&c.id));
@@ -163,8 +163,8 @@ impl Look<'_> {
             }
             observed.token_file = (&seen.token_file).into();
         }
-        let ctx = Ctx { desired: desired.as_ref(), observed: &observed, now, settings };
-        plan(&ctx).map(|d| d.rule)
+        let facts = Facts { desired: desired.as_ref(), observed: &observed, now, settings };
+        plan(&facts).decision().map(|d| d.rule)
     }
 }
 
@@ -250,7 +250,7 @@ impl Phases {
         *self.lock() = p;
     }
 
-    pub(super) fn publish(&self, metrics: &crate::registry::metrics::Metrics) {
+    pub(super) fn publish(&self, metrics: &crate::metrics::Metrics) {
         let counts: Vec<(crate::api::Phase, i64)> = self.lock().counts.iter().map(|(p, n)| (*p, *n)).collect();
         metrics.set_workspaces(counts);
     }
@@ -258,7 +258,7 @@ impl Phases {
 
 /// Which workspaces a resync looks at: every one, or those in the change log.
 #[derive(Debug, PartialEq)]
-enum Scope {
+enum Extent {
     Full(&'static str),
     Changed(BTreeSet<String>),
 }
@@ -297,22 +297,22 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
     // Taken first: a change made after this is in the next sweep's log.
     let changes = ctx.store.take_changes().await;
     let last_full = ctx.sweeps.lock().unwrap_or_else(|e| e.into_inner()).last_full;
-    let scope = match changes {
-        _ if force_full => Scope::Full("asked"),
-        _ if last_full.is_none_or(|t| t.elapsed() >= ctx.full_resync) => Scope::Full("periodic"),
+    let extent = match changes {
+        _ if force_full => Extent::Full("asked"),
+        _ if last_full.is_none_or(|t| t.elapsed() >= ctx.full_resync) => Extent::Full("periodic"),
         Err(e) => {
             tracing::warn!(error = %e, "the resync could not read the change log; looking at everything");
-            Scope::Full("change-log-unreadable")
+            Extent::Full("change-log-unreadable")
         }
-        Ok(changes) if changes.secrets => Scope::Full("secrets-changed"),
-        Ok(_) if !ctx.containers.is_known() => Scope::Full("containers-unknown"),
-        Ok(changes) => Scope::Changed(changes.keys),
+        Ok(changes) if changes.secrets => Extent::Full("secrets-changed"),
+        Ok(_) if !ctx.containers.is_known() => Extent::Full("containers-unknown"),
+        Ok(changes) => Extent::Changed(changes.keys),
     };
-    let full = matches!(scope, Scope::Full(_));
-    let mut keys: BTreeSet<String> = match &scope {
-        Scope::Full(_) => set.workspaces.keys().map(ObjectKey::to_string).collect(),
+    let full = matches!(extent, Extent::Full(_));
+    let mut keys: BTreeSet<String> = match &extent {
+        Extent::Full(_) => set.workspaces.keys().map(ObjectKey::to_string).collect(),
         // envFrom Secrets are not in the log: those workspaces are looked at every time.
-        Scope::Changed(changed) => {
+        Extent::Changed(changed) => {
             let env_from = ctx.sweeps.lock().unwrap_or_else(|e| e.into_inner()).env_from(&set);
             changed.iter().cloned().chain(env_from).collect()
         }
@@ -388,7 +388,7 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
     for t in tokens {
         tokens_of.entry(t.workspace_uid.clone()).or_default().push(t);
     }
-    let seen = ctx.seen.lock().unwrap_or_else(|e| e.into_inner());
+    let quiet = ctx.quiet.lock().unwrap_or_else(|e| e.into_inner());
     let failures: BTreeSet<String> = ctx.failing_keys();
     let now = Utc::now();
     let heartbeats_lost_at = ctx.lost_heartbeats.last();
@@ -399,12 +399,12 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
         let okey = ObjectKey::parse(&key);
         let declared = set.workspaces.get(&okey);
         let record = records.get(key.as_str()).copied();
-        let look = Look {
+        let look = SweepInput {
             declared,
             record,
             containers: ctx.containers.containers_of(&key, record.map(|r| r.uid.as_str())),
             live_tokens: record.and_then(|r| tokens_of.remove(&r.uid)).unwrap_or_default(),
-            seen: seen.get(key.as_str()),
+            snapshot: quiet.get(key.as_str()),
             secrets,
             quota_team: declared.is_some_and(|d| team_limits(&set, d).is_some()),
             failing: failures.contains(&key),
@@ -415,12 +415,12 @@ async fn sweep_inner(ctx: &Context, force_full: bool) -> (Vec<String>, bool) {
             due.push(key);
         }
     }
-    drop(seen);
+    drop(quiet);
     ctx.metrics.resynced(full, looked);
     tracing::debug!(
-        full = match scope {
-            Scope::Full(why) => why,
-            Scope::Changed(_) => "no",
+        full = match extent {
+            Extent::Full(why) => why,
+            Extent::Changed(_) => "no",
         },
         looked,
         ?reasons,
@@ -452,26 +452,26 @@ mod tests {
         }
     }
 
-    fn seen() -> Seen {
-        Seen {
+    fn snapshot() -> QuietSnapshot {
+        QuietSnapshot {
             generation: 1,
             secrets: 7,
             spec_hash: HASH.into(),
             container: Some(container(1, ContainerState::Running).id.as_str().into()),
-            token_file: SeenFile::Hash("hash-t1".into()),
+            token_file: SnapshotFile::Hash("hash-t1".into()),
         }
     }
 
     /// The sweep's look at `d` recorded as `r` and last seen as `s`, with the containers
     /// and tokens of a healthy workspace.
-    fn look<'a>(d: &'a DesiredWorkspace, r: &'a WorkspaceRecord, s: &'a Seen) -> Look<'a> {
+    fn input<'a>(d: &'a DesiredWorkspace, r: &'a WorkspaceRecord, s: &'a QuietSnapshot) -> SweepInput<'a> {
         let obs = healthy();
-        Look {
+        SweepInput {
             declared: Some(d),
             record: Some(r),
             containers: obs.containers,
             live_tokens: obs.live_tokens,
-            seen: Some(s),
+            snapshot: Some(s),
             secrets: 7,
             quota_team: false,
             failing: false,
@@ -480,11 +480,11 @@ mod tests {
     }
 
     /// A healthy workspace as the sweep sees it, with `f` applied.
-    fn why(f: impl FnOnce(&mut Look<'_>)) -> Option<&'static str> {
-        let (d, r, s) = (declared(), record(1), seen());
-        let mut look = look(&d, &r, &s);
-        f(&mut look);
-        look.why(&settings(), now())
+    fn why(f: impl FnOnce(&mut SweepInput<'_>)) -> Option<&'static str> {
+        let (d, r, s) = (declared(), record(1), snapshot());
+        let mut input = input(&d, &r, &s);
+        f(&mut input);
+        input.why(&settings(), now())
     }
 
     #[test]
@@ -499,14 +499,14 @@ mod tests {
         assert_eq!(why(|l| l.declared = None), Some("remove"));
         let silent = record(1);
         let silent = WorkspaceRecord { last_heartbeat_at: Some(now() - chrono::Duration::seconds(60)), ..silent };
-        let (d, s) = (declared(), seen());
-        assert_eq!(look(&d, &silent, &s).why(&settings(), now()), Some("heartbeat"), "an agent silent past its TTL");
+        let (d, s) = (declared(), snapshot());
+        assert_eq!(input(&d, &silent, &s).why(&settings(), now()), Some("heartbeat"), "an agent silent past its TTL");
     }
 
     #[test]
     fn what_the_sweep_cannot_vouch_for_is_reconciled() {
         assert_eq!(why(|l| l.containers = None), Some("containers-unknown"));
-        assert_eq!(why(|l| l.seen = None), Some("not-seen-since-start"));
+        assert_eq!(why(|l| l.snapshot = None), Some("not-seen-since-start"));
         assert_eq!(why(|l| l.secrets = 8), Some("declaration-or-secrets-changed"));
         assert_eq!(why(|l| l.record = None), Some("never-seen"));
         assert_eq!(why(|l| l.failing = true), Some("failing"));
@@ -519,8 +519,8 @@ mod tests {
     fn a_new_generation_is_reconciled() {
         let mut d = declared();
         d.generation = 2;
-        let (r, s) = (record(1), seen());
-        assert_eq!(look(&d, &r, &s).why(&settings(), now()), Some("declaration-or-secrets-changed"));
+        let (r, s) = (record(1), snapshot());
+        assert_eq!(input(&d, &r, &s).why(&settings(), now()), Some("declaration-or-secrets-changed"));
     }
 
     #[test]
@@ -530,7 +530,7 @@ mod tests {
                 l.declared = None;
                 l.record = None;
                 l.containers = Some(vec![]);
-                l.seen = None;
+                l.snapshot = None;
             }),
             None
         );
@@ -539,7 +539,7 @@ mod tests {
             why(|l| {
                 l.declared = None;
                 l.record = None;
-                l.seen = None;
+                l.snapshot = None;
             }),
             Some("orphan")
         );
@@ -548,7 +548,7 @@ mod tests {
     #[test]
     fn the_phase_gauge_follows_status_writes_removals_and_full_reads() {
         use crate::api::Phase;
-        let metrics = crate::registry::metrics::Metrics::new();
+        let metrics = crate::metrics::Metrics::new();
         let gauge = |phase: &str| {
             let text = metrics.encode();
             let line = format!("molecule_workspaces{{phase=\"{phase}\"}} ");

@@ -1,6 +1,7 @@
 //! The admin API (`/api/v1/*`, admin token required): what `get`, `describe`,
 //! `restart`, `pause` and `resume` talk to.
 
+use crate::trigger::Why;
 use std::sync::Arc;
 
 use axum::Json;
@@ -125,7 +126,7 @@ async fn target(
     Ok((declared, record))
 }
 
-fn done(state: &AppState, key: &ObjectKey, action: &'static str, why: &'static str, message: String) -> Response {
+fn done(state: &AppState, key: &ObjectKey, action: &'static str, why: Why, message: String) -> Response {
     state.trigger.enqueue(&key.to_string(), why);
     tracing::info!(workspace = %key, action, "admin API: {message}");
     Json(ActionResponse { workspace: key.to_string(), action: action.into(), message }).into_response()
@@ -149,7 +150,7 @@ pub(crate) async fn restart(
         &state,
         &key,
         "restart",
-        "cli-restart",
+        Why::CliRestart,
         format!("restart of {key} requested; the operator replaces its container now"),
     )
 }
@@ -172,7 +173,7 @@ pub(crate) async fn pause(
         &state,
         &key,
         "pause",
-        "cli-pause",
+        Why::CliPause,
         format!("{key} is pausing; `molecule-operator resume workspace {}` undoes it", key.name),
     )
 }
@@ -199,5 +200,5 @@ pub(crate) async fn resume(
         None => format!("{key} is resuming (it is declared Running)"),
         Some(_) => format!("{key} is resuming; it stays running although it is declared {declared_mode:?}"),
     };
-    done(&state, &key, "resume", "cli-resume", message)
+    done(&state, &key, "resume", Why::CliResume, message)
 }

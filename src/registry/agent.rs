@@ -10,6 +10,7 @@
 //! revoked or of a superseded incarnation, so an answer reveals nothing about which.
 //! Tokens are never logged; at most their 8-character prefix.
 
+use crate::trigger::Why;
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -91,7 +92,7 @@ async fn handle(
     }
     let (Some(presented), Some(hash)) = (presented, hash) else {
         tracing::debug!(workspace_id = %uid, ?call, "registry: missing or malformed bearer");
-        return reject(state, ip, &uid, "registry-401").await;
+        return reject(state, ip, &uid, Why::TokenRefused).await;
     };
     let prefix = token::prefix(presented);
     let owner = match state.store.token_owner(&hash).await {
@@ -100,7 +101,7 @@ async fn handle(
     };
     let Some(owner) = owner else {
         tracing::debug!(workspace_id = %uid, token_prefix = %prefix, ?call, "registry: unknown or revoked token");
-        return reject(state, ip, &uid, "registry-401").await;
+        return reject(state, ip, &uid, Why::TokenRefused).await;
     };
     if owner.token_incarnation != owner.current_incarnation {
         tracing::debug!(
@@ -108,11 +109,11 @@ async fn handle(
             token_incarnation = owner.token_incarnation, current = owner.current_incarnation,
             "registry: token of a superseded incarnation"
         );
-        return reject(state, ip, &uid, "registry-401").await;
+        return reject(state, ip, &uid, Why::TokenRefused).await;
     }
     if owner.expires_at.is_some_and(|e| e <= Utc::now()) {
         tracing::debug!(workspace = %owner.workspace_key, token_prefix = %prefix, "registry: rotated-out token past its overlap");
-        return reject(state, ip, &uid, "registry-401").await;
+        return reject(state, ip, &uid, Why::TokenRefused).await;
     }
     if !same_uid(&owner.workspace_uid, &uid) {
         tracing::info!(
@@ -120,7 +121,7 @@ async fn handle(
             "registry: a workspace presented another workspace's token"
         );
         state.limiter.failed(ip, Instant::now());
-        enqueue_if_known(state, &uid, "registry-403").await;
+        enqueue_if_known(state, &uid, Why::WrongWorkspace).await;
         return error(StatusCode::FORBIDDEN, WRONG_WORKSPACE);
     }
     state.limiter.vouch(&hash, now);
@@ -131,7 +132,7 @@ async fn handle(
             if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
                 return heartbeat_lost(state, e);
             }
-            state.trigger.enqueue(&owner.workspace_key, "registry-register");
+            state.trigger.enqueue(&owner.workspace_key, Why::AgentRegistered);
         }
         // The steady state: batched (store::heartbeats), unless it makes the status
         // catch up (nudge), which writes it at once.
@@ -179,13 +180,13 @@ fn same_uid(a: &str, b: &str) -> bool {
 
 /// A 401; the workspace it claims to be, if known, is queued for reconcile: an agent
 /// locked out is itself a sign of drift (e.g. a token file that no longer matches).
-async fn reject(state: &AppState, ip: std::net::IpAddr, uid: &str, why: &'static str) -> Response {
+async fn reject(state: &AppState, ip: std::net::IpAddr, uid: &str, why: Why) -> Response {
     state.limiter.failed(ip, Instant::now());
     enqueue_if_known(state, uid, why).await;
     unauthorized(INVALID_TOKEN)
 }
 
-async fn enqueue_if_known(state: &AppState, uid: &str, why: &'static str) {
+async fn enqueue_if_known(state: &AppState, uid: &str, why: Why) {
     match state.store.workspace_by_uid(uid).await {
         Ok(Some(record)) => state.trigger.enqueue(&record.key, why),
         Ok(None) => {}
@@ -231,7 +232,7 @@ async fn nudge(state: &AppState, owner: &TokenOwner, at: DateTime<Utc>) -> Resul
     };
     if behind {
         state.store.record_heartbeat(&owner.token_id, uid, at).await?;
-        state.trigger.enqueue(key, "registry-heartbeat");
+        state.trigger.enqueue(key, Why::AgentHeartbeat);
     }
     Ok(())
 }

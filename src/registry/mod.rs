@@ -17,7 +17,6 @@ mod admin;
 mod agent;
 pub mod auth;
 pub mod limit;
-pub mod metrics;
 pub mod secrets;
 pub mod views;
 
@@ -36,12 +35,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use crate::reconcile::Trigger;
+use crate::metrics::Metrics;
 use crate::source::desired::DesiredSet;
 use crate::store::DynStore;
+use crate::trigger::Trigger;
 
 pub use auth::load_or_create_admin_token;
-pub use metrics::Metrics;
 
 /// `STATE/admin-token`: the admin API's bearer token (0600), created on first start.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -213,7 +212,7 @@ fn not_ready(reason: &str) -> Response {
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
 }
 
 async fn not_found(req: Request) -> Response {

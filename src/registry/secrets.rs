@@ -1,6 +1,7 @@
 //! `/api/v1/secrets` (admin token required): set, list and delete secrets. Values go
 //! in sealed and never come out: the list shows scope, name, version and time only.
 
+use crate::trigger::Why;
 use std::sync::Arc;
 
 use axum::Json;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppState, error};
 use crate::api::ObjectKey;
-use crate::secrets::{Scope, valid_name};
+use crate::secrets::{SecretScope, valid_name};
 
 /// One secret as listed: never its value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,29 +38,29 @@ pub(crate) struct SecretBody {
 }
 
 /// The scope a request names, or why it is a bad request.
-fn parse(q: &SecretQuery) -> Result<Scope, String> {
+fn parse(q: &SecretQuery) -> Result<SecretScope, String> {
     valid_name(&q.name)?;
-    Scope::parse(q.scope.as_deref().unwrap_or("global"))
+    SecretScope::parse(q.scope.as_deref().unwrap_or("global"))
 }
 
 /// Workspaces that receive a secret of this scope: reconciled at once.
-fn affected(state: &AppState, scope: &Scope) -> Vec<ObjectKey> {
+fn affected(state: &AppState, scope: &SecretScope) -> Vec<ObjectKey> {
     let set = state.desired.borrow().clone();
     set.workspaces
         .values()
         .filter(|w| match scope {
-            Scope::Global => true,
-            Scope::Workspace(k) => w.key.to_string() == *k,
-            Scope::Team(k) => w.team().is_some_and(|t| format!("{}/{t}", w.key.namespace) == *k),
+            SecretScope::Global => true,
+            SecretScope::Workspace(k) => w.key.to_string() == *k,
+            SecretScope::Team(k) => w.team().is_some_and(|t| format!("{}/{t}", w.key.namespace) == *k),
         })
         .map(|w| w.key.clone())
         .collect()
 }
 
-fn touch(state: &AppState, scope: &Scope) -> usize {
+fn touch(state: &AppState, scope: &SecretScope) -> usize {
     let keys = affected(state, scope);
     for k in &keys {
-        state.trigger.enqueue(&k.to_string(), "secret-changed");
+        state.trigger.enqueue(&k.to_string(), Why::SecretChanged);
     }
     keys.len()
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::condition::find;
 use crate::api::{
-    Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ObjectKey, OperatingMode, Phase, SourceRef, TokenStatus,
+    ALL_PHASES, Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ObjectKey, OperatingMode, Phase, SourceRef,
+    TokenStatus,
 };
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 use crate::store::{DecisionRecord, TokenRow, WorkspaceRecord};
@@ -165,18 +166,6 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// Every phase, in lifecycle order (tables and gauges list each, 0 when empty).
-pub const ALL_PHASES: [Phase; 8] = [
-    Phase::Pending,
-    Phase::Provisioning,
-    Phase::Running,
-    Phase::Degraded,
-    Phase::Paused,
-    Phase::Stopped,
-    Phase::Failed,
-    Phase::Terminating,
-];
-
 /// Merges one workspace's declaration and record. Either may be missing (declared but
 /// not seen yet; seen but declared no more), not both.
 ///
@@ -319,7 +308,7 @@ pub fn teams(desired: &DesiredSet, workspaces: &[WorkspaceSummary]) -> Vec<TeamS
     let now = Utc::now();
     let phases: std::collections::HashMap<ObjectKey, Phase> = workspaces.iter().map(|w| (w.key(), w.phase)).collect();
     for (key, t) in out.iter_mut() {
-        t.conditions = crate::cluster::team_status::rollup(key, desired, &phases, None, None, now).conditions;
+        t.conditions = crate::status::team::rollup(key, desired, &phases, None, None, now).conditions;
     }
     out.into_values().collect()
 }

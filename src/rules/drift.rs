@@ -5,18 +5,17 @@
 use super::*;
 use crate::api::UpdatePolicy;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    let desired = ctx.desired?;
-    let spec = ctx.spec()?;
-    let c = ctx.observed.container()?;
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    let desired = facts.desired?;
+    let spec = facts.spec()?;
+    let c = facts.observed.container()?;
     let running = c.hash_differs(&desired.spec_hash)?;
     if spec.update_policy != UpdatePolicy::Immediate {
         return None;
     }
-    Some(Decision::new(
-        "drift",
+    Some(Verdict::new(
         format!("spec changed (hash {} -> {})", running, desired.spec_hash),
-        vec![Action::Provision { revoke: RevokeReason::Reprovision }],
+        vec![facts.provision(RevokeReason::Reprovision)],
     ))
 }
 
@@ -39,19 +38,19 @@ mod tests {
         let (obs, s) = (healthy(), settings());
         let mut des = desired();
         des.spec_hash = "0000000000000000".into();
-        let d = rule(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = rule(&facts(Some(&des), &obs, &s)).unwrap();
         assert!(d.cause.contains("feedfacecafebeef -> 0000000000000000"), "{}", d.cause);
-        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::Reprovision }]);
+        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::Reprovision, paused: false }]);
     }
 
     #[test]
     fn same_hash_is_quiet_and_other_policies_wait() {
         let (obs, s) = (healthy(), settings());
-        assert_eq!(rule(&ctx(Some(&desired()), &obs, &s)), None);
+        assert_eq!(rule(&facts(Some(&desired()), &obs, &s)), None);
         for p in [UpdatePolicy::OnNextStop, UpdatePolicy::Manual] {
             let mut des = desired_with(WorkspaceSpec { update_policy: Some(p), ..Default::default() });
             des.spec_hash = "0000000000000000".into();
-            assert_eq!(rule(&ctx(Some(&des), &obs, &s)), None);
+            assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
         }
     }
 }

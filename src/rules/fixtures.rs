@@ -39,7 +39,7 @@ pub fn desired_with(spec: WorkspaceSpec) -> Desired {
         spec: resolve(&spec, &Defaults::default()),
         spec_hash: HASH.into(),
         source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() }.into(),
-        secrets_hold: None,
+        secrets_unreadable: None,
     }
 }
 
@@ -108,12 +108,91 @@ pub fn healthy() -> Observed {
         containers: Some(vec![container(1, ContainerState::Running)]),
         live_tokens: vec![token("t1", 1, t(100), Some(now()))],
         token_file: TokenFile::Hash("hash-t1".into()),
-        provisioning: false,
-        quota_hold: None,
+        team: TeamView::NoQuota,
         heartbeats_lost_at: None,
     }
 }
 
-pub fn ctx<'a>(desired: Option<&'a Desired>, observed: &'a Observed, settings: &'a Settings) -> Ctx<'a> {
-    Ctx { desired, observed, now: now(), settings }
+/// Changes to a fixture, each saying what differs from it.
+impl Observed {
+    /// Docker lists no container for it.
+    pub fn without_container(mut self) -> Self {
+        self.containers = Some(vec![]);
+        self
+    }
+
+    /// Its only container is `c`.
+    pub fn with_container(mut self, c: ContainerInfo) -> Self {
+        self.containers = Some(vec![c]);
+        self
+    }
+
+    /// Docker could not be listed.
+    pub fn containers_unknown(mut self) -> Self {
+        self.containers = None;
+        self
+    }
+
+    pub fn without_tokens(mut self) -> Self {
+        self.live_tokens.clear();
+        self
+    }
+
+    pub fn with_tokens(mut self, tokens: Vec<TokenRow>) -> Self {
+        self.live_tokens = tokens;
+        self
+    }
+
+    pub fn with_token_file(mut self, file: TokenFile) -> Self {
+        self.token_file = file;
+        self
+    }
+
+    /// Never seen before (no store record).
+    pub fn without_record(mut self) -> Self {
+        self.record = None;
+        self
+    }
+
+    /// Edits the store record.
+    pub fn record_with(mut self, edit: impl FnOnce(&mut WorkspaceRecord)) -> Self {
+        if let Some(r) = self.record.as_mut() {
+            edit(r);
+        }
+        self
+    }
+
+    /// Its last heartbeat was `secs` seconds before `now()`.
+    pub fn silent_for(self, secs: i64) -> Self {
+        self.record_with(|r| r.last_heartbeat_at = Some(now() - chrono::Duration::seconds(secs)))
+    }
+
+    /// No heartbeat recorded, ever.
+    pub fn never_heard(self) -> Self {
+        self.record_with(|r| r.last_heartbeat_at = None)
+    }
+
+    /// The registry could not record heartbeats `secs` seconds before `now()`.
+    pub fn heartbeats_lost(mut self, secs: i64) -> Self {
+        self.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(secs));
+        self
+    }
+
+    /// A member of a team with quotas, the rest of the team as given.
+    pub fn in_team(mut self, team: TeamView) -> Self {
+        self.team = team;
+        self
+    }
+}
+
+impl ContainerInfo {
+    /// The same container with one of the operator's labels changed.
+    pub fn labelled(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.labels.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+pub fn facts<'a>(desired: Option<&'a Desired>, observed: &'a Observed, settings: &'a Settings) -> Facts<'a> {
+    Facts { desired, observed, now: now(), settings }
 }

@@ -1,73 +1,74 @@
 //! heartbeat: the container runs but the agent has been silent past the TTL (a hung
-//! agent). Restart it with a new incarnation, at most `restart_budget` times with
-//! doubling backoff; after that the workspace stays Degraded (status says why) until
-//! the agent is heard again, which also resets the budget.
+//! agent; see liveness.rs for how silence is counted). Restart it with a new
+//! incarnation, at most `restart_budget` times with doubling backoff; after that the
+//! workspace stays Degraded (status says why) until the agent is heard again, which
+//! also resets the budget.
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    ctx.spec()?;
-    if ctx.mode()? != OperatingMode::Running {
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    facts.spec()?;
+    if facts.mode()? != OperatingMode::Running {
         return None;
     }
-    let c = ctx.observed.container()?;
-    let record = ctx.observed.record.as_ref()?;
-    if c.state != ContainerState::Running || c.incarnation() != Some(record.incarnation) {
+    let c = facts.observed.container()?;
+    let record = facts.observed.record.as_ref()?;
+    if c.incarnation() != Some(record.incarnation) {
         return None;
     }
-    let ttl = chrono::Duration::from_std(ctx.settings.heartbeat_ttl).ok()?;
-    let heard = record.last_heartbeat_at.filter(|h| Some(*h) >= c.provisioned_at());
-    if let Some(h) = heard
-        && ctx.now - h <= ttl
-    {
-        // Online. Heard since the last restart and for longer than a TTL: budget resets.
-        let settled = record.last_restart_at.is_some_and(|r| h > r && h - r > ttl);
-        return (record.restart_count > 0 && settled)
-            .then(|| Decision::new("heartbeat", "agent is online again", vec![Action::ResetRestarts]));
+    let ttl = chrono::Duration::from_std(facts.settings.heartbeat_ttl).ok()?;
+    match facts.liveness() {
+        Liveness::NotExpected | Liveness::Waiting { .. } => None,
+        Liveness::Online { last, .. } => {
+            // Heard since the last restart and for longer than a TTL: the budget resets.
+            let settled = record.last_restart_at.is_some_and(|r| last > r && last - r > ttl);
+            (record.restart_count > 0 && settled)
+                .then(|| Verdict::new("agent is online again", vec![Action::ResetRestarts]))
+        }
+        Liveness::Silent { heard, since } => {
+            if restart_at(record, facts.settings).is_none_or(|at| at > facts.now) {
+                return None;
+            }
+            let silent = (facts.now - since).num_seconds();
+            let reason = match heard {
+                Some(_) => format!("agent silent for {silent}s (TTL {}s)", ttl.num_seconds()),
+                None => format!("agent never reported in {silent}s (TTL {}s)", ttl.num_seconds()),
+            };
+            Some(Verdict::new(
+                reason.clone(),
+                vec![Action::RecordRestart { reason }, facts.provision(RevokeReason::Reprovision)],
+            ))
+        }
     }
-    let since = silent_since(heard.or(c.provisioned_at())?, ctx.observed);
-    let silent = ctx.now - since;
-    if silent <= ttl {
-        return None;
-    }
-    if !restart_allowed(record, ctx) {
-        return None;
-    }
-    let reason = match heard {
-        Some(_) => format!("agent silent for {}s (TTL {}s)", silent.num_seconds(), ttl.num_seconds()),
-        None => format!("agent never reported in {}s (TTL {}s)", silent.num_seconds(), ttl.num_seconds()),
-    };
-    Some(Decision::new(
-        "heartbeat",
-        reason.clone(),
-        vec![Action::RecordRestart { reason }, Action::Provision { revoke: RevokeReason::Reprovision }],
-    ))
 }
 
-/// Where the agent's silence starts counting: at `from` (its last recorded heartbeat,
-/// or its container's start), or later if the registry failed to record heartbeats
-/// since (the state store was down or locked): beats the operator could not record
-/// are not the agent's silence, so an outage of the operator's own database never
-/// restarts healthy agents nor revokes their tokens.
-pub fn silent_since(from: DateTime<Utc>, observed: &Observed) -> DateTime<Utc> {
-    observed.heartbeats_lost_at.map_or(from, |lost| lost.max(from))
+/// When the rule will next have something to say: the end of the TTL, or, for an agent
+/// silent past it, the end of the restart backoff (never, once the budget is spent:
+/// then only a heartbeat, which queues a reconcile itself, changes anything).
+pub fn wake(facts: &Facts<'_>) -> Option<DateTime<Utc>> {
+    match facts.liveness() {
+        Liveness::NotExpected => None,
+        Liveness::Online { deadline, .. } | Liveness::Waiting { deadline, .. } => Some(deadline),
+        Liveness::Silent { .. } => restart_at(facts.observed.record.as_ref()?, facts.settings),
+    }
 }
 
-/// Within budget and past the backoff since the last restart.
-pub fn restart_allowed(record: &crate::store::WorkspaceRecord, ctx: &Ctx<'_>) -> bool {
-    if record.restart_count >= ctx.settings.restart_budget {
-        return false;
+/// The earliest time another heartbeat restart is allowed: after the backoff since the
+/// last one (doubling each time); None once the budget is spent.
+pub fn restart_at(record: &crate::store::WorkspaceRecord, settings: &Settings) -> Option<DateTime<Utc>> {
+    if record.restart_count >= settings.restart_budget {
+        return None;
     }
-    let Some(last) = record.last_restart_at else { return true };
+    let Some(last) = record.last_restart_at else { return Some(DateTime::<Utc>::MIN_UTC) };
     let factor = 1u32 << record.restart_count.clamp(0, 16) as u32;
-    let wait = chrono::Duration::from_std(ctx.settings.restart_backoff * factor).unwrap_or(chrono::Duration::MAX);
-    ctx.now - last >= wait
+    let wait = chrono::Duration::from_std(settings.restart_backoff * factor).unwrap_or(chrono::Duration::MAX);
+    Some(last.checked_add_signed(wait).unwrap_or(DateTime::<Utc>::MAX_UTC))
 }
 
 /// The budget is spent: the status reports Degraded with this reason.
-pub fn degraded(ctx: &Ctx<'_>) -> Option<String> {
-    let record = ctx.observed.record.as_ref()?;
-    (record.restart_count >= ctx.settings.restart_budget).then(|| {
+pub fn degraded(facts: &Facts<'_>) -> Option<String> {
+    let record = facts.observed.record.as_ref()?;
+    (record.restart_count >= facts.settings.restart_budget).then(|| {
         format!(
             "restarted {} times for missed heartbeats ({}); waiting for the agent",
             record.restart_count,
@@ -87,9 +88,9 @@ mod tests {
         obs
     }
 
-    fn decide(obs: &Observed) -> Option<Decision> {
+    fn decide(obs: &Observed) -> Option<Verdict> {
         let (s, des) = (settings(), desired());
-        rule(&ctx(Some(&des), obs, &s))
+        rule(&facts(Some(&des), obs, &s))
     }
 
     #[test]
@@ -101,7 +102,7 @@ mod tests {
     fn silence_past_ttl_restarts_and_counts_it() {
         let d = decide(&silent(30)).unwrap();
         assert!(matches!(d.actions[0], Action::RecordRestart { .. }));
-        assert_eq!(d.actions[1], Action::Provision { revoke: RevokeReason::Reprovision });
+        assert_eq!(d.actions[1], Action::Provision { revoke: RevokeReason::Reprovision, paused: false });
     }
 
     #[test]
@@ -119,7 +120,7 @@ mod tests {
         r.last_restart_at = Some(now() - chrono::Duration::seconds(3600));
         assert_eq!(decide(&obs), None);
         let (s, des) = (settings(), desired());
-        assert!(degraded(&ctx(Some(&des), &obs, &s)).is_some());
+        assert!(degraded(&facts(Some(&des), &obs, &s)).is_some());
     }
 
     #[test]
@@ -149,7 +150,7 @@ mod tests {
         let mut obs = silent(30);
         obs.containers = Some(vec![container(1, ContainerState::Paused)]);
         let (s, des) = (settings(), desired_mode(OperatingMode::Paused));
-        assert_eq!(rule(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
     }
 
     #[test]

@@ -1,11 +1,18 @@
-//! Everything the operator will ever do, and why. Each rule is a pure function
-//! `(desired, observed, now) -> Option<Decision>` with its tests beside it; `plan`
-//! asks them in order and returns the first decision. The reconciler executes it,
-//! observes again and plans again until no rule has anything to say.
+//! Everything the operator will ever do, and why. Each rule is a pure function of
+//! [`Facts`] (what is declared, what is observed, the time) to an optional
+//! [`Verdict`] (a cause and the actions it asks for), with its tests beside it.
+//! [`plan`] asks them in the order of [`RULES`] and returns the first decision, named
+//! after its rule, or, when no rule has anything to do, when to look again. The
+//! reconciler executes a decision, observes again and plans again until it waits.
+//!
+//! Decisions are made here only: whether the agent is alive ([`Liveness`]), what makes
+//! a workspace wait for its container ([`Hold`]: a team's quota, unreadable Secrets),
+//! and when a quiet workspace must be looked at again are all answered here, from the
+//! same facts, for the loop, the resync sweep and the status alike.
 
 pub mod drift;
-pub use crate::runtime::ContainerState;
 pub mod heartbeat;
+pub mod liveness;
 pub mod orphan;
 pub mod pause_resume_stop;
 pub mod provision;
@@ -25,9 +32,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub use self::liveness::Liveness;
+pub use self::quota::TeamView;
 use crate::api::OperatingMode;
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
 use crate::runtime::ContainerInfo;
+pub use crate::runtime::ContainerState;
 use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
 
 /// What is declared for one workspace, resolved.
@@ -40,27 +50,13 @@ pub struct Desired {
     /// Hash of the rendered container config (see runtime::render).
     pub spec_hash: String,
     pub source: std::sync::Arc<SourceRef>,
-    /// Why a Secret the workspace's `envFrom` needs cannot be read. While set, no
-    /// container is created or recreated for it (see [`plan`]).
-    pub secrets_hold: Option<String>,
+    /// Why a Secret the workspace's `envFrom` needs cannot be read, if one cannot.
+    pub secrets_unreadable: Option<String>,
 }
 
 impl Desired {
     pub fn effective(&self) -> Option<&EffectiveSpec> {
         self.spec.as_ref().ok()
-    }
-}
-
-impl<'a> Ctx<'a> {
-    /// The valid effective spec, when the workspace is declared and valid.
-    pub fn spec(&self) -> Option<&'a EffectiveSpec> {
-        self.desired.and_then(Desired::effective)
-    }
-
-    /// The declared mode, unless the CLI (`pause`/`resume`) overrides it.
-    pub fn mode(&self) -> Option<OperatingMode> {
-        let spec = self.spec()?;
-        Some(self.observed.record.as_ref().and_then(|r| r.mode_override).unwrap_or(spec.operating_mode))
     }
 }
 
@@ -87,10 +83,8 @@ pub struct Observed {
     /// Live (not revoked) token rows, oldest first.
     pub live_tokens: Vec<TokenRow>,
     pub token_file: TokenFile,
-    /// Set while a provision is known to be in flight (the stale-token rule skips it).
-    pub provisioning: bool,
-    /// Why the team's quota makes this workspace wait (see quota.rs), if it does.
-    pub quota_hold: Option<String>,
+    /// The rest of its team, when the team has quotas (see quota.rs).
+    pub team: TeamView,
     /// The last time the registry could not record a heartbeat because the state
     /// store failed (see store::LostHeartbeats): silence before it is not the agent's.
     pub heartbeats_lost_at: Option<DateTime<Utc>>,
@@ -112,6 +106,12 @@ impl Observed {
         let inc = self.incarnation();
         self.live_tokens.iter().filter(move |t| t.incarnation == inc)
     }
+
+    /// Our container, when it is running and of the current incarnation: the one whose
+    /// token file and agent count.
+    pub fn current_running(&self) -> Option<&ContainerInfo> {
+        self.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(self.incarnation()))
+    }
 }
 
 /// Operator settings the rules depend on.
@@ -128,9 +128,10 @@ pub struct Settings {
     pub restart_backoff: Duration,
 }
 
-/// Everything a rule may look at.
+/// Everything a rule may look at: one workspace's declaration and observation, the
+/// time, and the operator's settings.
 #[derive(Clone, Copy, Debug)]
-pub struct Ctx<'a> {
+pub struct Facts<'a> {
     /// None: declared no more (or never).
     pub desired: Option<&'a Desired>,
     pub observed: &'a Observed,
@@ -138,18 +139,73 @@ pub struct Ctx<'a> {
     pub settings: &'a Settings,
 }
 
-/// What to do, and why.
+impl<'a> Facts<'a> {
+    /// The valid effective spec, when the workspace is declared and valid.
+    pub fn spec(&self) -> Option<&'a EffectiveSpec> {
+        self.desired.and_then(Desired::effective)
+    }
+
+    /// The declared mode, unless the CLI (`pause`/`resume`) overrides it.
+    pub fn mode(&self) -> Option<OperatingMode> {
+        let spec = self.spec()?;
+        Some(self.observed.record.as_ref().and_then(|r| r.mode_override).unwrap_or(spec.operating_mode))
+    }
+
+    /// Whether the agent is heard from (see liveness.rs).
+    pub fn liveness(&self) -> Liveness {
+        Liveness::of(self.observed, self.now, self.settings.heartbeat_ttl)
+    }
+
+    /// A new incarnation, created paused when the workspace is to be paused.
+    pub fn provision(&self, revoke: RevokeReason) -> Action {
+        Action::Provision { revoke, paused: self.mode() == Some(OperatingMode::Paused) }
+    }
+
+    /// What makes it wait for a container it should have, if anything does: a Secret
+    /// its `envFrom` needs first, then its team's quota.
+    pub fn hold(&self) -> Option<Hold> {
+        if let Some(why) = self.desired.and_then(|d| d.secrets_unreadable.as_ref()) {
+            return Some(Hold::Secrets(why.clone()));
+        }
+        quota::hold(self).map(Hold::Quota)
+    }
+
+    /// The quota's hold alone (a running container is never held by unreadable Secrets).
+    pub fn quota_hold(&self) -> Option<String> {
+        quota::hold(self)
+    }
+}
+
+/// Why a workspace waits for a container it should have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// A Secret its `envFrom` needs cannot be read: no container is created or
+    /// recreated (it would start without its secrets); a running one keeps running.
+    Secrets(String),
+    /// Its team's quota has no room (`maxWorkspaces`, `maxRunning`): it waits its turn,
+    /// first seen first served; nothing that holds a slot is stopped to make room.
+    Quota(String),
+}
+
+impl Hold {
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Secrets(m) | Self::Quota(m) => m,
+        }
+    }
+}
+
+/// What a rule asks for, and why.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Decision {
-    pub rule: &'static str,
-    /// A sentence for people: "provisioned: no container".
+pub struct Verdict {
+    /// A sentence for people: "no container".
     pub cause: String,
     pub actions: Vec<Action>,
 }
 
-impl Decision {
-    pub fn new(rule: &'static str, cause: impl Into<String>, actions: Vec<Action>) -> Self {
-        Self { rule, cause: cause.into(), actions }
+impl Verdict {
+    pub fn new(cause: impl Into<String>, actions: Vec<Action>) -> Self {
+        Self { cause: cause.into(), actions }
     }
 
     /// Whether carrying it out creates a container (a provision).
@@ -158,13 +214,23 @@ impl Decision {
     }
 }
 
+/// A verdict with the name of the rule that gave it: what the decision log records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub rule: &'static str,
+    pub cause: String,
+    pub actions: Vec<Action>,
+}
+
 /// Idempotent steps the executor knows how to take.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// New incarnation: revoke live tokens (reason), remove any old container, ensure the
-    /// config volume, create the container, write a fresh token into it, start it.
+    /// config volume, create the container, write a fresh token into it, start it, and
+    /// pause it when `paused` (operating mode Paused).
     Provision {
         revoke: RevokeReason,
+        paused: bool,
     },
     /// Force-remove one container by id.
     RemoveContainer {
@@ -213,22 +279,22 @@ pub enum Action {
 }
 
 impl Action {
-    /// The failpoint just after this action (see `execute::FAILPOINTS`).
-    pub fn failpoint(&self) -> &'static str {
+    /// The step's name: failpoints (`after-<name>`), errors and metrics use it.
+    pub fn name(&self) -> &'static str {
         match self {
-            Action::Provision { .. } => "after-provision",
-            Action::RemoveContainer { .. } => "after-remove-container",
-            Action::RemoveVolume => "after-remove-volume",
-            Action::RevokeTokens { .. } => "after-revoke-tokens",
-            Action::RevokeTokenIds { .. } => "after-revoke-token-ids",
-            Action::RotateToken { .. } => "after-rotate-token",
-            Action::RevokeStaleTokens { .. } => "after-revoke-stale-tokens",
-            Action::ReissueToken { .. } => "after-reissue-token",
-            Action::Pause { .. } => "after-pause",
-            Action::Unpause { .. } => "after-unpause",
-            Action::RecordRestart { .. } => "after-record-restart",
-            Action::ResetRestarts => "after-reset-restarts",
-            Action::Forget => "after-forget",
+            Action::Provision { .. } => "provision",
+            Action::RemoveContainer { .. } => "remove-container",
+            Action::RemoveVolume => "remove-volume",
+            Action::RevokeTokens { .. } => "revoke-tokens",
+            Action::RevokeTokenIds { .. } => "revoke-token-ids",
+            Action::RotateToken { .. } => "rotate-token",
+            Action::RevokeStaleTokens { .. } => "revoke-stale-tokens",
+            Action::ReissueToken { .. } => "reissue-token",
+            Action::Pause { .. } => "pause",
+            Action::Unpause { .. } => "unpause",
+            Action::RecordRestart { .. } => "record-restart",
+            Action::ResetRestarts => "reset-restarts",
+            Action::Forget => "forget",
         }
     }
 
@@ -244,7 +310,10 @@ impl Action {
     /// How the action reads in the decision log.
     pub fn describe(&self) -> String {
         match self {
-            Action::Provision { revoke } => format!("provision a new incarnation (old tokens revoked: {revoke})"),
+            Action::Provision { revoke, paused } => format!(
+                "provision a new incarnation{} (old tokens revoked: {revoke})",
+                if *paused { ", paused" } else { "" }
+            ),
             Action::RemoveContainer { id } => format!("remove container {}", &id[..id.len().min(12)]),
             Action::RemoveVolume => "remove config volume".into(),
             Action::RevokeTokens { reason } => format!("revoke live tokens: {reason}"),
@@ -267,32 +336,74 @@ impl Action {
     }
 }
 
-pub type Rule = fn(&Ctx<'_>) -> Option<Decision>;
+/// What a rule decides from the facts.
+pub type Decide = fn(&Facts<'_>) -> Option<Verdict>;
+/// When a rule that acts on time passing will next have something to say.
+pub type Wake = fn(&Facts<'_>) -> Option<DateTime<Utc>>;
+
+/// One rule: its name (the decision log's and the metrics'), what it decides, and,
+/// for rules that act on time passing, when it will next have something to say.
+pub struct Rule {
+    pub name: &'static str,
+    pub decide: Decide,
+    pub wake: Option<Wake>,
+}
+
+const fn rule(name: &'static str, decide: Decide) -> Rule {
+    Rule { name, decide, wake: None }
+}
 
 /// The rules, in the order they are asked. Earlier rules win: removal before anything,
 /// provisioning before drift, token hygiene after the container is right.
-pub const RULES: &[(&str, Rule)] = &[
-    ("remove", remove::rule),
-    ("orphan", orphan::rule),
-    ("provision", provision::rule),
-    ("stop", pause_resume_stop::stop),
-    ("drift", drift::rule),
-    ("restart", restart::rule),
-    ("pause", pause_resume_stop::pause),
-    ("resume", pause_resume_stop::resume),
-    ("token-file", token_file::rule),
-    ("rotation", rotation::rule),
-    ("stale-token-without-container", stale_token_without_container::rule),
-    ("heartbeat", heartbeat::rule),
+pub const RULES: &[Rule] = &[
+    rule("remove", remove::rule),
+    rule("orphan", orphan::rule),
+    rule("provision", provision::rule),
+    rule("stop", pause_resume_stop::stop),
+    rule("drift", drift::rule),
+    rule("restart", restart::rule),
+    rule("pause", pause_resume_stop::pause),
+    rule("resume", pause_resume_stop::resume),
+    rule("token-file", token_file::rule),
+    Rule { name: "rotation", decide: rotation::rule, wake: Some(rotation::wake) },
+    rule("stale-token-without-container", stale_token_without_container::rule),
+    Rule { name: "heartbeat", decide: heartbeat::rule, wake: Some(heartbeat::wake) },
 ];
 
-/// The first rule with something to do, or None when desired and observed agree.
-/// While a needed Secret is unreadable, decisions that would create a container are
-/// passed over: it would start without its secrets. Everything else (pause, stop,
-/// removal, revoking tokens) still happens.
-pub fn plan(ctx: &Ctx<'_>) -> Option<Decision> {
-    let held = ctx.desired.is_some_and(|d| d.secrets_hold.is_some());
-    RULES.iter().filter_map(|(_, rule)| rule(ctx)).find(|d| !(held && d.creates_container()))
+/// What to do about one workspace now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Carry this out, then plan again.
+    Act(Decision),
+    /// Desired and observed agree; look again at this time (None: only when something
+    /// changes), when a rule will have something to say by then.
+    Wait(Option<DateTime<Utc>>),
+}
+
+impl Plan {
+    /// The decision, if there is one to carry out.
+    pub fn decision(self) -> Option<Decision> {
+        match self {
+            Plan::Act(d) => Some(d),
+            Plan::Wait(_) => None,
+        }
+    }
+}
+
+/// The first rule with something to do, or when to look again. While a Secret the
+/// workspace needs is unreadable, verdicts that would create a container are passed
+/// over: it would start without its secrets. Everything else (pause, stop, removal,
+/// revoking tokens) still happens.
+pub fn plan(facts: &Facts<'_>) -> Plan {
+    let secrets_held = matches!(facts.hold(), Some(Hold::Secrets(_)));
+    for r in RULES {
+        if let Some(v) = (r.decide)(facts)
+            && !(secrets_held && v.creates_container())
+        {
+            return Plan::Act(Decision { rule: r.name, cause: v.cause, actions: v.actions });
+        }
+    }
+    Plan::Wait(RULES.iter().filter_map(|r| r.wake.and_then(|wake| wake(facts))).min())
 }
 
 #[cfg(test)]
@@ -300,48 +411,75 @@ mod tests {
     use super::fixtures::*;
     use super::*;
 
+    fn decide(des: Option<&Desired>, obs: &Observed) -> Option<Decision> {
+        let s = settings();
+        plan(&facts(des, obs, &s)).decision()
+    }
+
     #[test]
     fn a_healthy_workspace_needs_nothing() {
-        let (obs, s, des) = (healthy(), settings(), desired());
-        assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(decide(Some(&desired()), &healthy()), None);
     }
 
     #[test]
     fn an_unreadable_secret_holds_every_container_creation_but_nothing_else() {
-        let s = settings();
         let mut des = desired();
-        des.secrets_hold = Some("Secret default/keys not found".into());
-        let mut obs = healthy();
-        obs.containers = Some(vec![]);
-        obs.live_tokens.clear();
-        assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None, "no container is created without its secrets");
+        des.secrets_unreadable = Some("Secret default/keys not found".into());
+        let obs = healthy().without_container().without_tokens();
+        assert_eq!(decide(Some(&des), &obs), None, "no container is created without its secrets");
         // A running container with an old spec keeps running as it is.
-        let obs = healthy();
         des.spec_hash = "0000000000000000".into();
-        assert_eq!(plan(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(decide(Some(&des), &healthy()), None);
         // Pausing and stopping still happen.
         let mut paused = desired_mode(OperatingMode::Paused);
-        paused.secrets_hold = des.secrets_hold.clone();
-        assert_eq!(plan(&ctx(Some(&paused), &obs, &s)).unwrap().rule, "pause");
+        paused.secrets_unreadable = des.secrets_unreadable.clone();
+        assert_eq!(decide(Some(&paused), &healthy()).unwrap().rule, "pause");
     }
 
     #[test]
     fn removal_wins_over_everything_else() {
-        let mut obs = healthy();
-        obs.token_file = TokenFile::Missing;
-        let s = settings();
-        assert_eq!(plan(&ctx(None, &obs, &s)).unwrap().rule, "remove");
+        let obs = healthy().with_token_file(TokenFile::Missing);
+        assert_eq!(decide(None, &obs).unwrap().rule, "remove");
     }
 
     #[test]
     fn the_compose_down_v_incident_is_provisioning_not_a_sweep_later() {
         // Container and volume gone, token rows still live: provisioned at once, with
         // the old tokens revoked as container-missing; no 5-minute wait.
-        let mut obs = healthy();
-        obs.containers = Some(vec![]);
-        let (s, des) = (settings(), desired());
-        let d = plan(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = decide(Some(&desired()), &healthy().without_container()).unwrap();
         assert_eq!(d.rule, "provision");
-        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::ContainerMissing }]);
+        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::ContainerMissing, paused: false }]);
+    }
+
+    #[test]
+    fn every_decision_is_named_after_its_rule_in_the_table() {
+        let names: Vec<&str> = RULES.iter().map(|r| r.name).collect();
+        let cases = [
+            (None, healthy()),
+            (Some(desired()), healthy().without_container()),
+            (Some(desired_mode(OperatingMode::Paused)), healthy()),
+            (Some(desired()), healthy().with_token_file(TokenFile::Missing)),
+        ];
+        for (des, obs) in cases {
+            let d = decide(des.as_ref(), &obs).unwrap();
+            assert!(names.contains(&d.rule), "{} is not a rule of RULES", d.rule);
+        }
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "two rules share a name");
+    }
+
+    #[test]
+    fn a_quiet_workspace_is_looked_at_again_when_its_heartbeat_would_be_overdue() {
+        // Heard a second ago, TTL 10 s: the heartbeat rule wakes when the TTL runs out.
+        let s = settings();
+        let obs = healthy();
+        let heard = obs.record.as_ref().unwrap().last_heartbeat_at.unwrap();
+        let want = heard + chrono::Duration::from_std(s.heartbeat_ttl).unwrap();
+        assert_eq!(plan(&facts(Some(&desired()), &obs, &s)), Plan::Wait(Some(want)));
+        // Paused: no heartbeat is expected, nothing to wake for.
+        let paused = healthy().with_container(container(1, ContainerState::Paused));
+        assert_eq!(plan(&facts(Some(&desired_mode(OperatingMode::Paused)), &paused, &s)), Plan::Wait(None));
     }
 }

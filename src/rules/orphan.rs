@@ -4,9 +4,9 @@
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    let containers = ctx.observed.containers.as_ref()?;
-    let uid = ctx.observed.record.as_ref().map(|r| r.uid.as_str());
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    let containers = facts.observed.containers.as_ref()?;
+    let uid = facts.observed.record.as_ref().map(|r| r.uid.as_str());
     let strays: Vec<&ContainerInfo> = containers.iter().filter(|c| uid.is_none() || c.uid() != uid).collect();
     if strays.is_empty() {
         return None;
@@ -18,7 +18,7 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
         Some(_) => format!("{} container(s) carry this workspace's name but not its uid", strays.len()),
     };
     let actions = strays.iter().map(|c| Action::RemoveContainer { id: c.id.clone() }).collect();
-    Some(Decision::new("orphan", cause, actions))
+    Some(Verdict::new(cause, actions))
 }
 
 #[cfg(test)]
@@ -35,7 +35,7 @@ mod tests {
         stray.labels.insert(labels::UID.into(), "ffffffff-0000".into());
         obs.containers.as_mut().unwrap().push(stray);
         let (s, des) = (settings(), desired());
-        let d = rule(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = rule(&facts(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions, vec![Action::RemoveContainer { id: "spoof".into() }]);
     }
 
@@ -44,13 +44,13 @@ mod tests {
         let mut obs = healthy();
         obs.record = None;
         let s = settings();
-        let d = rule(&ctx(None, &obs, &s)).unwrap();
+        let d = rule(&facts(None, &obs, &s)).unwrap();
         assert_eq!(d.actions.len(), 1);
     }
 
     #[test]
     fn our_own_container_is_not_an_orphan() {
         let (obs, s, des) = (healthy(), settings(), desired());
-        assert_eq!(rule(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
     }
 }

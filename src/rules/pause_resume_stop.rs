@@ -5,29 +5,29 @@
 use super::*;
 use crate::api::OnPause;
 
-pub fn stop(ctx: &Ctx<'_>) -> Option<Decision> {
-    if ctx.mode()? != OperatingMode::Stopped {
+pub fn stop(facts: &Facts<'_>) -> Option<Verdict> {
+    if facts.mode()? != OperatingMode::Stopped {
         return None;
     }
-    let containers = ctx.observed.containers.as_ref()?;
+    let containers = facts.observed.containers.as_ref()?;
     let mut actions: Vec<Action> = containers.iter().map(|c| Action::RemoveContainer { id: c.id.clone() }).collect();
-    if !ctx.observed.live_tokens.is_empty() {
+    if !facts.observed.live_tokens.is_empty() {
         actions.push(Action::RevokeTokens { reason: RevokeReason::Stopped });
     }
     if actions.is_empty() {
         return None;
     }
-    Some(Decision::new("stop", "operating mode is Stopped", actions))
+    Some(Verdict::new("operating mode is Stopped", actions))
 }
 
-pub fn pause(ctx: &Ctx<'_>) -> Option<Decision> {
-    if ctx.mode()? != OperatingMode::Paused {
+pub fn pause(facts: &Facts<'_>) -> Option<Verdict> {
+    if facts.mode()? != OperatingMode::Paused {
         return None;
     }
-    let spec = ctx.spec()?;
-    let revoke = spec.token_policy.on_pause == OnPause::Revoke && !ctx.observed.live_tokens.is_empty();
+    let spec = facts.spec()?;
+    let revoke = spec.token_policy.on_pause == OnPause::Revoke && !facts.observed.live_tokens.is_empty();
     let mut actions = Vec::new();
-    if let Some(c) = ctx.observed.container().filter(|c| c.state == ContainerState::Running) {
+    if let Some(c) = facts.observed.container().filter(|c| c.state == ContainerState::Running) {
         actions.push(Action::Pause { id: c.id.clone() });
     }
     if revoke {
@@ -36,22 +36,22 @@ pub fn pause(ctx: &Ctx<'_>) -> Option<Decision> {
     if actions.is_empty() {
         return None;
     }
-    Some(Decision::new("pause", "operating mode is Paused", actions))
+    Some(Verdict::new("operating mode is Paused", actions))
 }
 
-pub fn resume(ctx: &Ctx<'_>) -> Option<Decision> {
-    if ctx.mode()? != OperatingMode::Running {
+pub fn resume(facts: &Facts<'_>) -> Option<Verdict> {
+    if facts.mode()? != OperatingMode::Running {
         return None;
     }
-    let c = ctx.observed.container().filter(|c| c.state == ContainerState::Paused)?;
-    if ctx.observed.quota_hold.is_some() {
+    let c = facts.observed.container().filter(|c| c.state == ContainerState::Paused)?;
+    if facts.quota_hold().is_some() {
         return None; // maxRunning: waits for a running slot
     }
     let mut actions = vec![Action::Unpause { id: c.id.clone() }];
-    if ctx.spec()?.token_policy.on_resume == crate::api::OnResume::Reissue {
+    if facts.spec()?.token_policy.on_resume == crate::api::OnResume::Reissue {
         actions.push(Action::ReissueToken { revoke: RevokeReason::Resumed });
     }
-    Some(Decision::new("resume", "operating mode is Running", actions))
+    Some(Verdict::new("operating mode is Running", actions))
 }
 
 #[cfg(test)]
@@ -64,7 +64,7 @@ mod tests {
     fn stopped_removes_container_and_revokes_but_keeps_volume() {
         let (obs, s) = (healthy(), settings());
         let des = desired_mode(OperatingMode::Stopped);
-        let d = stop(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = stop(&facts(Some(&des), &obs, &s)).unwrap();
         assert!(d.actions.contains(&Action::RemoveContainer { id: "c0ffee000001".into() }));
         assert!(d.actions.contains(&Action::RevokeTokens { reason: RevokeReason::Stopped }));
         assert!(!d.actions.contains(&Action::RemoveVolume));
@@ -77,14 +77,14 @@ mod tests {
         obs.live_tokens.clear();
         let s = settings();
         let des = desired_mode(OperatingMode::Stopped);
-        assert_eq!(stop(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(stop(&facts(Some(&des), &obs, &s)), None);
     }
 
     #[test]
     fn paused_freezes_running_container_and_keeps_tokens_by_default() {
         let (obs, s) = (healthy(), settings());
         let des = desired_mode(OperatingMode::Paused);
-        let d = pause(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = pause(&facts(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions, vec![Action::Pause { id: "c0ffee000001".into() }]);
     }
 
@@ -96,7 +96,7 @@ mod tests {
             token_policy: Some(TokenPolicy { on_pause: Some(OnPause::Revoke), ..Default::default() }),
             ..Default::default()
         });
-        let d = pause(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = pause(&facts(Some(&des), &obs, &s)).unwrap();
         assert!(d.actions.contains(&Action::RevokeTokens { reason: RevokeReason::Paused }));
     }
 
@@ -105,9 +105,9 @@ mod tests {
         let mut obs = healthy();
         obs.containers = Some(vec![container(1, ContainerState::Paused)]);
         let (s, des) = (settings(), desired());
-        let d = resume(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = resume(&facts(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions, vec![Action::Unpause { id: "c0ffee000001".into() }]);
-        assert_eq!(pause(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(pause(&facts(Some(&des), &obs, &s)), None);
     }
 
     #[test]
@@ -119,7 +119,7 @@ mod tests {
             token_policy: Some(TokenPolicy { on_resume: Some(crate::api::OnResume::Reissue), ..Default::default() }),
             ..Default::default()
         });
-        let d = resume(&ctx(Some(&des), &obs, &s)).unwrap();
+        let d = resume(&facts(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions[1], Action::ReissueToken { revoke: RevokeReason::Resumed });
     }
 
@@ -128,6 +128,6 @@ mod tests {
         let mut obs = healthy();
         obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Paused);
         let (s, des) = (settings(), desired());
-        assert!(pause(&ctx(Some(&des), &obs, &s)).is_some());
+        assert!(pause(&facts(Some(&des), &obs, &s)).is_some());
     }
 }

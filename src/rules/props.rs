@@ -16,6 +16,7 @@ use proptest::prelude::*;
 use super::fixtures::*;
 use super::*;
 use crate::api::{OnResume, OperatingMode, TokenPolicy, UpdatePolicy, WorkspaceSpec};
+use crate::rules::quota;
 use crate::runtime::labels;
 
 /// At most this many decisions before a workspace must be settled (the reconcile
@@ -57,7 +58,7 @@ fn arb_desired() -> impl Strategy<Value = Option<Desired>> {
                 ..Default::default()
             });
             d.spec_hash = hash.into();
-            d.secrets_hold = held.then(|| "Secret default/keys not found".to_string());
+            d.secrets_unreadable = held.then(|| "Secret default/keys not found".to_string());
             d
         }),
     )
@@ -107,9 +108,8 @@ fn arb_world() -> impl Strategy<Value = World> {
         proptest::collection::vec(arb_token(), 0..3),
         0usize..4, // token file: not read, missing, a live token's hash, garbage
         any::<bool>(),
-        any::<bool>(),
     )
-        .prop_map(|(desired, rec, containers, tokens, file, provisioning, quota)| {
+        .prop_map(|(desired, rec, containers, tokens, file, quota)| {
             let record = rec.map(|(inc, hb, restarts)| {
                 let mut r = record(inc);
                 r.last_heartbeat_at = hb.map(|s| now() - chrono::Duration::seconds(s));
@@ -129,17 +129,33 @@ fn arb_world() -> impl Strategy<Value = World> {
                 containers,
                 live_tokens: tokens,
                 token_file,
-                provisioning,
-                quota_hold: quota.then(|| "team eng allows 1 running workspace".to_string()),
+                team: if quota { busy_team() } else { TeamView::NoQuota },
                 heartbeats_lost_at: None,
             };
             World { desired, observed, issued: 0 }
         })
 }
 
+/// A team allowing one running workspace, taken by a member seen first.
+fn busy_team() -> TeamView {
+    let other = quota::Member {
+        name: "other".into(),
+        first_seen: Some(t(-1)),
+        has_container: true,
+        running: true,
+        wants_container: true,
+        wants_running: true,
+    };
+    TeamView::Known {
+        team: "eng".into(),
+        limits: quota::Limits { max_workspaces: None, max_running: Some(1) },
+        others: vec![other],
+    }
+}
+
 impl World {
     fn plan(&self, settings: &Settings) -> Option<Decision> {
-        plan(&ctx(self.desired.as_ref(), &self.observed, settings))
+        plan(&facts(self.desired.as_ref(), &self.observed, settings)).decision()
     }
 
     fn new_token(&mut self, incarnation: i64) -> TokenRow {
@@ -155,7 +171,7 @@ impl World {
         for a in actions {
             let obs = &mut self.observed;
             match a {
-                Action::Provision { .. } => {
+                Action::Provision { paused, .. } => {
                     let rec = obs.record.get_or_insert_with(|| record(0));
                     rec.incarnation += 1;
                     let inc = rec.incarnation;
@@ -163,7 +179,8 @@ impl World {
                     obs.live_tokens.clear();
                     let containers = obs.containers.get_or_insert_with(Vec::new);
                     containers.retain(|c| c.uid() != Some(uid.as_str()));
-                    let mut c = container(inc, ContainerState::Running);
+                    let state = if *paused { ContainerState::Paused } else { ContainerState::Running };
+                    let mut c = container(inc, state);
                     c.id = format!("new-{inc}");
                     c.labels.insert(labels::PROVISIONED_AT.into(), now().to_rfc3339());
                     c.started_at = Some(now());
@@ -217,8 +234,6 @@ impl World {
                 Action::Forget => obs.record = None,
             }
         }
-        // A provision finishes within the pass.
-        self.observed.provisioning = false;
     }
 }
 
@@ -273,8 +288,8 @@ proptest! {
                 steps.len() < SETTLE,
                 "no fixed point after {} decisions from {:?}: {:?}", SETTLE, start, steps
             );
-            if world.desired.as_ref().is_some_and(|d| d.secrets_hold.is_some()) {
-                prop_assert!(!d.creates_container(), "a container created while its Secret is unreadable: {:?}", d);
+            if world.desired.as_ref().is_some_and(|d| d.secrets_unreadable.is_some()) {
+                prop_assert!(!d.actions.iter().any(|a| matches!(a, Action::Provision { .. })), "a container created while its Secret is unreadable: {:?}", d);
             }
             world.apply(&d.actions);
             steps.push(d.rule);
@@ -289,11 +304,11 @@ proptest! {
         // container running with one live token of its incarnation in the file.
         let wants_running = world.desired.as_ref().is_some_and(|d| {
             d.spec.as_ref().is_ok_and(|s| s.operating_mode == OperatingMode::Running)
-                && d.secrets_hold.is_none()
+                && d.secrets_unreadable.is_none()
                 && d.spec.as_ref().is_ok_and(|s| s.update_policy == UpdatePolicy::Immediate)
         });
         let listed = world.observed.containers.is_some();
-        if wants_running && listed && world.observed.quota_hold.is_none() && world.observed.record.is_some() {
+        if wants_running && listed && world.observed.team == TeamView::NoQuota && world.observed.record.is_some() {
             let c = world.observed.container();
             prop_assert!(c.is_some_and(|c| c.state == ContainerState::Running), "{:?} from {:?}", world, start);
             if let TokenFile::Hash(h) = &world.observed.token_file {

@@ -5,16 +5,16 @@
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    let _spec = ctx.spec()?;
-    if ctx.mode()? == OperatingMode::Stopped {
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    let _spec = facts.spec()?;
+    if facts.mode()? == OperatingMode::Stopped {
         return None;
     }
-    ctx.observed.record.as_ref()?;
-    ctx.observed.containers.as_ref()?; // listing failed: unknown, do nothing
-    let current = ctx.observed.incarnation();
-    let (cause, revoke) = match ctx.observed.container() {
-        None if ctx.observed.quota_hold.is_some() => return None, // waits for room in its team
+    facts.observed.record.as_ref()?;
+    facts.observed.containers.as_ref()?; // listing failed: unknown, do nothing
+    let current = facts.observed.incarnation();
+    let (cause, revoke) = match facts.observed.container() {
+        None if facts.quota_hold().is_some() => return None, // waits for room in its team
         None => ("no container".to_string(), RevokeReason::ContainerMissing),
         Some(c) if c.incarnation() != Some(current) => (
             format!(
@@ -33,7 +33,7 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
             _ => return None,
         },
     };
-    Some(Decision::new("provision", cause, vec![Action::Provision { revoke }]))
+    Some(Verdict::new(cause, vec![facts.provision(revoke)]))
 }
 
 #[cfg(test)]
@@ -41,9 +41,9 @@ mod tests {
     use super::super::fixtures::*;
     use super::*;
 
-    fn decide(obs: &Observed, des: &Desired) -> Option<Decision> {
+    fn decide(obs: &Observed, des: &Desired) -> Option<Verdict> {
         let s = settings();
-        rule(&ctx(Some(des), obs, &s))
+        rule(&facts(Some(des), obs, &s))
     }
 
     #[test]
@@ -52,7 +52,7 @@ mod tests {
         obs.containers = Some(vec![]);
         let d = decide(&obs, &desired()).unwrap();
         assert_eq!(d.cause, "no container");
-        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::ContainerMissing }]);
+        assert_eq!(d.actions, vec![Action::Provision { revoke: RevokeReason::ContainerMissing, paused: false }]);
     }
 
     #[test]
@@ -90,11 +90,21 @@ mod tests {
 
     #[test]
     fn a_quota_hold_keeps_a_new_workspace_waiting_but_never_touches_an_existing_one() {
-        let mut obs = healthy();
-        obs.containers = Some(vec![]);
-        obs.quota_hold = Some("team eng allows 2 workspaces".into());
-        assert_eq!(decide(&obs, &desired()), None);
-        obs.containers = Some(vec![container(1, ContainerState::Exited)]);
+        let full = TeamView::Known {
+            team: "eng".into(),
+            limits: quota::Limits { max_workspaces: Some(1), max_running: None },
+            others: vec![quota::Member {
+                name: "other".into(),
+                first_seen: Some(t(-1)),
+                has_container: true,
+                running: true,
+                wants_container: true,
+                wants_running: true,
+            }],
+        };
+        let obs = healthy().without_container().in_team(full.clone());
+        assert_eq!(decide(&obs, &desired()), None, "waits for room in its team");
+        let obs = healthy().with_container(container(1, ContainerState::Exited)).in_team(full);
         assert!(decide(&obs, &desired()).is_some(), "an exited container still holds its slot");
     }
 

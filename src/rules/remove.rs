@@ -3,19 +3,19 @@
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    if ctx.desired.is_some() {
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    if facts.desired.is_some() {
         return None;
     }
-    let record = ctx.observed.record.as_ref()?;
+    let record = facts.observed.record.as_ref()?;
     // Listing failed: we cannot know what to remove, and must not forget the record
     // while a container may still hold its token.
-    let containers = ctx.observed.containers.as_ref()?;
+    let containers = facts.observed.containers.as_ref()?;
     let mut actions = vec![Action::RevokeTokens { reason: RevokeReason::Deleted }];
     actions.extend(containers.iter().map(|c| Action::RemoveContainer { id: c.id.clone() }));
     actions.push(Action::RemoveVolume);
     actions.push(Action::Forget);
-    Some(Decision::new("remove", format!("{} is declared no more", record.key), actions))
+    Some(Verdict::new(format!("{} is declared no more", record.key), actions))
 }
 
 #[cfg(test)]
@@ -27,7 +27,7 @@ mod tests {
     fn undeclared_workspace_is_removed_with_tokens_revoked_as_deleted() {
         let obs = healthy();
         let s = settings();
-        let d = rule(&ctx(None, &obs, &s)).expect("decision");
+        let d = rule(&facts(None, &obs, &s)).expect("decision");
         assert_eq!(d.actions[0], Action::RevokeTokens { reason: RevokeReason::Deleted });
         assert!(d.actions.contains(&Action::RemoveContainer { id: "c0ffee000001".into() }));
         assert_eq!(d.actions.last(), Some(&Action::Forget));
@@ -36,7 +36,7 @@ mod tests {
     #[test]
     fn declared_workspace_is_not_removed() {
         let (obs, s, des) = (healthy(), settings(), desired());
-        assert_eq!(rule(&ctx(Some(&des), &obs, &s)), None);
+        assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
     }
 
     #[test]
@@ -44,7 +44,7 @@ mod tests {
         let mut obs = healthy();
         obs.containers = None;
         let s = settings();
-        assert_eq!(rule(&ctx(None, &obs, &s)), None);
+        assert_eq!(rule(&facts(None, &obs, &s)), None);
     }
 
     #[test]
@@ -53,6 +53,6 @@ mod tests {
         obs.record = None;
         obs.containers = Some(vec![]);
         let s = settings();
-        assert_eq!(rule(&ctx(None, &obs, &s)), None);
+        assert_eq!(rule(&facts(None, &obs, &s)), None);
     }
 }

@@ -3,19 +3,18 @@
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    let spec = ctx.spec()?;
-    let c = ctx.observed.container()?;
-    let record = ctx.observed.record.as_ref()?;
-    let requested = spec.restarted_at.max(record.restart_requested_at).filter(|at| *at <= ctx.now)?;
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    let spec = facts.spec()?;
+    let c = facts.observed.container()?;
+    let record = facts.observed.record.as_ref()?;
+    let requested = spec.restarted_at.max(record.restart_requested_at).filter(|at| *at <= facts.now)?;
     let provisioned = c.provisioned_at()?;
     if requested <= provisioned {
         return None;
     }
-    Some(Decision::new(
-        "restart",
+    Some(Verdict::new(
         format!("restart requested at {}", requested.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-        vec![Action::Provision { revoke: RevokeReason::Reprovision }],
+        vec![facts.provision(RevokeReason::Reprovision)],
     ))
 }
 
@@ -29,13 +28,13 @@ mod tests {
     fn restarted_at_after_provision_restarts_once() {
         let (obs, s) = (healthy(), settings());
         let des = desired_with(WorkspaceSpec { restarted_at: Some(t(200)), ..Default::default() });
-        assert!(rule(&ctx(Some(&des), &obs, &s)).is_some());
+        assert!(rule(&facts(Some(&des), &obs, &s)).is_some());
         // The replacement container is provisioned after the request: quiet.
         let mut obs2 = healthy();
         obs2.containers.as_mut().unwrap()[0]
             .labels
             .insert(crate::runtime::labels::PROVISIONED_AT.into(), t(201).to_rfc3339());
-        assert_eq!(rule(&ctx(Some(&des), &obs2, &s)), None);
+        assert_eq!(rule(&facts(Some(&des), &obs2, &s)), None);
     }
 
     #[test]
@@ -43,10 +42,10 @@ mod tests {
         let s = settings();
         let mut obs = healthy();
         obs.record.as_mut().unwrap().restart_requested_at = Some(t(300));
-        assert!(rule(&ctx(Some(&desired()), &obs, &s)).is_some());
+        assert!(rule(&facts(Some(&desired()), &obs, &s)).is_some());
         obs.record.as_mut().unwrap().restart_requested_at = Some(t(50));
-        assert_eq!(rule(&ctx(Some(&desired()), &obs, &s)), None);
+        assert_eq!(rule(&facts(Some(&desired()), &obs, &s)), None);
         obs.record.as_mut().unwrap().restart_requested_at = Some(now() + chrono::Duration::seconds(60));
-        assert_eq!(rule(&ctx(Some(&desired()), &obs, &s)), None);
+        assert_eq!(rule(&facts(Some(&desired()), &obs, &s)), None);
     }
 }

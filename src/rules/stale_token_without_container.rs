@@ -3,8 +3,9 @@
 //! created_at)) for longer than `tokenPolicy.staleGrace` and no container at all gets
 //! those tokens revoked (reason `container-missing`). Its safety filters are kept:
 //! - never when listing the runtime failed (Docker unreachable is not "no containers");
-//! - not while the workspace is being removed (the remove rule owns that) or a
-//!   provision is in flight;
+//! - not while the workspace is being removed (the remove rule owns that); a
+//!   provision in flight never shows (one reconcile at a time per workspace, and the
+//!   provision happens inside it);
 //! - a container in any state, even stopped, counts as present;
 //! - the staleness condition is repeated in the UPDATE (Store::revoke_stale_tokens),
 //!   so a heartbeat landing in between wins;
@@ -12,27 +13,23 @@
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    let spec = ctx.desired?.spec.as_ref().ok().map(|s| s.token_policy.stale_grace);
-    let containers = ctx.observed.containers.as_ref()?;
-    if ctx.observed.provisioning {
-        return None;
-    }
-    let record = ctx.observed.record.as_ref()?;
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    let spec = facts.desired?.spec.as_ref().ok().map(|s| s.token_policy.stale_grace);
+    let containers = facts.observed.containers.as_ref()?;
+    let record = facts.observed.record.as_ref()?;
     if containers.iter().any(|c| c.uid() == Some(record.uid.as_str())) {
         return None;
     }
     // An invalid spec still has a grace: the default one.
     let grace = spec.unwrap_or(crate::api::effective::DEFAULT_STALE_GRACE);
-    let cutoff = ctx.now - chrono::Duration::from_std(grace).ok()?;
-    let stale: Vec<&TokenRow> = ctx.observed.live_tokens.iter().filter(|t| t.last_activity() < cutoff).collect();
+    let cutoff = facts.now - chrono::Duration::from_std(grace).ok()?;
+    let stale: Vec<&TokenRow> = facts.observed.live_tokens.iter().filter(|t| t.last_activity() < cutoff).collect();
     if stale.is_empty() {
         return None;
     }
     let oldest = stale.iter().map(|t| t.last_activity()).min()?;
-    let idle = (ctx.now - oldest).num_seconds();
-    Some(Decision::new(
-        "stale-token-without-container",
+    let idle = (facts.now - oldest).num_seconds();
+    Some(Verdict::new(
         format!("{} live token(s), no container, unused for {idle}s (grace {}s)", stale.len(), grace.as_secs()),
         vec![Action::RevokeStaleTokens { cutoff }],
     ))
@@ -53,9 +50,9 @@ mod tests {
         obs
     }
 
-    fn decide(obs: &Observed, des: Option<&Desired>) -> Option<Decision> {
+    fn decide(obs: &Observed, des: Option<&Desired>) -> Option<Verdict> {
         let s = settings();
-        rule(&ctx(des, obs, &s))
+        rule(&facts(des, obs, &s))
     }
 
     #[test]
@@ -86,13 +83,6 @@ mod tests {
         assert_eq!(decide(&obs, Some(&desired())), None);
         obs.live_tokens = vec![token("t1", 1, now() - chrono::Duration::seconds(400), None)];
         assert!(decide(&obs, Some(&desired())).is_some());
-    }
-
-    #[test]
-    fn filter_provisioning_in_flight_is_skipped() {
-        let mut obs = wedged();
-        obs.provisioning = true;
-        assert_eq!(decide(&obs, Some(&desired())), None);
     }
 
     #[test]

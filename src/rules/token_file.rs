@@ -5,30 +5,30 @@
 
 use super::*;
 
-pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
-    ctx.spec()?;
-    let c = ctx.observed.container()?;
-    let current = ctx.observed.incarnation();
+pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
+    facts.spec()?;
+    let c = facts.observed.container()?;
+    let current = facts.observed.incarnation();
     if c.state != ContainerState::Running || c.incarnation() != Some(current) {
         return None;
     }
     let reissue = |cause: String| {
-        Some(Decision::new("token-file", cause, vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]))
+        Some(Verdict::new(cause, vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]))
     };
-    match &ctx.observed.token_file {
+    match &facts.observed.token_file {
         TokenFile::NotRead | TokenFile::Unreadable(_) => None,
         TokenFile::Missing => {
             reissue(format!("{}/{} is missing or empty", crate::runtime::CONFIGS_DIR, crate::runtime::TOKEN_FILE))
         }
         TokenFile::Hash(h) => {
-            let now = ctx.now;
-            let Some(live) = ctx.observed.current_tokens().find(|t| &t.token_hash == h && t.valid_at(now)) else {
+            let now = facts.now;
+            let Some(live) = facts.observed.current_tokens().find(|t| &t.token_hash == h && t.valid_at(now)) else {
                 return reissue(format!("the token file holds no live token of incarnation {current}"));
             };
             // Every other live token goes, except one still inside its rotation overlap.
             let mut by_reason: Vec<(RevokeReason, Vec<String>)> = Vec::new();
             let in_overlap = |t: &TokenRow| t.expires_at.is_some_and(|e| e > now);
-            for t in ctx.observed.live_tokens.iter().filter(|t| t.id != live.id && !in_overlap(t)) {
+            for t in facts.observed.live_tokens.iter().filter(|t| t.id != live.id && !in_overlap(t)) {
                 let reason = if t.expires_at.is_some() {
                     RevokeReason::Rotated
                 } else if t.incarnation < current {
@@ -45,8 +45,7 @@ pub fn rule(ctx: &Ctx<'_>) -> Option<Decision> {
                 return None;
             }
             let n: usize = by_reason.iter().map(|(_, ids)| ids.len()).sum();
-            Some(Decision::new(
-                "token-file",
+            Some(Verdict::new(
                 format!("{n} live token(s) besides the one in the container"),
                 by_reason.into_iter().map(|(reason, ids)| Action::RevokeTokenIds { ids, reason }).collect(),
             ))
@@ -59,9 +58,9 @@ mod tests {
     use super::super::fixtures::*;
     use super::*;
 
-    fn decide(obs: &Observed) -> Option<Decision> {
+    fn decide(obs: &Observed) -> Option<Verdict> {
         let (s, des) = (settings(), desired());
-        rule(&ctx(Some(&des), obs, &s))
+        rule(&facts(Some(&des), obs, &s))
     }
 
     #[test]

@@ -4,7 +4,7 @@
 pub mod agent_image;
 pub mod docker;
 pub mod render;
-#[cfg(feature = "sim")]
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 use std::collections::BTreeMap;

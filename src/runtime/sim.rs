@@ -1,5 +1,7 @@
-//! A simulated, in-memory `Runtime`, **for benchmarks only** (cargo feature `sim`; the
-//! operator binary and the tests of Docker behaviour never use it).
+//! A simulated, in-memory `Runtime`, for the scale benchmark (cargo feature `sim`) and
+//! the in-process pipeline tests (`reconcile/scenarios.rs`), which assert the decision
+//! log of each scenario in milliseconds. The operator binary and the tests of Docker
+//! behaviour never use it.
 //!
 //! Containers "start" instantly and nothing runs in them. Every call emits the container
 //! events the Docker daemon emits for the same call (`create`, `extract-to-dir`, `start`,
@@ -152,6 +154,14 @@ impl SimRuntime {
 
     pub fn container_count(&self) -> usize {
         self.inner.lock().expect("sim lock").containers.len()
+    }
+
+    /// Out of band: the container's process dies (a crash, an OOM kill, `docker kill`).
+    pub fn crash(&self, id: &str) -> RuntimeResult<()> {
+        self.transition(id, |c| {
+            c.state = ContainerState::Exited;
+            Ok(vec!["kill", "die"])
+        })
     }
 
     fn emit(&self, info: &ContainerInfo, actions: &[&str]) {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Snapshot, SourceObject};
 use crate::api::{ObjectKey, SourceRef, Team, Workspace};
-use crate::reconcile::Report;
+use crate::trigger::Report;
 
 pub const SOURCE_NAME: &str = "postgres";
 pub const CHANNEL: &str = "molecule_desired";

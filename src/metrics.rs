@@ -9,8 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::views::ALL_PHASES;
-use crate::api::Phase;
+use crate::api::{ALL_PHASES, Phase};
 use crate::store::RevokeReason;
 
 /// The content type of [`Metrics::encode`]'s output.

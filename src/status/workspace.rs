@@ -1,16 +1,17 @@
-//! Status is recomputed whole on every pass from what was declared and what was
-//! observed (never read-modify-write); conditions keep their transition times when
-//! nothing changed.
+//! A workspace's status, recomputed whole on every pass from the rules' facts (never
+//! read-modify-write): whether its agent is online and what holds it come from the
+//! rules (`Liveness`, `Hold`), so the status says what the rules act on. Conditions
+//! keep their transition times when nothing changed.
 
 use crate::api::condition::carry_transition_times;
 use crate::api::{
     Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, TokenStatus, UpdatePolicy, WorkspaceStatus,
 };
-use crate::rules::{ContainerState, Ctx, TokenFile, heartbeat};
+use crate::rules::{ContainerState, Facts, Hold, TokenFile, heartbeat, liveness};
 
-/// What the last execution attempt left behind, if it failed.
+/// What the status shows beyond the rules' facts: the loop's own knowledge.
 #[derive(Clone, Debug, Default)]
-pub struct Extra<'a> {
+pub struct Circumstances<'a> {
     /// The error that stopped the last decision (image missing, Docker down...).
     pub last_error: Option<&'a str>,
     /// Set when another source declares the same workspace.
@@ -19,16 +20,13 @@ pub struct Extra<'a> {
     pub deletion_refused: Option<&'a str>,
 }
 
-pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStatus>) -> WorkspaceStatus {
-    let now = ctx.now;
-    let obs = ctx.observed;
+pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&WorkspaceStatus>) -> WorkspaceStatus {
+    let now = facts.now;
+    let obs = facts.observed;
     let record = obs.record.as_ref();
     let container = obs.container();
-    let ttl = chrono::Duration::from_std(ctx.settings.heartbeat_ttl).unwrap_or(chrono::Duration::MAX);
-    let heard = record
-        .and_then(|r| r.last_heartbeat_at)
-        .filter(|h| container.and_then(|c| c.provisioned_at()).is_none_or(|p| *h >= p));
-    let online = container.is_some_and(|c| c.state == ContainerState::Running) && heard.is_some_and(|h| now - h <= ttl);
+    let heard = liveness::last_heard(obs);
+    let online = facts.liveness().is_online();
     let token = {
         let inc = obs.incarnation();
         obs.live_tokens.iter().filter(|t| t.incarnation == inc).max_by_key(|t| t.created_at)
@@ -40,11 +38,16 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     };
     let tf = |ok: bool| if ok { ConditionStatus::True } else { ConditionStatus::False };
 
-    let invalid = ctx.desired.and_then(|d| d.spec.as_ref().err());
-    let secrets_hold = ctx.desired.and_then(|d| d.secrets_hold.as_deref());
-    let degraded = heartbeat::degraded(ctx);
-    let mode = ctx.mode();
-    let phase = match (ctx.desired, invalid) {
+    let invalid = facts.desired.and_then(|d| d.spec.as_ref().err());
+    let hold = facts.hold();
+    let secrets_hold = match &hold {
+        Some(Hold::Secrets(why)) => Some(why.as_str()),
+        _ => None,
+    };
+    let quota_hold = facts.quota_hold();
+    let degraded = heartbeat::degraded(facts);
+    let mode = facts.mode();
+    let phase = match (facts.desired, invalid) {
         (None, _) => Phase::Terminating,
         (Some(_), Some(_)) => Phase::Failed,
         _ if extra.last_error.is_some() => Phase::Failed,
@@ -56,7 +59,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
             (_, Some(ContainerState::Running)) if online => Phase::Running,
             (_, Some(ContainerState::Running)) if degraded.is_some() => Phase::Degraded,
             (_, Some(_)) => Phase::Provisioning,
-            (_, None) if obs.quota_hold.is_some() || secrets_hold.is_some() => Phase::Pending,
+            (_, None) if hold.is_some() => Phase::Pending,
             (_, None) if record.is_some_and(|r| r.incarnation > 0) => Phase::Provisioning,
             (_, None) => Phase::Pending,
         },
@@ -70,10 +73,10 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
         Some(msg) => c("SourceConflict", tf(true), "DeclaredTwice", msg.to_string()),
         None => c("SourceConflict", tf(false), "SingleSource", String::new()),
     }
-    if let Some(msg) = &obs.quota_hold {
+    if let Some(msg) = &quota_hold {
         c("QuotaExceeded", tf(true), "TeamQuota", msg.clone());
     }
-    match (secrets_hold, ctx.spec().is_some_and(|s| !s.env_from.is_empty())) {
+    match (secrets_hold, facts.spec().is_some_and(|s| !s.env_from.is_empty())) {
         (Some(msg), _) => c("SecretsReady", tf(false), "SecretUnavailable", msg.to_string()),
         (None, true) => c("SecretsReady", tf(true), "Resolved", String::new()),
         (None, false) => {}
@@ -114,11 +117,11 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
         None => "no heartbeat from this incarnation yet".into(),
     };
     c("AgentOnline", tf(online), if online { "Heartbeating" } else { "Silent" }, degraded.clone().unwrap_or(hb_msg));
-    let drift = match (ctx.desired, container) {
+    let drift = match (facts.desired, container) {
         (Some(d), Some(k)) if invalid.is_none() => k.hash_differs(&d.spec_hash).map(|have| (d.spec_hash.clone(), have)),
         _ => None,
     };
-    match (&drift, ctx.spec().map(|s| s.update_policy)) {
+    match (&drift, facts.spec().map(|s| s.update_policy)) {
         (Some((want, have)), Some(policy)) => c(
             "SpecDrift",
             tf(true),
@@ -133,7 +136,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     }
     let ready_msg = match (&degraded, extra.last_error, invalid) {
         (_, _, Some(e)) => e.join("; "),
-        _ if obs.quota_hold.is_some() && container.is_none() => obs.quota_hold.clone().unwrap_or_default(),
+        _ if quota_hold.is_some() && container.is_none() => quota_hold.clone().unwrap_or_default(),
         _ if secrets_hold.is_some() => secrets_hold.unwrap_or_default().to_string(),
         (_, Some(e), _) => e.to_string(),
         (Some(d), _, _) => d.clone(),
@@ -147,7 +150,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
     WorkspaceStatus {
         phase,
         uid: record.map(|r| r.uid.clone()),
-        observed_generation: ctx.desired.map(|d| d.generation),
+        observed_generation: facts.desired.map(|d| d.generation),
         incarnation: obs.incarnation(),
         container: container.map(|k| ContainerStatus {
             id: k.id.clone(),
@@ -163,7 +166,7 @@ pub fn compute(ctx: &Ctx<'_>, extra: &Extra<'_>, previous: Option<&WorkspaceStat
         last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at),
         restart_count: record.map(|r| r.restart_count).unwrap_or(0),
         last_restart_reason: record.and_then(|r| r.last_restart_reason.clone()),
-        source: ctx.desired.map(|d| (*d.source).clone()),
+        source: facts.desired.map(|d| (*d.source).clone()),
         pending_hash: drift.as_ref().map(|(want, _)| want.clone()),
         applied_hash: drift.map(|(_, have)| have),
         conditions: cond,
@@ -176,14 +179,18 @@ mod tests {
     use crate::api::condition::find;
     use crate::rules::fixtures::*;
 
-    fn status(obs: &crate::rules::Observed, des: Option<&crate::rules::Desired>, extra: Extra<'_>) -> WorkspaceStatus {
+    fn status(
+        obs: &crate::rules::Observed,
+        des: Option<&crate::rules::Desired>,
+        extra: Circumstances<'_>,
+    ) -> WorkspaceStatus {
         let s = settings();
-        compute(&ctx(des, obs, &s), &extra, None)
+        compute(&facts(des, obs, &s), &extra, None)
     }
 
     #[test]
     fn healthy_is_running_and_ready() {
-        let st = status(&healthy(), Some(&desired()), Extra::default());
+        let st = status(&healthy(), Some(&desired()), Circumstances::default());
         assert_eq!(st.phase, Phase::Running);
         assert!(find(&st.conditions, "Ready").unwrap().is_true());
         assert!(find(&st.conditions, "TokenValid").unwrap().is_true());
@@ -193,15 +200,14 @@ mod tests {
 
     #[test]
     fn running_container_without_heartbeat_is_provisioning() {
-        let mut obs = healthy();
-        obs.record.as_mut().unwrap().last_heartbeat_at = Some(t(50)); // before this container
-        assert_eq!(status(&obs, Some(&desired()), Extra::default()).phase, Phase::Provisioning);
+        let obs = healthy().record_with(|r| r.last_heartbeat_at = Some(t(50))); // before this container
+        assert_eq!(status(&obs, Some(&desired()), Circumstances::default()).phase, Phase::Provisioning);
     }
 
     #[test]
     fn invalid_spec_is_failed_with_the_reason() {
         let des = desired_with(crate::api::WorkspaceSpec { tier: Some(7), ..Default::default() });
-        let st = status(&healthy(), Some(&des), Extra::default());
+        let st = status(&healthy(), Some(&des), Circumstances::default());
         assert_eq!(st.phase, Phase::Failed);
         let c = find(&st.conditions, "InvalidSpec").unwrap();
         assert!(c.is_true() && c.message.contains("tier"), "{c:?}");
@@ -209,25 +215,32 @@ mod tests {
 
     #[test]
     fn execution_error_is_failed_and_shown() {
-        let mut obs = healthy();
-        obs.containers = Some(vec![]);
-        let st =
-            status(&obs, Some(&desired()), Extra { last_error: Some("image x is not present"), ..Extra::default() });
+        let obs = healthy().without_container();
+        let st = status(
+            &obs,
+            Some(&desired()),
+            Circumstances { last_error: Some("image x is not present"), ..Circumstances::default() },
+        );
         assert_eq!(st.phase, Phase::Failed);
         assert!(find(&st.conditions, "Ready").unwrap().message.contains("image x"));
     }
 
     #[test]
     fn paused_stopped_and_drift() {
-        let mut obs = healthy();
-        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
-        assert_eq!(status(&obs, Some(&desired_mode(OperatingMode::Paused)), Extra::default()).phase, Phase::Paused);
-        obs.containers = Some(vec![]);
-        assert_eq!(status(&obs, Some(&desired_mode(OperatingMode::Stopped)), Extra::default()).phase, Phase::Stopped);
+        let obs = healthy().with_container(container(1, ContainerState::Paused));
+        assert_eq!(
+            status(&obs, Some(&desired_mode(OperatingMode::Paused)), Circumstances::default()).phase,
+            Phase::Paused
+        );
+        let obs = healthy().without_container();
+        assert_eq!(
+            status(&obs, Some(&desired_mode(OperatingMode::Stopped)), Circumstances::default()).phase,
+            Phase::Stopped
+        );
         let mut des =
             desired_with(crate::api::WorkspaceSpec { update_policy: Some(UpdatePolicy::Manual), ..Default::default() });
         des.spec_hash = "new".into();
-        let st = status(&healthy(), Some(&des), Extra::default());
+        let st = status(&healthy(), Some(&des), Circumstances::default());
         assert!(find(&st.conditions, "SpecDrift").unwrap().is_true());
         assert_eq!(st.pending_hash.as_deref(), Some("new"));
         assert_eq!(st.applied_hash.as_deref(), Some(HASH));
@@ -235,8 +248,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_secret_keeps_a_new_workspace_pending_and_says_which() {
-        let mut obs = healthy();
-        obs.containers = Some(vec![]);
+        let obs = healthy().without_container();
         let mut des = desired_with(crate::api::WorkspaceSpec {
             env_from: vec![crate::api::EnvFromSource {
                 secret_ref: crate::api::SecretEnvSource { name: "keys".into(), optional: false },
@@ -244,17 +256,17 @@ mod tests {
             }],
             ..Default::default()
         });
-        des.secrets_hold = Some("Secret default/keys not found".into());
-        let st = status(&obs, Some(&des), Extra::default());
+        des.secrets_unreadable = Some("Secret default/keys not found".into());
+        let st = status(&obs, Some(&des), Circumstances::default());
         assert_eq!(st.phase, Phase::Pending);
         let c = find(&st.conditions, "SecretsReady").unwrap();
         assert!(!c.is_true() && c.message == "Secret default/keys not found", "{c:?}");
         assert!(find(&st.conditions, "Ready").unwrap().message.contains("keys not found"));
-        des.secrets_hold = None;
-        let st = status(&healthy(), Some(&des), Extra::default());
+        des.secrets_unreadable = None;
+        let st = status(&healthy(), Some(&des), Circumstances::default());
         assert!(find(&st.conditions, "SecretsReady").unwrap().is_true());
         assert!(find(&st.conditions, "SecretsReady").is_some());
-        let st = status(&healthy(), Some(&desired()), Extra::default());
+        let st = status(&healthy(), Some(&desired()), Circumstances::default());
         assert!(find(&st.conditions, "SecretsReady").is_none(), "only workspaces that use envFrom");
     }
 }

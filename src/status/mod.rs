@@ -1,0 +1,6 @@
+//! Status, the last step of a reconcile: recomputed whole from what was declared and
+//! what was observed, never read-modify-written. Pure: `workspace` for one workspace
+//! (from the rules' view of it), `team` for a Team's roll-up of its members.
+
+pub mod team;
+pub mod workspace;
