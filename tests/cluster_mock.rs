@@ -19,7 +19,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use molecule::api::effective::Defaults;
 use molecule::api::{Phase, WorkspaceStatus};
-use molecule::cluster::controller::{Context, error_policy, reconcile};
+use molecule::cluster::controller::{ControllerContext, error_policy, reconcile};
 use molecule::cluster::source::{GuardedTeam, GuardedWorkspace, SentMap, sent_map, snapshot};
 use molecule::cluster::{API_USES, Error, Options};
 use molecule::source::desired::{DesiredSet, merge};
@@ -150,7 +150,7 @@ impl Queue {
 }
 
 struct Harness {
-    ctx: Arc<Context>,
+    ctx: Arc<ControllerContext>,
     api: ApiServer,
     queue: Queue,
     desired: watch::Sender<Arc<DesiredSet>>,
@@ -168,7 +168,7 @@ fn harness() -> Harness {
     let (store, objects): (Store<GuardedWorkspace>, _) = reflector::store();
     let (team_store, teams) = reflector::store();
     let options = Options { desired_wait: Duration::from_millis(300), ..Options::default() };
-    let ctx = Arc::new(Context::new(client, &options, trigger, desired_rx, sent_rx, store, team_store));
+    let ctx = Arc::new(ControllerContext::new(client, &options, trigger, desired_rx, sent_rx, store, team_store));
     Harness { ctx, api: ApiServer(handle), queue: Queue::start(rx), desired, sent, objects, teams }
 }
 

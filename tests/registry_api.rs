@@ -15,7 +15,7 @@ use molecule::api::{
     Condition, ConditionStatus, ObjectKey, OperatingMode, Phase, SourceRef, Team, TeamSpec, WorkspaceSpec,
     WorkspaceStatus,
 };
-use molecule::cli::{self, ActionArgs, ClientArgs, ClientCommand, DescribeArgs, GetArgs, GetKind, OutputFormat};
+use molecule::cli::{self, ClientArgs, ClientCommand, DescribeArgs, GetArgs, GetKind, OutputFormat, VerbArgs};
 use molecule::metrics::Metrics;
 use molecule::registry::views::{ActionResponse, TeamSummary, WorkspaceDetail, WorkspaceSummary};
 use molecule::registry::{self, AppState};
@@ -557,7 +557,7 @@ async fn cli_get_describe_and_act_through_the_address_file() {
     assert!(report.contains(&rec.uid) && report.contains(&tok.row.prefix), "{report}");
     assert!(!report.contains(&tok.plaintext));
 
-    let out = cli::execute(&ClientCommand::Pause(ActionArgs {
+    let out = cli::execute(&ClientCommand::Pause(VerbArgs {
         kind: cli::WorkspaceKind::Workspace,
         name: "default/smoke".into(),
         client: h.client(),

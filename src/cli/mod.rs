@@ -86,7 +86,7 @@ pub struct DescribeArgs {
 }
 
 #[derive(Clone, Debug, clap::Args)]
-pub struct ActionArgs {
+pub struct VerbArgs {
     #[arg(value_enum)]
     pub kind: WorkspaceKind,
     /// `NAME` (namespace `default`) or `NAMESPACE/NAME`.
@@ -96,13 +96,13 @@ pub struct ActionArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
+pub enum Verb {
     Restart,
     Pause,
     Resume,
 }
 
-impl Action {
+impl Verb {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Restart => "restart",
@@ -119,11 +119,11 @@ pub enum ClientCommand {
     /// Show one workspace: status, effective spec, conditions, token, decision log.
     Describe(DescribeArgs),
     /// Replace a workspace's container now (like `kubectl rollout restart`).
-    Restart(ActionArgs),
+    Restart(VerbArgs),
     /// Freeze a workspace (overrides its declared operating mode until `resume`).
-    Pause(ActionArgs),
+    Pause(VerbArgs),
     /// Run a paused or stopped workspace again.
-    Resume(ActionArgs),
+    Resume(VerbArgs),
     /// Secrets delivered to workspaces as env vars, stored encrypted (AES-256-GCM).
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -202,9 +202,9 @@ pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
     match cmd {
         ClientCommand::Get(a) => get(a).await,
         ClientCommand::Describe(a) => describe(a).await,
-        ClientCommand::Restart(a) => act(Action::Restart, a).await,
-        ClientCommand::Pause(a) => act(Action::Pause, a).await,
-        ClientCommand::Resume(a) => act(Action::Resume, a).await,
+        ClientCommand::Restart(a) => act(Verb::Restart, a).await,
+        ClientCommand::Pause(a) => act(Verb::Pause, a).await,
+        ClientCommand::Resume(a) => act(Verb::Resume, a).await,
         ClientCommand::Secret(c) => secret(c).await,
     }
 }
@@ -254,7 +254,7 @@ pub async fn describe(args: &DescribeArgs) -> Result<String, CliError> {
 }
 
 /// `restart|pause|resume workspace NAME`: prints the operator's one-line answer.
-pub async fn act(action: Action, args: &ActionArgs) -> Result<String, CliError> {
+pub async fn act(action: Verb, args: &VerbArgs) -> Result<String, CliError> {
     let client = Client::new(&args.client)?;
     let answer = client.act(action.as_str(), &ObjectKey::parse(&args.name)).await?;
     Ok(format!("{}\n", answer.message))

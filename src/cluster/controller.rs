@@ -42,7 +42,7 @@ const SOON: Duration = Duration::from_secs(1);
 const WHY: Why = Why::Kubernetes;
 
 /// Every IO handle the controller needs; tests build their own.
-pub struct Context {
+pub struct ControllerContext {
     pub client: Client,
     pub trigger: Trigger,
     pub desired: watch::Receiver<Arc<DesiredSet>>,
@@ -78,7 +78,7 @@ struct Written {
     phase: Phase,
 }
 
-impl Context {
+impl ControllerContext {
     pub fn new(
         client: Client,
         options: &Options,
@@ -285,7 +285,7 @@ pub fn build(client: Client, namespace: Option<&str>) -> Controller<GuardedWorks
 }
 
 /// Runs the controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, controller: Controller<GuardedWorkspace>, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<ControllerContext>, controller: Controller<GuardedWorkspace>, shutdown: CancellationToken) {
     controller
         .graceful_shutdown_on(async move { shutdown.cancelled_owned().await })
         .run(reconcile, error_policy, ctx)
@@ -301,7 +301,7 @@ pub async fn run(ctx: Arc<Context>, controller: Controller<GuardedWorkspace>, sh
 }
 
 /// The reconcile fn: the finalizer decides between Apply and Cleanup.
-pub async fn reconcile(obj: Arc<GuardedWorkspace>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<GuardedWorkspace>, ctx: Arc<ControllerContext>) -> Result<Action, Error> {
     let key = key_of(obj.as_ref());
     let api = ctx.api(&key.namespace);
     // The finalizer helper only reads metadata and patches it; an untyped copy lets it
@@ -328,7 +328,7 @@ pub async fn reconcile(obj: Arc<GuardedWorkspace>, ctx: Arc<Context>) -> Result<
     result
 }
 
-async fn apply(obj: &GuardedWorkspace, key: &ObjectKey, ctx: &Context) -> Result<Action, Error> {
+async fn apply(obj: &GuardedWorkspace, key: &ObjectKey, ctx: &ControllerContext) -> Result<Action, Error> {
     let generation = obj.meta().generation;
     if let Some(left) = ctx.applied_recently(key, generation) {
         return Ok(Action::requeue(left));
@@ -380,7 +380,7 @@ fn invalid_status(error: &str) -> WorkspaceStatus {
     }
 }
 
-async fn cleanup(key: &ObjectKey, ctx: &Context) -> Result<Action, Error> {
+async fn cleanup(key: &ObjectKey, ctx: &ControllerContext) -> Result<Action, Error> {
     if !ctx.wait_for(|| !matches!(ctx.removal(key), Removal::NotYet)).await {
         return Err(Error::CleanupPending(key.to_string()));
     }
@@ -405,7 +405,7 @@ async fn cleanup(key: &ObjectKey, ctx: &Context) -> Result<Action, Error> {
 
 /// Invalid spec: waiting will not help, the next change of the object will.
 /// Anything else: back off per object (0.5 s doubling, at most 30 s).
-pub fn error_policy(obj: Arc<GuardedWorkspace>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<GuardedWorkspace>, error: &Error, ctx: Arc<ControllerContext>) -> Action {
     let key = key_of(obj.as_ref());
     match error.inner() {
         Error::InvalidSpec(_) | Error::ShuttingDown => Action::await_change(),
@@ -427,7 +427,11 @@ pub fn error_policy(obj: Arc<GuardedWorkspace>, error: &Error, ctx: Arc<Context>
 }
 
 /// Writes status and Events for every finished reconcile until `shutdown`.
-pub async fn write_reports(ctx: Arc<Context>, mut reports: broadcast::Receiver<Report>, shutdown: CancellationToken) {
+pub async fn write_reports(
+    ctx: Arc<ControllerContext>,
+    mut reports: broadcast::Receiver<Report>,
+    shutdown: CancellationToken,
+) {
     loop {
         let report = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -217,7 +217,7 @@ pub async fn run(
         tokio::spawn(secrets::run(api, feed, wiring.desired.clone(), wiring.trigger.clone(), stop.clone()))
     });
     let controller = controller::build(client.clone(), options.namespace.as_deref());
-    let ctx = Arc::new(controller::Context::new(
+    let ctx = Arc::new(controller::ControllerContext::new(
         client,
         &options,
         wiring.trigger.clone(),

@@ -91,7 +91,7 @@ fn shared<V>(map: &HashMap<Arc<str>, V>, text: &str) -> Arc<str> {
 }
 
 struct Entry {
-    kept: Kept,
+    kept: CachedContainer,
     seen_at: Ticket,
 }
 
@@ -100,7 +100,7 @@ struct Entry {
 /// 21 MB; this way about a third of that (bench/scale). Reads rebuild the
 /// `ContainerInfo`.
 #[derive(PartialEq)]
-struct Kept {
+struct CachedContainer {
     name: Box<str>,
     image: Arc<str>,
     state: ContainerState,
@@ -163,7 +163,7 @@ impl Packed {
     }
 }
 
-impl Kept {
+impl CachedContainer {
     fn label(&self, key: &str) -> Option<&str> {
         match key {
             labels::WORKSPACE => self.workspace.as_deref(),
@@ -215,9 +215,9 @@ pub struct Applied {
 
 impl State {
     /// What the cache keeps of `info`, its texts shared with what it holds already.
-    fn keep(&mut self, info: &ContainerInfo) -> Kept {
+    fn keep(&mut self, info: &ContainerInfo) -> CachedContainer {
         let image = self.images.get(&info.image, || Arc::from(info.image.as_str()));
-        Kept {
+        CachedContainer {
             name: info.name.as_str().into(),
             image,
             state: info.state,
@@ -232,7 +232,7 @@ impl State {
         }
     }
 
-    fn index(&mut self, id: &Arc<str>, kept: &Kept) {
+    fn index(&mut self, id: &Arc<str>, kept: &CachedContainer) {
         if let Some(w) = &kept.workspace {
             add_id(self.by_workspace.entry(w.clone()).or_default(), id);
         }
@@ -241,7 +241,7 @@ impl State {
         }
     }
 
-    fn unindex(&mut self, id: &str, kept: &Kept) {
+    fn unindex(&mut self, id: &str, kept: &CachedContainer) {
         fn drop_id(map: &mut HashMap<Arc<str>, Ids>, k: Option<&Arc<str>>, id: &str) {
             if let Some(k) = k
                 && let Some(ids) = map.get_mut(&**k)
@@ -281,7 +281,7 @@ impl State {
         }
     }
 
-    fn insert(&mut self, t: Ticket, id: Arc<str>, kept: Kept, changed: &mut BTreeSet<String>) {
+    fn insert(&mut self, t: Ticket, id: Arc<str>, kept: CachedContainer, changed: &mut BTreeSet<String>) {
         changed.extend(kept.workspace.as_deref().map(str::to_string));
         self.index(&id, &kept);
         self.containers.insert(id, Box::new(Entry { kept, seen_at: t }));

@@ -127,6 +127,12 @@ impl Observed {
         self
     }
 
+    /// Its containers are `cs`.
+    pub fn with_containers(mut self, cs: Vec<ContainerInfo>) -> Self {
+        self.containers = Some(cs);
+        self
+    }
+
     /// Docker could not be listed.
     pub fn containers_unknown(mut self) -> Self {
         self.containers = None;

@@ -83,9 +83,15 @@ mod tests {
     use super::*;
 
     fn silent(secs: i64) -> Observed {
-        let mut obs = healthy();
-        obs.record.as_mut().unwrap().last_heartbeat_at = Some(now() - chrono::Duration::seconds(secs));
-        obs
+        healthy().silent_for(secs)
+    }
+
+    /// `restarts` heartbeat restarts so far, the last `ago` seconds before now.
+    fn restarted(obs: Observed, restarts: i64, ago: i64) -> Observed {
+        obs.record_with(|r| {
+            r.restart_count = restarts;
+            r.last_restart_at = Some(now() - chrono::Duration::seconds(ago));
+        })
     }
 
     fn decide(obs: &Observed) -> Option<Verdict> {
@@ -107,17 +113,13 @@ mod tests {
 
     #[test]
     fn agent_that_never_reported_is_timed_from_provisioning() {
-        let mut obs = healthy();
-        obs.record.as_mut().unwrap().last_heartbeat_at = None;
+        let obs = healthy().never_heard();
         assert!(decide(&obs).unwrap().cause.contains("never reported"));
     }
 
     #[test]
     fn budget_spent_means_degraded_not_another_restart() {
-        let mut obs = silent(30);
-        let r = obs.record.as_mut().unwrap();
-        r.restart_count = 3;
-        r.last_restart_at = Some(now() - chrono::Duration::seconds(3600));
+        let obs = restarted(silent(30), 3, 3600);
         assert_eq!(decide(&obs), None);
         let (s, des) = (settings(), desired());
         assert!(degraded(&facts(Some(&des), &obs, &s)).is_some());
@@ -125,40 +127,38 @@ mod tests {
 
     #[test]
     fn backoff_doubles_between_restarts() {
-        let mut obs = silent(30);
-        let r = obs.record.as_mut().unwrap();
-        r.restart_count = 2;
-        r.last_restart_at = Some(now() - chrono::Duration::seconds(30)); // needs 40s
-        assert_eq!(decide(&obs), None);
-        obs.record.as_mut().unwrap().last_restart_at = Some(now() - chrono::Duration::seconds(41));
-        assert!(decide(&obs).is_some());
+        assert_eq!(decide(&restarted(silent(30), 2, 30)), None, "the third restart waits 40 s");
+        assert!(decide(&restarted(silent(30), 2, 41)).is_some());
     }
 
     #[test]
     fn heartbeats_the_store_could_not_record_are_not_silence() {
-        let mut obs = silent(30);
-        obs.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(2));
-        assert_eq!(decide(&obs), None, "the store failed to record beats 2 s ago: not silent past the TTL");
-        obs.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(25));
-        assert!(decide(&obs).unwrap().cause.contains("silent for 25s"), "silence counts from the outage's end");
-        obs.heartbeats_lost_at = Some(now() - chrono::Duration::seconds(60));
-        assert!(decide(&obs).unwrap().cause.contains("silent for 30s"), "an older outage changes nothing");
+        let lost = |secs| silent(30).heartbeats_lost(secs);
+        assert_eq!(decide(&lost(2)), None, "the store failed to record beats 2 s ago: not silent past the TTL");
+        assert!(decide(&lost(25)).unwrap().cause.contains("silent for 25s"), "silence counts from the outage's end");
+        assert!(decide(&lost(60)).unwrap().cause.contains("silent for 30s"), "an older outage changes nothing");
     }
 
     #[test]
     fn paused_workspaces_are_not_expected_to_heartbeat() {
-        let mut obs = silent(30);
-        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        let obs = silent(30).with_container(container(1, ContainerState::Paused));
         let (s, des) = (settings(), desired_mode(OperatingMode::Paused));
         assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
     }
 
     #[test]
+    fn it_wakes_at_the_end_of_the_ttl_or_the_backoff_and_not_once_the_budget_is_spent() {
+        let (s, des) = (settings(), desired());
+        let wake_of = |obs: &Observed| wake(&facts(Some(&des), obs, &s));
+        assert_eq!(wake_of(&silent(5)), Some(now() + chrono::Duration::seconds(5)), "heard 5 s ago, TTL 10 s");
+        let backing_off = restarted(silent(30), 2, 30);
+        assert_eq!(wake_of(&backing_off), Some(now() + chrono::Duration::seconds(10)), "40 s after the last restart");
+        assert_eq!(wake_of(&restarted(silent(30), 3, 30)), None, "Degraded: only a heartbeat changes anything");
+    }
+
+    #[test]
     fn budget_resets_once_the_agent_is_back() {
-        let mut obs = silent(1);
-        let r = obs.record.as_mut().unwrap();
-        r.restart_count = 2;
-        r.last_restart_at = Some(now() - chrono::Duration::seconds(60));
+        let obs = restarted(silent(1), 2, 60);
         assert_eq!(decide(&obs).unwrap().actions, vec![Action::ResetRestarts]);
     }
 }

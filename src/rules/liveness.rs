@@ -93,8 +93,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_of_an_earlier_incarnation_does_not_count() {
-        let mut obs = healthy();
-        obs.record.as_mut().unwrap().last_heartbeat_at = Some(t(50)); // before the container's t(100)
+        let obs = healthy().record_with(|r| r.last_heartbeat_at = Some(t(50))); // before the container's t(100)
         assert_eq!(last_heard(&obs), None);
     }
 

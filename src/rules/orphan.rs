@@ -29,11 +29,9 @@ mod tests {
 
     #[test]
     fn container_with_foreign_uid_is_removed_and_ours_kept() {
-        let mut obs = healthy();
-        let mut stray = container(1, ContainerState::Running);
+        let mut stray = container(1, ContainerState::Running).labelled(labels::UID, "ffffffff-0000");
         stray.id = "spoof".into();
-        stray.labels.insert(labels::UID.into(), "ffffffff-0000".into());
-        obs.containers.as_mut().unwrap().push(stray);
+        let obs = healthy().with_containers(vec![container(1, ContainerState::Running), stray]);
         let (s, des) = (settings(), desired());
         let d = rule(&facts(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions, vec![Action::RemoveContainer { id: "spoof".into() }]);

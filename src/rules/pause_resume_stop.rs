@@ -125,8 +125,7 @@ mod tests {
 
     #[test]
     fn cli_override_wins_over_declared_mode() {
-        let mut obs = healthy();
-        obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Paused);
+        let obs = healthy().record_with(|r| r.mode_override = Some(OperatingMode::Paused));
         let (s, des) = (settings(), desired());
         assert!(pause(&facts(Some(&des), &obs, &s)).is_some());
     }

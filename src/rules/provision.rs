@@ -110,11 +110,8 @@ mod tests {
 
     #[test]
     fn cli_pause_override_still_needs_a_container_and_stop_override_does_not() {
-        let mut obs = healthy();
-        obs.containers = Some(vec![]);
-        obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Stopped);
-        assert_eq!(decide(&obs, &desired()), None);
-        obs.record.as_mut().unwrap().mode_override = Some(OperatingMode::Paused);
-        assert!(decide(&obs, &desired()).is_some());
+        let overridden = |mode| healthy().without_container().record_with(|r| r.mode_override = Some(mode));
+        assert_eq!(decide(&overridden(OperatingMode::Stopped), &desired()), None);
+        assert!(decide(&overridden(OperatingMode::Paused), &desired()).is_some());
     }
 }

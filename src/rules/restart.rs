@@ -23,6 +23,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::*;
     use crate::api::WorkspaceSpec;
+    use crate::runtime::labels;
 
     #[test]
     fn restarted_at_after_provision_restarts_once() {
@@ -30,22 +31,18 @@ mod tests {
         let des = desired_with(WorkspaceSpec { restarted_at: Some(t(200)), ..Default::default() });
         assert!(rule(&facts(Some(&des), &obs, &s)).is_some());
         // The replacement container is provisioned after the request: quiet.
-        let mut obs2 = healthy();
-        obs2.containers.as_mut().unwrap()[0]
-            .labels
-            .insert(crate::runtime::labels::PROVISIONED_AT.into(), t(201).to_rfc3339());
+        let replaced = container(1, ContainerState::Running).labelled(labels::PROVISIONED_AT, t(201).to_rfc3339());
+        let obs2 = healthy().with_container(replaced);
         assert_eq!(rule(&facts(Some(&des), &obs2, &s)), None);
     }
 
     #[test]
     fn cli_request_restarts_and_old_or_future_requests_do_not() {
         let s = settings();
-        let mut obs = healthy();
-        obs.record.as_mut().unwrap().restart_requested_at = Some(t(300));
-        assert!(rule(&facts(Some(&desired()), &obs, &s)).is_some());
-        obs.record.as_mut().unwrap().restart_requested_at = Some(t(50));
-        assert_eq!(rule(&facts(Some(&desired()), &obs, &s)), None);
-        obs.record.as_mut().unwrap().restart_requested_at = Some(now() + chrono::Duration::seconds(60));
-        assert_eq!(rule(&facts(Some(&desired()), &obs, &s)), None);
+        let requested = |at| healthy().record_with(|r| r.restart_requested_at = Some(at));
+        assert!(rule(&facts(Some(&desired()), &requested(t(300)), &s)).is_some());
+        assert_eq!(rule(&facts(Some(&desired()), &requested(t(50)), &s)), None, "before the container's start");
+        let future = requested(now() + chrono::Duration::seconds(60));
+        assert_eq!(rule(&facts(Some(&desired()), &future, &s)), None, "not yet");
     }
 }

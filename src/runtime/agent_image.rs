@@ -12,7 +12,7 @@ use bollard::{Docker, body_full};
 use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 
-use super::docker::{api_error, status};
+use super::docker_error::{api_error, status};
 use super::{AGENT_UID, CONFIGS_DIR, RuntimeError, RuntimeResult};
 
 pub const AGENT_IMAGE: &str = "molecule-agent:local";

@@ -25,6 +25,7 @@ use bollard::{Docker, body_full};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
+use super::docker_error::{api_error, chain, is_unavailable, message, status};
 use super::{
     AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
     RuntimeResult, Watched, agent_image, labels,
@@ -644,59 +645,6 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 /// A Unix time in nanoseconds as the events API's `since` takes it: `secs.nanos`.
 fn since_arg(unix_nanos: i64) -> String {
     format!("{}.{:09}", unix_nanos / 1_000_000_000, unix_nanos % 1_000_000_000)
-}
-
-pub(super) fn status(e: &DockerError) -> Option<u16> {
-    match e {
-        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-fn message(e: &DockerError) -> &str {
-    match e {
-        DockerError::DockerResponseServerError { message, .. } => message,
-        _ => "",
-    }
-}
-
-/// Failures to reach the daemon at all, as opposed to the daemon refusing a request.
-fn is_unavailable(e: &DockerError) -> bool {
-    matches!(
-        e,
-        DockerError::HyperLegacyError { .. }
-            | DockerError::HyperResponseError { .. }
-            | DockerError::IOError { .. }
-            | DockerError::RequestTimeoutError
-            | DockerError::SocketNotFoundError(_)
-    )
-}
-
-pub(super) fn api_error(what: impl fmt::Display, e: DockerError) -> RuntimeError {
-    if is_unavailable(&e) {
-        return RuntimeError::Unavailable(format!("{what}: {}", chain(&e)));
-    }
-    match &e {
-        DockerError::DockerResponseServerError { status_code, message } => {
-            RuntimeError::Api(format!("{what}: {message} (HTTP {status_code})"))
-        }
-        _ => RuntimeError::Api(format!("{what}: {}", chain(&e))),
-    }
-}
-
-/// An error with its causes: hyper's top-level messages alone say little.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

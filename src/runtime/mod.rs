@@ -3,6 +3,7 @@
 
 pub mod agent_image;
 pub mod docker;
+pub mod docker_error;
 pub mod render;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
