@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod compact;
 pub mod config;
 pub mod execute;
+pub mod health;
 pub mod kubeapi;
 pub mod memory;
 pub mod metrics;

@@ -127,6 +127,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    let health = Arc::new(crate::health::Health::default());
 
     let instance = args.instance_id();
     prepare_state_dir(&args.state)?;
@@ -187,7 +188,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             source_names.push(crate::cluster::SOURCE_NAME.to_string());
             let kubeconfig = bound.kubeconfig.clone();
             let stop = shutdown.clone();
-            tokio::spawn(bound.serve(async move { stop.cancelled().await }));
+            crate::health::essential(&health, "kube-api", &shutdown, async move {
+                bound.serve(async move { stop.cancelled().await }).await.context("the Kubernetes API stopped serving")
+            });
             Some(kubeconfig)
         }
         None => None,
@@ -202,12 +205,16 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         }
         None => None,
     };
-    tokio::spawn(desired_store(snap_rx, source_names, defaults, desired_tx));
+    crate::health::essential(&health, "desired-store", &shutdown, async move {
+        desired_store(snap_rx, source_names, defaults, desired_tx).await;
+        Ok(())
+    });
 
     let keyring = Arc::new(crate::secrets::Keyring::load(&args.state).context("cannot load the secrets key")?);
     let metrics = Arc::new(Metrics::new());
     let (trigger, trigger_rx) = Trigger::new();
     let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
+    state.health = health.clone();
     state.keyring = Some(keyring.clone());
     state.lost_heartbeats = lost_heartbeats;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
@@ -218,7 +225,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let server = {
         let router = registry::router(state.clone());
         let stop = shutdown.clone();
-        tokio::spawn(async move { registry::serve(listener, router, async move { stop.cancelled().await }).await })
+        crate::health::essential(&health, "registry", &shutdown, async move {
+            registry::serve(listener, router, async move { stop.cancelled().await })
+                .await
+                .context("the registry and admin API stopped serving")
+        })
     };
 
     let settings = Settings {
@@ -252,6 +263,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // so an operator restart after a long downtime restarts no healthy agent.
     ctx.lost_heartbeats.note(chrono::Utc::now());
     ctx.lease_unconfirmed = lease_unconfirmed;
+    ctx.health = health.clone();
     ctx.full_resync = Duration::from_secs(args.full_resync_seconds.max(args.resync_seconds).max(1));
     // In a cluster, envFrom reads Kubernetes Secrets (the local Kubernetes API of
     // `--kube-api` stores none: there, secrets are set with `secret set`).
@@ -263,7 +275,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     }
     let ctx = Arc::new(ctx);
     if let Some(src) = pg_source {
-        src.write_status(ctx.reports.subscribe(), shutdown.clone());
+        src.write_status(ctx.reports.subscribe(), ctx.store.clone(), health.clone(), shutdown.clone());
     }
 
     // Kubernetes: one more source, driven by the kube-rs controller, which writes
@@ -329,6 +341,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         tracing::warn!(error = %e, "could not write the last heartbeats");
     }
     let _ = registry::remove_address(&args.state);
+    if let Some(why) = health.fatal() {
+        bail!("the operator stopped because an essential task failed: {why}");
+    }
     tracing::info!("operator stopped");
     Ok(())
 }

@@ -171,3 +171,61 @@ async fn changes_made_while_the_database_was_away_are_caught_up() {
     });
     op.stop();
 }
+
+/// Writing status back into `desired_objects` fails (here a trigger refuses it): the
+/// operator says so in `/readyz` and keeps every status, newest per workspace, until
+/// the write succeeds; then the row has it. Before, a failed write was logged and the
+/// status dropped until some later reconcile happened to write another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_the_database_refuses_is_kept_and_written_once_it_accepts() {
+    if !docker_available() {
+        return;
+    }
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let migrate = std::process::Command::new(BIN).args(["migrate", "--database-url", &db.url]).output().unwrap();
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+    sql(
+        &db.url,
+        "CREATE FUNCTION refuse_status() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'status writes are refused for this test'; END $$",
+    )
+    .await;
+    sql(&db.url, "CREATE TRIGGER refuse_status BEFORE UPDATE OF status ON desired_objects FOR EACH ROW EXECUTE FUNCTION refuse_status()").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.yaml"), workspace_yaml("written")).unwrap();
+    let out = apply(&db.url, dir.path().to_str().unwrap());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut op = Op::new("pgstatusretry");
+    op.sources = vec!["postgres".into()];
+    op.extra = vec!["--database-url".into(), db.url.clone(), "--resync-seconds".into(), "600".into()];
+    op.start();
+    tokio::task::block_in_place(|| op.wait_online(&["written"], UP));
+    let readyz = || {
+        let out = std::process::Command::new("curl").args(["-s", &format!("{}/readyz", op.url())]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t0 = std::time::Instant::now();
+    while !readyz().contains("postgres-status-writer") && t0.elapsed() < CONVERGE {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(readyz().contains("not ready") && readyz().contains("refused for this test"), "{}", readyz());
+
+    sql(&db.url, "DROP TRIGGER refuse_status ON desired_objects").await;
+    let t0 = std::time::Instant::now();
+    let mut phase = None;
+    while t0.elapsed() < CONVERGE {
+        let mut c = PgConnection::connect(&db.url).await.unwrap();
+        let row = sqlx::query("SELECT status->>'phase' AS phase FROM desired_objects WHERE name = 'written'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        phase = row.get::<Option<String>, _>("phase");
+        if phase.as_deref() == Some("Running") && readyz().contains("\"ready\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(phase.as_deref(), Some("Running"), "the kept status was written once the database took it");
+    assert!(readyz().contains("\"status\":\"ready\""), "{}", readyz());
+}

@@ -79,6 +79,8 @@ pub struct Context {
     /// lost). The database refuses a deposed leader's writes anyway; this keeps it from
     /// acting on containers meanwhile as well.
     pub lease_unconfirmed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the loop's own essential tasks (the container cache's feeder) report.
+    pub health: Arc<crate::health::Health>,
     /// The last execution error per workspace (shown in status until it succeeds).
     failures: Mutex<HashMap<String, String>>,
     /// Token files' content as last known: a reconcile reads a file only when it may
@@ -120,6 +122,7 @@ impl Context {
             lost_heartbeats: Arc::default(),
             tokens_issued: None,
             lease_unconfirmed: Arc::default(),
+            health: Arc::default(),
             keyring: None,
             secret_objects: None,
             failures: Mutex::new(HashMap::new()),

@@ -100,7 +100,11 @@ pub async fn run(
     }
     // The container cache's feeder: passes each runtime event on once the cache holds it.
     let (news_tx, mut news) = mpsc::unbounded_channel();
-    tokio::spawn(cache::feed(ctx.containers.clone(), ctx.runtime.clone(), news_tx, shutdown.child_token()));
+    let feed = cache::feed(ctx.containers.clone(), ctx.runtime.clone(), news_tx, shutdown.clone());
+    crate::health::essential(&ctx.health, "container-feed", &shutdown, async move {
+        feed.await;
+        Ok(())
+    });
     let mut resync_tick = tokio::time::interval(resync);
     let mut queue = WorkQueue::default();
     let mut running: JoinSet<(Result<Requeue, Arc<ReconcileError>>, Report)> = JoinSet::new();

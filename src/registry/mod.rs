@@ -62,6 +62,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once the operator has read every source; `/readyz` is 503 until then.
     pub ready: Arc<AtomicBool>,
+    /// The operator's tasks that are not working (`/readyz` is 503 while any is listed).
+    pub health: Arc<crate::health::Health>,
     /// Seals secrets set through the admin API.
     pub keyring: Option<Arc<crate::secrets::Keyring>>,
     /// Heartbeats the store failed to record (read by the heartbeat rule).
@@ -88,6 +90,7 @@ impl AppState {
             admin_token,
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
+            health: Arc::default(),
             keyring: None,
             lost_heartbeats: Arc::default(),
             limiter: Arc::default(),
@@ -199,6 +202,11 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return not_ready("the operator is starting: not every source has been read yet");
+    }
+    let problems = state.health.problems();
+    if !problems.is_empty() {
+        let reasons: Vec<String> = problems.iter().map(|(task, why)| format!("{task}: {why}")).collect();
+        return not_ready(&reasons.join("; "));
     }
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response(),

@@ -5,6 +5,7 @@
 //! the source reloads everything. A failed load keeps the last good snapshot. Status
 //! is written back to the row's `status` column.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,13 +15,17 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{Snapshot, SourceObject};
-use crate::api::{ObjectKey, SourceRef, Team, Workspace};
+use crate::api::{ObjectKey, SourceRef, Team, Workspace, WorkspaceStatus};
 use crate::trigger::Report;
 
 pub const SOURCE_NAME: &str = "postgres";
 pub const CHANNEL: &str = "molecule_desired";
 /// Reload everything this often even without a notification.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
+/// The status writer's name in `/readyz`.
+const STATUS_TASK: &str = "postgres-status-writer";
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct PostgresSource {
@@ -124,38 +129,96 @@ impl PostgresSource {
     }
 
     /// Writes each reported status into its Workspace row (whole; skipped when equal).
+    ///
+    /// Nothing is dropped: statuses that could not be written (the database is down)
+    /// wait and are retried with backoff, the newest per workspace, while `/readyz`
+    /// says so; when the writer falls behind the reports (the broadcast lagged), it
+    /// rewrites every status the state store holds.
     pub fn write_status(
         self,
         mut reports: broadcast::Receiver<Report>,
+        store: crate::store::DynStore,
+        health: std::sync::Arc<crate::health::Health>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            let mut pending: BTreeMap<String, WorkspaceStatus> = BTreeMap::new();
+            let mut reread_all = false;
+            let mut backoff = RETRY_MIN;
+            let mut retry_at: Option<tokio::time::Instant> = None;
             loop {
-                let report = tokio::select! {
+                let retry = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = retry => retry_at = None,
                     r = reports.recv() => match r {
-                        Ok(r) => r,
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Ok(report) => {
+                            if let Some(status) = report.status {
+                                pending.insert(report.key, status);
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "postgres source: the status writer fell behind; rewriting every status");
+                            reread_all = true;
+                        }
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
+                }
+                if retry_at.is_some() {
+                    continue; // failing: wait for the retry, collecting the newest statuses
+                }
+                let written = async {
+                    if reread_all {
+                        for record in store.list_workspaces().await.map_err(|e| e.to_string())? {
+                            if let Some(status) = record.status {
+                                pending.entry(record.key).or_insert(status);
+                            }
+                        }
+                        reread_all = false;
+                    }
+                    self.write_pending(&mut pending).await.map_err(|e| e.to_string())
                 };
-                let Some(status) = report.status else { continue };
-                let key = ObjectKey::parse(&report.key);
-                let Ok(json) = serde_json::to_string(&status) else { continue };
-                let done = sqlx::query(
-                    "UPDATE desired_objects SET status = $1::jsonb, status_updated_at = now() \
-                     WHERE kind = 'Workspace' AND namespace = $2 AND name = $3 AND status IS DISTINCT FROM $1::jsonb",
-                )
-                .bind(&json)
-                .bind(&key.namespace)
-                .bind(&key.name)
-                .execute(&self.pool)
-                .await;
-                if let Err(e) = done {
-                    tracing::warn!(workspace = %report.key, error = %e, "postgres source: writing status back failed");
+                match written.await {
+                    Ok(()) => {
+                        health.recovered(STATUS_TASK);
+                        backoff = RETRY_MIN;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, waiting = pending.len(), "postgres source: writing status back failed");
+                        health.failing(STATUS_TASK, format!("writing status into desired_objects failed: {e}"));
+                        retry_at = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
                 }
             }
         })
+    }
+
+    /// Writes the pending statuses, each removed once written; stops at the first error.
+    async fn write_pending(&self, pending: &mut BTreeMap<String, WorkspaceStatus>) -> Result<(), sqlx::Error> {
+        while let Some((key, status)) = pending.pop_first() {
+            let okey = ObjectKey::parse(&key);
+            let Ok(json) = serde_json::to_string(&status) else { continue };
+            let done = sqlx::query(
+                "UPDATE desired_objects SET status = $1::jsonb, status_updated_at = now() \
+                 WHERE kind = 'Workspace' AND namespace = $2 AND name = $3 AND status IS DISTINCT FROM $1::jsonb",
+            )
+            .bind(&json)
+            .bind(&okey.namespace)
+            .bind(&okey.name)
+            .execute(&self.pool)
+            .await;
+            if let Err(e) = done {
+                pending.insert(key, status);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Upserts objects (what `molecule-operator apply --database-url` writes); an
