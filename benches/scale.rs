@@ -175,6 +175,7 @@ fn per_structure(n: usize) -> Vec<(String, f64)> {
                 labels: labels.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
                 created_at: Some(now),
                 started_at: Some(now),
+                ..Default::default()
             }
         })
         .collect();
@@ -375,6 +376,7 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
         heartbeat_ttl: Duration::from_secs(3600),
         restart_budget: 3,
         restart_backoff: Duration::from_secs(10),
+        freezes: true,
     };
     let agent = AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 30 };
     // As the operator runs it: heartbeats coalesced, everything else straight through.

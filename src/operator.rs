@@ -237,6 +237,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         heartbeat_ttl: (args.heartbeat_interval() * args.heartbeat_misses.max(2)).max(Duration::from_secs(10)),
         restart_budget: args.restart_budget.max(0),
         restart_backoff: Duration::from_secs(args.restart_backoff_seconds),
+        freezes: true,
     };
     let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
     // With Postgres, replicas of this instance share the database: only the holder of

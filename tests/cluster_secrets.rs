@@ -140,6 +140,7 @@ async fn env_from_secrets_reach_the_container_override_order_holds_and_a_change_
         heartbeat_ttl: Duration::from_secs(600),
         restart_budget: 3,
         restart_backoff: Duration::from_secs(1),
+        freezes: true,
     };
     let agent = AgentEnv { registry_url: NO_REGISTRY.into(), heartbeat_seconds: 1 };
     let mut ctx = Context::new(

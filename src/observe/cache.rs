@@ -111,6 +111,16 @@ struct CachedContainer {
     uid: Option<Arc<str>>,
     /// The operator's other labels (`ai.molecule.*`; nothing reads any other), packed.
     labels: Packed,
+    /// What the runtime says beyond the state (Kubernetes Pods only; see ContainerInfo).
+    extra: Option<Box<RuntimeDetail>>,
+}
+
+/// The rarely set part of a `ContainerInfo`, boxed so Docker's containers pay 8 bytes.
+#[derive(PartialEq)]
+struct RuntimeDetail {
+    detail: Option<Box<str>>,
+    node: Option<Box<str>>,
+    restarts: u32,
 }
 
 /// `ai.molecule.` label pairs in one allocation: for each, the key without that prefix
@@ -191,6 +201,9 @@ impl CachedContainer {
             labels,
             created_at: self.created_at,
             started_at: self.started_at,
+            detail: self.extra.as_ref().and_then(|e| e.detail.as_deref().map(str::to_string)),
+            node: self.extra.as_ref().and_then(|e| e.node.as_deref().map(str::to_string)),
+            restarts: self.extra.as_ref().map_or(0, |e| e.restarts),
         }
     }
 }
@@ -229,6 +242,13 @@ impl State {
                 let short = k.strip_prefix(PREFIX)?;
                 (k != labels::WORKSPACE && k != labels::UID).then_some((short, v.as_str()))
             })),
+            extra: (info.detail.is_some() || info.node.is_some() || info.restarts > 0).then(|| {
+                Box::new(RuntimeDetail {
+                    detail: info.detail.as_deref().map(Into::into),
+                    node: info.node.as_deref().map(Into::into),
+                    restarts: info.restarts,
+                })
+            }),
         }
     }
 
@@ -683,6 +703,7 @@ mod tests {
                 .into(),
             created_at: None,
             started_at: None,
+            ..Default::default()
         }
     }
     use ContainerState::{Exited, Running};

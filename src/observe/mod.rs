@@ -9,21 +9,19 @@ use sha2::{Digest, Sha256};
 
 pub use cache::ContainerCache;
 
-use crate::rules::{ContainerState, Observed, TokenFile};
-use crate::runtime::{CONFIGS_DIR, ContainerInfo, Runtime, TOKEN_FILE};
+use crate::rules::{Observed, TokenFile};
+use crate::runtime::{CONFIGS_DIR, Runtime, TOKEN_FILE};
 use crate::store::{Store, StoreResult, WorkspaceRecord};
 
 /// Observes one workspace: its containers from the container cache (None when the
 /// cache is unknown: never read as "no containers"), its record and live tokens from
-/// the store, and the token file of its running container. A store failure is an error
-/// (the pass stops).
+/// the store. The token file is not read here (see reconcile/token_memo.rs, which reads
+/// it only when it may have changed). A store failure is an error (the pass stops).
 pub async fn observe(
-    runtime: &dyn Runtime,
     store: &dyn Store,
     cache: &ContainerCache,
     key: &str,
     record: Option<WorkspaceRecord>,
-    read_token_file: bool,
 ) -> StoreResult<Observed> {
     let uid = record.as_ref().map(|r| r.uid.clone());
     let containers = cache.containers_of(key, uid.as_deref());
@@ -34,25 +32,14 @@ pub async fn observe(
         Some(uid) => store.live_tokens(uid).await?,
         None => Vec::new(),
     };
-    let mut obs = Observed {
+    Ok(Observed {
         record,
         containers,
         live_tokens,
         token_file: TokenFile::NotRead,
         team: Default::default(),
         heartbeats_lost_at: None,
-    };
-    if read_token_file && let Some(c) = token_file_container(&obs) {
-        let id = c.id.clone();
-        obs.token_file = read_token(runtime, &id).await;
-    }
-    Ok(obs)
-}
-
-/// The container whose token file the token-file rule checks: running, of the
-/// workspace's current incarnation.
-pub fn token_file_container(obs: &Observed) -> Option<&ContainerInfo> {
-    obs.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(obs.incarnation()))
+    })
 }
 
 /// Reads the token file of container `id` (Docker's archive API).

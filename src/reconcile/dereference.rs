@@ -65,7 +65,7 @@ pub(super) async fn observe_workspace(
     key: &str,
     record: Option<WorkspaceRecord>,
 ) -> Result<Observed, StoreError> {
-    let mut observed = observe(ctx.runtime.as_ref(), ctx.store.as_ref(), &ctx.containers, key, record, false).await?;
+    let mut observed = observe(ctx.store.as_ref(), &ctx.containers, key, record).await?;
     observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
     Ok(observed)
 }

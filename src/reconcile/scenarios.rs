@@ -59,6 +59,7 @@ impl Bed {
             heartbeat_ttl: Duration::from_secs(10),
             restart_budget: 3,
             restart_backoff: Duration::from_secs(10),
+            freezes: true,
         };
         let agent = AgentEnv { registry_url: "http://127.0.0.1:9".into(), heartbeat_seconds: 1 };
         let mut ctx = Context::new("test".into(), sim.clone(), store, rx, settings, agent, Arc::new(Metrics::new()));

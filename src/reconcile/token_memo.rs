@@ -127,7 +127,7 @@ impl TokenMemo {
     /// the current incarnation): from the memo when nothing may have changed the file
     /// since it was last known, else by reading it (and remembering what was read).
     pub async fn observe(&self, runtime: &dyn Runtime, key: &str, obs: &mut Observed) {
-        let Some(c) = crate::observe::token_file_container(obs) else { return };
+        let Some(c) = obs.token_holder() else { return };
         let id = c.id.clone();
         let now = Utc::now();
         if let Some(hash) = self.known(key, &id, now) {

@@ -29,6 +29,7 @@ pub fn settings() -> Settings {
         heartbeat_ttl: Duration::from_secs(10),
         restart_budget: 3,
         restart_backoff: Duration::from_secs(10),
+        freezes: true,
     }
 }
 
@@ -83,6 +84,7 @@ pub fn container(incarnation: i64, state: ContainerState) -> ContainerInfo {
         labels: l,
         created_at: Some(t(100)),
         started_at: Some(t(100)),
+        ..Default::default()
     }
 }
 

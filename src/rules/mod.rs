@@ -112,6 +112,16 @@ impl Observed {
     pub fn current_running(&self) -> Option<&ContainerInfo> {
         self.container().filter(|c| c.state == ContainerState::Running && c.incarnation() == Some(self.incarnation()))
     }
+
+    /// Our container of the current incarnation whose token file must hold a live token:
+    /// a running one, or one the runtime is still starting (a Pod waits for its token
+    /// Secret: it starts once the token is there).
+    pub fn token_holder(&self) -> Option<&ContainerInfo> {
+        self.container().filter(|c| {
+            matches!(c.state, ContainerState::Running | ContainerState::Waiting)
+                && c.incarnation() == Some(self.incarnation())
+        })
+    }
 }
 
 /// Operator settings the rules depend on.
@@ -126,6 +136,10 @@ pub struct Settings {
     pub restart_budget: i64,
     /// First wait between heartbeat restarts; doubles each time.
     pub restart_backoff: Duration,
+    /// Whether the runtime can freeze a container and keep its memory (Docker's pause).
+    /// Kubernetes cannot: there, Paused deletes the Pod and keeps its volume, as Stopped
+    /// does, and keeps the token per `onPause`; resuming starts a new Pod.
+    pub freezes: bool,
 }
 
 /// Everything a rule may look at: one workspace's declaration and observation, the
@@ -149,6 +163,16 @@ impl<'a> Facts<'a> {
     pub fn mode(&self) -> Option<OperatingMode> {
         let spec = self.spec()?;
         Some(self.observed.record.as_ref().and_then(|r| r.mode_override).unwrap_or(spec.operating_mode))
+    }
+
+    /// Whether the workspace should have a container now: Running, or Paused where the
+    /// runtime can freeze one.
+    pub fn wants_container(&self) -> Option<bool> {
+        Some(match self.mode()? {
+            OperatingMode::Running => true,
+            OperatingMode::Paused => self.settings.freezes,
+            OperatingMode::Stopped => false,
+        })
     }
 
     /// Whether the agent is heard from (see liveness.rs).

@@ -1,6 +1,8 @@
 //! pause / resume / stop: the operating mode. Paused freezes the container (memory
 //! kept; tokens kept unless `tokenPolicy.onPause: Revoke`); Running thaws it; Stopped
-//! removes the container, keeps the config volume and revokes the tokens.
+//! removes the container, keeps the config volume and revokes the tokens. A runtime
+//! with no freezer (Kubernetes) pauses by removing the container and keeping the
+//! volume, tokens per `onPause`; Running then provisions a new one.
 
 use super::*;
 use crate::api::OnPause;
@@ -27,8 +29,13 @@ pub fn pause(facts: &Facts<'_>) -> Option<Verdict> {
     let spec = facts.spec()?;
     let revoke = spec.token_policy.on_pause == OnPause::Revoke && !facts.observed.live_tokens.is_empty();
     let mut actions = Vec::new();
-    if let Some(c) = facts.observed.container().filter(|c| c.state == ContainerState::Running) {
-        actions.push(Action::Pause { id: c.id.clone() });
+    if facts.settings.freezes {
+        if let Some(c) = facts.observed.container().filter(|c| c.state == ContainerState::Running) {
+            actions.push(Action::Pause { id: c.id.clone() });
+        }
+    } else {
+        let containers = facts.observed.containers.as_ref()?;
+        actions.extend(containers.iter().map(|c| Action::RemoveContainer { id: c.id.clone() }));
     }
     if revoke {
         actions.push(Action::RevokeTokens { reason: RevokeReason::Paused });
@@ -36,7 +43,11 @@ pub fn pause(facts: &Facts<'_>) -> Option<Verdict> {
     if actions.is_empty() {
         return None;
     }
-    Some(Verdict::new("operating mode is Paused", actions))
+    let cause = match facts.settings.freezes {
+        true => "operating mode is Paused",
+        false => "operating mode is Paused (the runtime has no freezer: the container goes, its volume stays)",
+    };
+    Some(Verdict::new(cause, actions))
 }
 
 pub fn resume(facts: &Facts<'_>) -> Option<Verdict> {
@@ -121,6 +132,25 @@ mod tests {
         });
         let d = resume(&facts(Some(&des), &obs, &s)).unwrap();
         assert_eq!(d.actions[1], Action::ReissueToken { revoke: RevokeReason::Resumed });
+    }
+
+    #[test]
+    fn without_a_freezer_paused_removes_the_container_keeps_tokens_and_provisions_nothing() {
+        let s = Settings { freezes: false, ..settings() };
+        let des = desired_mode(OperatingMode::Paused);
+        let d = pause(&facts(Some(&des), &healthy(), &s)).unwrap();
+        assert_eq!(
+            d.actions,
+            vec![Action::RemoveContainer { id: "c0ffee000001".into() }],
+            "tokens kept (onPause Keep)"
+        );
+        assert!(d.cause.contains("no freezer"), "{}", d.cause);
+        let gone = healthy().without_container();
+        assert_eq!(pause(&facts(Some(&des), &gone, &s)), None, "settled");
+        assert_eq!(super::super::provision::rule(&facts(Some(&des), &gone, &s)), None, "nothing provisioned");
+        let running = desired();
+        let back = super::super::provision::rule(&facts(Some(&running), &gone, &s)).unwrap();
+        assert_eq!(back.cause, "no container", "resuming provisions a new one");
     }
 
     #[test]

@@ -6,8 +6,7 @@
 use super::*;
 
 pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
-    let _spec = facts.spec()?;
-    if facts.mode()? == OperatingMode::Stopped {
+    if !facts.wants_container()? {
         return None;
     }
     facts.observed.record.as_ref()?;

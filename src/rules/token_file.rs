@@ -7,11 +7,8 @@ use super::*;
 
 pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
     facts.spec()?;
-    let c = facts.observed.container()?;
+    facts.observed.token_holder()?;
     let current = facts.observed.incarnation();
-    if c.state != ContainerState::Running || c.incarnation() != Some(current) {
-        return None;
-    }
     let reissue = |cause: String| {
         Some(Verdict::new(cause, vec![Action::ReissueToken { revoke: RevokeReason::TokenFileMismatch }]))
     };

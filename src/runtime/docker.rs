@@ -153,6 +153,7 @@ impl DockerRuntime {
             labels,
             created_at: c.created.as_ref().and_then(|t| parse_time(&t.to_string())),
             started_at: state.and_then(|s| s.started_at.as_deref()).and_then(parse_time),
+            ..Default::default()
         }))
     }
 
@@ -533,6 +534,7 @@ fn container_info(c: ContainerSummary) -> Option<ContainerInfo> {
         labels: c.labels.unwrap_or_default().into_iter().collect(),
         created_at: c.created.and_then(|secs| DateTime::from_timestamp(secs, 0)),
         started_at: None,
+        ..Default::default()
     })
 }
 

@@ -37,15 +37,20 @@ pub const TOKEN_FILE: &str = ".auth_token";
 /// The agent runs as this non-root user; it owns the token file (mode 0600).
 pub const AGENT_UID: u32 = 65534;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ContainerState {
     Created,
+    /// The runtime is still trying to start it (Kubernetes: a Pod waiting for its
+    /// volume, its token Secret, its image, or a node): not an interrupted provision;
+    /// `ContainerInfo::detail` says what it waits for.
+    Waiting,
     Running,
     Paused,
     Restarting,
     Exited,
     Dead,
     Removing,
+    #[default]
     Unknown,
 }
 
@@ -64,8 +69,8 @@ impl ContainerState {
     }
 }
 
-/// A container as observed, with our labels decoded.
-#[derive(Clone, Debug, PartialEq)]
+/// A container (in Kubernetes, a Pod) as observed, with our labels decoded.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ContainerInfo {
     pub id: String,
     pub name: String,
@@ -75,6 +80,14 @@ pub struct ContainerInfo {
     pub created_at: Option<DateTime<Utc>>,
     /// When it last started (from inspect; None when unknown or never started).
     pub started_at: Option<DateTime<Utc>>,
+    /// Why it is in its state, when the runtime says (Kubernetes: `ErrImagePull: ...`,
+    /// `Evicted: ...`, the PVC it waits for).
+    pub detail: Option<String>,
+    /// Where it runs (Kubernetes: the Pod's node).
+    pub node: Option<String>,
+    /// Times the runtime restarted its process in place (Kubernetes: the container's
+    /// restartCount; Docker restarts nothing in place).
+    pub restarts: u32,
 }
 
 impl ContainerInfo {

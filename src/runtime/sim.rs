@@ -294,6 +294,7 @@ impl Runtime for SimRuntime {
                 labels: spec.labels.clone(),
                 created_at: Some(Utc::now().trunc_subsecs(0)),
                 started_at: None,
+                ..Default::default()
             };
             inner.names.insert(spec.name.clone(), id.clone());
             inner.index(&info, true);

@@ -56,6 +56,8 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
             (Some(OperatingMode::Stopped), None) => Phase::Stopped,
             (Some(OperatingMode::Stopped), Some(_)) => Phase::Terminating,
             (Some(OperatingMode::Paused), Some(ContainerState::Paused)) => Phase::Paused,
+            // No freezer (Kubernetes): paused means no container, its volume kept.
+            (Some(OperatingMode::Paused), None) if !facts.settings.freezes => Phase::Paused,
             (_, Some(ContainerState::Running)) if online => Phase::Running,
             (_, Some(ContainerState::Running)) if degraded.is_some() => Phase::Degraded,
             (_, Some(_)) => Phase::Provisioning,
@@ -95,7 +97,10 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
             "ContainerRunning",
             tf(k.state == ContainerState::Running),
             &format!("{:?}", k.state),
-            format!("container {}", k.name),
+            match &k.detail {
+                Some(detail) => format!("container {}: {detail}", k.name),
+                None => format!("container {}", k.name),
+            },
         ),
         (_, None) => c("ContainerRunning", tf(false), "NoContainer", extra.last_error.unwrap_or("").to_string()),
     }
