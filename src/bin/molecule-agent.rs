@@ -1,6 +1,7 @@
 //! molecule-agent: the smallest workspace agent that behaves like the real runtimes.
 //!
-//! It reads its token from `$WORKSPACE_CONFIG_PATH/.auth_token`, registers at
+//! It reads its token from `$MOLECULE_TOKEN_FILE` (a Pod's mounted Secret) or else
+//! `$WORKSPACE_CONFIG_PATH/.auth_token`, registers at
 //! `$MOLECULE_REGISTRY_URL/registry/register`, then heartbeats every
 //! `$MOLECULE_HEARTBEAT_SECONDS` at `/registry/heartbeat`. It never exits on a 401
 //! or a connection error: it retries with capped exponential backoff (0.5 s doubling
@@ -110,13 +111,14 @@ impl Config {
                 .filter(|v| v.is_finite() && *v > 0.0)
                 .ok_or_else(|| format!("MOLECULE_HEARTBEAT_SECONDS={s:?} is not a positive number of seconds"))?,
         };
-        let dir = env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string());
-        Ok(Self {
-            registry,
-            workspace_id,
-            heartbeat: Duration::from_secs_f64(heartbeat),
-            token_path: PathBuf::from(dir).join(TOKEN_FILE),
-        })
+        // A Kubernetes Pod reads its token from a mounted Secret (MOLECULE_TOKEN_FILE);
+        // a Docker container from its config volume.
+        let token_path = match env::var("MOLECULE_TOKEN_FILE") {
+            Ok(path) if !path.is_empty() => PathBuf::from(path),
+            _ => PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()))
+                .join(TOKEN_FILE),
+        };
+        Ok(Self { registry, workspace_id, heartbeat: Duration::from_secs_f64(heartbeat), token_path })
     }
 }
 

@@ -51,15 +51,35 @@ pub struct ApiUse {
 }
 
 pub const API_USES: &[ApiUse] = &[
-    // source + controller watches; finalizer add/remove is a JSON patch.
-    ApiUse { group: "molecule.ai", resource: "workspaces", verbs: &["list", "watch", "patch"], own_namespace: false },
+    // source + controller watches; finalizer add/remove is a JSON patch; the Pod runtime
+    // reads a Workspace's uid to make it the owner of its Pod, claim and Secret.
+    ApiUse {
+        group: "molecule.ai",
+        resource: "workspaces",
+        verbs: &["get", "list", "watch", "patch"],
+        own_namespace: false,
+    },
     ApiUse { group: "molecule.ai", resource: "workspaces/status", verbs: &["patch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams", verbs: &["list", "watch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams/status", verbs: &["patch"], own_namespace: false },
     // Recorder: create, then patch the series of a repeated event.
     ApiUse { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], own_namespace: false },
-    // envFrom: Opaque Secrets are reflected, never written.
-    ApiUse { group: "", resource: "secrets", verbs: &["list", "watch"], own_namespace: false },
+    // envFrom reflects Opaque Secrets; the Pod runtime writes (server-side apply),
+    // reads and deletes each workspace's token Secret and watches them by label.
+    ApiUse {
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "list", "watch", "patch", "delete"],
+        own_namespace: false,
+    },
+    // The Pod runtime (--runtime kubernetes): a workspace is a Pod and a claim.
+    ApiUse { group: "", resource: "pods", verbs: &["get", "list", "watch", "create", "delete"], own_namespace: false },
+    ApiUse {
+        group: "",
+        resource: "persistentvolumeclaims",
+        verbs: &["get", "list", "watch", "create", "delete"],
+        own_namespace: false,
+    },
     ApiUse {
         group: "coordination.k8s.io",
         resource: "leases",

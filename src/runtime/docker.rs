@@ -25,7 +25,7 @@ use bollard::{Docker, body_full};
 use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
-use super::docker_error::{api_error, chain, is_unavailable, message, status};
+use super::docker_error::{api_error, chain, is_unavailable, message, status, unavailable};
 use super::{
     AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
     RuntimeResult, Watched, agent_image, labels,
@@ -67,7 +67,7 @@ impl DockerRuntime {
     /// not answer is `Unavailable`; callers retry.
     pub async fn connect(instance: &str) -> RuntimeResult<Self> {
         let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
+            .map_err(|e| unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
             .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS));
         Self::handshake(docker, instance).await
     }
@@ -75,7 +75,7 @@ impl DockerRuntime {
     /// Like `connect`, at an explicit unix socket path.
     pub async fn connect_unix(socket: &str, instance: &str) -> RuntimeResult<Self> {
         let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket {socket}: {}", chain(&e))))?;
+            .map_err(|e| unavailable(format!("cannot open the Docker socket {socket}: {}", chain(&e))))?;
         Self::handshake(docker, instance).await
     }
 
@@ -83,7 +83,7 @@ impl DockerRuntime {
         if instance.is_empty() {
             return Err(RuntimeError::Api("the operator instance id is empty; it must name this operator".into()));
         }
-        let unavailable = |e: DockerError| RuntimeError::Unavailable(chain(&e));
+        let unavailable = |e: DockerError| unavailable(chain(&e));
         let docker = docker.negotiate_version().await.map_err(unavailable)?;
         docker.ping().await.map_err(unavailable)?;
         Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true })
@@ -170,7 +170,7 @@ impl DockerRuntime {
         let pulled: Result<Vec<_>, _> = self.docker.create_image(Some(options.build()), None, None).try_collect().await;
         pulled.map(drop).map_err(|e| {
             if is_unavailable(&e) {
-                RuntimeError::Unavailable(chain(&e))
+                unavailable(chain(&e))
             } else {
                 RuntimeError::PullFailed { image: image.to_string(), message: chain(&e) }
             }

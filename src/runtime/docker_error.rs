@@ -37,7 +37,7 @@ pub(crate) fn is_unavailable(e: &DockerError) -> bool {
 
 pub(crate) fn api_error(what: impl fmt::Display, e: DockerError) -> RuntimeError {
     if is_unavailable(&e) {
-        return RuntimeError::Unavailable(format!("{what}: {}", chain(&e)));
+        return unavailable(format!("{what}: {}", chain(&e)));
     }
     match &e {
         DockerError::DockerResponseServerError { status_code, message } => {
@@ -60,4 +60,11 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// The daemon cannot be reached at all: said as a sentence with what to check.
+pub(crate) fn unavailable(detail: String) -> RuntimeError {
+    RuntimeError::Unavailable(format!(
+        "Docker is unreachable ({detail}); is the daemon running and /var/run/docker.sock readable?"
+    ))
 }

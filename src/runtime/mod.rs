@@ -4,6 +4,7 @@
 pub mod agent_image;
 pub mod docker;
 pub mod docker_error;
+pub mod kubernetes;
 pub mod render;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -182,7 +183,8 @@ pub struct RuntimeEvent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("Docker is unreachable ({0}); is the daemon running and /var/run/docker.sock readable?")]
+    /// The runtime cannot be reached at all (never read as "nothing exists").
+    #[error("{0}")]
     Unavailable(String),
     #[error(
         "image {image} is not present and imagePullPolicy is Never; build or load it (`molecule-operator agent-image` builds molecule-agent:local)"
@@ -244,6 +246,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// container, an error when the container is gone or no longer running (a container
     /// being removed loses its files first: that is not a missing file).
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
+    /// Whether it can freeze a container and keep its memory (Docker's pause). Without
+    /// a freezer the rules pause a workspace by removing its container (rules::Settings).
+    fn freezes(&self) -> bool {
+        true
+    }
     /// Lifecycle events of this instance's containers; reconnects by itself.
     fn events(&self) -> BoxStream<'static, RuntimeEvent>;
     /// `events`, plus a `Lost` each time the stream fails (before it reconnects by

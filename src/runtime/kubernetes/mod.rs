@@ -1,0 +1,420 @@
+//! The Kubernetes runtime (`--runtime kubernetes`): each workspace is a Pod, a
+//! PersistentVolumeClaim (its `/configs`) and a token Secret in the Workspace's
+//! namespace, scheduled by Kubernetes. The same rules, store and decision log as with
+//! Docker: only how a container is made and seen differs. objects.rs says what the
+//! objects are; this file makes the calls.
+//!
+//! How the `Runtime` calls map:
+//! - a container is a Pod (its id the Pod's uid, its name `ws-<12>`); `create` makes
+//!   the Pod, which starts by itself once its token Secret exists, so `start` does
+//!   nothing; `remove` deletes it at once (grace 0) and waits until the name is free;
+//! - the token "file" is the Secret `ws-<12>-token` (key `token`), mounted read-only
+//!   into the Pod, where the agent reads `MOLECULE_TOKEN_FILE`: writing the token
+//!   creates or replaces the Secret, and the kubelet updates the mounted file, so a
+//!   rotation needs no restart;
+//! - the config volume is the claim `ws-<12>-configs`; removing it also removes the
+//!   token Secret (both belong to the workspace, not one incarnation);
+//! - there is no freezer: `pause` is refused (the rules remove the Pod instead);
+//! - images are the node's to pull: a Pod that cannot get its image shows as Waiting
+//!   with the kubelet's reason;
+//! - events are watches on the instance's Pods, token Secrets and claims: a Secret
+//!   edited or deleted reads as a write into the container (the token is read again),
+//!   a claim being deleted as a change to its Pod (which then reads as dead).
+//!
+//! Objects are found by the instance label (`ai.molecule.instance`), in every
+//! namespace; Pods also get an ownerReference to their Workspace when one exists (a
+//! backstop: deleting the Workspace collects them even without the operator).
+
+pub mod objects;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+
+use self::objects::{TOKEN_KEY, config_claim, container_info, pod_claim, split_key, token_secret, token_secret_name};
+use super::{
+    CONFIGS_DIR, ContainerInfo, ContainerSpec, Runtime, RuntimeError, RuntimeEvent, RuntimeResult, TOKEN_FILE, Watched,
+    labels,
+};
+use crate::api::ImagePullPolicy;
+
+/// The field manager of the operator's server-side applies.
+const FIELD_MANAGER: &str = "molecule-operator";
+/// How long a removal waits for the Pod's name to be free again.
+const GONE_WITHIN: Duration = Duration::from_secs(60);
+
+pub struct KubeRuntime {
+    client: Client,
+    instance: String,
+}
+
+impl KubeRuntime {
+    pub fn new(client: Client, instance: &str) -> Self {
+        Self { client, instance: instance.to_string() }
+    }
+
+    fn selector(&self, extra: Option<(&str, &str)>) -> ListParams {
+        let mut s = format!("{}={}", labels::INSTANCE, self.instance);
+        if let Some((k, v)) = extra {
+            s.push_str(&format!(",{k}={v}"));
+        }
+        ListParams::default().labels(&s)
+    }
+
+    /// The Pods and claims `params` selects in `namespace` (every namespace when None),
+    /// as containers.
+    async fn pods(&self, namespace: Option<&str>, params: &ListParams) -> RuntimeResult<Vec<ContainerInfo>> {
+        let (pods, claims): (Api<Pod>, Api<PersistentVolumeClaim>) = match namespace {
+            Some(ns) => (Api::namespaced(self.client.clone(), ns), Api::namespaced(self.client.clone(), ns)),
+            None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
+        };
+        let pods = pods.list(params).await.map_err(|e| kube_error("listing Pods", e))?;
+        let claims = claims.list(params).await.map_err(|e| kube_error("listing PersistentVolumeClaims", e))?;
+        // Claims that can still hold data: present and not being deleted.
+        let usable: BTreeSet<(String, String)> = claims
+            .items
+            .iter()
+            .filter(|c| c.metadata.deletion_timestamp.is_none())
+            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .collect();
+        Ok(pods
+            .items
+            .iter()
+            .filter_map(|p| {
+                let ns = p.namespace().unwrap_or_default();
+                let claim_gone = pod_claim(p).is_some_and(|c| !usable.contains(&(ns, c)));
+                container_info(p, claim_gone)
+            })
+            .collect())
+    }
+
+    /// The Pod with this uid or name, if it exists.
+    async fn find_pod(&self, id_or_name: &str) -> RuntimeResult<Option<Pod>> {
+        let all: Api<Pod> = Api::all(self.client.clone());
+        let params = match id_or_name.starts_with("ws-") {
+            true => self.selector(None).fields(&format!("metadata.name={id_or_name}")),
+            false => self.selector(None),
+        };
+        let pods = all.list(&params).await.map_err(|e| kube_error("listing Pods", e))?;
+        Ok(pods.items.into_iter().find(|p| p.metadata.uid.as_deref() == Some(id_or_name) || p.name_any() == id_or_name))
+    }
+
+    /// The claim named `name` in whatever namespace it is.
+    async fn find_claim(&self, name: &str) -> RuntimeResult<Option<PersistentVolumeClaim>> {
+        let all: Api<PersistentVolumeClaim> = Api::all(self.client.clone());
+        let params = self.selector(None).fields(&format!("metadata.name={name}"));
+        let found = all.list(&params).await.map_err(|e| kube_error("listing PersistentVolumeClaims", e))?;
+        Ok(found.items.into_iter().next())
+    }
+
+    /// The Workspace object `namespace/name`, as an owner, when there is one (a
+    /// workspace declared in a directory or in Postgres has none).
+    async fn owner(&self, namespace: &str, name: &str) -> Option<OwnerReference> {
+        let api: Api<crate::api::Workspace> = Api::namespaced(self.client.clone(), namespace);
+        let ws = api.get_opt(name).await.ok().flatten()?;
+        let mut owner = ws.controller_owner_ref(&())?;
+        owner.block_owner_deletion = Some(true);
+        Some(owner)
+    }
+
+    /// Waits until `get` finds nothing (a deleted object's name is free again).
+    async fn wait_gone<K>(&self, api: &Api<K>, name: &str) -> RuntimeResult<()>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let deadline = tokio::time::Instant::now() + GONE_WITHIN;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            match api.get_opt(name).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(RuntimeError::Api(format!("{name} is still being deleted after {GONE_WITHIN:?}")));
+                }
+                Ok(Some(_)) => {}
+                Err(e) => return Err(kube_error(format!("reading {name}"), e)),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for KubeRuntime {
+    async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>> {
+        self.pods(None, &self.selector(None)).await
+    }
+
+    async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
+        if key == labels::WORKSPACE {
+            // Label values hold no `/`: the namespace is the object's.
+            let (ns, name) = split_key(value);
+            return self.pods(Some(ns), &self.selector(Some((key, name)))).await;
+        }
+        self.pods(None, &self.selector(Some((key, value)))).await
+    }
+
+    fn freezes(&self) -> bool {
+        false
+    }
+
+    async fn volume_exists(&self, name: &str) -> RuntimeResult<bool> {
+        Ok(self.find_claim(name).await?.is_some_and(|c| c.metadata.deletion_timestamp.is_none()))
+    }
+
+    async fn ensure_volume(&self, name: &str, spec_labels: &BTreeMap<String, String>) -> RuntimeResult<()> {
+        if let Some(claim) = self.find_claim(name).await? {
+            if claim.metadata.deletion_timestamp.is_none() {
+                return Ok(());
+            }
+            // Being deleted (its Pod is gone now): wait, then make it anew.
+            let api: Api<PersistentVolumeClaim> =
+                Api::namespaced(self.client.clone(), &claim.namespace().unwrap_or_default());
+            self.wait_gone(&api, name).await?;
+        }
+        let key = spec_labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
+        let (ns, ws) = split_key(key);
+        let owner = self.owner(ns, ws).await;
+        let claim = config_claim(name, spec_labels, owner.as_ref());
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        match api.create(&PostParams::default(), &claim).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(kube_error(format!("creating PersistentVolumeClaim {ns}/{name}"), e)),
+        }
+    }
+
+    async fn remove_volume(&self, name: &str) -> RuntimeResult<()> {
+        let Some(claim) = self.find_claim(name).await? else { return Ok(()) };
+        let ns = claim.namespace().unwrap_or_default();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
+        ignore_missing(claims.delete(name, &DeleteParams::background()).await.map(|_| ()))
+            .map_err(|e| kube_error(format!("deleting PersistentVolumeClaim {ns}/{name}"), e))?;
+        let secret = token_secret_name(name.trim_end_matches("-configs"));
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        ignore_missing(secrets.delete(&secret, &DeleteParams::background()).await.map(|_| ()))
+            .map_err(|e| kube_error(format!("deleting Secret {ns}/{secret}"), e))
+    }
+
+    async fn ensure_image(&self, _image: &str, _policy: ImagePullPolicy) -> RuntimeResult<()> {
+        Ok(()) // the node pulls; an image it cannot get shows on the Pod (Waiting, ErrImagePull)
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> RuntimeResult<String> {
+        let key = spec.labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
+        let (ns, ws) = split_key(key);
+        let owner = self.owner(ns, ws).await;
+        let pod = objects::pod(spec, owner.as_ref()).map_err(RuntimeError::Api)?;
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let created = match api.create(&PostParams::default(), &pod).await {
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // An earlier Pod of that name is still going away.
+                self.wait_gone(&api, &spec.name).await?;
+                api.create(&PostParams::default(), &pod).await
+            }
+            other => other,
+        }
+        .map_err(|e| kube_error(format!("creating Pod {ns}/{}", spec.name), e))?;
+        created.metadata.uid.ok_or_else(|| RuntimeError::Api("the API server returned a Pod without a uid".into()))
+    }
+
+    async fn start(&self, _id: &str) -> RuntimeResult<()> {
+        Ok(()) // a Pod starts by itself once its token Secret is there
+    }
+
+    async fn pause(&self, id: &str) -> RuntimeResult<()> {
+        Err(RuntimeError::Api(format!("Pod {id}: Kubernetes has no freezer; a Paused workspace's Pod is deleted")))
+    }
+
+    async fn unpause(&self, id: &str) -> RuntimeResult<()> {
+        self.pause(id).await
+    }
+
+    async fn remove(&self, id_or_name: &str) -> RuntimeResult<()> {
+        let Some(pod) = self.find_pod(id_or_name).await? else { return Ok(()) };
+        let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        // At once: the workspace's tokens are revoked already, and its new incarnation
+        // takes the same name.
+        let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::background() };
+        ignore_missing(api.delete(&name, &params).await.map(|_| ()))
+            .map_err(|e| kube_error(format!("deleting Pod {ns}/{name}"), e))?;
+        self.wait_gone(&api, &name).await
+    }
+
+    async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], _mode: u32) -> RuntimeResult<()> {
+        if dir.trim_end_matches('/') != CONFIGS_DIR || name != TOKEN_FILE {
+            return Err(RuntimeError::Api(format!(
+                "the Kubernetes runtime writes only the token into a Pod, not {dir}/{name}"
+            )));
+        }
+        let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
+        let secret = token_secret(&pod, content);
+        let ns = pod.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let name = secret.name_any();
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+            .await
+            .map_err(|e| kube_error(format!("writing the token Secret {ns}/{name}"), e))?;
+        Ok(())
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {
+        if path != format!("{CONFIGS_DIR}/{TOKEN_FILE}") {
+            return Err(RuntimeError::Api(format!("the Kubernetes runtime reads only the token of a Pod, not {path}")));
+        }
+        let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
+        let ns = pod.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let name = token_secret_name(&pod.name_any());
+        let secret = api.get_opt(&name).await.map_err(|e| kube_error(format!("reading the Secret {ns}/{name}"), e))?;
+        Ok(secret.and_then(|s| s.data).and_then(|mut d| d.remove(TOKEN_KEY)).map(|b| b.0))
+    }
+
+    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
+        self.watch()
+            .filter_map(|w| async move {
+                match w {
+                    Watched::Event(ev) => Some(ev),
+                    Watched::Lost(_) => None,
+                }
+            })
+            .boxed()
+    }
+
+    fn watch(&self) -> BoxStream<'static, Watched> {
+        let config = watcher::Config::default().labels(&format!("{}={}", labels::INSTANCE, self.instance));
+        let pods = watcher(Api::<Pod>::all(self.client.clone()), config.clone())
+            .default_backoff()
+            .map(|e| Seen::Pod(Box::new(e)));
+        let secrets = watcher(Api::<Secret>::all(self.client.clone()), config.clone())
+            .default_backoff()
+            .map(|e| Seen::Secret(Box::new(e)));
+        let claims = watcher(Api::<PersistentVolumeClaim>::all(self.client.clone()), config)
+            .default_backoff()
+            .map(|e| Seen::Claim(Box::new(e)));
+        // Pod uid per workspace uid, to name the Pod a Secret or claim change concerns.
+        let pod_of: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        stream::select_all([pods.boxed(), secrets.boxed(), claims.boxed()])
+            .flat_map(move |seen| stream::iter(translate(seen, &pod_of)))
+            .boxed()
+    }
+}
+
+/// What one of the three watches saw.
+enum Seen {
+    Pod(News<Pod>),
+    Secret(News<Secret>),
+    Claim(News<PersistentVolumeClaim>),
+}
+
+/// One item of a watch (boxed: a Pod is large, and most news is of small objects).
+type News<K> = Box<Result<watcher::Event<K>, watcher::Error>>;
+
+/// A watch's news as runtime events: a Pod's change as itself; a token Secret's as a
+/// write into its Pod (the token memo reads it again); a claim's as a change to its
+/// Pod (whose state depends on it). A watch that fails, or starts over, may have
+/// missed events: `Lost`.
+fn translate(seen: Seen, pod_of: &Mutex<HashMap<String, String>>) -> Vec<Watched> {
+    let now = Some(chrono::Utc::now());
+    let lost = |what: &str, e: watcher::Error| vec![Watched::Lost(format!("the {what} watch failed: {e}"))];
+    let mut pods = pod_of.lock().unwrap_or_else(|e| e.into_inner());
+    match seen {
+        Seen::Pod(news) => match *news {
+            Err(e) => lost("Pod", e),
+            Ok(watcher::Event::Init) => vec![Watched::Lost("the Pod watch started over".into())],
+            Ok(watcher::Event::InitDone) => Vec::new(),
+            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod_news(pod, "update", &mut pods, now),
+            Ok(watcher::Event::Delete(pod)) => pod_news(pod, "destroy", &mut pods, now),
+        },
+        Seen::Secret(news) => match *news {
+            Err(e) => lost("Secret", e),
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                concerning(&o.metadata.labels, &o.namespace(), &pods, "extract-to-dir", now)
+            }
+            Ok(_) => Vec::new(),
+        },
+        Seen::Claim(news) => match *news {
+            Err(e) => lost("PersistentVolumeClaim", e),
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                concerning(&o.metadata.labels, &o.namespace(), &pods, "update", now)
+            }
+            Ok(_) => Vec::new(),
+        },
+    }
+}
+
+/// A Pod's change as an event of its own, remembering which Pod is its workspace's.
+fn pod_news(
+    pod: Pod,
+    action: &str,
+    pods: &mut HashMap<String, String>,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Vec<Watched> {
+    let (Some(id), Some(info)) = (pod.metadata.uid.clone(), container_info(&pod, false)) else { return Vec::new() };
+    if let Some(uid) = info.uid() {
+        match action {
+            "destroy" => pods.remove(uid),
+            _ => pods.insert(uid.to_string(), id.clone()),
+        };
+    }
+    vec![Watched::Event(RuntimeEvent {
+        workspace: info.workspace().map(str::to_string),
+        container_id: id,
+        action: action.into(),
+        at,
+    })]
+}
+
+/// An event for the Pod of the workspace an object is labelled with, if it has one.
+fn concerning(
+    object_labels: &Option<BTreeMap<String, String>>,
+    namespace: &Option<String>,
+    pods: &HashMap<String, String>,
+    action: &str,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Vec<Watched> {
+    let l = object_labels.as_ref();
+    let (Some(uid), Some(name)) = (l.and_then(|l| l.get(labels::UID)), l.and_then(|l| l.get(labels::WORKSPACE))) else {
+        return Vec::new();
+    };
+    let Some(pod) = pods.get(uid) else { return Vec::new() };
+    let ns = namespace.as_deref().unwrap_or("default");
+    vec![Watched::Event(RuntimeEvent {
+        workspace: Some(format!("{ns}/{name}")),
+        container_id: pod.clone(),
+        action: action.into(),
+        at,
+    })]
+}
+
+fn ignore_missing(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// A Pod that is gone: not a missing file (callers must not read it as one).
+fn gone(id: &str) -> RuntimeError {
+    RuntimeError::Api(format!("Pod {id} is gone"))
+}
+
+/// What a failed API call means: the API server unreachable is `Unavailable` (retried,
+/// never read as "nothing exists"); a refusal is `Api` with the server's message.
+fn kube_error(what: impl std::fmt::Display, e: kube::Error) -> RuntimeError {
+    match e {
+        kube::Error::Api(s) => RuntimeError::Api(format!("{what}: {} ({} {})", s.message, s.code, s.reason)),
+        other => RuntimeError::Unavailable(format!("{what}: the Kubernetes API cannot be reached: {other}")),
+    }
+}

@@ -1,0 +1,520 @@
+//! What a workspace is in Kubernetes, both ways, and pure: the Pod, the
+//! PersistentVolumeClaim and the token Secret a rendered `ContainerSpec` becomes, and
+//! the `ContainerInfo` the rules see of a Pod (its state, why, its node, its restarts).
+//!
+//! Every object carries the operator's labels. Label values cannot hold `/`, so the
+//! workspace label is the Workspace's name and the namespace is the object's own; the
+//! full key, the incarnation and the provisioning time (an RFC 3339 time is no label
+//! value either) are annotations, read back into the labels the rules know.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::api::ImagePullPolicy;
+use crate::runtime::{AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, labels};
+
+/// Annotation keys (values a label cannot hold).
+pub mod annotations {
+    /// `namespace/name` of the workspace.
+    pub const WORKSPACE: &str = "molecule.ai/workspace";
+    pub const INCARNATION: &str = "molecule.ai/incarnation";
+    pub const PROVISIONED_AT: &str = "molecule.ai/provisioned-at";
+}
+
+/// Where the token Secret is mounted, and the file the agent reads.
+pub const TOKEN_DIR: &str = "/var/run/molecule/token";
+pub const TOKEN_KEY: &str = "token";
+/// The agent's container in the Pod.
+pub const AGENT_CONTAINER: &str = "agent";
+/// The size a config volume claims (it holds the agent's own files; the token is
+/// not in it).
+pub const CONFIG_VOLUME_SIZE: &str = "1Gi";
+
+/// A size as Kubernetes writes it: in Mi when it is whole mebibytes.
+fn bytes_quantity(bytes: i64) -> Quantity {
+    const MI: i64 = 1 << 20;
+    Quantity(if bytes % MI == 0 { format!("{}Mi", bytes / MI) } else { bytes.to_string() })
+}
+
+/// The token Secret of the Pod named `pod` (`ws-<12>-token`).
+pub fn token_secret_name(pod: &str) -> String {
+    format!("{pod}-token")
+}
+
+/// `namespace/name` split, for the workspace key a spec's labels carry.
+pub fn split_key(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("default", key))
+}
+
+/// The labels every object of a workspace carries: the operator's, with the workspace
+/// label reduced to the name; the incarnation and time stay annotations.
+fn object_labels(spec_labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    spec_labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != labels::PROVISIONED_AT)
+        .map(|(k, v)| match k.as_str() {
+            labels::WORKSPACE => (k.clone(), split_key(v).1.to_string()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
+}
+
+fn meta(name: &str, namespace: &str, labels: BTreeMap<String, String>, owner: Option<&OwnerReference>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels),
+        owner_references: owner.map(|o| vec![o.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The labels a workspace's volume and Secret carry: those that name it, not the
+/// ones of one incarnation.
+fn workspace_labels(spec_labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let keep = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID];
+    object_labels(spec_labels).into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
+}
+
+/// The Pod of a rendered workspace container. `owner`: the Workspace object, when there
+/// is one (a backstop: deleting the Workspace collects the Pod).
+pub fn pod(spec: &ContainerSpec, owner: Option<&OwnerReference>) -> Result<Pod, String> {
+    if spec.security.docker_socket {
+        return Err("spec.security.dockerSocket needs a Docker host; a Kubernetes Pod cannot have one".into());
+    }
+    let key = spec.labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
+    let (namespace, _) = split_key(key);
+    let mut metadata = meta(&spec.name, namespace, object_labels(&spec.labels), owner);
+    let mut notes = BTreeMap::from([(annotations::WORKSPACE.to_string(), key.to_string())]);
+    if let Some(i) = spec.labels.get(labels::INCARNATION) {
+        notes.insert(annotations::INCARNATION.into(), i.clone());
+    }
+    if let Some(at) = spec.labels.get(labels::PROVISIONED_AT) {
+        notes.insert(annotations::PROVISIONED_AT.into(), at.clone());
+    }
+    metadata.annotations = Some(notes);
+
+    let mut env: Vec<EnvVar> =
+        spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: Some(v.clone()), value_from: None }).collect();
+    env.push(EnvVar {
+        name: "MOLECULE_TOKEN_FILE".into(),
+        value: Some(format!("{TOKEN_DIR}/{TOKEN_KEY}")),
+        value_from: None,
+    });
+    let mut limits = BTreeMap::new();
+    if spec.memory_bytes > 0 {
+        limits.insert("memory".to_string(), bytes_quantity(spec.memory_bytes));
+    }
+    if spec.nano_cpus > 0 {
+        limits.insert("cpu".to_string(), Quantity(format!("{}m", spec.nano_cpus / 1_000_000)));
+    }
+    let mut mounts = vec![
+        VolumeMount { name: "configs".into(), mount_path: CONFIGS_DIR.into(), ..VolumeMount::default() },
+        VolumeMount {
+            name: "token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "configs".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: spec.config_volume.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(token_secret_name(&spec.name)),
+                // Readable by the agent's group (fsGroup), by no one else.
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    if let Some(bytes) = spec.tmp_tmpfs_bytes {
+        mounts.push(VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() });
+        volumes.push(Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(bytes_quantity(bytes)),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    let privileged = spec.security.privileged;
+    let container = Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(
+            match spec.image_pull_policy {
+                ImagePullPolicy::Always => "Always",
+                ImagePullPolicy::IfNotPresent => "IfNotPresent",
+                ImagePullPolicy::Never => "Never",
+            }
+            .into(),
+        ),
+        env: Some(env),
+        // Requests equal limits: the tier's resources are reserved, not hoped for.
+        resources: Some(ResourceRequirements {
+            requests: Some(limits.clone()),
+            limits: Some(limits),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(!privileged),
+            run_as_user: Some(i64::from(AGENT_UID)),
+            run_as_group: Some(i64::from(AGENT_UID)),
+            allow_privilege_escalation: Some(privileged),
+            privileged: privileged.then_some(true),
+            read_only_root_filesystem: Some(spec.read_only_root),
+            capabilities: (!privileged).then(|| Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            host_network: (spec.network == "host").then_some(true),
+            host_pid: spec.security.host_pid.then_some(true),
+            restart_policy: Some("Always".into()),
+            termination_grace_period_seconds: Some(5),
+            security_context: Some(PodSecurityContext {
+                // The config volume and the token file belong to the agent's group.
+                fs_group: Some(i64::from(AGENT_UID)),
+                run_as_non_root: Some(!privileged),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The workspace's config volume claim.
+pub fn config_claim(
+    name: &str,
+    spec_labels: &BTreeMap<String, String>,
+    owner: Option<&OwnerReference>,
+) -> PersistentVolumeClaim {
+    let key = spec_labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
+    PersistentVolumeClaim {
+        metadata: meta(name, split_key(key).0, workspace_labels(spec_labels), owner),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), Quantity(CONFIG_VOLUME_SIZE.into()))])),
+                limits: None,
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The token Secret of the Pod `pod` (labelled like it, so it is found and watched).
+pub fn token_secret(pod: &Pod, token: &[u8]) -> Secret {
+    let labels: BTreeMap<String, String> = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let name = token_secret_name(pod.metadata.name.as_deref().unwrap_or_default());
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    Secret {
+        metadata: meta(&name, namespace, labels, pod.metadata.owner_references.as_ref().and_then(|o| o.first())),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), ByteString(token.to_vec()))])),
+        ..Secret::default()
+    }
+}
+
+/// What the rules see of a Pod. `claim_deleting`: its config volume claim is being
+/// deleted or is gone (the Pod cannot go on with it).
+pub fn container_info(pod: &Pod, claim_deleting: bool) -> Option<ContainerInfo> {
+    let meta = &pod.metadata;
+    let id = meta.uid.clone()?;
+    let notes = meta.annotations.clone().unwrap_or_default();
+    let mut labels_out: BTreeMap<String, String> = meta.labels.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    if let Some(name) = labels_out.get(labels::WORKSPACE).cloned() {
+        let key = notes.get(annotations::WORKSPACE).cloned().unwrap_or(format!("{namespace}/{name}"));
+        labels_out.insert(labels::WORKSPACE.into(), key);
+    }
+    if let Some(i) = notes.get(annotations::INCARNATION) {
+        labels_out.insert(labels::INCARNATION.into(), i.clone());
+    }
+    if let Some(at) = notes.get(annotations::PROVISIONED_AT) {
+        labels_out.insert(labels::PROVISIONED_AT.into(), at.clone());
+    }
+    let status = pod.status.as_ref();
+    let agent =
+        status.and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.iter().find(|c| c.name == AGENT_CONTAINER));
+    let (state, detail) = pod_state(pod, claim_deleting);
+    Some(ContainerInfo {
+        id,
+        name: meta.name.clone().unwrap_or_default(),
+        image: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == AGENT_CONTAINER))
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default(),
+        state,
+        labels: labels_out,
+        created_at: meta.creation_timestamp.as_ref().and_then(|t| chrono_time(&t.0)),
+        started_at: agent
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.running.as_ref())
+            .and_then(|r| r.started_at.as_ref())
+            .and_then(|t| chrono_time(&t.0)),
+        detail,
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        restarts: agent.map_or(0, |c| u32::try_from(c.restart_count).unwrap_or(0)),
+    })
+}
+
+/// The state of a Pod as a container state, and why.
+fn pod_state(pod: &Pod, claim_deleting: bool) -> (ContainerState, Option<String>) {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return (ContainerState::Removing, Some("the Pod is being deleted".into()));
+    }
+    let claim = pod_claim(pod);
+    if claim_deleting {
+        let why = format!("its volume claim {} is being deleted", claim.unwrap_or_default());
+        return (ContainerState::Dead, Some(why));
+    }
+    let Some(status) = pod.status.as_ref() else { return (ContainerState::Waiting, Some("not scheduled yet".into())) };
+    let said = |reason: &Option<String>, message: &Option<String>| -> Option<String> {
+        match (reason, message) {
+            (Some(r), Some(m)) if !m.is_empty() => Some(format!("{r}: {m}")),
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(m)) => Some(m.clone()),
+            (None, None) => None,
+        }
+    };
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    match phase {
+        "Failed" => {
+            return (ContainerState::Dead, said(&status.reason, &status.message).or(Some("the Pod failed".into())));
+        }
+        "Succeeded" => return (ContainerState::Exited, Some("the agent exited".into())),
+        "Unknown" => return (ContainerState::Dead, Some("the Pod's node cannot be reached".into())),
+        _ => {}
+    }
+    if status.reason.as_deref() == Some("NodeLost") {
+        return (ContainerState::Dead, said(&status.reason, &status.message));
+    }
+    let agent = status.container_statuses.as_ref().and_then(|cs| cs.iter().find(|c| c.name == AGENT_CONTAINER));
+    let Some(agent) = agent else {
+        // Not started: why the scheduler or the kubelet holds it, if it says.
+        let condition = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.status == "False" && (c.type_ == "PodScheduled" || c.type_ == "ContainersReady"));
+        let why = condition.and_then(|c| said(&c.reason, &c.message)).unwrap_or_else(|| "starting".into());
+        return (ContainerState::Waiting, Some(why));
+    };
+    let state = agent.state.as_ref();
+    if state.and_then(|s| s.running.as_ref()).is_some() {
+        return (ContainerState::Running, None);
+    }
+    if let Some(w) = state.and_then(|s| s.waiting.as_ref()) {
+        return (ContainerState::Waiting, said(&w.reason, &w.message));
+    }
+    if let Some(t) = state.and_then(|s| s.terminated.as_ref()) {
+        let why = said(&t.reason, &t.message).unwrap_or_else(|| format!("exit code {}", t.exit_code));
+        // The kubelet restarts it (restartPolicy Always): in place, not gone.
+        return (ContainerState::Restarting, Some(why));
+    }
+    (ContainerState::Waiting, Some("starting".into()))
+}
+
+/// The config volume claim a Pod mounts.
+pub fn pod_claim(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
+}
+
+/// A Kubernetes time as the rest of the operator keeps times.
+pub fn chrono_time(t: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond().try_into().ok()?)
+}
+
+/// The time in a `molecule.ai/provisioned-at`-style annotation.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::WorkspaceSpec;
+    use crate::api::effective::{Defaults, resolve};
+    use crate::runtime::render::{AgentEnv, Identity, render};
+
+    const UID: &str = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+
+    fn rendered(spec: WorkspaceSpec) -> ContainerSpec {
+        // Pods use the cluster's network unless a workspace asks for the node's.
+        let eff = resolve(&spec, &Defaults { network: "pod".into(), ..Defaults::default() }).unwrap();
+        let id = Identity { instance: "local-test", key: "team-a/dev", uid: UID };
+        let agent =
+            AgentEnv { registry_url: "http://molecule-registry.molecule-system:8080".into(), heartbeat_seconds: 30 };
+        let mut cs = render(&eff, &id, &agent);
+        cs.labels.insert(labels::INCARNATION.into(), "3".into());
+        cs.labels.insert(labels::PROVISIONED_AT.into(), "2026-12-06T12:00:00.000Z".into());
+        cs
+    }
+
+    fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "molecule.ai/v1alpha1".into(),
+            kind: "Workspace".into(),
+            name: "dev".into(),
+            uid: "11111111-2222-3333-4444-555555555555".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    /// Compares `value` as YAML with the committed fixture `name`; with
+    /// `UPDATE_FIXTURES=1` writes it instead (review the diff).
+    fn fixture(name: &str, value: &impl serde::Serialize) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kube").join(name);
+        let yaml = serde_saphyr::to_string(value).expect("serializes as YAML");
+        if std::env::var("UPDATE_FIXTURES").is_ok_and(|v| v == "1") {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &yaml).unwrap();
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_FIXTURES=1 writes it)", path.display()));
+        assert!(yaml == want, "{} differs from what the spec renders to now:\n{yaml}", path.display());
+    }
+
+    #[test]
+    fn a_tier_2_workspace_renders_to_this_pod_claim_and_secret() {
+        let cs = rendered(WorkspaceSpec { env: [("ROLE".into(), "dev".into())].into(), ..Default::default() });
+        let pod = pod(&cs, Some(&owner())).unwrap();
+        fixture("pod-tier2.yaml", &pod);
+        fixture("pvc.yaml", &config_claim(&cs.config_volume, &cs.labels, Some(&owner())));
+        let secret = token_secret(&pod, b"not-a-real-token");
+        fixture("secret.yaml", &secret);
+    }
+
+    #[test]
+    fn a_tier_1_workspace_has_a_read_only_root_and_a_memory_tmp() {
+        let cs = rendered(WorkspaceSpec { tier: Some(1), ..Default::default() });
+        fixture("pod-tier1.yaml", &pod(&cs, None).unwrap());
+    }
+
+    #[test]
+    fn every_pod_is_locked_down_unless_privilege_was_allowed_and_asked_for() {
+        let p = pod(&rendered(WorkspaceSpec::default()), None).unwrap();
+        let spec = p.spec.unwrap();
+        let sc = spec.containers[0].security_context.clone().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let mut socket = rendered(WorkspaceSpec::default());
+        socket.security.docker_socket = true;
+        assert!(pod(&socket, None).unwrap_err().contains("dockerSocket"));
+    }
+
+    #[test]
+    fn labels_hold_no_slash_and_read_back_as_the_rules_know_them() {
+        let cs = rendered(WorkspaceSpec::default());
+        let mut p = pod(&cs, None).unwrap();
+        assert!(p.metadata.labels.iter().flatten().all(|(_, v)| !v.contains('/') && !v.contains(':')));
+        p.metadata.uid = Some("pod-uid".into());
+        let info = container_info(&p, false).unwrap();
+        assert_eq!(info.workspace(), Some("team-a/dev"));
+        assert_eq!(info.uid(), Some(UID));
+        assert_eq!(info.incarnation(), Some(3));
+        assert_eq!(info.provisioned_at(), parse_time("2026-12-06T12:00:00.000Z"));
+        assert_eq!(info.spec_hash(), cs.labels.get(labels::SPEC_HASH).map(String::as_str));
+        assert_eq!((info.state, info.detail.as_deref()), (ContainerState::Waiting, Some("not scheduled yet")));
+    }
+
+    fn pod_with_status(yaml: &str) -> Pod {
+        let mut p = pod(&rendered(WorkspaceSpec::default()), None).unwrap();
+        p.metadata.uid = Some("pod-uid".into());
+        p.status = Some(serde_saphyr::from_str(yaml).expect("a PodStatus"));
+        p
+    }
+
+    #[test]
+    fn pod_states_read_as_container_states_with_their_cause() {
+        let cases = [
+            (
+                "phase: Running\ncontainerStatuses: [{name: agent, image: i, imageID: '', ready: true, restartCount: 2, state: {running: {startedAt: '2026-12-06T12:00:01Z'}}}]",
+                ContainerState::Running,
+                None,
+            ),
+            (
+                "phase: Pending\ncontainerStatuses: [{name: agent, image: i, imageID: '', ready: false, restartCount: 0, state: {waiting: {reason: ErrImagePull, message: 'pull access denied'}}}]",
+                ContainerState::Waiting,
+                Some("ErrImagePull: pull access denied"),
+            ),
+            (
+                "phase: Pending\nconditions: [{type: PodScheduled, status: 'False', reason: Unschedulable, message: 'persistentvolumeclaim \"ws-x-configs\" not bound'}]",
+                ContainerState::Waiting,
+                Some("Unschedulable: persistentvolumeclaim \"ws-x-configs\" not bound"),
+            ),
+            (
+                "phase: Failed\nreason: Evicted\nmessage: 'The node was low on resource: memory.'",
+                ContainerState::Dead,
+                Some("Evicted: The node was low on resource: memory."),
+            ),
+            (
+                "phase: Running\ncontainerStatuses: [{name: agent, image: i, imageID: '', ready: false, restartCount: 1, state: {terminated: {exitCode: 137, reason: OOMKilled}}}]",
+                ContainerState::Restarting,
+                Some("OOMKilled"),
+            ),
+            ("phase: Unknown", ContainerState::Dead, Some("the Pod's node cannot be reached")),
+        ];
+        for (status, state, detail) in cases {
+            let info = container_info(&pod_with_status(status), false).unwrap();
+            assert_eq!((info.state, info.detail.as_deref()), (state, detail), "{status}");
+        }
+        let running = container_info(&pod_with_status(cases[0].0), false).unwrap();
+        assert_eq!(running.restarts, 2);
+        let deleting = container_info(&pod_with_status(cases[0].0), true).unwrap();
+        assert_eq!(deleting.state, ContainerState::Dead);
+        assert!(deleting.detail.unwrap().contains("is being deleted"));
+    }
+}

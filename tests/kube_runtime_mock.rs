@@ -1,0 +1,172 @@
+//! The Pod runtime's requests, checked against a mock apiserver (tower-test): what a
+//! provision, a token write, a token read and a removal send, in which namespace, with
+//! which body; and that each call is one deploy/'s RBAC grants. The objects' full
+//! shapes are YAML fixtures (src/runtime/kubernetes/objects.rs); the runtime against
+//! a real API and node is tests/kube_pods.rs.
+
+mod support;
+
+use base64::Engine;
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use molecule::api::WorkspaceSpec;
+use molecule::api::effective::{Defaults, resolve};
+use molecule::runtime::kubernetes::KubeRuntime;
+use molecule::runtime::render::{AgentEnv, Identity, render};
+use molecule::runtime::{ContainerSpec, Runtime, labels};
+use serde_json::json;
+use support::mockapi::ApiServer;
+
+const UID: &str = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+const POD: &str = "ws-0a1b2c3d-4e5";
+
+fn harness() -> (KubeRuntime, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (KubeRuntime::new(Client::new(service, "default"), "t1"), ApiServer(handle))
+}
+
+fn spec() -> ContainerSpec {
+    let eff = resolve(&WorkspaceSpec::default(), &Defaults { network: "pod".into(), ..Defaults::default() }).unwrap();
+    let agent = AgentEnv { registry_url: "http://registry:8080".into(), heartbeat_seconds: 30 };
+    let mut cs = render(&eff, &Identity { instance: "t1", key: "team-a/dev", uid: UID }, &agent);
+    cs.labels.insert(labels::INCARNATION.into(), "1".into());
+    cs
+}
+
+fn list(items: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+fn not_found() -> serde_json::Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+fn pod_object() -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": POD, "namespace": "team-a", "uid": "pod-1",
+        "labels": {labels::INSTANCE: "t1", labels::WORKSPACE: "dev", labels::UID: UID}}})
+}
+
+#[tokio::test]
+async fn a_provision_makes_a_claim_and_a_pod_owned_by_the_workspace() {
+    let (rt, mut api) = harness();
+    let cs = spec();
+    let volume = tokio::spawn({
+        let labels = cs.labels.clone();
+        async move { (rt.ensure_volume(&format!("{POD}-configs"), &labels).await, rt) }
+    });
+    let req = api.next().await; // is there such a claim already?
+    assert_eq!((req.method.clone(), req.path.as_str()), (Method::GET, "/api/v1/persistentvolumeclaims"));
+    assert!(req.query.contains("fieldSelector=metadata.name%3Dws-0a1b2c3d-4e5-configs"), "{}", req.query);
+    assert!(req.query.contains("labelSelector=ai.molecule.instance%3Dt1"), "{}", req.query);
+    req.respond(StatusCode::OK, list(json!([])));
+    let req = api.next().await; // the Workspace, to own the claim: none here
+    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/team-a/workspaces/dev");
+    req.respond(StatusCode::NOT_FOUND, not_found());
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::POST, "/api/v1/namespaces/team-a/persistentvolumeclaims")
+    );
+    assert_eq!(req.body["metadata"]["name"], "ws-0a1b2c3d-4e5-configs");
+    assert_eq!(req.body["metadata"]["labels"][labels::WORKSPACE], "dev", "label values hold no '/'");
+    assert!(req.body["metadata"]["ownerReferences"].is_null(), "no Workspace object, no owner");
+    let body = req.body.clone();
+    req.respond(StatusCode::CREATED, body);
+    let (done, rt) = volume.await.unwrap();
+    done.unwrap();
+
+    let create = tokio::spawn(async move { (rt.create(&spec()).await, rt) });
+    let req = api.next().await;
+    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/team-a/workspaces/dev");
+    req.respond(
+        StatusCode::OK,
+        json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
+               "metadata": {"name": "dev", "namespace": "team-a", "uid": "ws-object-uid"}, "spec": {}}),
+    );
+    let req = api.next().await;
+    assert_eq!((req.method.clone(), req.path.as_str()), (Method::POST, "/api/v1/namespaces/team-a/pods"));
+    let owner = &req.body["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["kind"].as_str(), owner["uid"].as_str(), owner["controller"].as_bool()),
+        (Some("Workspace"), Some("ws-object-uid"), Some(true))
+    );
+    assert_eq!(req.body["metadata"]["annotations"]["molecule.ai/workspace"], "team-a/dev");
+    assert_eq!(req.body["spec"]["automountServiceAccountToken"], false);
+    assert!(req.body["spec"]["hostNetwork"].is_null(), "the cluster's network, not the node's");
+    let mut created = req.body.clone();
+    created["metadata"]["uid"] = json!("pod-1");
+    req.respond(StatusCode::CREATED, created);
+    let (id, _rt) = create.await.unwrap();
+    assert_eq!(id.unwrap(), "pod-1", "a container's id is its Pod's uid");
+}
+
+#[tokio::test]
+async fn the_token_is_the_pods_secret_written_by_server_side_apply_and_read_back() {
+    let (rt, mut api) = harness();
+    let write = tokio::spawn(async move {
+        let r = rt.write_file("pod-1", "/configs", ".auth_token", b"tok", 0o600).await;
+        (r, rt)
+    });
+    let req = api.next().await; // which Pod is pod-1?
+    assert_eq!((req.method.clone(), req.path.as_str()), (Method::GET, "/api/v1/pods"));
+    req.respond(StatusCode::OK, list(json!([pod_object()])));
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::PATCH, "/api/v1/namespaces/team-a/secrets/ws-0a1b2c3d-4e5-token")
+    );
+    assert_eq!(req.content_type, "application/apply-patch+yaml");
+    assert!(req.query.contains("fieldManager=molecule-operator") && req.query.contains("force=true"), "{}", req.query);
+    let encoded = base64::engine::general_purpose::STANDARD.encode("tok");
+    assert_eq!(req.body["data"]["token"], encoded.as_str());
+    assert_eq!(req.body["metadata"]["labels"][labels::UID], UID, "labelled, so its changes are watched");
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    let (written, rt) = write.await.unwrap();
+    written.unwrap();
+
+    let read = tokio::spawn(async move { rt.read_file("pod-1", "/configs/.auth_token").await });
+    api.next().await.respond(StatusCode::OK, list(json!([pod_object()])));
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::GET, "/api/v1/namespaces/team-a/secrets/ws-0a1b2c3d-4e5-token")
+    );
+    req.respond(StatusCode::NOT_FOUND, not_found());
+    assert_eq!(read.await.unwrap().unwrap(), None, "a deleted Secret reads as a missing token file");
+}
+
+#[tokio::test]
+async fn a_removal_deletes_the_pod_at_once_and_waits_until_its_name_is_free() {
+    let (rt, mut api) = harness();
+    let remove = tokio::spawn(async move { rt.remove("pod-1").await });
+    api.next().await.respond(StatusCode::OK, list(json!([pod_object()])));
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::DELETE, &*format!("/api/v1/namespaces/team-a/pods/{POD}"))
+    );
+    assert_eq!(req.body["gracePeriodSeconds"], 0);
+    assert_eq!(req.body["propagationPolicy"], "Background");
+    req.respond(StatusCode::OK, pod_object());
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::GET, &*format!("/api/v1/namespaces/team-a/pods/{POD}"))
+    );
+    req.respond(StatusCode::OK, pod_object()); // still there
+    let req = api.next().await;
+    req.respond(StatusCode::NOT_FOUND, not_found());
+    remove.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_unknown_never_empty() {
+    let (rt, api) = harness();
+    drop(api); // nothing answers
+    let err = rt.list().await.unwrap_err();
+    assert_eq!(err.metric_label(), "runtime_unavailable", "{err}");
+    assert!(err.to_string().contains("Kubernetes API cannot be reached"), "{err}");
+}
