@@ -219,6 +219,49 @@ fn heal_container_that_exits_on_its_own() {
     assert_eq!(op.containers().len(), 2, "the exited containers are replaced, not kept beside");
 }
 
+/// Settings changed behind the operator's back on running containers (`docker
+/// update` of the memory limit or the restart policy, `docker network connect`) are
+/// put back: each container is recreated as declared, and the decision says what
+/// differed. Seen failing before the change (the containers kept what was done to them).
+#[test]
+fn settings_changed_out_of_band_converge_back() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("outofband");
+    op.extra = ["--heartbeat-misses", "600", "--resync-seconds", "3600"].map(String::from).to_vec();
+    for name in ["mem", "policy", "net"] {
+        op.write_ws(name);
+    }
+    op.start();
+    let ws = op.wait_online(&["mem", "policy", "net"], UP);
+    let network = format!("mol-oob-{}", std::process::id());
+    assert!(docker_ok(&["network", "create", "--label", &format!("ai.molecule.instance={}", op.instance), &network]));
+    struct RemoveNetwork(String);
+    impl Drop for RemoveNetwork {
+        fn drop(&mut self) {
+            docker(&["network", "rm", &self.0]);
+        }
+    }
+    let _network = RemoveNetwork(network.clone());
+    let before: Vec<(i64, String)> = ["mem", "policy", "net"].iter().map(|n| (inc(&ws, n), token_of(&ws, n))).collect();
+    assert!(docker_ok(&["update", "--memory", "300m", "--memory-swap", "300m", &cid(&ws, "mem")]));
+    assert!(docker_ok(&["update", "--restart", "always", &cid(&ws, "policy")]));
+    assert!(docker_ok(&["network", "connect", &network, &cid(&ws, "net")]));
+    let wants = ["memory limit 300Mi, declared 256Mi", "restart policy always, declared unless-stopped", &format!("networks ")];
+    for ((name, (i, t)), want) in ["mem", "policy", "net"].iter().zip(&before).zip(wants) {
+        let ws = assert_healed(&op, name, *i, t);
+        let describe = String::from_utf8(op.cli(&["describe", "workspace", name]).stdout).unwrap();
+        assert!(describe.contains("changed out of band") && describe.contains(want), "{name}:\n{describe}");
+        if *name == "net" {
+            assert!(describe.contains(&network), "names the network that was added:\n{describe}");
+            let nets = docker(&["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &cid(&ws, name)]);
+            assert!(!nets.contains(&network), "recreated on its declared network only: {nets}");
+        }
+    }
+    assert_eq!(op.containers().len(), 3);
+}
+
 /// The `docker compose down -v` incident: container and config volume gone together.
 /// The operator is cut off from Docker (a socket proxy) while both are removed, so it
 /// cannot recreate the container between the two removals; then it sees both gone.

@@ -115,12 +115,14 @@ struct CachedContainer {
     extra: Option<Box<RuntimeDetail>>,
 }
 
-/// The rarely set part of a `ContainerInfo`, boxed so Docker's containers pay 8 bytes.
-#[derive(PartialEq)]
+/// The rarely set part of a `ContainerInfo`, boxed so most containers pay 8 bytes.
+#[derive(Clone, PartialEq)]
 struct RuntimeDetail {
     detail: Option<Box<str>>,
     node: Option<Box<str>>,
     restarts: u32,
+    /// Read after an out-of-band change (a listing does not show it: kept across them).
+    applied: Option<crate::runtime::AppliedConfig>,
 }
 
 /// `ai.molecule.` label pairs in one allocation: for each, the key without that prefix
@@ -174,6 +176,17 @@ impl Packed {
 }
 
 impl CachedContainer {
+    fn applied(&self) -> Option<&crate::runtime::AppliedConfig> {
+        self.extra.as_ref()?.applied.as_ref()
+    }
+
+    fn set_applied(&mut self, applied: Option<crate::runtime::AppliedConfig>) {
+        let extra = self
+            .extra
+            .get_or_insert_with(|| Box::new(RuntimeDetail { detail: None, node: None, restarts: 0, applied: None }));
+        extra.applied = applied;
+    }
+
     fn label(&self, key: &str) -> Option<&str> {
         match key {
             labels::WORKSPACE => self.workspace.as_deref(),
@@ -204,6 +217,7 @@ impl CachedContainer {
             detail: self.extra.as_ref().and_then(|e| e.detail.as_deref().map(str::to_string)),
             node: self.extra.as_ref().and_then(|e| e.node.as_deref().map(str::to_string)),
             restarts: self.extra.as_ref().map_or(0, |e| e.restarts),
+            applied: self.extra.as_ref().and_then(|e| e.applied.clone()),
         }
     }
 }
@@ -242,13 +256,16 @@ impl State {
                 let short = k.strip_prefix(PREFIX)?;
                 (k != labels::WORKSPACE && k != labels::UID).then_some((short, v.as_str()))
             })),
-            extra: (info.detail.is_some() || info.node.is_some() || info.restarts > 0).then(|| {
-                Box::new(RuntimeDetail {
-                    detail: info.detail.as_deref().map(Into::into),
-                    node: info.node.as_deref().map(Into::into),
-                    restarts: info.restarts,
-                })
-            }),
+            extra: (info.detail.is_some() || info.node.is_some() || info.restarts > 0 || info.applied.is_some()).then(
+                || {
+                    Box::new(RuntimeDetail {
+                        detail: info.detail.as_deref().map(Into::into),
+                        node: info.node.as_deref().map(Into::into),
+                        restarts: info.restarts,
+                        applied: info.applied.clone(),
+                    })
+                },
+            ),
         }
     }
 
@@ -288,7 +305,12 @@ impl State {
             return; // an older answer than the one already applied
         }
         self.gone.remove(id);
-        let kept = self.keep(info);
+        let mut kept = self.keep(info);
+        // A listing does not show what an inspect read after an out-of-band change.
+        if let Some(applied) = self.containers.get(id).and_then(|e| e.kept.applied()).filter(|_| info.applied.is_none())
+        {
+            kept.set_applied(Some(applied.clone()));
+        }
         match self.containers.get_mut(id) {
             Some(e) if e.kept == kept => e.seen_at = t,
             Some(_) => {
@@ -453,6 +475,23 @@ impl ContainerCache {
     pub fn state_of(&self, id: &str) -> Option<Option<ContainerState>> {
         let st = self.lock();
         st.known.then(|| st.containers.get(id).map(|e| e.kept.state))
+    }
+
+    /// Records what container `id` runs with, read after an out-of-band change; true
+    /// when that changed what the cache held. The workspace it belongs to, if cached.
+    pub fn set_applied(&self, id: &str, applied: crate::runtime::AppliedConfig) -> Option<String> {
+        let mut st = self.lock();
+        let e = st.containers.get_mut(id)?;
+        if e.kept.applied() == Some(&applied) {
+            return None;
+        }
+        e.kept.set_applied(Some(applied));
+        e.kept.workspace.as_deref().map(str::to_string)
+    }
+
+    /// The workspace container `id` belongs to, if it is cached.
+    pub fn workspace_of(&self, id: &str) -> Option<String> {
+        self.lock().containers.get(id)?.kept.workspace.as_deref().map(str::to_string)
     }
 
     /// Containers labelled with this uid. None when unknown.
@@ -662,17 +701,43 @@ pub async fn feed(
                 for id in &ids {
                     check_settled(&cache, &mut settling, id, now);
                 }
+                read_applied(&cache, runtime.as_ref(), &burst).await;
                 for item in burst {
                     if let Watched::Event(ev) = item {
                         let _ = out.send(CacheNews::Seen(ev.clone()));
+                        // Network events name a container, not its workspace.
+                        let key = ev.workspace.clone().or_else(|| cache.workspace_of(&ev.container_id));
                         if ev.is_lifecycle()
-                            && let Some(key) = ev.workspace
+                            && let Some(key) = key
                         {
                             let _ = out.send(CacheNews::Changed { key, action: ev.action });
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// After a change made behind the operator's back (`docker update`, a network connect
+/// or disconnect), reads what each named container of this instance runs with now.
+async fn read_applied(cache: &ContainerCache, runtime: &dyn Runtime, burst: &[Watched]) {
+    let mut ids: Vec<&str> = burst
+        .iter()
+        .filter_map(|w| match w {
+            Watched::Event(ev) if ev.changes_settings() => Some(ev.container_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids.into_iter().filter(|id| cache.workspace_of(id).is_some()) {
+        match runtime.applied_config(id).await {
+            Ok(Some(applied)) => {
+                cache.set_applied(id, applied);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(container = id, error = %e, "reading a container changed out of band failed"),
         }
     }
 }

@@ -116,12 +116,13 @@ fn resolve(
         s.env.extend(secrets.env);
         s
     });
-    let spec_hash = match &spec {
+    let (spec_hash, applied) = match &spec {
         Ok(spec) => {
             let cs = render(spec, &Identity { instance, key: &key, uid }, agent);
-            cs.labels.get(crate::runtime::labels::SPEC_HASH).cloned().unwrap_or_default()
+            let hash = cs.labels.get(crate::runtime::labels::SPEC_HASH).cloned().unwrap_or_default();
+            (hash, Some(crate::runtime::AppliedConfig::of(&cs)))
         }
-        Err(_) => String::new(),
+        Err(_) => (String::new(), None),
     };
     Desired {
         key: d.key.clone(),
@@ -130,6 +131,7 @@ fn resolve(
         spec_hash,
         source: d.source.clone(),
         secrets_unreadable: secrets.hold,
+        applied,
     }
 }
 

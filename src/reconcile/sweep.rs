@@ -144,6 +144,7 @@ impl SweepInput<'_> {
                     spec_hash: seen.spec_hash.to_string(),
                     source: d.source.clone(),
                     secrets_unreadable: None, // only envFrom holds, and those are reconciled above
+                    applied: None,            // an out-of-band change is an event, reconciled then
                 })
             }
             _ => None,

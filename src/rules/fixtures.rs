@@ -41,6 +41,7 @@ pub fn desired_with(spec: WorkspaceSpec) -> Desired {
         spec_hash: HASH.into(),
         source: SourceRef { kind: "dir".into(), reference: "dev.yaml".into() }.into(),
         secrets_unreadable: None,
+        applied: None,
     }
 }
 

@@ -14,6 +14,7 @@ pub mod drift;
 pub mod heartbeat;
 pub mod liveness;
 pub mod orphan;
+pub mod out_of_band;
 pub mod pause_resume_stop;
 pub mod provision;
 pub mod quota;
@@ -36,8 +37,8 @@ pub use self::liveness::Liveness;
 pub use self::quota::TeamView;
 use crate::api::OperatingMode;
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
-use crate::runtime::ContainerInfo;
 pub use crate::runtime::ContainerState;
+use crate::runtime::{AppliedConfig, ContainerInfo};
 use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
 
 /// What is declared for one workspace, resolved.
@@ -52,6 +53,9 @@ pub struct Desired {
     pub source: std::sync::Arc<SourceRef>,
     /// Why a Secret the workspace's `envFrom` needs cannot be read, if one cannot.
     pub secrets_unreadable: Option<String>,
+    /// The settings a container of this spec runs with (see out_of_band.rs); None where
+    /// they are not known (the resync sweep compares hashes only).
+    pub applied: Option<AppliedConfig>,
 }
 
 impl Desired {
@@ -385,6 +389,7 @@ pub const RULES: &[Rule] = &[
     rule("provision", provision::rule),
     rule("stop", pause_resume_stop::stop),
     rule("drift", drift::rule),
+    rule("out-of-band", out_of_band::rule),
     rule("restart", restart::rule),
     rule("pause", pause_resume_stop::pause),
     rule("resume", pause_resume_stop::resume),

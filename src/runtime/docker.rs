@@ -27,8 +27,8 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::docker_error::{api_error, chain, is_unavailable, message, status, unavailable};
 use super::{
-    AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
-    RuntimeResult, Watched, agent_image, labels,
+    AGENT_UID, AppliedConfig, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError,
+    RuntimeEvent, RuntimeResult, Watched, agent_image, labels,
 };
 use crate::api::ImagePullPolicy;
 
@@ -411,62 +411,114 @@ impl Runtime for DockerRuntime {
     }
 
     /// `events`, with a `Lost` each time the stream fails or ends, before it waits to
-    /// reconnect.
+    /// reconnect. Two subscriptions: this instance's containers (by label), and every
+    /// network connect and disconnect (networks carry no labels of ours; the container
+    /// cache keeps only those of its containers).
     fn watch(&self) -> BoxStream<'static, Watched> {
-        let state = EventsState {
-            docker: self.docker.clone(),
-            instance: self.instance.clone(),
-            filters: {
-                let mut filters = self.instance_filter();
-                filters.insert("type", vec!["container".to_string()]);
-                filters
-            },
-            current: None,
-            since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
-            backoff: EVENTS_BACKOFF_MIN,
-            lost: false,
-        };
-        stream::unfold(state, |mut st| async move {
-            loop {
-                if st.lost {
-                    st.lost = false;
-                    tokio::time::sleep(st.backoff).await;
-                    st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
-                }
-                let current = st.current.get_or_insert_with(|| {
-                    let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
-                    st.docker.events(Some(options)).boxed()
-                });
-                match current.next().await {
-                    Some(Ok(message)) => {
-                        st.backoff = EVENTS_BACKOFF_MIN;
-                        if let Some(nanos) = message.time_nano {
-                            st.since = since_arg(nanos);
-                        }
-                        if let Some(event) = runtime_event(message, &st.instance) {
-                            return Some((Watched::Event(event), st));
-                        }
-                    }
-                    ended => {
-                        let error = match ended {
-                            Some(Err(e)) => chain(&e),
-                            _ => "the daemon closed it".to_string(),
-                        };
-                        tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
-                        st.current = None;
-                        st.lost = true; // wait before reconnecting, after the loss is reported
-                        return Some((Watched::Lost(format!("the Docker event stream was lost: {error}")), st));
-                    }
-                }
-            }
-        })
+        let mut containers = self.instance_filter();
+        containers.insert("type", vec!["container".to_string()]);
+        let networks = HashMap::from([
+            ("type", vec!["network".to_string()]),
+            ("event", vec!["connect".to_string(), "disconnect".to_string()]),
+        ]);
+        let instance = self.instance.clone();
+        stream::select(
+            event_stream(self.docker.clone(), containers, move |m| runtime_event(m, &instance)),
+            event_stream(self.docker.clone(), networks, network_event),
+        )
         .boxed()
     }
+
+    async fn applied_config(&self, id: &str) -> RuntimeResult<Option<AppliedConfig>> {
+        let c = match self.docker.inspect_container(id, None).await {
+            Ok(c) => c,
+            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(api_error(format!("inspecting container {id}"), e)),
+        };
+        let host = c.host_config.unwrap_or_default();
+        let mut networks: Vec<String> =
+            c.network_settings.and_then(|n| n.networks).unwrap_or_default().into_keys().collect();
+        networks.sort();
+        Ok(Some(AppliedConfig {
+            memory_bytes: host.memory.unwrap_or(0),
+            nano_cpus: host.nano_cpus.unwrap_or(0),
+            restart_policy: host
+                .restart_policy
+                .and_then(|p| p.name)
+                .map_or_else(|| "no".to_string(), |n| n.as_ref().to_string()),
+            networks,
+        }))
+    }
+}
+
+/// One subscription to the daemon's events, reconnecting by itself (with backoff,
+/// from where it stopped), reporting each loss first; `keep` maps a message to an
+/// event or drops it.
+fn event_stream(
+    docker: Docker,
+    filters: HashMap<&'static str, Vec<String>>,
+    keep: impl Fn(EventMessage) -> Option<RuntimeEvent> + Send + 'static,
+) -> BoxStream<'static, Watched> {
+    let state = EventsState {
+        docker,
+        filters,
+        current: None,
+        since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
+        backoff: EVENTS_BACKOFF_MIN,
+        lost: false,
+    };
+    stream::unfold((state, keep), |(mut st, keep)| async move {
+        loop {
+            if st.lost {
+                st.lost = false;
+                tokio::time::sleep(st.backoff).await;
+                st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
+            }
+            let current = st.current.get_or_insert_with(|| {
+                let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
+                st.docker.events(Some(options)).boxed()
+            });
+            match current.next().await {
+                Some(Ok(message)) => {
+                    st.backoff = EVENTS_BACKOFF_MIN;
+                    if let Some(nanos) = message.time_nano {
+                        st.since = since_arg(nanos);
+                    }
+                    if let Some(event) = keep(message) {
+                        return Some((Watched::Event(event), (st, keep)));
+                    }
+                }
+                ended => {
+                    let error = match ended {
+                        Some(Err(e)) => chain(&e),
+                        _ => "the daemon closed it".to_string(),
+                    };
+                    tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
+                    st.current = None;
+                    st.lost = true; // wait before reconnecting, after the loss is reported
+                    return Some((Watched::Lost(format!("the Docker event stream was lost: {error}")), (st, keep)));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// A container connected to or disconnected from a network (any container: the
+/// cache keeps only this instance's).
+fn network_event(message: EventMessage) -> Option<RuntimeEvent> {
+    let action = message.action?;
+    let container = message.actor?.attributes?.remove("container")?;
+    Some(RuntimeEvent {
+        workspace: None,
+        container_id: container,
+        action,
+        at: message.time_nano.map(DateTime::from_timestamp_nanos),
+    })
 }
 
 struct EventsState {
     docker: Docker,
-    instance: String,
     filters: HashMap<&'static str, Vec<String>>,
     current: Option<BoxStream<'static, Result<EventMessage, DockerError>>>,
     /// Where a (re)connect starts: the subscription's or the last event's time (`secs.nanos`).
@@ -653,6 +705,7 @@ fn since_arg(unix_nanos: i64) -> String {
 mod tests {
     use super::*;
     use crate::api::Security;
+    use crate::runtime::RESTART_POLICY;
 
     fn spec() -> ContainerSpec {
         ContainerSpec {
@@ -687,7 +740,9 @@ mod tests {
         assert_eq!(hc.tmpfs.unwrap()["/tmp"], "rw,noexec,nosuid,size=67108864");
         assert_eq!(hc.memory, Some(256 << 20));
         assert_eq!(hc.nano_cpus, Some(500_000_000));
-        assert_eq!(hc.restart_policy.unwrap().name, Some(RestartPolicyNameEnum::UNLESS_STOPPED));
+        let policy = hc.restart_policy.unwrap().name.unwrap();
+        assert_eq!(policy, RestartPolicyNameEnum::UNLESS_STOPPED);
+        assert_eq!(policy.as_ref(), RESTART_POLICY, "what AppliedConfig expects");
         let mount = &hc.mounts.unwrap()[0];
         assert_eq!((mount.source.as_deref(), mount.target.as_deref()), (Some("ws-0123-configs"), Some("/configs")));
 

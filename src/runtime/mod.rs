@@ -37,6 +37,9 @@ pub const CONFIGS_DIR: &str = "/configs";
 pub const TOKEN_FILE: &str = ".auth_token";
 /// The agent runs as this non-root user; it owns the token file (mode 0600).
 pub const AGENT_UID: u32 = 65534;
+/// Docker's restart policy for workspace containers: an agent that crashes is
+/// restarted in place; removals and kills are the operator's to heal.
+pub const RESTART_POLICY: &str = "unless-stopped";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ContainerState {
@@ -89,6 +92,33 @@ pub struct ContainerInfo {
     /// Times the runtime restarted its process in place (Kubernetes: the container's
     /// restartCount; Docker restarts nothing in place).
     pub restarts: u32,
+    /// What it runs with, as read after someone changed it behind the operator's back
+    /// (`docker update`, `docker network connect`); None when nothing was changed since
+    /// the operator created it.
+    pub applied: Option<AppliedConfig>,
+}
+
+/// The settings of a running container that can be changed without recreating it, so
+/// out of band: compared with what the operator rendered (see rules/out_of_band.rs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppliedConfig {
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub restart_policy: String,
+    /// The networks it is attached to, sorted.
+    pub networks: Vec<String>,
+}
+
+impl AppliedConfig {
+    /// What a container rendered from `spec` runs with when nobody changed it.
+    pub fn of(spec: &ContainerSpec) -> Self {
+        Self {
+            memory_bytes: spec.memory_bytes,
+            nano_cpus: spec.nano_cpus,
+            restart_policy: RESTART_POLICY.into(),
+            networks: vec![spec.network.clone()],
+        }
+    }
 }
 
 impl ContainerInfo {
@@ -157,7 +187,15 @@ impl RuntimeEvent {
                 | "rename"
                 | "update"
                 | "extract-to-dir"
+                | "connect"
+                | "disconnect"
         )
+    }
+
+    /// Whether it changes settings a running container can change (its limits, its
+    /// restart policy, its networks): what it runs with is read again.
+    pub fn changes_settings(&self) -> bool {
+        matches!(self.action.as_str(), "update" | "connect" | "disconnect")
     }
 }
 
@@ -246,6 +284,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// container, an error when the container is gone or no longer running (a container
     /// being removed loses its files first: that is not a missing file).
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
+    /// What container `id` runs with now, for the settings that can change while it
+    /// runs (see `AppliedConfig`); None when the runtime has no such settings.
+    async fn applied_config(&self, _id: &str) -> RuntimeResult<Option<AppliedConfig>> {
+        Ok(None)
+    }
     /// Whether it can freeze a container and keep its memory (Docker's pause). Without
     /// a freezer the rules pause a workspace by removing its container (rules::Settings).
     fn freezes(&self) -> bool {

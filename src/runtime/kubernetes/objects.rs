@@ -298,6 +298,7 @@ pub fn container_info(pod: &Pod, claim_deleting: bool) -> Option<ContainerInfo> 
         detail,
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         restarts: agent.map_or(0, |c| u32::try_from(c.restart_count).unwrap_or(0)),
+        applied: None,
     })
 }
 
