@@ -106,6 +106,21 @@ impl AppState {
     }
 }
 
+/// The routes agents use: the registry (each call needs the workspace's own token)
+/// and liveness.
+fn agent_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/registry/register", post(agent::register))
+        .route("/registry/heartbeat", post(agent::heartbeat))
+        .route("/healthz", get(healthz))
+}
+
+/// What the workspaces' network is served (see `runtime::network`): the agents' routes
+/// and nothing else, so no workspace reaches the admin API, metrics or readiness.
+pub fn agent_router(state: AppState) -> Router {
+    finish(agent_routes(), Arc::new(state))
+}
+
 /// Every route. Admin routes require the admin token; the registry routes the
 /// workspace's own token; health and metrics nothing.
 pub fn router(state: AppState) -> Router {
@@ -119,13 +134,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/teams", get(admin::list_teams))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
-    Router::new()
-        .route("/registry/register", post(agent::register))
-        .route("/registry/heartbeat", post(agent::heartbeat))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .merge(admin)
+    let routes = agent_routes().route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).merge(admin);
+    finish(routes, state)
+}
+
+/// Unknown paths answer 404; every answer is counted; bodies are capped.
+fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -18,8 +18,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::{Docker, body_full};
 use chrono::{DateTime, Utc};
@@ -27,7 +27,7 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::{
     AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
-    RuntimeResult, Watched, agent_image, labels,
+    RuntimeResult, Watched, agent_image, labels, network::WorkspaceNetwork,
 };
 use crate::api::ImagePullPolicy;
 
@@ -128,6 +128,104 @@ impl DockerRuntime {
     /// Builds the agent image unconditionally (`molecule-operator agent-image`).
     pub async fn build_agent_image(&self) -> RuntimeResult<()> {
         agent_image::build_agent_image(&self.docker, agent_image::AGENT_IMAGE).await
+    }
+
+    /// The networks named exactly `name` (the daemon's name filter matches parts of
+    /// names), oldest id first.
+    async fn networks_named(&self, name: &str) -> RuntimeResult<Vec<bollard::models::Network>> {
+        let filters = HashMap::from([("name", vec![name.to_string()])]);
+        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        let mut found = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| api_error(format!("listing networks named {name}"), e))?;
+        found.retain(|n| n.name.as_deref() == Some(name));
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+
+    /// This instance's own bridge network `name` (see `runtime::network`): created,
+    /// labelled with the instance, when it is missing; refused when a network of that
+    /// name exists that this instance did not make. Docker 20.10 does not refuse a
+    /// second network of the same name, so replicas creating it at once may make two:
+    /// every replica then keeps the one with the smallest id and removes the others.
+    pub async fn ensure_own_network(&self, name: &str) -> RuntimeResult<WorkspaceNetwork> {
+        let ours = |n: &bollard::models::Network| {
+            n.labels.as_ref().and_then(|l| l.get(labels::INSTANCE)) == Some(&self.instance)
+        };
+        let mut found = self.networks_named(name).await?;
+        if found.is_empty() {
+            let request = bollard::models::NetworkCreateRequest {
+                name: name.to_string(),
+                driver: Some("bridge".into()),
+                labels: Some(HashMap::from([
+                    (labels::MANAGED.to_string(), "true".to_string()),
+                    (labels::INSTANCE.to_string(), self.instance.clone()),
+                ])),
+                ..Default::default()
+            };
+            self.docker.create_network(request).await.map_err(|e| {
+                let e = api_error(format!("creating network {name}"), e);
+                match e.to_string().contains("non-overlapping") {
+                    true => RuntimeError::Api(format!(
+                        "{e}; Docker has no address range left for another network: remove unused ones \
+                         (`docker network prune`, or old `molecule-*` networks), or pass --network"
+                    )),
+                    false => e,
+                }
+            })?;
+            tracing::info!(network = name, "created the workspaces' network");
+            found = self.networks_named(name).await?;
+        }
+        let Some(keep) = found.iter().find(|n| ours(n)).cloned() else {
+            return Err(RuntimeError::Api(format!(
+                "a Docker network named {name} exists but was not made by operator instance {:?} (it lacks the \
+                 label {}={0:?}); remove it, or pass --network NAME to put workspaces on it",
+                self.instance,
+                labels::INSTANCE
+            )));
+        };
+        for twin in found.iter().filter(|n| ours(n) && n.id != keep.id) {
+            if let Some(id) = &twin.id {
+                let _ = self.docker.remove_network(id).await;
+            }
+        }
+        Ok(workspace_network(&keep))
+    }
+
+    /// The network `name` as it is (None when there is none), for `--network NAME`:
+    /// the operator uses it as it finds it and never changes or removes it.
+    pub async fn find_network(&self, name: &str) -> RuntimeResult<Option<WorkspaceNetwork>> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(n) => Ok(Some(WorkspaceNetwork {
+                name: n.name.unwrap_or_else(|| name.to_string()),
+                gateway: gateway_of(n.ipam.as_ref()),
+            })),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(api_error(format!("inspecting network {name}"), e)),
+        }
+    }
+
+    /// Removes this instance's network `name` when no container of this instance
+    /// exists (in any state: a stopped one could not start again without it). A
+    /// network with containers attached is refused by Docker anyway. True if removed.
+    pub async fn remove_own_network_if_unused(&self, name: &str) -> RuntimeResult<bool> {
+        if !self.list().await?.is_empty() {
+            return Ok(false);
+        }
+        let mut removed = false;
+        for n in self.networks_named(name).await? {
+            let ours = n.labels.as_ref().and_then(|l| l.get(labels::INSTANCE)) == Some(&self.instance);
+            if let (true, Some(id)) = (ours, &n.id) {
+                match self.docker.remove_network(id).await {
+                    Ok(()) => removed = true,
+                    Err(e) if status(&e) == Some(404) => {}
+                    Err(e) => return Err(api_error(format!("removing network {name}"), e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// One container of this instance with `started_at` filled (one inspect call);
@@ -513,6 +611,19 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
         host_config: Some(host_config),
         ..Default::default()
     }
+}
+
+fn workspace_network(n: &bollard::models::Network) -> WorkspaceNetwork {
+    WorkspaceNetwork { name: n.name.clone().unwrap_or_default(), gateway: gateway_of(n.ipam.as_ref()) }
+}
+
+/// The first IPv4 gateway of a network's address configuration.
+fn gateway_of(ipam: Option<&bollard::models::Ipam>) -> Option<std::net::IpAddr> {
+    let configs = ipam?.config.as_ref()?;
+    configs
+        .iter()
+        .filter_map(|c| c.gateway.as_deref()?.parse::<std::net::IpAddr>().ok())
+        .find(std::net::IpAddr::is_ipv4)
 }
 
 fn container_info(c: ContainerSummary) -> Option<ContainerInfo> {

@@ -3,6 +3,7 @@
 
 pub mod agent_image;
 pub mod docker;
+pub mod network;
 pub mod render;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -365,6 +365,18 @@ impl Op {
         for name in names.lines() {
             docker(&["volume", "rm", "-f", &format!("{}-configs", name.trim_start_matches('/'))]);
         }
+        // The workspaces' own network (runtime::network), once no container uses it.
+        for n in self.networks() {
+            docker(&["network", "rm", &n]);
+        }
+    }
+
+    /// Docker networks labelled with this operator's instance (its own network).
+    pub fn networks(&self) -> Vec<String> {
+        docker(&["network", "ls", "-q", "--filter", &format!("label=ai.molecule.instance={}", self.instance)])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
     }
 }
 

@@ -1,0 +1,236 @@
+//! Agents cannot steal each other's tokens, and cannot reach the host's loopback, on
+//! the default network (src/runtime/network.rs), against the real Docker daemon:
+//! - with the operator stopped, a hostile process in one workspace's network
+//!   namespace, listening where its agent sends its heartbeats, receives no request of
+//!   any agent (with `--network host` it receives every agent's token);
+//! - a workspace reaches neither the admin API nor anything else on the host's
+//!   loopback, and on the gateway only the registry and `/healthz`;
+//! - `--network host` is still there, as an explicit choice.
+//!
+//! The hostile process and the probes are the agent binary's hidden test modes
+//! (`--test-listen`, `--test-probe`), run in a workspace's namespace with
+//! `docker run --network container:<id>`, as unprivileged as the agent.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::operator::*;
+
+const UP: Duration = Duration::from_secs(90);
+
+/// Runs one of the agent's test modes in `container`'s network namespace, as the agent
+/// runs (user 65534, no capabilities), and returns what it printed.
+fn in_namespace_of(container: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["run", "--rm", "--network", &format!("container:{container}"), "--user", "65534:65534"])
+        .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "molecule-agent:local"])
+        .args(args)
+        .output()
+        .expect("docker runs");
+    assert!(out.status.success(), "docker run {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// GET `url` from inside `container`'s network namespace: `HTTP <code>` or `unreachable: ...`.
+fn probe(container: &str, url: &str) -> String {
+    in_namespace_of(container, &["--test-probe", url])
+}
+
+/// The registry URL the operator gave a container (`MOLECULE_REGISTRY_URL`), as
+/// (host, port).
+fn registry_of(container: &str) -> (String, u16) {
+    let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", container]);
+    let url = env
+        .lines()
+        .find_map(|l| l.strip_prefix("MOLECULE_REGISTRY_URL="))
+        .unwrap_or_else(|| panic!("no MOLECULE_REGISTRY_URL in {container}'s env: {env}"));
+    let authority = url.strip_prefix("http://").unwrap().trim_end_matches('/');
+    let (host, port) = authority.rsplit_once(':').unwrap();
+    (host.to_string(), port.parse().unwrap())
+}
+
+fn network_mode(container: &str) -> String {
+    docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", container])
+}
+
+/// A detached container, removed at the end of the test (also on failure).
+struct Detached(String);
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        docker(&["rm", "-f", &self.0]);
+    }
+}
+
+/// Reads one HTTP request and returns its body's `workspace_id` (or `-`); answers 503,
+/// so agents keep retrying.
+fn read_request(mut conn: TcpStream) -> std::io::Result<String> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut length = 0u64;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = String::new();
+    reader.take(length.min(16 * 1024)).read_to_string(&mut body)?;
+    conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let id = body.split("\"workspace_id\"").nth(1).and_then(|r| r.split('"').nth(1)).unwrap_or("-");
+    Ok(id.to_string())
+}
+
+/// The workspace ids of the requests a listener on the host received, if it could
+/// listen at `addr` (it cannot when a hostile listener holds the address on the host
+/// network: then that one's log is the witness).
+fn witness(addr: &str) -> Option<Arc<Mutex<Vec<String>>>> {
+    let listener = TcpListener::bind(addr).ok()?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            if let Ok(id) = read_request(conn) {
+                record.lock().unwrap().push(id);
+            }
+        }
+    });
+    Some(seen)
+}
+
+fn two_online(test: &str) -> (Op, serde_json::Value, serde_json::Value) {
+    let mut op = Op::new(test);
+    op.write_ws("a");
+    op.write_ws("b");
+    op.start();
+    let ws = op.wait_online(&["a", "b"], UP);
+    (op, ws["a"].clone(), ws["b"].clone())
+}
+
+#[test]
+fn with_the_operator_stopped_a_listener_inside_a_workspace_receives_no_other_workspaces_token() {
+    if !docker_available() {
+        return;
+    }
+    let (mut op, a, b) = two_online("hostile");
+    let (a_id, b_uid) = (a["container"]["id"].as_str().unwrap().to_string(), b["uid"].as_str().unwrap().to_string());
+    let b_prefix = b["token"]["prefix"].as_str().unwrap().to_string();
+    let (host, port) = registry_of(&a_id);
+    assert_eq!(registry_of(b["container"]["id"].as_str().unwrap()), (host.clone(), port), "one registry URL");
+
+    // Ctrl-C, as the README allows: the containers keep running and their agents retry.
+    op.stop();
+    // The hostile process: in a's network namespace, as unprivileged as a's agent,
+    // listening on every address of that namespace at the registry's port.
+    let hostile = Detached(format!("{}-hostile", op.instance));
+    let started = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &hostile.0,
+        "--network",
+        &format!("container:{a_id}"),
+        "--user",
+        "65534:65534",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges:true",
+        "molecule-agent:local",
+        "--test-listen",
+        &format!("0.0.0.0:{port}"),
+    ]);
+    assert!(!started.is_empty(), "the hostile listener starts");
+    let hostile_log = || docker(&["logs", &hostile.0]);
+    let t0 = Instant::now();
+    while !hostile_log().contains("listening on") {
+        assert!(!hostile_log().contains("cannot listen"), "{}", hostile_log());
+        assert!(t0.elapsed() < Duration::from_secs(20), "the hostile listener never listened: {}", hostile_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It really answers there: a request from inside the namespace reaches it.
+    assert_eq!(probe(&a_id, &format!("http://127.0.0.1:{port}/registry/heartbeat")), "HTTP 200");
+
+    // b's agent keeps retrying where it was told to: a listener on the host at that
+    // address sees it (on the host network the hostile one holds that address).
+    let seen_on_host = witness(&format!("{host}:{port}"));
+    let requests_of = |uid: &str| -> usize {
+        let hostile = hostile_log().lines().filter(|l| l.contains(&format!("workspace_id={uid}"))).count();
+        let host = seen_on_host.as_ref().map_or(0, |s| s.lock().unwrap().iter().filter(|id| *id == uid).count());
+        hostile + host
+    };
+    let t0 = Instant::now();
+    while requests_of(&b_uid) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "b's agent did not retry within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = hostile_log();
+    let stolen: Vec<&str> = log.lines().filter(|l| l.contains(&b_uid) || l.contains(&b_prefix)).collect();
+    assert!(
+        stolen.is_empty(),
+        "the hostile listener in a's namespace received {} of b's requests, with its token (prefix {b_prefix})",
+        stolen.len()
+    );
+    let a_uid = a["uid"].as_str().unwrap();
+    assert!(!log.contains(a_uid), "not even a's own agent talks to it: {log}");
+}
+
+#[test]
+fn a_workspace_reaches_neither_the_admin_api_nor_the_hosts_loopback() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("noadmin");
+    op.write_ws("a");
+    op.start();
+    let ws = op.wait_online(&["a"], UP);
+    let a = ws["a"]["container"]["id"].as_str().unwrap().to_string();
+    let (gateway, port) = registry_of(&a);
+    assert_eq!(port, op.port, "agents use the --listen port, on the gateway");
+    assert_ne!(gateway, "127.0.0.1");
+    assert_eq!(network_mode(&a), format!("molecule-{}", op.instance), "the operator's own network by default");
+
+    // The operator's admin API listens on the host's loopback: not the workspace's.
+    let admin = probe(&a, &format!("http://127.0.0.1:{}/api/v1/workspaces", op.port));
+    assert!(admin.starts_with("unreachable"), "the admin API on 127.0.0.1 answered a workspace: {admin}");
+    // Nor anything else on the host's loopback (a local database, say).
+    let local_service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let local_port = local_service.local_addr().unwrap().port();
+    for url in [format!("http://127.0.0.1:{local_port}/"), format!("http://{gateway}:{local_port}/")] {
+        let got = probe(&a, &url);
+        assert!(got.starts_with("unreachable"), "{url} answered a workspace: {got}");
+    }
+    // On the gateway, the registry and liveness only.
+    for path in ["/api/v1/workspaces", "/api/v1/secrets", "/metrics", "/readyz"] {
+        assert_eq!(probe(&a, &format!("http://{gateway}:{port}{path}")), "HTTP 404", "{path} on the gateway");
+    }
+    assert_eq!(probe(&a, &format!("http://{gateway}:{port}/healthz")), "HTTP 200");
+    // The host still has everything on --listen.
+    let out = op.cli(&["get", "workspaces"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_host_network_is_an_explicit_choice_and_still_works() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("hostnet");
+    op.extra = vec!["--network".into(), "host".into()];
+    op.write_ws("a");
+    op.start();
+    let ws = op.wait_online(&["a"], UP);
+    let a = ws["a"]["container"]["id"].as_str().unwrap();
+    assert_eq!(network_mode(a), "host");
+    assert_eq!(registry_of(a), ("127.0.0.1".to_string(), op.port));
+    assert!(op.networks().is_empty(), "no network of its own on the host network");
+}
