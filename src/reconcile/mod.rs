@@ -678,8 +678,9 @@ pub async fn run(
                     continue;
                 }
                 if why == "registry-401" || why == "registry-403" {
-                    // The agent presented what its file holds and was refused: read it again.
-                    ctx.token_memo.forget(&key);
+                    // The agent presented what its file holds and was refused: read it
+                    // again (at most once per token_memo::REFUSAL_REREAD).
+                    ctx.token_memo.refused(&key, Utc::now());
                 }
                 if let Some(done) = done {
                     waiting.entry(key.clone()).or_default().push(done);

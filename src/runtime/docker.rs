@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -26,8 +28,8 @@ use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::{
-    AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent,
-    RuntimeResult, Watched, agent_image, labels, network::WorkspaceNetwork,
+    AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, READ_FILE_LIMIT, Runtime, RuntimeError,
+    RuntimeEvent, RuntimeResult, Watched, agent_image, labels, network::WorkspaceNetwork,
 };
 use crate::api::ImagePullPolicy;
 
@@ -42,6 +44,10 @@ const VOLUME_LABELS: [&str; 4] = [labels::MANAGED, labels::INSTANCE, labels::WOR
 /// rather than holding its workspace's one reconcile slot for two minutes. Pulls,
 /// builds and the event stream answer with headers at once and then stream.
 const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// How much of a file's archive `read_file` takes: the file's first READ_FILE_LIMIT + 1
+/// bytes and room for the tar headers before them (a few hundred bytes; more with PAX
+/// records).
+const ARCHIVE_READ_LIMIT: usize = READ_FILE_LIMIT + 64 * 1024;
 const EVENTS_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -52,6 +58,16 @@ pub struct DockerRuntime {
     instance: String,
     /// Write files into a volume's host directory when it is reachable (see `write_file`).
     direct_volume_writes: bool,
+    /// Which way each `write_file` went (shared by clones).
+    writes: Arc<FileWrites>,
+}
+
+/// How many files `write_file` wrote straight into a volume's directory, and how many
+/// through the archive API: the tests tell by these which way their write went.
+#[derive(Debug, Default)]
+pub struct FileWrites {
+    pub direct: AtomicU64,
+    pub uploaded: AtomicU64,
 }
 
 impl fmt::Debug for DockerRuntime {
@@ -85,11 +101,16 @@ impl DockerRuntime {
         let unavailable = |e: DockerError| RuntimeError::Unavailable(chain(&e));
         let docker = docker.negotiate_version().await.map_err(unavailable)?;
         docker.ping().await.map_err(unavailable)?;
-        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true })
+        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true, writes: Arc::default() })
     }
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Files written so far by this runtime and its clones, by the way they went.
+    pub fn file_writes(&self) -> &FileWrites {
+        &self.writes
     }
 
     /// Always writes files through Docker's archive API, even where the volume's
@@ -439,10 +460,14 @@ impl Runtime for DockerRuntime {
         if self.direct_volume_writes
             && let Some(host_dir) = self.reachable_volume_dir(id, dir).await
         {
-            let (name, content) = (name.to_string(), content.to_vec());
-            let written = tokio::task::spawn_blocking(move || write_into_dir(&host_dir, &name, &content, mode)).await;
+            let (file, content) = (name.to_string(), content.to_vec());
+            let written = tokio::task::spawn_blocking(move || write_into_dir(&host_dir, &file, &content, mode)).await;
             match written {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(())) => {
+                    self.writes.direct.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(container = id, "wrote {dir}/{name} straight into the volume's directory");
+                    return Ok(());
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(container = id, error = %e, "writing into the volume directory failed; uploading instead")
                 }
@@ -451,22 +476,50 @@ impl Runtime for DockerRuntime {
                 }
             }
         }
+        let uploaded = || {
+            self.writes.uploaded.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(container = id, "wrote {dir}/{name} through the archive API");
+        };
         if let Some((parent, base)) = dir.rsplit_once('/').filter(|(_, base)| !base.is_empty()) {
             match self.upload(id, if parent.is_empty() { "/" } else { parent }, tar(Some(base))?).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    uploaded();
+                    return Ok(());
+                }
                 // Status 500 on 20.10; matched by message so other versions' codes do too.
                 Err(e) if message(&e).contains("rootfs is marked read-only") => {}
                 Err(e) => return Err(api_error(what(), e)),
             }
         }
-        self.upload(id, if dir.is_empty() { "/" } else { dir }, tar(None)?).await.map_err(|e| api_error(what(), e))
+        self.upload(id, if dir.is_empty() { "/" } else { dir }, tar(None)?).await.map_err(|e| api_error(what(), e))?;
+        uploaded();
+        Ok(())
     }
 
+    /// Takes at most `ARCHIVE_READ_LIMIT` bytes of the archive: the rest is never read
+    /// (dropping the stream closes the connection, and the daemon stops sending), so a
+    /// container that makes the file huge costs the operator nothing more.
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {
         let options = DownloadFromContainerOptionsBuilder::new().path(path).build();
-        let chunks: Result<Vec<_>, _> = self.docker.download_from_container(id, Some(options)).try_collect().await;
-        let archive = match chunks {
-            Ok(chunks) => chunks.concat(),
+        let mut chunks = self.docker.download_from_container(id, Some(options));
+        let mut archive = Vec::new();
+        let read = loop {
+            match chunks.next().await {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e),
+                Some(Ok(chunk)) => {
+                    let room = ARCHIVE_READ_LIMIT - archive.len();
+                    archive.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if archive.len() == ARCHIVE_READ_LIMIT {
+                        tracing::debug!(container = id, path, "the file is longer than what is read of it");
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        drop(chunks);
+        let archive = match read {
+            Ok(()) => archive,
             // 404 is "no such file", but also "no such container", and a container being
             // torn down (`docker rm -f`) loses its files before it is gone. A container
             // removed since it was listed is not one whose token file is missing: the
@@ -485,7 +538,7 @@ impl Runtime for DockerRuntime {
             }
             Err(e) => return Err(api_error(format!("reading {path} from container {id}"), e)),
         };
-        first_file_in_tar(&archive)
+        first_file_in_tar(&archive, READ_FILE_LIMIT + 1)
             .map(Some)
             .map_err(|e| RuntimeError::Api(format!("reading {path} from container {id}: {e}")))
     }
@@ -720,7 +773,9 @@ fn file_tar(dir: Option<&str>, name: &str, content: &[u8], mode: u32) -> std::io
     tar.into_inner()
 }
 
-fn first_file_in_tar(archive: &[u8]) -> Result<Vec<u8>, String> {
+/// The first entry's content, at most `limit` bytes of it (the archive may be cut
+/// after that: nothing past it is looked at).
+fn first_file_in_tar(archive: &[u8], limit: usize) -> Result<Vec<u8>, String> {
     let mut tar = tar::Archive::new(archive);
     let mut entries = tar.entries().map_err(|e| format!("unreadable archive: {e}"))?;
     let mut entry = match entries.next() {
@@ -731,6 +786,7 @@ fn first_file_in_tar(archive: &[u8]) -> Result<Vec<u8>, String> {
         return Err(format!("not a regular file (tar entry type {:?})", entry.header().entry_type()));
     }
     let mut content = Vec::new();
+    let mut entry = std::io::Read::take(&mut entry, limit as u64);
     std::io::Read::read_to_end(&mut entry, &mut content).map_err(|e| format!("unreadable archive: {e}"))?;
     Ok(content)
 }
@@ -892,8 +948,11 @@ mod tests {
             vec![("configs/".into(), 0o755, 65534, 65534), ("configs/.auth_token".into(), 0o600, 65534, 65534)]
         );
         let single = file_tar(None, ".auth_token", b"tok", 0o600).unwrap();
-        assert_eq!(first_file_in_tar(&single).unwrap(), b"tok");
-        assert!(first_file_in_tar(&tar).is_err(), "a directory first is not a file");
+        assert_eq!(first_file_in_tar(&single, 10).unwrap(), b"tok");
+        assert!(first_file_in_tar(&tar, 10).is_err(), "a directory first is not a file");
+        // A long file in an archive cut short: its first `limit` bytes.
+        let long = file_tar(None, ".auth_token", &[b'x'; 100_000], 0o600).unwrap();
+        assert_eq!(first_file_in_tar(&long[..2048], 1025).unwrap(), vec![b'x'; 1025]);
     }
 
     #[test]

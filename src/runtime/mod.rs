@@ -36,6 +36,11 @@ pub const CONFIGS_DIR: &str = "/configs";
 pub const TOKEN_FILE: &str = ".auth_token";
 /// The agent runs as this non-root user; it owns the token file (mode 0600).
 pub const AGENT_UID: u32 = 65534;
+/// The longest file `Runtime::read_file` returns whole. The files it reads are written
+/// by containers, which may make them any size to make the operator work: a longer
+/// one is returned cut to this length plus one byte, and reading stops there. (A token
+/// file holds 43 bytes; one this long holds no token, whatever it starts with.)
+pub const READ_FILE_LIMIT: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContainerState {
@@ -229,7 +234,8 @@ pub trait Runtime: Send + Sync + 'static {
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], mode: u32) -> RuntimeResult<()>;
     /// Reads a file via the archive API; Ok(None) when it does not exist in a running
     /// container, an error when the container is gone or no longer running (a container
-    /// being removed loses its files first: that is not a missing file).
+    /// being removed loses its files first: that is not a missing file). At most
+    /// `READ_FILE_LIMIT + 1` bytes of it (more means "longer than the limit").
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
     /// Lifecycle events of this instance's containers; reconnects by itself.
     fn events(&self) -> BoxStream<'static, RuntimeEvent>;
