@@ -205,6 +205,11 @@ impl Op {
         }
     }
 
+    /// The operator's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT") to the operator process.
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {

@@ -1,11 +1,14 @@
-//! Agents cannot steal each other's tokens, and cannot reach the host's loopback, on
-//! the default network (src/runtime/network.rs), against the real Docker daemon:
-//! - with the operator stopped, a hostile process in one workspace's network
-//!   namespace, listening where its agent sends its heartbeats, receives no request of
-//!   any agent (with `--network host` it receives every agent's token);
-//! - a workspace reaches neither the admin API nor anything else on the host's
-//!   loopback, and on the gateway only the registry and `/healthz`;
-//! - `--network host` is still there, as an explicit choice.
+//! What a hostile agent cannot do, against the real Docker daemon:
+//! - steal other workspaces' tokens: with the operator stopped, a hostile process in
+//!   one workspace's network namespace, listening where its agent sends its
+//!   heartbeats, receives no request of any agent (on the default network,
+//!   src/runtime/network.rs; with `--network host` it receives every agent's token);
+//! - reach the admin API or anything else on the host's loopback (on the gateway:
+//!   only the registry and `/healthz`); `--network host` is still there, as an
+//!   explicit choice;
+//! - make the operator do unbounded work: a 1 GiB token file does not grow the
+//!   operator's memory (it is read no further than 4 KiB, a mismatch, and replaced),
+//!   and a flood of 401s naming a workspace reads its token file at most once a second.
 //!
 //! The hostile process and the probes are the agent binary's hidden test modes
 //! (`--test-listen`, `--test-probe`), run in a workspace's namespace with
@@ -233,4 +236,107 @@ fn the_host_network_is_an_explicit_choice_and_still_works() {
     assert_eq!(network_mode(a), "host");
     assert_eq!(registry_of(a), ("127.0.0.1".to_string(), op.port));
     assert!(op.networks().is_empty(), "no network of its own on the host network");
+}
+
+/// The process's peak resident set (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the operator's /proc status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM in kB")
+}
+
+#[test]
+fn a_huge_token_file_costs_the_operator_no_memory_and_is_replaced() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("hugefile");
+    op.write_ws("big");
+    op.start();
+    let ws = op.wait_online(&["big"], UP);
+    let (id, prefix) = (ws["big"]["container"]["id"].as_str().unwrap(), ws["big"]["token"]["prefix"].clone());
+    let volume = format!("{}-configs", ws["big"]["container"]["name"].as_str().unwrap());
+    let pid = op.pid().unwrap();
+    let before = peak_rss_kib(pid);
+
+    // Whatever runs in the workspace (its user, its volume) makes the token file 1 GiB
+    // long (sparse: it costs no disk, and reads as 1 GiB of zeros).
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--user",
+        "65534:65534",
+        "--cap-drop",
+        "ALL",
+        "-v",
+        &format!("{volume}:/configs"),
+        "molecule-agent:local",
+        "--test-fill",
+        "/configs/.auth_token",
+        "1073741824",
+    ]);
+    assert!(out.ends_with("is now 1073741824 bytes"), "{out}");
+    // The agent finds no token there and is refused; the refusal makes the operator
+    // read the file: a mismatch, replaced by a new token, and the agent is back.
+    op.wait("big online on a new token", Duration::from_secs(60), |ws| {
+        ws.get("big").is_some_and(|w| online(w) && w["token"]["prefix"] != prefix)
+    });
+    let (token, _, _) = read_token(id).expect("a token file again");
+    assert_eq!(token.len(), 43, "the huge file was replaced by a token");
+    let grown_mib = peak_rss_kib(pid).saturating_sub(before) / 1024;
+    eprintln!("MEASURE peak RSS growth over a 1 GiB token file: {grown_mib} MiB");
+    assert!(grown_mib < 100, "the operator's peak memory grew by {grown_mib} MiB over a 1 GiB token file");
+    assert!(op.logs().contains("the token file holds no live token"), "read as a mismatch");
+}
+
+#[test]
+fn refusals_read_a_workspaces_token_file_at_most_once_a_second() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("401flood");
+    op.write_ws("w");
+    op.start();
+    let ws = op.wait_online(&["w"], UP);
+    let (id, uid) = (ws["w"]["container"]["id"].as_str().unwrap(), ws["w"]["uid"].as_str().unwrap());
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let since = unix_now();
+    let t0 = Instant::now();
+    let triggers_before = op.metric_sum("molecule_reconcile_triggers_total", &["registry-401"]);
+
+    // Anyone may send requests naming the workspace with a wrong token: 25 over ~2.5 s
+    // (within the failure limiter's burst, so each is a 401 and queues a reconcile).
+    let wrong = "A".repeat(43);
+    for _ in 0..25 {
+        assert_eq!(registry(&op.url(), "/registry/heartbeat", &wrong, uid), 401);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let waited = Instant::now();
+    while op.metric_sum("molecule_reconcile_triggers_total", &["registry-401"]) < triggers_before + 25 {
+        assert!(waited.elapsed() < Duration::from_secs(10), "the 401s did not all queue a reconcile");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A reconcile queued by the last refusal may still be reading: counting events up
+    // to now, the promise is at most one read per second since the first refusal, plus
+    // the one it may start at once.
+    let elapsed = t0.elapsed().as_secs_f64();
+    let until = format!("{:.3}", unix_now());
+    let reads = docker(&[
+        "events",
+        "--since",
+        &format!("{since:.3}"),
+        "--until",
+        &until,
+        "--filter",
+        &format!("container={id}"),
+        "--filter",
+        "event=archive-path",
+        "--format",
+        "{{.Action}}",
+    ]);
+    let reads = reads.lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(reads >= 1, "a refusal reads the token file (a broken file is found that way)");
+    let bound = elapsed.ceil() as usize + 1;
+    eprintln!("MEASURE {reads} reads of the token file in {elapsed:.1} s of refusals");
+    assert!(reads <= bound, "{reads} reads of the token file in {elapsed:.1} s of refusals (at most {bound})");
 }
