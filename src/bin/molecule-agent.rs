@@ -138,7 +138,8 @@ impl Config {
     }
 }
 
-/// `http://host:port[/prefix]`; plain HTTP only (the registry listens on loopback).
+/// `http://host:port[/prefix]`; plain HTTP only (the registry is the host's end of the
+/// workspace's own network, or loopback on the host network).
 struct Registry {
     /// `host:port`, used to connect and as the Host header.
     authority: String,

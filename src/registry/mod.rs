@@ -1,5 +1,8 @@
 //! The operator's HTTP server (axum): the agents' registry (`/registry/*`), the
-//! admin API the CLI talks to (`/api/v1/*`), health and metrics.
+//! admin API the CLI talks to (`/api/v1/*`), health and metrics, all on `--listen`
+//! (`router`). The workspaces' network gets a listener of its own on its gateway that
+//! serves the agents' routes and nothing else (`agent_router`; runtime::network says
+//! why).
 //!
 //! Start-up, as `main.rs` wires it:
 //! ```ignore
