@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 
 use support::operator::*;
 
-const UP: Duration = Duration::from_secs(90);
-
 /// Runs one of the agent's test modes in `container`'s network namespace, as the agent
 /// runs (user 65534, no capabilities), and returns what it printed.
 fn in_namespace_of(container: &str, args: &[&str]) -> String {
@@ -110,21 +108,13 @@ fn witness(addr: &str) -> Option<Arc<Mutex<Vec<String>>>> {
     Some(seen)
 }
 
-fn two_online(test: &str) -> (Op, serde_json::Value, serde_json::Value) {
-    let mut op = Op::new(test);
-    op.write_ws("a");
-    op.write_ws("b");
-    op.start();
-    let ws = op.wait_online(&["a", "b"], UP);
-    (op, ws["a"].clone(), ws["b"].clone())
-}
-
 #[test]
 fn with_the_operator_stopped_a_listener_inside_a_workspace_receives_no_other_workspaces_token() {
     if !docker_available() {
         return;
     }
-    let (mut op, a, b) = two_online("hostile");
+    let (mut op, ws) = online_op("hostile", &["a", "b"], &[]);
+    let (a, b) = (&ws["a"], &ws["b"]);
     let (a_id, b_uid) = (a["container"]["id"].as_str().unwrap().to_string(), b["uid"].as_str().unwrap().to_string());
     let b_prefix = b["token"]["prefix"].as_str().unwrap().to_string();
     let (host, port) = registry_of(&a_id);
@@ -192,10 +182,7 @@ fn a_workspace_reaches_neither_the_admin_api_nor_the_hosts_loopback() {
     if !docker_available() {
         return;
     }
-    let mut op = Op::new("noadmin");
-    op.write_ws("a");
-    op.start();
-    let ws = op.wait_online(&["a"], UP);
+    let (op, ws) = online_op("noadmin", &["a"], &[]);
     let a = ws["a"]["container"]["id"].as_str().unwrap().to_string();
     let (gateway, port) = registry_of(&a);
     assert_eq!(port, op.port, "agents use the --listen port, on the gateway");
@@ -227,11 +214,7 @@ fn the_host_network_is_an_explicit_choice_and_still_works() {
     if !docker_available() {
         return;
     }
-    let mut op = Op::new("hostnet");
-    op.extra = vec!["--network".into(), "host".into()];
-    op.write_ws("a");
-    op.start();
-    let ws = op.wait_online(&["a"], UP);
+    let (op, ws) = online_op("hostnet", &["a"], &["--network", "host"]);
     let a = ws["a"]["container"]["id"].as_str().unwrap();
     assert_eq!(network_mode(a), "host");
     assert_eq!(registry_of(a), ("127.0.0.1".to_string(), op.port));
@@ -250,10 +233,7 @@ fn a_huge_token_file_costs_the_operator_no_memory_and_is_replaced() {
     if !docker_available() {
         return;
     }
-    let mut op = Op::new("hugefile");
-    op.write_ws("big");
-    op.start();
-    let ws = op.wait_online(&["big"], UP);
+    let (op, ws) = online_op("hugefile", &["big"], &[]);
     let (id, prefix) = (ws["big"]["container"]["id"].as_str().unwrap(), ws["big"]["token"]["prefix"].clone());
     let volume = format!("{}-configs", ws["big"]["container"]["name"].as_str().unwrap());
     let pid = op.pid().unwrap();
@@ -294,10 +274,7 @@ fn refusals_read_a_workspaces_token_file_at_most_once_a_second() {
     if !docker_available() {
         return;
     }
-    let mut op = Op::new("401flood");
-    op.write_ws("w");
-    op.start();
-    let ws = op.wait_online(&["w"], UP);
+    let (op, ws) = online_op("401flood", &["w"], &[]);
     let (id, uid) = (ws["w"]["container"]["id"].as_str().unwrap(), ws["w"]["uid"].as_str().unwrap());
     let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let since = unix_now();

@@ -395,6 +395,19 @@ fn unsafe_kill(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
 }
 
+/// An operator (with `extra` flags) running workspaces `names` (the `WS` manifest),
+/// once every one of them is online (90 s at most), and their states.
+pub fn online_op(test: &str, names: &[&str], extra: &[&str]) -> (Op, BTreeMap<String, Value>) {
+    let mut op = Op::new(test);
+    op.extra = extra.iter().map(|a| a.to_string()).collect();
+    for name in names {
+        op.write_ws(name);
+    }
+    op.start();
+    let ws = op.wait_online(names, Duration::from_secs(90));
+    (op, ws)
+}
+
 pub fn online(w: &Value) -> bool {
     w["phase"] == "Running" && w["container"]["id"].is_string() && w["lastHeartbeatAt"].is_string()
 }
