@@ -23,12 +23,18 @@ use std::time::{Duration, Instant};
 
 use support::operator::*;
 
+/// The image `container` runs, by id: the agent this operator built. (Other checkouts
+/// sharing the daemon may have re-tagged `molecule-agent:local` with their own agent.)
+fn image_of(container: &str) -> String {
+    docker(&["inspect", "-f", "{{.Image}}", container])
+}
+
 /// Runs one of the agent's test modes in `container`'s network namespace, as the agent
 /// runs (user 65534, no capabilities), and returns what it printed.
 fn in_namespace_of(container: &str, args: &[&str]) -> String {
     let out = std::process::Command::new("docker")
         .args(["run", "--rm", "--network", &format!("container:{container}"), "--user", "65534:65534"])
-        .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "molecule-agent:local"])
+        .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", &image_of(container)])
         .args(args)
         .output()
         .expect("docker runs");
@@ -138,7 +144,7 @@ fn with_the_operator_stopped_a_listener_inside_a_workspace_receives_no_other_wor
         "ALL",
         "--security-opt",
         "no-new-privileges:true",
-        "molecule-agent:local",
+        &image_of(&a_id),
         "--test-listen",
         &format!("0.0.0.0:{port}"),
     ]);
@@ -250,7 +256,7 @@ fn a_huge_token_file_costs_the_operator_no_memory_and_is_replaced() {
         "ALL",
         "-v",
         &format!("{volume}:/configs"),
-        "molecule-agent:local",
+        &image_of(id),
         "--test-fill",
         "/configs/.auth_token",
         "1073741824",
