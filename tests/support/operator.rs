@@ -364,6 +364,11 @@ impl Op {
             args.extend(ids.iter().map(String::as_str));
             docker(&args);
         }
+        // fuse-overlayfs fails a removal now and then ("directory not empty"): those
+        // once more, one at a time (a container left would also keep the network).
+        for id in self.containers() {
+            docker_ok(&["rm", "-f", "-v", &id]);
+        }
         for v in self.volumes() {
             docker(&["volume", "rm", "-f", &v]);
         }
