@@ -102,8 +102,8 @@ def workspace_yaml(name, tier=None, extra=""):
 
 
 def remove_instance(instance):
-    """Removes every container and volume labelled with this operator instance (and
-    the config volumes Docker may have re-created without labels in a removal race)."""
+    """Removes every container, volume and network labelled with this operator instance
+    (and the config volumes Docker may have re-created without labels in a removal race)."""
     ids = docker("ps", "-aq", "--filter", "label=ai.molecule.instance=" + instance, check=False).split()
     names = docker("inspect", "-f", "{{.Name}}", *ids, check=False).split() if ids else []
     for chunk in range(0, len(ids), 50):
@@ -113,6 +113,9 @@ def remove_instance(instance):
     vols = sorted(set(vols))
     for chunk in range(0, len(vols), 50):
         docker("volume", "rm", "-f", *vols[chunk:chunk + 50], check=False)
+    # The workspaces' own network, made by the operator (src/runtime/network.rs).
+    for net in docker("network", "ls", "-q", "--filter", "label=ai.molecule.instance=" + instance, check=False).split():
+        docker("network", "rm", net, check=False)
 
 
 class Operator:

@@ -13,16 +13,19 @@ pub struct OperatorArgs {
     /// State directory: the SQLite database (state.db), the admin token, the address file.
     #[arg(long, default_value = ".molecule", env = "MOLECULE_STATE")]
     pub state: PathBuf,
-    /// Address of the registry and admin API. Loopback by default: agents on the host
-    /// network reach it there, nothing else does.
+    /// Address of the admin API, metrics and registry. Loopback by default. Agents on
+    /// a bridge network (the default) get a listener of their own, serving only the
+    /// registry, on the network's gateway at this port.
     #[arg(long, default_value = "127.0.0.1:8080", env = "MOLECULE_LISTEN")]
     pub listen: SocketAddr,
     /// Operator instance id, stamped on every container it creates (ai.molecule.instance);
     /// it only ever touches containers carrying its own. Default: derived from the state path.
     #[arg(long, env = "MOLECULE_INSTANCE")]
     pub instance: Option<String>,
-    /// Keep state (tokens, incarnations) in Postgres instead of the SQLite file.
-    #[arg(long, env = "MOLECULE_DATABASE_URL")]
+    /// Keep state (tokens, incarnations) in Postgres (postgres://..., postgresql://...)
+    /// or another SQLite file (sqlite://PATH, or a path) instead of STATE/state.db.
+    /// Prefer the environment variable: a command line is visible in the process list.
+    #[arg(long, env = "MOLECULE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// How often agents heartbeat (passed to them as MOLECULE_HEARTBEAT_SECONDS).
     #[arg(long, default_value_t = 30)]
@@ -48,13 +51,21 @@ pub struct OperatorArgs {
     /// ghcr.io/molecule-ai/workspace-template-{runtime}:latest
     #[arg(long, default_value = "molecule-agent:local")]
     pub image_template: String,
-    /// Network for workspace containers: `host` or a Docker bridge network name.
-    #[arg(long, default_value = "host")]
-    pub network: String,
+    /// Network for workspace containers. Default: a bridge network of this operator's
+    /// own, molecule-<instance>, made and labelled by it; agents reach the registry on
+    /// its gateway and nothing else of the host. `host` puts every agent in the host's
+    /// network namespace: they reach its loopback (the admin API, local databases), and
+    /// while the operator is stopped any agent can listen on the registry's port and
+    /// collect the others' tokens; use it only if every agent is trusted. Any other
+    /// NAME: an existing Docker network, used as found.
+    #[arg(long, value_name = "host|NAME")]
+    pub network: Option<String>,
     /// Allow workspaces to ask for spec.security (privileged, hostPid, dockerSocket).
     #[arg(long)]
     pub allow_privileged: bool,
-    /// URL agents use to reach the registry (default: http://<listen>).
+    /// URL agents use to reach the registry. Default: http://<gateway>:<listen port> on
+    /// a bridge network (served by the operator), http://<listen> with `--network host`.
+    /// When given, the operator serves nothing extra for agents: the URL must reach it.
     #[arg(long)]
     pub registry_url: Option<String>,
     /// Serve the Kubernetes API for Workspaces and Teams on ADDR (HTTPS, self-signed;
@@ -79,12 +90,18 @@ impl OperatorArgs {
         Duration::from_secs(self.heartbeat_seconds.max(1))
     }
 
-    pub fn registry_url(&self) -> String {
-        self.registry_url.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    /// Which network workspaces join (`--network`).
+    pub fn network_choice(&self) -> crate::runtime::network::NetworkChoice {
+        crate::runtime::network::NetworkChoice::new(self.network.as_deref(), &self.instance_id())
     }
 
-    pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| self.state.join("state.db").display().to_string())
+    /// The state store: what `--database-url` names (an unknown scheme is an error
+    /// naming the accepted forms), else `STATE/state.db`.
+    pub fn database(&self) -> Result<crate::store::DatabaseUrl, String> {
+        match &self.database_url {
+            Some(url) => crate::store::DatabaseUrl::parse(url).map_err(|e| format!("--database-url: {e}")),
+            None => Ok(crate::store::DatabaseUrl::Sqlite(self.state.join("state.db"))),
+        }
     }
 }
 

@@ -49,7 +49,9 @@ enum Command {
     AgentImage,
     /// Apply the state-store migrations to a database and exit.
     Migrate {
-        #[arg(long, env = "MOLECULE_DATABASE_URL")]
+        /// postgres://..., postgresql://..., sqlite://PATH or a file path. Prefer the
+        /// environment variable: a command line is visible in the process list.
+        #[arg(long, env = "MOLECULE_DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
 }
@@ -100,9 +102,7 @@ async fn run() -> ExitCode {
         }
         Command::Migrate { database_url } => {
             init_tracing();
-            report(
-                molecule::store::open(&database_url).await.map(|_| println!("migrations applied")).map_err(Into::into),
-            )
+            report(migrate(&database_url).await)
         }
     }
 }
@@ -110,6 +110,17 @@ async fn run() -> ExitCode {
 async fn run_operator(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
     init_tracing();
     molecule::operator::run(args, sources).await
+}
+
+/// Applies the migrations to the store `url` names and says which (password hidden).
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let database = molecule::store::DatabaseUrl::parse(url).map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
+    molecule::store::open_url(&database)
+        .await
+        .with_context(|| format!("cannot migrate the state store at {database}"))?;
+    println!("migrations applied to {database}");
+    Ok(())
 }
 
 async fn agent_image() -> anyhow::Result<()> {

@@ -17,6 +17,7 @@ use crate::reconcile::{self, Context};
 use crate::registry::{self, AppState};
 use crate::rules::Settings;
 use crate::runtime::docker::DockerRuntime;
+use crate::runtime::network::{NetworkChoice, agent_endpoint};
 use crate::runtime::render::AgentEnv;
 use crate::source::Snapshot;
 use crate::source::desired::{DesiredSet, merge};
@@ -120,10 +121,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             "--kube-api serves the Kubernetes API in local mode; with --source kubernetes the cluster's API is the source"
         );
     }
-    let pg_source = match (sources.contains(&SourceSpec::Postgres), args.database_url.as_deref()) {
+    let db = args.database().map_err(anyhow::Error::msg)?;
+    let pg_source = match (sources.contains(&SourceSpec::Postgres), db.postgres()) {
         (false, _) => None,
-        (true, Some(url)) if url.starts_with("postgres") => Some(url.to_string()),
-        (true, _) => bail!("--source postgres reads the database named by --database-url postgres://..."),
+        (true, Some(url)) => Some(url.to_string()),
+        (true, None) => bail!("--source postgres reads the database named by --database-url postgres://..."),
     };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
@@ -132,8 +134,8 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let instance = args.instance_id();
     prepare_state_dir(&args.state)?;
     let _lock = lock_state_dir(&args.state)?;
-    let db = args.database_url();
-    let store = crate::store::open(&db).await.with_context(|| format!("cannot open the state store at {db}"))?;
+    // Shown with its password hidden (DatabaseUrl's Display).
+    let store = crate::store::open_url(&db).await.with_context(|| format!("cannot open the state store at {db}"))?;
     // The registry's heartbeats are coalesced in memory and written in one transaction
     // every 100 ms (store::heartbeats explains why the rules stay correct).
     // Heartbeats it could not write are noted where the heartbeat rule reads them.
@@ -155,12 +157,22 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             }
         }
     }
-    let runtime: Arc<dyn crate::runtime::Runtime> = Arc::new(docker);
+    // The workspaces' network (runtime::network): the operator's own bridge unless
+    // --network says otherwise.
+    let network_choice = args.network_choice();
+    let network = match &network_choice {
+        NetworkChoice::Host => None,
+        NetworkChoice::Own(name) => Some(docker.ensure_own_network(name).await?),
+        NetworkChoice::Named(name) => Some(docker.find_network(name).await?.with_context(|| {
+            format!("there is no Docker network {name} (--network): create it, or leave --network out to use the operator's own")
+        })?),
+    };
+    let runtime: Arc<dyn crate::runtime::Runtime> = Arc::new(docker.clone());
 
     // Sources -> desired store.
     let defaults = Defaults {
         image_template: args.image_template.clone(),
-        network: args.network.clone(),
+        network: network_choice.name().to_string(),
         allow_privileged: args.allow_privileged,
         ..Defaults::default()
     };
@@ -231,6 +243,27 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
                 .context("the registry and admin API stopped serving")
         })
     };
+    // Agents on a bridge network reach the registry, and only the registry, on its gateway.
+    let endpoint = agent_endpoint(&network_choice, network.as_ref(), args.registry_url.as_deref(), addr)
+        .map_err(anyhow::Error::msg)?;
+    let agent_server = match endpoint.listen {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
+                format!(
+                    "cannot listen for the workspaces' agents on {at}, the gateway of Docker network {}: pass \
+                     --registry-url URL if they reach the operator another way",
+                    network_choice.name()
+                )
+            })?;
+            tracing::info!(url = %endpoint.url, network = network_choice.name(), "serving the registry to the workspaces' network");
+            let router = registry::agent_router(state.clone());
+            let stop = shutdown.clone();
+            Some(tokio::spawn(
+                async move { registry::serve(listener, router, async move { stop.cancelled().await }).await },
+            ))
+        }
+        None => None,
+    };
 
     let settings = Settings {
         heartbeat_interval: args.heartbeat_interval(),
@@ -239,19 +272,19 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         restart_backoff: Duration::from_secs(args.restart_backoff_seconds),
         freezes: true,
     };
-    let agent = AgentEnv { registry_url: args.registry_url(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
+    let agent = AgentEnv { registry_url: endpoint.url.clone(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
     // With Postgres, replicas of this instance share the database: only the holder of
     // the lease reconciles, through a store the database fences by epoch.
     let lease_unconfirmed = Arc::new(AtomicBool::new(false));
-    let reconcile_store: crate::store::DynStore = match db.starts_with("postgres") {
+    let reconcile_store: crate::store::DynStore = match db.postgres() {
         // The leader's fenced store shares the heartbeat buffer: its stale-token
         // revokes flush the registry's pending heartbeats first.
-        true => {
+        Some(url) => {
             let ttl = Duration::from_secs(args.lease_seconds.max(2));
-            let fenced = lead_with_postgres_lease(&db, &instance, ttl, lease_unconfirmed.clone(), &shutdown).await?;
+            let fenced = lead_with_postgres_lease(url, &instance, ttl, lease_unconfirmed.clone(), &shutdown).await?;
             Arc::new(heartbeats.sharing(fenced))
         }
-        false => store,
+        None => store,
     };
     let mut ctx =
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
@@ -336,12 +369,28 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     )
     .await;
     let _ = server.await;
+    if let Some(agent_server) = agent_server {
+        let _ = agent_server.await;
+    }
     // The last heartbeats the server answered.
     let _ = heartbeat_flusher.await;
     if let Err(e) = heartbeats.flush().await {
         tracing::warn!(error = %e, "could not write the last heartbeats");
     }
     let _ = registry::remove_address(&args.state);
+    // The own network goes with the last workspace. Not with Postgres: replicas of this
+    // instance may share it (one with no containers yet would lose it under its feet).
+    if let NetworkChoice::Own(name) = &network_choice
+        && !db.is_postgres()
+    {
+        match docker.remove_own_network_if_unused(name).await {
+            Ok(true) => {
+                tracing::info!(network = %name, "removed the workspaces' network: no workspace container is left")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(network = %name, error = %e, "could not remove the workspaces' network"),
+        }
+    }
     if let Some(why) = health.fatal() {
         bail!("the operator stopped because an essential task failed: {why}");
     }

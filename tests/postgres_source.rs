@@ -17,8 +17,23 @@ async fn sql(url: &str, q: &str) {
     sqlx::query(sqlx::AssertSqlSafe(q.to_string())).execute(&mut c).await.unwrap();
 }
 
+/// `apply -f PATH [extra]`, the database URL passed in the environment (never argv).
+fn apply_with(url: &str, path: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["apply", "-f", path])
+        .args(extra)
+        .env("MOLECULE_DATABASE_URL", url)
+        .output()
+        .unwrap()
+}
+
 fn apply(url: &str, path: &str) -> std::process::Output {
-    std::process::Command::new(BIN).args(["apply", "-f", path, "--database-url", url]).output().unwrap()
+    apply_with(url, path, &[])
+}
+
+async fn count(url: &str, q: &str) -> i64 {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(q.to_string())).fetch_one(&mut c).await.unwrap().get(0)
 }
 
 fn cond<'a>(w: &'a Value, t: &str) -> &'a Value {
@@ -101,9 +116,56 @@ async fn apply_refuses_invalid_manifests_and_writes_nothing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nothing was applied") && err.contains("tier"), "{err}");
-    let mut c = PgConnection::connect(&db.url).await.unwrap();
-    let n: i64 = sqlx::query("SELECT count(*) AS n FROM desired_objects").fetch_one(&mut c).await.unwrap().get("n");
-    assert_eq!(n, 0, "a refused apply writes nothing");
+    assert_eq!(count(&db.url, "SELECT count(*) FROM desired_objects").await, 0, "a refused apply writes nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_dry_run_writes_nothing_not_even_the_schema() {
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let org = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/org");
+    let out = apply_with(&db.url, org, &["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workspace.molecule.ai/pm valid (dry run)"));
+    let tables = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'";
+    assert_eq!(count(&db.url, tables).await, 0, "a dry run created tables (ran migrations) in an empty database");
+    // Against a database that has the schema, it validates against what is there and
+    // still writes nothing.
+    assert!(apply(&db.url, &format!("{org}/pm.yaml")).status.success());
+    let rows = "SELECT count(*) FROM desired_objects";
+    assert_eq!(count(&db.url, rows).await, 1);
+    let out = apply_with(&db.url, org, &["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(count(&db.url, rows).await, 1, "a dry run wrote rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_is_all_or_nothing() {
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), workspace_yaml("a")).unwrap();
+    assert!(apply(&db.url, dir.path().to_str().unwrap()).status.success(), "the schema is there");
+    sql(&db.url, "DELETE FROM desired_objects").await;
+    // Valid manifests the database refuses half-way (a rule of the database's own).
+    sql(
+        &db.url,
+        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'no workspace called boom here'; END $$",
+    )
+    .await;
+    sql(
+        &db.url,
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON desired_objects FOR EACH ROW \
+         WHEN (NEW.name = 'boom') EXECUTE FUNCTION refuse_boom()",
+    )
+    .await;
+    std::fs::write(dir.path().join("boom.yaml"), workspace_yaml("boom")).unwrap();
+    std::fs::write(dir.path().join("c.yaml"), workspace_yaml("c")).unwrap();
+    let out = apply(&db.url, dir.path().to_str().unwrap());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing was applied") && err.contains("Workspace default/boom"), "{err}");
+    let n = count(&db.url, "SELECT count(*) FROM desired_objects").await;
+    assert_eq!(n, 0, "an apply that failed half-way left {n} of its objects written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

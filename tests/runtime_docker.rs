@@ -1,6 +1,8 @@
 //! DockerRuntime and the molecule-agent image against the real Docker daemon.
 //! Every test has its own instance id and its guard removes what it made, also on
-//! failure. Without Docker they print a notice and pass, except under CI=true.
+//! failure. Without Docker they print a notice and pass, except under CI=true (where
+//! the tests of the direct write path also fail when volume directories are out of
+//! reach, instead of passing without having run).
 
 mod support;
 
@@ -57,10 +59,31 @@ async fn connect_reports_a_missing_socket_as_unavailable() {
     assert!(err.to_string().contains("/nonexistent/docker.sock"), "{err}");
 }
 
+/// Which way `write_file` is meant to go in a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WritePath {
+    /// Straight into the volume's directory (the operator is root on the daemon's host).
+    Direct,
+    /// Docker's archive API.
+    Upload,
+}
+
+/// Asserts that every file this runtime wrote so far went the way the test meant:
+/// `writes` of them, all by `path`.
+fn assert_written_by(t: &TestDocker, path: WritePath, writes: u64) {
+    let w = t.runtime.file_writes();
+    let (direct, uploaded) = (w.direct.load(Ordering::Relaxed), w.uploaded.load(Ordering::Relaxed));
+    let expected = match path {
+        WritePath::Direct => (writes, 0),
+        WritePath::Upload => (0, writes),
+    };
+    assert_eq!((direct, uploaded), expected, "(direct, uploaded) writes for a test of the {path:?} path");
+}
+
 #[tokio::test]
 async fn token_written_before_start_is_owned_by_and_readable_for_the_agent() {
     let t = docker_or_return!("token-before-start");
-    token_written_before_start(&t).await;
+    token_written_before_start(&t, WritePath::Direct).await;
 }
 
 /// The same through Docker's archive API, which is what an operator that cannot reach
@@ -69,15 +92,18 @@ async fn token_written_before_start_is_owned_by_and_readable_for_the_agent() {
 async fn token_uploaded_before_start_is_owned_by_and_readable_for_the_agent() {
     let mut t = docker_or_return!("token-upload-before-start");
     t.runtime = t.runtime.clone().archive_writes_only();
-    token_written_before_start(&t).await;
+    token_written_before_start(&t, WritePath::Upload).await;
 }
 
-async fn token_written_before_start(t: &TestDocker) {
+async fn token_written_before_start(t: &TestDocker, path: WritePath) {
     t.agent_image().await;
     let spec = t.spec("tok", tier(2), NO_REGISTRY);
 
     let started = Instant::now();
     let id = t.runtime.create(&spec).await.unwrap();
+    if path == WritePath::Direct && t.reachable_volume_dir(&spec.config_volume).await.is_none() {
+        return;
+    }
     let token = token();
     write_token(t, &id, &token).await;
     t.runtime.start(&id).await.unwrap();
@@ -100,6 +126,7 @@ async fn token_written_before_start(t: &TestDocker) {
     write_token(t, &id, &rotated).await;
     assert_eq!(t.runtime.read_file(&id, TOKEN_PATH).await.unwrap(), Some(rotated.into_bytes()));
     assert!(!t.logs(&id).await.contains(&token));
+    assert_written_by(t, path, 2);
 
     // A container removed meanwhile: unknown, not "no token file".
     t.runtime.remove(&id).await.unwrap();
@@ -111,21 +138,24 @@ async fn token_written_before_start(t: &TestDocker) {
 async fn fresh_root_owned_volume_is_handed_to_the_agent_by_the_archive_upload() {
     let mut t = docker_or_return!("bare-volume");
     t.runtime = t.runtime.clone().archive_writes_only();
-    fresh_root_owned_volume_is_handed_to_the_agent(&t).await;
+    fresh_root_owned_volume_is_handed_to_the_agent(&t, WritePath::Upload).await;
 }
 
 #[tokio::test]
 async fn fresh_root_owned_volume_is_handed_to_the_agent_by_a_direct_write() {
     let t = docker_or_return!("bare-volume-direct");
-    fresh_root_owned_volume_is_handed_to_the_agent(&t).await;
+    fresh_root_owned_volume_is_handed_to_the_agent(&t, WritePath::Direct).await;
 }
 
-async fn fresh_root_owned_volume_is_handed_to_the_agent(t: &TestDocker) {
+async fn fresh_root_owned_volume_is_handed_to_the_agent(t: &TestDocker, path: WritePath) {
     let image = t.bare_agent_image().await;
     let mut spec = t.spec("bare", tier(2), NO_REGISTRY);
     spec.image = image;
 
     let id = t.runtime.create(&spec).await.unwrap();
+    if path == WritePath::Direct && t.reachable_volume_dir(&spec.config_volume).await.is_none() {
+        return;
+    }
     let before = t.stat(&id, CONFIGS_DIR).await.expect("the mount point exists");
     assert_eq!((before.uid, before.mode), (0, 0o755), "Docker makes a fresh volume's root root-owned");
 
@@ -135,6 +165,7 @@ async fn fresh_root_owned_volume_is_handed_to_the_agent(t: &TestDocker) {
     assert_eq!((dir.uid, dir.gid, dir.mode), (AGENT_UID, AGENT_UID, 0o755), "the write re-owns the volume root");
     let file = t.stat(&id, TOKEN_PATH).await.unwrap();
     assert_eq!((file.uid, file.gid, file.mode), (AGENT_UID, AGENT_UID, 0o600));
+    assert_written_by(t, path, 1);
 
     t.runtime.start(&id).await.unwrap();
     wait_for_log(t, &id, &format!("(prefix {})", &token[..8])).await;
@@ -148,12 +179,7 @@ async fn a_direct_write_replaces_a_symlink_and_never_follows_it() {
     t.agent_image().await;
     let spec = t.spec("sym", tier(2), NO_REGISTRY);
     let id = t.runtime.create(&spec).await.unwrap();
-    let mountpoint = t.docker.inspect_volume(&spec.config_volume).await.unwrap().mountpoint;
-    let volume_dir = std::path::PathBuf::from(mountpoint);
-    if !volume_dir.is_dir() {
-        eprintln!("SKIP: the volume's directory is not reachable from here; only uploads are possible");
-        return;
-    }
+    let Some(volume_dir) = t.reachable_volume_dir(&spec.config_volume).await else { return };
     let outside = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(outside.path(), b"host file").unwrap();
     std::os::unix::fs::symlink(outside.path(), volume_dir.join(TOKEN_FILE)).unwrap();
@@ -167,6 +193,7 @@ async fn a_direct_write_replaces_a_symlink_and_never_follows_it() {
     assert_eq!((file.uid, file.gid, file.mode, file.content), (AGENT_UID, AGENT_UID, 0o600, token.into_bytes()));
     let leftovers: Vec<_> = std::fs::read_dir(&volume_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from(TOKEN_FILE)], "no temporary file is left behind");
+    assert_written_by(&t, WritePath::Direct, 1);
 }
 
 #[tokio::test]

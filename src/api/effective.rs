@@ -22,6 +22,9 @@ pub struct Defaults {
     /// Image for a runtime; `{runtime}` is replaced. Local mode: `molecule-agent:local`.
     pub image_template: String,
     pub default_runtime: String,
+    /// The operator's network for workspaces (`runtime::network`; it sets this from
+    /// `--network`). `host` here by default only for what runs without an operator
+    /// (tests, the simulated runtime).
     pub network: String,
     pub allow_privileged: bool,
 }
@@ -174,6 +177,14 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
                 .to_string(),
         );
     }
+    let network = spec.network.as_deref().unwrap_or(&defaults.network);
+    if network != defaults.network && crate::runtime::network::shares_a_namespace(network) && !defaults.allow_privileged
+    {
+        errors.push(format!(
+            "network: {network:?} shares another network namespace (the host's loopback and every agent's traffic, \
+             or another container's); refused unless the operator runs with --allow-privileged (or --network {network})"
+        ));
+    }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             errors.push(format!("env: {key:?} is not a valid variable name"));
@@ -217,7 +228,7 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
             overlap,
         },
         security,
-        network: spec.network.as_deref().unwrap_or(&defaults.network).into(),
+        network: network.into(),
     })
 }
 
@@ -304,6 +315,24 @@ mod tests {
         };
         let errs = resolve(&bad, &Defaults::default()).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn a_manifest_cannot_put_itself_on_the_host_network_unless_the_operator_does() {
+        let on_bridge = Defaults { network: "molecule-i".into(), ..Defaults::default() };
+        for asked in ["host", "container:ws-0123456789ab"] {
+            let spec = WorkspaceSpec { network: Some(asked.into()), ..Default::default() };
+            let errs = resolve(&spec, &on_bridge).unwrap_err();
+            assert!(errs[0].starts_with("network:") && errs[0].contains("--allow-privileged"), "{errs:?}");
+            let allowed = Defaults { allow_privileged: true, ..on_bridge.clone() };
+            assert_eq!(&*resolve(&spec, &allowed).unwrap().network, asked);
+        }
+        let host = WorkspaceSpec { network: Some("host".into()), ..Default::default() };
+        let on_host = Defaults { network: "host".into(), ..Defaults::default() };
+        assert_eq!(&*resolve(&host, &on_host).unwrap().network, "host", "the operator's own choice");
+        let other = WorkspaceSpec { network: Some("lab".into()), ..Default::default() };
+        assert_eq!(&*resolve(&other, &on_bridge).unwrap().network, "lab");
+        assert_eq!(&*resolve(&WorkspaceSpec::default(), &on_bridge).unwrap().network, "molecule-i");
     }
 
     #[test]

@@ -76,7 +76,9 @@ pub struct WorkspaceSpec {
     /// is refused unless the operator runs with `--allow-privileged`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<Security>,
-    /// `host` (default in local mode) or the name of a Docker bridge network.
+    /// A Docker network name; default: the operator's (its own bridge network unless it
+    /// runs with `--network`). `host` or `container:NAME` is refused unless it is the
+    /// operator's own choice or it runs with `--allow-privileged`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
 }

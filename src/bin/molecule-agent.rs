@@ -11,6 +11,15 @@
 //! std only, no crates: build.rs compiles this file with plain rustc into a static
 //! binary for the `FROM scratch` image (see src/runtime/agent_image.rs). It logs one
 //! line per state change to stderr and never logs more than the token's first 8 chars.
+//! A token file longer than `MAX_TOKEN_FILE` bytes is not read: it holds no token.
+//!
+//! Hidden test modes (the image has no shell and nothing else; the tests run them in
+//! a workspace's network namespace with `docker run --network container:<id>`):
+//! - `--test-listen ADDR`: a hostile listener. Answers every request 200 and prints
+//!   one line per request to stdout: method, path, the body's `workspace_id` and the
+//!   bearer's first 8 characters (never more of it).
+//! - `--test-probe URL`: one GET; prints `HTTP <status>` or `unreachable: <why>`.
+//! - `--test-fill PATH BYTES`: makes PATH a sparse file of BYTES bytes (a huge token file).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -23,11 +32,20 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const TOKEN_FILE: &str = ".auth_token";
+/// Longest token file read (a token is 43 characters): a longer one is not a token.
+const MAX_TOKEN_FILE: u64 = 4096;
 /// How often a waiting agent looks at the token file.
 const TOKEN_POLL: Duration = Duration::from_millis(500);
 
 fn main() {
     exit_on_sigterm();
+    let args: Vec<String> = env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["--test-listen", addr] => test_mode::listen(addr),
+        ["--test-probe", url] => test_mode::probe(url),
+        ["--test-fill", path, bytes] => test_mode::fill(path, bytes),
+        _ => {}
+    }
     let cfg = match Config::from_env() {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -122,7 +140,8 @@ impl Config {
     }
 }
 
-/// `http://host:port[/prefix]`; plain HTTP only (the registry listens on loopback).
+/// `http://host:port[/prefix]`; plain HTTP only (the registry is the host's end of the
+/// workspace's own network, or loopback on the host network).
 struct Registry {
     /// `host:port`, used to connect and as the Host header.
     authority: String,
@@ -160,11 +179,17 @@ impl TokenFile {
         Self { path, content: None, loaded_once: false }
     }
 
-    /// The trimmed token, or why there is none.
+    /// The trimmed token, or why there is none. Reads at most MAX_TOKEN_FILE + 1 bytes.
     fn read(&self) -> Result<String, String> {
-        match fs::read_to_string(&self.path) {
-            Ok(s) if s.trim().is_empty() => Err("the file is empty".to_string()),
-            Ok(s) => Ok(s.trim().to_string()),
+        let mut bytes = Vec::new();
+        let read = fs::File::open(&self.path).and_then(|f| f.take(MAX_TOKEN_FILE + 1).read_to_end(&mut bytes));
+        match read {
+            Ok(n) if n as u64 > MAX_TOKEN_FILE => Err(format!("the file is longer than {MAX_TOKEN_FILE} bytes")),
+            Ok(_) => match String::from_utf8(bytes) {
+                Ok(s) if s.trim().is_empty() => Err("the file is empty".to_string()),
+                Ok(s) => Ok(s.trim().to_string()),
+                Err(_) => Err("the file is not text".to_string()),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("no such file".to_string()),
             Err(e) => Err(e.to_string()),
         }
@@ -213,6 +238,19 @@ impl TokenFile {
 
 /// POSTs `{"workspace_id": ...}` to `/registry/<endpoint>` and returns the HTTP status.
 fn post(registry: &Registry, endpoint: &str, token: Option<&str>, workspace_id: &str) -> Result<u16, String> {
+    let body = format!("{{\"workspace_id\":\"{}\"}}", json_escape(workspace_id));
+    request(registry, "POST", &format!("/registry/{endpoint}"), token, Some(&body))
+}
+
+/// One HTTP/1.1 request to `path` under the registry's prefix (a JSON body if given);
+/// returns the status.
+fn request(
+    registry: &Registry,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<u16, String> {
     let addrs: Vec<_> = registry
         .authority
         .to_socket_addrs()
@@ -233,14 +271,15 @@ fn post(registry: &Registry, endpoint: &str, token: Option<&str>, workspace_id: 
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
 
-    let body = format!("{{\"workspace_id\":\"{}\"}}", json_escape(workspace_id));
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let content =
+        body.map(|b| format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len())).unwrap_or_default();
+    let target = format!("{}{path}", registry.path_prefix);
     let request = format!(
-        "POST {}/registry/{endpoint} HTTP/1.1\r\nHost: {}\r\nUser-Agent: molecule-agent\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        registry.path_prefix,
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: molecule-agent\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        if target.is_empty() { "/" } else { &target },
         registry.authority,
-        body.len()
+        body.unwrap_or_default()
     );
     stream.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
 
@@ -254,6 +293,94 @@ fn post(registry: &Registry, endpoint: &str, token: Option<&str>, workspace_id: 
         (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
         _ if response.is_empty() => Err("connection closed without a response".to_string()),
         _ => Err(format!("malformed response {:?}", status_line.chars().take(40).collect::<String>())),
+    }
+}
+
+/// Tools for the tests (see the module doc); each runs instead of the agent.
+mod test_mode {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+    use std::{fs, process};
+
+    pub fn listen(addr: &str) -> ! {
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("cannot listen on {addr}: {e}");
+                process::exit(1);
+            }
+        };
+        println!("listening on {addr}");
+        for conn in listener.incoming().flatten() {
+            let line = serve(conn).unwrap_or_else(|e| format!("unreadable request: {e}"));
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        }
+        process::exit(0)
+    }
+
+    /// Reads one request, answers 200, and describes what it carried.
+    fn serve(mut conn: TcpStream) -> std::io::Result<String> {
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let (mut length, mut bearer) = (0u64, None);
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').unwrap_or((&header, ""));
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().unwrap_or(0),
+                "authorization" => {
+                    bearer = value.trim().strip_prefix("Bearer ").map(|t| t.chars().take(8).collect::<String>())
+                }
+                _ => {}
+            }
+        }
+        let mut body = String::new();
+        reader.take(length.min(16 * 1024)).read_to_string(&mut body)?;
+        let workspace =
+            body.split("\"workspace_id\"").nth(1).and_then(|rest| rest.split('"').nth(1)).unwrap_or("-").to_string();
+        let answer = "{\"status\":\"ok\"}";
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        )?;
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or("-"), parts.next().unwrap_or("-"));
+        Ok(format!(
+            "request {method} {path} workspace_id={workspace} bearer_prefix={}",
+            bearer.as_deref().unwrap_or("-")
+        ))
+    }
+
+    pub fn probe(url: &str) -> ! {
+        let outcome = super::Registry::parse(url).and_then(|r| super::request(&r, "GET", "", None, None));
+        match outcome {
+            Ok(code) => println!("HTTP {code}"),
+            Err(e) => println!("unreachable: {e}"),
+        }
+        process::exit(0)
+    }
+
+    pub fn fill(path: &str, bytes: &str) -> ! {
+        let Ok(bytes) = bytes.parse::<u64>() else {
+            println!("{bytes:?} is not a number of bytes");
+            process::exit(2);
+        };
+        match fs::File::create(path).and_then(|f| f.set_len(bytes)) {
+            Ok(()) => println!("{path} is now {bytes} bytes"),
+            Err(e) => {
+                println!("cannot fill {path}: {e}");
+                process::exit(1);
+            }
+        }
+        process::exit(0)
     }
 }
 

@@ -1,7 +1,8 @@
 //! `molecule-operator apply -f FILE|DIR --database-url URL`: validates manifests and
 //! upserts them as rows of `desired_objects`, so a git-held org template can be pushed
 //! into a database-backed deployment. Nothing is written unless everything applied
-//! is valid.
+//! is valid, and then everything in one transaction. `--dry-run` writes nothing at all,
+//! not even the schema's migrations.
 
 use std::path::PathBuf;
 
@@ -10,16 +11,18 @@ use anyhow::{Context, bail};
 use crate::api::SourceRef;
 use crate::api::effective::Defaults;
 use crate::source::desired::{DesiredSet, merge};
-use crate::source::postgres::PostgresSource;
+use crate::source::postgres::{DesiredRow, PostgresSource};
 use crate::source::{Snapshot, SourceObject, dir::DirSource, manifest};
+use crate::store::DatabaseUrl;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ApplyArgs {
     /// A YAML file or a directory of them (repeatable).
     #[arg(short = 'f', long = "filename", required = true, value_name = "FILE|DIR")]
     pub files: Vec<PathBuf>,
-    /// The Postgres database the operator reads with `--source postgres`.
-    #[arg(long, env = "MOLECULE_DATABASE_URL")]
+    /// The Postgres database the operator reads with `--source postgres`. Prefer the
+    /// environment variable: a command line is visible in the process list.
+    #[arg(long, env = "MOLECULE_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Validate only; write nothing.
     #[arg(long)]
@@ -46,9 +49,10 @@ fn read(files: &[PathBuf]) -> anyhow::Result<Snapshot> {
 }
 
 pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
-    if !args.database_url.starts_with("postgres") {
-        bail!("apply writes into a Postgres desired-state database: --database-url postgres://...");
-    }
+    let database = DatabaseUrl::parse(&args.database_url).map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
+    let Some(url) = database.postgres() else {
+        bail!("apply writes into a Postgres desired-state database: --database-url postgres://... (not {database})");
+    };
     let snap = read(&args.files)?;
     let mut problems = snap.errors.clone();
     for o in &snap.objects {
@@ -57,10 +61,20 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
         }
     }
     // Validate against what the database already declares (parents, teams), the
-    // applied objects winning.
-    crate::store::open(&args.database_url).await.context("cannot open the database (migrations)")?;
-    let db = PostgresSource::connect(&args.database_url).await.context("cannot connect to the database")?;
-    let current = db.load().await.context("cannot read desired_objects")?;
+    // applied objects winning. A dry run changes nothing, not even the schema: it
+    // reads what is there, and a database never migrated declares nothing yet.
+    if !args.dry_run {
+        crate::store::open_url(&database).await.with_context(|| format!("cannot migrate the database {database}"))?;
+    }
+    let db =
+        PostgresSource::connect(url).await.with_context(|| format!("cannot connect to the database {database}"))?;
+    let current = match db.load().await {
+        Ok(current) => current,
+        Err(sqlx::Error::Database(e)) if args.dry_run && e.code().as_deref() == Some(UNDEFINED_TABLE) => {
+            Snapshot { source: crate::source::postgres::SOURCE_NAME.into(), ..Snapshot::default() }
+        }
+        Err(e) => return Err(e).context("cannot read desired_objects"),
+    };
     let set: DesiredSet = merge(
         &[snap.clone(), current],
         &Defaults { allow_privileged: true, ..Defaults::default() },
@@ -76,7 +90,7 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
     if !problems.is_empty() {
         bail!("nothing was applied; fix these first:\n  {}", problems.join("\n  "));
     }
-    let mut out = String::new();
+    let mut rows = Vec::new();
     for o in &snap.objects {
         let (kind, meta, spec) = match o {
             SourceObject::Workspace { object, .. } => {
@@ -85,20 +99,34 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
             SourceObject::Team { object, .. } => ("Team", &object.metadata, serde_json::to_value(&object.spec)?),
             SourceObject::Invalid { .. } => continue,
         };
-        let namespace = meta.namespace.clone().unwrap_or_else(|| crate::api::DEFAULT_NAMESPACE.into());
-        let name = meta.name.clone().unwrap_or_default();
-        let labels = serde_json::to_value(meta.labels.clone().unwrap_or_default())?;
-        if !args.dry_run {
-            db.upsert(kind, &namespace, &name, &spec, &labels)
-                .await
-                .with_context(|| format!("cannot write {kind} {namespace}/{name}"))?;
-        }
+        rows.push(DesiredRow {
+            kind: kind.to_string(),
+            namespace: meta.namespace.clone().unwrap_or_else(|| crate::api::DEFAULT_NAMESPACE.into()),
+            name: meta.name.clone().unwrap_or_default(),
+            spec,
+            labels: serde_json::to_value(meta.labels.clone().unwrap_or_default())?,
+        });
+    }
+    // All or nothing: one transaction.
+    if !args.dry_run {
+        db.upsert_all(&rows).await.context("nothing was applied")?;
+    }
+    let mut out = String::new();
+    for row in &rows {
         out.push_str(&format!(
-            "{}.molecule.ai/{name} {}{}\n",
-            kind.to_lowercase(),
-            if namespace == crate::api::DEFAULT_NAMESPACE { String::new() } else { format!("in {namespace} ") },
+            "{}.molecule.ai/{} {}{}\n",
+            row.kind.to_lowercase(),
+            row.name,
+            if row.namespace == crate::api::DEFAULT_NAMESPACE {
+                String::new()
+            } else {
+                format!("in {} ", row.namespace)
+            },
             if args.dry_run { "valid (dry run)" } else { "applied" }
         ));
     }
     Ok(out)
 }
+
+/// Postgres' SQLSTATE for a table that does not exist.
+const UNDEFINED_TABLE: &str = "42P01";

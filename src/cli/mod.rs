@@ -153,16 +153,20 @@ impl SecretScope {
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum SecretCommand {
-    /// Set a secret (the value from --value, --from-file, or standard input). The
-    /// workspaces that receive it are recreated per their update policy.
+    /// Set a secret, its value read from standard input (`secret set NAME < file`, or
+    /// piped) or from --from-file FILE. The workspaces that receive it are recreated per
+    /// their update policy.
     Set {
         /// The env var name the workspaces see, e.g. OPENAI_API_KEY.
         name: String,
-        /// The value (prefer --from-file or stdin: command lines end up in shell history).
-        #[arg(long, conflicts_with = "from_file")]
-        value: Option<String>,
+        /// Read the value from FILE (one trailing newline is dropped).
         #[arg(long, value_name = "FILE")]
         from_file: Option<PathBuf>,
+        /// Avoid: the value on the command line is visible to every local user in the
+        /// process list, and stays in shell history. Prints a warning; use standard input
+        /// or --from-file.
+        #[arg(long, conflicts_with = "from_file", value_name = "VALUE")]
+        value: Option<String>,
         #[command(flatten)]
         scope: SecretScope,
         #[command(flatten)]
@@ -271,12 +275,19 @@ fn encode<T: Serialize>(value: &T, format: OutputFormat) -> Result<String, CliEr
     }
 }
 
+/// What `secret set --value` prints on standard error.
+pub const VALUE_WARNING: &str = "warning: --value puts the secret in the process list (any local user can read it \
+     while this runs) and in your shell history; pipe it on standard input or use --from-file FILE instead";
+
 /// Runs a `secret` subcommand.
 pub async fn secret(cmd: &SecretCommand) -> Result<String, CliError> {
     match cmd {
         SecretCommand::Set { name, value, from_file, scope, client } => {
             let value = match (value, from_file) {
-                (Some(v), _) => v.clone(),
+                (Some(v), _) => {
+                    eprintln!("{VALUE_WARNING}");
+                    v.clone()
+                }
                 (None, Some(f)) => std::fs::read_to_string(f)
                     .map_err(|e| CliError::Input(format!("cannot read {}: {e}", f.display())))?
                     .trim_end_matches('\n')

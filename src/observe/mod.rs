@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 pub use cache::ContainerCache;
 
 use crate::rules::{Observed, TokenFile};
-use crate::runtime::{CONFIGS_DIR, Runtime, TOKEN_FILE};
+use crate::runtime::{CONFIGS_DIR, READ_FILE_LIMIT, Runtime, TOKEN_FILE};
 use crate::store::{Store, StoreResult, WorkspaceRecord};
 
 /// Observes one workspace: its containers from the container cache (None when the
@@ -53,8 +53,13 @@ pub async fn read_token(runtime: &dyn Runtime, id: &str) -> TokenFile {
 }
 
 /// An empty (or whitespace-only) file counts as missing; otherwise the hash of the
-/// trimmed content, compared with token rows' hashes.
+/// trimmed content, compared with token rows' hashes. A file longer than
+/// `READ_FILE_LIMIT` (all the runtime reads of it) is a mismatch, whatever it starts
+/// with: its untrimmed bytes' hash, which no token's is.
 pub fn token_file_state(bytes: &[u8]) -> TokenFile {
+    if bytes.len() > READ_FILE_LIMIT {
+        return TokenFile::Hash(hex::encode(Sha256::digest(bytes)));
+    }
     let text = String::from_utf8_lossy(bytes);
     let t = text.trim();
     if t.is_empty() { TokenFile::Missing } else { TokenFile::Hash(hex::encode(Sha256::digest(t.as_bytes()))) }
@@ -69,5 +74,14 @@ mod tests {
         assert_eq!(token_file_state(b" \n"), TokenFile::Missing);
         let tok = crate::store::token::generate();
         assert_eq!(token_file_state(format!("{tok}\n").as_bytes()), TokenFile::Hash(crate::store::token::hash(&tok)));
+    }
+
+    #[test]
+    fn a_file_longer_than_what_is_read_never_matches_a_token() {
+        let tok = crate::store::token::generate();
+        let mut long = format!("{tok}\n").into_bytes();
+        long.resize(READ_FILE_LIMIT + 1, b' ');
+        let TokenFile::Hash(hash) = token_file_state(&long) else { panic!("a long file is not missing") };
+        assert_ne!(hash, crate::store::token::hash(&tok), "the token followed by blanks is still too long");
     }
 }

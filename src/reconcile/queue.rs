@@ -129,6 +129,17 @@ impl WorkQueue {
         retry
     }
 
+    /// Looks at `key` after `after`, or sooner if a look is due sooner already.
+    pub fn look_after(&mut self, key: String, after: Duration) {
+        match self.delay_keys.get(&key) {
+            Some(dk) => {
+                let due = self.delayed.deadline(dk).saturating_duration_since(tokio::time::Instant::now());
+                self.delayed.reset(dk, after.min(due));
+            }
+            None => self.look_again(&key, after),
+        }
+    }
+
     /// Looks at `key` again after `after` (it has no delayed look: starting cancelled it).
     fn look_again(&mut self, key: &str, after: Duration) {
         let dk = self.delayed.insert(key.to_string(), after);

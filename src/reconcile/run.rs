@@ -127,8 +127,14 @@ pub async fn run(
                     tracing::debug!(workspace = %key, %why, "triggered");
                     ctx.metrics.triggered(why.as_str());
                     if why.rereads_token_file() {
-                        // The agent presented what its file holds and was refused: read it again.
-                        ctx.token_memo.forget(&key);
+                        // The agent presented what its file holds and was refused: read it
+                        // again, at most once per token_memo::REFUSAL_REREAD (a flood of
+                        // refusals must not become a flood of reads); when that is later,
+                        // look again then rather than at the agent's next retry.
+                        let wait = ctx.token_memo.refused(&key, chrono::Utc::now());
+                        if !wait.is_zero() {
+                            queue.look_after(key.clone(), wait);
+                        }
                     }
                     match done {
                         Some(done) => queue.add_waiting(key, done),

@@ -17,7 +17,12 @@
 //! - the registry refuses the workspace's agent (a 401 or 403): the agent presents
 //!   what the file holds and re-reads it every half second, so any write nothing
 //!   reports (from a process inside the container, or into the volume's directory on
-//!   the host) that breaks the token shows up here within a second;
+//!   the host) that breaks the token shows up here within a second. Refusals read the
+//!   file at most once per `REFUSAL_REREAD` per workspace: a refusal within that time
+//!   of the last read or write is noted, and the first look after it reads the file.
+//!   Anyone can make the registry refuse a request naming any workspace, and a read
+//!   costs the daemon as much as a container create: unbounded, a flood of 401s would
+//!   be a flood of reads;
 //! - it is older than `MAX_AGE`, the net for writes nothing reports (a process inside
 //!   the container, or the volume's directory on the host, while the agent is down);
 //! - the container is another one (a new incarnation).
@@ -37,6 +42,10 @@ use crate::runtime::{Runtime, RuntimeEvent};
 
 /// Longest an entry is trusted without a read (the net for unreported writes).
 pub const MAX_AGE: Duration = Duration::from_secs(300);
+/// Least time between a read (or write) of a workspace's file and the read a refusal
+/// of its agent causes. The agent retries a refusal within a second (its backoff
+/// starts at half a second), so a broken file is still read within about that.
+pub const REFUSAL_REREAD: Duration = Duration::from_secs(1);
 
 /// Ids and hashes as bytes: one of these per workspace (bench/scale).
 #[derive(Clone, Debug)]
@@ -44,6 +53,8 @@ struct Entry {
     container_id: Hex,
     hash: Hex,
     at: DateTime<Utc>,
+    /// The agent was refused since `at`: read again once REFUSAL_REREAD has passed.
+    refused: bool,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +84,9 @@ impl TokenMemo {
         if inner.last_event.get(&id).is_some_and(|t| *t > e.at) {
             return None;
         }
+        if e.refused && now - e.at >= chrono::Duration::from_std(REFUSAL_REREAD).ok()? {
+            return None;
+        }
         Some(e.hash.to_string())
     }
 
@@ -86,11 +100,30 @@ impl TokenMemo {
             if inner.last_event.get(&container_id).is_some_and(|t| *t <= at) {
                 inner.last_event.remove(&container_id);
             }
-            inner.entries.insert(key.into(), Entry { container_id, hash: hash.into(), at });
+            inner.entries.insert(key.into(), Entry { container_id, hash: hash.into(), at, refused: false });
         }
     }
 
-    /// The workspace's file must be read again (its agent was refused).
+    /// The registry refused the workspace's agent at `now`: its file is read again at
+    /// the next look, or, if it was read or written less than REFUSAL_REREAD before,
+    /// at the first look once that has passed. Returns how long until then (zero: now).
+    pub fn refused(&self, key: &str, now: DateTime<Utc>) -> Duration {
+        let Ok(mut inner) = self.inner.lock() else { return Duration::ZERO };
+        let Some(e) = inner.entries.get_mut(key) else { return Duration::ZERO };
+        let due = e.at + chrono::Duration::from_std(REFUSAL_REREAD).unwrap_or_default();
+        match (due - now).to_std() {
+            Ok(wait) if !wait.is_zero() => {
+                e.refused = true;
+                wait
+            }
+            _ => {
+                inner.entries.remove(key);
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// The workspace's file must be read again (reading it failed).
     pub fn forget(&self, key: &str) {
         if let Ok(mut inner) = self.inner.lock() {
             inner.entries.remove(key);
@@ -197,6 +230,26 @@ mod tests {
         m.record("default/a", "c1", "h1", t0);
         m.saw_event(&ev("exec_die", "c1", None));
         assert_eq!(m.known("default/a", "c1", t0), None, "an event without a time counts as now");
+    }
+
+    #[test]
+    fn refusals_read_again_at_most_once_per_interval() {
+        let m = TokenMemo::default();
+        let t0 = Utc::now();
+        let ms = chrono::Duration::milliseconds;
+        m.record("default/a", "c1", "h1", t0);
+        // Refused right after the file was read: not read again yet...
+        assert_eq!(m.refused("default/a", t0 + ms(200)), Duration::from_millis(800));
+        assert_eq!(m.known("default/a", "c1", t0 + ms(300)).as_deref(), Some("h1"));
+        assert_eq!(m.refused("default/a", t0 + ms(900)), Duration::from_millis(100));
+        // ...but at the first look once the interval has passed, even with no new refusal.
+        assert_eq!(m.known("default/a", "c1", t0 + ms(1000)), None);
+        // A read then resets it; a refusal long after a read reads at once.
+        m.record("default/a", "c1", "h1", t0 + ms(1000));
+        assert_eq!(m.known("default/a", "c1", t0 + ms(1500)).as_deref(), Some("h1"));
+        assert_eq!(m.refused("default/a", t0 + ms(2500)), Duration::ZERO);
+        assert_eq!(m.known("default/a", "c1", t0 + ms(2500)), None);
+        assert_eq!(m.refused("default/b", t0), Duration::ZERO, "nothing known: read");
     }
 
     #[test]

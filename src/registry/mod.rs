@@ -1,5 +1,8 @@
 //! The operator's HTTP server (axum): the agents' registry (`/registry/*`), the
-//! admin API the CLI talks to (`/api/v1/*`), health and metrics.
+//! admin API the CLI talks to (`/api/v1/*`), health and metrics, all on `--listen`
+//! (`router`). The workspaces' network gets a listener of its own on its gateway that
+//! serves the agents' routes and nothing else (`agent_router`; runtime::network says
+//! why).
 //!
 //! Start-up, as `main.rs` wires it:
 //! ```ignore
@@ -108,6 +111,21 @@ impl AppState {
     }
 }
 
+/// The routes agents use: the registry (each call needs the workspace's own token)
+/// and liveness.
+fn agent_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/registry/register", post(agent::register))
+        .route("/registry/heartbeat", post(agent::heartbeat))
+        .route("/healthz", get(healthz))
+}
+
+/// What the workspaces' network is served (see `runtime::network`): the agents' routes
+/// and nothing else, so no workspace reaches the admin API, metrics or readiness.
+pub fn agent_router(state: AppState) -> Router {
+    finish(agent_routes(), Arc::new(state))
+}
+
 /// Every route. Admin routes require the admin token; the registry routes the
 /// workspace's own token; health and metrics nothing.
 pub fn router(state: AppState) -> Router {
@@ -121,13 +139,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/teams", get(admin::list_teams))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
-    Router::new()
-        .route("/registry/register", post(agent::register))
-        .route("/registry/heartbeat", post(agent::heartbeat))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .merge(admin)
+    let routes = agent_routes().route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).merge(admin);
+    finish(routes, state)
+}
+
+/// Unknown paths answer 404; every answer is counted; bodies are capped.
+fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -18,8 +20,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::{Docker, body_full};
 use chrono::{DateTime, Utc};
@@ -27,8 +29,8 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::docker_error::{api_error, chain, is_unavailable, message, status, unavailable};
 use super::{
-    AGENT_UID, AppliedConfig, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError,
-    RuntimeEvent, RuntimeResult, Watched, agent_image, labels,
+    AGENT_UID, AppliedConfig, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, READ_FILE_LIMIT, Runtime,
+    RuntimeError, RuntimeEvent, RuntimeResult, Watched, agent_image, labels, network::WorkspaceNetwork,
 };
 use crate::api::ImagePullPolicy;
 
@@ -43,6 +45,10 @@ const VOLUME_LABELS: [&str; 4] = [labels::MANAGED, labels::INSTANCE, labels::WOR
 /// rather than holding its workspace's one reconcile slot for two minutes. Pulls,
 /// builds and the event stream answer with headers at once and then stream.
 const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// How much of a file's archive `read_file` takes: the file's first READ_FILE_LIMIT + 1
+/// bytes and room for the tar headers before them (a few hundred bytes; more with PAX
+/// records).
+const ARCHIVE_READ_LIMIT: usize = READ_FILE_LIMIT + 64 * 1024;
 const EVENTS_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -53,6 +59,16 @@ pub struct DockerRuntime {
     instance: String,
     /// Write files into a volume's host directory when it is reachable (see `write_file`).
     direct_volume_writes: bool,
+    /// Which way each `write_file` went (shared by clones).
+    writes: Arc<FileWrites>,
+}
+
+/// How many files `write_file` wrote straight into a volume's directory, and how many
+/// through the archive API: the tests tell by these which way their write went.
+#[derive(Debug, Default)]
+pub struct FileWrites {
+    pub direct: AtomicU64,
+    pub uploaded: AtomicU64,
 }
 
 impl fmt::Debug for DockerRuntime {
@@ -86,11 +102,16 @@ impl DockerRuntime {
         let unavailable = |e: DockerError| unavailable(chain(&e));
         let docker = docker.negotiate_version().await.map_err(unavailable)?;
         docker.ping().await.map_err(unavailable)?;
-        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true })
+        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true, writes: Arc::default() })
     }
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Files written so far by this runtime and its clones, by the way they went.
+    pub fn file_writes(&self) -> &FileWrites {
+        &self.writes
     }
 
     /// Always writes files through Docker's archive API, even where the volume's
@@ -129,6 +150,104 @@ impl DockerRuntime {
     /// Builds the agent image unconditionally (`molecule-operator agent-image`).
     pub async fn build_agent_image(&self) -> RuntimeResult<()> {
         agent_image::build_agent_image(&self.docker, agent_image::AGENT_IMAGE).await
+    }
+
+    /// The networks named exactly `name` (the daemon's name filter matches parts of
+    /// names), oldest id first.
+    async fn networks_named(&self, name: &str) -> RuntimeResult<Vec<bollard::models::Network>> {
+        let filters = HashMap::from([("name", vec![name.to_string()])]);
+        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        let mut found = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| api_error(format!("listing networks named {name}"), e))?;
+        found.retain(|n| n.name.as_deref() == Some(name));
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+
+    /// This instance's own bridge network `name` (see `runtime::network`): created,
+    /// labelled with the instance, when it is missing; refused when a network of that
+    /// name exists that this instance did not make. Docker 20.10 does not refuse a
+    /// second network of the same name, so replicas creating it at once may make two:
+    /// every replica then keeps the one with the smallest id and removes the others.
+    pub async fn ensure_own_network(&self, name: &str) -> RuntimeResult<WorkspaceNetwork> {
+        let ours = |n: &bollard::models::Network| {
+            n.labels.as_ref().and_then(|l| l.get(labels::INSTANCE)) == Some(&self.instance)
+        };
+        let mut found = self.networks_named(name).await?;
+        if found.is_empty() {
+            let request = bollard::models::NetworkCreateRequest {
+                name: name.to_string(),
+                driver: Some("bridge".into()),
+                labels: Some(HashMap::from([
+                    (labels::MANAGED.to_string(), "true".to_string()),
+                    (labels::INSTANCE.to_string(), self.instance.clone()),
+                ])),
+                ..Default::default()
+            };
+            self.docker.create_network(request).await.map_err(|e| {
+                let e = api_error(format!("creating network {name}"), e);
+                match e.to_string().contains("non-overlapping") {
+                    true => RuntimeError::Api(format!(
+                        "{e}; Docker has no address range left for another network: remove unused ones \
+                         (`docker network prune`, or old `molecule-*` networks), or pass --network"
+                    )),
+                    false => e,
+                }
+            })?;
+            tracing::info!(network = name, "created the workspaces' network");
+            found = self.networks_named(name).await?;
+        }
+        let Some(keep) = found.iter().find(|n| ours(n)).cloned() else {
+            return Err(RuntimeError::Api(format!(
+                "a Docker network named {name} exists but was not made by operator instance {:?} (it lacks the \
+                 label {}={0:?}); remove it, or pass --network NAME to put workspaces on it",
+                self.instance,
+                labels::INSTANCE
+            )));
+        };
+        for twin in found.iter().filter(|n| ours(n) && n.id != keep.id) {
+            if let Some(id) = &twin.id {
+                let _ = self.docker.remove_network(id).await;
+            }
+        }
+        Ok(workspace_network(&keep))
+    }
+
+    /// The network `name` as it is (None when there is none), for `--network NAME`:
+    /// the operator uses it as it finds it and never changes or removes it.
+    pub async fn find_network(&self, name: &str) -> RuntimeResult<Option<WorkspaceNetwork>> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(n) => Ok(Some(WorkspaceNetwork {
+                name: n.name.unwrap_or_else(|| name.to_string()),
+                gateway: gateway_of(n.ipam.as_ref()),
+            })),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(api_error(format!("inspecting network {name}"), e)),
+        }
+    }
+
+    /// Removes this instance's network `name` when no container of this instance
+    /// exists (in any state: a stopped one could not start again without it). A
+    /// network with containers attached is refused by Docker anyway. True if removed.
+    pub async fn remove_own_network_if_unused(&self, name: &str) -> RuntimeResult<bool> {
+        if !self.list().await?.is_empty() {
+            return Ok(false);
+        }
+        let mut removed = false;
+        for n in self.networks_named(name).await? {
+            let ours = n.labels.as_ref().and_then(|l| l.get(labels::INSTANCE)) == Some(&self.instance);
+            if let (true, Some(id)) = (ours, &n.id) {
+                match self.docker.remove_network(id).await {
+                    Ok(()) => removed = true,
+                    Err(e) if status(&e) == Some(404) => {}
+                    Err(e) => return Err(api_error(format!("removing network {name}"), e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// One container of this instance with `started_at` filled (one inspect call);
@@ -343,10 +462,14 @@ impl Runtime for DockerRuntime {
         if self.direct_volume_writes
             && let Some(host_dir) = self.reachable_volume_dir(id, dir).await
         {
-            let (name, content) = (name.to_string(), content.to_vec());
-            let written = tokio::task::spawn_blocking(move || write_into_dir(&host_dir, &name, &content, mode)).await;
+            let (file, content) = (name.to_string(), content.to_vec());
+            let written = tokio::task::spawn_blocking(move || write_into_dir(&host_dir, &file, &content, mode)).await;
             match written {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(())) => {
+                    self.writes.direct.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(container = id, "wrote {dir}/{name} straight into the volume's directory");
+                    return Ok(());
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(container = id, error = %e, "writing into the volume directory failed; uploading instead")
                 }
@@ -355,22 +478,50 @@ impl Runtime for DockerRuntime {
                 }
             }
         }
+        let uploaded = || {
+            self.writes.uploaded.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(container = id, "wrote {dir}/{name} through the archive API");
+        };
         if let Some((parent, base)) = dir.rsplit_once('/').filter(|(_, base)| !base.is_empty()) {
             match self.upload(id, if parent.is_empty() { "/" } else { parent }, tar(Some(base))?).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    uploaded();
+                    return Ok(());
+                }
                 // Status 500 on 20.10; matched by message so other versions' codes do too.
                 Err(e) if message(&e).contains("rootfs is marked read-only") => {}
                 Err(e) => return Err(api_error(what(), e)),
             }
         }
-        self.upload(id, if dir.is_empty() { "/" } else { dir }, tar(None)?).await.map_err(|e| api_error(what(), e))
+        self.upload(id, if dir.is_empty() { "/" } else { dir }, tar(None)?).await.map_err(|e| api_error(what(), e))?;
+        uploaded();
+        Ok(())
     }
 
+    /// Takes at most `ARCHIVE_READ_LIMIT` bytes of the archive: the rest is never read
+    /// (dropping the stream closes the connection, and the daemon stops sending), so a
+    /// container that makes the file huge costs the operator nothing more.
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {
         let options = DownloadFromContainerOptionsBuilder::new().path(path).build();
-        let chunks: Result<Vec<_>, _> = self.docker.download_from_container(id, Some(options)).try_collect().await;
-        let archive = match chunks {
-            Ok(chunks) => chunks.concat(),
+        let mut chunks = self.docker.download_from_container(id, Some(options));
+        let mut archive = Vec::new();
+        let read = loop {
+            match chunks.next().await {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e),
+                Some(Ok(chunk)) => {
+                    let room = ARCHIVE_READ_LIMIT - archive.len();
+                    archive.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if archive.len() == ARCHIVE_READ_LIMIT {
+                        tracing::debug!(container = id, path, "the file is longer than what is read of it");
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        drop(chunks);
+        let archive = match read {
+            Ok(()) => archive,
             // 404 is "no such file", but also "no such container", and a container being
             // torn down (`docker rm -f`) loses its files before it is gone. A container
             // removed since it was listed is not one whose token file is missing: the
@@ -389,7 +540,7 @@ impl Runtime for DockerRuntime {
             }
             Err(e) => return Err(api_error(format!("reading {path} from container {id}"), e)),
         };
-        first_file_in_tar(&archive)
+        first_file_in_tar(&archive, READ_FILE_LIMIT + 1)
             .map(Some)
             .map_err(|e| RuntimeError::Api(format!("reading {path} from container {id}: {e}")))
     }
@@ -569,6 +720,19 @@ fn container_body(spec: &ContainerSpec) -> ContainerCreateBody {
     }
 }
 
+fn workspace_network(n: &bollard::models::Network) -> WorkspaceNetwork {
+    WorkspaceNetwork { name: n.name.clone().unwrap_or_default(), gateway: gateway_of(n.ipam.as_ref()) }
+}
+
+/// The first IPv4 gateway of a network's address configuration.
+fn gateway_of(ipam: Option<&bollard::models::Ipam>) -> Option<std::net::IpAddr> {
+    let configs = ipam?.config.as_ref()?;
+    configs
+        .iter()
+        .filter_map(|c| c.gateway.as_deref()?.parse::<std::net::IpAddr>().ok())
+        .find(std::net::IpAddr::is_ipv4)
+}
+
 fn container_info(c: ContainerSummary) -> Option<ContainerInfo> {
     let id = c.id?;
     let name = c
@@ -664,7 +828,9 @@ fn file_tar(dir: Option<&str>, name: &str, content: &[u8], mode: u32) -> std::io
     tar.into_inner()
 }
 
-fn first_file_in_tar(archive: &[u8]) -> Result<Vec<u8>, String> {
+/// The first entry's content, at most `limit` bytes of it (the archive may be cut
+/// after that: nothing past it is looked at).
+fn first_file_in_tar(archive: &[u8], limit: usize) -> Result<Vec<u8>, String> {
     let mut tar = tar::Archive::new(archive);
     let mut entries = tar.entries().map_err(|e| format!("unreadable archive: {e}"))?;
     let mut entry = match entries.next() {
@@ -675,6 +841,7 @@ fn first_file_in_tar(archive: &[u8]) -> Result<Vec<u8>, String> {
         return Err(format!("not a regular file (tar entry type {:?})", entry.header().entry_type()));
     }
     let mut content = Vec::new();
+    let mut entry = std::io::Read::take(&mut entry, limit as u64);
     std::io::Read::read_to_end(&mut entry, &mut content).map_err(|e| format!("unreadable archive: {e}"))?;
     Ok(content)
 }
@@ -786,8 +953,11 @@ mod tests {
             vec![("configs/".into(), 0o755, 65534, 65534), ("configs/.auth_token".into(), 0o600, 65534, 65534)]
         );
         let single = file_tar(None, ".auth_token", b"tok", 0o600).unwrap();
-        assert_eq!(first_file_in_tar(&single).unwrap(), b"tok");
-        assert!(first_file_in_tar(&tar).is_err(), "a directory first is not a file");
+        assert_eq!(first_file_in_tar(&single, 10).unwrap(), b"tok");
+        assert!(first_file_in_tar(&tar, 10).is_err(), "a directory first is not a file");
+        // A long file in an archive cut short: its first `limit` bytes.
+        let long = file_tar(None, ".auth_token", &[b'x'; 100_000], 0o600).unwrap();
+        assert_eq!(first_file_in_tar(&long[..2048], 1025).unwrap(), vec![b'x'; 1025]);
     }
 
     #[test]

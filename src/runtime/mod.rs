@@ -5,6 +5,7 @@ pub mod agent_image;
 pub mod docker;
 pub mod docker_error;
 pub mod kubernetes;
+pub mod network;
 pub mod render;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -40,6 +41,11 @@ pub const AGENT_UID: u32 = 65534;
 /// Docker's restart policy for workspace containers: an agent that crashes is
 /// restarted in place; removals and kills are the operator's to heal.
 pub const RESTART_POLICY: &str = "unless-stopped";
+/// The longest file `Runtime::read_file` returns whole. The files it reads are written
+/// by containers, which may make them any size to make the operator work: a longer
+/// one is returned cut to this length plus one byte, and reading stops there. (A token
+/// file holds 43 bytes; one this long holds no token, whatever it starts with.)
+pub const READ_FILE_LIMIT: usize = 4096;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ContainerState {
@@ -282,7 +288,8 @@ pub trait Runtime: Send + Sync + 'static {
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], mode: u32) -> RuntimeResult<()>;
     /// Reads a file via the archive API; Ok(None) when it does not exist in a running
     /// container, an error when the container is gone or no longer running (a container
-    /// being removed loses its files first: that is not a missing file).
+    /// being removed loses its files first: that is not a missing file). At most
+    /// `READ_FILE_LIMIT + 1` bytes of it (more means "longer than the limit").
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
     /// What container `id` runs with now, for the settings that can change while it
     /// runs (see `AppliedConfig`); None when the runtime has no such settings.

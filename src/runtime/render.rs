@@ -20,7 +20,8 @@ pub struct Identity<'a> {
 /// Operator-provided environment every agent needs.
 #[derive(Clone, Debug)]
 pub struct AgentEnv {
-    /// URL the agent registers at, e.g. http://127.0.0.1:8080.
+    /// URL the agent registers at, e.g. http://172.18.0.1:8080 (the gateway of the
+    /// workspaces' network; runtime::network).
     pub registry_url: String,
     pub heartbeat_seconds: u64,
 }

@@ -221,29 +221,46 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Upserts objects (what `molecule-operator apply --database-url` writes); an
-    /// object applied again after a soft delete is declared again.
-    pub async fn upsert(
-        &self,
-        kind: &str,
-        namespace: &str,
-        name: &str,
-        spec: &Value,
-        labels: &Value,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO desired_objects (kind, namespace, name, spec, labels) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb) \
-             ON CONFLICT (kind, namespace, name) DO UPDATE SET spec = excluded.spec, labels = excluded.labels, deleted_at = NULL",
-        )
-        .bind(kind)
-        .bind(namespace)
-        .bind(name)
-        .bind(spec.to_string())
-        .bind(labels.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// Upserts objects (what `molecule-operator apply --database-url` writes) in one
+    /// transaction: all of them or, on any failure, none. An object applied again
+    /// after a soft delete is declared again.
+    pub async fn upsert_all(&self, objects: &[DesiredRow]) -> Result<(), UpsertError> {
+        let mut tx = self.pool.begin().await.map_err(|error| UpsertError { object: None, error })?;
+        for o in objects {
+            sqlx::query(
+                "INSERT INTO desired_objects (kind, namespace, name, spec, labels) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb) \
+                 ON CONFLICT (kind, namespace, name) DO UPDATE SET spec = excluded.spec, labels = excluded.labels, deleted_at = NULL",
+            )
+            .bind(&o.kind)
+            .bind(&o.namespace)
+            .bind(&o.name)
+            .bind(o.spec.to_string())
+            .bind(o.labels.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|error| UpsertError { object: Some(format!("{} {}/{}", o.kind, o.namespace, o.name)), error })?;
+        }
+        tx.commit().await.map_err(|error| UpsertError { object: None, error })
     }
+}
+
+/// One object as `apply` writes it into `desired_objects`.
+#[derive(Clone, Debug)]
+pub struct DesiredRow {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub spec: Value,
+    pub labels: Value,
+}
+
+/// An `upsert_all` that wrote nothing, and which object (if any) the database refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {error}", object.as_deref().map_or("the transaction failed".to_string(), |o| format!("cannot write {o}")))]
+pub struct UpsertError {
+    pub object: Option<String>,
+    #[source]
+    pub error: sqlx::Error,
 }
 
 /// A row as a typed object, or Invalid with what to fix.

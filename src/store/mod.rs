@@ -18,6 +18,7 @@ pub mod lookups;
 pub mod postgres;
 pub mod sqlite;
 pub mod token;
+pub mod url;
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 pub use heartbeats::Heartbeat;
+pub use url::DatabaseUrl;
 
 /// Why a token was revoked. Every revocation records one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -483,13 +485,16 @@ fn decode_object_body(kind: &str, namespace: &str, name: &str, text: &str) -> St
 
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens the store a URL names: `postgres://...` or a SQLite file path / `sqlite://` URL.
+/// Opens the store a URL names (see `url::DatabaseUrl`: an unknown scheme is an error).
 pub async fn open(url: &str) -> StoreResult<DynStore> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
-    } else {
-        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
-        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?))
+    open_url(&DatabaseUrl::parse(url).map_err(StoreError::Invalid)?).await
+}
+
+/// Opens (and migrates) the store `url` names.
+pub async fn open_url(url: &DatabaseUrl) -> StoreResult<DynStore> {
+    match url {
+        DatabaseUrl::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
     }
 }
 

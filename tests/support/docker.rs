@@ -147,6 +147,24 @@ impl TestDocker {
         lines.iter().map(|l| String::from_utf8_lossy(&l.clone().into_bytes()).into_owned()).collect()
     }
 
+    /// The host directory of the named volume, when this process can reach it (root on
+    /// the daemon's host): what the direct write path needs. When it cannot, a test of
+    /// that path FAILS under `CI=true` (CI runs as root next to its daemon) and
+    /// otherwise prints a notice and gets None.
+    pub async fn reachable_volume_dir(&self, volume: &str) -> Option<std::path::PathBuf> {
+        let mountpoint = self.docker.inspect_volume(volume).await.expect("inspect the volume").mountpoint;
+        let dir = std::path::PathBuf::from(mountpoint);
+        if std::fs::read_dir(&dir).is_ok() {
+            return Some(dir);
+        }
+        let why = format!("the volume's directory {} is not reachable from this process", dir.display());
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{why}: the direct write path cannot be tested (CI=true: run as root on the daemon's host)");
+        }
+        eprintln!("NOTICE: skipping a test of the direct write path: {why}");
+        None
+    }
+
     /// The daemon's state string of a container ("running", "exited", ...).
     pub async fn state(&self, id: &str) -> String {
         let c = self.docker.inspect_container(id, None).await.expect("inspect");

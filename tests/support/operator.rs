@@ -205,6 +205,11 @@ impl Op {
         }
     }
 
+    /// The operator's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT") to the operator process.
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
@@ -359,12 +364,29 @@ impl Op {
             args.extend(ids.iter().map(String::as_str));
             docker(&args);
         }
+        // fuse-overlayfs fails a removal now and then ("directory not empty"): those
+        // once more, one at a time (a container left would also keep the network).
+        for id in self.containers() {
+            docker_ok(&["rm", "-f", "-v", &id]);
+        }
         for v in self.volumes() {
             docker(&["volume", "rm", "-f", &v]);
         }
         for name in names.lines() {
             docker(&["volume", "rm", "-f", &format!("{}-configs", name.trim_start_matches('/'))]);
         }
+        // The workspaces' own network (runtime::network), once no container uses it.
+        for n in self.networks() {
+            docker(&["network", "rm", &n]);
+        }
+    }
+
+    /// Docker networks labelled with this operator's instance (its own network).
+    pub fn networks(&self) -> Vec<String> {
+        docker(&["network", "ls", "-q", "--filter", &format!("label=ai.molecule.instance={}", self.instance)])
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -376,6 +398,19 @@ impl Drop for Op {
 
 fn unsafe_kill(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+}
+
+/// An operator (with `extra` flags) running workspaces `names` (the `WS` manifest),
+/// once every one of them is online (90 s at most), and their states.
+pub fn online_op(test: &str, names: &[&str], extra: &[&str]) -> (Op, BTreeMap<String, Value>) {
+    let mut op = Op::new(test);
+    op.extra = extra.iter().map(|a| a.to_string()).collect();
+    for name in names {
+        op.write_ws(name);
+    }
+    op.start();
+    let ws = op.wait_online(names, Duration::from_secs(90));
+    (op, ws)
 }
 
 pub fn online(w: &Value) -> bool {
