@@ -104,6 +104,9 @@ impl EventLog {
             (Method::POST, Some(ns), None) => {
                 let mut event: Value = serde_json::from_slice(body)
                     .map_err(|e| ApiError::bad_request(format!("the event is not valid JSON: {e}")))?;
+                if !event.is_object() {
+                    return Err(ApiError::bad_request("the event is not a JSON object"));
+                }
                 if !event["metadata"].is_object() {
                     event["metadata"] = json!({});
                 }
@@ -132,6 +135,9 @@ impl EventLog {
                 let i = position(&events, ns, name).ok_or_else(|| ApiError::not_found("Event.events.k8s.io", name))?;
                 let patch: Value = serde_json::from_slice(body)
                     .map_err(|e| ApiError::bad_request(format!("the event patch is not valid JSON: {e}")))?;
+                if !patch.is_object() {
+                    return Err(ApiError::new(422, "Invalid", "an event patch must be a JSON object"));
+                }
                 let stored = &mut events[i].2;
                 if *method == Method::PUT {
                     let meta = stored["metadata"].clone();

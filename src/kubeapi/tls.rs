@@ -37,7 +37,7 @@ impl KubeTls {
     /// Loads `STATE_DIR/kube-api/tls.crt` and `tls.key`, creating a self-signed
     /// pair for 127.0.0.1 and localhost first when they are missing.
     pub fn load_or_create(state_dir: &Path) -> io::Result<Self> {
-        let dir = state_dir.join("kube-api");
+        let dir = Self::dir(state_dir);
         let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
         if cert_path.exists() && key_path.exists() {
             return Ok(Self {
@@ -50,6 +50,11 @@ impl KubeTls {
         write_private(&key_path, &tls.key_pem)?;
         write_private(&cert_path, &tls.cert_pem)?;
         Ok(tls)
+    }
+
+    /// Where the pair lives: `STATE/kube-api/` (`tls.crt`, `tls.key`).
+    pub fn dir(state_dir: &Path) -> std::path::PathBuf {
+        state_dir.join("kube-api")
     }
 
     /// A fresh self-signed pair, kept in memory only.
