@@ -9,6 +9,7 @@ pub mod config;
 pub mod execute;
 pub mod kubeapi;
 pub mod memory;
+pub mod node;
 pub mod observe;
 pub mod operator;
 pub mod reconcile;

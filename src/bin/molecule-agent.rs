@@ -10,6 +10,9 @@
 //! std only, no crates: build.rs compiles this file with plain rustc into a static
 //! binary for the `FROM scratch` image (see src/runtime/agent_image.rs). It logs one
 //! line per state change to stderr and never logs more than the token's first 8 chars.
+//!
+//! `molecule-agent pause` does nothing until SIGTERM: the local node runs it as the
+//! sandbox that holds a Pod's network namespace (the role of Kubernetes' pause image).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -27,6 +30,13 @@ const TOKEN_POLL: Duration = Duration::from_millis(500);
 
 fn main() {
     exit_on_sigterm();
+    // `molecule-agent pause`: the local node's Pod sandbox (src/node), which only
+    // holds the Pod's network namespace until it is stopped.
+    if env::args().nth(1).as_deref() == Some("pause") {
+        loop {
+            thread::sleep(Duration::from_secs(3600));
+        }
+    }
     let cfg = match Config::from_env() {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -45,6 +45,93 @@ const REQUEST_TIMEOUT_SECS: u64 = 30;
 const EVENTS_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// A client of the local daemon (`DOCKER_HOST=unix://...` or /var/run/docker.sock)
+/// with this module's conventions: the API version negotiated, the daemon pinged,
+/// [`REQUEST_TIMEOUT_SECS`] for response headers. A missing socket or a daemon that
+/// does not answer is `Unavailable`; callers retry. (The local node uses it too.)
+pub async fn connect_client() -> RuntimeResult<Docker> {
+    let docker = Docker::connect_with_local_defaults()
+        .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
+        .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS));
+    negotiate(docker).await
+}
+
+async fn negotiate(docker: Docker) -> RuntimeResult<Docker> {
+    let unavailable = |e: DockerError| RuntimeError::Unavailable(chain(&e));
+    let docker = docker.negotiate_version().await.map_err(unavailable)?;
+    docker.ping().await.map_err(unavailable)?;
+    Ok(docker)
+}
+
+/// Container events matching `filters` (e.g. a label), from the moment of this
+/// call, even those before the stream is first polled. Reconnects with backoff (0.5 s
+/// doubling to 30 s) whenever the stream ends or fails, resuming from the last
+/// event's time: an event may repeat after a reconnect, none in between is lost (the
+/// daemon keeps its last 256 events). Yields `Err(why)` each time the stream is
+/// lost, before it waits to reconnect. Never ends by itself.
+pub fn container_events(
+    docker: Docker,
+    mut filters: HashMap<&'static str, Vec<String>>,
+) -> BoxStream<'static, Result<EventMessage, String>> {
+    filters.insert("type", vec!["container".to_string()]);
+    let state = EventsState {
+        docker,
+        filters,
+        current: None,
+        since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
+        backoff: EVENTS_BACKOFF_MIN,
+        lost: false,
+    };
+    stream::unfold(state, |mut st| async move {
+        if st.lost {
+            st.lost = false;
+            tokio::time::sleep(st.backoff).await;
+            st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
+        }
+        let current = st.current.get_or_insert_with(|| {
+            let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
+            st.docker.events(Some(options)).boxed()
+        });
+        match current.next().await {
+            Some(Ok(message)) => {
+                st.backoff = EVENTS_BACKOFF_MIN;
+                if let Some(nanos) = message.time_nano {
+                    st.since = since_arg(nanos);
+                }
+                Some((Ok(message), st))
+            }
+            ended => {
+                let error = match ended {
+                    Some(Err(e)) => chain(&e),
+                    _ => "the daemon closed it".to_string(),
+                };
+                tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
+                st.current = None;
+                st.lost = true; // wait before reconnecting, after the loss is reported
+                Some((Err(format!("the Docker event stream was lost: {error}")), st))
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Pulls `image` (a tagless name pulls `latest` only). `PullFailed` names the image.
+pub async fn pull_image(docker: &Docker, image: &str) -> RuntimeResult<()> {
+    let (name, tag) = split_reference(image);
+    let mut options = CreateImageOptionsBuilder::new().from_image(name);
+    if !tag.is_empty() {
+        options = options.tag(tag);
+    }
+    let pulled: Result<Vec<_>, _> = docker.create_image(Some(options.build()), None, None).try_collect().await;
+    pulled.map(drop).map_err(|e| {
+        if is_unavailable(&e) {
+            RuntimeError::Unavailable(chain(&e))
+        } else {
+            RuntimeError::PullFailed { image: image.to_string(), message: chain(&e) }
+        }
+    })
+}
+
 /// The Docker runtime of one operator instance.
 #[derive(Clone)]
 pub struct DockerRuntime {
@@ -65,10 +152,10 @@ impl DockerRuntime {
     /// negotiates the API version and pings it. A missing socket or a daemon that does
     /// not answer is `Unavailable`; callers retry.
     pub async fn connect(instance: &str) -> RuntimeResult<Self> {
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| RuntimeError::Unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
-            .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS));
-        Self::handshake(docker, instance).await
+        if instance.is_empty() {
+            return Err(RuntimeError::Api("the operator instance id is empty; it must name this operator".into()));
+        }
+        Ok(Self { docker: connect_client().await?, instance: instance.to_string(), direct_volume_writes: true })
     }
 
     /// Like `connect`, at an explicit unix socket path.
@@ -82,10 +169,7 @@ impl DockerRuntime {
         if instance.is_empty() {
             return Err(RuntimeError::Api("the operator instance id is empty; it must name this operator".into()));
         }
-        let unavailable = |e: DockerError| RuntimeError::Unavailable(chain(&e));
-        let docker = docker.negotiate_version().await.map_err(unavailable)?;
-        docker.ping().await.map_err(unavailable)?;
-        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true })
+        Ok(Self { docker: negotiate(docker).await?, instance: instance.to_string(), direct_volume_writes: true })
     }
 
     pub fn instance(&self) -> &str {
@@ -160,19 +244,7 @@ impl DockerRuntime {
     }
 
     async fn pull(&self, image: &str) -> RuntimeResult<()> {
-        let (name, tag) = split_reference(image);
-        let mut options = CreateImageOptionsBuilder::new().from_image(name);
-        if !tag.is_empty() {
-            options = options.tag(tag);
-        }
-        let pulled: Result<Vec<_>, _> = self.docker.create_image(Some(options.build()), None, None).try_collect().await;
-        pulled.map(drop).map_err(|e| {
-            if is_unavailable(&e) {
-                RuntimeError::Unavailable(chain(&e))
-            } else {
-                RuntimeError::PullFailed { image: image.to_string(), message: chain(&e) }
-            }
-        })
+        pull_image(&self.docker, image).await
     }
 
     async fn upload(&self, id: &str, into: &str, tar: Vec<u8>) -> Result<(), DockerError> {
@@ -411,60 +483,21 @@ impl Runtime for DockerRuntime {
     /// `events`, with a `Lost` each time the stream fails or ends, before it waits to
     /// reconnect.
     fn watch(&self) -> BoxStream<'static, Watched> {
-        let state = EventsState {
-            docker: self.docker.clone(),
-            instance: self.instance.clone(),
-            filters: {
-                let mut filters = self.instance_filter();
-                filters.insert("type", vec!["container".to_string()]);
-                filters
-            },
-            current: None,
-            since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
-            backoff: EVENTS_BACKOFF_MIN,
-            lost: false,
-        };
-        stream::unfold(state, |mut st| async move {
-            loop {
-                if st.lost {
-                    st.lost = false;
-                    tokio::time::sleep(st.backoff).await;
-                    st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
-                }
-                let current = st.current.get_or_insert_with(|| {
-                    let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
-                    st.docker.events(Some(options)).boxed()
-                });
-                match current.next().await {
-                    Some(Ok(message)) => {
-                        st.backoff = EVENTS_BACKOFF_MIN;
-                        if let Some(nanos) = message.time_nano {
-                            st.since = since_arg(nanos);
-                        }
-                        if let Some(event) = runtime_event(message, &st.instance) {
-                            return Some((Watched::Event(event), st));
-                        }
-                    }
-                    ended => {
-                        let error = match ended {
-                            Some(Err(e)) => chain(&e),
-                            _ => "the daemon closed it".to_string(),
-                        };
-                        tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
-                        st.current = None;
-                        st.lost = true; // wait before reconnecting, after the loss is reported
-                        return Some((Watched::Lost(format!("the Docker event stream was lost: {error}")), st));
-                    }
-                }
-            }
-        })
-        .boxed()
+        let instance = self.instance.clone();
+        container_events(self.docker.clone(), self.instance_filter())
+            .filter_map(move |message| {
+                let watched = match message {
+                    Ok(message) => runtime_event(message, &instance).map(Watched::Event),
+                    Err(lost) => Some(Watched::Lost(lost)),
+                };
+                futures::future::ready(watched)
+            })
+            .boxed()
     }
 }
 
 struct EventsState {
     docker: Docker,
-    instance: String,
     filters: HashMap<&'static str, Vec<String>>,
     current: Option<BoxStream<'static, Result<EventMessage, DockerError>>>,
     /// Where a (re)connect starts: the subscription's or the last event's time (`secs.nanos`).
@@ -625,7 +658,7 @@ fn first_file_in_tar(archive: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// Splits an image reference for a pull: a tagless name pulls `latest`, never every tag.
-fn split_reference(image: &str) -> (&str, &str) {
+pub(crate) fn split_reference(image: &str) -> (&str, &str) {
     if image.contains('@') {
         return (image, "");
     }
@@ -636,7 +669,7 @@ fn split_reference(image: &str) -> (&str, &str) {
     }
 }
 
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     // Docker reports "0001-01-01T00:00:00Z" for "never".
     DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)).filter(|t| t.timestamp() > 0)
 }
@@ -646,14 +679,14 @@ fn since_arg(unix_nanos: i64) -> String {
     format!("{}.{:09}", unix_nanos / 1_000_000_000, unix_nanos % 1_000_000_000)
 }
 
-pub(super) fn status(e: &DockerError) -> Option<u16> {
+pub(crate) fn status(e: &DockerError) -> Option<u16> {
     match e {
         DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
     }
 }
 
-fn message(e: &DockerError) -> &str {
+pub(crate) fn message(e: &DockerError) -> &str {
     match e {
         DockerError::DockerResponseServerError { message, .. } => message,
         _ => "",
@@ -672,7 +705,7 @@ fn is_unavailable(e: &DockerError) -> bool {
     )
 }
 
-pub(super) fn api_error(what: impl fmt::Display, e: DockerError) -> RuntimeError {
+pub(crate) fn api_error(what: impl fmt::Display, e: DockerError) -> RuntimeError {
     if is_unavailable(&e) {
         return RuntimeError::Unavailable(format!("{what}: {}", chain(&e)));
     }
