@@ -62,12 +62,28 @@ pub struct OperatorArgs {
     /// Objects applied there are stored in the state store and reconciled like any source.
     #[arg(long, value_name = "ADDR")]
     pub kube_api: Option<SocketAddr>,
+    /// What runs workspaces: `docker` (containers on the local daemon) or
+    /// `kubernetes` (Pods). With `--kube-api`, `kubernetes` also starts the local node,
+    /// which runs the embedded API's Pods as Docker containers (a test bed and laptop
+    /// mode, not a kubelet).
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Docker)]
+    pub runtime: RuntimeKind,
     /// Leader Lease duration with several replicas (`--source kubernetes`).
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
     /// Reconciles run at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+}
+
+/// `--runtime`: what runs workspaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Containers on the local Docker daemon.
+    #[default]
+    Docker,
+    /// Pods, through the Kubernetes API.
+    Kubernetes,
 }
 
 impl OperatorArgs {

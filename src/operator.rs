@@ -118,6 +118,12 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             "--kube-api serves the Kubernetes API in local mode; with --source kubernetes the cluster's API is the source"
         );
     }
+    if args.runtime == crate::config::RuntimeKind::Kubernetes && !cluster_mode && args.kube_api.is_none() {
+        bail!(
+            "--runtime kubernetes runs workspaces as Pods: give --kube-api ADDR (the embedded API and its local node \
+             run them as Docker containers) or --source kubernetes (a cluster runs them)"
+        );
+    }
     let pg_source = match (sources.contains(&SourceSpec::Postgres), args.database_url.as_deref()) {
         (false, _) => None,
         (true, Some(url)) if url.starts_with("postgres") => Some(url.to_string()),
@@ -141,6 +147,22 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let store: crate::store::DynStore = heartbeats.clone();
     let admin_token = registry::load_or_create_admin_token(&args.state)
         .with_context(|| format!("cannot read or create the admin token in {}", args.state.display()))?;
+    // Failed admin-token guesses count here, on the admin API and the Kubernetes API alike.
+    let limiter = Arc::new(crate::registry::limit::FailureLimiter::default());
+    // Bound before anything waits on Docker: an unusable address or TLS pair stops
+    // the start with its error at once.
+    let bound = match args.kube_api {
+        Some(addr) => {
+            let bound = crate::kubeapi::bind(store.clone(), &admin_token, addr, &args.state)
+                .await
+                .context("cannot serve the Kubernetes API (--kube-api)")?;
+            bound.api().set_limiter(limiter.clone());
+            Some(bound)
+        }
+        None => None,
+    };
+    // A task whose failure must stop the operator records it here and cancels `shutdown`.
+    let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
 
     let docker = connect_docker(&instance, &shutdown).await?;
     if args.image_template == crate::runtime::agent_image::AGENT_IMAGE {
@@ -178,14 +200,36 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // Local mode speaking the Kubernetes API: objects applied with kubectl live in the
     // state store, and the same kube-rs controller as in a cluster reads them back
     // through this API (the operator is its own client).
-    let kube_api = match args.kube_api {
-        Some(addr) => {
-            let bound = crate::kubeapi::bind(store.clone(), &admin_token, addr, &args.state).await?;
+    let kube_api = match bound {
+        Some(bound) => {
             tracing::info!(url = %bound.url, kubeconfig = %bound.kubeconfig.display(), "serving the Kubernetes API");
             source_names.push(crate::cluster::SOURCE_NAME.to_string());
             let kubeconfig = bound.kubeconfig.clone();
+            let api = bound.api().clone();
             let stop = shutdown.clone();
-            tokio::spawn(bound.serve(async move { stop.cancelled().await }));
+            let serving = tokio::spawn(bound.serve(async move { stop.cancelled().await }));
+            let (stop, fatal) = (shutdown.clone(), fatal.clone());
+            // The server's end is watched: an error (or a panic) stops the operator
+            // with it, never leaves "serving" logged with nothing serving.
+            tokio::spawn(async move {
+                let failure = match serving.await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => anyhow::Error::new(e).context("the Kubernetes API stopped serving"),
+                    Err(e) => anyhow::anyhow!("the Kubernetes API server failed: {e}"),
+                };
+                tracing::error!(error = %format!("{failure:#}"), "stopping the operator");
+                fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(failure);
+                stop.cancel();
+            });
+            if args.runtime == crate::config::RuntimeKind::Kubernetes {
+                let client =
+                    crate::cluster::client(Some(&kubeconfig)).await.context("cannot reach our own Kubernetes API")?;
+                let config = crate::node::NodeConfig { instance: instance.clone(), dir: args.state.join("node") };
+                let node = crate::node::start(client, config, shutdown.clone())
+                    .await
+                    .context("cannot start the local node")?;
+                api.set_pod_logs(node);
+            }
             Some(kubeconfig)
         }
         None => None,
@@ -206,6 +250,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let metrics = Arc::new(Metrics::new());
     let (trigger, trigger_rx) = Trigger::new();
     let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
+    state.limiter = limiter;
     state.keyring = Some(keyring.clone());
     state.lost_heartbeats = lost_heartbeats;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
@@ -326,6 +371,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         tracing::warn!(error = %e, "could not write the last heartbeats");
     }
     let _ = registry::remove_address(&args.state);
+    if let Some(failure) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(failure);
+    }
     tracing::info!("operator stopped");
     Ok(())
 }

@@ -166,8 +166,13 @@ fn core_cells(kind: Kind, object: &Value, now: chrono::DateTime<chrono::Utc>) ->
                 })
                 .collect();
             let bound = object["status"]["phase"] == "Bound";
+            let phase = if object["metadata"]["deletionTimestamp"].is_string() {
+                "Terminating"
+            } else {
+                object["status"]["phase"].as_str().unwrap_or("Pending")
+            };
             vec![
-                json!(object["status"]["phase"].as_str().unwrap_or("Pending")),
+                json!(phase),
                 json!(object["spec"]["volumeName"].as_str().unwrap_or("")),
                 json!(if bound { object["status"]["capacity"]["storage"].as_str().unwrap_or("") } else { "" }),
                 json!(if bound { modes.join(",") } else { String::new() }),

@@ -114,6 +114,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A Pod waiting on something the watches report (a Secret, a claim) is looked at
 /// again after this anyway.
 const BLOCKED_RETRY: Duration = Duration::from_secs(10);
+/// How long ErrImagePull shows before ImagePullBackOff does (until the next pull).
+const PULL_ERROR_SHOWN: Duration = Duration::from_secs(2);
 /// Every Pod is looked at this often, the net under the watches and Docker events.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -141,6 +143,8 @@ enum Key {
     Claim(String),
 }
 
+/// A back-off: the current delay, and when it was last applied (the last restart
+/// for a crash back-off; the end of the wait for a pull back-off).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Backoff {
     delay: Duration,
@@ -869,6 +873,14 @@ impl LocalNode {
                 let finished = c.run.finished_at.unwrap_or(now);
                 let (wait, backoff) = crash_backoff(self.memory().crash.get(&key).copied(), finished, now);
                 if let Some(until) = wait {
+                    let why = format!(
+                        "back-off {}s restarting failed container={} pod={}_{}({uid})",
+                        backoff.delay.as_secs(),
+                        spec.name,
+                        pod.metadata.name.as_deref().unwrap_or(""),
+                        pod.metadata.namespace.as_deref().unwrap_or("")
+                    );
+                    self.memory().waiting.insert(key, ("CrashLoopBackOff".into(), why));
                     return Ok(Some(chrono_delay(until, now)));
                 }
                 self.memory().crash.insert(key.clone(), backoff);
@@ -888,6 +900,11 @@ impl LocalNode {
             }
             let backoff = self.memory().pull.get(&key).copied();
             if let Some(b) = backoff.filter(|b| b.until > now) {
+                // The pull's error shows a moment first (the Pod's own events sync it again at once).
+                let failed_at = b.until - b.delay;
+                if now < failed_at + PULL_ERROR_SHOWN {
+                    return Ok(Some(chrono_delay(failed_at + PULL_ERROR_SHOWN, now)));
+                }
                 self.memory()
                     .waiting
                     .insert(key, ("ImagePullBackOff".into(), format!("Back-off pulling image \"{image}\"")));
@@ -905,7 +922,8 @@ impl LocalNode {
                     memory
                         .waiting
                         .insert(key, ("ErrImagePull".into(), format!("failed to pull image \"{image}\": {error}")));
-                    return Ok(Some(delay));
+                    // Looked at again shortly: ImagePullBackOff until the next pull.
+                    return Ok(Some(PULL_ERROR_SHOWN));
                 }
             }
         }

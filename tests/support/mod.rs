@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod kubeapi;
 pub mod operator;
 pub mod postgres;
 pub mod proxy;
