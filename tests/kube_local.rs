@@ -12,41 +12,6 @@ use support::operator::*;
 const UP: Duration = Duration::from_secs(120);
 const CONVERGE: Duration = Duration::from_secs(40);
 
-struct Kubectl {
-    kubeconfig: std::path::PathBuf,
-    home: tempfile::TempDir,
-}
-
-impl Kubectl {
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .env("HOME", self.home.path())
-            .env("KUBECACHEDIR", self.home.path().join("cache"))
-            .output()
-            .expect("kubectl runs")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-}
-
-fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while t0.elapsed() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[test]
 fn kubectl_drives_real_containers_through_the_operators_own_api() {
     if !docker_available() {
@@ -56,7 +21,7 @@ fn kubectl_drives_real_containers_through_the_operators_own_api() {
     let port = free_port();
     op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{port}")];
     op.start();
-    let k = Kubectl { kubeconfig: op.state.join("kubeconfig"), home: tempfile::tempdir().unwrap() };
+    let k = Kubectl::new(&op);
     wait_until("kubeconfig written and API up", UP, || k.kubeconfig.exists() && k.run(&["get", "ws"]).status.success());
 
     // apply a directory (a Team with an inline member and Workspaces), as in a cluster.
