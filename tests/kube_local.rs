@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::operator::*;
 
@@ -64,4 +63,24 @@ fn kubectl_drives_real_containers_through_the_operators_own_api() {
     wait_until("API back", UP, || k.run(&["get", "ws", "pm"]).status.success());
     let ws2 = op.wait_online(&["pm", "qa"], UP);
     assert_eq!(ws2["pm"]["incarnation"], ws["pm"]["incarnation"], "nothing was recreated by the restart");
+}
+
+/// A TLS pair that cannot be used stops the operator with an error naming it (before,
+/// the server's failure was dropped: "serving the Kubernetes API" was logged and
+/// nothing served).
+#[test]
+fn a_corrupt_kube_api_key_stops_the_operator_naming_it() {
+    let mut op = Op::new("kubetls");
+    molecule::kubeapi::KubeTls::load_or_create(&op.state).expect("a TLS pair");
+    std::fs::write(
+        op.state.join("kube-api/tls.key"),
+        "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port())];
+    op.start();
+    assert!(op.wait_exit(UP), "the operator stops instead of running without its API:\n{}", op.logs());
+    let logs = op.logs();
+    assert!(logs.contains("error:") && logs.contains("tls.key") && logs.contains("kube-api"), "{logs}");
+    assert!(!logs.contains("serving the Kubernetes API"), "{logs}");
 }

@@ -45,7 +45,8 @@ fn get(k: &Kubectl, what: &str) -> Option<Value> {
 
 fn running(k: &Kubectl, name: &str) -> Value {
     wait_until(&format!("pod {name} Running and ready"), CONVERGE, || {
-        get(k, &format!("pod/{name}")).is_some_and(|p| p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true)
+        get(k, &format!("pod/{name}"))
+            .is_some_and(|p| p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true)
     });
     pod(k, name)
 }
@@ -125,7 +126,11 @@ fn a_pod_runs_as_specified_its_secret_stays_in_sync_and_it_restarts() {
     assert_eq!(p["spec"]["nodeName"], "local", "the node scheduled it onto itself");
     assert!(p["status"]["podIP"].is_string() && p["status"]["hostIP"].is_string(), "{}", p["status"]);
     for condition in ["PodScheduled", "Initialized", "ContainersReady", "Ready"] {
-        let found = p["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == condition && c["status"] == "True");
+        let found = p["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == condition && c["status"] == "True");
         assert!(found, "{condition}: {}", p["status"]);
     }
 
@@ -218,7 +223,11 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 5\n  securityContext: {{runAsUser: 65534}}\n  containers: [{{name: c, image: \"molecule-agent:local\", command: [/molecule-agent, pause], volumeMounts: [{{name: d, mountPath: /data}}]}}]\n  volumes: [{{name: d, persistentVolumeClaim: {{claimName: {claim}}}}}]\n"
         )
     };
-    let claim = |name: &str| format!("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n");
+    let claim = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+        )
+    };
 
     // A claim in use stays (Terminating) until its Pod is gone; then its volume goes.
     apply(&k, &format!("{}---\n{}", claim("data"), sleeper("user", "data")));
@@ -229,7 +238,8 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
     assert!(!docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]).is_empty());
     k.ok(&["delete", "pod", "user", "--timeout=60s"]);
     wait_until("the claim and its volume gone", CONVERGE, || {
-        get(&k, "pvc/data").is_none() && docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]).is_empty()
+        get(&k, "pvc/data").is_none()
+            && docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]).is_empty()
     });
 
     // Deleting an owner collects its Pod, Secret and claim (and their containers and volume).
@@ -238,7 +248,9 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
     let owned = |yaml: String| {
         yaml.replacen(
             "metadata: {name: ",
-            &format!("metadata: {{ownerReferences: [{{apiVersion: v1, kind: Secret, name: owner, uid: {owner_uid}}}], name: "),
+            &format!(
+                "metadata: {{ownerReferences: [{{apiVersion: v1, kind: Secret, name: owner, uid: {owner_uid}}}], name: "
+            ),
             1,
         )
     };
@@ -257,7 +269,10 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
     });
 
     // An image that is absent and cannot be pulled: the Pod waits, saying so.
-    apply(&k, "apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: \"127.0.0.1:1/molecule-test/missing:v1\"}]\n");
+    apply(
+        &k,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: \"127.0.0.1:1/molecule-test/missing:v1\"}]\n",
+    );
     wait_until("ErrImagePull", CONVERGE, || {
         get(&k, "pod/missing").is_some_and(|p| {
             let waiting = &p["status"]["containerStatuses"][0]["state"]["waiting"];
@@ -277,7 +292,9 @@ fn an_operator_restart_adopts_running_pods() {
     }
     let (mut op, k) = start("nodeadopt");
     let sleeper = |name: &str| {
-        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers: [{{name: c, image: \"molecule-agent:local\", command: [/molecule-agent, pause]}}]\n")
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers: [{{name: c, image: \"molecule-agent:local\", command: [/molecule-agent, pause]}}]\n"
+        )
     };
     apply(&k, &sleeper("before"));
     let p = running(&k, "before");

@@ -139,13 +139,17 @@ impl EventLog {
                     return Err(ApiError::new(422, "Invalid", "an event patch must be a JSON object"));
                 }
                 let stored = &mut events[i].2;
+                let mut updated = stored.clone();
                 if *method == Method::PUT {
-                    let meta = stored["metadata"].clone();
-                    *stored = patch;
-                    stored["metadata"] = meta;
+                    updated = patch;
+                    updated["metadata"] = stored["metadata"].clone();
                 } else {
-                    json_patch::merge(stored, &patch);
+                    json_patch::merge(&mut updated, &patch);
                 }
+                if !updated["metadata"].is_object() {
+                    return Err(ApiError::new(422, "Invalid", "the event's metadata must stay an object"));
+                }
+                *stored = updated;
                 Ok(json_response(200, stored))
             }
             _ => Err(ApiError::method_not_allowed(format!("{method} is not supported on events"))),

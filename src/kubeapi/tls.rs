@@ -76,15 +76,15 @@ impl KubeTls {
         };
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid("certificate", &e))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
+            .map_err(|e| invalid("certificate (tls.crt)", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| invalid("key (tls.key)", &e))?;
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|e| invalid("configuration", &e))?
                 .with_no_client_auth()
                 .with_single_cert(certs, key)
-                .map_err(|e| invalid("certificate", &e))?;
+                .map_err(|e| invalid("certificate and key (tls.crt, tls.key)", &e))?;
         // axum serves HTTP/1.1 here (its http2 feature is off).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))

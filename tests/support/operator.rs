@@ -367,7 +367,8 @@ impl Op {
         }
         // What the local node made for this instance's Pods (`--runtime kubernetes`).
         let node = format!("label=ai.molecule.node={}", self.instance);
-        let pods: Vec<String> = docker(&["ps", "-aq", "--filter", &node]).split_whitespace().map(str::to_string).collect();
+        let pods: Vec<String> =
+            docker(&["ps", "-aq", "--filter", &node]).split_whitespace().map(str::to_string).collect();
         if !pods.is_empty() {
             let mut args = vec!["rm", "-f"];
             args.extend(pods.iter().map(String::as_str));
