@@ -295,8 +295,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     ctx.lost_heartbeats.note(chrono::Utc::now());
     ctx.lease_unconfirmed = lease_unconfirmed;
     ctx.full_resync = Duration::from_secs(args.full_resync_seconds.max(args.resync_seconds).max(1));
-    // In a cluster, envFrom reads Kubernetes Secrets (the local Kubernetes API of
-    // `--kube-api` stores none: there, secrets are set with `secret set`).
+    // In a cluster, envFrom reads Kubernetes Secrets. The local API of `--kube-api`
+    // stores Secrets too (for Pods), but local mode's envFrom does not read them:
+    // there, secrets are set with `secret set`.
     let mut secrets_feed = None;
     if cluster_mode {
         let (objects, feed) = crate::cluster::secrets::reflector();

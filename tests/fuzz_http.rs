@@ -145,7 +145,7 @@ enum Bearer {
 }
 
 fn bearer() -> impl Strategy<Value = Bearer> {
-    prop_oneof![Just(Bearer::None), Just(Bearer::Wrong), Just(Bearer::Agent), 3 => Just(Bearer::Admin)]
+    prop_oneof![1 => Just(Bearer::None), 1 => Just(Bearer::Wrong), 1 => Just(Bearer::Agent), 3 => Just(Bearer::Admin)]
 }
 
 /// An object named `fuzz` of every kind, so fuzzed patches and deletes reach real ones.

@@ -36,10 +36,8 @@ pub fn normalize(kind: Kind, object: &mut Value) {
     match kind {
         Kind::Secret => normalize_secret(object),
         Kind::Pod => default_pod(object),
-        Kind::PersistentVolumeClaim => {
-            if object["spec"].is_object() {
-                object["spec"].as_object_mut().expect("checked").entry("volumeMode").or_insert(json!("Filesystem"));
-            }
+        Kind::PersistentVolumeClaim if object["spec"].is_object() => {
+            object["spec"].as_object_mut().expect("checked").entry("volumeMode").or_insert(json!("Filesystem"));
         }
         Kind::Service => default_service(object),
         Kind::Namespace => {

@@ -1,32 +1,70 @@
-//! A Kubernetes-compatible API server for the two molecule.ai kinds
-//! (`up --kube-api ADDR`): the subset of the API that kubectl and kube-rs use
-//! (discovery, OpenAPI v3, get/list/watch/create/update/patch/delete, the status
-//! subresource, Table output). Objects live in the state store (SQLite or
-//! Postgres), so they survive restarts; one global resourceVersion orders every
-//! write. A bounded in-memory event history serves watches that resume from a
-//! resourceVersion; older ones get 410 Expired, as from a real API server.
+//! A Kubernetes-compatible API server (`up --kube-api ADDR`): the molecule.ai kinds
+//! (Workspace, Team) and the core/v1 kinds a Pod runtime needs (Pods, Secrets,
+//! PersistentVolumeClaims, Services, Namespaces, Nodes), with Events and Leases.
+//! It is the subset of the API that kubectl and kube-rs use (discovery, OpenAPI v3,
+//! get/list/watch/create/update/patch/delete, the status subresource, Table output),
+//! and the part of a cluster's controller manager that those kinds rely on (gc.rs:
+//! garbage collection, PVC protection, namespace deletion). Objects live in the state
+//! store (SQLite or Postgres), so they survive restarts; one global resourceVersion
+//! orders every write. A bounded in-memory event history serves watches that resume
+//! from a resourceVersion; older ones get 410 Expired, as from a real API server.
+//! Pods run on the local node (src/node) when the operator has `--runtime kubernetes`.
 //!
 //! Wiring: `bind(store, admin_token, addr, state_dir)` then `Bound::serve(shutdown)`.
 //! It serves HTTPS with a self-signed certificate kept in `STATE/kube-api/`:
-//! kubectl only sends a kubeconfig's token over TLS. Every request needs
-//! `Authorization: Bearer <admin token>` (401 Status otherwise).
+//! kubectl only sends a kubeconfig's token over TLS; an unusable pair fails `bind`.
+//! Every request needs `Authorization: Bearer <admin token>` (401 Status otherwise);
+//! with `set_limiter`, wrong tokens spend the admin API's per-source allowance (429).
+//!
+//! Served (paths under `/api/v1` for core, `/apis/molecule.ai/v1alpha1`):
+//! - every stored kind: get, list and watch (label selectors; field selectors
+//!   `metadata.name`, `metadata.namespace`, and per kind `spec.nodeName`,
+//!   `status.phase`, ... of Pods, `type` of Secrets, `status.phase` of Namespaces),
+//!   create, update, patch (JSON merge, JSON patch, strategic merge, server-side
+//!   apply), delete with DeleteOptions (`propagationPolicy` Background (default),
+//!   Foreground, Orphan; `gracePeriodSeconds`; preconditions), finalizers and
+//!   `deletionTimestamp`, `uid`, `creationTimestamp`, `generation` (bumped on spec
+//!   changes), the status subresource (not for Secrets), Table output with the
+//!   columns kubectl prints for each kind;
+//! - Pods: `binding` (what a scheduler posts), `log` (`container`, `follow`,
+//!   `tailLines`, `timestamps`, `sinceSeconds`, `previous`, `limitBytes`; asked of the
+//!   node); a Pod bound to a node is deleted gracefully (its node deletes it again
+//!   with grace 0 once its containers are gone);
+//! - Namespaces: `default`, `kube-system` and `molecule-system` always exist (and one
+//!   for every namespace objects were stored in before namespaces were served); a
+//!   create in a namespace that does not exist is 404, in one being deleted 403;
+//! - Nodes: whatever registers (the local node registers `local`).
 //!
 //! Choices, where a real API server does more:
-//! - Validation is the CRD schema (types, enums, ranges, unknown fields: always
-//!   strict) plus decoding into the Rust types; errors are 422 Status with causes.
-//! - Strategic merge patch is a JSON merge patch with `$` directives dropped (CRDs
-//!   have no patch strategies). Server-side apply merges the applied fields into
-//!   the object and records them per field manager in managedFields (FieldsV1), so
-//!   a field the same manager applied before and leaves out now is removed; it
-//!   never reports a conflict between managers, so `force` is accepted and changes
-//!   nothing. Applying status replaces the status whole (the controller's way).
+//! - Validation of the molecule kinds is the CRD schema (types, enums, ranges,
+//!   unknown fields: always strict) plus decoding into the Rust types; of the core
+//!   kinds, decoding into the k8s-openapi types, fields those types do not know
+//!   (strict), and the rules core.rs lists (names, containers, mounts, quantities,
+//!   immutability of a Pod's spec but its images, of a bound claim's spec, of an
+//!   immutable Secret). Errors are 422 Status with causes. Defaults are those the
+//!   runtime can see (restartPolicy, pull policy, requests from limits, ...); no
+//!   admission plugins beyond PVC protection; no service accounts or their tokens.
+//! - Secrets: `stringData` is folded into `data` (base64) on every write; messages
+//!   never quote a value, and nothing here logs a body.
+//! - Strategic merge patch: with the merge keys of the core kinds' lists
+//!   (strategic.rs); for the custom resources, a JSON merge patch with `$`
+//!   directives dropped (CRDs have no patch strategies). Server-side apply merges the
+//!   applied fields into the object and records them per field manager in
+//!   managedFields (FieldsV1), so a field the same manager applied before and leaves
+//!   out now is removed; lists are atomic; it never reports a conflict between
+//!   managers, so `force` is accepted and changes nothing. Applying status replaces
+//!   the status whole (the controller's way).
+//! - Request bodies are JSON, and protobuf only for the Namespaces and Secrets
+//!   `kubectl create` sends that way (protobuf.rs); answers are always JSON.
+//! - Services are stored with a cluster IP from 10.96.0.0/16; nothing routes to them.
 //! - Discovery is the legacy form (kubectl falls back from aggregated discovery when
-//!   the answer is plain JSON); core v1 lists only `events`. Events (core v1 and
-//!   events.k8s.io/v1) are kept in memory only, the newest 1000, so `kubectl
-//!   describe` shows what the controller recorded since the operator started.
-//! - coordination.k8s.io/v1 Leases (for leader election) are served and stored, but
-//!   not watched nor listed in discovery.
-//! - Lists are never paginated (`limit` is ignored, no `continue`).
+//!   the answer is plain JSON). Events (core v1 and events.k8s.io/v1) are kept in
+//!   memory only, the newest 1000, so `kubectl describe` shows what controllers
+//!   recorded since the operator started. coordination.k8s.io/v1 Leases (for leader
+//!   election) are served and stored, but not watched nor listed in discovery.
+//! - Lists are never paginated (`limit` is ignored, no `continue`); no
+//!   `deletecollection`, no `exec`/`attach`/`port-forward`, no ConfigMaps,
+//!   ServiceAccounts, Endpoints or any other kind.
 //! - Watch events live in this process: several replicas sharing one Postgres each
 //!   see only their own writes (local mode runs one).
 

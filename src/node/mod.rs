@@ -232,7 +232,7 @@ pub async fn start(
         &shutdown,
         drive(secret_events, {
             let node = node.clone();
-            move |secret: &Secret| node.enqueue_users(&secret.metadata, |pod, name| uses_secret(pod, name))
+            move |secret: &Secret| node.enqueue_users(&secret.metadata, uses_secret)
         }),
     );
     let claim_events = watcher(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
@@ -244,7 +244,7 @@ pub async fn start(
             let node = node.clone();
             move |claim: &PersistentVolumeClaim| {
                 node.enqueue(Key::Claim(uid_of(&claim.metadata)));
-                node.enqueue_users(&claim.metadata, |pod, name| uses_claim(pod, name));
+                node.enqueue_users(&claim.metadata, uses_claim);
             }
         }),
     );
