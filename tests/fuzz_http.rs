@@ -84,7 +84,7 @@ fn method() -> impl Strategy<Value = Method> {
     ]
 }
 
-fn kube_path() -> impl Strategy<Value = String> {
+fn random_kube_path() -> impl Strategy<Value = String> {
     let segment = prop_oneof![
         Just("apis".to_string()),
         Just("api".to_string()),
@@ -120,6 +120,28 @@ fn kube_path() -> impl Strategy<Value = String> {
         "\\?[ -~]{0,30}",
     ];
     (proptest::collection::vec(segment, 0..9), query).prop_map(|(s, q)| format!("/{}{q}", s.join("/")))
+}
+
+/// The seeded objects' own paths (and subresources), so patches and deletes reach them.
+fn object_path() -> impl Strategy<Value = String> {
+    let object = prop_oneof![
+        Just("/apis/molecule.ai/v1alpha1/namespaces/default/workspaces/fuzz"),
+        Just("/apis/molecule.ai/v1alpha1/namespaces/default/teams/fuzz"),
+        Just("/api/v1/namespaces/default/secrets/fuzz"),
+        Just("/api/v1/namespaces/default/persistentvolumeclaims/fuzz"),
+        Just("/api/v1/namespaces/default/pods/fuzz"),
+        Just("/api/v1/namespaces/default/services/fuzz"),
+        Just("/api/v1/nodes/fuzz"),
+        Just("/api/v1/namespaces/default"),
+        Just("/apis/coordination.k8s.io/v1/namespaces/default/leases/fuzz"),
+        Just("/api/v1/namespaces/default/events/fuzz"),
+    ];
+    let sub = prop_oneof![Just(""), Just("/status"), Just("/log"), Just("/binding"), Just("?dryRun=All")];
+    (object, sub).prop_map(|(o, s)| format!("{o}{s}"))
+}
+
+fn kube_path() -> impl Strategy<Value = String> {
+    prop_oneof![random_kube_path(), object_path()]
 }
 
 fn content_type() -> impl Strategy<Value = &'static str> {

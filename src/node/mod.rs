@@ -46,7 +46,8 @@
 //! message), service-account tokens, DNS for Services (nothing routes to
 //! Services), resource accounting or eviction, node heartbeats or leases, images
 //! from a registry that needs credentials, multiple nodes, `kubectl exec`/`attach`/
-//! `port-forward`. A memory emptyDir is one tmpfs per container, not shared. The
+//! `port-forward`, Events (`kubectl describe pod` shows none). A memory emptyDir is
+//! one tmpfs per container, not shared. The
 //! first mount of an empty PVC gets the image's content at that path (Docker's
 //! copy-up), which a cluster's volume would not.
 //!
