@@ -31,6 +31,9 @@ fn resource(kind: Kind) -> Value {
     });
     if !kind.is_core() {
         resource["categories"] = json!(["molecule"]);
+    } else if matches!(kind, Kind::Pod | Kind::Service) {
+        // As in a cluster: `kubectl get all` lists them.
+        resource["categories"] = json!(["all"]);
     }
     resource
 }
