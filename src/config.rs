@@ -73,6 +73,14 @@ pub struct OperatorArgs {
     /// Objects applied there are stored in the state store and reconciled like any source.
     #[arg(long, value_name = "ADDR")]
     pub kube_api: Option<SocketAddr>,
+    /// What runs workspaces: `docker` (containers on the local daemon; the default for
+    /// `up`) or `kubernetes` (Pods, a PersistentVolumeClaim and a token Secret each; the
+    /// default for `--source kubernetes`). With `--kube-api`, `kubernetes` also starts
+    /// the local node, which runs the embedded API's Pods as Docker containers (a test
+    /// bed and laptop mode, not a kubelet). In a cluster, give `--registry-url` (the
+    /// Service in front of the operator) so that agents reach the registry.
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeKind>,
     /// Leader Lease duration with several replicas (`--source kubernetes`).
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
@@ -81,7 +89,22 @@ pub struct OperatorArgs {
     pub concurrency: usize,
 }
 
+/// `--runtime`: what runs workspaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Containers on the local Docker daemon.
+    #[default]
+    Docker,
+    /// Pods, through the Kubernetes API.
+    Kubernetes,
+}
+
 impl OperatorArgs {
+    /// `--runtime`, or its default: Pods when the workspaces are Kubernetes objects.
+    pub fn runtime_kind(&self, cluster_mode: bool) -> RuntimeKind {
+        self.runtime.unwrap_or(if cluster_mode { RuntimeKind::Kubernetes } else { RuntimeKind::Docker })
+    }
+
     pub fn instance_id(&self) -> String {
         self.instance.clone().unwrap_or_else(|| derive_instance(&self.state))
     }

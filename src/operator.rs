@@ -121,6 +121,13 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             "--kube-api serves the Kubernetes API in local mode; with --source kubernetes the cluster's API is the source"
         );
     }
+    let pods = args.runtime_kind(cluster_mode) == crate::config::RuntimeKind::Kubernetes;
+    if pods && !cluster_mode && args.kube_api.is_none() {
+        bail!(
+            "--runtime kubernetes runs workspaces as Pods: give --kube-api ADDR (the embedded API and its local node \
+             run them as Docker containers) or --source kubernetes (a cluster runs them)"
+        );
+    }
     let db = args.database().map_err(anyhow::Error::msg)?;
     let pg_source = match (sources.contains(&SourceSpec::Postgres), db.postgres()) {
         (false, _) => None,
@@ -146,9 +153,30 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let store: crate::store::DynStore = heartbeats.clone();
     let admin_token = registry::load_or_create_admin_token(&args.state)
         .with_context(|| format!("cannot read or create the admin token in {}", args.state.display()))?;
+    // Failed admin-token guesses count here, on the admin API and the Kubernetes API alike.
+    let limiter = Arc::new(crate::registry::limit::FailureLimiter::default());
+    // Bound before anything waits on Docker: an unusable address or TLS pair stops
+    // the start with its error at once.
+    let bound = match args.kube_api {
+        Some(addr) => {
+            let bound = crate::kubeapi::bind(store.clone(), &admin_token, addr, &args.state)
+                .await
+                .context("cannot serve the Kubernetes API (--kube-api)")?;
+            bound.api().set_limiter(limiter.clone());
+            Some(bound)
+        }
+        None => None,
+    };
 
-    let docker = connect_docker(&instance, &shutdown).await?;
-    if args.image_template == crate::runtime::agent_image::AGENT_IMAGE {
+    // Docker: the runtime itself, or, for Pods, the local node's engine. A cluster's
+    // Pods need none (its nodes may run containerd).
+    let docker = match pods && cluster_mode {
+        true => None,
+        false => Some(connect_docker(&instance, &shutdown).await?),
+    };
+    if let Some(docker) = &docker
+        && args.image_template == crate::runtime::agent_image::AGENT_IMAGE
+    {
         match docker.ensure_agent_image().await {
             Ok(true) => tracing::info!(image = crate::runtime::agent_image::AGENT_IMAGE, "built the agent image"),
             Ok(false) => {}
@@ -158,21 +186,27 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         }
     }
     // The workspaces' network (runtime::network): the operator's own bridge unless
-    // --network says otherwise.
-    let network_choice = args.network_choice();
-    let network = match &network_choice {
-        NetworkChoice::Host => None,
-        NetworkChoice::Own(name) => Some(docker.ensure_own_network(name).await?),
-        NetworkChoice::Named(name) => Some(docker.find_network(name).await?.with_context(|| {
+    // --network says otherwise. Pods are on their cluster's network (the local node's
+    // bridge in local mode, found below).
+    let mut network_choice = args.network_choice();
+    let mut network = match (&network_choice, &docker) {
+        (_, None) => None,
+        _ if pods => None,
+        (NetworkChoice::Host, _) => None,
+        (NetworkChoice::Own(name), Some(docker)) => Some(docker.ensure_own_network(name).await?),
+        (NetworkChoice::Named(name), Some(docker)) => Some(docker.find_network(name).await?.with_context(|| {
             format!("there is no Docker network {name} (--network): create it, or leave --network out to use the operator's own")
         })?),
     };
-    let runtime: Arc<dyn crate::runtime::Runtime> = Arc::new(docker.clone());
 
     // Sources -> desired store.
     let defaults = Defaults {
         image_template: args.image_template.clone(),
-        network: network_choice.name().to_string(),
+        network: match pods {
+            // A Pod uses the node's network only when a workspace asks for `host`.
+            true => "pod".to_string(),
+            false => network_choice.name().to_string(),
+        },
         allow_privileged: args.allow_privileged,
         ..Defaults::default()
     };
@@ -193,16 +227,33 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // Local mode speaking the Kubernetes API: objects applied with kubectl live in the
     // state store, and the same kube-rs controller as in a cluster reads them back
     // through this API (the operator is its own client).
-    let kube_api = match args.kube_api {
-        Some(addr) => {
-            let bound = crate::kubeapi::bind(store.clone(), &admin_token, addr, &args.state).await?;
+    let kube_api = match bound {
+        Some(bound) => {
             tracing::info!(url = %bound.url, kubeconfig = %bound.kubeconfig.display(), "serving the Kubernetes API");
             source_names.push(crate::cluster::SOURCE_NAME.to_string());
             let kubeconfig = bound.kubeconfig.clone();
+            let api = bound.api().clone();
             let stop = shutdown.clone();
             crate::health::essential(&health, "kube-api", &shutdown, async move {
                 bound.serve(async move { stop.cancelled().await }).await.context("the Kubernetes API stopped serving")
             });
+            if pods {
+                let client =
+                    crate::cluster::client(Some(&kubeconfig)).await.context("cannot reach our own Kubernetes API")?;
+                let config = crate::node::NodeConfig { instance: instance.clone(), dir: args.state.join("node") };
+                let node = crate::node::start(client, config, shutdown.clone())
+                    .await
+                    .context("cannot start the local node")?;
+                // Its Pods reach the registry on the node's bridge, as agents reach it on
+                // the operator's own network in Docker mode.
+                let name = crate::node::network_name(&instance);
+                network = Some(crate::runtime::network::WorkspaceNetwork {
+                    name: name.clone(),
+                    gateway: node.gateway().parse().ok(),
+                });
+                network_choice = NetworkChoice::Named(name);
+                api.set_pod_logs(node);
+            }
             Some(kubeconfig)
         }
         None => None,
@@ -227,6 +278,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let (trigger, trigger_rx) = Trigger::new();
     let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
     state.health = health.clone();
+    state.limiter = limiter;
     state.keyring = Some(keyring.clone());
     state.lost_heartbeats = lost_heartbeats;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
@@ -243,7 +295,15 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
                 .context("the registry and admin API stopped serving")
         })
     };
-    // Agents on a bridge network reach the registry, and only the registry, on its gateway.
+    // Agents on a bridge network reach the registry, and only the registry, on its
+    // gateway. A cluster's Pods reach it through a Service, which only the person
+    // installing the operator knows the name of.
+    if pods && cluster_mode && args.registry_url.is_none() {
+        bail!(
+            "--runtime kubernetes in a cluster: agents reach the registry through a Service in front of the \
+             operator; pass --registry-url http://SERVICE.NAMESPACE:PORT (deploy/ names it)"
+        );
+    }
     let endpoint = agent_endpoint(&network_choice, network.as_ref(), args.registry_url.as_deref(), addr)
         .map_err(anyhow::Error::msg)?;
     let agent_server = match endpoint.listen {
@@ -265,12 +325,22 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         None => None,
     };
 
+    // What runs the workspaces.
+    let runtime: Arc<dyn crate::runtime::Runtime> = match (pods, &docker) {
+        (false, Some(docker)) => Arc::new(docker.clone()),
+        _ => {
+            // Pods: through the embedded API in local mode, else the cluster's.
+            let client =
+                crate::cluster::client(kube_api.as_deref()).await.context("cannot reach the Kubernetes API")?;
+            Arc::new(crate::runtime::kubernetes::KubeRuntime::new(client, &instance))
+        }
+    };
     let settings = Settings {
         heartbeat_interval: args.heartbeat_interval(),
         heartbeat_ttl: (args.heartbeat_interval() * args.heartbeat_misses.max(2)).max(Duration::from_secs(10)),
         restart_budget: args.restart_budget.max(0),
         restart_backoff: Duration::from_secs(args.restart_backoff_seconds),
-        freezes: true,
+        freezes: runtime.freezes(),
     };
     let agent = AgentEnv { registry_url: endpoint.url.clone(), heartbeat_seconds: args.heartbeat_interval().as_secs() };
     // With Postgres, replicas of this instance share the database: only the holder of
@@ -299,8 +369,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     ctx.lease_unconfirmed = lease_unconfirmed;
     ctx.health = health.clone();
     ctx.full_resync = Duration::from_secs(args.full_resync_seconds.max(args.resync_seconds).max(1));
-    // In a cluster, envFrom reads Kubernetes Secrets (the local Kubernetes API of
-    // `--kube-api` stores none: there, secrets are set with `secret set`).
+    // In a cluster, envFrom reads Kubernetes Secrets. The local API of `--kube-api`
+    // stores Secrets too (for Pods), but local mode's envFrom does not read them:
+    // there, secrets are set with `secret set`.
     let mut secrets_feed = None;
     if cluster_mode {
         let (objects, feed) = crate::cluster::secrets::reflector();
@@ -380,7 +451,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let _ = registry::remove_address(&args.state);
     // The own network goes with the last workspace. Not with Postgres: replicas of this
     // instance may share it (one with no containers yet would lose it under its feet).
-    if let NetworkChoice::Own(name) = &network_choice
+    if let (NetworkChoice::Own(name), Some(docker)) = (&network_choice, &docker)
         && !db.is_postgres()
     {
         match docker.remove_own_network_if_unused(name).await {

@@ -2,6 +2,9 @@
 //! store in a temp dir: the local Kubernetes API and the registry. Whatever the
 //! method, path, headers and body, a server answers with a 2xx/4xx (or 405/413) and
 //! a body a client can read; it never panics, never answers 500, and keeps serving.
+//! The Kubernetes API is fuzzed with no token, a wrong one, a valid registry (agent)
+//! token, which it must refuse like any other, and the admin token, against objects
+//! of every kind that exist (so patches and deletes reach real objects).
 
 use std::sync::Arc;
 
@@ -81,7 +84,7 @@ fn method() -> impl Strategy<Value = Method> {
     ]
 }
 
-fn kube_path() -> impl Strategy<Value = String> {
+fn random_kube_path() -> impl Strategy<Value = String> {
     let segment = prop_oneof![
         Just("apis".to_string()),
         Just("api".to_string()),
@@ -95,6 +98,14 @@ fn kube_path() -> impl Strategy<Value = String> {
         Just("status".to_string()),
         Just("events".to_string()),
         Just("leases".to_string()),
+        Just("pods".to_string()),
+        Just("secrets".to_string()),
+        Just("persistentvolumeclaims".to_string()),
+        Just("services".to_string()),
+        Just("nodes".to_string()),
+        Just("log".to_string()),
+        Just("binding".to_string()),
+        Just("fuzz".to_string()),
         Just("coordination.k8s.io".to_string()),
         Just("openapi".to_string()),
         Just("v3".to_string()),
@@ -111,6 +122,28 @@ fn kube_path() -> impl Strategy<Value = String> {
     (proptest::collection::vec(segment, 0..9), query).prop_map(|(s, q)| format!("/{}{q}", s.join("/")))
 }
 
+/// The seeded objects' own paths (and subresources), so patches and deletes reach them.
+fn object_path() -> impl Strategy<Value = String> {
+    let object = prop_oneof![
+        Just("/apis/molecule.ai/v1alpha1/namespaces/default/workspaces/fuzz"),
+        Just("/apis/molecule.ai/v1alpha1/namespaces/default/teams/fuzz"),
+        Just("/api/v1/namespaces/default/secrets/fuzz"),
+        Just("/api/v1/namespaces/default/persistentvolumeclaims/fuzz"),
+        Just("/api/v1/namespaces/default/pods/fuzz"),
+        Just("/api/v1/namespaces/default/services/fuzz"),
+        Just("/api/v1/nodes/fuzz"),
+        Just("/api/v1/namespaces/default"),
+        Just("/apis/coordination.k8s.io/v1/namespaces/default/leases/fuzz"),
+        Just("/api/v1/namespaces/default/events/fuzz"),
+    ];
+    let sub = prop_oneof![Just(""), Just("/status"), Just("/log"), Just("/binding"), Just("?dryRun=All")];
+    (object, sub).prop_map(|(o, s)| format!("{o}{s}"))
+}
+
+fn kube_path() -> impl Strategy<Value = String> {
+    prop_oneof![random_kube_path(), object_path()]
+}
+
 fn content_type() -> impl Strategy<Value = &'static str> {
     prop_oneof![
         Just("application/json"),
@@ -118,9 +151,70 @@ fn content_type() -> impl Strategy<Value = &'static str> {
         Just("application/json-patch+json"),
         Just("application/strategic-merge-patch+json"),
         Just("application/apply-patch+yaml"),
+        Just("application/vnd.kubernetes.protobuf"),
         Just("text/plain"),
         Just(""),
     ]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bearer {
+    None,
+    Wrong,
+    /// A live registry token: good for the registry, nothing here.
+    Agent,
+    Admin,
+}
+
+fn bearer() -> impl Strategy<Value = Bearer> {
+    prop_oneof![1 => Just(Bearer::None), 1 => Just(Bearer::Wrong), 1 => Just(Bearer::Agent), 3 => Just(Bearer::Admin)]
+}
+
+/// An object named `fuzz` of every kind, so fuzzed patches and deletes reach real ones.
+async fn seed(router: &axum::Router) {
+    let objects = [
+        (
+            "/apis/molecule.ai/v1alpha1/namespaces/default/workspaces",
+            r#"{"apiVersion":"molecule.ai/v1alpha1","kind":"Workspace","metadata":{"name":"fuzz"},"spec":{}}"#,
+        ),
+        (
+            "/apis/molecule.ai/v1alpha1/namespaces/default/teams",
+            r#"{"apiVersion":"molecule.ai/v1alpha1","kind":"Team","metadata":{"name":"fuzz"},"spec":{}}"#,
+        ),
+        (
+            "/api/v1/namespaces/default/secrets",
+            r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"fuzz"},"stringData":{"k":"v"}}"#,
+        ),
+        (
+            "/api/v1/namespaces/default/persistentvolumeclaims",
+            r#"{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{"name":"fuzz"},"spec":{"accessModes":["ReadWriteOnce"],"resources":{"requests":{"storage":"1Gi"}}}}"#,
+        ),
+        (
+            "/api/v1/namespaces/default/pods",
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"fuzz"},"spec":{"nodeName":"local","containers":[{"name":"c","image":"x:1"}],"volumes":[{"name":"d","persistentVolumeClaim":{"claimName":"fuzz"}}]}}"#,
+        ),
+        (
+            "/api/v1/namespaces/default/services",
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"fuzz"},"spec":{"ports":[{"port":80}]}}"#,
+        ),
+        ("/api/v1/nodes", r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"fuzz"}}"#),
+        (
+            "/apis/coordination.k8s.io/v1/namespaces/default/leases",
+            r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"fuzz"}}"#,
+        ),
+        ("/api/v1/namespaces/default/events", r#"{"apiVersion":"v1","kind":"Event","metadata":{"name":"fuzz"}}"#),
+    ];
+    for (path, object) in objects {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Body::from(object))
+            .unwrap();
+        let status = router.clone().oneshot(req).await.unwrap().status();
+        assert_eq!(status, StatusCode::CREATED, "seeding {path}");
+    }
 }
 
 /// A readable answer: not a server error, and (if any) a JSON body.
@@ -142,19 +236,26 @@ proptest! {
 
     #[test]
     fn the_local_kubernetes_api_answers_any_request_without_panicking(
-        requests in proptest::collection::vec((method(), kube_path(), content_type(), body(), any::<bool>()), 1..6)
+        requests in proptest::collection::vec((method(), kube_path(), content_type(), body(), bearer()), 1..6)
     ) {
         let rt = runtime();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let store = molecule::store::open(dir.path().join("s.db").to_str().unwrap()).await.unwrap();
+            // A registry token that is valid (for the registry): the Kubernetes API must refuse it.
+            let record = store.ensure_workspace("default/fuzz", chrono::Utc::now()).await.unwrap();
+            let agent_token = store.issue_token(&record.uid, 1, chrono::Utc::now()).await.unwrap().plaintext;
             let api = Arc::new(molecule::kubeapi::KubeApi::new(store, TOKEN).await.unwrap());
             let router = molecule::kubeapi::router(api);
-            for (m, path, ct, bytes, authorized) in requests {
-                let what = format!("{m} {path} ({ct}, {} bytes, auth {authorized})", bytes.len());
+            seed(&router).await;
+            for (m, path, ct, bytes, bearer) in requests {
+                let what = format!("{m} {path} ({ct}, {} bytes, bearer {bearer:?})", bytes.len());
                 let mut req = Request::builder().method(m.clone()).uri(&path);
-                if authorized {
-                    req = req.header("authorization", format!("Bearer {TOKEN}"));
+                match bearer {
+                    Bearer::None => {}
+                    Bearer::Admin => req = req.header("authorization", format!("Bearer {TOKEN}")),
+                    Bearer::Agent => req = req.header("authorization", format!("Bearer {agent_token}")),
+                    Bearer::Wrong => req = req.header("authorization", "Bearer wrong-token"),
                 }
                 if !ct.is_empty() {
                     req = req.header("content-type", ct);
@@ -164,7 +265,7 @@ proptest! {
                     .await
                     .map_err(|_| TestCaseError::fail(format!("{what}: no answer in 10 s")))?
                     .unwrap();
-                if !authorized {
+                if bearer != Bearer::Admin {
                     prop_assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{}", what);
                 }
                 check(response, &what).await?;

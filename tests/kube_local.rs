@@ -4,48 +4,12 @@
 
 mod support;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::operator::*;
 
 const UP: Duration = Duration::from_secs(120);
 const CONVERGE: Duration = Duration::from_secs(40);
-
-struct Kubectl {
-    kubeconfig: std::path::PathBuf,
-    home: tempfile::TempDir,
-}
-
-impl Kubectl {
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .env("HOME", self.home.path())
-            .env("KUBECACHEDIR", self.home.path().join("cache"))
-            .output()
-            .expect("kubectl runs")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-}
-
-fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while t0.elapsed() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[test]
 fn kubectl_drives_real_containers_through_the_operators_own_api() {
@@ -56,7 +20,7 @@ fn kubectl_drives_real_containers_through_the_operators_own_api() {
     let port = free_port();
     op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{port}")];
     op.start();
-    let k = Kubectl { kubeconfig: op.state.join("kubeconfig"), home: tempfile::tempdir().unwrap() };
+    let k = Kubectl::new(&op);
     wait_until("kubeconfig written and API up", UP, || k.kubeconfig.exists() && k.run(&["get", "ws"]).status.success());
 
     // apply a directory (a Team with an inline member and Workspaces), as in a cluster.
@@ -99,4 +63,24 @@ fn kubectl_drives_real_containers_through_the_operators_own_api() {
     wait_until("API back", UP, || k.run(&["get", "ws", "pm"]).status.success());
     let ws2 = op.wait_online(&["pm", "qa"], UP);
     assert_eq!(ws2["pm"]["incarnation"], ws["pm"]["incarnation"], "nothing was recreated by the restart");
+}
+
+/// A TLS pair that cannot be used stops the operator with an error naming it (before,
+/// the server's failure was dropped: "serving the Kubernetes API" was logged and
+/// nothing served).
+#[test]
+fn a_corrupt_kube_api_key_stops_the_operator_naming_it() {
+    let mut op = Op::new("kubetls");
+    molecule::kubeapi::KubeTls::load_or_create(&op.state).expect("a TLS pair");
+    std::fs::write(
+        op.state.join("kube-api/tls.key"),
+        "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port())];
+    op.start();
+    assert!(op.wait_exit(UP), "the operator stops instead of running without its API:\n{}", op.logs());
+    let logs = op.logs();
+    assert!(logs.contains("error:") && logs.contains("tls.key") && logs.contains("kube-api"), "{logs}");
+    assert!(!logs.contains("serving the Kubernetes API"), "{logs}");
 }

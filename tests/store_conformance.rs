@@ -720,6 +720,11 @@ mod cases {
                 spec_hash: "abc123".into(),
                 image: "molecule-agent:local".into(),
             }),
+            pod: Some(molecule::api::PodStatus {
+                name: "ws-0123456789ab".into(),
+                node: Some("n1".into()),
+                restarts: 2,
+            }),
             token: Some(TokenStatus {
                 prefix: "Ab3x9_Qe".into(),
                 issued_at: t0(),

@@ -178,8 +178,7 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         );
     }
     let network = spec.network.as_deref().unwrap_or(&defaults.network);
-    if network != defaults.network && crate::runtime::network::shares_a_namespace(network) && !defaults.allow_privileged
-    {
+    if network != defaults.network && shares_a_namespace(network) && !defaults.allow_privileged {
         errors.push(format!(
             "network: {network:?} shares another network namespace (the host's loopback and every agent's traffic, \
              or another container's); refused unless the operator runs with --allow-privileged (or --network {network})"
@@ -267,9 +266,24 @@ mod humantime_serde_opt {
     }
 }
 
+/// Network modes that put a container in a namespace it shares with others: the
+/// host's, or another container's (`container:NAME`). A manifest may ask for one only
+/// if it is the operator's own choice or the operator runs with `--allow-privileged`.
+pub fn shares_a_namespace(network: &str) -> bool {
+    network == "host" || network.starts_with("container:")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_container_modes_share_a_namespace() {
+        assert!(shares_a_namespace("host"));
+        assert!(shares_a_namespace("container:ws-0123"));
+        assert!(!shares_a_namespace("molecule-i"));
+        assert!(!shares_a_namespace("bridge"));
+    }
 
     #[test]
     fn env_from_lists_the_teams_secrets_first_so_the_members_win_and_names_are_checked() {

@@ -243,6 +243,10 @@ pub struct WorkspaceStatus {
     pub incarnation: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerStatus>,
+    /// With the Kubernetes runtime: the workspace's Pod (`container` is the same Pod:
+    /// its uid and name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodStatus>,
     /// Never the token itself: its 8-character prefix and times.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<TokenStatus>,
@@ -274,6 +278,19 @@ pub struct ContainerStatus {
     pub spec_hash: String,
     #[serde(default)]
     pub image: String,
+}
+
+/// Where a workspace's Pod runs, and how often its agent was restarted in place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub name: String,
+    /// The node it is scheduled on (none before it is scheduled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The agent container's restartCount: restarts by the kubelet, in place.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -20,6 +20,9 @@
 //!   bearer's first 8 characters (never more of it).
 //! - `--test-probe URL`: one GET; prints `HTTP <status>` or `unreachable: <why>`.
 //! - `--test-fill PATH BYTES`: makes PATH a sparse file of BYTES bytes (a huge token file).
+//!
+//! `molecule-agent pause` does nothing until SIGTERM: the local node runs it as the
+//! sandbox that holds a Pod's network namespace (the role of Kubernetes' pause image).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -44,6 +47,11 @@ fn main() {
         ["--test-listen", addr] => test_mode::listen(addr),
         ["--test-probe", url] => test_mode::probe(url),
         ["--test-fill", path, bytes] => test_mode::fill(path, bytes),
+        // The local node's Pod sandbox (src/node), which only holds the Pod's network
+        // namespace until it is stopped.
+        ["pause"] => loop {
+            thread::sleep(Duration::from_secs(3600));
+        },
         _ => {}
     }
     let cfg = match Config::from_env() {

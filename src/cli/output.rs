@@ -175,6 +175,10 @@ pub fn describe(d: &WorkspaceDetail, now: DateTime<Utc>) -> String {
         }
         None => field("Container", "none".into()),
     }
+    if let Some(p) = &w.pod {
+        let node = p.node.as_deref().map_or("not scheduled yet".to_string(), |n| format!("on node {n}"));
+        field("Pod", format!("{} {node}, restarted in place {} times", p.name, p.restarts));
+    }
     field("Source", w.source.as_ref().map(|s| format!("{} {}", s.kind, s.reference)).unwrap_or_else(|| "-".into()));
     field("Created", when(w.created_at, now));
     field("Last heartbeat", when(w.last_heartbeat_at, now));
@@ -399,6 +403,7 @@ mod tests {
                 spec_hash: "abc".into(),
                 image: "molecule-agent:local".into(),
             }),
+            pod: None,
             token: Some(TokenStatus {
                 prefix: "Ab3x9_Qe".into(),
                 issued_at: now() - Duration::minutes(5),

@@ -104,6 +104,9 @@ impl EventLog {
             (Method::POST, Some(ns), None) => {
                 let mut event: Value = serde_json::from_slice(body)
                     .map_err(|e| ApiError::bad_request(format!("the event is not valid JSON: {e}")))?;
+                if !event.is_object() {
+                    return Err(ApiError::bad_request("the event is not a JSON object"));
+                }
                 if !event["metadata"].is_object() {
                     event["metadata"] = json!({});
                 }
@@ -132,14 +135,21 @@ impl EventLog {
                 let i = position(&events, ns, name).ok_or_else(|| ApiError::not_found("Event.events.k8s.io", name))?;
                 let patch: Value = serde_json::from_slice(body)
                     .map_err(|e| ApiError::bad_request(format!("the event patch is not valid JSON: {e}")))?;
-                let stored = &mut events[i].2;
-                if *method == Method::PUT {
-                    let meta = stored["metadata"].clone();
-                    *stored = patch;
-                    stored["metadata"] = meta;
-                } else {
-                    json_patch::merge(stored, &patch);
+                if !patch.is_object() {
+                    return Err(ApiError::new(422, "Invalid", "an event patch must be a JSON object"));
                 }
+                let stored = &mut events[i].2;
+                let mut updated = stored.clone();
+                if *method == Method::PUT {
+                    updated = patch;
+                    updated["metadata"] = stored["metadata"].clone();
+                } else {
+                    json_patch::merge(&mut updated, &patch);
+                }
+                if !updated["metadata"].is_object() {
+                    return Err(ApiError::new(422, "Invalid", "the event's metadata must stay an object"));
+                }
+                *stored = updated;
                 Ok(json_response(200, stored))
             }
             _ => Err(ApiError::method_not_allowed(format!("{method} is not supported on events"))),

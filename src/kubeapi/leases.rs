@@ -17,12 +17,20 @@ const API_VERSION: &str = "coordination.k8s.io/v1";
 const QUALIFIED: &str = "Lease.coordination.k8s.io";
 
 fn parse(body: &Bytes) -> Result<Value, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the Lease is not valid JSON: {e}")))?;
-    if !value["metadata"].is_object() && !value.is_object() {
-        return Err(ApiError::bad_request("the Lease is not an object"));
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the Lease is not valid JSON: {e}")))
+}
+
+/// A Lease (as sent, or as a patch left it) must be an object whose metadata, if
+/// any, is an object: anything else is refused, never indexed into.
+fn check_object(lease: &Value, code: u16) -> Result<(), ApiError> {
+    if lease.is_object() && lease.get("metadata").is_none_or(Value::is_object) {
+        return Ok(());
     }
-    Ok(value)
+    Err(ApiError::new(
+        code,
+        if code == 422 { "Invalid" } else { "BadRequest" },
+        "the Lease is not an object with metadata",
+    ))
 }
 
 fn to_stored(ns: &str, body: Value) -> StoredObject {
@@ -82,6 +90,7 @@ pub async fn handle(
         },
         (Method::POST, None) => {
             let mut lease = parse(body)?;
+            check_object(&lease, 400)?;
             let name = lease["metadata"]["name"].as_str().unwrap_or_default().to_string();
             if name.is_empty() {
                 return Err(ApiError::bad_request("a Lease needs metadata.name"));
@@ -99,6 +108,7 @@ pub async fn handle(
                 store.get_object(KIND, ns, name).await?.ok_or_else(|| ApiError::not_found(QUALIFIED, name))?;
             let incoming = parse(body)?;
             let mut lease = if *method == Method::PUT {
+                check_object(&incoming, 400)?;
                 incoming
             } else {
                 let content_type =
@@ -110,8 +120,11 @@ pub async fn handle(
                     json_patch::patch(&mut out, &ops)
                         .map_err(|e| ApiError::new(422, "Invalid", format!("the JSON patch does not apply: {e}")))?;
                 } else {
+                    check_object(&incoming, 422)?;
                     json_patch::merge(&mut out, &incoming);
                 }
+                // A JSON patch may replace the root, or metadata, with anything.
+                check_object(&out, 422)?;
                 out
             };
             let presented = lease["metadata"]["resourceVersion"].as_str().filter(|s| !s.is_empty());

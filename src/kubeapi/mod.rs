@@ -1,50 +1,97 @@
-//! A Kubernetes-compatible API server for the two molecule.ai kinds
-//! (`up --kube-api ADDR`): the subset of the API that kubectl and kube-rs use
-//! (discovery, OpenAPI v3, get/list/watch/create/update/patch/delete, the status
-//! subresource, Table output). Objects live in the state store (SQLite or
-//! Postgres), so they survive restarts; one global resourceVersion orders every
-//! write. A bounded in-memory event history serves watches that resume from a
-//! resourceVersion; older ones get 410 Expired, as from a real API server.
+//! A Kubernetes-compatible API server (`up --kube-api ADDR`): the molecule.ai kinds
+//! (Workspace, Team) and the core/v1 kinds a Pod runtime needs (Pods, Secrets,
+//! PersistentVolumeClaims, Services, Namespaces, Nodes), with Events and Leases.
+//! It is the subset of the API that kubectl and kube-rs use (discovery, OpenAPI v3,
+//! get/list/watch/create/update/patch/delete, the status subresource, Table output),
+//! and the part of a cluster's controller manager that those kinds rely on (gc.rs:
+//! garbage collection, PVC protection, namespace deletion). Objects live in the state
+//! store (SQLite or Postgres), so they survive restarts; one global resourceVersion
+//! orders every write. A bounded in-memory event history serves watches that resume
+//! from a resourceVersion; older ones get 410 Expired, as from a real API server.
+//! Pods run on the local node (src/node) when the operator has `--runtime kubernetes`.
 //!
 //! Wiring: `bind(store, admin_token, addr, state_dir)` then `Bound::serve(shutdown)`.
 //! It serves HTTPS with a self-signed certificate kept in `STATE/kube-api/`:
-//! kubectl only sends a kubeconfig's token over TLS. Every request needs
-//! `Authorization: Bearer <admin token>` (401 Status otherwise).
+//! kubectl only sends a kubeconfig's token over TLS; an unusable pair fails `bind`.
+//! Every request needs `Authorization: Bearer <admin token>` (401 Status otherwise);
+//! with `set_limiter`, wrong tokens spend the admin API's per-source allowance (429).
+//!
+//! Served (paths under `/api/v1` for core, `/apis/molecule.ai/v1alpha1`):
+//! - every stored kind: get, list and watch (label selectors; field selectors
+//!   `metadata.name`, `metadata.namespace`, and per kind `spec.nodeName`,
+//!   `status.phase`, ... of Pods, `type` of Secrets, `status.phase` of Namespaces),
+//!   create, update, patch (JSON merge, JSON patch, strategic merge, server-side
+//!   apply), delete with DeleteOptions (`propagationPolicy` Background (default),
+//!   Foreground, Orphan; `gracePeriodSeconds`; preconditions), finalizers and
+//!   `deletionTimestamp`, `uid`, `creationTimestamp`, `generation` (bumped on spec
+//!   changes), the status subresource (not for Secrets), Table output with the
+//!   columns kubectl prints for each kind;
+//! - Pods: `binding` (what a scheduler posts), `log` (`container`, `follow`,
+//!   `tailLines`, `timestamps`, `sinceSeconds`, `previous`, `limitBytes`; asked of the
+//!   node); a Pod bound to a node is deleted gracefully (its node deletes it again
+//!   with grace 0 once its containers are gone);
+//! - Namespaces: `default`, `kube-system` and `molecule-system` always exist (and one
+//!   for every namespace objects were stored in before namespaces were served); a
+//!   create in a namespace that does not exist is 404, in one being deleted 403;
+//! - Nodes: whatever registers (the local node registers `local`).
 //!
 //! Choices, where a real API server does more:
-//! - Validation is the CRD schema (types, enums, ranges, unknown fields: always
-//!   strict) plus decoding into the Rust types; errors are 422 Status with causes.
-//! - Strategic merge patch is a JSON merge patch with `$` directives dropped (CRDs
-//!   have no patch strategies). Server-side apply merges the applied fields into
-//!   the object and records them per field manager in managedFields (FieldsV1), so
-//!   a field the same manager applied before and leaves out now is removed; it
-//!   never reports a conflict between managers, so `force` is accepted and changes
-//!   nothing. Applying status replaces the status whole (the controller's way).
+//! - Validation of the molecule kinds is the CRD schema (types, enums, ranges,
+//!   unknown fields: always strict) plus decoding into the Rust types; of the core
+//!   kinds, decoding into the k8s-openapi types, fields those types do not know
+//!   (strict), and the rules core.rs lists (names, containers, mounts, quantities,
+//!   immutability of a Pod's spec but its images, of a bound claim's spec, of an
+//!   immutable Secret). Errors are 422 Status with causes. Defaults are those the
+//!   runtime can see (restartPolicy, pull policy, requests from limits, ...); no
+//!   admission plugins beyond PVC protection; no service accounts or their tokens.
+//! - Secrets: `stringData` is folded into `data` (base64) on every write; messages
+//!   never quote a value, and nothing here logs a body.
+//! - Strategic merge patch: with the merge keys of the core kinds' lists
+//!   (strategic.rs); for the custom resources, a JSON merge patch with `$`
+//!   directives dropped (CRDs have no patch strategies). Server-side apply merges the
+//!   applied fields into the object and records them per field manager in
+//!   managedFields (FieldsV1), so a field the same manager applied before and leaves
+//!   out now is removed; lists are atomic; it never reports a conflict between
+//!   managers, so `force` is accepted and changes nothing. Applying status replaces
+//!   the status whole (the controller's way).
+//! - Request bodies are JSON, and protobuf only for the Namespaces and Secrets
+//!   `kubectl create` sends that way (protobuf.rs); answers are always JSON.
+//! - Services are stored with a cluster IP from 10.96.0.0/16; nothing routes to them.
 //! - Discovery is the legacy form (kubectl falls back from aggregated discovery when
-//!   the answer is plain JSON); core v1 lists only `events`. Events (core v1 and
-//!   events.k8s.io/v1) are kept in memory only, the newest 1000, so `kubectl
-//!   describe` shows what the controller recorded since the operator started.
-//! - coordination.k8s.io/v1 Leases (for leader election) are served and stored, but
-//!   not watched nor listed in discovery.
-//! - Lists are never paginated (`limit` is ignored, no `continue`).
+//!   the answer is plain JSON). Events (core v1 and events.k8s.io/v1) are kept in
+//!   memory only, the newest 1000, so `kubectl describe` shows what controllers
+//!   recorded since the operator started. coordination.k8s.io/v1 Leases (for leader
+//!   election) are served and stored, but not watched nor listed in discovery.
+//! - Lists are never paginated (`limit` is ignored, no `continue`); no
+//!   `deletecollection`, no `exec`/`attach`/`port-forward`, no ConfigMaps,
+//!   ServiceAccounts, Endpoints or any other kind.
 //! - Watch events live in this process: several replicas sharing one Postgres each
 //!   see only their own writes (local mode runs one).
 
+mod core;
 mod discovery;
 mod events;
+mod gc;
+mod kinds;
 mod leases;
+pub mod logs;
 mod objects;
+mod protobuf;
+pub mod quantity;
 mod schema;
+mod services;
 mod status;
+mod strategic;
 mod table;
 mod tls;
 mod watch;
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -56,7 +103,11 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::api::{GROUP, Team, VERSION, Workspace};
+use crate::registry::limit::{FailureLimiter, Source};
 use crate::store::{DynStore, StoreResult};
+pub use core::{PVC_PROTECTION, default_pull_policy};
+pub use kinds::Kind;
+pub use logs::{LogOptions, PodLogs};
 pub use status::ApiError;
 pub use tls::KubeTls;
 
@@ -64,57 +115,9 @@ pub use tls::KubeTls;
 pub const DEFAULT_HISTORY: usize = 1000;
 /// How often a watch that allows bookmarks gets one.
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(30);
-
-/// The two kinds this server knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Workspace,
-    Team,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Workspace, Kind::Team];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Workspace => "Workspace",
-            Kind::Team => "Team",
-        }
-    }
-    pub fn plural(self) -> &'static str {
-        match self {
-            Kind::Workspace => "workspaces",
-            Kind::Team => "teams",
-        }
-    }
-    pub fn singular(self) -> &'static str {
-        match self {
-            Kind::Workspace => "workspace",
-            Kind::Team => "team",
-        }
-    }
-    pub fn short_name(self) -> &'static str {
-        match self {
-            Kind::Workspace => "ws",
-            Kind::Team => "team",
-        }
-    }
-    fn from_plural(plural: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.plural() == plural)
-    }
-    /// `Workspace.molecule.ai`, as the API server names a kind in messages.
-    fn qualified(self) -> String {
-        format!("{}.{GROUP}", self.name())
-    }
-    /// The generated CRD as JSON (schema, printer columns).
-    fn crd(self) -> Value {
-        let crd = match self {
-            Kind::Workspace => Workspace::crd(),
-            Kind::Team => Team::crd(),
-        };
-        serde_json::to_value(crd).expect("a CRD serializes")
-    }
-}
+/// Namespaces that always exist: Kubernetes' own two, and the one deploy/ installs
+/// the operator into.
+pub const BUILTIN_NAMESPACES: [&str; 3] = ["default", "kube-system", "molecule-system"];
 
 /// One write, as a watch delivers it.
 #[derive(Debug)]
@@ -142,9 +145,19 @@ struct KindInfo {
     columns: Vec<Value>,
 }
 
-/// The schema (with apiVersion, kind and metadata added) and printer columns of a kind.
+/// The generated CRD of a molecule.ai kind, as JSON (schema, printer columns).
+fn crd(kind: Kind) -> Value {
+    let crd = match kind {
+        Kind::Team => Team::crd(),
+        _ => Workspace::crd(),
+    };
+    serde_json::to_value(crd).expect("a CRD serializes")
+}
+
+/// The schema (with apiVersion, kind and metadata added) and printer columns of a
+/// molecule.ai kind.
 fn kind_info(kind: Kind) -> KindInfo {
-    let crd = kind.crd();
+    let crd = crd(kind);
     let version = &crd["spec"]["versions"][0];
     let mut schema = version["schema"]["openAPIV3Schema"].clone();
     // The generated schema covers spec and status; every object also has these.
@@ -169,6 +182,10 @@ pub struct KubeApi {
     history_limit: usize,
     events: broadcast::Sender<Arc<WatchEvent>>,
     bookmark_interval: Duration,
+    /// Failed authentications count here, shared with the admin API's limiter.
+    limiter: OnceLock<Arc<FailureLimiter>>,
+    /// What serves `pods/NAME/log`: the local node, when one runs.
+    pod_logs: OnceLock<Arc<dyn PodLogs>>,
     /// Set when the server shuts down: open watches end, so a graceful shutdown
     /// does not wait out their timeouts.
     closing: tokio::sync::watch::Sender<bool>,
@@ -183,7 +200,7 @@ impl KubeApi {
     pub async fn new(store: DynStore, token: impl Into<String>) -> StoreResult<Self> {
         let floor = store.object_revision().await?;
         let (events, _) = broadcast::channel(DEFAULT_HISTORY);
-        Ok(Self {
+        let api = Self {
             store,
             token: token.into(),
             write_lock: tokio::sync::Mutex::new(()),
@@ -191,11 +208,60 @@ impl KubeApi {
             history_limit: DEFAULT_HISTORY,
             events,
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
+            limiter: OnceLock::new(),
+            pod_logs: OnceLock::new(),
             closing: tokio::sync::watch::Sender::new(false),
             workspace: kind_info(Kind::Workspace),
             team: kind_info(Kind::Team),
             event_log: events::EventLog::default(),
-        })
+        };
+        api.ensure_namespaces().await?;
+        Ok(api)
+    }
+
+    /// Creates the built-in namespaces, and one for every namespace objects were
+    /// stored in before namespaces were served, so they keep working as before.
+    async fn ensure_namespaces(&self) -> StoreResult<()> {
+        let mut wanted: std::collections::BTreeSet<String> = BUILTIN_NAMESPACES.iter().map(|n| n.to_string()).collect();
+        for kind in Kind::ALL.into_iter().filter(|k| k.namespaced()) {
+            let (objects, _) = self.store.list_objects(kind.name(), None).await?;
+            wanted.extend(objects.into_iter().map(|o| o.namespace));
+        }
+        let (existing, _) = self.store.list_objects(Kind::Namespace.name(), None).await?;
+        let _guard = self.write_lock.lock().await;
+        for name in wanted.iter().filter(|n| !existing.iter().any(|e| e.name == **n)) {
+            let mut namespace = serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "uid": uuid::Uuid::new_v4().to_string(),
+                    "creationTimestamp": now_rfc3339(), "labels": {"kubernetes.io/metadata.name": name}},
+            });
+            core::normalize(Kind::Namespace, &mut namespace);
+            core::admit_create(Kind::Namespace, &mut namespace);
+            // Another replica sharing the store may have made it meanwhile: that is fine.
+            if let crate::store::ObjectWrite::Written(written) =
+                self.store.put_object(&objects::stored(Kind::Namespace, "", namespace), None).await?
+            {
+                self.publish(WatchEvent {
+                    rv: written.resource_version,
+                    kind: Kind::Namespace,
+                    namespace: String::new(),
+                    event_type: "ADDED",
+                    object: written.body,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Failed admin-token guesses count toward `limiter` (the admin API's), and a
+    /// source that spent its allowance is answered 429 before its token is checked.
+    pub fn set_limiter(&self, limiter: Arc<FailureLimiter>) {
+        let _ = self.limiter.set(limiter);
+    }
+
+    /// What serves `pods/NAME/log` (the local node). Without one, logs are 503.
+    pub fn set_pod_logs(&self, logs: Arc<dyn PodLogs>) {
+        let _ = self.pod_logs.set(logs);
     }
 
     /// How many events watches can resume from (default [`DEFAULT_HISTORY`]).
@@ -215,10 +281,12 @@ impl KubeApi {
         self.closing.send_replace(true);
     }
 
+    /// Schema and printer columns of a molecule.ai kind (the core kinds have none:
+    /// they are validated by decoding, their tables are built by table.rs).
     fn info(&self, kind: Kind) -> &KindInfo {
         match kind {
-            Kind::Workspace => &self.workspace,
             Kind::Team => &self.team,
+            _ => &self.workspace,
         }
     }
 
@@ -267,19 +335,16 @@ pub struct Bound {
     /// STATE/kubeconfig: `kubectl --kubeconfig` this, or point KUBECONFIG at it.
     pub kubeconfig: PathBuf,
     api: Arc<KubeApi>,
-    listener: tokio::net::TcpListener,
+    /// TLS is set up when binding, so an unusable certificate or key fails `bind`,
+    /// never a server that says it serves.
+    listener: tls::TlsListener,
     router: axum::Router,
-    tls: KubeTls,
 }
 
-/// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/`, and writes
-/// `state_dir/kubeconfig` (server, CA, `token`). The store's objects are served at once.
-pub async fn bind(
-    store: DynStore,
-    token: &str,
-    addr: std::net::SocketAddr,
-    state_dir: &Path,
-) -> std::io::Result<Bound> {
+/// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/` (an
+/// unusable pair is an error naming the files), and writes `state_dir/kubeconfig`
+/// (server, CA, `token`). The store's objects are served at once.
+pub async fn bind(store: DynStore, token: &str, addr: SocketAddr, state_dir: &Path) -> std::io::Result<Bound> {
     let api = KubeApi::new(store, token)
         .await
         .map_err(|e| std::io::Error::other(format!("the Kubernetes API cannot read the state store: {e}")))?;
@@ -291,9 +356,18 @@ pub async fn bind(
     let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
     let url = format!("https://{host}:{}", local.port());
     let tls = KubeTls::load_or_create(state_dir)?;
+    let listener = tls::TlsListener::new(listener, &tls).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: fix or delete {} (a new self-signed pair is made when both files are missing)",
+                KubeTls::dir(state_dir).display()
+            ),
+        )
+    })?;
     let kubeconfig = write_kubeconfig(state_dir, &url, token, &tls)?;
     let api = Arc::new(api);
-    Ok(Bound { url, kubeconfig, router: router(api.clone()), api, listener, tls })
+    Ok(Bound { url, kubeconfig, router: router(api.clone()), api, listener })
 }
 
 impl Bound {
@@ -303,15 +377,24 @@ impl Bound {
         self.api.events.subscribe()
     }
 
+    /// The server, to give it a limiter or a log provider before it serves.
+    pub fn api(&self) -> &Arc<KubeApi> {
+        &self.api
+    }
+
     /// Serves until `shutdown` completes; then open watches end and in-flight
-    /// requests finish.
+    /// requests finish. The API server's own controllers (garbage collection,
+    /// PVC protection, namespace deletion) run while it serves.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let api = self.api.clone();
+        let controllers = gc::spawn(api.clone());
         let shutdown = async move {
             shutdown.await;
             api.close_watches();
         };
-        serve(self.listener, self.router, &self.tls, shutdown).await
+        let result = serve_tls(self.listener, self.router, shutdown).await;
+        controllers.abort();
+        result
     }
 }
 
@@ -343,8 +426,20 @@ pub async fn serve(
     tls: &KubeTls,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tls::TlsListener::new(listener, tls)?;
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    serve_tls(tls::TlsListener::new(listener, tls)?, router, shutdown).await
+}
+
+/// With each connection's peer address, so failed authentications are limited per source.
+async fn serve_tls(
+    listener: tls::TlsListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|_| {});
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Writes `STATE_DIR/kubeconfig` (mode 0600): one cluster at `url`
@@ -376,12 +471,22 @@ pub fn write_kubeconfig(state_dir: &Path, url: &str, token: &str, tls: &KubeTls)
 
 async fn dispatch(
     State(api): State<Arc<KubeApi>>,
+    Source(ip): Source,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     if !api.authorized(&headers) {
+        // As the admin API: wrong tokens spend the source's allowance; once it is
+        // spent, the source is answered 429 (the right token always passes).
+        if let Some(limiter) = api.limiter.get() {
+            let now = std::time::Instant::now();
+            if let Err(wait) = limiter.admit(ip, None, now) {
+                return ApiError::too_many_requests(wait).into_response();
+            }
+            limiter.failed(ip, now);
+        }
         return ApiError::unauthorized().into_response();
     }
     let query = Query::parse(uri.query().unwrap_or(""));
@@ -408,11 +513,17 @@ async fn dispatch(
         (Method::GET, ["apis", g, v]) if *g == GROUP && *v == VERSION => Ok(discovery::resources()),
         (Method::GET, ["openapi", "v3"]) => Ok(discovery::openapi_index(&api)),
         (Method::GET, ["openapi", "v3", "apis", g, v]) if *g == GROUP && *v == VERSION => {
-            Ok(discovery::openapi_v3(&api))
+            Ok(discovery::openapi_v3(&api, GROUP))
         }
-        (_, ["apis", g, v, rest @ ..]) if *g == GROUP && *v == VERSION => {
-            objects::route(&api, &method, rest, &query, &headers, &body).await
-        }
+        (Method::GET, ["openapi", "v3", "api", "v1"]) => Ok(discovery::openapi_v3(&api, "")),
+        (_, ["api", "v1", rest @ ..]) => match objects::parse_target("", rest) {
+            Some(target) => objects::route(&api, &method, target, &query, &headers, &body).await,
+            None => Err(ApiError::not_found_path(uri.path())),
+        },
+        (_, ["apis", g, v, rest @ ..]) if *g == GROUP && *v == VERSION => match objects::parse_target(GROUP, rest) {
+            Some(target) => objects::route(&api, &method, target, &query, &headers, &body).await,
+            None => Err(ApiError::not_found_path(uri.path())),
+        },
         _ => Err(ApiError::not_found_path(uri.path())),
     };
     match result {

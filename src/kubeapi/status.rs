@@ -37,7 +37,8 @@ impl ApiError {
     pub fn not_found(qualified_kind: &str, name: &str) -> Self {
         let (kind, group) = qualified_kind.split_once('.').unwrap_or((qualified_kind, ""));
         let plural = format!("{}s", kind.to_lowercase());
-        let mut e = Self::new(404, "NotFound", format!("{plural}.{group} \"{name}\" not found"));
+        let resource = if group.is_empty() { plural.clone() } else { format!("{plural}.{group}") };
+        let mut e = Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"));
         e.details = Some(json!({"name": name, "group": group, "kind": plural}));
         e
     }
@@ -59,6 +60,31 @@ impl ApiError {
     }
     pub fn already_exists(qualified_kind: &str, name: &str) -> Self {
         Self::new(409, "AlreadyExists", format!("{qualified_kind} \"{name}\" already exists"))
+    }
+    /// 403: `pods "x" is forbidden: <why>`.
+    pub fn forbidden(kind: super::Kind, name: &str, why: String) -> Self {
+        let resource = if kind.group().is_empty() {
+            kind.plural().to_string()
+        } else {
+            format!("{}.{}", kind.plural(), kind.group())
+        };
+        let mut e = Self::new(403, "Forbidden", format!("{resource} \"{name}\" is forbidden: {why}"));
+        e.details = Some(json!({"name": name, "group": kind.group(), "kind": kind.plural()}));
+        e
+    }
+    /// 429 with the wait, for a source that failed to authenticate too often.
+    pub fn too_many_requests(wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs().max(1);
+        let mut e = Self::new(
+            429,
+            "TooManyRequests",
+            format!("too many failed authentications from this address; retry in {seconds} s"),
+        );
+        e.details = Some(json!({"retryAfterSeconds": seconds}));
+        e
+    }
+    pub fn service_unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "ServiceUnavailable", message)
     }
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
@@ -108,6 +134,13 @@ impl From<crate::store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        super::json_response(self.code, &self.status())
+        let retry_after = self.details.as_ref().and_then(|d| d["retryAfterSeconds"].as_u64());
+        let mut response = super::json_response(self.code, &self.status());
+        if let Some(seconds) = retry_after
+            && let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, value);
+        }
+        response
     }
 }

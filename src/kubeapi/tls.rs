@@ -37,7 +37,7 @@ impl KubeTls {
     /// Loads `STATE_DIR/kube-api/tls.crt` and `tls.key`, creating a self-signed
     /// pair for 127.0.0.1 and localhost first when they are missing.
     pub fn load_or_create(state_dir: &Path) -> io::Result<Self> {
-        let dir = state_dir.join("kube-api");
+        let dir = Self::dir(state_dir);
         let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
         if cert_path.exists() && key_path.exists() {
             return Ok(Self {
@@ -50,6 +50,11 @@ impl KubeTls {
         write_private(&key_path, &tls.key_pem)?;
         write_private(&cert_path, &tls.cert_pem)?;
         Ok(tls)
+    }
+
+    /// Where the pair lives: `STATE/kube-api/` (`tls.crt`, `tls.key`).
+    pub fn dir(state_dir: &Path) -> std::path::PathBuf {
+        state_dir.join("kube-api")
     }
 
     /// A fresh self-signed pair, kept in memory only.
@@ -71,15 +76,15 @@ impl KubeTls {
         };
         let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid("certificate", &e))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| invalid("key", &e))?;
+            .map_err(|e| invalid("certificate (tls.crt)", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| invalid("key (tls.key)", &e))?;
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|e| invalid("configuration", &e))?
                 .with_no_client_auth()
                 .with_single_cert(certs, key)
-                .map_err(|e| invalid("certificate", &e))?;
+                .map_err(|e| invalid("certificate and key (tls.crt, tls.key)", &e))?;
         // axum serves HTTP/1.1 here (its http2 feature is off).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))

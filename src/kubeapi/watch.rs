@@ -16,7 +16,6 @@ use tokio::sync::broadcast::error::RecvError;
 use super::objects::Selector;
 use super::status::ApiError;
 use super::{Kind, KubeApi, Query, WatchEvent, table};
-use crate::api::API_VERSION;
 
 /// Without `timeoutSeconds`, a watch ends after this (clients reconnect).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -107,7 +106,7 @@ fn bookmark(kind: Kind, rv: i64, initial_end: bool) -> Value {
     if initial_end {
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    json!({"apiVersion": API_VERSION, "kind": kind.name(), "metadata": meta})
+    json!({"apiVersion": kind.api_version(), "kind": kind.name(), "metadata": meta})
 }
 
 async fn run(

@@ -88,8 +88,10 @@ pub enum Checked {
 }
 
 impl Settling {
-    /// The latest event seen for `id`: its expectation replaces any earlier one (an
-    /// event without one, like `start`, clears it).
+    /// The latest event seen for `id`: its expectation replaces any earlier one; an
+    /// event that changes the state without promising one (`start`, `restart`,
+    /// `create`) clears it; the rest (a network disconnect after a `die`, an `update`)
+    /// change nothing here.
     pub fn saw(&mut self, id: &str, action: &str, now: Instant) {
         match Expect::of(action) {
             Some(expect) => {
@@ -98,9 +100,10 @@ impl Settling {
                     Pending { expect, action: action.to_string(), due: now, wait: FIRST_WAIT, give_up: now + GIVE_UP },
                 );
             }
-            None => {
+            None if matches!(action, "start" | "restart" | "create") => {
                 self.pending.remove(id);
             }
+            None => {}
         }
     }
 
@@ -183,6 +186,11 @@ mod tests {
         s.saw("d", "die", t0);
         assert_eq!(s.checked("d", Some(Exited), t0), Checked::Settled);
         assert!(s.is_empty());
+        // A bridge container is disconnected from its network right after it dies: that
+        // says nothing of its state, and the die must still settle.
+        s.saw("e", "die", t0);
+        s.saw("e", "disconnect", t0);
+        assert_eq!(s.checked("e", Some(Running), t0), Checked::Waiting);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct WorkspaceSummary {
     pub incarnation: i64,
     #[serde(default)]
     pub container: Option<ContainerStatus>,
+    /// The workspace's Pod, with the Kubernetes runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::api::PodStatus>,
     /// Prefix and times only, never the token.
     #[serde(default)]
     pub token: Option<TokenStatus>,
@@ -214,6 +217,7 @@ pub fn summary(
         phase,
         incarnation: status.map(|s| s.incarnation).or(record.map(|r| r.incarnation)).unwrap_or(0),
         container: status.and_then(|s| s.container.clone()),
+        pod: status.and_then(|s| s.pod.clone()),
         token: status.and_then(|s| s.token.clone()),
         // The heartbeat path updates the record live; the status copy lags a reconcile.
         last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at).or(status.and_then(|s| s.last_heartbeat_at)),

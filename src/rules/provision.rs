@@ -27,7 +27,12 @@ pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
                 ("container was never started (interrupted provision)".into(), RevokeReason::Reprovision)
             }
             ContainerState::Exited | ContainerState::Dead => {
-                (format!("container {:?}", c.state).to_lowercase(), RevokeReason::Reprovision)
+                let state = format!("container {:?}", c.state).to_lowercase();
+                let cause = match &c.detail {
+                    Some(why) => format!("{state} ({why})"),
+                    None => state,
+                };
+                (cause, RevokeReason::Reprovision)
             }
             _ => return None,
         },

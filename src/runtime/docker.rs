@@ -52,6 +52,102 @@ const ARCHIVE_READ_LIMIT: usize = READ_FILE_LIMIT + 64 * 1024;
 const EVENTS_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const EVENTS_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// A client of the local daemon (`DOCKER_HOST=unix://...` or /var/run/docker.sock)
+/// with this module's conventions: the API version negotiated, the daemon pinged,
+/// [`REQUEST_TIMEOUT_SECS`] for response headers. A missing socket or a daemon that
+/// does not answer is `Unavailable`; callers retry. (The local node uses it too.)
+pub async fn connect_client() -> RuntimeResult<Docker> {
+    let docker = Docker::connect_with_local_defaults()
+        .map_err(|e| unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
+        .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS));
+    negotiate(docker).await
+}
+
+async fn negotiate(docker: Docker) -> RuntimeResult<Docker> {
+    let unreachable = |e: DockerError| unavailable(chain(&e));
+    let docker = docker.negotiate_version().await.map_err(unreachable)?;
+    docker.ping().await.map_err(unreachable)?;
+    Ok(docker)
+}
+
+/// Container events matching `filters` (e.g. a label): [`docker_events`] of
+/// containers.
+pub fn container_events(
+    docker: Docker,
+    mut filters: HashMap<&'static str, Vec<String>>,
+) -> BoxStream<'static, Result<EventMessage, String>> {
+    filters.insert("type", vec!["container".to_string()]);
+    docker_events(docker, filters)
+}
+
+/// The daemon's events matching `filters`, from the moment of this call, even those
+/// before the stream is first polled. Reconnects with backoff (0.5 s doubling to 30 s)
+/// whenever the stream ends or fails, resuming from the last event's time: an event
+/// may repeat after a reconnect, none in between is lost (the daemon keeps its last
+/// 256 events). Yields `Err(why)` each time the stream is lost, before it waits to
+/// reconnect. Never ends by itself.
+pub fn docker_events(
+    docker: Docker,
+    filters: HashMap<&'static str, Vec<String>>,
+) -> BoxStream<'static, Result<EventMessage, String>> {
+    let state = EventsState {
+        docker,
+        filters,
+        current: None,
+        since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
+        backoff: EVENTS_BACKOFF_MIN,
+        lost: false,
+    };
+    stream::unfold(state, |mut st| async move {
+        if st.lost {
+            st.lost = false;
+            tokio::time::sleep(st.backoff).await;
+            st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
+        }
+        let current = st.current.get_or_insert_with(|| {
+            let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
+            st.docker.events(Some(options)).boxed()
+        });
+        match current.next().await {
+            Some(Ok(message)) => {
+                st.backoff = EVENTS_BACKOFF_MIN;
+                if let Some(nanos) = message.time_nano {
+                    st.since = since_arg(nanos);
+                }
+                Some((Ok(message), st))
+            }
+            ended => {
+                let error = match ended {
+                    Some(Err(e)) => chain(&e),
+                    _ => "the daemon closed it".to_string(),
+                };
+                tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
+                st.current = None;
+                st.lost = true; // wait before reconnecting, after the loss is reported
+                Some((Err(format!("the Docker event stream was lost: {error}")), st))
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Pulls `image` (a tagless name pulls `latest` only). `PullFailed` names the image.
+pub async fn pull_image(docker: &Docker, image: &str) -> RuntimeResult<()> {
+    let (name, tag) = split_reference(image);
+    let mut options = CreateImageOptionsBuilder::new().from_image(name);
+    if !tag.is_empty() {
+        options = options.tag(tag);
+    }
+    let pulled: Result<Vec<_>, _> = docker.create_image(Some(options.build()), None, None).try_collect().await;
+    pulled.map(drop).map_err(|e| {
+        if is_unavailable(&e) {
+            unavailable(chain(&e))
+        } else {
+            RuntimeError::PullFailed { image: image.to_string(), message: chain(&e) }
+        }
+    })
+}
+
 /// The Docker runtime of one operator instance.
 #[derive(Clone)]
 pub struct DockerRuntime {
@@ -82,10 +178,15 @@ impl DockerRuntime {
     /// negotiates the API version and pings it. A missing socket or a daemon that does
     /// not answer is `Unavailable`; callers retry.
     pub async fn connect(instance: &str) -> RuntimeResult<Self> {
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| unavailable(format!("cannot open the Docker socket: {}", chain(&e))))?
-            .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS));
-        Self::handshake(docker, instance).await
+        if instance.is_empty() {
+            return Err(RuntimeError::Api("the operator instance id is empty; it must name this operator".into()));
+        }
+        Ok(Self {
+            docker: connect_client().await?,
+            instance: instance.to_string(),
+            direct_volume_writes: true,
+            writes: Arc::default(),
+        })
     }
 
     /// Like `connect`, at an explicit unix socket path.
@@ -99,10 +200,12 @@ impl DockerRuntime {
         if instance.is_empty() {
             return Err(RuntimeError::Api("the operator instance id is empty; it must name this operator".into()));
         }
-        let unavailable = |e: DockerError| unavailable(chain(&e));
-        let docker = docker.negotiate_version().await.map_err(unavailable)?;
-        docker.ping().await.map_err(unavailable)?;
-        Ok(Self { docker, instance: instance.to_string(), direct_volume_writes: true, writes: Arc::default() })
+        Ok(Self {
+            docker: negotiate(docker).await?,
+            instance: instance.to_string(),
+            direct_volume_writes: true,
+            writes: Arc::default(),
+        })
     }
 
     pub fn instance(&self) -> &str {
@@ -281,19 +384,7 @@ impl DockerRuntime {
     }
 
     async fn pull(&self, image: &str) -> RuntimeResult<()> {
-        let (name, tag) = split_reference(image);
-        let mut options = CreateImageOptionsBuilder::new().from_image(name);
-        if !tag.is_empty() {
-            options = options.tag(tag);
-        }
-        let pulled: Result<Vec<_>, _> = self.docker.create_image(Some(options.build()), None, None).try_collect().await;
-        pulled.map(drop).map_err(|e| {
-            if is_unavailable(&e) {
-                unavailable(chain(&e))
-            } else {
-                RuntimeError::PullFailed { image: image.to_string(), message: chain(&e) }
-            }
-        })
+        pull_image(&self.docker, image).await
     }
 
     async fn upload(&self, id: &str, into: &str, tar: Vec<u8>) -> Result<(), DockerError> {
@@ -566,18 +657,27 @@ impl Runtime for DockerRuntime {
     /// network connect and disconnect (networks carry no labels of ours; the container
     /// cache keeps only those of its containers).
     fn watch(&self) -> BoxStream<'static, Watched> {
-        let mut containers = self.instance_filter();
-        containers.insert("type", vec!["container".to_string()]);
+        let instance = self.instance.clone();
+        let containers = container_events(self.docker.clone(), self.instance_filter())
+            .filter_map(move |message| futures::future::ready(watched(message, |m| runtime_event(m, &instance))));
+        // Networks carry no labels of ours: every connect and disconnect (the container
+        // cache keeps only those of its containers).
         let networks = HashMap::from([
             ("type", vec!["network".to_string()]),
             ("event", vec!["connect".to_string(), "disconnect".to_string()]),
         ]);
-        let instance = self.instance.clone();
-        stream::select(
-            event_stream(self.docker.clone(), containers, move |m| runtime_event(m, &instance)),
-            event_stream(self.docker.clone(), networks, network_event),
-        )
-        .boxed()
+        // Networks name the container only: it is this instance's if its labels say so.
+        let (docker, instance) = (self.docker.clone(), self.instance.clone());
+        let networks = docker_events(self.docker.clone(), networks).filter_map(move |message| {
+            let (docker, instance) = (docker.clone(), instance.clone());
+            async move {
+                let watched = watched(message, network_event)?;
+                let Watched::Event(ev) = &watched else { return Some(watched) };
+                let theirs = docker.inspect_container(&ev.container_id, None).await.ok()?.config?.labels?;
+                (theirs.get(labels::INSTANCE) == Some(&instance)).then_some(watched)
+            }
+        });
+        stream::select(containers, networks).boxed()
     }
 
     async fn applied_config(&self, id: &str) -> RuntimeResult<Option<AppliedConfig>> {
@@ -602,57 +702,16 @@ impl Runtime for DockerRuntime {
     }
 }
 
-/// One subscription to the daemon's events, reconnecting by itself (with backoff,
-/// from where it stopped), reporting each loss first; `keep` maps a message to an
-/// event or drops it.
-fn event_stream(
-    docker: Docker,
-    filters: HashMap<&'static str, Vec<String>>,
-    keep: impl Fn(EventMessage) -> Option<RuntimeEvent> + Send + 'static,
-) -> BoxStream<'static, Watched> {
-    let state = EventsState {
-        docker,
-        filters,
-        current: None,
-        since: since_arg(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)),
-        backoff: EVENTS_BACKOFF_MIN,
-        lost: false,
-    };
-    stream::unfold((state, keep), |(mut st, keep)| async move {
-        loop {
-            if st.lost {
-                st.lost = false;
-                tokio::time::sleep(st.backoff).await;
-                st.backoff = (st.backoff * 2).min(EVENTS_BACKOFF_MAX);
-            }
-            let current = st.current.get_or_insert_with(|| {
-                let options = EventsOptionsBuilder::new().filters(&st.filters).since(&st.since).build();
-                st.docker.events(Some(options)).boxed()
-            });
-            match current.next().await {
-                Some(Ok(message)) => {
-                    st.backoff = EVENTS_BACKOFF_MIN;
-                    if let Some(nanos) = message.time_nano {
-                        st.since = since_arg(nanos);
-                    }
-                    if let Some(event) = keep(message) {
-                        return Some((Watched::Event(event), (st, keep)));
-                    }
-                }
-                ended => {
-                    let error = match ended {
-                        Some(Err(e)) => chain(&e),
-                        _ => "the daemon closed it".to_string(),
-                    };
-                    tracing::warn!(%error, retry_in = ?st.backoff, "Docker event stream lost; reconnecting");
-                    st.current = None;
-                    st.lost = true; // wait before reconnecting, after the loss is reported
-                    return Some((Watched::Lost(format!("the Docker event stream was lost: {error}")), (st, keep)));
-                }
-            }
-        }
-    })
-    .boxed()
+/// A subscription's item as the runtime's watch reports it: `keep` maps a message to
+/// an event (or drops it); a lost stream is `Lost`.
+fn watched(
+    message: Result<EventMessage, String>,
+    keep: impl FnOnce(EventMessage) -> Option<RuntimeEvent>,
+) -> Option<Watched> {
+    match message {
+        Ok(message) => keep(message).map(Watched::Event),
+        Err(lost) => Some(Watched::Lost(lost)),
+    }
 }
 
 /// A container connected to or disconnected from a network (any container: the
@@ -847,7 +906,7 @@ fn first_file_in_tar(archive: &[u8], limit: usize) -> Result<Vec<u8>, String> {
 }
 
 /// Splits an image reference for a pull: a tagless name pulls `latest`, never every tag.
-fn split_reference(image: &str) -> (&str, &str) {
+pub(crate) fn split_reference(image: &str) -> (&str, &str) {
     if image.contains('@') {
         return (image, "");
     }
@@ -858,7 +917,7 @@ fn split_reference(image: &str) -> (&str, &str) {
     }
 }
 
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     // Docker reports "0001-01-01T00:00:00Z" for "never".
     DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)).filter(|t| t.timestamp() > 0)
 }

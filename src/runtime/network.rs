@@ -66,13 +66,6 @@ pub fn own_network_name(instance: &str) -> String {
     format!("molecule-{instance}")
 }
 
-/// Network modes that put a container in a namespace it shares with others: the
-/// host's, or another container's (`container:NAME`). A manifest may ask for one only
-/// if it is the operator's own choice or the operator runs with `--allow-privileged`.
-pub fn shares_a_namespace(network: &str) -> bool {
-    network == HOST || network.starts_with("container:")
-}
-
 /// A network as Docker describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkspaceNetwork {
@@ -164,13 +157,5 @@ mod tests {
         let gw = bridge(Some("172.18.0.1"));
         let e = agent_endpoint(&own, Some(&gw), None, "0.0.0.0:8080".parse().unwrap()).unwrap_err();
         assert!(e.contains("every address") && e.contains("--registry-url"), "{e}");
-    }
-
-    #[test]
-    fn host_and_container_modes_share_a_namespace() {
-        assert!(shares_a_namespace("host"));
-        assert!(shares_a_namespace("container:ws-0123"));
-        assert!(!shares_a_namespace("molecule-i"));
-        assert!(!shares_a_namespace("bridge"));
     }
 }

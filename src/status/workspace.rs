@@ -5,7 +5,8 @@
 
 use crate::api::condition::carry_transition_times;
 use crate::api::{
-    Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, TokenStatus, UpdatePolicy, WorkspaceStatus,
+    Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, PodStatus, TokenStatus, UpdatePolicy,
+    WorkspaceStatus,
 };
 use crate::rules::{ContainerState, Facts, Hold, TokenFile, heartbeat, liveness};
 
@@ -162,6 +163,11 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
             name: k.name.clone(),
             spec_hash: k.spec_hash().unwrap_or_default().to_string(),
             image: k.image.clone(),
+        }),
+        pod: container.filter(|k| k.node.is_some() || k.restarts > 0 || !facts.settings.freezes).map(|k| PodStatus {
+            name: k.name.clone(),
+            node: k.node.clone(),
+            restarts: k.restarts,
         }),
         token: token.map(|t| TokenStatus {
             prefix: t.prefix.clone(),

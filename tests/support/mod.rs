@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod kubeapi;
 pub mod mockapi;
 pub mod operator;
 pub mod postgres;

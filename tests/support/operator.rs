@@ -375,6 +375,21 @@ impl Op {
         for name in names.lines() {
             docker(&["volume", "rm", "-f", &format!("{}-configs", name.trim_start_matches('/'))]);
         }
+        // What the local node made for this instance's Pods (`--runtime kubernetes`).
+        let node = format!("label=ai.molecule.node={}", self.instance);
+        let pods: Vec<String> =
+            docker(&["ps", "-aq", "--filter", &node]).split_whitespace().map(str::to_string).collect();
+        if !pods.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(pods.iter().map(String::as_str));
+            docker(&args);
+        }
+        for v in docker(&["volume", "ls", "-q", "--filter", &node]).split_whitespace() {
+            docker(&["volume", "rm", "-f", v]);
+        }
+        for n in docker(&["network", "ls", "-q", "--filter", &node]).split_whitespace() {
+            docker(&["network", "rm", n]);
+        }
         // The workspaces' own network (runtime::network), once no container uses it.
         for n in self.networks() {
             docker(&["network", "rm", &n]);
@@ -388,6 +403,47 @@ impl Op {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// The real kubectl against an operator's `--kube-api` (its STATE/kubeconfig), with a
+/// private HOME.
+pub struct Kubectl {
+    pub kubeconfig: std::path::PathBuf,
+    pub home: tempfile::TempDir,
+}
+
+impl Kubectl {
+    pub fn new(op: &Op) -> Self {
+        Self { kubeconfig: op.state.join("kubeconfig"), home: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HOME", self.home.path())
+            .env("KUBECACHEDIR", self.home.path().join("cache"))
+            .output()
+            .expect("kubectl runs")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+pub fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while t0.elapsed() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
 }
 
 impl Drop for Op {

@@ -177,9 +177,16 @@ impl Runtime for KubeRuntime {
             if claim.metadata.deletion_timestamp.is_none() {
                 return Ok(());
             }
-            // Being deleted (its Pod is gone now): wait, then make it anew.
-            let api: Api<PersistentVolumeClaim> =
-                Api::namespaced(self.client.clone(), &claim.namespace().unwrap_or_default());
+            // Being deleted: it goes once no Pod mounts it (the claim's protection), so
+            // its workspace's Pod goes first (the provision replaces it anyway); then
+            // the claim is made anew.
+            let ns = claim.namespace().unwrap_or_default();
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let using = pods.list(&self.selector(None)).await.map_err(|e| kube_error("listing Pods", e))?;
+            for pod in using.items.iter().filter(|p| pod_claim(p).as_deref() == Some(name)) {
+                self.remove(&pod.name_any()).await?;
+            }
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
             self.wait_gone(&api, name).await?;
         }
         let key = spec_labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
