@@ -346,7 +346,7 @@ impl Bench {
                 }
             })
             .await;
-        let online = |r: &molecule::store::WorkspaceRecord| {
+        let online = |r: &molecule::model::WorkspaceRecord| {
             r.status
                 .as_ref()
                 .and_then(|s| molecule::api::condition::find(&s.conditions, "AgentOnline"))

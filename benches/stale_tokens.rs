@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SubsecRound, Utc};
 use common::pg::Cluster;
 use common::{Args, Report, Stats, ms};
-use molecule::store::{self, DynStore, Heartbeat, RevokeReason};
+use molecule::model::{Heartbeat, RevokeReason};
+use molecule::store::{self, DynStore};
 use sqlx::{Connection, Row};
 
 /// Token rows per ordinary workspace (the last one live).

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use molecule::api::{Condition, ConditionStatus, Phase, WorkspaceStatus};
 use molecule::metrics::Metrics;
+use molecule::model::{Heartbeat, IssuedToken, RevokeReason, WorkspaceRecord};
 use molecule::registry::{self, AppState};
 use molecule::source::desired::DesiredSet;
 use molecule::store::heartbeats::Coalescing;
-use molecule::store::{self, DynStore, Heartbeat, IssuedToken, LostHeartbeats, RevokeReason, Store, WorkspaceRecord};
+use molecule::store::{self, DynStore, LostHeartbeats, Store};
 use molecule::trigger::{Request, Trigger, Why};
 use tokio::sync::{mpsc, watch};
 

@@ -14,7 +14,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use molecule::api::{
     Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, SourceRef, TokenStatus, WorkspaceStatus,
 };
-use molecule::store::{self, DecisionRecord, DynStore, ObjectWrite, RevokeReason, StoreError, StoredObject, token};
+use molecule::model::{self, DecisionRecord, RevokeReason};
+use molecule::store::{self, DynStore, ObjectWrite, StoreError, StoredObject, token};
 use sqlx::{Connection, Row};
 
 /// A store under test, and the way to look at its database behind its back.
@@ -345,7 +346,7 @@ mod cases {
         ];
         for (phase, conditions, expected) in cases {
             let status = WorkspaceStatus { phase, conditions, ..Default::default() };
-            assert_eq!(store::shows_agent_online(&status), expected, "{status:?}");
+            assert_eq!(model::shows_agent_online(&status), expected, "{status:?}");
             store.save_status(&ws.uid, &status).await.unwrap();
             assert_eq!(online().await, Some(expected), "{status:?}");
         }
@@ -566,7 +567,7 @@ mod cases {
         assert_eq!(brief(Some(&["default/b", "default/gone"])).await, ["default/b"]);
         assert!(brief(Some(&[])).await.is_empty());
 
-        let ids = |rows: Vec<molecule::store::TokenRow>| rows.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        let ids = |rows: Vec<model::TokenRow>| rows.into_iter().map(|t| t.id).collect::<Vec<_>>();
         let mut all = vec![a1.id.clone(), a2.id.clone(), b1.id.clone()];
         all.sort_by_key(|id| if [&a1.id, &a2.id].contains(&id) { a.uid.clone() } else { b.uid.clone() });
         assert_eq!(ids(store.all_live_tokens(None).await.unwrap()), all, "live only, by workspace, oldest first");

@@ -9,9 +9,10 @@ use sha2::{Digest, Sha256};
 
 pub use cache::ContainerCache;
 
+use crate::model::WorkspaceRecord;
 use crate::rules::{Observed, TokenFile};
 use crate::runtime::{CONFIGS_DIR, READ_FILE_LIMIT, Runtime, TOKEN_FILE};
-use crate::store::{Store, StoreResult, WorkspaceRecord};
+use crate::store::{Store, StoreResult};
 
 /// Observes one workspace: its containers from the container cache (None when the
 /// cache is unknown: never read as "no containers"), its record and live tokens from

@@ -78,14 +78,6 @@ use super::*;
 /// How long a heartbeat may wait in memory before it is written.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// One accepted heartbeat: the token it presented, its workspace, when.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Heartbeat {
-    pub token_id: String,
-    pub workspace_uid: String,
-    pub at: DateTime<Utc>,
-}
-
 /// Heartbeats waiting to be written, one per token (the latest).
 #[derive(Default)]
 pub struct HeartbeatBuffer {
