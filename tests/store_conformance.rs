@@ -943,7 +943,7 @@ mod sqlite_only {
         let Backend::Sqlite { path, .. } = &subject.backend else { unreachable!() };
         let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
         let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
-        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::REVOKE_STALE_TOKENS_SQL));
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sql::REVOKE_STALE_TOKENS));
         let plan: Vec<String> = sqlx::query(sql)
             .bind("uid")
             .bind("2026-11-24T10:00:00.000000Z")
@@ -959,7 +959,7 @@ mod sqlite_only {
         assert!(plan.contains("USING INDEX workspace_auth_tokens_live_idx"), "{plan}");
 
         // The rule's look, too: not the history index (which reads every revoked row).
-        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::LIVE_TOKENS_SQL));
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::statements().live_tokens));
         let plan: Vec<String> = sqlx::query(sql)
             .bind("uid")
             .fetch_all(&mut conn)
@@ -1028,7 +1028,7 @@ mod postgres_only {
         };
         let lines = |rows: Vec<String>| rows.join("\n");
 
-        let update = plan(store::postgres::REVOKE_STALE_TOKENS_SQL)
+        let update = plan(store::sql::REVOKE_STALE_TOKENS)
             .bind(&ws.uid)
             .bind(t0())
             .bind(t0())
@@ -1040,14 +1040,15 @@ mod postgres_only {
         eprintln!("revoke_stale_tokens:\n{update}");
         assert!(update.contains("workspace_auth_tokens_live_idx") && !update.contains("Seq Scan"), "{update}");
 
-        let look = lines(plan(store::postgres::LIVE_TOKENS_SQL).bind("ws-7").fetch_all(&mut conn).await.unwrap());
+        let look =
+            lines(plan(&store::postgres::statements().live_tokens).bind("ws-7").fetch_all(&mut conn).await.unwrap());
         eprintln!("live_tokens:\n{look}");
         assert!(look.contains("workspace_auth_tokens_live_idx") && !look.contains("Seq Scan"), "{look}");
 
         let ids: Vec<String> = (1..=50).map(|i| format!("tok-{}", i * 10)).collect();
         let uids: Vec<String> = (1..=50).map(|i| format!("ws-{}", (i * 10) % 500)).collect();
         let times = vec![t0(); 50];
-        let flush = plan(store::postgres::HEARTBEATS_SQL)
+        let flush = plan(&store::postgres::statements().record_heartbeats)
             .bind(&ids)
             .bind(&uids)
             .bind(&times)

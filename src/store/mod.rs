@@ -1,21 +1,13 @@
 //! Where state lives: workspace identities and incarnations, token rows, heartbeats,
-//! status and the decision log. One trait, two implementations (SQLite, Postgres),
-//! one conformance suite (tests/store_conformance.rs) run against both.
-
-/// A token's last use, as both stores' SQL reads it: its row in `heartbeats` while it
-/// is live, else what its revocation folded into `workspace_auth_tokens.last_used_at`
-/// (migrations sqlite/0007, postgres/0009). Defined before the stores' modules, which
-/// build their statements with it.
-macro_rules! last_used_at {
-    () => {
-        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
-    };
-}
+//! status and the decision log. One trait, one SQL store (sql.rs) with a dialect per
+//! database (sqlite.rs, postgres.rs), one conformance suite
+//! (tests/store_conformance.rs) run against both.
 
 pub mod heartbeats;
 pub mod lease;
 pub mod lookups;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 pub mod token;
 pub mod url;
@@ -24,12 +16,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
     DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
-    shows_agent_online,
 };
 pub use url::DatabaseUrl;
 
@@ -87,20 +77,6 @@ pub struct Changes {
     pub keys: std::collections::BTreeSet<String>,
     /// A secret changed: every workspace may be affected.
     pub secrets: bool,
-}
-
-/// The change log's rows (workspace keys; NULL for a secret) as [`Changes`].
-fn changes_from(rows: Vec<Option<String>>) -> Changes {
-    let mut changes = Changes::default();
-    for key in rows {
-        match key {
-            Some(key) => {
-                changes.keys.insert(key);
-            }
-            None => changes.secrets = true,
-        }
-    }
-    changes
 }
 
 #[async_trait]
@@ -285,30 +261,6 @@ pub enum ObjectWrite {
     Conflict { current: Option<i64> },
 }
 
-/// The body with metadata.resourceVersion set to `rv`, as text for the database.
-fn encode_object_body(object: &StoredObject, rv: i64) -> StoreResult<(serde_json::Value, String)> {
-    let mut body = object.body.clone();
-    match body.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-        Some(meta) => {
-            meta.insert("resourceVersion".into(), serde_json::Value::String(rv.to_string()));
-        }
-        None => {
-            return Err(StoreError::Invalid(format!(
-                "object {}/{} of kind {} has no metadata",
-                object.namespace, object.name, object.kind
-            )));
-        }
-    }
-    let text = serde_json::to_string(&body)
-        .map_err(|e| StoreError::Invalid(format!("cannot encode object {}/{}: {e}", object.namespace, object.name)))?;
-    Ok((body, text))
-}
-
-fn decode_object_body(kind: &str, namespace: &str, name: &str, text: &str) -> StoreResult<serde_json::Value> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Invalid(format!("the stored {kind} {namespace}/{name} is not valid JSON: {e}")))
-}
-
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store a URL names (see `url::DatabaseUrl`: an unknown scheme is an error).
@@ -322,93 +274,4 @@ pub async fn open_url(url: &DatabaseUrl) -> StoreResult<DynStore> {
         DatabaseUrl::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
     }
-}
-
-// Row encoding shared by both stores, so they store the same text for the same value.
-
-fn unknown_workspace(uid: &str) -> StoreError {
-    StoreError::Invalid(format!("no workspace with uid {uid} in the state store"))
-}
-
-fn mode_as_str(mode: OperatingMode) -> &'static str {
-    match mode {
-        OperatingMode::Running => "Running",
-        OperatingMode::Paused => "Paused",
-        OperatingMode::Stopped => "Stopped",
-    }
-}
-
-fn parse_mode(uid: &str, text: Option<String>) -> StoreResult<Option<OperatingMode>> {
-    match text.as_deref() {
-        None => Ok(None),
-        Some("Running") => Ok(Some(OperatingMode::Running)),
-        Some("Paused") => Ok(Some(OperatingMode::Paused)),
-        Some("Stopped") => Ok(Some(OperatingMode::Stopped)),
-        Some(other) => Err(StoreError::Invalid(format!(
-            "workspace {uid} has an unknown operating-mode override {other:?} in the state store"
-        ))),
-    }
-}
-
-fn encode_status(status: &WorkspaceStatus) -> StoreResult<String> {
-    serde_json::to_string(status).map_err(|e| StoreError::Invalid(format!("cannot encode a workspace status: {e}")))
-}
-
-/// The status is rewritten whole on every reconcile pass, so one that no longer
-/// decodes (written by another version) is dropped with a warning, not an error
-/// that would hide the whole workspace.
-fn decode_status(uid: &str, json: Option<String>) -> Option<WorkspaceStatus> {
-    let json = json?;
-    match serde_json::from_str(&json) {
-        Ok(status) => Some(status),
-        Err(error) => {
-            tracing::warn!(workspace_uid = uid, %error, "ignoring a stored status that does not decode");
-            None
-        }
-    }
-}
-
-/// A phase as stored inside a status (`"Running"`); None for anything else.
-fn parse_phase(text: Option<String>) -> Option<Phase> {
-    use serde::de::IntoDeserializer;
-    let text = text?;
-    Phase::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(text.as_str())).ok()
-}
-
-fn encode_actions(actions: &[String]) -> StoreResult<String> {
-    serde_json::to_string(actions).map_err(|e| StoreError::Invalid(format!("cannot encode decision actions: {e}")))
-}
-
-fn decode_actions(uid: &str, json: &str) -> StoreResult<Vec<String>> {
-    serde_json::from_str(json).map_err(|e| {
-        StoreError::Invalid(format!(
-            "a decision of workspace {uid} has actions that are not a JSON list of strings: {e}"
-        ))
-    })
-}
-
-/// Both databases keep microseconds; values are truncated to that before they are
-/// stored, so what a call returns equals what a later read returns.
-fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    use chrono::SubsecRound;
-    t.trunc_subsecs(6)
-}
-
-/// A new token row (not yet stored) and its plaintext.
-fn new_token(uid: &str, incarnation: i64, now: DateTime<Utc>) -> IssuedToken {
-    let plaintext = token::generate();
-    let now = micros(now);
-    let row = TokenRow {
-        id: uuid::Uuid::new_v4().to_string(),
-        workspace_uid: uid.to_string(),
-        token_hash: token::hash(&plaintext),
-        prefix: token::prefix(&plaintext),
-        incarnation,
-        created_at: now,
-        last_used_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        expires_at: None,
-    };
-    IssuedToken { plaintext, row }
 }
