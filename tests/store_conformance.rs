@@ -282,11 +282,11 @@ mod cases {
         assert_eq!(found, expected);
     }
 
-    /// The registry's store answers concurrent lookups in batches (store::lookups):
-    /// each caller still gets its own token's owner, and a token revoked before a
-    /// lookup begins is refused by it.
+    /// The registry answers concurrent lookups in batches (store::lookups): each
+    /// caller still gets its own token's owner, and a token revoked before a lookup
+    /// begins is refused by it.
     pub async fn concurrent_lookups_through_the_registry_store_get_their_own_answers(s: &Subject) {
-        let registry: DynStore = Arc::new(store::heartbeats::Coalescing::new(s.store.clone(), Arc::default()));
+        let registry = store::lookups::TokenLookups::new(s.store.clone());
         let mut tokens = Vec::new();
         for i in 0..20 {
             let ws = s.store.ensure_workspace(&format!("default/ws-{i}"), t0()).await.unwrap();

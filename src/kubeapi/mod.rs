@@ -56,7 +56,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::api::{GROUP, Team, VERSION, Workspace};
-use crate::store::{DynStore, StoreResult};
+use crate::store::{Objects, StoreResult};
 pub use status::ApiError;
 pub use tls::KubeTls;
 
@@ -159,9 +159,10 @@ fn kind_info(kind: Kind) -> KindInfo {
     KindInfo { schema, columns: version["additionalPrinterColumns"].as_array().cloned().unwrap_or_default() }
 }
 
-/// The server's state: the store, the bearer token it requires, the event history.
+/// The server's state: the store's objects, the bearer token it requires, the event
+/// history.
 pub struct KubeApi {
-    store: DynStore,
+    store: Arc<dyn Objects>,
     token: String,
     /// Serializes writes so history order is resourceVersion order.
     write_lock: tokio::sync::Mutex<()>,
@@ -180,7 +181,7 @@ pub struct KubeApi {
 impl KubeApi {
     /// A server over `store` that requires `Authorization: Bearer <token>` (the
     /// operator's admin token). Watches can resume from the store's current revision on.
-    pub async fn new(store: DynStore, token: impl Into<String>) -> StoreResult<Self> {
+    pub async fn new(store: Arc<dyn Objects>, token: impl Into<String>) -> StoreResult<Self> {
         let floor = store.object_revision().await?;
         let (events, _) = broadcast::channel(DEFAULT_HISTORY);
         Ok(Self {
@@ -275,7 +276,7 @@ pub struct Bound {
 /// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/`, and writes
 /// `state_dir/kubeconfig` (server, CA, `token`). The store's objects are served at once.
 pub async fn bind(
-    store: DynStore,
+    store: Arc<dyn Objects>,
     token: &str,
     addr: std::net::SocketAddr,
     state_dir: &Path,
@@ -317,7 +318,7 @@ impl Bound {
 
 /// The Workspaces and Teams stored through this API (all namespaces), decoded: what
 /// a source reads. Objects being deleted are included (their deletionTimestamp is set).
-pub async fn declared(store: &DynStore) -> StoreResult<(Vec<Workspace>, Vec<Team>)> {
+pub async fn declared(store: &dyn Objects) -> StoreResult<(Vec<Workspace>, Vec<Team>)> {
     fn decode<T: serde::de::DeserializeOwned>(objects: Vec<crate::store::StoredObject>) -> Vec<T> {
         objects
             .into_iter()

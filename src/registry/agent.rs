@@ -96,7 +96,7 @@ async fn handle(
         return reject(state, ip, &uid, Why::TokenRefused).await;
     };
     let prefix = token::prefix(presented);
-    let owner = match state.store.token_owner(&hash).await {
+    let owner = match state.lookups.token_owner(&hash).await {
         Ok(owner) => owner,
         Err(e) => return heartbeat_lost(state, e),
     };

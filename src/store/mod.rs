@@ -70,7 +70,7 @@ impl LostHeartbeats {
     }
 }
 
-/// What [`Store::take_changes`] returns.
+/// What [`Workspaces::take_changes`] returns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Workspaces whose record or token rows changed.
@@ -79,11 +79,11 @@ pub struct Changes {
     pub secrets: bool,
 }
 
+/// Workspace records: identity (uid, given on first sight), incarnation, the restart
+/// budget, the CLI's overrides (operating mode, restart requests), the status, and
+/// the change log the resync sweep reads.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Cheap liveness query (for /readyz).
-    async fn ping(&self) -> StoreResult<()>;
-
+pub trait Workspaces: Send + Sync {
     /// Returns the record for `key`, creating it (new uuid, incarnation 0) on first sight.
     async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord>;
     async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>>;
@@ -115,7 +115,12 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets the workspace (after its container and volume are gone). Token rows stay,
     /// revoked, for audit.
     async fn delete_workspace(&self, uid: &str) -> StoreResult<()>;
+}
 
+/// A workspace's auth tokens: issued, read, expired, revoked, and the owners of
+/// presented ones. (Revoking the stale ones is [`Heartbeats`]': it reads their clocks.)
+#[async_trait]
+pub trait Tokens: Send + Sync {
     /// Issues a token for `incarnation`: 32 random bytes, base64url, stored as sha256 hex.
     async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken>;
     /// Live (not revoked) tokens of a workspace, oldest first.
@@ -133,16 +138,6 @@ pub trait Store: Send + Sync + 'static {
         keep: Option<&str>,
         now: DateTime<Utc>,
     ) -> StoreResult<u64>;
-    /// Revokes live tokens whose COALESCE(last_used_at, created_at) < cutoff. The
-    /// condition is repeated in the UPDATE, so a heartbeat landing after the caller
-    /// looked wins.
-    async fn revoke_stale_tokens(
-        &self,
-        uid: &str,
-        cutoff: DateTime<Utc>,
-        reason: RevokeReason,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64>;
     /// Revokes one live token of the workspace; returns 1, or 0 if it was not live.
     async fn revoke_token(
         &self,
@@ -153,33 +148,54 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<u64>;
     /// Rotation: the live token stays valid until `at`, then is refused (and revoked).
     async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
+    /// The owner of each hash that is a live token, with its hash, in one query (in no
+    /// particular order; unknown and revoked hashes are left out). The registry answers
+    /// concurrent requests with it (store::lookups).
+    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>>;
     /// Resolves a presented token by its hash; live rows only. Does not touch it.
+    /// ([`Tokens::token_owners`] of one; not overridden.)
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
         let mut found = self.token_owners(std::slice::from_ref(&token_hash.to_string())).await?;
         Ok(found.pop().map(|(_, owner)| owner))
     }
-    /// [`Store::token_owner`] for many hashes in one query: the owner of each hash
-    /// that is a live token, with its hash (in no particular order; unknown and
-    /// revoked hashes are left out). The registry answers concurrent requests with it
-    /// (store::lookups).
-    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>>;
-    /// A successful register/heartbeat, written at once: if the token is still live,
-    /// moves its last use, and so its workspace's last heartbeat, forward to `at`
-    /// (never back; a revoked token is not touched). Both are read from the
-    /// `heartbeats` table (see store::heartbeats).
+}
+
+/// The heartbeat clocks (a token's last use, a workspace's last heartbeat): the
+/// writes that move them forward, and the one write decided by them, revoking the
+/// tokens they show stale. The registry's batching (store::heartbeats::Coalescing)
+/// takes this whole role and no other: it holds heartbeats back, so a stale-token
+/// revoke must go through it to write them first.
+#[async_trait]
+pub trait Heartbeats: Send + Sync {
+    /// Heartbeats written at once, in one statement (see store::heartbeats): for each
+    /// token still live, its last use, and so its workspace's last heartbeat, moves
+    /// forward to the heartbeat's time (never back; a revoked token is not touched).
+    /// Returns how many tokens' times moved.
+    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64>;
+    /// A successful heartbeat that may be written a little later: the stores write it
+    /// at once; [`heartbeats::Coalescing`] buffers it and writes it in a batch.
+    async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Revokes live tokens whose last use (else creation) is before `cutoff`. The
+    /// condition is evaluated in the UPDATE, so a heartbeat landing after the caller
+    /// looked wins; so does every heartbeat noted before this call.
+    async fn revoke_stale_tokens(
+        &self,
+        uid: &str,
+        cutoff: DateTime<Utc>,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+    /// A register, or a heartbeat that must be seen at once: written now.
+    /// ([`Heartbeats::record_heartbeats`] of one; not overridden.)
     async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
         let beat = Heartbeat { token_id: token_id.to_string(), workspace_uid: uid.to_string(), at };
         self.record_heartbeats(std::slice::from_ref(&beat)).await.map(|_| ())
     }
-    /// [`Store::record_heartbeat`] for many heartbeats in one statement (see
-    /// store::heartbeats); returns how many tokens' times moved.
-    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64>;
-    /// A successful heartbeat that may be written a little later: the stores write it
-    /// at once; [`heartbeats::Coalescing`] buffers it and writes it in a batch.
-    async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.record_heartbeat(token_id, uid, at).await
-    }
+}
 
+/// Sealed secrets (crate::secrets seals and opens them).
+#[async_trait]
+pub trait Secrets: Send + Sync {
     /// Stores a sealed secret (insert or replace); returns its new version.
     async fn put_secret(
         &self,
@@ -192,48 +208,54 @@ pub trait Store: Send + Sync + 'static {
     async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>>;
     /// Deletes a secret; false when there was none.
     async fn delete_secret(&self, scope: &str, name: &str) -> StoreResult<bool>;
+}
 
+/// The last decisions per workspace, for `describe`.
+#[async_trait]
+pub trait DecisionLog: Send + Sync {
+    /// Appends a decision and keeps only the workspace's last `keep_last`.
     async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()>;
     /// Newest first.
     async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>>;
+}
 
-    // Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps
-    // one global revision in its own transaction; the object takes that value as its
-    // resource_version (also written into body.metadata.resourceVersion). Both real
-    // stores implement these; the defaults are for test doubles that keep no objects.
-
-    async fn get_object(&self, _kind: &str, _namespace: &str, _name: &str) -> StoreResult<Option<StoredObject>> {
-        Err(no_objects())
-    }
+/// Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps
+/// one global revision in its own transaction; the object takes that value as its
+/// resource_version (also written into body.metadata.resourceVersion).
+#[async_trait]
+pub trait Objects: Send + Sync {
+    async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>>;
     /// Objects of `kind` (in `namespace`, or all), ordered by namespace and name, and
     /// the revision they were read at.
-    async fn list_objects(&self, _kind: &str, _namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
-        Err(no_objects())
-    }
+    async fn list_objects(&self, kind: &str, namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)>;
     /// Writes `object` whole. `expected` None creates (Conflict if it exists);
     /// Some(rv) updates only if the stored resource_version is still rv.
-    async fn put_object(&self, _object: &StoredObject, _expected: Option<i64>) -> StoreResult<ObjectWrite> {
-        Err(no_objects())
-    }
+    async fn put_object(&self, object: &StoredObject, expected: Option<i64>) -> StoreResult<ObjectWrite>;
     /// Removes an object (only if its resource_version is `expected`, when given);
     /// returns it with the resource_version of the deletion.
     async fn delete_object(
         &self,
-        _kind: &str,
-        _namespace: &str,
-        _name: &str,
-        _expected: Option<i64>,
-    ) -> StoreResult<ObjectWrite> {
-        Err(no_objects())
-    }
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<ObjectWrite>;
     /// The current global revision (0 before any object write).
-    async fn object_revision(&self) -> StoreResult<i64> {
-        Err(no_objects())
-    }
+    async fn object_revision(&self) -> StoreResult<i64>;
 }
 
-fn no_objects() -> StoreError {
-    StoreError::Invalid("this store keeps no Kubernetes API objects".into())
+/// The whole store, every role: what the operator's wiring holds and hands out.
+/// A caller that needs one role asks for that role (`&dyn Tokens`, `Arc<dyn
+/// Objects>`); a `DynStore` coerces to it.
+#[async_trait]
+pub trait Store: Workspaces + Tokens + Heartbeats + Secrets + DecisionLog + Objects + 'static {
+    /// Cheap liveness query (for /readyz).
+    async fn ping(&self) -> StoreResult<()>;
+    /// This store (the same connections) with its heartbeat role taken by
+    /// `heartbeats`: how the operator puts the registry's batching in front of it
+    /// (store::heartbeats). `self` keeps writing its own heartbeats, which is what
+    /// `heartbeats` must write through.
+    fn with_heartbeats(&self, heartbeats: Arc<dyn Heartbeats>) -> DynStore;
 }
 
 /// One object of the local Kubernetes API: the whole object as JSON plus the

@@ -31,7 +31,7 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 pub type PostgresStore = SqlStore<Postgres>;
 
 impl SqlStore<Postgres> {
-    /// Connects (failing within [`CONNECT_TIMEOUT`] when the server does not answer)
+    /// Connects (failing within `CONNECT_TIMEOUT` when the server does not answer)
     /// and applies the migrations.
     pub async fn connect(url: &str) -> StoreResult<Self> {
         Self::connect_fenced(url, None).await

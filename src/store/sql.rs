@@ -13,6 +13,8 @@
 //! (sqlx's `Any` driver would lose both: it binds no arrays and knows no
 //! timestamptz or jsonb.)
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -20,7 +22,11 @@ use sqlx::query::Query;
 use sqlx::types::Json;
 use sqlx::{Pool, Row};
 
-use super::{Changes, ObjectWrite, Store, StoreError, StoreResult, StoredObject, heartbeats::latest_per_token, token};
+use super::heartbeats::latest_per_token;
+use super::{
+    Changes, DecisionLog, DynStore, Heartbeats, ObjectWrite, Objects, Secrets, Store, StoreError, StoreResult,
+    StoredObject, Tokens, Workspaces, token,
+};
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
     DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
@@ -70,14 +76,17 @@ pub trait Dialect: sqlx::Database {
 /// A store on a SQL database: the same code for every [`Dialect`].
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D>,
-    /// Connections for [`Store::token_owners`] only, the registry's hot path: Postgres
+    /// Connections for [`Tokens::token_owners`] only, the registry's hot path: Postgres
     /// gives them a pool of their own (see postgres.rs); SQLite shares `pool`.
     lookups: Pool<D>,
+    /// What takes the heartbeat role when one is put in front of this store
+    /// ([`Store::with_heartbeats`]: the registry's batching); None: written here.
+    heartbeats: Option<Arc<dyn Heartbeats>>,
 }
 
 impl<D: Dialect> SqlStore<D> {
     pub(super) fn new(pool: Pool<D>, lookups: Pool<D>) -> Self {
-        Self { pool, lookups }
+        Self { pool, lookups, heartbeats: None }
     }
 }
 
@@ -113,7 +122,7 @@ macro_rules! secret_columns {
     };
 }
 
-/// What [`Store::revoke_stale_tokens`] runs (binds: uid, cutoff, now, reason): the
+/// What [`Heartbeats::revoke_stale_tokens`] runs (binds: uid, cutoff, now, reason): the
 /// staleness condition is evaluated by the database, in the UPDATE, so a heartbeat
 /// landing after the caller looked wins. Public so the conformance suite can check
 /// its query plan.
@@ -150,28 +159,28 @@ const BUMP_OBJECT_REVISION: &str = "UPDATE object_revision SET value = value + 1
 /// benchmarks and the conformance suite can EXPLAIN exactly what runs (see
 /// bench/stale_token, bench/registry).
 pub struct Statements {
-    /// `Store::workspace` (and the first look of `ensure_workspace`): one row by key.
+    /// `Workspaces::workspace` (and the first look of `ensure_workspace`): one row by key.
     pub workspace_by_key: String,
-    /// `Store::workspace_by_uid`: one row by uid.
+    /// `Workspaces::workspace_by_uid`: one row by uid.
     pub workspace_by_uid: String,
-    /// `Store::list_workspaces`.
+    /// `Workspaces::list_workspaces`.
     pub workspaces: String,
-    /// `Store::list_workspaces_brief`: every record, or (bind: a list) these keys.
+    /// `Workspaces::list_workspaces_brief`: every record, or (bind: a list) these keys.
     pub workspaces_brief: String,
     pub workspaces_brief_of_keys: String,
-    /// `Store::live_tokens` (what the stale-token and token-file rules look at).
+    /// `Tokens::live_tokens` (what the stale-token and token-file rules look at).
     pub live_tokens: String,
-    /// `Store::all_live_tokens` of some workspaces (bind: a list of uids).
+    /// `Tokens::all_live_tokens` of some workspaces (bind: a list of uids).
     pub live_tokens_of_uids: String,
-    /// `Store::token_owners`: presented tokens' rows (bind: a list of hashes; the
+    /// `Tokens::token_owners`: presented tokens' rows (bind: a list of hashes; the
     /// caller keeps the live ones) and their workspaces.
     pub token_owners: String,
-    /// `Store::record_heartbeats`: each token's row in `heartbeats` moves forward to
+    /// `Heartbeats::record_heartbeats`: each token's row in `heartbeats` moves forward to
     /// its time, only while the token is live (a revoked token's heartbeat leaves no
     /// trace). (`WHERE true`: SQLite needs a WHERE before an upsert's ON CONFLICT
     /// when the SELECT has a join.)
     pub record_heartbeats: String,
-    /// `Store::secrets` for some scopes (bind: a list of scope names).
+    /// `Secrets::secrets` for some scopes (bind: a list of scope names).
     pub secrets_of_scopes: String,
 }
 
@@ -304,12 +313,7 @@ macro_rules! sql_store {
         }
 
         #[async_trait]
-        impl Store for SqlStore<D> {
-            async fn ping(&self) -> StoreResult<()> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
-                Ok(())
-            }
-
+        impl Workspaces for SqlStore<D> {
             async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord> {
                 if let Some(record) = self.workspace(key).await? {
                     return Ok(record);
@@ -446,7 +450,10 @@ macro_rules! sql_store {
                 tx.commit().await?;
                 Ok(())
             }
+        }
 
+        #[async_trait]
+        impl Tokens for SqlStore<D> {
             async fn issue_token(
                 &self,
                 uid: &str,
@@ -518,23 +525,6 @@ macro_rules! sql_store {
                 Ok(done.rows_affected())
             }
 
-            async fn revoke_stale_tokens(
-                &self,
-                uid: &str,
-                cutoff: DateTime<Utc>,
-                reason: RevokeReason,
-                now: DateTime<Utc>,
-            ) -> StoreResult<u64> {
-                let done = sqlx::query(REVOKE_STALE_TOKENS)
-                    .bind(uid)
-                    .bind(D::time(cutoff))
-                    .bind(D::time(now))
-                    .bind(reason.as_str())
-                    .execute(&self.pool)
-                    .await?;
-                Ok(done.rows_affected())
-            }
-
             async fn revoke_token(
                 &self,
                 uid: &str,
@@ -597,8 +587,14 @@ macro_rules! sql_store {
                 }
                 Ok(owners)
             }
+        }
 
+        #[async_trait]
+        impl Heartbeats for SqlStore<D> {
             async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64> {
+                if let Some(front) = &self.heartbeats {
+                    return front.record_heartbeats(beats).await;
+                }
                 if beats.is_empty() {
                     return Ok(0);
                 }
@@ -608,6 +604,36 @@ macro_rules! sql_store {
                 Ok(done.rows_affected())
             }
 
+            async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+                match &self.heartbeats {
+                    Some(front) => front.note_heartbeat(token_id, uid, at).await,
+                    None => self.record_heartbeat(token_id, uid, at).await,
+                }
+            }
+
+            async fn revoke_stale_tokens(
+                &self,
+                uid: &str,
+                cutoff: DateTime<Utc>,
+                reason: RevokeReason,
+                now: DateTime<Utc>,
+            ) -> StoreResult<u64> {
+                if let Some(front) = &self.heartbeats {
+                    return front.revoke_stale_tokens(uid, cutoff, reason, now).await;
+                }
+                let done = sqlx::query(REVOKE_STALE_TOKENS)
+                    .bind(uid)
+                    .bind(D::time(cutoff))
+                    .bind(D::time(now))
+                    .bind(reason.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+        }
+
+        #[async_trait]
+        impl Secrets for SqlStore<D> {
             async fn put_secret(
                 &self,
                 scope: &str,
@@ -654,7 +680,10 @@ macro_rules! sql_store {
                     .await?;
                 Ok(done.rows_affected() > 0)
             }
+        }
 
+        #[async_trait]
+        impl DecisionLog for SqlStore<D> {
             async fn append_decision(
                 &self,
                 uid: &str,
@@ -708,7 +737,10 @@ macro_rules! sql_store {
                     })
                     .collect()
             }
+        }
 
+        #[async_trait]
+        impl Objects for SqlStore<D> {
             async fn get_object(
                 &self,
                 kind: &str,
@@ -816,6 +848,19 @@ macro_rules! sql_store {
 
             async fn object_revision(&self) -> StoreResult<i64> {
                 Ok(sqlx::query_scalar(OBJECT_REVISION).fetch_one(&self.pool).await?)
+            }
+        }
+
+        #[async_trait]
+        impl Store for SqlStore<D> {
+            async fn ping(&self) -> StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            fn with_heartbeats(&self, heartbeats: Arc<dyn Heartbeats>) -> DynStore {
+                let (pool, lookups) = (self.pool.clone(), self.lookups.clone());
+                Arc::new(Self { pool, lookups, heartbeats: Some(heartbeats) })
             }
         }
     };

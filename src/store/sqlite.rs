@@ -1,7 +1,7 @@
 //! SQLite: the embedded state file of local mode (`STATE/state.db`), and what the
 //! SQL store (sql.rs) does differently on it.
 //!
-//! Timestamps are TEXT in one fixed-width UTC form (see [`ts`]), so text order is
+//! Timestamps are TEXT in one fixed-width UTC form (see `ts`), so text order is
 //! time order and the stale-token condition is evaluated by SQLite itself (DESIGN.md,
 //! "SQLite timestamps"). Lists are bound as one JSON array and read with `json_each`.
 
