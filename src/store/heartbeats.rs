@@ -132,8 +132,8 @@ impl HeartbeatBuffer {
 }
 
 /// The latest heartbeat of each token, sorted by token id: what a batch write
-/// binds. (An UPDATE ... FROM joining a row to several source rows uses one of them,
-/// unspecified which; sorted, concurrent batches lock token rows in one order.)
+/// binds. (Postgres's upsert may not touch a row twice in one statement; sorted,
+/// concurrent batches lock token rows in one order.)
 pub(crate) fn latest_per_token(beats: &[Heartbeat]) -> Vec<&Heartbeat> {
     let mut sorted: Vec<&Heartbeat> = beats.iter().collect();
     // Latest first within a token, so dedup keeps it.
@@ -189,6 +189,7 @@ impl Coalescing {
     pub fn sharing(&self, store: Arc<dyn Heartbeats>) -> Self {
         Self { inner: store, writer: self.writer.clone(), buffer: self.buffer.clone(), lost: self.lost.clone() }
     }
+
     pub fn buffer(&self) -> &Arc<HeartbeatBuffer> {
         &self.buffer
     }

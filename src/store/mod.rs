@@ -1,7 +1,10 @@
 //! Where state lives: workspace identities and incarnations, token rows, heartbeats,
-//! status and the decision log. One trait, one SQL store (sql.rs) with a dialect per
-//! database (sqlite.rs, postgres.rs), one conformance suite
-//! (tests/store_conformance.rs) run against both.
+//! status, sealed secrets, the decision log and the local Kubernetes API's objects.
+//! One trait per role ([`Workspaces`], [`Tokens`], [`Heartbeats`], [`Secrets`],
+//! [`DecisionLog`], [`Objects`]; [`Store`] is all of them, as the wiring holds it),
+//! one SQL store (sql.rs) with a dialect per database (sqlite.rs, postgres.rs), one
+//! conformance suite (tests/store_conformance.rs) run against both. The types the
+//! rest of the operator reads (token rows, workspace records, ...) are crate::model's.
 
 pub mod heartbeats;
 pub mod lease;
@@ -283,6 +286,7 @@ pub enum ObjectWrite {
     Conflict { current: Option<i64> },
 }
 
+/// The whole store, as the wiring holds and shares it.
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store a URL names (see `url::DatabaseUrl`: an unknown scheme is an error).
