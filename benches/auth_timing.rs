@@ -17,8 +17,9 @@ use chrono::Utc;
 use http::Request;
 use http_body_util::BodyExt;
 use molecule::metrics::Metrics;
+use molecule::model::RevokeReason;
 use molecule::registry::AppState;
-use molecule::store::{RevokeReason, token};
+use molecule::store::token;
 use tower::ServiceExt;
 
 struct Kind {

@@ -455,9 +455,9 @@ fn serve(store: DynStore, batched: bool, flush: Duration) -> Server {
                 let (_desired_tx, desired_rx) = watch::channel(Arc::new(desired));
                 let stop_flusher = tokio_util::sync::CancellationToken::new();
                 let (store, flusher): (DynStore, _) = if batched {
-                    let coalescing = Arc::new(Coalescing::new(store, Arc::default()));
+                    let coalescing = Arc::new(Coalescing::new(store.clone(), Arc::default()));
                     let flusher = coalescing.spawn_flusher(flush, stop_flusher.clone());
-                    (coalescing, Some(flusher))
+                    (store.with_heartbeats(coalescing), Some(flusher))
                 } else {
                     (store, None)
                 };

@@ -346,7 +346,7 @@ impl Bench {
                 }
             })
             .await;
-        let online = |r: &molecule::store::WorkspaceRecord| {
+        let online = |r: &molecule::model::WorkspaceRecord| {
             r.status
                 .as_ref()
                 .and_then(|s| molecule::api::condition::find(&s.conditions, "AgentOnline"))
@@ -381,9 +381,9 @@ async fn run_one(n: usize, store_url: Option<String>) -> Result {
     let agent = AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 30 };
     // As the operator runs it: heartbeats coalesced, everything else straight through.
     let shutdown = CancellationToken::new();
-    let coalescing = Arc::new(Coalescing::new(store, Arc::default()));
+    let coalescing = Arc::new(Coalescing::new(store.clone(), Arc::default()));
     let flusher = coalescing.spawn_flusher(DEFAULT_FLUSH_INTERVAL, shutdown.clone());
-    let store: DynStore = coalescing;
+    let store = store.with_heartbeats(coalescing);
     let mut ctx =
         Context::new("bench".into(), sim.clone(), store.clone(), desired_rx, settings, agent, Arc::new(Metrics::new()));
     // Full sweeps only when the benchmark asks for one (Kick::FullResync).

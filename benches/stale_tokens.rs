@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SubsecRound, Utc};
 use common::pg::Cluster;
 use common::{Args, Report, Stats, ms};
-use molecule::store::{self, DynStore, Heartbeat, RevokeReason};
+use molecule::model::{Heartbeat, RevokeReason};
+use molecule::store::{self, DynStore};
 use sqlx::{Connection, Row};
 
 /// Token rows per ordinary workspace (the last one live).
@@ -632,21 +633,22 @@ async fn plans(s: &Subject) -> String {
             let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
             let cut = ts_sqlite(cutoff);
             let now = ts_sqlite(s.base);
+            let sql = store::sqlite::statements();
             let list: Vec<(&str, &str, Vec<String>)> = vec![
-                ("live_tokens", store::sqlite::LIVE_TOKENS_SQL, vec![uid(w)]),
+                ("live_tokens", &sql.live_tokens, vec![uid(w)]),
                 (
                     "revoke_stale_tokens",
-                    store::sqlite::REVOKE_STALE_TOKENS_SQL,
+                    store::sql::REVOKE_STALE_TOKENS,
                     vec![uid(w), cut.clone(), now.clone(), "container-missing".into()],
                 ),
-                ("ensure_workspace / workspace", store::sqlite::WORKSPACE_BY_KEY_SQL, vec![key(1)]),
+                ("ensure_workspace / workspace", &sql.workspace_by_key, vec![key(1)]),
                 (
                     "secrets",
-                    store::sqlite::SECRETS_OF_SCOPES_SQL,
+                    &sql.secrets_of_scopes,
                     vec![r#"["global","team:default/eng","workspace:default/ws-10"]"#.into()],
                 ),
-                ("token_owner(s)", store::sqlite::TOKEN_OWNERS_SQL, vec![format!("[\"{hash}\"]")]),
-                ("record_heartbeats, a batch of 500", store::sqlite::HEARTBEATS_SQL, vec![batch_json(s.base)]),
+                ("token_owner(s)", &sql.token_owners, vec![format!("[\"{hash}\"]")]),
+                ("record_heartbeats, a batch of 500", &sql.record_heartbeats, vec![batch_json(s.base)]),
                 ("(comparison) the original sweeper's SELECT", SWEEP_SQLITE, vec![cut.clone()]),
             ];
             for (name, sql, binds) in list {
@@ -665,6 +667,7 @@ async fn plans(s: &Subject) -> String {
         }
         Kind::Postgres => {
             let mut conn = sqlx::PgConnection::connect(&s.url).await.unwrap();
+            let sql = store::postgres::statements();
             macro_rules! explain {
                 ($name:expr, $sql:expr, $($bind:expr),*) => {{
                     let mut tx = conn.begin().await.unwrap();
@@ -680,24 +683,24 @@ async fn plans(s: &Subject) -> String {
                     out.push('\n');
                 }};
             }
-            explain!("live_tokens", store::postgres::LIVE_TOKENS_SQL, uid(w));
+            explain!("live_tokens", &sql.live_tokens, uid(w));
             explain!(
                 "revoke_stale_tokens",
-                store::postgres::REVOKE_STALE_TOKENS_SQL,
+                store::sql::REVOKE_STALE_TOKENS,
                 uid(w),
                 cutoff,
                 s.base,
                 "container-missing"
             );
-            explain!("ensure_workspace / workspace", store::postgres::WORKSPACE_BY_KEY_SQL, key(1));
+            explain!("ensure_workspace / workspace", &sql.workspace_by_key, key(1));
             explain!(
                 "secrets",
-                store::postgres::SECRETS_OF_SCOPES_SQL,
+                &sql.secrets_of_scopes,
                 vec!["global".to_string(), "team:default/eng".into(), "workspace:default/ws-10".into()]
             );
-            explain!("token_owner(s)", store::postgres::TOKEN_OWNERS_SQL, vec![hash.clone()]);
+            explain!("token_owner(s)", &sql.token_owners, vec![hash.clone()]);
             let (ids, uids, times) = batch_arrays(s.base);
-            explain!("record_heartbeats, a batch of 500", store::postgres::HEARTBEATS_SQL, ids, uids, times);
+            explain!("record_heartbeats, a batch of 500", &sql.record_heartbeats, ids, uids, times);
             explain!("(comparison) the original sweeper's SELECT", SWEEP_POSTGRES, cutoff);
         }
     }

@@ -11,6 +11,7 @@ pub mod health;
 pub mod kubeapi;
 pub mod memory;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod observe;
 pub mod operator;

@@ -147,10 +147,10 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // every 100 ms (store::heartbeats explains why the rules stay correct).
     // Heartbeats it could not write are noted where the heartbeat rule reads them.
     let lost_heartbeats = Arc::new(crate::store::LostHeartbeats::default());
-    let heartbeats = Arc::new(crate::store::heartbeats::Coalescing::new(store, lost_heartbeats.clone()));
+    let heartbeats = Arc::new(crate::store::heartbeats::Coalescing::new(store.clone(), lost_heartbeats.clone()));
     let heartbeat_flusher =
         heartbeats.spawn_flusher(crate::store::heartbeats::DEFAULT_FLUSH_INTERVAL, shutdown.clone());
-    let store: crate::store::DynStore = heartbeats.clone();
+    let store = store.with_heartbeats(heartbeats.clone());
     let admin_token = registry::load_or_create_admin_token(&args.state)
         .with_context(|| format!("cannot read or create the admin token in {}", args.state.display()))?;
     // Failed admin-token guesses count here, on the admin API and the Kubernetes API alike.
@@ -352,7 +352,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         Some(url) => {
             let ttl = Duration::from_secs(args.lease_seconds.max(2));
             let fenced = lead_with_postgres_lease(url, &instance, ttl, lease_unconfirmed.clone(), &shutdown).await?;
-            Arc::new(heartbeats.sharing(fenced))
+            fenced.with_heartbeats(Arc::new(heartbeats.sharing(fenced.clone())))
         }
         None => store,
     };

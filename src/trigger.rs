@@ -6,7 +6,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::WorkspaceStatus;
-use crate::store::DecisionRecord;
+use crate::model::DecisionRecord;
 
 /// Why a workspace is to be reconciled: what the metrics count, and what the loop may
 /// do differently because of it.

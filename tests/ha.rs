@@ -5,9 +5,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use molecule::model::RevokeReason;
 use molecule::store::lease::{Lease, is_fenced};
 use molecule::store::postgres::PostgresStore;
-use molecule::store::{RevokeReason, Store};
+use molecule::store::{Heartbeats, Tokens, Workspaces};
 use support::operator::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use molecule::api::{Condition, ConditionStatus, Phase, WorkspaceStatus};
 use molecule::metrics::Metrics;
+use molecule::model::{Heartbeat, IssuedToken, RevokeReason, WorkspaceRecord};
 use molecule::registry::{self, AppState};
 use molecule::source::desired::DesiredSet;
 use molecule::store::heartbeats::Coalescing;
-use molecule::store::{self, DynStore, Heartbeat, IssuedToken, LostHeartbeats, RevokeReason, Store, WorkspaceRecord};
+use molecule::store::{self, DynStore, LostHeartbeats};
 use molecule::trigger::{Request, Trigger, Why};
 use tokio::sync::{mpsc, watch};
 
@@ -71,6 +72,14 @@ async fn last_heartbeat(store: &DynStore, uid: &str) -> Option<DateTime<Utc>> {
     store.workspace_by_uid(uid).await.unwrap().unwrap().last_heartbeat_at
 }
 
+/// `raw` with its heartbeats batched, as the operator wires it: the batching (to
+/// flush and look into) and the whole store, whose heartbeat role it takes.
+fn batched(raw: &DynStore, lost: Arc<LostHeartbeats>) -> (Arc<Coalescing>, DynStore) {
+    let batching = Arc::new(Coalescing::new(raw.clone(), lost));
+    let store = raw.with_heartbeats(batching.clone());
+    (batching, store)
+}
+
 fn beat(tok: &IssuedToken, at: DateTime<Utc>) -> Heartbeat {
     Heartbeat { token_id: tok.row.id.clone(), workspace_uid: tok.row.workspace_uid.clone(), at }
 }
@@ -114,23 +123,23 @@ mod cases {
     /// them in one go; nothing else about the store changes.
     pub async fn noted_heartbeats_are_written_by_the_flush(db: &Db) {
         let raw = db.open().await;
-        let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
+        let (batching, store) = batched(&raw, Arc::default());
         let (a, ta) = workspace(&raw, "a").await;
         let (b, tb) = workspace(&raw, "b").await;
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(2)).await.unwrap();
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(3)).await.unwrap();
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(1)).await.unwrap();
         store.note_heartbeat(&tb.row.id, &b.uid, t0() + secs(4)).await.unwrap();
-        assert_eq!(store.buffer().len(), 2, "one entry per token");
+        assert_eq!(batching.buffer().len(), 2, "one entry per token");
         assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, None, "not written yet");
         assert_eq!(last_heartbeat(&raw, &a.uid).await, None);
 
-        assert_eq!(store.flush().await.unwrap(), 2);
-        assert!(store.buffer().is_empty());
+        assert_eq!(batching.flush().await.unwrap(), 2);
+        assert!(batching.buffer().is_empty());
         assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, Some(t0() + secs(3)), "the latest wins");
         assert_eq!(last_heartbeat(&raw, &a.uid).await, Some(t0() + secs(3)));
         assert_eq!(last_used(&raw, &b.uid, &tb.row.id).await, Some(t0() + secs(4)));
-        assert_eq!(store.flush().await.unwrap(), 0, "nothing left");
+        assert_eq!(batching.flush().await.unwrap(), 0, "nothing left");
 
         // record_heartbeat (registers, status catch-up) writes at once.
         store.record_heartbeat(&tb.row.id, &b.uid, t0() + secs(9)).await.unwrap();
@@ -141,14 +150,14 @@ mod cases {
     /// neither touches it nor makes its workspace look alive.
     pub async fn a_revoke_wins_over_a_pending_heartbeat(db: &Db) {
         let raw = db.open().await;
-        let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
+        let (batching, store) = batched(&raw, Arc::default());
         let (a, ta) = workspace(&raw, "a").await;
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(10)).await.unwrap();
         assert_eq!(
             store.revoke_tokens(&a.uid, RevokeReason::TokenFileMismatch, None, t0() + secs(5)).await.unwrap(),
             1
         );
-        store.flush().await.unwrap();
+        batching.flush().await.unwrap();
         let row = &store.token_history(&a.uid, 1).await.unwrap()[0];
         assert_eq!(row.revoked_at, Some(t0() + secs(5)));
         assert_eq!(row.revoke_reason.as_deref(), Some("token-file-mismatch"));
@@ -160,7 +169,7 @@ mod cases {
         let (b, tb) = workspace(&raw, "b").await;
         store.note_heartbeat(&tb.row.id, &b.uid, t0() + secs(10)).await.unwrap();
         store.delete_workspace(&b.uid).await.unwrap();
-        store.flush().await.unwrap();
+        batching.flush().await.unwrap();
         assert_eq!(store.workspace_by_uid(&b.uid).await.unwrap(), None);
         let row = &store.token_history(&b.uid, 1).await.unwrap()[0];
         assert_eq!((row.last_used_at, row.revoke_reason.as_deref()), (None, Some("deleted")));
@@ -171,7 +180,7 @@ mod cases {
     /// the condition, so the heartbeat wins, as it does with one write per heartbeat.
     pub async fn a_pending_heartbeat_protects_the_token_from_the_stale_rule(db: &Db) {
         let raw = db.open().await;
-        let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
+        let (_, store) = batched(&raw, Arc::default());
         let (a, ta) = workspace(&raw, "a").await;
         let now = t0() + Duration::minutes(6);
         let cutoff = now - Duration::minutes(5);
@@ -193,9 +202,9 @@ mod cases {
     /// already running, or its own) writes the heartbeat.
     pub async fn concurrent_flushes_never_let_a_revoke_pass_a_noted_heartbeat(db: &Db) {
         let raw = db.open().await;
-        let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
+        let (batching, store) = batched(&raw, Arc::default());
         let stop = tokio_util::sync::CancellationToken::new();
-        let flusher = store.spawn_flusher(std::time::Duration::from_millis(1), stop.clone());
+        let flusher = batching.spawn_flusher(std::time::Duration::from_millis(1), stop.clone());
         let mut workspaces = Vec::new();
         for i in 0..8 {
             workspaces.push(workspace(&raw, &format!("w{i}")).await);
@@ -230,9 +239,9 @@ mod cases {
         let raw = db.open().await;
         let (a, ta) = workspace(&raw, "a").await;
         {
-            let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
+            let (batching, store) = batched(&raw, Arc::default());
             store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(30)).await.unwrap();
-            store.flush().await.unwrap();
+            batching.flush().await.unwrap();
             store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(60)).await.unwrap();
             // The process dies here: no flush.
         }
@@ -241,9 +250,9 @@ mod cases {
         assert_eq!(last_used(&restarted, &a.uid, &ta.row.id).await, Some(t0() + secs(30)));
         assert_eq!(last_heartbeat(&restarted, &a.uid).await, Some(t0() + secs(30)));
         assert!(restarted.token_owner(&ta.row.token_hash).await.unwrap().is_some(), "the token is still live");
-        let store = Arc::new(Coalescing::new(restarted.clone(), Arc::default()));
+        let (batching, store) = batched(&restarted, Arc::default());
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(90)).await.unwrap();
-        store.flush().await.unwrap();
+        batching.flush().await.unwrap();
         assert_eq!(last_heartbeat(&restarted, &a.uid).await, Some(t0() + secs(90)));
     }
 
@@ -252,16 +261,16 @@ mod cases {
     pub async fn a_failed_flush_keeps_its_heartbeats(db: &Db) {
         let raw = db.open().await;
         let lost = Arc::new(LostHeartbeats::default());
-        let store = Arc::new(Coalescing::new(raw.clone(), lost.clone()));
+        let (batching, store) = batched(&raw, lost.clone());
         let (a, ta) = workspace(&raw, "a").await;
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(10)).await.unwrap();
-        assert_eq!(store.flush().await.unwrap(), 1);
+        assert_eq!(batching.flush().await.unwrap(), 1);
         assert_eq!(lost.last(), None, "a flush that succeeds notes nothing");
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(15)).await.unwrap();
         execute(db, "ALTER TABLE heartbeats RENAME TO heartbeats_away").await;
         let failed_at = Utc::now();
-        assert!(store.flush().await.is_err());
-        assert_eq!(store.buffer().len(), 1, "kept");
+        assert!(batching.flush().await.is_err());
+        assert_eq!(batching.buffer().len(), 1, "kept");
         // The heartbeats it could not write were answered before it failed: noted as
         // lost, so the heartbeat rule counts no silence of their agents from before.
         assert!(lost.last().is_some_and(|t| t >= failed_at), "noted: {:?}", lost.last());
@@ -274,7 +283,7 @@ mod cases {
         execute(db, "ALTER TABLE heartbeats_away RENAME TO heartbeats").await;
         // Nothing half-written: the failed statement changed nothing.
         assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, Some(t0() + secs(10)));
-        assert_eq!(store.flush().await.unwrap(), 1);
+        assert_eq!(batching.flush().await.unwrap(), 1);
         assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, Some(t0() + secs(20)));
         assert_eq!(last_heartbeat(&raw, &a.uid).await, Some(t0() + secs(20)));
     }
@@ -282,14 +291,15 @@ mod cases {
     /// Postgres HA: the leader's fenced store is another store on the same database;
     /// sharing the registry's buffer, its stale-token revoke still flushes first.
     pub async fn a_store_sharing_the_buffer_flushes_before_its_revoke(db: &Db) {
-        let registry_store = Arc::new(Coalescing::new(db.open().await, Arc::default()));
-        let leader: DynStore = Arc::new(registry_store.sharing(db.open().await));
+        let (registry_batching, registry_store) = batched(&db.open().await, Arc::default());
+        let fenced = db.open().await;
+        let leader = fenced.with_heartbeats(Arc::new(registry_batching.sharing(fenced.clone())));
         let (a, ta) = workspace(&leader, "a").await;
         let now = t0() + Duration::minutes(6);
         registry_store.note_heartbeat(&ta.row.id, &a.uid, now).await.unwrap();
         let cutoff = now - Duration::minutes(5);
         assert_eq!(leader.revoke_stale_tokens(&a.uid, cutoff, RevokeReason::ContainerMissing, now).await.unwrap(), 0);
-        assert!(registry_store.buffer().is_empty());
+        assert!(registry_batching.buffer().is_empty());
     }
 
     /// A flush that hangs (another connection holds the write lock) notes the
@@ -299,11 +309,11 @@ mod cases {
     pub async fn a_hanging_flush_notes_its_heartbeats_as_lost(db: &Db) {
         let raw = db.open().await;
         let lost = Arc::new(LostHeartbeats::default());
-        let store = Arc::new(Coalescing::new(raw.clone(), lost.clone()));
+        let (batching, store) = batched(&raw, lost.clone());
         let (a, ta) = workspace(&raw, "a").await;
         let lock = WriteLock::take(db).await;
         let stop = tokio_util::sync::CancellationToken::new();
-        let flusher = store.spawn_flusher(std::time::Duration::from_millis(10), stop.clone());
+        let flusher = batching.spawn_flusher(std::time::Duration::from_millis(10), stop.clone());
         store.note_heartbeat(&ta.row.id, &a.uid, t0() + secs(10)).await.unwrap();
         wait_for("the stalled flush to note lost heartbeats", || async { lost.last().is_some() }).await;
         assert_eq!(last_used(&raw, &a.uid, &ta.row.id).await, None, "not written while the lock is held");
@@ -321,7 +331,7 @@ mod cases {
     pub async fn the_registry_notes_a_heartbeat_it_cannot_record(db: &Db) {
         let raw = db.open().await;
         let lost = Arc::new(LostHeartbeats::default());
-        let store = Arc::new(Coalescing::new(raw.clone(), lost.clone()));
+        let (_, store) = batched(&raw, lost.clone());
         let (a, ta) = workspace(&raw, "a").await;
         let (url, _triggers, _stop) = serve_noting(store.clone(), lost.clone()).await;
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -347,7 +357,7 @@ mod cases {
     /// workspace whose status lags is written at once and queues a reconcile.
     pub async fn the_registry_refuses_a_revoked_token_at_once(db: &Db) {
         let raw = db.open().await;
-        let store = Arc::new(Coalescing::new(raw.clone(), Arc::default()));
+        let (batching, store) = batched(&raw, Arc::default());
         let (online, tok) = workspace(&raw, "online").await;
         raw.save_status(&online.uid, &online_status()).await.unwrap();
         let (behind, tok_behind) = workspace(&raw, "behind").await;
@@ -361,16 +371,16 @@ mod cases {
         };
 
         assert_eq!(call("/registry/heartbeat", &tok, &online.uid).await.unwrap().status(), 200);
-        assert_eq!(store.buffer().len(), 1, "batched");
+        assert_eq!(batching.buffer().len(), 1, "batched");
         assert_eq!(last_heartbeat(&raw, &online.uid).await, None);
         assert!(triggers.try_recv().is_err(), "the status shows the agent online: nothing queued");
 
         assert_eq!(raw.revoke_tokens(&online.uid, RevokeReason::TokenFileMismatch, None, Utc::now()).await.unwrap(), 1);
         assert_eq!(call("/registry/heartbeat", &tok, &online.uid).await.unwrap().status(), 401);
-        assert_eq!(store.buffer().len(), 1, "the refused heartbeat is not noted");
+        assert_eq!(batching.buffer().len(), 1, "the refused heartbeat is not noted");
         let (key, why) = queued(&mut triggers);
         assert_eq!((key.as_str(), why), ("default/online", Why::TokenRefused));
-        store.flush().await.unwrap();
+        batching.flush().await.unwrap();
         assert_eq!(last_heartbeat(&raw, &online.uid).await, None, "the revoke won over the pending heartbeat");
 
         assert_eq!(call("/registry/register", &tok_behind, &behind.uid).await.unwrap().status(), 200);

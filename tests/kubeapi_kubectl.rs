@@ -35,7 +35,7 @@ async fn kubectl_applies_gets_describes_patches_and_deletes() {
         added.push(change.object["metadata"]["name"].as_str().unwrap_or_default().to_string());
     }
     assert!(added.contains(&"dev-lead".to_string()) && added.contains(&"engineering".to_string()), "{added:?}");
-    let (workspaces, teams) = kubeapi::declared(&store).await.expect("the declared objects read");
+    let (workspaces, teams) = kubeapi::declared(store.as_ref()).await.expect("the declared objects read");
     assert_eq!((workspaces.len(), teams.len()), (added.len() - 1, 1), "{added:?}");
     // Applying again changes nothing.
     let out = server.ok(&["apply", "-f", "examples/org/"]).await;

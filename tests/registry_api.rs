@@ -17,10 +17,11 @@ use molecule::api::{
 };
 use molecule::cli::{self, ClientArgs, ClientCommand, DescribeArgs, GetArgs, GetKind, OutputFormat, VerbArgs};
 use molecule::metrics::Metrics;
+use molecule::model::{DecisionRecord, IssuedToken, RevokeReason, WorkspaceRecord};
 use molecule::registry::views::{ActionResponse, TeamSummary, WorkspaceDetail, WorkspaceSummary};
 use molecule::registry::{self, AppState};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
-use molecule::store::{DecisionRecord, DynStore, IssuedToken, RevokeReason, WorkspaceRecord, token};
+use molecule::store::{DynStore, token};
 use molecule::trigger::{Request, Trigger};
 
 // ---------------------------------------------------------------------------

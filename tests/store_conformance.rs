@@ -14,7 +14,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use molecule::api::{
     Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, SourceRef, TokenStatus, WorkspaceStatus,
 };
-use molecule::store::{self, DecisionRecord, DynStore, ObjectWrite, RevokeReason, StoreError, StoredObject, token};
+use molecule::model::{self, DecisionRecord, RevokeReason};
+use molecule::store::{self, DynStore, ObjectWrite, StoreError, StoredObject, token};
 use sqlx::{Connection, Row};
 
 /// A store under test, and the way to look at its database behind its back.
@@ -281,11 +282,11 @@ mod cases {
         assert_eq!(found, expected);
     }
 
-    /// The registry's store answers concurrent lookups in batches (store::lookups):
-    /// each caller still gets its own token's owner, and a token revoked before a
-    /// lookup begins is refused by it.
+    /// The registry answers concurrent lookups in batches (store::lookups): each
+    /// caller still gets its own token's owner, and a token revoked before a lookup
+    /// begins is refused by it.
     pub async fn concurrent_lookups_through_the_registry_store_get_their_own_answers(s: &Subject) {
-        let registry: DynStore = Arc::new(store::heartbeats::Coalescing::new(s.store.clone(), Arc::default()));
+        let registry = store::lookups::TokenLookups::new(s.store.clone());
         let mut tokens = Vec::new();
         for i in 0..20 {
             let ws = s.store.ensure_workspace(&format!("default/ws-{i}"), t0()).await.unwrap();
@@ -345,7 +346,7 @@ mod cases {
         ];
         for (phase, conditions, expected) in cases {
             let status = WorkspaceStatus { phase, conditions, ..Default::default() };
-            assert_eq!(store::shows_agent_online(&status), expected, "{status:?}");
+            assert_eq!(model::shows_agent_online(&status), expected, "{status:?}");
             store.save_status(&ws.uid, &status).await.unwrap();
             assert_eq!(online().await, Some(expected), "{status:?}");
         }
@@ -566,7 +567,7 @@ mod cases {
         assert_eq!(brief(Some(&["default/b", "default/gone"])).await, ["default/b"]);
         assert!(brief(Some(&[])).await.is_empty());
 
-        let ids = |rows: Vec<molecule::store::TokenRow>| rows.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        let ids = |rows: Vec<model::TokenRow>| rows.into_iter().map(|t| t.id).collect::<Vec<_>>();
         let mut all = vec![a1.id.clone(), a2.id.clone(), b1.id.clone()];
         all.sort_by_key(|id| if [&a1.id, &a2.id].contains(&id) { a.uid.clone() } else { b.uid.clone() });
         assert_eq!(ids(store.all_live_tokens(None).await.unwrap()), all, "live only, by workspace, oldest first");
@@ -947,7 +948,7 @@ mod sqlite_only {
         let Backend::Sqlite { path, .. } = &subject.backend else { unreachable!() };
         let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
         let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
-        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::REVOKE_STALE_TOKENS_SQL));
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sql::REVOKE_STALE_TOKENS));
         let plan: Vec<String> = sqlx::query(sql)
             .bind("uid")
             .bind("2026-11-24T10:00:00.000000Z")
@@ -963,7 +964,7 @@ mod sqlite_only {
         assert!(plan.contains("USING INDEX workspace_auth_tokens_live_idx"), "{plan}");
 
         // The rule's look, too: not the history index (which reads every revoked row).
-        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::LIVE_TOKENS_SQL));
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", store::sqlite::statements().live_tokens));
         let plan: Vec<String> = sqlx::query(sql)
             .bind("uid")
             .fetch_all(&mut conn)
@@ -1032,7 +1033,7 @@ mod postgres_only {
         };
         let lines = |rows: Vec<String>| rows.join("\n");
 
-        let update = plan(store::postgres::REVOKE_STALE_TOKENS_SQL)
+        let update = plan(store::sql::REVOKE_STALE_TOKENS)
             .bind(&ws.uid)
             .bind(t0())
             .bind(t0())
@@ -1044,14 +1045,15 @@ mod postgres_only {
         eprintln!("revoke_stale_tokens:\n{update}");
         assert!(update.contains("workspace_auth_tokens_live_idx") && !update.contains("Seq Scan"), "{update}");
 
-        let look = lines(plan(store::postgres::LIVE_TOKENS_SQL).bind("ws-7").fetch_all(&mut conn).await.unwrap());
+        let look =
+            lines(plan(&store::postgres::statements().live_tokens).bind("ws-7").fetch_all(&mut conn).await.unwrap());
         eprintln!("live_tokens:\n{look}");
         assert!(look.contains("workspace_auth_tokens_live_idx") && !look.contains("Seq Scan"), "{look}");
 
         let ids: Vec<String> = (1..=50).map(|i| format!("tok-{}", i * 10)).collect();
         let uids: Vec<String> = (1..=50).map(|i| format!("ws-{}", (i * 10) % 500)).collect();
         let times = vec![t0(); 50];
-        let flush = plan(store::postgres::HEARTBEATS_SQL)
+        let flush = plan(&store::postgres::statements().record_heartbeats)
             .bind(&ids)
             .bind(&uids)
             .bind(&times)

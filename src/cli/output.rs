@@ -381,8 +381,8 @@ mod tests {
     use crate::api::ALL_PHASES;
     use crate::api::effective::{Defaults, resolve};
     use crate::api::{Condition, ContainerStatus, WorkspaceSpec};
+    use crate::model::DecisionRecord;
     use crate::registry::views::TokenView;
-    use crate::store::DecisionRecord;
     use chrono::{Duration, TimeZone};
 
     fn now() -> DateTime<Utc> {

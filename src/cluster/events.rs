@@ -66,7 +66,7 @@ fn event(reason: &str, action: &str, note: String, warning: bool) -> Event {
 mod tests {
     use super::*;
     use crate::api::WorkspaceStatus;
-    use crate::store::DecisionRecord;
+    use crate::model::DecisionRecord;
 
     fn decision(rule: &str, cause: &str, actions: &[&str]) -> DecisionRecord {
         DecisionRecord {

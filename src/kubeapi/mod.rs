@@ -104,7 +104,7 @@ use tokio::sync::broadcast;
 
 use crate::api::{GROUP, Team, VERSION, Workspace};
 use crate::registry::limit::{FailureLimiter, Source};
-use crate::store::{DynStore, StoreResult};
+use crate::store::{Objects, StoreResult};
 pub use core::{PVC_PROTECTION, default_pull_policy};
 pub use kinds::Kind;
 pub use logs::{LogOptions, PodLogs};
@@ -172,9 +172,10 @@ fn kind_info(kind: Kind) -> KindInfo {
     KindInfo { schema, columns: version["additionalPrinterColumns"].as_array().cloned().unwrap_or_default() }
 }
 
-/// The server's state: the store, the bearer token it requires, the event history.
+/// The server's state: the store's objects, the bearer token it requires, the event
+/// history.
 pub struct KubeApi {
-    store: DynStore,
+    store: Arc<dyn Objects>,
     token: String,
     /// Serializes writes so history order is resourceVersion order.
     write_lock: tokio::sync::Mutex<()>,
@@ -197,7 +198,7 @@ pub struct KubeApi {
 impl KubeApi {
     /// A server over `store` that requires `Authorization: Bearer <token>` (the
     /// operator's admin token). Watches can resume from the store's current revision on.
-    pub async fn new(store: DynStore, token: impl Into<String>) -> StoreResult<Self> {
+    pub async fn new(store: Arc<dyn Objects>, token: impl Into<String>) -> StoreResult<Self> {
         let floor = store.object_revision().await?;
         let (events, _) = broadcast::channel(DEFAULT_HISTORY);
         let api = Self {
@@ -344,7 +345,7 @@ pub struct Bound {
 /// Binds `addr`, loads or creates the TLS pair in `state_dir/kube-api/` (an
 /// unusable pair is an error naming the files), and writes `state_dir/kubeconfig`
 /// (server, CA, `token`). The store's objects are served at once.
-pub async fn bind(store: DynStore, token: &str, addr: SocketAddr, state_dir: &Path) -> std::io::Result<Bound> {
+pub async fn bind(store: Arc<dyn Objects>, token: &str, addr: SocketAddr, state_dir: &Path) -> std::io::Result<Bound> {
     let api = KubeApi::new(store, token)
         .await
         .map_err(|e| std::io::Error::other(format!("the Kubernetes API cannot read the state store: {e}")))?;
@@ -400,7 +401,7 @@ impl Bound {
 
 /// The Workspaces and Teams stored through this API (all namespaces), decoded: what
 /// a source reads. Objects being deleted are included (their deletionTimestamp is set).
-pub async fn declared(store: &DynStore) -> StoreResult<(Vec<Workspace>, Vec<Team>)> {
+pub async fn declared(store: &dyn Objects) -> StoreResult<(Vec<Workspace>, Vec<Team>)> {
     fn decode<T: serde::de::DeserializeOwned>(objects: Vec<crate::store::StoredObject>) -> Vec<T> {
         objects
             .into_iter()

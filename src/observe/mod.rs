@@ -9,16 +9,17 @@ use sha2::{Digest, Sha256};
 
 pub use cache::ContainerCache;
 
+use crate::model::WorkspaceRecord;
 use crate::rules::{Observed, TokenFile};
 use crate::runtime::{CONFIGS_DIR, READ_FILE_LIMIT, Runtime, TOKEN_FILE};
-use crate::store::{Store, StoreResult, WorkspaceRecord};
+use crate::store::{StoreResult, Tokens};
 
 /// Observes one workspace: its containers from the container cache (None when the
 /// cache is unknown: never read as "no containers"), its record and live tokens from
 /// the store. The token file is not read here (see reconcile/token_memo.rs, which reads
 /// it only when it may have changed). A store failure is an error (the pass stops).
 pub async fn observe(
-    store: &dyn Store,
+    tokens: &dyn Tokens,
     cache: &ContainerCache,
     key: &str,
     record: Option<WorkspaceRecord>,
@@ -29,7 +30,7 @@ pub async fn observe(
         tracing::debug!(workspace = key, why = %cache.why_unknown(), "containers unknown; nothing will be revoked or removed until Docker can be listed");
     }
     let live_tokens = match &uid {
-        Some(uid) => store.live_tokens(uid).await?,
+        Some(uid) => tokens.live_tokens(uid).await?,
         None => Vec::new(),
     };
     Ok(Observed {

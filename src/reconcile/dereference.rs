@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::{Context, ReconcileError};
+use crate::model::WorkspaceRecord;
 use crate::observe::observe;
 use crate::rules::quota::{Limits, Member};
 use crate::rules::{Desired, Observed, TeamView};
 use crate::runtime::render::{AgentEnv, Identity, render};
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
-use crate::store::{StoreError, WorkspaceRecord};
+use crate::store::StoreError;
 
 /// What one pass reads of one workspace.
 pub(super) struct Inputs {

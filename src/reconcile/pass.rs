@@ -11,9 +11,10 @@ use super::dereference::{Inputs, dereference, observe_workspace};
 use super::{Context, ReconcileError, Requeue, sweep};
 use crate::api::{ObjectKey, WorkspaceStatus};
 use crate::execute::Executor;
+use crate::model::DecisionRecord;
 use crate::rules::{Action, Decision, Facts, Plan, plan};
 use crate::source::desired::DesiredWorkspace;
-use crate::store::{DecisionRecord, StoreError};
+use crate::store::StoreError;
 use crate::trigger::Report;
 
 /// Most passes one reconcile makes (dereference, plan, execute) before it yields.

@@ -100,7 +100,7 @@ impl Bed {
         log(&report)
     }
 
-    async fn record(&self, name: &str) -> crate::store::WorkspaceRecord {
+    async fn record(&self, name: &str) -> crate::model::WorkspaceRecord {
         self.ctx.store.workspace(&format!("default/{name}")).await.unwrap().expect("a record")
     }
 
@@ -223,7 +223,7 @@ async fn every_way_a_container_and_its_token_come_apart_heals() {
     );
 
     let uid = bed.record("dev").await.uid;
-    bed.ctx.store.revoke_tokens(&uid, crate::store::RevokeReason::Deleted, None, chrono::Utc::now()).await.unwrap();
+    bed.ctx.store.revoke_tokens(&uid, crate::model::RevokeReason::Deleted, None, chrono::Utc::now()).await.unwrap();
     assert_eq!(
         bed.reconcile("dev").await,
         "token-file: the token file holds no live token of incarnation 3\n  \

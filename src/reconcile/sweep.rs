@@ -27,10 +27,10 @@ use super::Context;
 use super::dereference::team_limits;
 use crate::api::ObjectKey;
 use crate::compact::Hex;
+use crate::model::{SecretRow, TokenRow, WorkspaceRecord};
 use crate::rules::{Desired, Facts, Observed, Settings, TeamView, TokenFile, plan};
 use crate::runtime::ContainerInfo;
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
-use crate::store::{SecretRow, TokenRow, WorkspaceRecord};
 
 /// What the last quiet full reconcile of a workspace saw, for the sweep. One per
 /// workspace, so ids and hashes are kept as bytes.

@@ -14,8 +14,9 @@ use serde::Deserialize;
 use super::views::{self, ActionResponse};
 use super::{AppState, error};
 use crate::api::{DEFAULT_NAMESPACE, ObjectKey, OperatingMode};
+use crate::model::WorkspaceRecord;
 use crate::source::desired::DesiredWorkspace;
-use crate::store::{StoreError, WorkspaceRecord};
+use crate::store::StoreError;
 
 /// Token rows and decisions shown by `describe`.
 const TOKEN_HISTORY: i64 = 10;

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use super::auth::{bearer, unauthorized};
 use super::limit::{Source, too_many};
 use super::{AppState, BODY_LIMIT, error};
-use crate::store::{TokenOwner, shows_agent_online, token};
+use crate::model::{TokenOwner, shows_agent_online};
+use crate::store::token;
 
 /// The one body of every 401 from the registry.
 pub const INVALID_TOKEN: &str = "invalid workspace auth token";
@@ -95,7 +96,7 @@ async fn handle(
         return reject(state, ip, &uid, Why::TokenRefused).await;
     };
     let prefix = token::prefix(presented);
-    let owner = match state.store.token_owner(&hash).await {
+    let owner = match state.lookups.token_owner(&hash).await {
         Ok(owner) => owner,
         Err(e) => return heartbeat_lost(state, e),
     };

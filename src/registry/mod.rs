@@ -41,6 +41,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::source::desired::DesiredSet;
 use crate::store::DynStore;
+use crate::store::lookups::TokenLookups;
 use crate::trigger::Trigger;
 
 pub use auth::load_or_create_admin_token;
@@ -57,6 +58,8 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub store: DynStore,
+    /// Presented tokens resolved in batches over `store` (store::lookups).
+    pub lookups: Arc<TokenLookups>,
     /// Queues a workspace (`ns/name`) for reconcile: registry 401s, CLI actions.
     pub trigger: Trigger,
     /// What is declared right now (the desired store's latest merge).
@@ -87,6 +90,7 @@ impl AppState {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            lookups: TokenLookups::new(store.clone()),
             store,
             trigger,
             desired,

@@ -13,8 +13,8 @@ use crate::api::{
     ALL_PHASES, Condition, ConditionStatus, ContainerStatus, EffectiveSpec, ObjectKey, OperatingMode, Phase, SourceRef,
     TokenStatus,
 };
+use crate::model::{DecisionRecord, TokenRow, WorkspaceRecord};
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
-use crate::store::{DecisionRecord, TokenRow, WorkspaceRecord};
 
 pub const INVALID_SPEC: &str = "InvalidSpec";
 pub const SOURCE_CONFLICT: &str = "SourceConflict";

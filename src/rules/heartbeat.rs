@@ -55,7 +55,7 @@ pub fn wake(facts: &Facts<'_>) -> Option<DateTime<Utc>> {
 
 /// The earliest time another heartbeat restart is allowed: after the backoff since the
 /// last one (doubling each time); None once the budget is spent.
-pub fn restart_at(record: &crate::store::WorkspaceRecord, settings: &Settings) -> Option<DateTime<Utc>> {
+pub fn restart_at(record: &crate::model::WorkspaceRecord, settings: &Settings) -> Option<DateTime<Utc>> {
     if record.restart_count >= settings.restart_budget {
         return None;
     }

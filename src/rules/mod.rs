@@ -37,9 +37,9 @@ pub use self::liveness::Liveness;
 pub use self::quota::TeamView;
 use crate::api::OperatingMode;
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
+use crate::model::{RevokeReason, TokenRow, WorkspaceRecord};
 pub use crate::runtime::ContainerState;
 use crate::runtime::{AppliedConfig, ContainerInfo};
-use crate::store::{RevokeReason, TokenRow, WorkspaceRecord};
 
 /// What is declared for one workspace, resolved.
 #[derive(Clone, Debug)]

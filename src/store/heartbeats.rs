@@ -7,10 +7,11 @@
 //! last heartbeat the latest of its tokens' rows, and a revocation folds the row into
 //! the wide token and workspace rows and deletes it. Written one by one, that is a
 //! write transaction per heartbeat: with SQLite every one of them takes the single
-//! write lock, with Postgres every one waits for its WAL flush. [`Coalescing`] wraps
-//! a store so that the registry's heartbeats land in an in-memory map instead (one
-//! entry per token, the latest time wins) and a flusher writes the map every
-//! [`DEFAULT_FLUSH_INTERVAL`] in one statement ([`Store::record_heartbeats`]).
+//! write lock, with Postgres every one waits for its WAL flush. [`Coalescing`] takes
+//! a store's heartbeat role (and only that: [`Store::with_heartbeats`]) so that the
+//! registry's heartbeats land in an in-memory map instead (one entry per token, the
+//! latest time wins) and a flusher writes the map every [`DEFAULT_FLUSH_INTERVAL`] in
+//! one statement ([`Heartbeats::record_heartbeats`]).
 //!
 //! What a deferred write means for the rules, and why each stays correct:
 //!
@@ -59,8 +60,8 @@
 //!   validating tokens stay synchronous writes and reads.
 //! - **Registers and status catch-up are written through.** A register (an agent
 //!   (re)started) and a heartbeat that queues a reconcile because the status does not
-//!   show the agent online call [`Store::record_heartbeat`], which writes at once, so
-//!   the reconcile they trigger sees them.
+//!   show the agent online call [`Heartbeats::record_heartbeat`], which writes at
+//!   once, so the reconcile they trigger sees them.
 //!
 //! Memory is bounded by the number of live tokens (one entry each); a failed flush
 //! keeps its entries (merged with newer ones) for the next. A heartbeat the store
@@ -72,19 +73,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lookups::TokenLookups;
 use super::*;
 
 /// How long a heartbeat may wait in memory before it is written.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-
-/// One accepted heartbeat: the token it presented, its workspace, when.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Heartbeat {
-    pub token_id: String,
-    pub workspace_uid: String,
-    pub at: DateTime<Utc>,
-}
 
 /// Heartbeats waiting to be written, one per token (the latest).
 #[derive(Default)]
@@ -117,7 +109,7 @@ impl HeartbeatBuffer {
 
     /// Writes everything pending through `store` in one transaction; returns how
     /// many heartbeats were written. On an error the batch is kept for the next flush.
-    pub async fn flush(&self, store: &dyn Store) -> StoreResult<usize> {
+    pub async fn flush(&self, store: &dyn Heartbeats) -> StoreResult<usize> {
         let _guard = self.flushing.lock().await;
         let batch: Vec<Heartbeat> = {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -140,8 +132,8 @@ impl HeartbeatBuffer {
 }
 
 /// The latest heartbeat of each token, sorted by token id: what a batch write
-/// binds. (An UPDATE ... FROM joining a row to several source rows uses one of them,
-/// unspecified which; sorted, concurrent batches lock token rows in one order.)
+/// binds. (Postgres's upsert may not touch a row twice in one statement; sorted,
+/// concurrent batches lock token rows in one order.)
 pub(crate) fn latest_per_token(beats: &[Heartbeat]) -> Vec<&Heartbeat> {
     let mut sorted: Vec<&Heartbeat> = beats.iter().collect();
     // Latest first within a token, so dedup keeps it.
@@ -160,20 +152,22 @@ fn merge(pending: &mut HashMap<String, Heartbeat>, beat: Heartbeat) {
     }
 }
 
-/// A store whose `note_heartbeat` is buffered and flushed every `interval` (see the
-/// module documentation), and whose `token_owner` calls are answered in batches
-/// (store::lookups); everything else goes straight to the wrapped store.
+/// The heartbeat role of a store, batched: `note_heartbeat` lands in the buffer,
+/// which a flusher writes every `interval` (see the module documentation), and a
+/// stale-token revoke writes what is pending first. Only this role: the operator puts
+/// it in front of a store with [`Store::with_heartbeats`], and every other role stays
+/// the store's own.
 pub struct Coalescing {
-    inner: DynStore,
+    /// Where stale-token revokes run once the buffer is flushed (a Postgres leader's
+    /// fenced store, or the store flushes write through).
+    inner: Arc<dyn Heartbeats>,
     /// The store flushes write through (the registry's: unfenced, see store::lease).
-    writer: DynStore,
+    writer: Arc<dyn Heartbeats>,
     buffer: Arc<HeartbeatBuffer>,
     /// Noted whenever heartbeats already answered could not be written (a flush
     /// failed, or is taking longer than [`SLOW_FLUSH`]): the heartbeat rule then
     /// does not take their absence from the database for the agents' silence.
     lost: Arc<LostHeartbeats>,
-    /// Token lookups, answered in batches (store::lookups).
-    lookups: Arc<TokenLookups>,
 }
 
 /// A flush still running after this is treated as failing for the heartbeat rule
@@ -182,23 +176,18 @@ pub struct Coalescing {
 pub const SLOW_FLUSH: Duration = Duration::from_secs(1);
 
 impl Coalescing {
-    /// Wraps `store`; flushes go through it too. Heartbeats that cannot be written
-    /// are noted in `lost` (the registry's and the reconciler's shared record).
-    pub fn new(store: DynStore, lost: Arc<LostHeartbeats>) -> Self {
-        let lookups = TokenLookups::new(store.clone());
-        Self { inner: store.clone(), writer: store, buffer: HeartbeatBuffer::new(), lost, lookups }
+    /// Batches the heartbeats of `store`, which must write its own (as
+    /// [`super::open`] returns it; not a store this is in front of); flushes go
+    /// through it. Heartbeats that cannot be written are noted in `lost` (the
+    /// registry's and the reconciler's shared record).
+    pub fn new(store: Arc<dyn Heartbeats>, lost: Arc<LostHeartbeats>) -> Self {
+        Self { inner: store.clone(), writer: store, buffer: HeartbeatBuffer::new(), lost }
     }
 
-    /// Another view of the same buffer over a different store (the fenced store of a
-    /// Postgres leader): its stale-token revokes flush the shared buffer first.
-    pub fn sharing(&self, store: DynStore) -> Self {
-        Self {
-            lookups: TokenLookups::new(store.clone()),
-            inner: store,
-            writer: self.writer.clone(),
-            buffer: self.buffer.clone(),
-            lost: self.lost.clone(),
-        }
+    /// Another view of the same buffer, whose stale-token revokes run on `store` (the
+    /// fenced store of a Postgres leader) after flushing the shared buffer.
+    pub fn sharing(&self, store: Arc<dyn Heartbeats>) -> Self {
+        Self { inner: store, writer: self.writer.clone(), buffer: self.buffer.clone(), lost: self.lost.clone() }
     }
 
     pub fn buffer(&self) -> &Arc<HeartbeatBuffer> {
@@ -263,10 +252,14 @@ impl Coalescing {
 }
 
 #[async_trait]
-impl Store for Coalescing {
+impl Heartbeats for Coalescing {
     async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
         self.buffer.push(Heartbeat { token_id: token_id.to_string(), workspace_uid: uid.to_string(), at });
         Ok(())
+    }
+
+    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64> {
+        self.writer.record_heartbeats(beats).await
     }
 
     async fn revoke_stale_tokens(
@@ -280,142 +273,5 @@ impl Store for Coalescing {
         // UPDATE (which repeats the staleness condition) runs: the heartbeat wins.
         self.flush().await?;
         self.inner.revoke_stale_tokens(uid, cutoff, reason, now).await
-    }
-
-    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64> {
-        self.writer.record_heartbeats(beats).await
-    }
-
-    async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.writer.record_heartbeat(token_id, uid, at).await
-    }
-
-    // Everything else goes straight through.
-
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord> {
-        self.inner.ensure_workspace(key, now).await
-    }
-    async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>> {
-        self.inner.workspace(key).await
-    }
-    async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>> {
-        self.inner.workspace_by_uid(uid).await
-    }
-    async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>> {
-        self.inner.list_workspaces().await
-    }
-    async fn list_workspaces_brief(
-        &self,
-        keys: Option<&[String]>,
-    ) -> StoreResult<Vec<(WorkspaceRecord, Option<Phase>)>> {
-        self.inner.list_workspaces_brief(keys).await
-    }
-    async fn take_changes(&self) -> StoreResult<Changes> {
-        self.inner.take_changes().await
-    }
-    async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
-        self.inner.bump_incarnation(uid).await
-    }
-    async fn record_restart(&self, uid: &str, reason: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.inner.record_restart(uid, reason, at).await
-    }
-    async fn reset_restarts(&self, uid: &str) -> StoreResult<()> {
-        self.inner.reset_restarts(uid).await
-    }
-    async fn set_mode_override(&self, uid: &str, mode: Option<OperatingMode>) -> StoreResult<()> {
-        self.inner.set_mode_override(uid, mode).await
-    }
-    async fn request_restart(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.inner.request_restart(uid, at).await
-    }
-    async fn save_status(&self, uid: &str, status: &WorkspaceStatus) -> StoreResult<()> {
-        self.inner.save_status(uid, status).await
-    }
-    async fn delete_workspace(&self, uid: &str) -> StoreResult<()> {
-        self.inner.delete_workspace(uid).await
-    }
-    async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken> {
-        self.inner.issue_token(uid, incarnation, now).await
-    }
-    async fn live_tokens(&self, uid: &str) -> StoreResult<Vec<TokenRow>> {
-        self.inner.live_tokens(uid).await
-    }
-    async fn all_live_tokens(&self, uids: Option<&[String]>) -> StoreResult<Vec<TokenRow>> {
-        self.inner.all_live_tokens(uids).await
-    }
-    async fn token_history(&self, uid: &str, limit: i64) -> StoreResult<Vec<TokenRow>> {
-        self.inner.token_history(uid, limit).await
-    }
-    async fn revoke_tokens(
-        &self,
-        uid: &str,
-        reason: RevokeReason,
-        keep: Option<&str>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        self.inner.revoke_tokens(uid, reason, keep, now).await
-    }
-    async fn revoke_token(
-        &self,
-        uid: &str,
-        token_id: &str,
-        reason: RevokeReason,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        self.inner.revoke_token(uid, token_id, reason, now).await
-    }
-    async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64> {
-        self.inner.expire_token(uid, token_id, at).await
-    }
-    async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
-        self.lookups.token_owner(token_hash).await
-    }
-    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>> {
-        self.inner.token_owners(token_hashes).await
-    }
-    async fn put_secret(
-        &self,
-        scope: &str,
-        name: &str,
-        sealed: &crate::secrets::Sealed,
-        now: DateTime<Utc>,
-    ) -> StoreResult<i64> {
-        self.inner.put_secret(scope, name, sealed, now).await
-    }
-    async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>> {
-        self.inner.secrets(scopes).await
-    }
-    async fn delete_secret(&self, scope: &str, name: &str) -> StoreResult<bool> {
-        self.inner.delete_secret(scope, name).await
-    }
-    async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()> {
-        self.inner.append_decision(uid, decision, keep_last).await
-    }
-    async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>> {
-        self.inner.decisions(uid, limit).await
-    }
-    async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>> {
-        self.inner.get_object(kind, namespace, name).await
-    }
-    async fn list_objects(&self, kind: &str, namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
-        self.inner.list_objects(kind, namespace).await
-    }
-    async fn put_object(&self, object: &StoredObject, expected: Option<i64>) -> StoreResult<ObjectWrite> {
-        self.inner.put_object(object, expected).await
-    }
-    async fn delete_object(
-        &self,
-        kind: &str,
-        namespace: &str,
-        name: &str,
-        expected: Option<i64>,
-    ) -> StoreResult<ObjectWrite> {
-        self.inner.delete_object(kind, namespace, name, expected).await
-    }
-    async fn object_revision(&self) -> StoreResult<i64> {
-        self.inner.object_revision().await
     }
 }

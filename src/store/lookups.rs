@@ -7,9 +7,10 @@
 //! heartbeat: the query's round trip, its hand-off to SQLite's connection
 //! thread, Postgres's parse-bind-execute, not the index lookup itself.
 //!
-//! [`TokenLookups`] keeps that guarantee and pays the round trip once per batch.
+//! [`TokenLookups`] (the registry's `AppState::lookups`) keeps that guarantee and
+//! pays the round trip once per batch.
 //! A request joins the queue; at most [`MAX_IN_FLIGHT`] queries run at once; a
-//! query takes everything queued when it starts ([`Store::token_owners`], one
+//! query takes everything queued when it starts ([`Tokens::token_owners`], one
 //! indexed lookup per hash). So:
 //!
 //! - **Each request is answered by a query that began after it arrived**, never by
@@ -27,7 +28,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
 
-use super::{DynStore, StoreResult, TokenOwner};
+use super::{StoreResult, Tokens};
+use crate::model::TokenOwner;
 
 /// At most this many hashes per query; more wait for the next.
 pub const MAX_BATCH: usize = 512;
@@ -41,9 +43,9 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// when the batch failed (the request then asks on its own).
 type Answer = Option<Option<TokenOwner>>;
 
-/// The queue of [`Store::token_owner`] calls waiting for the next batch query.
+/// The queue of [`Tokens::token_owner`] calls waiting for the next batch query.
 pub struct TokenLookups {
-    store: DynStore,
+    store: Arc<dyn Tokens>,
     queue: Mutex<Queue>,
 }
 
@@ -55,7 +57,7 @@ struct Queue {
 }
 
 impl TokenLookups {
-    pub fn new(store: DynStore) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Tokens>) -> Arc<Self> {
         Arc::new(Self { store, queue: Mutex::default() })
     }
 

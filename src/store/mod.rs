@@ -1,21 +1,16 @@
 //! Where state lives: workspace identities and incarnations, token rows, heartbeats,
-//! status and the decision log. One trait, two implementations (SQLite, Postgres),
-//! one conformance suite (tests/store_conformance.rs) run against both.
-
-/// A token's last use, as both stores' SQL reads it: its row in `heartbeats` while it
-/// is live, else what its revocation folded into `workspace_auth_tokens.last_used_at`
-/// (migrations sqlite/0007, postgres/0009). Defined before the stores' modules, which
-/// build their statements with it.
-macro_rules! last_used_at {
-    () => {
-        "COALESCE((SELECT h.at FROM heartbeats h WHERE h.token_id = workspace_auth_tokens.id), last_used_at)"
-    };
-}
+//! status, sealed secrets, the decision log and the local Kubernetes API's objects.
+//! One trait per role ([`Workspaces`], [`Tokens`], [`Heartbeats`], [`Secrets`],
+//! [`DecisionLog`], [`Objects`]; [`Store`] is all of them, as the wiring holds it),
+//! one SQL store (sql.rs) with a dialect per database (sqlite.rs, postgres.rs), one
+//! conformance suite (tests/store_conformance.rs) run against both. The types the
+//! rest of the operator reads (token rows, workspace records, ...) are crate::model's.
 
 pub mod heartbeats;
 pub mod lease;
 pub mod lookups;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 pub mod token;
 pub mod url;
@@ -24,188 +19,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
-pub use heartbeats::Heartbeat;
+use crate::model::{
+    DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
+};
 pub use url::DatabaseUrl;
-
-/// Why a token was revoked. Every revocation records one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RevokeReason {
-    /// A new incarnation replaced the container.
-    Reprovision,
-    /// Live token, no container, past the stale grace (the original sweeper's rule).
-    ContainerMissing,
-    /// The container's token file is missing or holds no live token.
-    TokenFileMismatch,
-    /// The workspace is declared no more.
-    Deleted,
-    Paused,
-    Stopped,
-    Rotated,
-    /// Reissued as the workspace resumed (tokenPolicy.onResume: Reissue).
-    Resumed,
-    /// The token belongs to an older incarnation than the workspace's current one.
-    Superseded,
-}
-
-impl RevokeReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Reprovision => "reprovision",
-            Self::ContainerMissing => "container-missing",
-            Self::TokenFileMismatch => "token-file-mismatch",
-            Self::Deleted => "deleted",
-            Self::Paused => "paused",
-            Self::Stopped => "stopped",
-            Self::Rotated => "rotated",
-            Self::Resumed => "resumed",
-            Self::Superseded => "superseded",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Reprovision,
-            Self::ContainerMissing,
-            Self::TokenFileMismatch,
-            Self::Deleted,
-            Self::Paused,
-            Self::Stopped,
-            Self::Rotated,
-            Self::Resumed,
-            Self::Superseded,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for RevokeReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A workspace the operator has seen: its stable identity and lifecycle counters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WorkspaceRecord {
-    /// UUID (text), given on first sight, never reused.
-    pub uid: String,
-    /// `namespace/name`.
-    pub key: String,
-    /// Bumped on every (re)provision.
-    pub incarnation: i64,
-    pub created_at: DateTime<Utc>,
-    pub last_heartbeat_at: Option<DateTime<Utc>>,
-    /// Restarts made by the heartbeat rule (the restart budget counts these).
-    pub restart_count: i64,
-    pub last_restart_at: Option<DateTime<Utc>>,
-    pub last_restart_reason: Option<String>,
-    /// The last status written (whole).
-    pub status: Option<WorkspaceStatus>,
-    /// Set by `molecule-operator pause|resume`: overrides the declared operating mode.
-    pub mode_override: Option<OperatingMode>,
-    /// Set by `molecule-operator restart`: restart if the container started before this.
-    pub restart_requested_at: Option<DateTime<Utc>>,
-}
-
-/// One row of `workspace_auth_tokens`. The plaintext is never stored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenRow {
-    pub id: String,
-    pub workspace_uid: String,
-    /// sha256 of the plaintext, lowercase hex.
-    pub token_hash: String,
-    /// First 8 characters of the plaintext, for display.
-    pub prefix: String,
-    pub incarnation: i64,
-    pub created_at: DateTime<Utc>,
-    pub last_used_at: Option<DateTime<Utc>>,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub revoke_reason: Option<String>,
-    /// Set when the token was rotated out: it stays valid until then (the overlap).
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
-impl TokenRow {
-    /// Still accepted at `now`: live and not past its overlap.
-    pub fn valid_at(&self, now: DateTime<Utc>) -> bool {
-        self.is_live() && self.expires_at.is_none_or(|e| e > now)
-    }
-
-    pub fn is_live(&self) -> bool {
-        self.revoked_at.is_none()
-    }
-    /// COALESCE(last_used_at, created_at), as the original sweeper.
-    pub fn last_activity(&self) -> DateTime<Utc> {
-        self.last_used_at.unwrap_or(self.created_at)
-    }
-}
-
-/// A freshly issued token: the only moment its plaintext exists outside the container.
-pub struct IssuedToken {
-    pub plaintext: String,
-    pub row: TokenRow,
-}
-
-impl std::fmt::Debug for IssuedToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedToken").field("prefix", &self.row.prefix).finish_non_exhaustive()
-    }
-}
-
-/// What a presented token resolves to (hash lookup, live rows only).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenOwner {
-    pub token_id: String,
-    pub workspace_uid: String,
-    pub workspace_key: String,
-    pub token_incarnation: i64,
-    pub current_incarnation: i64,
-    /// A rotated-out token is refused after this.
-    pub expires_at: Option<DateTime<Utc>>,
-    /// Whether the workspace's last written status shows its agent online
-    /// ([`shows_agent_online`]); None when no status was written since this was
-    /// recorded (a state from before migration 0005/0007): read the status to know.
-    pub agent_online: Option<bool>,
-}
-
-/// Whether a status shows the workspace's agent online: AgentOnline=True; without
-/// that condition, phase Running. Stored beside the status (`agent_online`) so the
-/// registry learns it with the token, without reading and decoding the status.
-pub fn shows_agent_online(status: &WorkspaceStatus) -> bool {
-    match crate::api::condition::find(&status.conditions, "AgentOnline") {
-        Some(c) => c.is_true(),
-        None => status.phase == crate::api::Phase::Running,
-    }
-}
-
-/// A sealed secret as stored (see crate::secrets); never its plaintext.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretRow {
-    pub scope: String,
-    pub name: String,
-    pub key_id: String,
-    pub nonce: String,
-    pub ciphertext: String,
-    pub version: i64,
-    pub updated_at: DateTime<Utc>,
-}
-
-/// One reconcile decision, kept per workspace for `describe`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DecisionRecord {
-    pub at: DateTime<Utc>,
-    pub rule: String,
-    pub cause: String,
-    /// Human-readable actions, e.g. "revoked 1 token: container-missing".
-    pub actions: Vec<String>,
-    /// "ok" or the error that stopped it.
-    pub outcome: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -254,7 +73,7 @@ impl LostHeartbeats {
     }
 }
 
-/// What [`Store::take_changes`] returns.
+/// What [`Workspaces::take_changes`] returns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Workspaces whose record or token rows changed.
@@ -263,25 +82,11 @@ pub struct Changes {
     pub secrets: bool,
 }
 
-/// The change log's rows (workspace keys; NULL for a secret) as [`Changes`].
-fn changes_from(rows: Vec<Option<String>>) -> Changes {
-    let mut changes = Changes::default();
-    for key in rows {
-        match key {
-            Some(key) => {
-                changes.keys.insert(key);
-            }
-            None => changes.secrets = true,
-        }
-    }
-    changes
-}
-
+/// Workspace records: identity (uid, given on first sight), incarnation, the restart
+/// budget, the CLI's overrides (operating mode, restart requests), the status, and
+/// the change log the resync sweep reads.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Cheap liveness query (for /readyz).
-    async fn ping(&self) -> StoreResult<()>;
-
+pub trait Workspaces: Send + Sync {
     /// Returns the record for `key`, creating it (new uuid, incarnation 0) on first sight.
     async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord>;
     async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>>;
@@ -313,7 +118,12 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets the workspace (after its container and volume are gone). Token rows stay,
     /// revoked, for audit.
     async fn delete_workspace(&self, uid: &str) -> StoreResult<()>;
+}
 
+/// A workspace's auth tokens: issued, read, expired, revoked, and the owners of
+/// presented ones. (Revoking the stale ones is [`Heartbeats`]': it reads their clocks.)
+#[async_trait]
+pub trait Tokens: Send + Sync {
     /// Issues a token for `incarnation`: 32 random bytes, base64url, stored as sha256 hex.
     async fn issue_token(&self, uid: &str, incarnation: i64, now: DateTime<Utc>) -> StoreResult<IssuedToken>;
     /// Live (not revoked) tokens of a workspace, oldest first.
@@ -331,16 +141,6 @@ pub trait Store: Send + Sync + 'static {
         keep: Option<&str>,
         now: DateTime<Utc>,
     ) -> StoreResult<u64>;
-    /// Revokes live tokens whose COALESCE(last_used_at, created_at) < cutoff. The
-    /// condition is repeated in the UPDATE, so a heartbeat landing after the caller
-    /// looked wins.
-    async fn revoke_stale_tokens(
-        &self,
-        uid: &str,
-        cutoff: DateTime<Utc>,
-        reason: RevokeReason,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64>;
     /// Revokes one live token of the workspace; returns 1, or 0 if it was not live.
     async fn revoke_token(
         &self,
@@ -351,33 +151,54 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<u64>;
     /// Rotation: the live token stays valid until `at`, then is refused (and revoked).
     async fn expire_token(&self, uid: &str, token_id: &str, at: DateTime<Utc>) -> StoreResult<u64>;
+    /// The owner of each hash that is a live token, with its hash, in one query (in no
+    /// particular order; unknown and revoked hashes are left out). The registry answers
+    /// concurrent requests with it (store::lookups).
+    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>>;
     /// Resolves a presented token by its hash; live rows only. Does not touch it.
+    /// ([`Tokens::token_owners`] of one; not overridden.)
     async fn token_owner(&self, token_hash: &str) -> StoreResult<Option<TokenOwner>> {
         let mut found = self.token_owners(std::slice::from_ref(&token_hash.to_string())).await?;
         Ok(found.pop().map(|(_, owner)| owner))
     }
-    /// [`Store::token_owner`] for many hashes in one query: the owner of each hash
-    /// that is a live token, with its hash (in no particular order; unknown and
-    /// revoked hashes are left out). The registry answers concurrent requests with it
-    /// (store::lookups).
-    async fn token_owners(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, TokenOwner)>>;
-    /// A successful register/heartbeat, written at once: if the token is still live,
-    /// moves its last use, and so its workspace's last heartbeat, forward to `at`
-    /// (never back; a revoked token is not touched). Both are read from the
-    /// `heartbeats` table (see store::heartbeats).
+}
+
+/// The heartbeat clocks (a token's last use, a workspace's last heartbeat): the
+/// writes that move them forward, and the one write decided by them, revoking the
+/// tokens they show stale. The registry's batching (store::heartbeats::Coalescing)
+/// takes this whole role and no other: it holds heartbeats back, so a stale-token
+/// revoke must go through it to write them first.
+#[async_trait]
+pub trait Heartbeats: Send + Sync {
+    /// Heartbeats written at once, in one statement (see store::heartbeats): for each
+    /// token still live, its last use, and so its workspace's last heartbeat, moves
+    /// forward to the heartbeat's time (never back; a revoked token is not touched).
+    /// Returns how many tokens' times moved.
+    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64>;
+    /// A successful heartbeat that may be written a little later: the stores write it
+    /// at once; [`heartbeats::Coalescing`] buffers it and writes it in a batch.
+    async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Revokes live tokens whose last use (else creation) is before `cutoff`. The
+    /// condition is evaluated in the UPDATE, so a heartbeat landing after the caller
+    /// looked wins; so does every heartbeat noted before this call.
+    async fn revoke_stale_tokens(
+        &self,
+        uid: &str,
+        cutoff: DateTime<Utc>,
+        reason: RevokeReason,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+    /// A register, or a heartbeat that must be seen at once: written now.
+    /// ([`Heartbeats::record_heartbeats`] of one; not overridden.)
     async fn record_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
         let beat = Heartbeat { token_id: token_id.to_string(), workspace_uid: uid.to_string(), at };
         self.record_heartbeats(std::slice::from_ref(&beat)).await.map(|_| ())
     }
-    /// [`Store::record_heartbeat`] for many heartbeats in one statement (see
-    /// store::heartbeats); returns how many tokens' times moved.
-    async fn record_heartbeats(&self, beats: &[Heartbeat]) -> StoreResult<u64>;
-    /// A successful heartbeat that may be written a little later: the stores write it
-    /// at once; [`heartbeats::Coalescing`] buffers it and writes it in a batch.
-    async fn note_heartbeat(&self, token_id: &str, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.record_heartbeat(token_id, uid, at).await
-    }
+}
 
+/// Sealed secrets (crate::secrets seals and opens them).
+#[async_trait]
+pub trait Secrets: Send + Sync {
     /// Stores a sealed secret (insert or replace); returns its new version.
     async fn put_secret(
         &self,
@@ -390,48 +211,54 @@ pub trait Store: Send + Sync + 'static {
     async fn secrets(&self, scopes: &[String]) -> StoreResult<Vec<SecretRow>>;
     /// Deletes a secret; false when there was none.
     async fn delete_secret(&self, scope: &str, name: &str) -> StoreResult<bool>;
+}
 
+/// The last decisions per workspace, for `describe`.
+#[async_trait]
+pub trait DecisionLog: Send + Sync {
+    /// Appends a decision and keeps only the workspace's last `keep_last`.
     async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()>;
     /// Newest first.
     async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>>;
+}
 
-    // Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps
-    // one global revision in its own transaction; the object takes that value as its
-    // resource_version (also written into body.metadata.resourceVersion). Both real
-    // stores implement these; the defaults are for test doubles that keep no objects.
-
-    async fn get_object(&self, _kind: &str, _namespace: &str, _name: &str) -> StoreResult<Option<StoredObject>> {
-        Err(no_objects())
-    }
+/// Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps
+/// one global revision in its own transaction; the object takes that value as its
+/// resource_version (also written into body.metadata.resourceVersion).
+#[async_trait]
+pub trait Objects: Send + Sync {
+    async fn get_object(&self, kind: &str, namespace: &str, name: &str) -> StoreResult<Option<StoredObject>>;
     /// Objects of `kind` (in `namespace`, or all), ordered by namespace and name, and
     /// the revision they were read at.
-    async fn list_objects(&self, _kind: &str, _namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)> {
-        Err(no_objects())
-    }
+    async fn list_objects(&self, kind: &str, namespace: Option<&str>) -> StoreResult<(Vec<StoredObject>, i64)>;
     /// Writes `object` whole. `expected` None creates (Conflict if it exists);
     /// Some(rv) updates only if the stored resource_version is still rv.
-    async fn put_object(&self, _object: &StoredObject, _expected: Option<i64>) -> StoreResult<ObjectWrite> {
-        Err(no_objects())
-    }
+    async fn put_object(&self, object: &StoredObject, expected: Option<i64>) -> StoreResult<ObjectWrite>;
     /// Removes an object (only if its resource_version is `expected`, when given);
     /// returns it with the resource_version of the deletion.
     async fn delete_object(
         &self,
-        _kind: &str,
-        _namespace: &str,
-        _name: &str,
-        _expected: Option<i64>,
-    ) -> StoreResult<ObjectWrite> {
-        Err(no_objects())
-    }
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<ObjectWrite>;
     /// The current global revision (0 before any object write).
-    async fn object_revision(&self) -> StoreResult<i64> {
-        Err(no_objects())
-    }
+    async fn object_revision(&self) -> StoreResult<i64>;
 }
 
-fn no_objects() -> StoreError {
-    StoreError::Invalid("this store keeps no Kubernetes API objects".into())
+/// The whole store, every role: what the operator's wiring holds and hands out.
+/// A caller that needs one role asks for that role (`&dyn Tokens`, `Arc<dyn
+/// Objects>`); a `DynStore` coerces to it.
+#[async_trait]
+pub trait Store: Workspaces + Tokens + Heartbeats + Secrets + DecisionLog + Objects + 'static {
+    /// Cheap liveness query (for /readyz).
+    async fn ping(&self) -> StoreResult<()>;
+    /// This store (the same connections) with its heartbeat role taken by
+    /// `heartbeats`: how the operator puts the registry's batching in front of it
+    /// (store::heartbeats). `self` keeps writing its own heartbeats, which is what
+    /// `heartbeats` must write through.
+    fn with_heartbeats(&self, heartbeats: Arc<dyn Heartbeats>) -> DynStore;
 }
 
 /// One object of the local Kubernetes API: the whole object as JSON plus the
@@ -459,30 +286,7 @@ pub enum ObjectWrite {
     Conflict { current: Option<i64> },
 }
 
-/// The body with metadata.resourceVersion set to `rv`, as text for the database.
-fn encode_object_body(object: &StoredObject, rv: i64) -> StoreResult<(serde_json::Value, String)> {
-    let mut body = object.body.clone();
-    match body.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-        Some(meta) => {
-            meta.insert("resourceVersion".into(), serde_json::Value::String(rv.to_string()));
-        }
-        None => {
-            return Err(StoreError::Invalid(format!(
-                "object {}/{} of kind {} has no metadata",
-                object.namespace, object.name, object.kind
-            )));
-        }
-    }
-    let text = serde_json::to_string(&body)
-        .map_err(|e| StoreError::Invalid(format!("cannot encode object {}/{}: {e}", object.namespace, object.name)))?;
-    Ok((body, text))
-}
-
-fn decode_object_body(kind: &str, namespace: &str, name: &str, text: &str) -> StoreResult<serde_json::Value> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Invalid(format!("the stored {kind} {namespace}/{name} is not valid JSON: {e}")))
-}
-
+/// The whole store, as the wiring holds and shares it.
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store a URL names (see `url::DatabaseUrl`: an unknown scheme is an error).
@@ -496,93 +300,4 @@ pub async fn open_url(url: &DatabaseUrl) -> StoreResult<DynStore> {
         DatabaseUrl::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
     }
-}
-
-// Row encoding shared by both stores, so they store the same text for the same value.
-
-fn unknown_workspace(uid: &str) -> StoreError {
-    StoreError::Invalid(format!("no workspace with uid {uid} in the state store"))
-}
-
-fn mode_as_str(mode: OperatingMode) -> &'static str {
-    match mode {
-        OperatingMode::Running => "Running",
-        OperatingMode::Paused => "Paused",
-        OperatingMode::Stopped => "Stopped",
-    }
-}
-
-fn parse_mode(uid: &str, text: Option<String>) -> StoreResult<Option<OperatingMode>> {
-    match text.as_deref() {
-        None => Ok(None),
-        Some("Running") => Ok(Some(OperatingMode::Running)),
-        Some("Paused") => Ok(Some(OperatingMode::Paused)),
-        Some("Stopped") => Ok(Some(OperatingMode::Stopped)),
-        Some(other) => Err(StoreError::Invalid(format!(
-            "workspace {uid} has an unknown operating-mode override {other:?} in the state store"
-        ))),
-    }
-}
-
-fn encode_status(status: &WorkspaceStatus) -> StoreResult<String> {
-    serde_json::to_string(status).map_err(|e| StoreError::Invalid(format!("cannot encode a workspace status: {e}")))
-}
-
-/// The status is rewritten whole on every reconcile pass, so one that no longer
-/// decodes (written by another version) is dropped with a warning, not an error
-/// that would hide the whole workspace.
-fn decode_status(uid: &str, json: Option<String>) -> Option<WorkspaceStatus> {
-    let json = json?;
-    match serde_json::from_str(&json) {
-        Ok(status) => Some(status),
-        Err(error) => {
-            tracing::warn!(workspace_uid = uid, %error, "ignoring a stored status that does not decode");
-            None
-        }
-    }
-}
-
-/// A phase as stored inside a status (`"Running"`); None for anything else.
-fn parse_phase(text: Option<String>) -> Option<Phase> {
-    use serde::de::IntoDeserializer;
-    let text = text?;
-    Phase::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(text.as_str())).ok()
-}
-
-fn encode_actions(actions: &[String]) -> StoreResult<String> {
-    serde_json::to_string(actions).map_err(|e| StoreError::Invalid(format!("cannot encode decision actions: {e}")))
-}
-
-fn decode_actions(uid: &str, json: &str) -> StoreResult<Vec<String>> {
-    serde_json::from_str(json).map_err(|e| {
-        StoreError::Invalid(format!(
-            "a decision of workspace {uid} has actions that are not a JSON list of strings: {e}"
-        ))
-    })
-}
-
-/// Both databases keep microseconds; values are truncated to that before they are
-/// stored, so what a call returns equals what a later read returns.
-fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    use chrono::SubsecRound;
-    t.trunc_subsecs(6)
-}
-
-/// A new token row (not yet stored) and its plaintext.
-fn new_token(uid: &str, incarnation: i64, now: DateTime<Utc>) -> IssuedToken {
-    let plaintext = token::generate();
-    let now = micros(now);
-    let row = TokenRow {
-        id: uuid::Uuid::new_v4().to_string(),
-        workspace_uid: uid.to_string(),
-        token_hash: token::hash(&plaintext),
-        prefix: token::prefix(&plaintext),
-        incarnation,
-        created_at: now,
-        last_used_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        expires_at: None,
-    };
-    IssuedToken { plaintext, row }
 }

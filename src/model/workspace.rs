@@ -1,0 +1,40 @@
+//! A workspace as the operator has seen it: its stable identity, lifecycle counters,
+//! the CLI's overrides and the last status written.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{OperatingMode, WorkspaceStatus};
+
+/// A workspace the operator has seen: its stable identity and lifecycle counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    /// UUID (text), given on first sight, never reused.
+    pub uid: String,
+    /// `namespace/name`.
+    pub key: String,
+    /// Bumped on every (re)provision.
+    pub incarnation: i64,
+    pub created_at: DateTime<Utc>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// Restarts made by the heartbeat rule (the restart budget counts these).
+    pub restart_count: i64,
+    pub last_restart_at: Option<DateTime<Utc>>,
+    pub last_restart_reason: Option<String>,
+    /// The last status written (whole).
+    pub status: Option<WorkspaceStatus>,
+    /// Set by `molecule-operator pause|resume`: overrides the declared operating mode.
+    pub mode_override: Option<OperatingMode>,
+    /// Set by `molecule-operator restart`: restart if the container started before this.
+    pub restart_requested_at: Option<DateTime<Utc>>,
+}
+
+/// Whether a status shows the workspace's agent online: AgentOnline=True; without
+/// that condition, phase Running. Stored beside the status (`agent_online`) so the
+/// registry learns it with the token, without reading and decoding the status.
+pub fn shows_agent_online(status: &WorkspaceStatus) -> bool {
+    match crate::api::condition::find(&status.conditions, "AgentOnline") {
+        Some(c) => c.is_true(),
+        None => status.phase == crate::api::Phase::Running,
+    }
+}
