@@ -142,10 +142,11 @@ fn heap_live_mb() -> f64 {
 /// each is built alone for `n` workspaces (as the run above has them) and measured as
 /// the growth of the Rust heap.
 fn per_structure(n: usize) -> Vec<(String, f64)> {
+    use molecule::model::container::{ContainerInfo, ContainerState, labels};
     use molecule::observe::cache::ContainerCache;
     use molecule::reconcile::sweep::Phases;
     use molecule::reconcile::token_memo::TokenMemo;
-    use molecule::runtime::{ContainerInfo, ContainerState, RuntimeEvent, labels};
+    use molecule::runtime::RuntimeEvent;
     use sha2::{Digest, Sha256};
     let mut out = Vec::new();
     let mut measure = |what: &str, build: &mut dyn FnMut() -> Box<dyn std::any::Any>| {

@@ -1,5 +1,6 @@
 //! The shape of the crate: its top-level modules depend on each other without cycles
-//! (a newcomer can read them bottom up: `api`, `rules`, ... up to `operator`). Read from the sources: every `crate::<module>` a file
+//! (a newcomer can read them bottom up: `api`, `model`, `rules`, ... up to `operator`), and
+//! the pure layers do no IO. Read from the sources: every `crate::<module>` a file
 //! names counts as a dependency of the top-level module the file belongs to.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,4 +100,20 @@ fn the_cycle_finder_finds_a_cycle() {
     ]
     .into();
     assert_eq!(find_cycle(&deps), Some(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
+}
+
+#[test]
+fn the_pure_layers_do_no_io() {
+    // What decides (rules), what is computed (status) and what is data (api, model)
+    // reach none of the modules that do IO or spawn. (status reads the desired set,
+    // source's merged view; the rest of source is IO but not reached from here.)
+    let deps = dependencies();
+    let io = ["store", "runtime", "execute", "reconcile", "registry", "operator", "kubeapi", "node", "cluster", "cli"];
+    for pure in ["rules", "status", "api", "model"] {
+        let uses = deps.get(pure).unwrap_or_else(|| panic!("module {pure} exists"));
+        for module in io {
+            assert!(!uses.contains(module), "{pure} depends on {module}: {uses:?}");
+        }
+    }
+    assert!(!deps["rules"].contains("source") && !deps["model"].contains("source") && !deps["api"].contains("source"));
 }

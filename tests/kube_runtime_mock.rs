@@ -12,9 +12,10 @@ use kube::Client;
 use kube::client::Body;
 use molecule::api::WorkspaceSpec;
 use molecule::api::effective::{Defaults, resolve};
+use molecule::model::container::{ContainerSpec, labels};
+use molecule::runtime::Runtime;
 use molecule::runtime::kubernetes::KubeRuntime;
 use molecule::runtime::render::{AgentEnv, Identity, render};
-use molecule::runtime::{ContainerSpec, Runtime, labels};
 use serde_json::json;
 use support::mockapi::ApiServer;
 

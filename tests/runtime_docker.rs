@@ -16,9 +16,10 @@ use support::proxy::SocketProxy;
 
 use bollard::query_parameters::StopContainerOptionsBuilder;
 use molecule::api::{ImagePullPolicy, WorkspaceSpec};
+use molecule::model::container::{AGENT_UID, CONFIGS_DIR, ContainerState, TOKEN_FILE, labels};
 use molecule::runtime::agent_image::{self, AGENT_IMAGE, VERSION_LABEL};
 use molecule::runtime::docker::DockerRuntime;
-use molecule::runtime::{AGENT_UID, CONFIGS_DIR, ContainerState, Runtime, RuntimeError, TOKEN_FILE, labels};
+use molecule::runtime::{Runtime, RuntimeError};
 use support::docker::{NO_REGISTRY, TestDocker, collect_until, wait_for};
 
 const TOKEN_PATH: &str = "/configs/.auth_token";

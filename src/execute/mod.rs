@@ -10,10 +10,11 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::model::container::{CONFIGS_DIR, TOKEN_FILE, labels};
 use crate::model::{RevokeReason, WorkspaceRecord};
 use crate::rules::{Action, Desired, Facts};
 use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, render};
-use crate::runtime::{CONFIGS_DIR, Runtime, RuntimeError, TOKEN_FILE, labels};
+use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{Store, StoreError};
 
 /// A step that failed, named after its action.

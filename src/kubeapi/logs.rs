@@ -14,7 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use super::status::ApiError;
-use super::{Kind, KubeApi, Query, objects};
+use super::{Kind, KubeApi, Query};
 
 /// What a log request asks for (PodLogOptions).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,7 +77,7 @@ fn container(pod: &Value, asked: Option<&str>, name: &str) -> Result<String, Api
 }
 
 pub(crate) async fn serve(api: &KubeApi, ns: &str, name: &str, query: &Query) -> Result<Response, ApiError> {
-    let pod = objects::current(api, Kind::Pod, ns, name).await?.body;
+    let pod = api.current(Kind::Pod, ns, name).await?.body;
     let options = LogOptions {
         container: container(&pod, query.get("container"), name)?,
         follow: query.flag("follow") && query.get("follow").is_some(),

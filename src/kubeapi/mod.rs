@@ -79,6 +79,7 @@ mod objects;
 mod protobuf;
 pub mod quantity;
 mod schema;
+mod selector;
 mod services;
 mod status;
 mod strategic;
@@ -196,6 +197,16 @@ pub struct KubeApi {
 }
 
 impl KubeApi {
+    /// The stored object `kind` `ns/name`, or 404 naming it.
+    pub(crate) async fn current(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+    ) -> Result<crate::store::StoredObject, ApiError> {
+        self.store.get_object(kind.name(), ns, name).await?.ok_or_else(|| ApiError::not_found(&kind.qualified(), name))
+    }
+
     /// A server over `store` that requires `Authorization: Bearer <token>` (the
     /// operator's admin token). Watches can resume from the store's current revision on.
     pub async fn new(store: Arc<dyn Objects>, token: impl Into<String>) -> StoreResult<Self> {

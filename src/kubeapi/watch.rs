@@ -13,7 +13,7 @@ use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::objects::Selector;
+use super::selector::Selector;
 use super::status::ApiError;
 use super::{Kind, KubeApi, Query, WatchEvent, table};
 

@@ -3,6 +3,7 @@
 //! the crate but `crate::api`, so every layer can import it without a cycle (as
 //! linkerd's `policy-controller/core`). One file per concept.
 
+pub mod container;
 pub mod decision;
 pub mod heartbeat;
 pub mod secret;

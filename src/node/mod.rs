@@ -82,8 +82,8 @@ use tokio_util::sync::CancellationToken;
 use self::docker::{NodeDocker, PodContainer};
 use self::render::{NodeIdentity, Resolved, VolumeSource};
 use self::status::{ContainerView, Observation};
+use crate::model::container::ContainerState;
 use crate::observe::settle::{Checked, Settling};
-use crate::runtime::ContainerState;
 
 /// The labels on the node's containers, volumes and network.
 pub mod labels {

@@ -119,7 +119,7 @@ pub fn sandbox(node: &NodeIdentity, pod: &Pod, attempt: u32) -> ContainerCreateB
         image: Some(node.sandbox_image.clone()),
         cmd: Some(vec!["pause".to_string()]),
         hostname: (!host_network).then_some(hostname),
-        user: Some(format!("{}:{}", crate::runtime::AGENT_UID, crate::runtime::AGENT_UID)),
+        user: Some(format!("{}:{}", crate::model::container::AGENT_UID, crate::model::container::AGENT_UID)),
         labels: Some(pod_labels(node, pod, labels::SANDBOX, attempt)),
         host_config: Some(host_config),
         ..Default::default()

@@ -39,7 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::settle::{self, Checked, Settling};
 use crate::compact::Interner;
-use crate::runtime::{ContainerInfo, ContainerState, Runtime, RuntimeError, Watched, labels};
+use crate::model::container::{ContainerInfo, ContainerState, labels};
+use crate::runtime::{Runtime, RuntimeError, Watched};
 
 /// A read's place in time: taken before the runtime is asked.
 pub type Ticket = u64;
@@ -122,7 +123,7 @@ struct RuntimeDetail {
     node: Option<Box<str>>,
     restarts: u32,
     /// Read after an out-of-band change (a listing does not show it: kept across them).
-    applied: Option<crate::runtime::AppliedConfig>,
+    applied: Option<crate::model::container::AppliedConfig>,
 }
 
 /// `ai.molecule.` label pairs in one allocation: for each, the key without that prefix
@@ -176,11 +177,11 @@ impl Packed {
 }
 
 impl CachedContainer {
-    fn applied(&self) -> Option<&crate::runtime::AppliedConfig> {
+    fn applied(&self) -> Option<&crate::model::container::AppliedConfig> {
         self.extra.as_ref()?.applied.as_ref()
     }
 
-    fn set_applied(&mut self, applied: Option<crate::runtime::AppliedConfig>) {
+    fn set_applied(&mut self, applied: Option<crate::model::container::AppliedConfig>) {
         let extra = self
             .extra
             .get_or_insert_with(|| Box::new(RuntimeDetail { detail: None, node: None, restarts: 0, applied: None }));
@@ -479,7 +480,7 @@ impl ContainerCache {
 
     /// Records what container `id` runs with, read after an out-of-band change; true
     /// when that changed what the cache held. The workspace it belongs to, if cached.
-    pub fn set_applied(&self, id: &str, applied: crate::runtime::AppliedConfig) -> Option<String> {
+    pub fn set_applied(&self, id: &str, applied: crate::model::container::AppliedConfig) -> Option<String> {
         let mut st = self.lock();
         let e = st.containers.get_mut(id)?;
         if e.kept.applied() == Some(&applied) {

@@ -10,8 +10,9 @@ use sha2::{Digest, Sha256};
 pub use cache::ContainerCache;
 
 use crate::model::WorkspaceRecord;
+use crate::model::container::{CONFIGS_DIR, TOKEN_FILE};
 use crate::rules::{Observed, TokenFile};
-use crate::runtime::{CONFIGS_DIR, READ_FILE_LIMIT, Runtime, TOKEN_FILE};
+use crate::runtime::{READ_FILE_LIMIT, Runtime};
 use crate::store::{StoreResult, Tokens};
 
 /// Observes one workspace: its containers from the container cache (None when the

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::runtime::ContainerState;
+use crate::model::container::ContainerState;
 
 /// The first re-read after an event the listing did not show yet.
 const FIRST_WAIT: Duration = Duration::from_millis(10);

@@ -120,8 +120,8 @@ fn resolve(
     let (spec_hash, applied) = match &spec {
         Ok(spec) => {
             let cs = render(spec, &Identity { instance, key: &key, uid }, agent);
-            let hash = cs.labels.get(crate::runtime::labels::SPEC_HASH).cloned().unwrap_or_default();
-            (hash, Some(crate::runtime::AppliedConfig::of(&cs)))
+            let hash = cs.labels.get(crate::model::container::labels::SPEC_HASH).cloned().unwrap_or_default();
+            (hash, Some(crate::model::container::AppliedConfig::of(&cs)))
         }
         Err(_) => (String::new(), None),
     };

@@ -18,10 +18,11 @@ use super::{Context, reconcile};
 use crate::api::SourceRef;
 use crate::api::effective::Defaults;
 use crate::metrics::Metrics;
+use crate::model::container::{CONFIGS_DIR, TOKEN_FILE};
 use crate::rules::Settings;
 use crate::runtime::render::AgentEnv;
 use crate::runtime::sim::SimRuntime;
-use crate::runtime::{CONFIGS_DIR, Runtime, RuntimeEvent, TOKEN_FILE};
+use crate::runtime::{Runtime, RuntimeEvent};
 use crate::source::Snapshot;
 use crate::source::desired::{DesiredSet, merge};
 use crate::trigger::Report;
@@ -106,7 +107,7 @@ impl Bed {
 
     async fn container(&self, name: &str) -> String {
         let uid = self.record(name).await.uid;
-        let mine = self.sim.list_labeled(crate::runtime::labels::UID, &uid).await.unwrap();
+        let mine = self.sim.list_labeled(crate::model::container::labels::UID, &uid).await.unwrap();
         assert_eq!(mine.len(), 1, "one container for {name}");
         mine[0].id.clone()
     }
@@ -249,7 +250,7 @@ async fn pause_resume_and_stop_follow_the_operating_mode() {
         "a paused workspace whose container is removed comes back paused"
     );
     let paused = bed.sim.list().await.unwrap();
-    assert_eq!(paused[0].state, crate::runtime::ContainerState::Paused, "created paused");
+    assert_eq!(paused[0].state, crate::model::container::ContainerState::Paused, "created paused");
     bed.declare(WS);
     assert_eq!(bed.reconcile("dev").await, "resume: operating mode is Running\n  - unpaused container\n");
     bed.declare(&with_spec("operatingMode: Stopped"));

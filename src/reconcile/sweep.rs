@@ -27,9 +27,9 @@ use super::Context;
 use super::dereference::team_limits;
 use crate::api::ObjectKey;
 use crate::compact::Hex;
+use crate::model::container::ContainerInfo;
 use crate::model::{SecretRow, TokenRow, WorkspaceRecord};
 use crate::rules::{Desired, Facts, Observed, Settings, TeamView, TokenFile, plan};
-use crate::runtime::ContainerInfo;
 use crate::source::desired::{DesiredSet, DesiredWorkspace};
 
 /// What the last quiet full reconcile of a workspace saw, for the sweep. One per

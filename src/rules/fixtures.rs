@@ -9,8 +9,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use super::*;
 use crate::api::effective::{Defaults, resolve};
 use crate::api::{ObjectKey, OperatingMode, SourceRef, WorkspaceSpec};
+use crate::model::container::labels;
 use crate::model::{TokenRow, WorkspaceRecord};
-use crate::runtime::labels;
 
 pub const UID: &str = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
 pub const HASH: &str = "feedfacecafebeef";

@@ -37,9 +37,9 @@ pub use self::liveness::Liveness;
 pub use self::quota::TeamView;
 use crate::api::OperatingMode;
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
+pub use crate::model::container::ContainerState;
+use crate::model::container::{AppliedConfig, ContainerInfo};
 use crate::model::{RevokeReason, TokenRow, WorkspaceRecord};
-pub use crate::runtime::ContainerState;
-use crate::runtime::{AppliedConfig, ContainerInfo};
 
 /// What is declared for one workspace, resolved.
 #[derive(Clone, Debug)]

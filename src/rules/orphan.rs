@@ -25,7 +25,7 @@ pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
 mod tests {
     use super::super::fixtures::*;
     use super::*;
-    use crate::runtime::labels;
+    use crate::model::container::labels;
 
     #[test]
     fn container_with_foreign_uid_is_removed_and_ours_kept() {

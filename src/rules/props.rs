@@ -16,8 +16,8 @@ use proptest::prelude::*;
 use super::fixtures::*;
 use super::*;
 use crate::api::{OnResume, OperatingMode, TokenPolicy, UpdatePolicy, WorkspaceSpec};
+use crate::model::container::labels;
 use crate::rules::quota;
-use crate::runtime::labels;
 
 /// At most this many decisions before a workspace must be settled (the reconcile
 /// loop allows MAX_PASSES = 6 per pass and then requeues).

@@ -23,7 +23,7 @@ mod tests {
     use super::super::fixtures::*;
     use super::*;
     use crate::api::WorkspaceSpec;
-    use crate::runtime::labels;
+    use crate::model::container::labels;
 
     #[test]
     fn restarted_at_after_provision_restarts_once() {

@@ -14,9 +14,11 @@ pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
     };
     match &facts.observed.token_file {
         TokenFile::NotRead | TokenFile::Unreadable(_) => None,
-        TokenFile::Missing => {
-            reissue(format!("{}/{} is missing or empty", crate::runtime::CONFIGS_DIR, crate::runtime::TOKEN_FILE))
-        }
+        TokenFile::Missing => reissue(format!(
+            "{}/{} is missing or empty",
+            crate::model::container::CONFIGS_DIR,
+            crate::model::container::TOKEN_FILE
+        )),
         TokenFile::Hash(h) => {
             let now = facts.now;
             let Some(live) = facts.observed.current_tokens().find(|t| &t.token_hash == h && t.valid_at(now)) else {

@@ -13,7 +13,8 @@ use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 
 use super::docker_error::{api_error, status};
-use super::{AGENT_UID, CONFIGS_DIR, RuntimeError, RuntimeResult};
+use super::{RuntimeError, RuntimeResult};
+use crate::model::container::{AGENT_UID, CONFIGS_DIR};
 
 pub const AGENT_IMAGE: &str = "molecule-agent:local";
 /// Image label holding `agent_version()`.

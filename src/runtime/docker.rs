@@ -29,10 +29,13 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use super::docker_error::{api_error, chain, is_unavailable, message, status, unavailable};
 use super::{
-    AGENT_UID, AppliedConfig, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, READ_FILE_LIMIT, Runtime,
-    RuntimeError, RuntimeEvent, RuntimeResult, Watched, agent_image, labels, network::WorkspaceNetwork,
+    READ_FILE_LIMIT, Runtime, RuntimeError, RuntimeEvent, RuntimeResult, Watched, agent_image,
+    network::WorkspaceNetwork,
 };
 use crate::api::ImagePullPolicy;
+use crate::model::container::{
+    AGENT_UID, AppliedConfig, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, labels,
+};
 
 /// Mode of a directory `write_file` creates or re-owns: the agent owns it (it may
 /// replace files in it); others may list it. Secrets are protected by the file mode.
@@ -931,7 +934,7 @@ fn since_arg(unix_nanos: i64) -> String {
 mod tests {
     use super::*;
     use crate::api::Security;
-    use crate::runtime::RESTART_POLICY;
+    use crate::model::container::RESTART_POLICY;
 
     fn spec() -> ContainerSpec {
         ContainerSpec {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use super::{ContainerSpec, labels};
 use crate::api::EffectiveSpec;
+use crate::model::container::{ContainerSpec, labels};
 
 /// Who the container is for.
 #[derive(Clone, Debug)]
@@ -45,7 +45,7 @@ pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> Cont
     env.insert("MOLECULE_REGISTRY_URL".into(), agent.registry_url.clone());
     env.insert("PLATFORM_URL".into(), agent.registry_url.clone());
     env.insert("MOLECULE_HEARTBEAT_SECONDS".into(), agent.heartbeat_seconds.to_string());
-    env.insert("WORKSPACE_CONFIG_PATH".into(), super::CONFIGS_DIR.into());
+    env.insert("WORKSPACE_CONFIG_PATH".into(), crate::model::container::CONFIGS_DIR.into());
     env.insert("TIER".into(), spec.tier.to_string());
     if let Some(p) = &spec.parent {
         env.insert("PARENT_ID".into(), p.clone());

@@ -24,11 +24,9 @@ use futures::stream::{self, BoxStream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{
-    CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, Runtime, RuntimeError, RuntimeEvent, RuntimeResult,
-    labels,
-};
+use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult};
 use crate::api::ImagePullPolicy;
+use crate::model::container::{CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, labels};
 
 /// The simulated daemon of one operator instance.
 pub struct SimRuntime {

@@ -23,10 +23,10 @@ use bollard::query_parameters::{
 use futures::{StreamExt, TryStreamExt};
 use molecule::api::effective::{Defaults, resolve};
 use molecule::api::{ImagePullPolicy, WorkspaceSpec};
+use molecule::model::container::{ContainerSpec, labels};
 use molecule::runtime::agent_image::AGENT_BINARY;
 use molecule::runtime::docker::DockerRuntime;
 use molecule::runtime::render::{AgentEnv, Identity, render};
-use molecule::runtime::{ContainerSpec, labels};
 
 /// A registry URL nothing listens on: the agent keeps retrying against it.
 pub const NO_REGISTRY: &str = "http://127.0.0.1:1";

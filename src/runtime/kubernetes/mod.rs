@@ -42,11 +42,9 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use self::objects::{TOKEN_KEY, config_claim, container_info, pod_claim, split_key, token_secret, token_secret_name};
-use super::{
-    CONFIGS_DIR, ContainerInfo, ContainerSpec, Runtime, RuntimeError, RuntimeEvent, RuntimeResult, TOKEN_FILE, Watched,
-    labels,
-};
+use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult, Watched};
 use crate::api::ImagePullPolicy;
+use crate::model::container::{CONFIGS_DIR, ContainerInfo, ContainerSpec, TOKEN_FILE, labels};
 
 /// The field manager of the operator's server-side applies.
 const FIELD_MANAGER: &str = "molecule-operator";

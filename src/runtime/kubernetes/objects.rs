@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::api::ImagePullPolicy;
-use crate::runtime::{AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, labels};
+use crate::model::container::{AGENT_UID, CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, labels};
 
 /// Annotation keys (values a label cannot hold).
 pub mod annotations {
