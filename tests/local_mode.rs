@@ -248,8 +248,7 @@ fn settings_changed_out_of_band_converge_back() {
     assert!(docker_ok(&["update", "--memory", "300m", "--memory-swap", "300m", &cid(&ws, "mem")]));
     assert!(docker_ok(&["update", "--restart", "always", &cid(&ws, "policy")]));
     assert!(docker_ok(&["network", "connect", &network, &cid(&ws, "net")]));
-    let wants =
-        ["memory limit 300Mi, declared 256Mi", "restart policy always, declared unless-stopped", &format!("networks ")];
+    let wants = ["memory limit 300Mi, declared 256Mi", "restart policy always, declared unless-stopped", "networks "];
     for ((name, (i, t)), want) in ["mem", "policy", "net"].iter().zip(&before).zip(wants) {
         let ws = assert_healed(&op, name, *i, t);
         let describe = String::from_utf8(op.cli(&["describe", "workspace", name]).stdout).unwrap();
