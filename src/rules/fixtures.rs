@@ -202,6 +202,19 @@ impl ContainerInfo {
     }
 }
 
+/// A team with these limits whose one other member, seen first, runs and holds a slot.
+pub fn team_with_one_running_member(limits: super::quota::Limits) -> TeamView {
+    let other = super::quota::Member {
+        name: "other".into(),
+        first_seen: Some(t(-1)),
+        has_container: true,
+        running: true,
+        wants_container: true,
+        wants_running: true,
+    };
+    TeamView::Known { team: "eng".into(), limits, others: vec![other] }
+}
+
 pub fn facts<'a>(desired: Option<&'a Desired>, observed: &'a Observed, settings: &'a Settings) -> Facts<'a> {
     Facts { desired, observed, now: now(), settings }
 }

@@ -138,19 +138,7 @@ fn arb_world() -> impl Strategy<Value = World> {
 
 /// A team allowing one running workspace, taken by a member seen first.
 fn busy_team() -> TeamView {
-    let other = quota::Member {
-        name: "other".into(),
-        first_seen: Some(t(-1)),
-        has_container: true,
-        running: true,
-        wants_container: true,
-        wants_running: true,
-    };
-    TeamView::Known {
-        team: "eng".into(),
-        limits: quota::Limits { max_workspaces: None, max_running: Some(1) },
-        others: vec![other],
-    }
+    team_with_one_running_member(quota::Limits { max_workspaces: None, max_running: Some(1) })
 }
 
 impl World {

@@ -94,18 +94,7 @@ mod tests {
 
     #[test]
     fn a_quota_hold_keeps_a_new_workspace_waiting_but_never_touches_an_existing_one() {
-        let full = TeamView::Known {
-            team: "eng".into(),
-            limits: quota::Limits { max_workspaces: Some(1), max_running: None },
-            others: vec![quota::Member {
-                name: "other".into(),
-                first_seen: Some(t(-1)),
-                has_container: true,
-                running: true,
-                wants_container: true,
-                wants_running: true,
-            }],
-        };
+        let full = team_with_one_running_member(quota::Limits { max_workspaces: Some(1), max_running: None });
         let obs = healthy().without_container().in_team(full.clone());
         assert_eq!(decide(&obs, &desired()), None, "waits for room in its team");
         let obs = healthy().with_container(container(1, ContainerState::Exited)).in_team(full);

@@ -639,22 +639,6 @@ impl Runtime for DockerRuntime {
             .map_err(|e| RuntimeError::Api(format!("reading {path} from container {id}: {e}")))
     }
 
-    /// Delivers events from the moment of this call, even those before the stream is
-    /// first polled. Reconnects with backoff (0.5 s doubling to 30 s) whenever the
-    /// stream ends or fails, resuming from the last event's time: an event may repeat
-    /// after a reconnect, none in between is lost (the daemon keeps its last 256
-    /// events). The stream never ends by itself.
-    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
-        self.watch()
-            .filter_map(|w| async move {
-                match w {
-                    Watched::Event(ev) => Some(ev),
-                    Watched::Lost(_) => None,
-                }
-            })
-            .boxed()
-    }
-
     /// `events`, with a `Lost` each time the stream fails or ends, before it waits to
     /// reconnect. Two subscriptions: this instance's containers (by label), and every
     /// network connect and disconnect (networks carry no labels of ours; the container

@@ -154,13 +154,20 @@ pub trait Runtime: Send + Sync + 'static {
     fn freezes(&self) -> bool {
         true
     }
-    /// Lifecycle events of this instance's containers; reconnects by itself.
-    fn events(&self) -> BoxStream<'static, RuntimeEvent>;
-    /// `events`, plus a `Lost` each time the stream fails (before it reconnects by
-    /// itself). The default never reports a loss.
-    fn watch(&self) -> BoxStream<'static, Watched> {
+    /// Lifecycle events of this instance's containers, and a `Lost` each time the
+    /// stream fails (events may have been missed until it is back); reconnects by itself.
+    fn watch(&self) -> BoxStream<'static, Watched>;
+    /// `watch` without the losses.
+    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
         use futures::StreamExt;
-        self.events().map(Watched::Event).boxed()
+        self.watch()
+            .filter_map(|w| async move {
+                match w {
+                    Watched::Event(ev) => Some(ev),
+                    Watched::Lost(_) => None,
+                }
+            })
+            .boxed()
     }
 }
 

@@ -24,7 +24,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult};
+use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult, Watched};
 use crate::api::ImagePullPolicy;
 use crate::model::container::{CONFIGS_DIR, ContainerInfo, ContainerSpec, ContainerState, labels};
 
@@ -397,10 +397,11 @@ impl Runtime for SimRuntime {
         Ok(content)
     }
 
-    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
+    /// Never lost: the simulated daemon is in this process.
+    fn watch(&self) -> BoxStream<'static, Watched> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers.lock().expect("sim lock").push(tx);
-        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) }).boxed()
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|ev| (Watched::Event(ev), rx)) }).boxed()
     }
 }
 

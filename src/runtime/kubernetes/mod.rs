@@ -286,17 +286,6 @@ impl Runtime for KubeRuntime {
         Ok(secret.and_then(|s| s.data).and_then(|mut d| d.remove(TOKEN_KEY)).map(|b| b.0))
     }
 
-    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
-        self.watch()
-            .filter_map(|w| async move {
-                match w {
-                    Watched::Event(ev) => Some(ev),
-                    Watched::Lost(_) => None,
-                }
-            })
-            .boxed()
-    }
-
     fn watch(&self) -> BoxStream<'static, Watched> {
         let config = watcher::Config::default().labels(&format!("{}={}", labels::INSTANCE, self.instance));
         let pods = watcher(Api::<Pod>::all(self.client.clone()), config.clone())
