@@ -34,6 +34,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// Another operator instance works on this database: acting would fight it.
+    #[error("{0}")]
+    OtherInstance(String),
 }
 
 impl StoreError {
@@ -42,6 +45,7 @@ impl StoreError {
             Self::Database(_) => "store_database",
             Self::Migrate(_) => "store_migrate",
             Self::Invalid(_) => "store_invalid",
+            Self::OtherInstance(_) => "store_other_instance",
         }
     }
 }
