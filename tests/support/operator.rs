@@ -191,10 +191,15 @@ impl Op {
 
     /// SIGTERM and wait (graceful).
     pub fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(20));
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn stop_within(&mut self, grace: Duration) {
         if let Some(mut c) = self.child.take() {
             unsafe_kill(c.id(), "TERM");
             let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(20) {
+            while t0.elapsed() < grace {
                 if c.try_wait().ok().flatten().is_some() {
                     return;
                 }
@@ -348,7 +353,10 @@ impl Op {
     }
 
     pub fn cleanup(&mut self) {
-        self.kill();
+        // Gracefully where it can: an operator killed in the middle of creating a
+        // container can leave Docker a stale endpoint that keeps the network forever.
+        self.signal("CONT");
+        self.stop_within(Duration::from_secs(10));
         let ids = self.containers();
         // A volume removed out of band at the instant its container is created is
         // re-created by Docker without labels: remove config volumes by name too.
@@ -390,9 +398,16 @@ impl Op {
         for n in docker(&["network", "ls", "-q", "--filter", &node]).split_whitespace() {
             docker(&["network", "rm", n]);
         }
-        // The workspaces' own network (runtime::network), once no container uses it.
+        // The workspaces' own network (runtime::network), once no container uses it:
+        // Docker may take a moment to release the endpoints of containers just removed,
+        // and a network left behind takes an address pool from every later test.
         for n in self.networks() {
-            docker(&["network", "rm", &n]);
+            for _ in 0..25 {
+                if docker_ok(&["network", "rm", &n]) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
 
