@@ -21,7 +21,7 @@ import argparse, json, os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (Operator, add_common_args, command_line, docker, free_port, loadavg, online, pct,  # noqa: E402
-                      require_bin, ts, workspace_yaml, write_section)
+                      require_bin, ts, workspace_yaml, finish_section)
 
 
 def kubectl(op, *args, inp=None):
@@ -135,11 +135,8 @@ def main():
             "Secret file directory; a deleted Pod is also recreated under the same name only once the API has removed "
             "the old one, which the runtime waits for.",
             "- Converge counts differently in the two modes: Docker mode includes the operator's own start-up; Pod mode "
-            "starts with the operator and its node running.",
-            "- Machine load (1-minute average) at the start: %s; at the end: %s." % (load_start, loadavg())]
-    if a.quick:
-        out.insert(2, "_Quick smoke run: not the numbers to quote._\n")
-    write_section(a.out, "\n".join(out))
+            "starts with the operator and its node running."]
+    finish_section(a, out, load_start)
 
 
 if __name__ == "__main__":
