@@ -431,6 +431,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         });
     }
     tracing::info!(%instance, %url, state = %args.state.display(), "operator running");
+    if let Some(tty) = args.progress_view() {
+        let view =
+            crate::cli::progress::show(state.store.clone(), desired_rx.clone(), tty, args.log_file(), shutdown.clone());
+        tokio::spawn(view);
+    }
     reconcile::run(
         ctx,
         trigger_rx,

@@ -12,6 +12,7 @@
 pub mod apply;
 mod client;
 pub mod output;
+pub mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -158,31 +158,46 @@ impl Op {
         std::fs::remove_file(self.dir.path().join(file)).unwrap();
     }
 
-    pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = Command::new(BIN);
+    /// The operator's command line (without the binary).
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
         if self.sources.is_empty() {
-            cmd.arg("up").arg(self.dir.path());
+            args.extend(["up".to_string(), self.dir.path().display().to_string()]);
         } else {
-            cmd.arg("run");
+            args.push("run".into());
             for s in &self.sources {
-                cmd.args(["--source", s]);
+                args.extend(["--source".to_string(), s.clone()]);
             }
         }
-        cmd.arg("--state")
-            .arg(&self.state)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--instance",
-                &self.instance,
-                "--heartbeat-seconds",
-                &self.heartbeat_seconds.to_string(),
-            ])
-            .args(&self.extra)
-            .env("RUST_LOG", "info,molecule=debug")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        args.extend(["--state".to_string(), self.state.display().to_string()]);
+        args.extend(["--listen".to_string(), format!("127.0.0.1:{}", self.port)]);
+        args.extend(["--instance".to_string(), self.instance.clone()]);
+        args.extend(["--heartbeat-seconds".to_string(), self.heartbeat_seconds.to_string()]);
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(self.args());
+        self.spawn(cmd);
+    }
+
+    /// Starts the operator on a pseudo-terminal (util-linux `script`), `columns` wide:
+    /// what it draws there, control codes and all, goes to `self.log`.
+    pub fn start_on_terminal(&mut self, columns: u16) {
+        let quoted: Vec<String> = std::iter::once(BIN.to_string())
+            .chain(self.args())
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        let mut cmd = Command::new("script");
+        cmd.args(["-qfec", &quoted.join(" "), "/dev/null"]).env("COLUMNS", columns.to_string());
+        self.spawn(cmd);
+    }
+
+    fn spawn(&mut self, mut cmd: Command) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        cmd.env("RUST_LOG", "info,molecule=debug").stdout(log.try_clone().unwrap()).stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
