@@ -711,7 +711,10 @@ async fn a_standby_waits_for_the_live_lease_takes_over_when_it_expires_and_notic
         req.respond(StatusCode::OK, stale.clone());
     };
     assert_eq!(req.method, Method::PUT);
-    assert!(first_seen.elapsed() >= Duration::from_secs(1), "took over before the record sat unchanged for its duration");
+    assert!(
+        first_seen.elapsed() >= Duration::from_secs(1),
+        "took over before the record sat unchanged for its duration"
+    );
     assert_eq!(req.body["metadata"]["resourceVersion"], "7", "optimistic concurrency");
     assert_eq!(req.body["spec"]["holderIdentity"], "pod-a");
     assert_eq!(req.body["spec"]["leaseTransitions"], 3);
@@ -780,6 +783,10 @@ async fn a_leader_whose_renewals_go_unanswered_stops_before_its_lease_can_expire
     tokio::time::timeout(Duration::from_secs(10), leadership.lost.cancelled())
         .await
         .expect("a leader cut off must stop acting");
-    assert!(sent.elapsed() < duration, "stopped {:?} after the last renewal: a standby may already lead", sent.elapsed());
+    assert!(
+        sent.elapsed() < duration,
+        "stopped {:?} after the last renewal: a standby may already lead",
+        sent.elapsed()
+    );
     drop(unanswered);
 }

@@ -186,9 +186,7 @@ async fn three_replicas_one_leader_and_exactly_one_successor() {
 /// A connection of the leader's, carrying its fence as a fenced store's do.
 async fn fenced_connection(url: &str, fence: &str) -> sqlx::PgConnection {
     let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-    <sqlx::PgConnection as sqlx::Connection>::connect_with(&options.options([("molecule.fence", fence)]))
-        .await
-        .unwrap()
+    <sqlx::PgConnection as sqlx::Connection>::connect_with(&options.options([("molecule.fence", fence)])).await.unwrap()
 }
 
 async fn incarnation(url: &str, key: &str) -> i64 {

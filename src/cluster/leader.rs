@@ -358,7 +358,8 @@ mod tests {
 
     #[test]
     fn an_expired_or_released_lease_is_taken_over_with_one_more_transition() {
-        for (l, seen_for) in [(lease(Some("b"), 10, 3), Duration::from_secs(16)), (lease(None, 24, 3), Duration::ZERO)] {
+        for (l, seen_for) in [(lease(Some("b"), 10, 3), Duration::from_secs(16)), (lease(None, 24, 3), Duration::ZERO)]
+        {
             match decide(Some(&l), "a", t(26), D, seen_for) {
                 Decision::TakeOver(spec) => {
                     assert_eq!(spec.holder_identity.as_deref(), Some("a"));

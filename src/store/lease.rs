@@ -38,12 +38,11 @@ impl Lease {
     /// table lock, so two instances starting at once cannot both pass that check.
     pub async fn try_acquire(&self) -> StoreResult<Option<i64>> {
         // A standby's look is a plain read: it takes no lock a leader's writes could wait on.
-        let current = sqlx::query(
-            "SELECT holder, expires_at > clock_timestamp() AS live FROM operator_leases WHERE name = $1",
-        )
-        .bind(&self.name)
-        .fetch_optional(&self.pool)
-        .await?;
+        let current =
+            sqlx::query("SELECT holder, expires_at > clock_timestamp() AS live FROM operator_leases WHERE name = $1")
+                .bind(&self.name)
+                .fetch_optional(&self.pool)
+                .await?;
         if let Some(row) = current {
             let holder: String = row.try_get("holder")?;
             if row.try_get::<bool, _>("live")? && holder != self.holder {
@@ -104,12 +103,14 @@ impl Lease {
 
     /// Gives the lease up (clean shutdown), so a follower takes over at once.
     pub async fn release(&self, epoch: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE operator_leases SET expires_at = clock_timestamp() WHERE name = $1 AND holder = $2 AND epoch = $3")
-            .bind(&self.name)
-            .bind(&self.holder)
-            .bind(epoch)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE operator_leases SET expires_at = clock_timestamp() WHERE name = $1 AND holder = $2 AND epoch = $3",
+        )
+        .bind(&self.name)
+        .bind(&self.holder)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
