@@ -281,6 +281,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     state.limiter = limiter;
     state.keyring = Some(keyring.clone());
     state.lost_heartbeats = lost_heartbeats;
+    // Every finished reconcile: status writers and `events -w` subscribe.
+    let reports = tokio::sync::broadcast::channel(1024).0;
+    state.reports = Some(reports.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
         format!("cannot listen on {} (is another operator running there? use --listen)", args.listen)
     })?;
@@ -335,6 +338,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             Arc::new(crate::runtime::kubernetes::KubeRuntime::new(client, &instance))
         }
     };
+    let _ = state.runtime.set(runtime.clone());
     let settings = Settings {
         heartbeat_interval: args.heartbeat_interval(),
         heartbeat_ttl: (args.heartbeat_interval() * args.heartbeat_misses.max(2)).max(Duration::from_secs(10)),
@@ -358,6 +362,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     };
     let mut ctx =
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
+    ctx.reports = reports;
     ctx.keyring = Some(keyring);
     ctx.lost_heartbeats = state.lost_heartbeats.clone();
     let limiter = state.limiter.clone();

@@ -19,6 +19,7 @@
 mod admin;
 mod agent;
 pub mod auth;
+pub mod events;
 pub mod limit;
 pub mod secrets;
 pub mod views;
@@ -78,6 +79,11 @@ pub struct AppState {
     pub limiter: Arc<limit::FailureLimiter>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
     nudges: Arc<Mutex<agent::Nudges>>,
+    /// Every finished reconcile (the loop's own channel), for `events -w`; None
+    /// where no loop runs beside the API.
+    pub reports: Option<tokio::sync::broadcast::Sender<crate::trigger::Report>>,
+    /// The runtime, once connected (after the API starts serving): for agents' logs.
+    pub runtime: Arc<std::sync::OnceLock<Arc<dyn crate::runtime::Runtime>>>,
 }
 
 impl AppState {
@@ -102,6 +108,8 @@ impl AppState {
             lost_heartbeats: Arc::default(),
             limiter: Arc::default(),
             nudges: Arc::default(),
+            reports: None,
+            runtime: Arc::default(),
         }
     }
 
@@ -140,7 +148,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/workspaces/{name}/restart", post(admin::restart))
         .route("/api/v1/workspaces/{name}/pause", post(admin::pause))
         .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
+        .route("/api/v1/workspaces/{name}/logs", get(admin::logs))
         .route("/api/v1/teams", get(admin::list_teams))
+        .route("/api/v1/events", get(events::list))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let routes = agent_routes().route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).merge(admin);
