@@ -734,6 +734,11 @@ mod cases {
             last_heartbeat_at: Some(t0() + mins(1)),
             restart_count: 1,
             last_restart_reason: Some("agent silent".into()),
+            agent: Some(molecule::api::AgentStatus {
+                current_task: Some("triage #42".into()),
+                error_rate: Some(0.25),
+                ..Default::default()
+            }),
             source: Some(SourceRef { kind: "dir".into(), reference: "org/eng.yaml@1234".into() }),
             pending_hash: Some("def456".into()),
             applied_hash: Some("abc123".into()),

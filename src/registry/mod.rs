@@ -19,7 +19,9 @@
 mod admin;
 mod agent;
 pub mod auth;
+mod discovery;
 pub mod limit;
+mod reports;
 pub mod secrets;
 pub mod views;
 
@@ -78,6 +80,11 @@ pub struct AppState {
     pub limiter: Arc<limit::FailureLimiter>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
     nudges: Arc<Mutex<agent::Nudges>>,
+    /// The agents' reports as last written (see reports.rs).
+    agent_reports: Arc<reports::Cache>,
+    /// Whether agents may register push URLs in private ranges (RFC 1918, fd00::/8):
+    /// the original platform's SaaS mode. Off by default (rules::agent_url).
+    pub private_agent_urls: bool,
 }
 
 impl AppState {
@@ -102,6 +109,8 @@ impl AppState {
             lost_heartbeats: Arc::default(),
             limiter: Arc::default(),
             nudges: Arc::default(),
+            agent_reports: Arc::default(),
+            private_agent_urls: false,
         }
     }
 
@@ -115,12 +124,16 @@ impl AppState {
     }
 }
 
-/// The routes agents use: the registry (each call needs the workspace's own token)
-/// and liveness.
+/// The routes agents use: the registry (each call needs the workspace's own token;
+/// discovery also the hierarchy rule, rules::hierarchy) and liveness.
 fn agent_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/registry/register", post(agent::register))
         .route("/registry/heartbeat", post(agent::heartbeat))
+        .route("/registry/update-card", post(discovery::update_card))
+        .route("/registry/discover/{id}", get(discovery::discover))
+        .route("/registry/{id}/peers", get(discovery::peers))
+        .route("/registry/check-access", post(discovery::check_access))
         .route("/healthz", get(healthz))
 }
 
