@@ -32,14 +32,21 @@ fn org() -> DesiredSet {
     let ws = |name: &str, parent: Option<&str>| DesiredWorkspace {
         key: ObjectKey::new("default", name),
         generation: 1,
-        spec: resolve(&WorkspaceSpec { parent: parent.map(str::to_string), ..Default::default() }, &Defaults::default()),
+        spec: resolve(
+            &WorkspaceSpec { parent: parent.map(str::to_string), ..Default::default() },
+            &Defaults::default(),
+        ),
         source: SourceRef { kind: "dir".into(), reference: format!("org/{name}.yaml@1") }.into(),
         conflict: None,
         owner_team: None,
         deletion_refused: None,
     };
     let all = [ws("pm", None), ws("dev", Some("pm")), ws("qa", Some("pm")), ws("cto", None), ws("ops", Some("cto"))];
-    DesiredSet { workspaces: all.into_iter().map(|w| (w.key.clone(), w)).collect(), complete: true, ..Default::default() }
+    DesiredSet {
+        workspaces: all.into_iter().map(|w| (w.key.clone(), w)).collect(),
+        complete: true,
+        ..Default::default()
+    }
 }
 
 struct Registry {
@@ -86,7 +93,13 @@ impl Registry {
         Agent { id: rec.uid, token: tok.plaintext }
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.url));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -141,7 +154,8 @@ async fn register_in_push_mode_keeps_url_and_card() {
     let mut r = Registry::start().await;
     let dev = r.agent("dev").await;
     r.queued();
-    let body = json!({"id": dev.id, "url": "http://localhost:8000", "agent_card": card("dev"), "delivery_mode": "push"});
+    let body =
+        json!({"id": dev.id, "url": "http://localhost:8000", "agent_card": card("dev"), "delivery_mode": "push"});
     let (code, answer) = r.post("/registry/register", &dev, body).await;
     assert_eq!(code, 200, "{answer}");
     assert_eq!((answer["status"].as_str(), answer["delivery_mode"].as_str()), (Some("registered"), Some("push")));
@@ -161,8 +175,9 @@ async fn register_in_push_mode_keeps_url_and_card() {
 async fn register_in_poll_mode_needs_no_url_and_keeps_the_mode() {
     let r = Registry::start().await;
     let qa = r.agent("qa").await;
-    let (code, answer) =
-        r.post("/registry/register", &qa, json!({"id": qa.id, "agent_card": card("qa"), "delivery_mode": "poll"})).await;
+    let (code, answer) = r
+        .post("/registry/register", &qa, json!({"id": qa.id, "agent_card": card("qa"), "delivery_mode": "poll"}))
+        .await;
     assert_eq!((code, answer["delivery_mode"].as_str()), (200, Some("poll")), "{answer}");
     // The stored mode holds for a register that names none.
     let (code, answer) = r.post("/registry/register", &qa, json!({"id": qa.id, "agent_card": card("qa")})).await;
@@ -221,7 +236,8 @@ async fn push_urls_the_platform_must_not_call_are_400() {
     let (code, answer) = r.post("/registry/register", &dev, body).await;
     assert_eq!(code, 400, "{url}: {answer}");
     // Push without a URL.
-    let (code, answer) = r.post("/registry/register", &dev, json!({"id": dev.id, "agent_card": {}, "delivery_mode": "push"})).await;
+    let (code, answer) =
+        r.post("/registry/register", &dev, json!({"id": dev.id, "agent_card": {}, "delivery_mode": "push"})).await;
     assert_eq!(code, 400);
     assert!(answer["error"].as_str().unwrap().contains("url is required"), "{answer}");
     assert!(r.store.agent_report(&dev.id).await.unwrap().is_none(), "no refused register was stored");
@@ -285,9 +301,11 @@ async fn heartbeat_keeps_every_field_and_a_wedge_and_recovery_queue_the_status()
 async fn update_card_replaces_the_card_a_sibling_discovers() {
     let r = Registry::start().await;
     let (dev, qa) = (r.agent("dev").await, r.agent("qa").await);
-    let body = json!({"id": qa.id, "url": "http://localhost:9001", "agent_card": card("qa v1"), "delivery_mode": "push"});
+    let body =
+        json!({"id": qa.id, "url": "http://localhost:9001", "agent_card": card("qa v1"), "delivery_mode": "push"});
     assert_eq!(r.post("/registry/register", &qa, body).await.0, 200);
-    let (code, answer) = r.post("/registry/update-card", &qa, json!({"workspace_id": qa.id, "agent_card": card("qa v2")})).await;
+    let (code, answer) =
+        r.post("/registry/update-card", &qa, json!({"workspace_id": qa.id, "agent_card": card("qa v2")})).await;
     assert_eq!((code, answer["status"].as_str()), (200, Some("updated")), "{answer}");
     let (code, found) = r.get(&format!("/registry/discover/{}", qa.id), &dev).await;
     assert_eq!(code, 200, "{found}");
@@ -334,7 +352,8 @@ async fn peers_are_parent_siblings_and_children_and_only_ones_own() {
     let (pm, dev, _qa, _ops, _cto) =
         (r.agent("pm").await, r.agent("dev").await, r.agent("qa").await, r.agent("ops").await, r.agent("cto").await);
     let names = |v: &Value| {
-        let mut n: Vec<String> = v.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+        let mut n: Vec<String> =
+            v.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
         n.sort();
         n
     };

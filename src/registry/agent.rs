@@ -142,8 +142,11 @@ async fn handle(
             } else if let Err(e) = nudge(state, &owner, now).await {
                 return heartbeat_lost(state, e);
             }
-            let body =
-                AgentResponse { status: "ok", workspace_id: &owner.workspace_uid, incarnation: owner.current_incarnation };
+            let body = AgentResponse {
+                status: "ok",
+                workspace_id: &owner.workspace_uid,
+                incarnation: owner.current_incarnation,
+            };
             (StatusCode::OK, Json(body)).into_response()
         }
     }

@@ -120,7 +120,9 @@ pub(crate) async fn peers(
         .filter(|k| k.namespace == me.namespace && **k != me)
         .filter(|k| {
             let theirs = parent_of(k);
-            theirs == my_parent || theirs.as_deref() == Some(me.name.as_str()) || my_parent.as_deref() == Some(k.name.as_str())
+            theirs == my_parent
+                || theirs.as_deref() == Some(me.name.as_str())
+                || my_parent.as_deref() == Some(k.name.as_str())
         })
         .collect();
     let mut out = Vec::new();
@@ -148,7 +150,10 @@ pub(crate) async fn check_access(
         .and_then(|b| serde_json::from_slice::<serde_json::Map<String, Value>>(&b).ok())
         .and_then(|m| Some((m.get("caller_id")?.as_str()?.to_string(), m.get("target_id")?.as_str()?.to_string())));
     let Some((caller_id, target_id)) = ids else {
-        return error(StatusCode::BAD_REQUEST, "the body must be JSON like {\"caller_id\": \"<uuid>\", \"target_id\": \"<uuid>\"}");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be JSON like {\"caller_id\": \"<uuid>\", \"target_id\": \"<uuid>\"}",
+        );
     };
     let caller = match caller(&state, ip, &headers, Some(&caller_id)).await {
         Ok(caller) => caller,

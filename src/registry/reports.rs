@@ -172,7 +172,8 @@ pub(crate) async fn registration(
 /// Replaces the agent's card (the original's update-card; the rest of the report stays).
 pub(crate) async fn update_card(state: &AppState, owner: &TokenOwner, card: Value) -> StoreResult<()> {
     let (previous, _) = last(state, &owner.workspace_uid).await?;
-    let mut report = previous.unwrap_or_else(|| AgentReport { incarnation: owner.current_incarnation, ..Default::default() });
+    let mut report =
+        previous.unwrap_or_else(|| AgentReport { incarnation: owner.current_incarnation, ..Default::default() });
     report.agent_card = Some(card);
     save(state, &owner.workspace_uid, report).await
 }

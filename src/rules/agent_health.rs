@@ -110,7 +110,10 @@ mod tests {
         let d = evaluate(true, Some(&r), 1).unwrap();
         assert_eq!(
             d,
-            AgentHealth::Degraded("Wedged", "the runtime reports it is wedged; last error: claude: session lost".into())
+            AgentHealth::Degraded(
+                "Wedged",
+                "the runtime reports it is wedged; last error: claude: session lost".into()
+            )
         );
     }
 

@@ -60,7 +60,8 @@ pub fn blocked(ip: IpAddr, private_allowed: bool) -> Option<&'static str> {
 
 fn blocked_v4(ip: Ipv4Addr, private_allowed: bool) -> Option<&'static str> {
     let o = ip.octets();
-    let within = |net: [u8; 4], bits: u32| u32::from(ip) >> (32 - bits) == u32::from(Ipv4Addr::from(net)) >> (32 - bits);
+    let within =
+        |net: [u8; 4], bits: u32| u32::from(ip) >> (32 - bits) == u32::from(Ipv4Addr::from(net)) >> (32 - bits);
     Some(match () {
         _ if ip.is_loopback() => "a loopback address",
         _ if ip.is_link_local() => "a link-local (or cloud metadata) address",
@@ -101,9 +102,23 @@ mod tests {
     #[test]
     fn the_originals_blocked_ranges() {
         for ip in [
-            "127.0.0.1", "169.254.169.254", "0.0.0.0", "192.0.2.7", "198.51.100.1", "203.0.113.9",
-            "100.64.0.1", "100.127.255.254", "224.0.0.1", "255.255.255.255", "::1", "fe80::1",
-            "ff02::1", "fc00::1", "2001:db8::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "192.0.2.7",
+            "198.51.100.1",
+            "203.0.113.9",
+            "100.64.0.1",
+            "100.127.255.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "fc00::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
         ] {
             assert!(refused(ip), "{ip} must be blocked");
         }

@@ -100,8 +100,10 @@ mod tests {
         let chain: HashMap<String, String> = (1..=40).map(|i| (format!("o/w{i}"), format!("o/w{}", i - 1))).collect();
         assert!(can(&chain, "w9", "w40"), "30 steps up from w39");
         assert!(!can(&chain, "w0", "w40"), "beyond 32 steps");
-        let cycle: HashMap<String, String> =
-            [("a", "b"), ("b", "c"), ("c", "a"), ("x", "y")].iter().map(|(c, p)| (format!("o/{c}"), format!("o/{p}"))).collect();
+        let cycle: HashMap<String, String> = [("a", "b"), ("b", "c"), ("c", "a"), ("x", "y")]
+            .iter()
+            .map(|(c, p)| (format!("o/{c}"), format!("o/{p}")))
+            .collect();
         assert!(!can(&cycle, "x", "a"));
     }
 }

@@ -5,8 +5,8 @@
 
 use crate::api::condition::carry_transition_times;
 use crate::api::{
-    AgentStatus, Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, PodStatus, TokenStatus, UpdatePolicy,
-    WorkspaceStatus,
+    AgentStatus, Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, PodStatus, TokenStatus,
+    UpdatePolicy, WorkspaceStatus,
 };
 use crate::rules::agent_health::{self, AgentHealth};
 use crate::rules::{ContainerState, Facts, Hold, TokenFile, heartbeat, liveness};

@@ -24,13 +24,13 @@ use sqlx::{Pool, Row};
 
 use super::heartbeats::latest_per_token;
 use super::{
-    AgentReports, Changes, DecisionLog, DynStore, Heartbeats, ObjectWrite, Objects, Secrets, Store, StoreError, StoreResult,
-    StoredObject, Tokens, Workspaces, token,
+    AgentReports, Changes, DecisionLog, DynStore, Heartbeats, ObjectWrite, Objects, Secrets, Store, StoreError,
+    StoreResult, StoredObject, Tokens, Workspaces, token,
 };
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
-    AgentReport, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
-    shows_agent_online,
+    AgentReport, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow,
+    WorkspaceRecord, shows_agent_online,
 };
 
 /// What a SQL backend does differently from the other; everything else is this file.
