@@ -20,7 +20,9 @@ mod admin;
 mod agent;
 pub mod auth;
 pub mod events;
+mod discovery;
 pub mod limit;
+mod reports;
 pub mod secrets;
 pub mod views;
 
@@ -84,6 +86,11 @@ pub struct AppState {
     pub reports: Option<tokio::sync::broadcast::Sender<crate::trigger::Report>>,
     /// The runtime, once connected (after the API starts serving): for agents' logs.
     pub runtime: Arc<std::sync::OnceLock<Arc<dyn crate::runtime::Runtime>>>,
+    /// The agents' reports as last written (see reports.rs).
+    agent_reports: Arc<reports::Cache>,
+    /// Whether agents may register push URLs in private ranges (RFC 1918, fd00::/8):
+    /// the original platform's SaaS mode. Off by default (rules::agent_url).
+    pub private_agent_urls: bool,
 }
 
 impl AppState {
@@ -110,6 +117,8 @@ impl AppState {
             nudges: Arc::default(),
             reports: None,
             runtime: Arc::default(),
+            agent_reports: Arc::default(),
+            private_agent_urls: false,
         }
     }
 
@@ -123,12 +132,16 @@ impl AppState {
     }
 }
 
-/// The routes agents use: the registry (each call needs the workspace's own token)
-/// and liveness.
+/// The routes agents use: the registry (each call needs the workspace's own token;
+/// discovery also the hierarchy rule, rules::hierarchy) and liveness.
 fn agent_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/registry/register", post(agent::register))
         .route("/registry/heartbeat", post(agent::heartbeat))
+        .route("/registry/update-card", post(discovery::update_card))
+        .route("/registry/discover/{id}", get(discovery::discover))
+        .route("/registry/{id}/peers", get(discovery::peers))
+        .route("/registry/check-access", post(discovery::check_access))
         .route("/healthz", get(healthz))
 }
 
