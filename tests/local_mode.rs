@@ -814,23 +814,7 @@ fn events_lists_the_fleets_decisions_and_watch_prints_each_new_one() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().any(|l| l.contains("default/pm  provision")), "{text}");
     // Watching: the backlog, then what happens next, as it happens.
-    let mut watch = std::process::Command::new(support::operator::BIN)
-        .args(["events", "-w", "-o", "json", "--state"])
-        .arg(&op.state)
-        .args(["--server", &op.url()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = watch.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut watch, rx) = op.cli_lines(&["events", "-w", "-o", "json"]);
     let first: Value = serde_json::from_str(&rx.recv_timeout(HEAL).expect("the backlog comes first")).unwrap();
     assert_eq!(first["workspace"], "default/pm");
     assert!(op.cli(&["restart", "workspace", "pm"]).status.success());
@@ -860,23 +844,7 @@ fn logs_prints_the_agents_output_and_follow_keeps_printing() {
     assert!(text.contains("molecule-agent: token loaded from"), "{text}");
     // Following: what the agent writes later arrives while the command runs. A token
     // overwritten in its file makes the agent log the reload.
-    let mut follow = std::process::Command::new(support::operator::BIN)
-        .args(["logs", "workspace", "pm", "-f", "--tail", "0", "--state"])
-        .arg(&op.state)
-        .args(["--server", &op.url()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut follow, rx) = op.cli_lines(&["logs", "workspace", "pm", "-f", "--tail", "0"]);
     overwrite_token(&cid(&ws, "pm"), "not-the-token");
     let line = rx.recv_timeout(HEAL).expect("the agent's output while following");
     assert!(line.contains("molecule-agent"), "{line}");

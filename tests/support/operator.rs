@@ -276,6 +276,30 @@ impl Op {
         Command::new(BIN).args(args).arg("--state").arg(&self.state).args(["--server", &self.url()]).output().unwrap()
     }
 
+    /// A CLI command that keeps printing (`events -w`, `logs -f`): the process, and
+    /// its stdout's lines as they come.
+    pub fn cli_lines(&self, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .args(["--server", &self.url()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    }
+
     /// `get workspaces -o json`, by name.
     pub fn get(&self) -> Option<BTreeMap<String, Value>> {
         let out = self.cli(&["get", "workspaces", "-o", "json"]);
