@@ -43,6 +43,14 @@ enum Command {
     /// Validate Workspace/Team manifests and write them into a Postgres desired-state
     /// database (read by `run --source postgres`).
     Apply(molecule::cli::apply::ApplyArgs),
+    /// Print the Workspace and Team manifests equivalent to an org template in the
+    /// original platform's format (a directory holding org.yaml), e.g. for
+    /// `kubectl apply`. Secrets from .env files are named, never printed; nodes that
+    /// cannot be converted are listed on standard error (exit status 1).
+    Convert {
+        /// The template's directory (the one holding org.yaml).
+        dir: PathBuf,
+    },
     /// Print the Workspace and Team CustomResourceDefinitions (crds/ holds this output).
     Crds,
     /// Build the molecule-agent:local image (a static agent in a FROM scratch image).
@@ -96,6 +104,7 @@ async fn run() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Convert { dir } => convert(&dir),
         Command::AgentImage => {
             init_tracing();
             report(agent_image().await)
@@ -105,6 +114,19 @@ async fn run() -> ExitCode {
             report(migrate(&database_url).await)
         }
     }
+}
+
+fn convert(dir: &std::path::Path) -> ExitCode {
+    if !molecule::source::org::is_org_dir(dir) {
+        eprintln!("error: {} holds no org.yaml; give the directory of an org template", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let (manifests, errors) = molecule::source::org::manifests(&molecule::source::org::load(dir));
+    print!("{manifests}");
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 async fn run_operator(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
