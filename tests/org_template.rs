@@ -44,7 +44,7 @@ fn configs(container: &str) -> BTreeMap<String, (String, u32, u64)> {
             continue;
         }
         let path = entry.path().unwrap().to_string_lossy().trim_start_matches("configs/").to_string();
-        let (mode, uid) = (entry.header().mode().unwrap(), entry.header().uid().unwrap());
+        let (mode, uid) = (entry.header().mode().unwrap() & 0o7777, entry.header().uid().unwrap());
         let mut text = String::new();
         entry.read_to_string(&mut text).unwrap();
         files.insert(path, (text, mode, uid));
@@ -116,7 +116,10 @@ fn an_original_org_template_runs_unchanged() {
     assert_eq!(config["initial_prompt"], "Read /configs/system-prompt.md, then introduce yourself to your parent.\n");
     assert_eq!(config["skills"][0], "build", "files_dir's config.yaml is the base");
     let lead = configs(&cid(&ws, "product-lead"));
-    assert_eq!(lead["system-prompt.md"].0, "You lead product for MeDo. Keep the roadmap short and the teams unblocked.\n");
+    assert_eq!(
+        lead["system-prompt.md"].0,
+        "You lead product for MeDo. Keep the roadmap short and the teams unblocked.\n"
+    );
     let log = op.logs();
     assert!(
         log.contains("not acted on by this operator: canvas, plugins, schedules"),
@@ -192,8 +195,11 @@ fn an_original_org_template_runs_unchanged() {
     }
 
     // A node removed from the template removes its workspace.
-    std::fs::write(&eng, with_qa.replace("  - name: QA Crew\n    required_env: [{any_of: [DEPLOY_KEY, DEPLOY_TOKEN]}]\n", ""))
-        .unwrap();
+    std::fs::write(
+        &eng,
+        with_qa.replace("  - name: QA Crew\n    required_env: [{any_of: [DEPLOY_KEY, DEPLOY_TOKEN]}]\n", ""),
+    )
+    .unwrap();
     op.wait("qa-crew removed", CONVERGE, |ws| !ws.contains_key("qa-crew"));
     op.wait("loop removed", CONVERGE, |ws| !ws.contains_key("loop"));
     wait_until("their containers gone", CONVERGE, || op.containers().len() == NAMES.len());

@@ -360,7 +360,10 @@ impl Org<'_> {
         let d = &self.top.defaults;
         let runtime = node.runtime.clone().or(d.runtime.clone()).unwrap_or_else(|| DEFAULT_RUNTIME.into());
         if !KNOWN_RUNTIMES.contains(&runtime.as_str()) {
-            return Err(format!("runtime {runtime:?} is not one the original platform knows ({})", KNOWN_RUNTIMES.join(", ")));
+            return Err(format!(
+                "runtime {runtime:?} is not one the original platform knows ({})",
+                KNOWN_RUNTIMES.join(", ")
+            ));
         }
         let tier = match node.tier.or(d.tier) {
             None | Some(0) => DEFAULT_TIER,
@@ -751,7 +754,10 @@ workspaces:
         assert_eq!(c.keep_under, vec![Some(ObjectKey::new("default", "lead"))]);
         assert!(refused(&c, "orphan").contains("has no name"));
         let typo = refused(&c, "typo");
-        assert!(typo.starts_with("t/org.yaml: workspaces[0].children[1] \"Typo\" (under \"Lead\"): unknown field `tierr`"), "{typo}");
+        assert!(
+            typo.starts_with("t/org.yaml: workspaces[0].children[1] \"Typo\" (under \"Lead\"): unknown field `tierr`"),
+            "{typo}"
+        );
         assert!(refused(&c, "bad-tier").ends_with("tier 9 is out of range; use 1, 2, 3 or 4"));
         assert!(refused(&c, "odd").contains("runtime \"cobol\" is not one the original platform knows"));
         assert_eq!(ok(&c, "fine").spec.parent.as_deref(), Some("lead"));
@@ -778,7 +784,12 @@ workspaces:
             super::super::include::INCLUDE_ERROR_KEY
         );
         let c = convert(&tree(&yaml), &files(&[]), "org.yaml");
-        assert_eq!(c.errors, vec!["org.yaml: workspaces[0].children[0] (under \"Lead\"): org.yaml -> a.yaml: `!include b.yaml`: no such file; what was declared there is kept until it is fixed"]);
+        assert_eq!(
+            c.errors,
+            vec![
+                "org.yaml: workspaces[0].children[0] (under \"Lead\"): org.yaml -> a.yaml: `!include b.yaml`: no such file; what was declared there is kept until it is fixed"
+            ]
+        );
         assert_eq!(c.keep_under, vec![Some(ObjectKey::new("default", "lead"))]);
         assert!(ok(&c, "lead").spec.parent.is_none());
     }
@@ -799,7 +810,8 @@ workspaces:
 
     #[test]
     fn an_external_node_gets_no_container() {
-        let c = convert(&tree("workspaces:\n  - {name: Ext, external: true, url: 'http://x'}\n"), &files(&[]), "org.yaml");
+        let c =
+            convert(&tree("workspaces:\n  - {name: Ext, external: true, url: 'http://x'}\n"), &files(&[]), "org.yaml");
         assert_eq!(ok(&c, "ext").spec.operating_mode, Some(OperatingMode::Stopped));
         assert!(c.not_acted_on.contains("external"));
     }

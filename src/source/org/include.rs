@@ -46,7 +46,11 @@ type Seen = Rc<RefCell<BTreeMap<String, [u8; 32]>>>;
 fn read_text(path: &Path, rel: &str, files: &Seen) -> Result<String, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{rel}: cannot read the file ({e})"))?;
     if bytes.len() > MAX_FILE_BYTES {
-        return Err(format!("{rel}: the file is {} bytes; files over {} KiB are refused", bytes.len(), MAX_FILE_BYTES / 1024));
+        return Err(format!(
+            "{rel}: the file is {} bytes; files over {} KiB are refused",
+            bytes.len(),
+            MAX_FILE_BYTES / 1024
+        ));
     }
     files.borrow_mut().insert(rel.to_string(), Sha256::digest(&bytes).into());
     String::from_utf8(bytes).map_err(|_| format!("{rel}: the file is not UTF-8 text; save it as UTF-8"))
@@ -62,7 +66,9 @@ fn read_yaml(root: &Path, file: &Path, chain: Vec<String>, files: &Seen) -> Resu
         move |req: IncludeRequest<'_>| -> Result<ResolvedInclude, IncludeResolveError> {
             let json = match resolve(&root, &dir, req.spec.trim(), &chain, &files) {
                 Ok(value) => value,
-                Err(why) => Value::Object(serde_json::Map::from_iter([(INCLUDE_ERROR_KEY.to_string(), Value::String(why))])),
+                Err(why) => {
+                    Value::Object(serde_json::Map::from_iter([(INCLUDE_ERROR_KEY.to_string(), Value::String(why))]))
+                }
             };
             let text = serde_json::to_string(&json).map_err(|e| IncludeResolveError::Message(e.to_string()))?;
             Ok(ResolvedInclude::new(req.spec, req.spec, InputSource::from_string(text)))
@@ -100,7 +106,8 @@ fn resolve(root: &Path, dir: &Path, spec: &str, chain: &[String], files: &Seen) 
     if !canonical.is_file() {
         return Err(format!("{from}: `!include {spec}` is not a file"));
     }
-    let is_yaml = canonical.extension().is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+    let is_yaml =
+        canonical.extension().is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
     if is_yaml {
         let mut next = chain.to_vec();
         next.push(rel);
@@ -143,7 +150,10 @@ mod tests {
     fn includes_resolve_relative_to_the_including_file() {
         let dir = template(&[
             ("org.yaml", "name: Org\nworkspaces:\n  - !include teams/eng.yaml\n"),
-            ("teams/eng.yaml", "name: Eng\nsystem_prompt: !include ../prompts/eng.md\nchildren:\n  - !include dev.yaml\n"),
+            (
+                "teams/eng.yaml",
+                "name: Eng\nsystem_prompt: !include ../prompts/eng.md\nchildren:\n  - !include dev.yaml\n",
+            ),
             ("teams/dev.yaml", "name: Dev\n"),
             ("prompts/eng.md", "You lead engineering.\n"),
         ]);
@@ -176,7 +186,10 @@ mod tests {
         let tree = read_org(dir.path()).unwrap();
         let nodes = tree.value["workspaces"].as_array().unwrap();
         let cycle = include_error(&nodes[0]["children"][0], &[]).unwrap();
-        assert_eq!(cycle, "org.yaml -> a.yaml -> b.yaml: `!include a.yaml` is a cycle (org.yaml -> a.yaml -> b.yaml -> a.yaml)");
+        assert_eq!(
+            cycle,
+            "org.yaml -> a.yaml -> b.yaml: `!include a.yaml` is a cycle (org.yaml -> a.yaml -> b.yaml -> a.yaml)"
+        );
         assert_eq!(include_error(&nodes[0], &["children"]), None, "A itself is fine");
         assert_eq!(include_error(&nodes[1], &[]).unwrap(), "org.yaml: `!include missing.yaml`: no such file");
         assert!(include_error(&nodes[2], &[]).unwrap().contains("escapes the template root"));
@@ -185,7 +198,8 @@ mod tests {
 
     #[test]
     fn includes_nest_at_most_sixteen_deep() {
-        let mut files: Vec<(String, String)> = (0..20).map(|i| (format!("n{i}.yaml"), format!("!include n{}.yaml\n", i + 1))).collect();
+        let mut files: Vec<(String, String)> =
+            (0..20).map(|i| (format!("n{i}.yaml"), format!("!include n{}.yaml\n", i + 1))).collect();
         files.push(("n20.yaml".into(), "name: Deep\n".into()));
         files.push(("org.yaml".into(), "workspaces:\n  - !include n0.yaml\n".into()));
         let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();

@@ -68,7 +68,8 @@ impl LoadedOrg {
         if self.converted.keep_under.is_empty() {
             return Vec::new();
         }
-        let declared: std::collections::BTreeSet<ObjectKey> = self.objects(&SourceRef::default()).iter().map(key_of).collect();
+        let declared: std::collections::BTreeSet<ObjectKey> =
+            self.objects(&SourceRef::default()).iter().map(key_of).collect();
         let parents: BTreeMap<ObjectKey, Option<String>> = previous
             .iter()
             .filter_map(|o| match o {
@@ -103,12 +104,14 @@ impl LoadedOrg {
 
 fn key_of(o: &SourceObject) -> ObjectKey {
     match o {
-        SourceObject::Workspace { object, .. } => {
-            ObjectKey::new(object.metadata.namespace.clone().unwrap_or_default(), object.metadata.name.clone().unwrap_or_default())
-        }
-        SourceObject::Team { object, .. } => {
-            ObjectKey::new(object.metadata.namespace.clone().unwrap_or_default(), object.metadata.name.clone().unwrap_or_default())
-        }
+        SourceObject::Workspace { object, .. } => ObjectKey::new(
+            object.metadata.namespace.clone().unwrap_or_default(),
+            object.metadata.name.clone().unwrap_or_default(),
+        ),
+        SourceObject::Team { object, .. } => ObjectKey::new(
+            object.metadata.namespace.clone().unwrap_or_default(),
+            object.metadata.name.clone().unwrap_or_default(),
+        ),
         SourceObject::Invalid { key, .. } => key.clone(),
     }
 }
@@ -182,7 +185,8 @@ impl TemplateFiles for FsFiles {
             for entry in entries.flatten() {
                 let path = entry.path();
                 let Ok(meta) = std::fs::metadata(&path) else { continue };
-                let sub = path.strip_prefix(&dir).unwrap_or(&path).to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
+                let sub =
+                    path.strip_prefix(&dir).unwrap_or(&path).to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
                 if meta.is_dir() {
                     if depth < 16 && !entry.file_type().is_ok_and(|t| t.is_symlink()) {
                         pending.push((path, depth + 1));
