@@ -24,7 +24,9 @@ enum Command {
     /// Local mode: watch DIR's Workspace/Team YAML, reconcile against the local Docker
     /// daemon, keep state in STATE/state.db, serve the registry and admin API. Ctrl-C stops.
     Up {
-        /// Directory of Workspace and Team YAML files (searched recursively).
+        /// Directory of Workspace and Team YAML files (searched recursively); a
+        /// directory holding an org.yaml is read as an org template in the original
+        /// platform's format (see docs/org-templates.md).
         #[arg(default_value = ".")]
         dir: PathBuf,
         #[command(flatten)]
@@ -32,7 +34,8 @@ enum Command {
     },
     /// The general form of `up`: name the sources explicitly.
     Run {
-        /// `dir:PATH` (repeatable; the first source listed wins a name conflict).
+        /// `dir:PATH` (repeatable; the first source listed wins a name conflict; PATH
+        /// may be, or hold, an org template with an org.yaml).
         #[arg(long = "source", required = true, value_name = "SOURCE")]
         sources: Vec<SourceSpec>,
         #[command(flatten)]

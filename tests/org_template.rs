@@ -245,3 +245,66 @@ fn convert_prints_the_equivalent_manifests() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("holds no org.yaml"));
 }
+
+/// The directory source reads an org template beside plain manifests; a part of the
+/// template that stops being readable keeps what was declared under it.
+#[test]
+fn a_template_beside_manifests_and_a_broken_include_keeping_its_subtree() {
+    use molecule::source::{SourceObject, dir::DirSource};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("solo.yaml"),
+        "apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {name: solo}\nspec: {}\n",
+    )
+    .unwrap();
+    let org = dir.path().join("org");
+    std::fs::create_dir_all(org.join("teams")).unwrap();
+    std::fs::write(
+        org.join("org.yaml"),
+        "workspaces:\n  - name: Lead\n    children:\n      - !include teams/dev.yaml\n  - name: Ops\n",
+    )
+    .unwrap();
+    std::fs::write(org.join("teams/dev.yaml"), "name: Dev Team\nchildren:\n  - {name: Dev One}\n").unwrap();
+    let names = |objects: &[SourceObject]| -> Vec<String> {
+        let mut n: Vec<String> = objects
+            .iter()
+            .map(|o| match o {
+                SourceObject::Workspace { object, .. } => object.metadata.name.clone().unwrap(),
+                SourceObject::Team { object, .. } => format!("team:{}", object.metadata.name.clone().unwrap()),
+                SourceObject::Invalid { key, .. } => format!("invalid:{}", key.name),
+            })
+            .collect();
+        n.sort();
+        n
+    };
+    let mut source = DirSource::new(dir.path());
+    let snap = source.scan();
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    assert_eq!(
+        names(&snap.objects),
+        vec!["dev-one", "dev-team", "lead", "ops", "solo"],
+        "teams/dev.yaml is an include, not a manifest"
+    );
+
+    std::fs::remove_file(org.join("teams/dev.yaml")).unwrap();
+    let snap = source.scan();
+    assert_eq!(
+        names(&snap.objects),
+        vec!["dev-one", "dev-team", "lead", "ops", "solo"],
+        "kept while the include is missing"
+    );
+    assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+    let error = &snap.errors[0];
+    assert!(
+        error.contains(
+            "org.yaml: workspaces[0].children[0] (under \"Lead\"): org.yaml: `!include teams/dev.yaml`: no such file"
+        ),
+        "{error}"
+    );
+    assert!(error.ends_with("(keeping the 2 objects it declared there before until it is fixed)"), "{error}");
+
+    std::fs::write(org.join("org.yaml"), "workspaces:\n  - name: Lead\n").unwrap();
+    let snap = source.scan();
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    assert_eq!(names(&snap.objects), vec!["lead", "solo"], "nodes removed from the template are gone");
+}
