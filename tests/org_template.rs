@@ -308,3 +308,33 @@ fn a_template_beside_manifests_and_a_broken_include_keeping_its_subtree() {
     assert!(snap.errors.is_empty(), "{:?}", snap.errors);
     assert_eq!(names(&snap.objects), vec!["lead", "solo"], "nodes removed from the template are gone");
 }
+
+/// `apply -f DIR` writes the template's objects into Postgres, but never its `.env`
+/// values (it says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_writes_the_template_into_postgres_without_its_secrets() {
+    use sqlx::{Connection, Row};
+    let Some(db) = support::postgres::fresh_database().await else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/org-template");
+    let out =
+        Command::new(BIN).arg("apply").arg("-f").arg(&dir).env("MOLECULE_DATABASE_URL", &db.url).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["team.molecule.ai/medo-studio applied", "workspace.molecule.ai/medo-builder applied"] {
+        assert!(stdout.contains(line), "{line} in {stdout}");
+    }
+    assert!(stdout.contains(
+        "note: workspace medo-builder: its .env values (ANTHROPIC_API_KEY, BUILD_CHANNEL) are not written to the database"
+    ));
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let count = |q: &'static str| sqlx::query(q);
+    let rows: i64 =
+        count("SELECT count(*) FROM desired_objects WHERE kind = 'Workspace'").fetch_one(&mut c).await.unwrap().get(0);
+    assert_eq!(rows, 3);
+    let leaked: i64 = count("SELECT count(*) FROM desired_objects WHERE spec::text LIKE '%demo-key%'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leaked, 0, "no .env value in the database");
+}
