@@ -50,6 +50,14 @@ def write_section(path, text):
     print("wrote %s" % path, flush=True)
 
 
+def finish_section(a, out, load_start):
+    """Appends the load note, marks a quick run, and writes the section to `a.out`."""
+    out.append("- Machine load (1-minute average) at the start: %s; at the end: %s." % (load_start, loadavg()))
+    if a.quick:
+        out.insert(2, "_Quick smoke run: not the numbers to quote._\n")
+    write_section(a.out, "\n".join(out))
+
+
 def command_line():
     """The command that produced a section, as a user would type it from the repo root."""
     args = [a for a in sys.argv[1:]]

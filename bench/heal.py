@@ -21,7 +21,7 @@ import argparse, io, json, os, subprocess, sys, tarfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (Operator, add_common_args, command_line, docker, loadavg, online, pct, require_bin, ts,  # noqa: E402
-                      write_section)
+                      finish_section)
 
 
 def healed(name, t_damage, old_prefix):
@@ -157,11 +157,8 @@ def main():
             "trials (%d in this run) are retried and not counted; the counted ones really lost both. The test suite makes "
             "this case deterministic (`tests/local_mode.rs`, `heal_container_and_volume_removed_together`)." % lost,
             "- The token-file case is bounded by the agent: it re-reads the file every 0.5 s, presents the wrong token, "
-            "gets a 401, and the 401 triggers the reconcile that writes a new token.",
-            "- Machine load (1-minute average) at the start: %s; at the end: %s." % (load_start, loadavg())]
-    if a.quick:
-        out.insert(2, "_Quick smoke run: not the numbers to quote._\n")
-    write_section(a.out, "\n".join(out))
+            "gets a 401, and the 401 triggers the reconcile that writes a new token."]
+    finish_section(a, out, load_start)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,21 @@ use std::time::Duration;
 use clap::Args;
 use sha2::{Digest, Sha256};
 
+/// How `up` reports convergence (`--progress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    Auto,
+    Plain,
+    None,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Flags shared by `up` and `run`.
 #[derive(Args, Clone, Debug)]
 pub struct OperatorArgs {
@@ -84,6 +99,16 @@ pub struct OperatorArgs {
     /// Leader Lease duration with several replicas (`--source kubernetes`).
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
+    /// How convergence is shown: `auto` (the default of `up`) redraws one line per
+    /// workspace in place on a terminal, with a summary such as `6/6 running`, and
+    /// sends the logs to STATE/operator.log; off a terminal it prints a plain line
+    /// whenever a workspace changes. `plain` always prints plain lines; `none` (the
+    /// default of `run`) shows logs only.
+    #[arg(long, value_enum)]
+    pub progress: Option<ProgressMode>,
+    /// Log lines as `text`, or as `json` (one object per line, for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Reconciles run at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -100,6 +125,22 @@ pub enum RuntimeKind {
 }
 
 impl OperatorArgs {
+    /// Whether a progress view is drawn, and how: `Some(true)` in place (stdout is a
+    /// terminal and the mode is `auto`), `Some(false)` as plain lines, `None` not at all.
+    pub fn progress_view(&self) -> Option<bool> {
+        use std::io::IsTerminal;
+        match self.progress? {
+            ProgressMode::None => None,
+            ProgressMode::Plain => Some(false),
+            ProgressMode::Auto => Some(std::io::stdout().is_terminal()),
+        }
+    }
+
+    /// Where the logs go while a view is drawn in place: a file in the state dir.
+    pub fn log_file(&self) -> Option<PathBuf> {
+        (self.progress_view() == Some(true)).then(|| self.state.join("operator.log"))
+    }
+
     /// `--runtime`, or its default: Pods when the workspaces are Kubernetes objects.
     pub fn runtime_kind(&self, cluster_mode: bool) -> RuntimeKind {
         self.runtime.unwrap_or(if cluster_mode { RuntimeKind::Kubernetes } else { RuntimeKind::Docker })

@@ -68,11 +68,26 @@ enum Command {
 }
 
 fn init_tracing() {
+    init_logs(molecule::config::LogFormat::Text, None);
+}
+
+/// Logs to stderr, or to `file` (while `up` draws its progress view on the terminal).
+fn init_logs(format: molecule::config::LogFormat, file: Option<&std::path::Path>) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let opened = file.and_then(|path| {
+        let _ = std::fs::create_dir_all(path.parent()?);
+        std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let json = format == molecule::config::LogFormat::Json;
+    match (opened, json) {
+        (Some(f), false) => builder.with_writer(std::sync::Mutex::new(f)).with_ansi(false).init(),
+        (Some(f), true) => builder.json().with_writer(std::sync::Mutex::new(f)).init(),
+        (None, false) => builder.with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init(),
+        (None, true) => builder.json().with_writer(std::io::stderr).init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -95,7 +110,10 @@ async fn run() -> ExitCode {
             print!("{}", molecule::api::crds_yaml());
             ExitCode::SUCCESS
         }
-        Command::Up { dir, args } => report(run_operator(args, vec![SourceSpec::Dir(dir)]).await),
+        Command::Up { dir, mut args } => {
+            args.progress.get_or_insert(molecule::config::ProgressMode::Auto);
+            report(run_operator(args, vec![SourceSpec::Dir(dir)]).await)
+        }
         Command::Run { sources, args } => report(run_operator(args, sources).await),
         Command::Apply(a) => match molecule::cli::apply::apply(&a).await {
             Ok(out) => {
@@ -133,7 +151,7 @@ fn convert(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn run_operator(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
-    init_tracing();
+    init_logs(args.log_format, args.log_file().as_deref());
     molecule::operator::run(args, sources).await
 }
 

@@ -51,6 +51,11 @@ struct ResyncLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkspaceLabel {
+    workspace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -67,6 +72,9 @@ pub struct Metrics {
     workspaces: Family<PhaseLabel, Gauge>,
     resyncs: Family<ResyncLabels, Counter>,
     resync_looked: Counter,
+    agent_error_rate: Family<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    agent_active_tasks: Family<WorkspaceLabel, Gauge>,
+    agent_wedged: Family<WorkspaceLabel, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -94,6 +102,9 @@ impl Metrics {
         let workspaces = Family::<PhaseLabel, Gauge>::default();
         let resyncs = Family::<ResyncLabels, Counter>::default();
         let resync_looked = Counter::default();
+        let agent_error_rate = Family::<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let agent_active_tasks = Family::<WorkspaceLabel, Gauge>::default();
+        let agent_wedged = Family::<WorkspaceLabel, Gauge>::default();
         registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
         registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
@@ -116,6 +127,23 @@ impl Metrics {
             resyncs.clone(),
         );
         registry.register("resync_workspaces_looked", "Workspaces the resyncs looked at", resync_looked.clone());
+        // Per workspace (bounded by the declared set; dropped when a workspace is
+        // forgotten). Current task and sample error are text: in the status, not here.
+        registry.register(
+            "agent_error_rate",
+            "The error rate the workspace's agent last reported (original runtimes' heartbeat)",
+            agent_error_rate.clone(),
+        );
+        registry.register(
+            "agent_active_tasks",
+            "The tasks the workspace's agent last reported active",
+            agent_active_tasks.clone(),
+        );
+        registry.register(
+            "agent_wedged",
+            "1 while the workspace's runtime reports itself wedged",
+            agent_wedged.clone(),
+        );
         let metrics = Self {
             registry,
             reconciles,
@@ -128,6 +156,9 @@ impl Metrics {
             workspaces,
             resyncs,
             resync_looked,
+            agent_error_rate,
+            agent_active_tasks,
+            agent_wedged,
         };
         metrics.set_workspaces(std::iter::empty());
         metrics
@@ -171,6 +202,24 @@ impl Metrics {
         let scope = if full { "full" } else { "changes" };
         self.resyncs.get_or_create(&ResyncLabels { scope: scope.into() }).inc();
         self.resync_looked.inc_by(looked as u64);
+    }
+
+    /// What `workspace`'s agent reports, as its status shows it (None: nothing, or the
+    /// workspace is forgotten: its series are dropped).
+    pub fn set_agent(&self, workspace: &str, agent: Option<&crate::api::AgentStatus>) {
+        let label = WorkspaceLabel { workspace: workspace.to_string() };
+        match agent {
+            Some(a) => {
+                self.agent_error_rate.get_or_create(&label).set(a.error_rate.unwrap_or(0.0));
+                self.agent_active_tasks.get_or_create(&label).set(a.active_tasks.unwrap_or(0));
+                self.agent_wedged.get_or_create(&label).set(i64::from(a.runtime_state.as_deref() == Some("wedged")));
+            }
+            None => {
+                self.agent_error_rate.remove(&label);
+                self.agent_active_tasks.remove(&label);
+                self.agent_wedged.remove(&label);
+            }
+        }
     }
 
     /// A drift was healed `seconds` after it was first seen.
@@ -225,5 +274,23 @@ mod tests {
         assert!(text.contains("molecule_heal_seconds_bucket{le=\"0.5\"} 1"), "{text}");
         assert!(text.contains("molecule_workspaces{phase=\"Running\"} 3"), "{text}");
         assert!(text.contains("molecule_workspaces{phase=\"Failed\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn what_an_agent_reports_is_a_series_per_workspace_until_it_is_forgotten() {
+        let m = Metrics::new();
+        let agent = crate::api::AgentStatus {
+            error_rate: Some(0.75),
+            active_tasks: Some(2),
+            runtime_state: Some("wedged".into()),
+            ..Default::default()
+        };
+        m.set_agent("default/dev", Some(&agent));
+        let text = m.encode();
+        assert!(text.contains("molecule_agent_error_rate{workspace=\"default/dev\"} 0.75"), "{text}");
+        assert!(text.contains("molecule_agent_active_tasks{workspace=\"default/dev\"} 2"), "{text}");
+        assert!(text.contains("molecule_agent_wedged{workspace=\"default/dev\"} 1"), "{text}");
+        m.set_agent("default/dev", None);
+        assert!(!m.encode().contains("default/dev"));
     }
 }

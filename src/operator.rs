@@ -281,6 +281,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     state.limiter = limiter;
     state.keyring = Some(keyring.clone());
     state.lost_heartbeats = lost_heartbeats;
+    // Every finished reconcile: status writers and `events -w` subscribe.
+    let reports = tokio::sync::broadcast::channel(1024).0;
+    state.reports = Some(reports.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
         format!("cannot listen on {} (is another operator running there? use --listen)", args.listen)
     })?;
@@ -335,6 +338,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             Arc::new(crate::runtime::kubernetes::KubeRuntime::new(client, &instance))
         }
     };
+    let _ = state.runtime.set(runtime.clone());
     let settings = Settings {
         heartbeat_interval: args.heartbeat_interval(),
         heartbeat_ttl: (args.heartbeat_interval() * args.heartbeat_misses.max(2)).max(Duration::from_secs(10)),
@@ -358,6 +362,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     };
     let mut ctx =
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
+    ctx.reports = reports;
     ctx.keyring = Some(keyring);
     ctx.lost_heartbeats = state.lost_heartbeats.clone();
     let limiter = state.limiter.clone();
@@ -431,6 +436,11 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         });
     }
     tracing::info!(%instance, %url, state = %args.state.display(), "operator running");
+    if let Some(tty) = args.progress_view() {
+        let view =
+            crate::cli::progress::show(state.store.clone(), desired_rx.clone(), tty, args.log_file(), shutdown.clone());
+        tokio::spawn(view);
+    }
     reconcile::run(
         ctx,
         trigger_rx,
@@ -490,16 +500,21 @@ async fn lead_with_postgres_lease(
     use crate::store::lease::Lease;
     let holder = format!("{}-{}", std::process::id(), &crate::store::token::generate()[..8]);
     let lease = Lease::connect(url, instance, &holder, ttl).await.context("cannot reach the lease table")?;
+    // No call to the database may hang past the point where its answer still matters.
+    let bounded = ttl / 3;
     let mut announced = false;
-    let epoch = loop {
-        match lease.try_acquire().await {
-            Ok(Some(epoch)) => break epoch,
-            Ok(None) if !announced => {
+    let (epoch, sent) = loop {
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout(bounded, lease.try_acquire()).await {
+            Ok(Ok(Some(epoch))) => break (epoch, sent),
+            Ok(Ok(None)) if !announced => {
                 tracing::info!(%instance, "another replica leads; following (serving the API, not reconciling)");
                 announced = true;
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read the lease; retrying"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e @ crate::store::StoreError::OtherInstance(_))) => bail!("{e}"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the lease; retrying"),
+            Err(_) => tracing::warn!("the database did not answer the lease query in time; retrying"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => bail!("stopped while following"),
@@ -509,48 +524,39 @@ async fn lead_with_postgres_lease(
     tracing::info!(%instance, epoch, "leading: reconciling (fencing epoch {epoch})");
     let store: crate::store::DynStore =
         Arc::new(crate::store::postgres::PostgresStore::connect_fenced(url, Some(&lease.fence(epoch))).await?);
+    // Until when this replica may act, judged on its own clock as client-go does: the
+    // database set the lease's expiry at or after the moment the last successful
+    // request was sent, so `sent + ttl` is never later than the real expiry; a margin
+    // keeps clear of it. Nothing here compares against the database's clock.
+    let margin = (ttl / 5).max(Duration::from_millis(100));
+    let (confirmed, until) = watch::channel(sent + ttl - margin);
+    tokio::spawn(lease_watchdog(until, Arc::clone(&unconfirmed)));
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    let _ = lease.release(epoch).await;
+                    let _ = tokio::time::timeout(bounded, lease.release(epoch)).await;
                     return;
                 }
-                _ = tokio::time::sleep(lease.ttl / 3) => {}
+                _ = tokio::time::sleep(ttl / 3) => {}
             }
-            let renewed = match lease.renew(epoch).await {
-                Ok(true) => Ok(()),
-                // Expired (the database was unreachable past the TTL) or taken: still
-                // ours only if nobody took it meanwhile, which keeps the same epoch.
-                Ok(false) => match lease.try_acquire().await {
-                    Ok(Some(e)) if e == epoch => Ok(()),
-                    Ok(other) => {
-                        if let Some(e) = other {
-                            let _ = lease.release(e).await; // taken back under a new epoch our fence lacks
-                        }
-                        tracing::error!(epoch, "lost the lease to another replica: stopping");
-                        stop.cancel();
-                        return;
-                    }
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
+            let sent = tokio::time::Instant::now();
+            let renewed = match tokio::time::timeout(bounded, renew_or_retake(&lease, epoch)).await {
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => {
+                    tracing::error!(epoch, "lost the lease to another replica: stopping");
+                    stop.cancel();
+                    return;
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {bounded:?}")),
             };
             match renewed {
                 Ok(()) => {
-                    last_ok = tokio::time::Instant::now();
+                    confirmed.send_replace(sent + ttl - margin);
                     if unconfirmed.swap(false, Ordering::AcqRel) {
                         tracing::info!(epoch, "the lease is confirmed again: reconciling");
-                    }
-                }
-                Err(e) if last_ok.elapsed() >= lease.ttl => {
-                    if !unconfirmed.swap(true, Ordering::AcqRel) {
-                        tracing::error!(
-                            error = %e,
-                            "could not renew the lease within its TTL: not reconciling until the database answers"
-                        );
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
@@ -558,6 +564,44 @@ async fn lead_with_postgres_lease(
         }
     });
     Ok(store)
+}
+
+/// Renews the lease; if it expired meanwhile (the database was unreachable past the
+/// TTL), takes it back, which succeeds only if nobody took it over (same epoch). False
+/// when another replica holds it now.
+async fn renew_or_retake(lease: &crate::store::lease::Lease, epoch: i64) -> crate::store::StoreResult<bool> {
+    if lease.renew(epoch).await? {
+        return Ok(true);
+    }
+    match lease.try_acquire().await? {
+        Some(e) if e == epoch => Ok(true),
+        Some(e) => {
+            let _ = lease.release(e).await; // taken back under a new epoch our fence lacks
+            Ok(false)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Sets `unconfirmed` (reconciles stop) the moment the confirmed lease time passes
+/// without a renewal, however long the renewal itself hangs; the renewal loop clears
+/// it when the database answers again.
+async fn lease_watchdog(mut until: watch::Receiver<tokio::time::Instant>, unconfirmed: Arc<AtomicBool>) {
+    loop {
+        let deadline = *until.borrow_and_update();
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                let extended = *until.borrow() > deadline;
+                if !extended && !unconfirmed.swap(true, Ordering::AcqRel) {
+                    tracing::error!("the lease could not be renewed in time: not reconciling until the database answers");
+                }
+                if until.changed().await.is_err() {
+                    return;
+                }
+            }
+            changed = until.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// What the cluster controller needs from the rest of the operator.

@@ -698,17 +698,24 @@ async fn a_standby_waits_for_the_live_lease_takes_over_when_it_expires_and_notic
     let cfg = LeaseConfig::new("molecule-system", "pod-a", Duration::from_secs(1));
     let run = tokio::spawn(acquire(client, cfg, shutdown.clone()));
 
-    // pod-b holds a live Lease: wait, do not write.
-    let req = api.next().await;
-    assert_eq!(req.method, Method::GET);
-    req.respond(StatusCode::OK, lease("pod-b", Timestamp::now(), "7", 2));
-    // Next look: pod-b stopped renewing long ago; take over with a guarded update.
-    let req = api.next().await;
-    assert_eq!(req.method, Method::GET, "no write while another replica's Lease is live");
-    req.respond(StatusCode::OK, lease("pod-b", Timestamp::now() - SignedDuration::from_hours(1), "8", 2));
-    let req = api.next().await;
+    // pod-b holds a Lease whose renewTime, by pod-b's clock, is an hour old. Expiry is
+    // counted on our clock from when we first saw this record: wait, do not write, for
+    // a whole duration; then take over with a guarded update.
+    let first_seen = std::time::Instant::now();
+    let stale = lease("pod-b", Timestamp::now() - SignedDuration::from_hours(1), "7", 2);
+    let req = loop {
+        let req = api.next().await;
+        if req.method != Method::GET {
+            break req;
+        }
+        req.respond(StatusCode::OK, stale.clone());
+    };
     assert_eq!(req.method, Method::PUT);
-    assert_eq!(req.body["metadata"]["resourceVersion"], "8", "optimistic concurrency");
+    assert!(
+        first_seen.elapsed() >= Duration::from_secs(1),
+        "took over before the record sat unchanged for its duration"
+    );
+    assert_eq!(req.body["metadata"]["resourceVersion"], "7", "optimistic concurrency");
     assert_eq!(req.body["spec"]["holderIdentity"], "pod-a");
     assert_eq!(req.body["spec"]["leaseTransitions"], 3);
     let body = req.body.clone();
@@ -748,4 +755,38 @@ async fn losing_the_race_to_renew_is_losing_leadership() {
         "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
     );
     tokio::time::timeout(Duration::from_secs(5), leadership.lost.cancelled()).await.expect("lost is signalled");
+}
+
+#[tokio::test]
+async fn a_leader_whose_renewals_go_unanswered_stops_before_its_lease_can_expire() {
+    use k8s_openapi::jiff::Timestamp;
+    use molecule::cluster::leader::{LeaseConfig, acquire};
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer(handle);
+    let client = Client::new(service, "default");
+    let duration = Duration::from_secs(1);
+    let cfg = LeaseConfig::new("molecule-system", "pod-a", duration);
+    let run = tokio::spawn(acquire(client, cfg, tokio_util::sync::CancellationToken::new()));
+    let req = api.next().await;
+    req.respond(StatusCode::OK, lease("pod-a", Timestamp::now(), "3", 0));
+    let sent = std::time::Instant::now(); // no later than the renewal below was sent
+    let req = api.next().await;
+    assert_eq!(req.method, Method::PUT, "renew");
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    let leadership = run.await.unwrap().expect("leads");
+    // The next renewal is sent and never answered, nor refused: a black hole (kube-rs
+    // would wait ~5 minutes for it). Leadership must end before the Lease could expire
+    // for a standby, i.e. within its duration of the last renewal that went through.
+    let unanswered = api.next().await;
+    assert_eq!(unanswered.method, Method::GET);
+    tokio::time::timeout(Duration::from_secs(10), leadership.lost.cancelled())
+        .await
+        .expect("a leader cut off must stop acting");
+    assert!(
+        sent.elapsed() < duration,
+        "stopped {:?} after the last renewal: a standby may already lead",
+        sent.elapsed()
+    );
+    drop(unanswered);
 }

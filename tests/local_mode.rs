@@ -748,3 +748,145 @@ fn an_operator_down_longer_than_the_heartbeat_ttl_restarts_no_healthy_agent() {
     assert_eq!(running.trim(), "true", "the agent's container is gone or stopped");
     assert_eq!(op.containers().len(), 1);
 }
+
+/// Waits until the operator's output holds `needle`; the output then.
+fn output_with(op: &Op, needle: &str, deadline: Duration) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = op.logs();
+        if out.contains(needle) {
+            return out;
+        }
+        assert!(t0.elapsed() < deadline, "never showed {needle:?}:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn up_on_a_terminal_redraws_each_workspace_in_place_then_says_all_are_running() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("tty");
+    op.write_ws("pm");
+    op.write_ws("qa");
+    op.start_on_terminal(80);
+    let screen = output_with(&op, "2/2 running", UP);
+    assert!(screen.contains("\x1b[2K") && screen.contains("F\x1b[2K"), "lines are redrawn in place:\n{screen:?}");
+    for name in ["pm", "qa"] {
+        assert!(
+            screen.lines().any(|l| l.contains('✔') && l.contains(name) && l.contains("Running")),
+            "{name} shown running:\n{screen}"
+        );
+    }
+    assert!(screen.lines().all(|l| l.chars().count() <= 80 + 12), "cut to the terminal's width:\n{screen}");
+    assert!(!screen.contains(" INFO "), "log lines stay off the terminal:\n{screen}");
+    let logs = std::fs::read_to_string(op.state.join("operator.log")).unwrap_or_default();
+    assert!(logs.contains("operator running"), "the logs went to STATE/operator.log:\n{logs}");
+}
+
+#[test]
+fn up_off_a_terminal_prints_a_plain_line_per_change_beside_the_logs() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("plainprogress");
+    op.write_ws("pm");
+    op.start();
+    let out = output_with(&op, "1/1 running", UP);
+    assert!(out.contains("pm: Running (incarnation 1)"), "{out}");
+    assert!(!out.contains('\x1b'), "no control codes off a terminal");
+    assert!(out.contains("operator running"), "logs stay on stderr");
+    // A removal out of band shows as the change it is, then as settled again.
+    let ws = op.get().unwrap();
+    assert!(docker_ok(&["rm", "-f", ws["pm"]["container"]["id"].as_str().unwrap()]));
+    output_with(&op, "pm: Running (incarnation 2)", HEAL);
+}
+
+#[test]
+fn events_lists_the_fleets_decisions_and_watch_prints_each_new_one() {
+    if !docker_available() {
+        return;
+    }
+    let (op, _) = one("events", "pm");
+    let out = op.cli(&["events"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("default/pm  provision")), "{text}");
+    // Watching: the backlog, then what happens next, as it happens.
+    let mut watch = std::process::Command::new(support::operator::BIN)
+        .args(["events", "-w", "-o", "json", "--state"])
+        .arg(&op.state)
+        .args(["--server", &op.url()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first: Value = serde_json::from_str(&rx.recv_timeout(HEAL).expect("the backlog comes first")).unwrap();
+    assert_eq!(first["workspace"], "default/pm");
+    assert!(op.cli(&["restart", "workspace", "pm"]).status.success());
+    let t0 = std::time::Instant::now();
+    let restart = loop {
+        let line = rx.recv_timeout(HEAL.saturating_sub(t0.elapsed())).expect("the restart decision is printed live");
+        let e: Value = serde_json::from_str(&line).unwrap();
+        if e["rule"] == "restart" {
+            break e;
+        }
+    };
+    assert_eq!(restart["workspace"], "default/pm");
+    assert!(restart["cause"].as_str().is_some_and(|c| !c.is_empty()), "{restart}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+#[test]
+fn logs_prints_the_agents_output_and_follow_keeps_printing() {
+    if !docker_available() {
+        return;
+    }
+    let (op, ws) = one("agentlogs", "pm");
+    let out = op.cli(&["logs", "workspace", "pm"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("molecule-agent: token loaded from"), "{text}");
+    // Following: what the agent writes later arrives while the command runs. A token
+    // overwritten in its file makes the agent log the reload.
+    let mut follow = std::process::Command::new(support::operator::BIN)
+        .args(["logs", "workspace", "pm", "-f", "--tail", "0", "--state"])
+        .arg(&op.state)
+        .args(["--server", &op.url()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    overwrite_token(&cid(&ws, "pm"), "not-the-token");
+    let line = rx.recv_timeout(HEAL).expect("the agent's output while following");
+    assert!(line.contains("molecule-agent"), "{line}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let missing = op.cli(&["logs", "workspace", "nobody"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("nobody"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}

@@ -271,8 +271,9 @@ async fn bad_bodies_are_400_and_large_ones_413() {
     let big = format!("{{\"workspace_id\":\"{}\",\"pad\":\"{}\"}}", rec.uid, "x".repeat(20 * 1024));
     let (code, body) = h.agent("/registry/heartbeat", Some(&auth), &big).await;
     assert_eq!(code, 413, "{body}");
-    // Extra fields are fine (agents may send more).
-    let extra = format!("{{\"workspace_id\":\"{}\",\"url\":\"http://x\"}}", rec.uid);
+    // Extra fields are fine (agents may send more). (A push `url` must be one the
+    // operator may call: tests/registry_compat.rs.)
+    let extra = format!("{{\"workspace_id\":\"{}\",\"url\":\"http://localhost:8000\",\"x\":1}}", rec.uid);
     assert_eq!(h.agent("/registry/register", Some(&auth), &extra).await.0, 200);
 }
 

@@ -632,6 +632,32 @@ mod cases {
         assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap().unwrap().last_heartbeat_at, Some(t0() + mins(4)));
     }
 
+    pub async fn agent_reports_are_written_whole_and_forgotten_with_the_workspace(s: &Subject) {
+        use molecule::model::{AgentReport, DeliveryMode};
+        let store = &s.store;
+        let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
+        assert_eq!(store.agent_report(&ws.uid).await.unwrap(), None);
+        let first = AgentReport {
+            incarnation: 1,
+            url: Some("http://localhost:8000".into()),
+            agent_card: Some(serde_json::json!({"name": "dev-lead", "skills": []})),
+            delivery_mode: Some(DeliveryMode::Push),
+            error_rate: Some(0.75),
+            current_task: Some("triage #42".into()),
+            runtime_state: Some("wedged".into()),
+            wedged_since: Some(t0()),
+            ..Default::default()
+        };
+        store.save_agent_report(&ws.uid, &first).await.unwrap();
+        assert_eq!(store.agent_report(&ws.uid).await.unwrap(), Some(first.clone()));
+        let second = AgentReport { incarnation: 2, error_rate: Some(0.0), ..Default::default() };
+        store.save_agent_report(&ws.uid, &second).await.unwrap();
+        assert_eq!(store.agent_report(&ws.uid).await.unwrap(), Some(second), "written whole");
+        store.delete_workspace(&ws.uid).await.unwrap();
+        assert_eq!(store.agent_report(&ws.uid).await.unwrap(), None);
+        assert!(s.raw_rows("agent_reports").await.is_empty());
+    }
+
     pub async fn decisions_are_kept_newest_first_and_trimmed(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -734,6 +760,11 @@ mod cases {
             last_heartbeat_at: Some(t0() + mins(1)),
             restart_count: 1,
             last_restart_reason: Some("agent silent".into()),
+            agent: Some(molecule::api::AgentStatus {
+                current_task: Some("triage #42".into()),
+                error_rate: Some(0.25),
+                ..Default::default()
+            }),
             source: Some(SourceRef { kind: "dir".into(), reference: "org/eng.yaml@1234".into() }),
             pending_hash: Some("def456".into()),
             applied_hash: Some("abc123".into()),
@@ -910,6 +941,7 @@ conformance!(
     the_change_log_names_what_changed_but_heartbeats_and_status,
     the_sweep_reads_only_the_workspaces_it_names,
     decisions_are_kept_newest_first_and_trimmed,
+    agent_reports_are_written_whole_and_forgotten_with_the_workspace,
     delete_workspace_revokes_tokens_and_forgets_the_record,
     mode_override_and_restart_request_round_trip,
     save_status_round_trips_the_whole_status,

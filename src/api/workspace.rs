@@ -272,6 +272,9 @@ pub struct WorkspaceStatus {
     pub restart_count: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_reason: Option<String>,
+    /// What the agent of the current incarnation last reported to the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceRef>,
     /// The spec hash waiting to be applied (SpecDrift) and the one running.
@@ -294,6 +297,30 @@ pub struct ContainerStatus {
     pub spec_hash: String,
     #[serde(default)]
     pub image: String,
+}
+
+/// What a workspace's agent reports about itself (register and heartbeat, in the
+/// original platform's fields); uptime and spend, which move on every beat, are left out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// Where the agent takes messages (push mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `push` or `poll`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_tasks: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_error: Option<String>,
+    /// `wedged` when the runtime says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_state: Option<String>,
 }
 
 /// Where a workspace's Pod runs, and how often its agent was restarted in place.

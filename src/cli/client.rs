@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::ClientArgs;
 use crate::api::ObjectKey;
+use crate::registry::events::FleetEvent;
 use crate::registry::views::{ActionResponse, ErrorBody, TeamSummary, WorkspaceDetail, WorkspaceSummary};
 use crate::registry::{address_path, admin_token_path};
 
@@ -110,6 +111,90 @@ impl Client {
         self.call(Method::POST, &["api", "v1", "workspaces", &key.name, action], Some(&key.namespace)).await
     }
 
+    /// The fleet's last `limit` decisions, oldest first.
+    pub async fn events(&self, limit: usize) -> Result<Vec<FleetEvent>, CliError> {
+        let limit = limit.to_string();
+        self.call_with(Method::GET, &["api", "v1", "events"], &[("limit", &limit)], None).await
+    }
+
+    /// The last `limit` decisions, then each new one as it is made, until the operator
+    /// goes away (an error) or `each` says stop (false).
+    pub async fn watch_events(&self, limit: usize, mut each: impl FnMut(FleetEvent) -> bool) -> Result<(), CliError> {
+        let limit = limit.to_string();
+        let url = self.url(&["api", "v1", "events"], None);
+        let mut pending = Vec::new();
+        let mut bad = None;
+        self.stream(url.clone(), &[("watch", "true"), ("limit", &limit)], |chunk| {
+            pending.extend_from_slice(chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                match serde_json::from_slice(&line) {
+                    Ok(event) => {
+                        if !each(event) {
+                            return false;
+                        }
+                    }
+                    Err(e) => {
+                        bad = Some(e.to_string());
+                        return false;
+                    }
+                }
+            }
+            true
+        })
+        .await?;
+        match bad {
+            Some(message) => Err(CliError::Protocol { url: url.to_string(), message }),
+            None => Ok(()),
+        }
+    }
+
+    /// A workspace's agent output: the last `tail` lines, and with `follow` what
+    /// follows, each chunk handed to `each` as it arrives.
+    pub async fn logs(
+        &self,
+        key: &ObjectKey,
+        follow: bool,
+        tail: usize,
+        each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), CliError> {
+        let url = self.url(&["api", "v1", "workspaces", &key.name, "logs"], None);
+        let tail = tail.to_string();
+        let query =
+            [("namespace", key.namespace.as_str()), ("follow", if follow { "true" } else { "false" }), ("tail", &tail)];
+        self.stream(url, &query, each).await
+    }
+
+    /// GETs `url` and hands each chunk of the answer to `each` as it arrives, for as
+    /// long as the answer lasts (no overall timeout: a watch or a follow has no end).
+    async fn stream(
+        &self,
+        mut url: Url,
+        query: &[(&str, &str)],
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), CliError> {
+        url.query_pairs_mut().extend_pairs(query);
+        let mut response = self
+            .http
+            .get(url.clone())
+            .bearer_auth(&self.admin_token)
+            .timeout(Duration::from_secs(365 * 24 * 3600))
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(self.refusal(status, &body));
+        }
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport(e))? {
+            if !each(&chunk) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn secrets(&self) -> Result<Vec<crate::registry::secrets::SecretView>, CliError> {
         self.call(Method::GET, &["api", "v1", "secrets"], None).await
     }
@@ -173,14 +258,19 @@ impl Client {
             return serde_json::from_slice(&body)
                 .map_err(|e| CliError::Protocol { url: url.to_string(), message: e.to_string() });
         }
-        let message = serde_json::from_slice::<ErrorBody>(&body)
+        Err(self.refusal(status, &body))
+    }
+
+    /// The error for a non-success answer.
+    fn refusal(&self, status: StatusCode, body: &[u8]) -> CliError {
+        let message = serde_json::from_slice::<ErrorBody>(body)
             .map(|b| b.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
-        Err(match status {
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_string());
+        match status {
             StatusCode::UNAUTHORIZED => CliError::Unauthorized { url: self.base_str(), path: self.token_path.clone() },
             StatusCode::NOT_FOUND => CliError::NotFound(message),
             _ => CliError::Server { url: self.base_str(), status, message },
-        })
+        }
     }
 
     fn base_str(&self) -> String {

@@ -12,6 +12,7 @@
 pub mod apply;
 mod client;
 pub mod output;
+pub mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -127,6 +128,42 @@ pub enum ClientCommand {
     /// Secrets delivered to workspaces as env vars, stored encrypted (AES-256-GCM).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// A workspace's agent output (stdout and stderr): `logs workspace NAME [-f]`.
+    Logs(LogsArgs),
+    /// The fleet's decisions, oldest first: when, which workspace, the rule, its cause,
+    /// what was done and how it went. `-w` keeps printing them as they are made.
+    Events(EventsArgs),
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct LogsArgs {
+    #[arg(value_enum)]
+    pub kind: WorkspaceKind,
+    /// `NAME` (namespace `default`) or `NAMESPACE/NAME`.
+    pub name: String,
+    /// Keep printing what the agent writes (Ctrl-C stops).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// How many of the last lines to print first.
+    #[arg(long, default_value_t = 100)]
+    pub tail: usize,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Keep watching: print each new decision as the operator makes it (Ctrl-C stops).
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// How many past decisions to print first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// `text` (one line each) or `json` (one JSON object per line).
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// Which workspaces a secret reaches: all (default), one team's, or one workspace's.
@@ -189,7 +226,12 @@ pub enum SecretCommand {
 
 /// Runs a client command: prints its output, or the error as a sentence on stderr.
 pub async fn run(cmd: ClientCommand) -> ExitCode {
-    match execute(&cmd).await {
+    let result = match &cmd {
+        ClientCommand::Events(a) if a.watch => watch_events(a).await.map(|()| String::new()),
+        ClientCommand::Logs(a) => logs(a).await.map(|()| String::new()),
+        _ => execute(&cmd).await,
+    };
+    match result {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS
@@ -210,7 +252,50 @@ pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
         ClientCommand::Pause(a) => act(Verb::Pause, a).await,
         ClientCommand::Resume(a) => act(Verb::Resume, a).await,
         ClientCommand::Secret(c) => secret(c).await,
+        ClientCommand::Logs(a) => logs(a).await.map(|()| String::new()),
+        ClientCommand::Events(a) => {
+            let events = Client::new(&a.client)?.events(a.limit).await?;
+            Ok(events.iter().map(|e| event_line(e, &a.output) + "\n").collect())
+        }
     }
+}
+
+/// `logs`: prints the agent's output as it arrives.
+async fn logs(a: &LogsArgs) -> Result<(), CliError> {
+    use std::io::Write as _;
+    Client::new(&a.client)?
+        .logs(&ObjectKey::parse(&a.name), a.follow, a.tail, |chunk| {
+            let mut out = std::io::stdout().lock();
+            out.write_all(chunk).and_then(|()| out.flush()).is_ok()
+        })
+        .await
+}
+
+/// `events -w`: prints as the decisions come.
+async fn watch_events(a: &EventsArgs) -> Result<(), CliError> {
+    use std::io::Write as _;
+    Client::new(&a.client)?
+        .watch_events(a.limit, |e| {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", event_line(&e, &a.output)).and_then(|()| out.flush()).is_ok()
+        })
+        .await
+}
+
+/// One decision as `events` prints it.
+pub fn event_line(e: &crate::registry::events::FleetEvent, format: &str) -> String {
+    if format == "json" {
+        return serde_json::to_string(e).unwrap_or_default();
+    }
+    let d = &e.decision;
+    let mut line = format!("{}  {}  {}  {}", d.at.format("%Y-%m-%dT%H:%M:%SZ"), e.workspace, d.rule, d.cause);
+    if !d.actions.is_empty() {
+        line += &format!(" → {}", d.actions.join(", "));
+    }
+    if d.outcome != "ok" {
+        line += &format!("  [{}]", d.outcome);
+    }
+    line
 }
 
 /// `get workspaces|teams [NAME] [-o table|json|yaml]`.

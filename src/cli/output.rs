@@ -189,6 +189,28 @@ pub fn describe(d: &WorkspaceDetail, now: DateTime<Utc>) -> String {
             None => w.restart_count.to_string(),
         },
     );
+    if let Some(a) = &w.agent {
+        let mut parts = Vec::new();
+        if let Some(task) = &a.current_task {
+            parts.push(format!("working on: {task}"));
+        }
+        if let Some(n) = a.active_tasks {
+            parts.push(format!("{n} active tasks"));
+        }
+        if let Some(rate) = a.error_rate {
+            parts.push(format!("error rate {rate:.2}"));
+        }
+        if let Some(state) = &a.runtime_state {
+            parts.push(format!("runtime state {state}"));
+        }
+        field("Agent", if parts.is_empty() { "-".into() } else { parts.join(", ") });
+        if let Some(e) = &a.sample_error {
+            field("Last error", e.clone());
+        }
+        if let Some(url) = &a.url {
+            field("Agent URL", format!("{url} ({})", a.delivery_mode.as_deref().unwrap_or("push")));
+        }
+    }
     if let Some(m) = w.mode_override {
         field("Mode override", format!("{m:?} (set by `molecule-operator pause|resume`)"));
     }
@@ -412,6 +434,7 @@ mod tests {
             last_heartbeat_at: Some(now() - Duration::seconds(3)),
             restart_count: 0,
             last_restart_reason: None,
+            agent: None,
             source: None,
             conditions: vec![Condition::new(
                 "Ready",
@@ -536,6 +559,37 @@ mod tests {
             "Current:  Ab3x9_Qe…  issued 5m ago, last used 3s ago",
             "Decisions (newest first):",
             "5m ago   provision   declared Running, no container   issued token Ab3x9_Qe; started ws-3f2a0c1e-000   ok",
+        ] {
+            assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn describe_shows_what_the_agent_reports() {
+        let mut summary = ws("dev");
+        summary.agent = Some(crate::api::AgentStatus {
+            current_task: Some("triage #42".into()),
+            active_tasks: Some(1),
+            error_rate: Some(0.6),
+            sample_error: Some("429 from the model".into()),
+            runtime_state: Some("wedged".into()),
+            url: Some("http://localhost:8000".into()),
+            delivery_mode: Some("push".into()),
+        });
+        let d = WorkspaceDetail {
+            summary,
+            generation: None,
+            spec: None,
+            spec_errors: vec![],
+            restart_requested_at: None,
+            tokens: vec![],
+            decisions: vec![],
+        };
+        let out = describe(&d, now());
+        for needle in [
+            "Agent:          working on: triage #42, 1 active tasks, error rate 0.60, runtime state wedged",
+            "Last error:     429 from the model",
+            "Agent URL:      http://localhost:8000 (push)",
         ] {
             assert!(out.contains(needle), "missing {needle:?} in\n{out}");
         }

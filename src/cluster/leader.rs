@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::task::JoinHandle;
@@ -30,8 +30,17 @@ pub enum Decision {
 }
 
 /// The election policy. `duration` is ours; an existing Lease's own
-/// `leaseDurationSeconds` decides when it expires.
-pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp, duration: Duration) -> Decision {
+/// `leaseDurationSeconds` decides when it expires, counted from when this replica
+/// first saw the record as it is now (`unchanged_for`), as client-go does: never
+/// from the `renewTime` written by another machine's clock. `now` only stamps
+/// what we write.
+pub fn decide(
+    lease: Option<&Lease>,
+    identity: &str,
+    now: Timestamp,
+    duration: Duration,
+    unchanged_for: Duration,
+) -> Decision {
     let seconds = duration.as_secs().clamp(1, i32::MAX as u64) as i32;
     let fresh = |transitions: i32| LeaseSpec {
         holder_identity: Some(identity.to_string()),
@@ -56,18 +65,15 @@ pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp, duration: D
             ..spec.clone()
         });
     }
-    let held_for = SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(seconds).max(1) as i64);
-    let expires = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| t.0 + held_for);
-    match expires {
-        Some(at) if !holder.is_empty() && at > now => {
-            let left = at.duration_since(now).unsigned_abs();
-            Decision::Wait {
-                holder: holder.to_string(),
-                retry_in: left.min(duration / 2).max(Duration::from_millis(200)),
-            }
-        }
-        _ => Decision::TakeOver(fresh(transitions + 1)),
+    let held_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(seconds).max(1) as u64);
+    if !holder.is_empty() && unchanged_for < held_for {
+        let left = held_for - unchanged_for;
+        return Decision::Wait {
+            holder: holder.to_string(),
+            retry_in: left.min(duration / 2).max(Duration::from_millis(200)),
+        };
     }
+    Decision::TakeOver(fresh(transitions + 1))
 }
 
 /// Where the Lease is and who we are.
@@ -97,11 +103,12 @@ enum Attempt {
 
 /// One look at the Lease: get it, decide, write. A write that loses a race (409)
 /// counts as not held.
-async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Attempt, kube::Error> {
+async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Observed) -> Result<Attempt, kube::Error> {
     let current = api.get_opt(&cfg.name).await?;
     let lost_race = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
     let soon = Duration::from_millis(200);
-    let write = match decide(current.as_ref(), &cfg.identity, Timestamp::now(), cfg.duration) {
+    let unchanged_for = seen.unchanged_for(current.as_ref());
+    let write = match decide(current.as_ref(), &cfg.identity, Timestamp::now(), cfg.duration, unchanged_for) {
         Decision::Wait { holder, retry_in } => return Ok(Attempt::NotHeld { holder, retry_in }),
         Decision::Create(spec) => {
             let lease = Lease {
@@ -128,6 +135,34 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Attempt, kube::E
     }
 }
 
+/// When this replica first saw the Lease record it sees now. Any write changes the
+/// resourceVersion, so an unchanged version means nobody renewed.
+#[derive(Default)]
+struct Observed {
+    record: Option<String>,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Observed {
+    fn unchanged_for(&mut self, lease: Option<&Lease>) -> Duration {
+        let record = lease.map(|l| {
+            let spec = l.spec.as_ref();
+            format!(
+                "{}|{:?}|{:?}",
+                l.metadata.resource_version.as_deref().unwrap_or(""),
+                spec.and_then(|s| s.holder_identity.as_deref()),
+                spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
+            )
+        });
+        let now = tokio::time::Instant::now();
+        if record != self.record || self.since.is_none() {
+            self.record = record;
+            self.since = Some(now);
+        }
+        now - self.since.unwrap_or(now)
+    }
+}
+
 /// This replica leads until `lost` is cancelled.
 pub struct Leadership {
     /// Cancelled when the Lease was taken by another replica or could not be renewed
@@ -149,9 +184,14 @@ impl Leadership {
 pub async fn acquire(client: Client, cfg: LeaseConfig, shutdown: CancellationToken) -> Result<Leadership, Error> {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_holder = String::new();
-    loop {
-        let wait = match attempt(&api, &cfg).await {
-            Ok(Attempt::Held) => break,
+    let mut seen = Observed::default();
+    let sent = loop {
+        // A call that hangs (a black-holed connection) is a failed attempt, not a wait
+        // of kube-rs's read timeout (~5 minutes).
+        let sent = tokio::time::Instant::now();
+        let tried = tokio::time::timeout(cfg.duration / 3, attempt(&api, &cfg, &mut seen)).await;
+        let wait = match tried.unwrap_or_else(|_| Err(timed_out(&cfg))) {
+            Ok(Attempt::Held) => break sent,
             Ok(Attempt::NotHeld { holder, retry_in }) => {
                 if holder != last_holder {
                     tracing::info!(lease = %cfg.name, %holder, "another replica leads; standing by");
@@ -168,17 +208,35 @@ pub async fn acquire(client: Client, cfg: LeaseConfig, shutdown: CancellationTok
             _ = shutdown.cancelled() => return Err(Error::ShuttingDown),
             _ = tokio::time::sleep(wait) => {}
         }
-    }
+    };
     tracing::info!(lease = %cfg.name, identity = %cfg.identity, "acquired leadership");
     let lost = CancellationToken::new();
-    let renewer = tokio::spawn(renew(api, cfg, lost.clone(), shutdown));
+    let renewer = tokio::spawn(renew(api, cfg, sent, lost.clone(), shutdown));
     Ok(Leadership { lost, renewer })
 }
 
-async fn renew(api: Api<Lease>, cfg: LeaseConfig, lost: CancellationToken, shutdown: CancellationToken) {
-    let mut renewed = tokio::time::Instant::now();
+/// A kube error for an attempt that did not finish in time.
+fn timed_out(cfg: &LeaseConfig) -> kube::Error {
+    kube::Error::Service(format!("no answer about the Lease within {:?}", cfg.duration / 3).into())
+}
+
+/// Renews every third of the duration. Leadership ends (`lost`) when the Lease is
+/// held by another, or when no renewal succeeded by `sent + duration - margin`,
+/// where `sent` is when the last successful renewal was sent: judged on this
+/// replica's clock alone, and however long a request hangs, since each attempt is
+/// cut off at that deadline. A standby counts the same duration from when it saw
+/// the record last change, so it cannot take over before we stop.
+async fn renew(
+    api: Api<Lease>,
+    cfg: LeaseConfig,
+    sent: tokio::time::Instant,
+    lost: CancellationToken,
+    shutdown: CancellationToken,
+) {
     // Give up a little before the Lease expires, so a new leader never overlaps with us.
     let margin = (cfg.duration / 5).max(Duration::from_millis(100));
+    let mut deadline = sent + cfg.duration - margin;
+    let mut seen = Observed::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -187,8 +245,10 @@ async fn renew(api: Api<Lease>, cfg: LeaseConfig, lost: CancellationToken, shutd
             }
             _ = tokio::time::sleep(cfg.duration / 3) => {}
         }
-        match attempt(&api, &cfg).await {
-            Ok(Attempt::Held) => renewed = tokio::time::Instant::now(),
+        let sent = tokio::time::Instant::now();
+        let tried = tokio::time::timeout_at(deadline.max(sent), attempt(&api, &cfg, &mut seen)).await;
+        match tried.unwrap_or_else(|_| Err(timed_out(&cfg))) {
+            Ok(Attempt::Held) => deadline = sent + cfg.duration - margin,
             Ok(Attempt::NotHeld { holder, .. }) => {
                 tracing::error!(lease = %cfg.name, %holder, "lost leadership");
                 lost.cancel();
@@ -196,7 +256,7 @@ async fn renew(api: Api<Lease>, cfg: LeaseConfig, lost: CancellationToken, shutd
             }
             Err(e) => {
                 tracing::warn!(lease = %cfg.name, error = %e, "cannot renew the leader Lease");
-                if renewed.elapsed() + margin >= cfg.duration {
+                if tokio::time::Instant::now() >= deadline {
                     tracing::error!(lease = %cfg.name, "could not renew the leader Lease in time; stopping");
                     lost.cancel();
                     return;
@@ -249,7 +309,7 @@ mod tests {
 
     #[test]
     fn no_lease_is_created_held_by_us() {
-        match decide(None, "a", t(100), D) {
+        match decide(None, "a", t(100), D, Duration::ZERO) {
             Decision::Create(spec) => {
                 assert_eq!(spec.holder_identity.as_deref(), Some("a"));
                 assert_eq!(spec.lease_duration_seconds, Some(15));
@@ -262,7 +322,7 @@ mod tests {
 
     #[test]
     fn our_lease_is_renewed_keeping_acquire_time_and_transitions() {
-        match decide(Some(&lease(Some("a"), 10, 3)), "a", t(20), D) {
+        match decide(Some(&lease(Some("a"), 10, 3)), "a", t(20), D, Duration::ZERO) {
             Decision::Renew(spec) => {
                 assert_eq!(spec.acquire_time, Some(MicroTime(t(0))));
                 assert_eq!(spec.renew_time, Some(MicroTime(t(20))));
@@ -274,19 +334,33 @@ mod tests {
 
     #[test]
     fn a_live_lease_of_another_replica_is_waited_for() {
-        match decide(Some(&lease(Some("b"), 10, 3)), "a", t(20), D) {
+        let seen_for = Duration::from_secs(10);
+        match decide(Some(&lease(Some("b"), 10, 3)), "a", t(20), D, seen_for) {
             Decision::Wait { holder, retry_in } => {
                 assert_eq!(holder, "b");
-                assert_eq!(retry_in, Duration::from_secs(5)); // expires at 25
+                assert_eq!(retry_in, Duration::from_secs(5)); // unchanged for 10 of its 15 s
             }
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
+    fn expiry_is_counted_on_our_clock_never_from_the_remote_renew_time() {
+        // Renewed "an hour ago" by a clock that is behind ours, or "in an hour" by one
+        // ahead: either way a record just seen is live for its whole duration, and a
+        // record unchanged for its duration is expired.
+        for renewed in [-3600, 3600] {
+            let l = lease(Some("b"), renewed, 3);
+            assert!(matches!(decide(Some(&l), "a", t(0), D, Duration::ZERO), Decision::Wait { .. }));
+            assert!(matches!(decide(Some(&l), "a", t(0), D, D), Decision::TakeOver(_)));
+        }
+    }
+
+    #[test]
     fn an_expired_or_released_lease_is_taken_over_with_one_more_transition() {
-        for l in [lease(Some("b"), 10, 3), lease(None, 24, 3)] {
-            match decide(Some(&l), "a", t(26), D) {
+        for (l, seen_for) in [(lease(Some("b"), 10, 3), Duration::from_secs(16)), (lease(None, 24, 3), Duration::ZERO)]
+        {
+            match decide(Some(&l), "a", t(26), D, seen_for) {
                 Decision::TakeOver(spec) => {
                     assert_eq!(spec.holder_identity.as_deref(), Some("a"));
                     assert_eq!(spec.acquire_time, Some(MicroTime(t(26))));
@@ -301,6 +375,6 @@ mod tests {
     fn the_lease_uses_its_own_duration_to_expire() {
         let mut l = lease(Some("b"), 10, 0);
         l.spec.as_mut().unwrap().lease_duration_seconds = Some(60);
-        assert!(matches!(decide(Some(&l), "a", t(30), D), Decision::Wait { .. }));
+        assert!(matches!(decide(Some(&l), "a", t(30), D, Duration::from_secs(20)), Decision::Wait { .. }));
     }
 }

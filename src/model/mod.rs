@@ -3,6 +3,7 @@
 //! the crate but `crate::api`, so every layer can import it without a cycle (as
 //! linkerd's `policy-controller/core`). One file per concept.
 
+pub mod agent_report;
 pub mod container;
 pub mod decision;
 pub mod heartbeat;
@@ -10,6 +11,7 @@ pub mod secret;
 pub mod token;
 pub mod workspace;
 
+pub use agent_report::{AgentReport, DeliveryMode};
 pub use decision::DecisionRecord;
 pub use heartbeat::Heartbeat;
 pub use secret::SecretRow;

@@ -41,6 +41,7 @@ pub async fn observe(
         token_file: TokenFile::NotRead,
         team: Default::default(),
         heartbeats_lost_at: None,
+        agent: None,
     })
 }
 

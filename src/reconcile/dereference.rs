@@ -66,8 +66,12 @@ pub(super) async fn observe_workspace(
     key: &str,
     record: Option<WorkspaceRecord>,
 ) -> Result<Observed, StoreError> {
+    let uid = record.as_ref().map(|r| r.uid.clone());
     let mut observed = observe(ctx.store.as_ref(), &ctx.containers, key, record).await?;
     observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
+    if let Some(uid) = uid {
+        observed.agent = ctx.store.agent_report(&uid).await?;
+    }
     Ok(observed)
 }
 

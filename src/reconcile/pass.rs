@@ -155,6 +155,7 @@ async fn execute(
     if forgotten {
         ctx.remember_quiet(key, None);
         ctx.phases.set(key, None);
+        ctx.metrics.set_agent(key, None);
         report.forgotten = true;
         return Ok(Executed::Forgotten);
     }
@@ -194,5 +195,6 @@ async fn write_status(
         ctx.store.save_status(&record.uid, &st).await?;
     }
     ctx.phases.set(key, Some(st.phase));
+    ctx.metrics.set_agent(key, st.agent.as_ref());
     Ok(Some(st))
 }

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
+use futures::StreamExt;
 use serde::Deserialize;
 
 use super::views::{self, ActionResponse};
@@ -33,7 +34,7 @@ impl NamespaceQuery {
     }
 }
 
-fn store_failed(e: StoreError) -> Response {
+pub(crate) fn store_failed(e: StoreError) -> Response {
     tracing::warn!(error = %e, "admin API: state store failed");
     error(StatusCode::SERVICE_UNAVAILABLE, format!("the operator's state store failed: {e}"))
 }
@@ -202,4 +203,44 @@ pub(crate) async fn resume(
         Some(_) => format!("{key} is resuming; it stays running although it is declared {declared_mode:?}"),
     };
     done(&state, &key, "resume", Why::CliResume, message)
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct LogsQuery {
+    namespace: Option<String>,
+    #[serde(default)]
+    follow: bool,
+    tail: Option<usize>,
+}
+
+/// `GET /api/v1/workspaces/{name}/logs[?follow=true&tail=N]`: the agent's output, as
+/// the runtime keeps it (`molecule-operator logs workspace NAME [-f]`).
+pub(crate) async fn logs(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let key = ObjectKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
+    let record = match state.store.workspace(&key.to_string()).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return unknown(&key),
+        Err(e) => return store_failed(e),
+    };
+    let Some(container) = record.status.as_ref().and_then(|s| s.container.as_ref()) else {
+        return error(StatusCode::CONFLICT, format!("{key} has no container now (see `describe workspace {name}`)"));
+    };
+    let Some(runtime) = state.runtime.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the operator has not connected to its runtime yet");
+    };
+    match runtime.logs(&container.id, q.follow, q.tail.unwrap_or(100)).await {
+        Ok(Some(stream)) => {
+            let body = axum::body::Body::from_stream(stream.map(Ok::<_, std::convert::Infallible>));
+            ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("this runtime serves no logs here: `kubectl logs pod/{}`", container.name),
+        ),
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("cannot read the logs of {key}: {e}")),
+    }
 }

@@ -1,5 +1,8 @@
 //! `POST /registry/register` and `POST /registry/heartbeat`: an agent proves it is
-//! its workspace's current incarnation with `Authorization: Bearer <token>`.
+//! its workspace's current incarnation with `Authorization: Bearer <token>`. Bodies
+//! are the original platform's (reports.rs reads them): register's `id` (or
+//! `workspace_id`), `url`, `agent_card` and `delivery_mode`; heartbeat's
+//! `workspace_id` and what the runtime reports about itself. Unknown fields are ignored.
 //!
 //! Deliberate deviation from the original platform: a bearer is always required.
 //! The operator writes the token file before the container starts, so the
@@ -22,11 +25,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::auth::{bearer, unauthorized};
 use super::limit::{Source, too_many};
-use super::{AppState, BODY_LIMIT, error};
+use super::{AppState, error, reports};
 use crate::model::{TokenOwner, shows_agent_online};
 use crate::store::token;
 
@@ -37,11 +40,6 @@ pub const WRONG_WORKSPACE: &str = "this token belongs to another workspace";
 /// At most one "is the status behind?" check per workspace per interval (see `nudge`).
 const NUDGE_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Deserialize)]
-struct AgentRequest {
-    workspace_id: String,
-}
-
 #[derive(Serialize)]
 struct AgentResponse<'a> {
     status: &'static str,
@@ -49,10 +47,22 @@ struct AgentResponse<'a> {
     incarnation: i64,
 }
 
+#[derive(Serialize)]
+struct RegisterResponse<'a> {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery_mode: Option<&'static str>,
+    workspace_id: &'a str,
+    incarnation: i64,
+}
+
+/// What an agent called (for logs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Call {
+pub(crate) enum Call {
     Register,
     Heartbeat,
+    UpdateCard,
+    Discovery,
 }
 
 pub(crate) async fn register(
@@ -80,29 +90,99 @@ async fn handle(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let uid = match parse_body(body) {
-        Ok(uid) => uid,
+    let body = match reports::read(body, call == Call::Register) {
+        Ok(body) => body,
         Err((code, message)) => return error(code, message),
     };
+    let owner = match authenticate(state, ip, headers, Some(&body.workspace_id), call).await {
+        Ok(owner) => owner,
+        Err(response) => return response,
+    };
+    let now = Utc::now();
+    match call {
+        // An agent (re)started: written at once, so the reconcile it queues sees it.
+        Call::Register => {
+            let registration = match reports::registration(state, &owner, &body, now).await {
+                Ok(r) => r,
+                Err(response) => return response,
+            };
+            if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
+                return heartbeat_lost(state, e);
+            }
+            if let Err(e) = reports::save(state, &owner.workspace_uid, registration.clone()).await {
+                return store_unavailable(e);
+            }
+            state.trigger.enqueue(&owner.workspace_key, Why::AgentRegistered);
+            let delivery_mode = registration.delivery_mode.map(|m| m.as_str());
+            let body = RegisterResponse {
+                status: "registered",
+                delivery_mode,
+                workspace_id: &owner.workspace_uid,
+                incarnation: owner.current_incarnation,
+            };
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        // A heartbeat (`handle` serves register and heartbeat only). The steady state:
+        // batched (store::heartbeats), unless it changes what the status shows or
+        // makes the status catch up (nudge), which write it at once.
+        Call::Heartbeat | Call::UpdateCard | Call::Discovery => {
+            if let Err(e) = state.store.note_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
+                return heartbeat_lost(state, e);
+            }
+            let changed = match reports::heartbeat(state, &owner, &body, now).await {
+                Ok(changed) => changed,
+                Err(e) => return heartbeat_lost(state, e),
+            };
+            if changed {
+                // What the status shows changed (a task, an error rate, a wedge).
+                if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
+                    return heartbeat_lost(state, e);
+                }
+                state.trigger.enqueue(&owner.workspace_key, Why::AgentHeartbeat);
+            } else if let Err(e) = nudge(state, &owner, now).await {
+                return heartbeat_lost(state, e);
+            }
+            let body = AgentResponse {
+                status: "ok",
+                workspace_id: &owner.workspace_uid,
+                incarnation: owner.current_incarnation,
+            };
+            (StatusCode::OK, Json(body)).into_response()
+        }
+    }
+}
+
+/// The owner of the presented bearer token, when it is a live token of the current
+/// incarnation of the workspace `claimed` names (None: whichever workspace it is);
+/// else the answer to send (401 for every kind of bad token, alike; 403 for another
+/// workspace's; 429, 503).
+pub(crate) async fn authenticate(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    headers: &HeaderMap,
+    claimed: Option<&str>,
+    call: Call,
+) -> Result<TokenOwner, Response> {
+    let uid = claimed.unwrap_or("");
     let presented = bearer(headers).filter(|t| token::well_formed(t));
     let hash = presented.map(token::hash);
     // A source that keeps failing is answered 429 before any lookup (see limit.rs).
     let now = Instant::now();
     if let Err(wait) = state.limiter.admit(ip, hash.as_deref(), now) {
-        return too_many(wait);
+        return Err(too_many(wait));
     }
     let (Some(presented), Some(hash)) = (presented, hash) else {
         tracing::debug!(workspace_id = %uid, ?call, "registry: missing or malformed bearer");
-        return reject(state, ip, &uid, Why::TokenRefused).await;
+        return Err(reject(state, ip, uid, Why::TokenRefused).await);
     };
     let prefix = token::prefix(presented);
     let owner = match state.lookups.token_owner(&hash).await {
         Ok(owner) => owner,
-        Err(e) => return heartbeat_lost(state, e),
+        Err(e) => return Err(heartbeat_lost(state, e)),
     };
     let Some(owner) = owner else {
         tracing::debug!(workspace_id = %uid, token_prefix = %prefix, ?call, "registry: unknown or revoked token");
-        return reject(state, ip, &uid, Why::TokenRefused).await;
+        return Err(reject(state, ip, uid, Why::TokenRefused).await);
     };
     if owner.token_incarnation != owner.current_incarnation {
         tracing::debug!(
@@ -110,66 +190,23 @@ async fn handle(
             token_incarnation = owner.token_incarnation, current = owner.current_incarnation,
             "registry: token of a superseded incarnation"
         );
-        return reject(state, ip, &uid, Why::TokenRefused).await;
+        return Err(reject(state, ip, uid, Why::TokenRefused).await);
     }
     if owner.expires_at.is_some_and(|e| e <= Utc::now()) {
         tracing::debug!(workspace = %owner.workspace_key, token_prefix = %prefix, "registry: rotated-out token past its overlap");
-        return reject(state, ip, &uid, Why::TokenRefused).await;
+        return Err(reject(state, ip, uid, Why::TokenRefused).await);
     }
-    if !same_uid(&owner.workspace_uid, &uid) {
+    if claimed.is_some_and(|uid| !same_uid(&owner.workspace_uid, uid)) {
         tracing::info!(
             workspace_id = %uid, token_workspace = %owner.workspace_key, token_prefix = %prefix,
             "registry: a workspace presented another workspace's token"
         );
         state.limiter.failed(ip, Instant::now());
-        enqueue_if_known(state, &uid, Why::WrongWorkspace).await;
-        return error(StatusCode::FORBIDDEN, WRONG_WORKSPACE);
+        enqueue_if_known(state, uid, Why::WrongWorkspace).await;
+        return Err(error(StatusCode::FORBIDDEN, WRONG_WORKSPACE));
     }
     state.limiter.vouch(&hash, now);
-    let now = Utc::now();
-    match call {
-        // An agent (re)started: written at once, so the reconcile it queues sees it.
-        Call::Register => {
-            if let Err(e) = state.store.record_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
-                return heartbeat_lost(state, e);
-            }
-            state.trigger.enqueue(&owner.workspace_key, Why::AgentRegistered);
-        }
-        // The steady state: batched (store::heartbeats), unless it makes the status
-        // catch up (nudge), which writes it at once.
-        Call::Heartbeat => {
-            if let Err(e) = state.store.note_heartbeat(&owner.token_id, &owner.workspace_uid, now).await {
-                return heartbeat_lost(state, e);
-            }
-            if let Err(e) = nudge(state, &owner, now).await {
-                return heartbeat_lost(state, e);
-            }
-        }
-    }
-    let body =
-        AgentResponse { status: "ok", workspace_id: &owner.workspace_uid, incarnation: owner.current_incarnation };
-    (StatusCode::OK, Json(body)).into_response()
-}
-
-/// The body's workspace id, or the status (400/413) and a sentence saying what is
-/// wrong with the body.
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<String, (StatusCode, String)> {
-    let bytes = body.map_err(|rejection| {
-        let code = rejection.status();
-        if code == StatusCode::PAYLOAD_TOO_LARGE {
-            (code, format!("the request body is larger than {} KiB", BODY_LIMIT / 1024))
-        } else {
-            (code, format!("cannot read the request body: {}", rejection.body_text()))
-        }
-    })?;
-    let request: AgentRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        (StatusCode::BAD_REQUEST, format!("the body must be JSON like {{\"workspace_id\": \"<uuid>\"}}: {e}"))
-    })?;
-    if uuid::Uuid::parse_str(&request.workspace_id).is_err() {
-        let message = "workspace_id must be the workspace's UUID (MOLECULE_WORKSPACE_ID)";
-        return Err((StatusCode::BAD_REQUEST, message.into()));
-    }
-    Ok(request.workspace_id)
+    Ok(owner)
 }
 
 fn same_uid(a: &str, b: &str) -> bool {
@@ -188,6 +225,9 @@ async fn reject(state: &AppState, ip: std::net::IpAddr, uid: &str, why: Why) -> 
 }
 
 async fn enqueue_if_known(state: &AppState, uid: &str, why: Why) {
+    if uuid::Uuid::parse_str(uid).is_err() {
+        return;
+    }
     match state.store.workspace_by_uid(uid).await {
         Ok(Some(record)) => state.trigger.enqueue(&record.key, why),
         Ok(None) => {}
@@ -197,12 +237,12 @@ async fn enqueue_if_known(state: &AppState, uid: &str, why: Why) {
 
 /// The store failed while an agent reported in: a 503 (the agent retries), and the
 /// time is noted so the heartbeat rule does not take the unrecorded beats for silence.
-fn heartbeat_lost(state: &AppState, e: crate::store::StoreError) -> Response {
+pub(crate) fn heartbeat_lost(state: &AppState, e: crate::store::StoreError) -> Response {
     state.lost_heartbeats.note(Utc::now());
     store_unavailable(e)
 }
 
-fn store_unavailable(e: crate::store::StoreError) -> Response {
+pub(crate) fn store_unavailable(e: crate::store::StoreError) -> Response {
     tracing::warn!(error = %e, "registry: state store failed");
     error(StatusCode::SERVICE_UNAVAILABLE, "the operator's state store is unavailable; retry shortly")
 }

@@ -19,7 +19,10 @@
 mod admin;
 mod agent;
 pub mod auth;
+pub mod events;
+mod discovery;
 pub mod limit;
+mod reports;
 pub mod secrets;
 pub mod views;
 
@@ -78,6 +81,16 @@ pub struct AppState {
     pub limiter: Arc<limit::FailureLimiter>,
     /// Per-workspace time of the last "is the status behind?" check (see agent.rs).
     nudges: Arc<Mutex<agent::Nudges>>,
+    /// Every finished reconcile (the loop's own channel), for `events -w`; None
+    /// where no loop runs beside the API.
+    pub reports: Option<tokio::sync::broadcast::Sender<crate::trigger::Report>>,
+    /// The runtime, once connected (after the API starts serving): for agents' logs.
+    pub runtime: Arc<std::sync::OnceLock<Arc<dyn crate::runtime::Runtime>>>,
+    /// The agents' reports as last written (see reports.rs).
+    agent_reports: Arc<reports::Cache>,
+    /// Whether agents may register push URLs in private ranges (RFC 1918, fd00::/8):
+    /// the original platform's SaaS mode. Off by default (rules::agent_url).
+    pub private_agent_urls: bool,
 }
 
 impl AppState {
@@ -102,6 +115,10 @@ impl AppState {
             lost_heartbeats: Arc::default(),
             limiter: Arc::default(),
             nudges: Arc::default(),
+            reports: None,
+            runtime: Arc::default(),
+            agent_reports: Arc::default(),
+            private_agent_urls: false,
         }
     }
 
@@ -115,12 +132,16 @@ impl AppState {
     }
 }
 
-/// The routes agents use: the registry (each call needs the workspace's own token)
-/// and liveness.
+/// The routes agents use: the registry (each call needs the workspace's own token;
+/// discovery also the hierarchy rule, rules::hierarchy) and liveness.
 fn agent_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/registry/register", post(agent::register))
         .route("/registry/heartbeat", post(agent::heartbeat))
+        .route("/registry/update-card", post(discovery::update_card))
+        .route("/registry/discover/{id}", get(discovery::discover))
+        .route("/registry/{id}/peers", get(discovery::peers))
+        .route("/registry/check-access", post(discovery::check_access))
         .route("/healthz", get(healthz))
 }
 
@@ -140,7 +161,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/workspaces/{name}/restart", post(admin::restart))
         .route("/api/v1/workspaces/{name}/pause", post(admin::pause))
         .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
+        .route("/api/v1/workspaces/{name}/logs", get(admin::logs))
         .route("/api/v1/teams", get(admin::list_teams))
+        .route("/api/v1/events", get(events::list))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let routes = agent_routes().route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).merge(admin);

@@ -49,6 +49,10 @@ pub struct WorkspaceSummary {
     pub restart_count: i64,
     #[serde(default)]
     pub last_restart_reason: Option<String>,
+    /// What the agent reports (current task, error rate, sample error...), as the
+    /// status last showed it; null when it reported nothing.
+    #[serde(default)]
+    pub agent: Option<crate::api::AgentStatus>,
     #[serde(default)]
     pub source: Option<SourceRef>,
     #[serde(default)]
@@ -228,6 +232,7 @@ pub fn summary(
             Some(r) => r.last_restart_reason.clone(),
             None => status.and_then(|s| s.last_restart_reason.clone()),
         },
+        agent: status.and_then(|s| s.agent.clone()),
         source: declared.map(|d| (*d.source).clone()).or_else(|| status.and_then(|s| s.source.clone())),
         conditions,
         created_at: record.map(|r| r.created_at),

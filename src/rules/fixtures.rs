@@ -113,6 +113,7 @@ pub fn healthy() -> Observed {
         token_file: TokenFile::Hash("hash-t1".into()),
         team: TeamView::NoQuota,
         heartbeats_lost_at: None,
+        agent: None,
     }
 }
 

@@ -10,8 +10,11 @@
 //! and when a quiet workspace must be looked at again are all answered here, from the
 //! same facts, for the loop, the resync sweep and the status alike.
 
+pub mod agent_health;
+pub mod agent_url;
 pub mod drift;
 pub mod heartbeat;
+pub mod hierarchy;
 pub mod liveness;
 pub mod orphan;
 pub mod out_of_band;
@@ -39,7 +42,7 @@ use crate::api::OperatingMode;
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
 pub use crate::model::container::ContainerState;
 use crate::model::container::{AppliedConfig, ContainerInfo};
-use crate::model::{RevokeReason, TokenRow, WorkspaceRecord};
+use crate::model::{AgentReport, RevokeReason, TokenRow, WorkspaceRecord};
 
 /// What is declared for one workspace, resolved.
 #[derive(Clone, Debug)]
@@ -92,6 +95,8 @@ pub struct Observed {
     /// The last time the registry could not record a heartbeat because the state
     /// store failed (see store::LostHeartbeats): silence before it is not the agent's.
     pub heartbeats_lost_at: Option<DateTime<Utc>>,
+    /// What the agent last reported to the registry (any incarnation's; see agent_health.rs).
+    pub agent: Option<AgentReport>,
 }
 
 impl Observed {

@@ -131,6 +131,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                 token_file,
                 team: if quota { busy_team() } else { TeamView::NoQuota },
                 heartbeats_lost_at: None,
+                agent: None,
             };
             World { desired, observed, issued: 0 }
         })

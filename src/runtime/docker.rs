@@ -608,6 +608,26 @@ impl Runtime for DockerRuntime {
     /// Takes at most `ARCHIVE_READ_LIMIT` bytes of the archive: the rest is never read
     /// (dropping the stream closes the connection, and the daemon stops sending), so a
     /// container that makes the file huge costs the operator nothing more.
+    async fn logs(&self, id: &str, follow: bool, tail: usize) -> RuntimeResult<Option<BoxStream<'static, Vec<u8>>>> {
+        let options = bollard::query_parameters::LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .tail(&tail.to_string())
+            .build();
+        let mut stream = self.docker.logs(id, Some(options));
+        // The first chunk (or error) tells whether the container is there at all.
+        let first = match stream.next().await {
+            Some(Err(e)) => return Err(api_error(format!("reading the logs of {id}"), e)),
+            Some(Ok(chunk)) => Some(chunk.into_bytes().to_vec()),
+            None => None,
+        };
+        let rest = stream
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| async move { r.ok().map(|chunk| chunk.into_bytes().to_vec()) });
+        Ok(Some(stream::iter(first).chain(rest).boxed()))
+    }
+
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {
         let options = DownloadFromContainerOptionsBuilder::new().path(path).build();
         let mut chunks = self.docker.download_from_container(id, Some(options));

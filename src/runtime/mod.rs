@@ -160,6 +160,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn applied_config(&self, _id: &str) -> RuntimeResult<Option<AppliedConfig>> {
         Ok(None)
     }
+    /// The agent's output (stdout and stderr, as written): the last `tail` lines, then,
+    /// with `follow`, what it writes next until it stops. None when this runtime keeps
+    /// no logs it can serve here.
+    async fn logs(&self, _id: &str, _follow: bool, _tail: usize) -> RuntimeResult<Option<BoxStream<'static, Vec<u8>>>> {
+        Ok(None)
+    }
     /// Whether it can freeze a container and keep its memory (Docker's pause). Without
     /// a freezer the rules pause a workspace by removing its container (rules::Settings).
     fn freezes(&self) -> bool {

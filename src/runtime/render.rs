@@ -43,7 +43,12 @@ pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> Cont
     env.insert("WORKSPACE_ID".into(), id.uid.into());
     env.insert("MOLECULE_WORKSPACE_NAME".into(), id.key.into());
     env.insert("MOLECULE_REGISTRY_URL".into(), agent.registry_url.clone());
+    // The original platform's names (its buildContainerEnv), so its runtimes run as
+    // they are: MOLECULE_URL always equals PLATFORM_URL. PARENT_ID is the parent's
+    // name, not its id (discovery accepts either); MODEL and MOLECULE_AGENT_ROLE pass
+    // through `env` when declared.
     env.insert("PLATFORM_URL".into(), agent.registry_url.clone());
+    env.insert("MOLECULE_URL".into(), agent.registry_url.clone());
     env.insert("MOLECULE_HEARTBEAT_SECONDS".into(), agent.heartbeat_seconds.to_string());
     env.insert("WORKSPACE_CONFIG_PATH".into(), crate::model::container::CONFIGS_DIR.into());
     env.insert("TIER".into(), spec.tier.to_string());
@@ -111,5 +116,30 @@ mod tests {
         assert_eq!(a.labels[labels::SPEC_HASH], c.labels[labels::SPEC_HASH]);
         assert_eq!(a.labels[labels::INSTANCE], "t");
         assert_eq!(a.env["MOLECULE_WORKSPACE_ID"], "0123456789abcdef-0000");
+    }
+
+    #[test]
+    fn the_original_platforms_env_names_are_set() {
+        let spec = WorkspaceSpec {
+            parent: Some("pm".into()),
+            tier: Some(3),
+            env: [("MODEL".into(), "sonnet".into()), ("MOLECULE_AGENT_ROLE".into(), "reviewer".into())].into(),
+            ..Default::default()
+        };
+        let env = rendered(spec).env;
+        let want = [
+            ("WORKSPACE_ID", "0123456789abcdef-0000"),
+            ("WORKSPACE_CONFIG_PATH", "/configs"),
+            ("PLATFORM_URL", "http://127.0.0.1:1"),
+            ("MOLECULE_URL", "http://127.0.0.1:1"),
+            ("TIER", "3"),
+            ("PARENT_ID", "pm"),
+            ("MODEL", "sonnet"),
+            ("MOLECULE_AGENT_ROLE", "reviewer"),
+        ];
+        for (name, value) in want {
+            assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
+        }
+        assert!(!rendered(WorkspaceSpec::default()).env.contains_key("PARENT_ID"), "a root has no PARENT_ID");
     }
 }

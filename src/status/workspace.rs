@@ -5,9 +5,10 @@
 
 use crate::api::condition::carry_transition_times;
 use crate::api::{
-    Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, PodStatus, TokenStatus, UpdatePolicy,
-    WorkspaceStatus,
+    AgentStatus, Condition, ConditionStatus, ContainerStatus, OperatingMode, Phase, PodStatus, TokenStatus,
+    UpdatePolicy, WorkspaceStatus,
 };
+use crate::rules::agent_health::{self, AgentHealth};
 use crate::rules::{ContainerState, Facts, Hold, TokenFile, heartbeat, liveness};
 
 /// What the status shows beyond the rules' facts: the loop's own knowledge.
@@ -47,6 +48,16 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
     };
     let quota_hold = facts.quota_hold();
     let degraded = heartbeat::degraded(facts);
+    // What the agent itself reports, judged only while it is heard from.
+    let previously_healthy = previous
+        .and_then(|p| crate::api::condition::find(&p.conditions, "AgentHealthy"))
+        .is_none_or(|c| c.status != ConditionStatus::False);
+    let report = obs.agent.as_ref().filter(|r| r.incarnation == obs.incarnation());
+    let health = agent_health::evaluate(previously_healthy, report, obs.incarnation()).filter(|_| online);
+    let unhealthy = match &health {
+        Some(AgentHealth::Degraded(_, why)) => Some(why.clone()),
+        _ => None,
+    };
     let mode = facts.mode();
     let phase = match (facts.desired, invalid) {
         (None, _) => Phase::Terminating,
@@ -59,6 +70,7 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
             (Some(OperatingMode::Paused), Some(ContainerState::Paused)) => Phase::Paused,
             // No freezer (Kubernetes): paused means no container, its volume kept.
             (Some(OperatingMode::Paused), None) if !facts.settings.freezes => Phase::Paused,
+            (_, Some(ContainerState::Running)) if online && unhealthy.is_some() => Phase::Degraded,
             (_, Some(ContainerState::Running)) if online => Phase::Running,
             (_, Some(ContainerState::Running)) if degraded.is_some() => Phase::Degraded,
             (_, Some(_)) => Phase::Provisioning,
@@ -123,6 +135,11 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
         None => "no heartbeat from this incarnation yet".into(),
     };
     c("AgentOnline", tf(online), if online { "Heartbeating" } else { "Silent" }, degraded.clone().unwrap_or(hb_msg));
+    match &health {
+        Some(AgentHealth::Healthy(reason)) => c("AgentHealthy", tf(true), reason, agent_summary(report)),
+        Some(AgentHealth::Degraded(reason, why)) => c("AgentHealthy", tf(false), reason, why.clone()),
+        None => {}
+    }
     let drift = match (facts.desired, container) {
         (Some(d), Some(k)) if invalid.is_none() => k.hash_differs(&d.spec_hash).map(|have| (d.spec_hash.clone(), have)),
         _ => None,
@@ -146,6 +163,7 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
         _ if secrets_hold.is_some() => secrets_hold.unwrap_or_default().to_string(),
         (_, Some(e), _) => e.to_string(),
         (Some(d), _, _) => d.clone(),
+        _ if unhealthy.is_some() => unhealthy.clone().unwrap_or_default(),
         _ => String::new(),
     };
     c("Ready", tf(phase == Phase::Running), &phase.to_string(), ready_msg);
@@ -177,11 +195,30 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
         last_heartbeat_at: record.and_then(|r| r.last_heartbeat_at),
         restart_count: record.map(|r| r.restart_count).unwrap_or(0),
         last_restart_reason: record.and_then(|r| r.last_restart_reason.clone()),
+        agent: report.map(|r| AgentStatus {
+            url: r.url.clone(),
+            delivery_mode: r.delivery_mode.map(|m| m.as_str().to_string()),
+            current_task: r.current_task.clone().filter(|t| !t.is_empty()),
+            active_tasks: r.active_tasks,
+            error_rate: r.error_rate,
+            sample_error: r.sample_error.clone().filter(|t| !t.is_empty()),
+            runtime_state: r.runtime_state.clone().filter(|t| !t.is_empty()),
+        }),
         source: facts.desired.map(|d| (*d.source).clone()),
         pending_hash: drift.as_ref().map(|(want, _)| want.clone()),
         applied_hash: drift.map(|(_, have)| have),
         conditions: cond,
     }
+}
+
+/// The AgentHealthy message of a healthy agent: its error rate and current task.
+fn agent_summary(report: Option<&crate::model::AgentReport>) -> String {
+    let Some(r) = report else { return String::new() };
+    let mut parts = vec![format!("error rate {:.2}", r.error_rate.unwrap_or(0.0))];
+    if let Some(task) = r.current_task.as_deref().filter(|t| !t.is_empty()) {
+        parts.push(format!("working on: {task}"));
+    }
+    parts.join("; ")
 }
 
 #[cfg(test)]
@@ -279,5 +316,62 @@ mod tests {
         assert!(find(&st.conditions, "SecretsReady").is_some());
         let st = status(&healthy(), Some(&desired()), Circumstances::default());
         assert!(find(&st.conditions, "SecretsReady").is_none(), "only workspaces that use envFrom");
+    }
+
+    fn reporting(rate: f64, state: &str) -> crate::rules::Observed {
+        let mut obs = healthy();
+        obs.agent = Some(crate::model::AgentReport {
+            incarnation: 1,
+            error_rate: Some(rate),
+            sample_error: Some("rate limited".into()),
+            current_task: Some("triage #42".into()),
+            runtime_state: Some(state.into()),
+            reported_at: Some(now()),
+            ..Default::default()
+        });
+        obs
+    }
+
+    fn after(previous: &WorkspaceStatus, obs: &crate::rules::Observed) -> WorkspaceStatus {
+        let s = settings();
+        compute(&facts(Some(&desired()), obs, &s), &Circumstances::default(), Some(previous))
+    }
+
+    #[test]
+    fn a_wedged_agent_is_degraded_and_recovers_as_the_original_platform() {
+        let ok = status(&reporting(0.0, ""), Some(&desired()), Circumstances::default());
+        assert_eq!(ok.phase, Phase::Running);
+        let c = find(&ok.conditions, "AgentHealthy").unwrap();
+        assert!(c.is_true() && c.message.contains("triage #42"), "{c:?}");
+        let agent = ok.agent.as_ref().unwrap();
+        assert_eq!((agent.current_task.as_deref(), agent.error_rate), (Some("triage #42"), Some(0.0)));
+
+        let wedged = after(&ok, &reporting(0.0, "wedged"));
+        assert_eq!(wedged.phase, Phase::Degraded);
+        let c = find(&wedged.conditions, "AgentHealthy").unwrap();
+        assert!(!c.is_true() && c.reason == "Wedged" && c.message.contains("rate limited"), "{c:?}");
+        assert!(!find(&wedged.conditions, "Ready").unwrap().is_true());
+        assert!(find(&wedged.conditions, "AgentOnline").unwrap().is_true(), "still heard from");
+
+        let between = after(&wedged, &reporting(0.3, ""));
+        assert_eq!(between.phase, Phase::Degraded, "0.3 is not below 0.1");
+        let back = after(&between, &reporting(0.05, ""));
+        assert_eq!(back.phase, Phase::Running);
+        assert_eq!(find(&back.conditions, "AgentHealthy").unwrap().reason, "Recovered");
+        assert_eq!(after(&back, &reporting(0.3, "")).phase, Phase::Running, "0.3 is not 0.5");
+        assert_eq!(after(&back, &reporting(0.5, "")).phase, Phase::Degraded);
+    }
+
+    #[test]
+    fn a_report_of_an_older_incarnation_or_a_silent_agent_is_not_judged() {
+        let mut obs = reporting(0.9, "wedged");
+        obs.agent.as_mut().unwrap().incarnation = 0;
+        let st = status(&obs, Some(&desired()), Circumstances::default());
+        assert_eq!(st.phase, Phase::Running);
+        assert!(find(&st.conditions, "AgentHealthy").is_none() && st.agent.is_none());
+        let silent = reporting(0.9, "wedged").silent_for(600);
+        let st = status(&silent, Some(&desired()), Circumstances::default());
+        assert_ne!(st.phase, Phase::Degraded);
+        assert!(find(&st.conditions, "AgentHealthy").is_none());
     }
 }

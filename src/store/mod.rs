@@ -1,7 +1,7 @@
 //! Where state lives: workspace identities and incarnations, token rows, heartbeats,
 //! status, sealed secrets, the decision log and the local Kubernetes API's objects.
 //! One trait per role ([`Workspaces`], [`Tokens`], [`Heartbeats`], [`Secrets`],
-//! [`DecisionLog`], [`Objects`]; [`Store`] is all of them, as the wiring holds it),
+//! [`DecisionLog`], [`AgentReports`], [`Objects`]; [`Store`] is all of them, as the wiring holds it),
 //! one SQL store (sql.rs) with a dialect per database (sqlite.rs, postgres.rs), one
 //! conformance suite (tests/store_conformance.rs) run against both. The types the
 //! rest of the operator reads (token rows, workspace records, ...) are crate::model's.
@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
-    DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
+    AgentReport, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
 };
 pub use url::DatabaseUrl;
 
@@ -34,6 +34,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// Another operator instance works on this database: acting would fight it.
+    #[error("{0}")]
+    OtherInstance(String),
 }
 
 impl StoreError {
@@ -42,6 +45,7 @@ impl StoreError {
             Self::Database(_) => "store_database",
             Self::Migrate(_) => "store_migrate",
             Self::Invalid(_) => "store_invalid",
+            Self::OtherInstance(_) => "store_other_instance",
         }
     }
 }
@@ -213,6 +217,16 @@ pub trait Secrets: Send + Sync {
     async fn delete_secret(&self, scope: &str, name: &str) -> StoreResult<bool>;
 }
 
+/// What each workspace's agent last reported to the registry (crate::model::AgentReport).
+/// Forgotten with the workspace.
+#[async_trait]
+pub trait AgentReports: Send + Sync {
+    /// Writes the workspace's report whole.
+    async fn save_agent_report(&self, uid: &str, report: &AgentReport) -> StoreResult<()>;
+    /// The workspace's last report, if its agent ever reported.
+    async fn agent_report(&self, uid: &str) -> StoreResult<Option<AgentReport>>;
+}
+
 /// The last decisions per workspace, for `describe`.
 #[async_trait]
 pub trait DecisionLog: Send + Sync {
@@ -251,7 +265,7 @@ pub trait Objects: Send + Sync {
 /// A caller that needs one role asks for that role (`&dyn Tokens`, `Arc<dyn
 /// Objects>`); a `DynStore` coerces to it.
 #[async_trait]
-pub trait Store: Workspaces + Tokens + Heartbeats + Secrets + DecisionLog + Objects + 'static {
+pub trait Store: Workspaces + Tokens + Heartbeats + Secrets + DecisionLog + AgentReports + Objects + 'static {
     /// Cheap liveness query (for /readyz).
     async fn ping(&self) -> StoreResult<()>;
     /// This store (the same connections) with its heartbeat role taken by

@@ -24,13 +24,13 @@ use sqlx::{Pool, Row};
 
 use super::heartbeats::latest_per_token;
 use super::{
-    Changes, DecisionLog, DynStore, Heartbeats, ObjectWrite, Objects, Secrets, Store, StoreError, StoreResult,
-    StoredObject, Tokens, Workspaces, token,
+    AgentReports, Changes, DecisionLog, DynStore, Heartbeats, ObjectWrite, Objects, Secrets, Store, StoreError,
+    StoreResult, StoredObject, Tokens, Workspaces, token,
 };
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
-    DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow, WorkspaceRecord,
-    shows_agent_online,
+    AgentReport, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow,
+    WorkspaceRecord, shows_agent_online,
 };
 
 /// What a SQL backend does differently from the other; everything else is this file.
@@ -446,6 +446,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("DELETE FROM decisions WHERE workspace_uid = $1").bind(uid).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM agent_reports WHERE workspace_uid = $1").bind(uid).execute(&mut *tx).await?;
                 sqlx::query("DELETE FROM workspaces WHERE uid = $1").bind(uid).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(())
@@ -736,6 +737,37 @@ macro_rules! sql_store {
                         })
                     })
                     .collect()
+            }
+        }
+
+        #[async_trait]
+        impl AgentReports for SqlStore<D> {
+            async fn save_agent_report(&self, uid: &str, report: &AgentReport) -> StoreResult<()> {
+                let text = serde_json::to_string(report)
+                    .map_err(|e| StoreError::Invalid(format!("workspace {uid}: cannot encode its agent report: {e}")))?;
+                sqlx::query(
+                    "INSERT INTO agent_reports (workspace_uid, report) VALUES ($1, $2) \
+                     ON CONFLICT (workspace_uid) DO UPDATE SET report = excluded.report",
+                )
+                .bind(uid)
+                .bind(text)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn agent_report(&self, uid: &str) -> StoreResult<Option<AgentReport>> {
+                let row = sqlx::query("SELECT report FROM agent_reports WHERE workspace_uid = $1")
+                    .bind(uid)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let text: String = row.try_get("report")?;
+                // A report that no longer decodes is treated as none: the agent's next
+                // heartbeat writes a new one.
+                Ok(serde_json::from_str(&text)
+                    .inspect_err(|e| tracing::warn!(workspace_uid = uid, error = %e, "cannot decode the agent report"))
+                    .ok())
             }
         }
 

@@ -158,31 +158,46 @@ impl Op {
         std::fs::remove_file(self.dir.path().join(file)).unwrap();
     }
 
-    pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = Command::new(BIN);
+    /// The operator's command line (without the binary).
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
         if self.sources.is_empty() {
-            cmd.arg("up").arg(self.dir.path());
+            args.extend(["up".to_string(), self.dir.path().display().to_string()]);
         } else {
-            cmd.arg("run");
+            args.push("run".into());
             for s in &self.sources {
-                cmd.args(["--source", s]);
+                args.extend(["--source".to_string(), s.clone()]);
             }
         }
-        cmd.arg("--state")
-            .arg(&self.state)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--instance",
-                &self.instance,
-                "--heartbeat-seconds",
-                &self.heartbeat_seconds.to_string(),
-            ])
-            .args(&self.extra)
-            .env("RUST_LOG", "info,molecule=debug")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        args.extend(["--state".to_string(), self.state.display().to_string()]);
+        args.extend(["--listen".to_string(), format!("127.0.0.1:{}", self.port)]);
+        args.extend(["--instance".to_string(), self.instance.clone()]);
+        args.extend(["--heartbeat-seconds".to_string(), self.heartbeat_seconds.to_string()]);
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(self.args());
+        self.spawn(cmd);
+    }
+
+    /// Starts the operator on a pseudo-terminal (util-linux `script`), `columns` wide:
+    /// what it draws there, control codes and all, goes to `self.log`.
+    pub fn start_on_terminal(&mut self, columns: u16) {
+        let quoted: Vec<String> = std::iter::once(BIN.to_string())
+            .chain(self.args())
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        let mut cmd = Command::new("script");
+        cmd.args(["-qfec", &quoted.join(" "), "/dev/null"]).env("COLUMNS", columns.to_string());
+        self.spawn(cmd);
+    }
+
+    fn spawn(&mut self, mut cmd: Command) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        cmd.env("RUST_LOG", "info,molecule=debug").stdout(log.try_clone().unwrap()).stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -191,10 +206,15 @@ impl Op {
 
     /// SIGTERM and wait (graceful).
     pub fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(20));
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn stop_within(&mut self, grace: Duration) {
         if let Some(mut c) = self.child.take() {
             unsafe_kill(c.id(), "TERM");
             let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(20) {
+            while t0.elapsed() < grace {
                 if c.try_wait().ok().flatten().is_some() {
                     return;
                 }
@@ -348,7 +368,10 @@ impl Op {
     }
 
     pub fn cleanup(&mut self) {
-        self.kill();
+        // Gracefully where it can: an operator killed in the middle of creating a
+        // container can leave Docker a stale endpoint that keeps the network forever.
+        self.signal("CONT");
+        self.stop_within(Duration::from_secs(10));
         let ids = self.containers();
         // A volume removed out of band at the instant its container is created is
         // re-created by Docker without labels: remove config volumes by name too.
@@ -390,9 +413,16 @@ impl Op {
         for n in docker(&["network", "ls", "-q", "--filter", &node]).split_whitespace() {
             docker(&["network", "rm", n]);
         }
-        // The workspaces' own network (runtime::network), once no container uses it.
+        // The workspaces' own network (runtime::network), once no container uses it:
+        // Docker may take a moment to release the endpoints of containers just removed,
+        // and a network left behind takes an address pool from every later test.
         for n in self.networks() {
-            docker(&["network", "rm", &n]);
+            for _ in 0..25 {
+                if docker_ok(&["network", "rm", &n]) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
 

@@ -58,12 +58,15 @@ pub struct TcpProxy {
     target: std::net::SocketAddr,
     accept: Option<tokio::task::JoinHandle<()>>,
     connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// While set, nothing is forwarded either way and nothing is closed: a network
+    /// that silently drops packets, which only a client's own deadlines notice.
+    black_hole: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TcpProxy {
     pub async fn start(target: std::net::SocketAddr) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut proxy = Self { port, target, accept: None, connections: Arc::default() };
+        let mut proxy = Self { port, target, accept: None, connections: Arc::default(), black_hole: Arc::default() };
         proxy.restore().await;
         proxy
     }
@@ -71,11 +74,18 @@ impl TcpProxy {
     pub async fn restore(&mut self) {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
         let (connections, target) = (Arc::clone(&self.connections), self.target);
+        let hole = Arc::clone(&self.black_hole);
         self.accept = Some(tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
+                let hole = Arc::clone(&hole);
                 connections.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    if let Ok(server) = tokio::net::TcpStream::connect(target).await {
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        tokio::join!(
+                            pump(client_read, server_write, Arc::clone(&hole)),
+                            pump(server_read, client_write, hole)
+                        );
                     }
                 }));
             }
@@ -90,6 +100,36 @@ impl TcpProxy {
             connection.abort();
         }
     }
+}
+
+impl TcpProxy {
+    /// Stops forwarding without closing anything (`false` resumes).
+    pub fn black_hole(&self, on: bool) {
+        self.black_hole.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction; while the black hole is on, what arrives is dropped.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    hole: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if hole.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for TcpProxy {
