@@ -24,7 +24,9 @@ enum Command {
     /// Local mode: watch DIR's Workspace/Team YAML, reconcile against the local Docker
     /// daemon, keep state in STATE/state.db, serve the registry and admin API. Ctrl-C stops.
     Up {
-        /// Directory of Workspace and Team YAML files (searched recursively).
+        /// Directory of Workspace and Team YAML files (searched recursively); a
+        /// directory holding an org.yaml is read as an org template in the original
+        /// platform's format (see docs/org-templates.md).
         #[arg(default_value = ".")]
         dir: PathBuf,
         #[command(flatten)]
@@ -32,7 +34,8 @@ enum Command {
     },
     /// The general form of `up`: name the sources explicitly.
     Run {
-        /// `dir:PATH` (repeatable; the first source listed wins a name conflict).
+        /// `dir:PATH` (repeatable; the first source listed wins a name conflict; PATH
+        /// may be, or hold, an org template with an org.yaml).
         #[arg(long = "source", required = true, value_name = "SOURCE")]
         sources: Vec<SourceSpec>,
         #[command(flatten)]
@@ -43,6 +46,14 @@ enum Command {
     /// Validate Workspace/Team manifests and write them into a Postgres desired-state
     /// database (read by `run --source postgres`).
     Apply(molecule::cli::apply::ApplyArgs),
+    /// Print the Workspace and Team manifests equivalent to an org template in the
+    /// original platform's format (a directory holding org.yaml), e.g. for
+    /// `kubectl apply`. Secrets from .env files are named, never printed; nodes that
+    /// cannot be converted are listed on standard error (exit status 1).
+    Convert {
+        /// The template's directory (the one holding org.yaml).
+        dir: PathBuf,
+    },
     /// Print the Workspace and Team CustomResourceDefinitions (crds/ holds this output).
     Crds,
     /// Build the molecule-agent:local image (a static agent in a FROM scratch image).
@@ -114,6 +125,7 @@ async fn run() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Convert { dir } => convert(&dir),
         Command::AgentImage => {
             init_tracing();
             report(agent_image().await)
@@ -123,6 +135,19 @@ async fn run() -> ExitCode {
             report(migrate(&database_url).await)
         }
     }
+}
+
+fn convert(dir: &std::path::Path) -> ExitCode {
+    if !molecule::source::org::is_org_dir(dir) {
+        eprintln!("error: {} holds no org.yaml; give the directory of an org template", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let (manifests, errors) = molecule::source::org::manifests(&molecule::source::org::load(dir));
+    print!("{manifests}");
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 async fn run_operator(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {

@@ -86,6 +86,14 @@ pub struct EffectiveSpec {
     pub token_policy: EffectiveTokenPolicy,
     pub security: Security,
     pub network: Arc<str>,
+    /// Files for `/configs` (see `WorkspaceSpec::config_files`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub config_files: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_env: Vec<String>,
+    /// Never serialized (see `WorkspaceSpec::source_secrets`).
+    #[serde(skip)]
+    pub source_secrets: std::collections::BTreeMap<String, String>,
 }
 
 /// Fills every field the workspace leaves out from `defaults` (a Team's `spec.defaults`).
@@ -127,6 +135,17 @@ pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> Workspa
         token_policy,
         security: own.security.clone().or(d.security.clone()),
         network: own.network.clone().or(d.network.clone()),
+        config_files: if own.config_files.is_empty() { d.config_files.clone() } else { own.config_files.clone() },
+        required_env: {
+            let mut all = d.required_env.clone();
+            all.extend(own.required_env.iter().filter(|r| !d.required_env.contains(r)).cloned());
+            all
+        },
+        source_secrets: {
+            let mut all = d.source_secrets.clone();
+            all.extend(own.source_secrets.clone());
+            all
+        },
     }
 }
 
@@ -197,6 +216,16 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
             errors.push(format!("envFrom[{i}].prefix: {p:?} cannot be part of a variable name"));
         }
     }
+    for path in spec.config_files.keys() {
+        if let Err(why) = super::interpolate::config_file_path(path) {
+            errors.push(format!("configFiles: {path:?} {why}"));
+        }
+    }
+    for (i, r) in spec.required_env.iter().enumerate() {
+        if r.split('|').any(|v| v.is_empty() || v.contains('=') || v.contains('\0')) {
+            errors.push(format!("requiredEnv[{i}]: {r:?} is not a variable name (or `A|B` for either)"));
+        }
+    }
     let runtime = spec.runtime.clone().unwrap_or_else(|| defaults.default_runtime.clone());
     let image = spec.image.clone().unwrap_or_else(|| defaults.image_template.replace("{runtime}", &runtime));
     if !errors.is_empty() {
@@ -228,6 +257,9 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         },
         security,
         network: network.into(),
+        config_files: spec.config_files.clone(),
+        required_env: spec.required_env.clone(),
+        source_secrets: spec.source_secrets.clone(),
     })
 }
 

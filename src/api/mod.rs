@@ -5,6 +5,7 @@
 pub mod condition;
 pub mod duration;
 pub mod effective;
+pub mod interpolate;
 pub mod team;
 pub mod tiers;
 pub mod validate;

@@ -81,6 +81,22 @@ pub struct WorkspaceSpec {
     /// operator's own choice or it runs with `--allow-privileged`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Files written into the config volume (`/configs/PATH`) before the agent starts:
+    /// relative paths (subdirectories allowed) to UTF-8 text. A change is spec drift and
+    /// follows `updatePolicy`. `${VAR}` in a file expands from the workspace's secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_files: BTreeMap<String, String>,
+    /// Variables that must be set (in `env` or as secrets) before a container is made:
+    /// until they are, the workspace is held with `SecretsReady=False` naming them.
+    /// `A|B` is satisfied by either.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_env: Vec<String>,
+    /// Secret values a source read alongside the declaration (an org template's `.env`
+    /// files): merged into the env like the workspace's own secrets, and never
+    /// serialized (not shown, not stored, not sent).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub source_secrets: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -125,6 +125,20 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
             if args.dry_run { "valid (dry run)" } else { "applied" }
         ));
     }
+    // An org template's .env values are secrets: never written into desired_objects.
+    for o in &snap.objects {
+        if let SourceObject::Workspace { object, .. } = o
+            && !object.spec.source_secrets.is_empty()
+        {
+            let names: Vec<&str> = object.spec.source_secrets.keys().map(String::as_str).collect();
+            out.push_str(&format!(
+                "note: workspace {}: its .env values ({}) are not written to the database; set them with `molecule-operator secret set NAME --workspace {}`\n",
+                object.metadata.name.as_deref().unwrap_or_default(),
+                names.join(", "),
+                object.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+    }
     Ok(out)
 }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::model::container::{CONFIGS_DIR, TOKEN_FILE, labels};
+use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, TOKEN_FILE, labels};
 use crate::model::{RevokeReason, WorkspaceRecord};
 use crate::rules::{Action, Desired, Facts};
 use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, render};
@@ -291,6 +291,8 @@ impl Executor<'_> {
         cs.labels.insert(labels::PROVISIONED_AT.into(), now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         let cid = self.runtime.create(&cs).await?;
         self.failpoint("provision-after-create");
+        // Before the token: its write is what makes the agent own /configs.
+        self.runtime.write_files(&cid, CONFIGS_DIR, &cs.config_files, CONFIG_FILE_MODE).await?;
         let issued = self.store.issue_token(uid, incarnation, now).await?;
         self.failpoint("provision-after-issue");
         self.runtime.write_file(&cid, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;

@@ -27,6 +27,8 @@ pub mod labels {
 /// Where the token lives inside every workspace container.
 pub const CONFIGS_DIR: &str = "/configs";
 pub const TOKEN_FILE: &str = ".auth_token";
+/// Mode of the config files (`spec.configFiles`): `${VAR}` may have put secrets in them.
+pub const CONFIG_FILE_MODE: u32 = 0o600;
 /// The agent runs as this non-root user; it owns the token file (mode 0600).
 pub const AGENT_UID: u32 = 65534;
 /// Docker's restart policy for workspace containers: an agent that crashes is
@@ -155,4 +157,9 @@ pub struct ContainerSpec {
     /// Named volume mounted at /configs.
     pub config_volume: String,
     pub security: Security,
+    /// Files written into `/configs` (path relative to it -> text) after the container
+    /// is created and before it starts. Left out of the hash when empty, so containers
+    /// made before this field existed keep their spec hash.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_files: BTreeMap<String, String>,
 }

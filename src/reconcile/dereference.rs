@@ -90,11 +90,17 @@ async fn secret_env(ctx: &Context, d: &DesiredWorkspace) -> Result<crate::secret
     let names: Vec<String> = scopes.iter().map(SecretScope::as_string).collect();
     let rows = ctx.store.secrets(&names).await?;
     if rows.is_empty() {
+        out.env.extend(spec.source_secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         return Ok(out);
     }
     let keyring = ctx.keyring.as_ref().ok_or(ReconcileError::NoKeyring)?;
     for scope in &scopes {
         let scope_name = scope.as_string();
+        // What the source read with the declaration (an org's .env files) counts as
+        // the workspace's secrets, below those set with `secret set`.
+        if matches!(scope, SecretScope::Workspace(_)) {
+            out.env.extend(spec.source_secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         for row in rows.iter().filter(|r| r.scope == scope_name) {
             let sealed = crate::secrets::Sealed {
                 key_id: row.key_id.clone(),
@@ -116,9 +122,34 @@ fn resolve(
     agent: &AgentEnv,
 ) -> Desired {
     let key = d.key.to_string();
-    // Secrets join the env here only: never in the desired set the API shows.
+    // Secrets join the env here only: never in the desired set the API shows. `${VAR}`
+    // in env values and config files expands from them; `requiredEnv` is checked last.
+    let mut hold = secrets.hold;
     let spec = d.spec.clone().map(|mut s| {
+        use crate::api::interpolate::{expand, missing_message, missing_required};
+        if !secrets.env.is_empty() {
+            for (_, value) in s.env.iter_mut() {
+                if value.contains("${") {
+                    *value = expand(value, &secrets.env);
+                }
+            }
+            for text in s.config_files.values_mut() {
+                if text.contains("${") {
+                    *text = expand(text, &secrets.env);
+                }
+            }
+        }
         s.env.extend(secrets.env);
+        let env: std::collections::BTreeMap<String, String> =
+            s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let missing = missing_required(&s.required_env, &env);
+        if !missing.is_empty() {
+            let why = missing_message(&missing);
+            hold = Some(match hold.take() {
+                Some(h) => format!("{h}; {why}"),
+                None => why,
+            });
+        }
         s
     });
     let (spec_hash, applied) = match &spec {
@@ -135,7 +166,7 @@ fn resolve(
         spec,
         spec_hash,
         source: d.source.clone(),
-        secrets_unreadable: secrets.hold,
+        secrets_unreadable: hold,
         applied,
     }
 }

@@ -122,6 +122,10 @@ impl SweepInput<'_> {
         if self.declared.is_some_and(|d| d.spec.as_ref().is_ok_and(|s| !s.env_from.is_empty())) {
             return Some("env-from");
         }
+        // Likewise whether requiredEnv holds it is decided on reading the secrets.
+        if self.declared.is_some_and(|d| d.spec.as_ref().is_ok_and(|s| !s.required_env.is_empty())) {
+            return Some("required-env");
+        }
         let Some(containers) = self.containers else { return Some("containers-unknown") };
         let (declared, record) = match (self.declared, self.record) {
             (None, None) if containers.is_empty() => return None,

@@ -592,6 +592,19 @@ impl Runtime for DockerRuntime {
         Ok(())
     }
 
+    /// One upload for all the files: a tar holding every subdirectory (owned by the
+    /// agent) and file, extracted into `dir`.
+    async fn write_files(&self, id: &str, dir: &str, files: &BTreeMap<String, String>, mode: u32) -> RuntimeResult<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let what = || format!("writing {} config files into {dir} of container {id}", files.len());
+        let tar = files_tar(files, mode).map_err(|e| RuntimeError::Api(format!("{}: {e}", what())))?;
+        self.upload(id, dir, tar).await.map_err(|e| api_error(what(), e))?;
+        self.writes.uploaded.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Takes at most `ARCHIVE_READ_LIMIT` bytes of the archive: the rest is never read
     /// (dropping the stream closes the connection, and the daemon stops sending), so a
     /// container that makes the file huge costs the operator nothing more.
@@ -894,6 +907,43 @@ fn file_tar(dir: Option<&str>, name: &str, content: &[u8], mode: u32) -> std::io
     tar.into_inner()
 }
 
+/// A tar of `files` (relative paths) with an entry for each of their directories,
+/// everything owned by AGENT_UID: files with `mode`, directories with DIR_MODE.
+fn files_tar(files: &BTreeMap<String, String>, mode: u32) -> std::io::Result<Vec<u8>> {
+    let mtime = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, content) in files {
+        let parts: Vec<&str> = path.split('/').collect();
+        for depth in 1..parts.len() {
+            let dir = format!("{}/", parts[..depth].join("/"));
+            if dirs.insert(dir.clone()) {
+                let mut h = tar::Header::new_gnu();
+                h.set_path(&dir)?;
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(DIR_MODE);
+                h.set_uid(AGENT_UID.into());
+                h.set_gid(AGENT_UID.into());
+                h.set_mtime(mtime);
+                h.set_size(0);
+                h.set_cksum();
+                tar.append(&h, std::io::empty())?;
+            }
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path)?;
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(mode);
+        h.set_uid(AGENT_UID.into());
+        h.set_gid(AGENT_UID.into());
+        h.set_mtime(mtime);
+        h.set_size(content.len() as u64);
+        h.set_cksum();
+        tar.append(&h, content.as_bytes())?;
+    }
+    tar.into_inner()
+}
+
 /// The first entry's content, at most `limit` bytes of it (the archive may be cut
 /// after that: nothing past it is looked at).
 fn first_file_in_tar(archive: &[u8], limit: usize) -> Result<Vec<u8>, String> {
@@ -954,6 +1004,7 @@ mod tests {
             network: "host".into(),
             config_volume: "ws-0123-configs".into(),
             security: Security::default(),
+            config_files: BTreeMap::new(),
         }
     }
 

@@ -139,6 +139,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// Writes `dir/name` inside the container via the archive API (works before start and
     /// on scratch images), owned by AGENT_UID with the given mode.
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], mode: u32) -> RuntimeResult<()>;
+    /// Writes `files` (paths relative to `dir`, subdirectories made as needed) inside
+    /// the container, owned by AGENT_UID with the given mode. The default writes each
+    /// with `write_file`, which makes at most one level of subdirectory.
+    async fn write_files(&self, id: &str, dir: &str, files: &BTreeMap<String, String>, mode: u32) -> RuntimeResult<()> {
+        for (path, content) in files {
+            let (sub, name) = path.rsplit_once('/').map_or(("", path.as_str()), |(d, n)| (d, n));
+            let dir = if sub.is_empty() { dir.to_string() } else { format!("{}/{sub}", dir.trim_end_matches('/')) };
+            self.write_file(id, &dir, name, content.as_bytes(), mode).await?;
+        }
+        Ok(())
+    }
     /// Reads a file via the archive API; Ok(None) when it does not exist in a running
     /// container, an error when the container is gone or no longer running (a container
     /// being removed loses its files first: that is not a missing file). At most

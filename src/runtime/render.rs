@@ -68,6 +68,7 @@ pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> Cont
         network: spec.network.to_string(),
         config_volume: config_volume_name(id.uid),
         security: spec.security.clone(),
+        config_files: spec.config_files.clone(),
     };
     let hash = spec_hash(&spec_out);
     let l = &mut spec_out.labels;

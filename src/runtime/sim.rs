@@ -427,6 +427,7 @@ mod tests {
             network: "host".into(),
             config_volume: format!("{name}-configs"),
             security: Default::default(),
+            config_files: BTreeMap::new(),
         }
     }
 

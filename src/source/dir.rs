@@ -2,6 +2,9 @@
 //! and directories skipped), watched with inotify (notify) and rescanned after each
 //! burst of changes.
 //!
+//! A directory holding an `org.yaml` is an org template in the original platform's
+//! format (see `source::org`), read as one unit: its other YAML files are includes.
+//!
 //! A file that stops parsing keeps its last good objects (its error is reported); a
 //! deleted file drops its objects; a directory that cannot be read keeps everything
 //! that was read from it. A broken file is never read as "delete its workspaces".
@@ -92,6 +95,10 @@ impl DirSource {
                     if let Some(state) = self.read_file(rel, git.as_ref(), &mut errors) {
                         files.insert(rel.clone(), state);
                     }
+                }
+                for dir in &listing.orgs {
+                    let rel = dir.join(super::org::ORG_FILE);
+                    files.insert(rel.clone(), self.read_org(dir, &rel, git.as_ref(), &mut errors));
                 }
                 for (dir, e) in &listing.unreadable_dirs {
                     let kept: Vec<_> = self.files.iter().filter(|(rel, _)| rel.starts_with(dir)).collect();
@@ -185,6 +192,47 @@ impl DirSource {
         Some(FileState { objects: parsed.objects, digest: hasher.finalize().into() })
     }
 
+    /// Reads the org template in `dir` (its org.yaml at `rel`). A template whose top
+    /// level cannot be read keeps everything it declared before; a part of it that
+    /// cannot be read keeps what was declared under it. What it has that the operator
+    /// does not act on is logged once per change of the template.
+    fn read_org(&self, dir: &Path, rel: &Path, git: Option<&GitRevision>, errors: &mut Vec<String>) -> FileState {
+        let loaded = super::org::load(&self.root.join(dir));
+        let previous = self.files.get(rel);
+        let rel_text = rel.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
+        let reference = match git {
+            Some(g) => format!("{}{rel_text}@{}", g.prefix, g.commit),
+            None => format!("{rel_text}@sha256:{}", &hex::encode(loaded.digest)[..12]),
+        };
+        let source = SourceRef { kind: "dir".to_string(), reference };
+        let c = &loaded.converted;
+        let mut objects = if c.fatal { Vec::new() } else { loaded.objects(&source) };
+        let kept = loaded.kept_from(previous.map_or(&[][..], |p| &p.objects[..]));
+        let note = if kept.is_empty() {
+            String::new()
+        } else {
+            format!(" (keeping the {} objects it declared there before until it is fixed)", kept.len())
+        };
+        if let Some((last, rest)) = c.errors.split_last() {
+            errors.extend(rest.iter().cloned());
+            errors.push(format!("{last}{note}"));
+        }
+        objects.extend(kept);
+        let mut hasher = Sha256::new();
+        hasher.update(source.reference.as_bytes());
+        hasher.update(loaded.digest);
+        let digest: [u8; 32] = hasher.finalize().into();
+        if previous.is_none_or(|p| p.digest != digest) && !c.not_acted_on.is_empty() {
+            let fields: Vec<&str> = c.not_acted_on.iter().map(String::as_str).collect();
+            tracing::warn!(
+                template = %self.root.join(rel).display(),
+                "org template fields kept as annotations, not acted on by this operator: {}",
+                fields.join(", ")
+            );
+        }
+        FileState { objects, digest }
+    }
+
     /// Sends a snapshot now and a fresh one after every burst of changes under the
     /// directory (debounced), plus a rescan every `rescan_every`; only snapshots that
     /// differ from the last one sent are sent after the first. Copes with editors that
@@ -276,8 +324,12 @@ fn is_relevant(root: &Path, event: &notify::Event) -> bool {
         || event.need_rescan()
 }
 
+/// Hidden, but for `.env` files (an org template's secrets).
 fn is_hidden(rel: &Path) -> bool {
-    rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+    rel.components().any(|c| {
+        let name = c.as_os_str().to_string_lossy();
+        name.starts_with('.') && name != ".env"
+    })
 }
 
 type DirIdentity = (u64, u64);
@@ -315,6 +367,9 @@ fn rewatch_if_replaced(watcher: &mut impl Watcher, root: &Path, watched: &mut Op
 struct Listing {
     /// Manifest files, relative to the root, in path order.
     files: BTreeSet<PathBuf>,
+    /// Directories holding an `org.yaml` (relative; empty for the root itself): each
+    /// is one org template, and its other YAML files are its includes.
+    orgs: BTreeSet<PathBuf>,
     /// Subdirectories (relative) that could not be read, and why.
     unreadable_dirs: Vec<(PathBuf, std::io::Error)>,
 }
@@ -323,9 +378,13 @@ struct Listing {
 /// files are followed (as in a Kubernetes ConfigMap mount); symlinks to directories
 /// are not (no loops). Fails only when `root` itself cannot be read.
 fn list_files(root: &Path) -> std::io::Result<Listing> {
-    let mut listing = Listing { files: BTreeSet::new(), unreadable_dirs: Vec::new() };
+    let mut listing = Listing { files: BTreeSet::new(), orgs: BTreeSet::new(), unreadable_dirs: Vec::new() };
     let mut pending = vec![(PathBuf::new(), 0usize)];
     while let Some((rel, depth)) = pending.pop() {
+        if super::org::is_org_dir(&root.join(&rel)) {
+            listing.orgs.insert(rel);
+            continue;
+        }
         let entries = match std::fs::read_dir(root.join(&rel)) {
             Ok(entries) => entries,
             Err(e) if rel.as_os_str().is_empty() => return Err(e),

@@ -114,7 +114,7 @@ pub fn parse_file(text: &str, origin: &str, source: &SourceRef) -> ParsedFile {
 
 /// Limits well above any real org template and far below what hurts: alias bombs,
 /// deep nesting and document storms fail fast with a budget error.
-fn yaml_options() -> serde_saphyr::Options {
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_reader_input_bytes: Some(MAX_FILE_BYTES),

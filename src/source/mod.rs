@@ -5,6 +5,7 @@
 pub mod desired;
 pub mod dir;
 pub mod manifest;
+pub mod org;
 pub mod postgres;
 
 use crate::api::{ObjectKey, SourceRef, Team, Workspace};
