@@ -331,7 +331,12 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
                 ),
                 None => format!("cannot listen for the workspaces' agents on {at} (--agent-listen)"),
             })?;
-            tracing::info!(url = %endpoint.url, network = network_choice.name(), "serving the registry to the workspaces' network");
+            match endpoint.listen {
+                Some(_) => {
+                    tracing::info!(url = %endpoint.url, network = network_choice.name(), "serving the registry to the workspaces' network")
+                }
+                None => tracing::info!(%at, url = %endpoint.url, "serving the registry to the agents (--agent-listen)"),
+            }
             let router = registry::agent_router(state.clone());
             let stop = shutdown.clone();
             Some(tokio::spawn(
