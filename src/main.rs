@@ -53,8 +53,8 @@ enum Command {
     /// The binary: --binary PATH; else this executable, when it is static (a release
     /// built with the recipe below packages itself); else, when run from the source
     /// tree (./Cargo.toml), cargo builds it first with
-    /// `RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target
-    /// x86_64-unknown-linux-gnu --bin molecule-operator`. A dynamically linked binary is
+    /// `RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=debuginfo
+    /// cargo build --release --target x86_64-unknown-linux-gnu --bin molecule-operator`. A dynamically linked binary is
     /// refused. deploy/README.md shows how to load the image into kind or k3s, or push it.
     Image {
         /// A static molecule-operator binary to package.

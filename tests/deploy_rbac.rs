@@ -119,6 +119,8 @@ fn deploy_includes_the_generated_crds_and_a_hardened_deployment() {
     assert!(arg_after(&args, "--runtime") == Some("kubernetes"), "{args:?}");
     let volumes = pod["volumes"].as_array().unwrap();
     assert!(volumes.iter().all(|v| v["hostPath"].is_null()), "nothing is mounted from the node: {volumes:?}");
+    // Only the leader is ready: a rolling update would wait for a standby forever.
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
     // The image `molecule-operator image` builds.
     assert_eq!(c["image"], format!("molecule-operator:{}", env!("CARGO_PKG_VERSION")));
 }

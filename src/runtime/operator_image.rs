@@ -32,8 +32,8 @@ pub fn default_tag() -> String {
 /// The cargo command of the static build, as `--help` and errors show it.
 pub fn static_build_recipe() -> String {
     format!(
-        "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target {STATIC_TARGET} --bin \
-         molecule-operator"
+        "RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release \
+         --target {STATIC_TARGET} --bin molecule-operator"
     )
 }
 
@@ -120,6 +120,8 @@ pub fn find_binary(explicit: Option<&Path>, source_tree: &Path) -> Result<PathBu
     let status = Command::new(cargo)
         .current_dir(source_tree)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // The release profile keeps line tables: 226 MB, against 52 MB without them.
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
         .args(["build", "--release", "--target", STATIC_TARGET, "--bin", "molecule-operator"])
         .status()
         .map_err(|e| format!("cannot run cargo in {}: {e}", source_tree.display()))?;
