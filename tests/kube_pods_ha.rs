@@ -96,6 +96,24 @@ fn pods(k: &Kubectl, instance: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The local node, stopped before the replicas' guards remove what it ran (declare it
+/// after them): a node still running would start the Pods' containers again.
+struct Node {
+    node: std::sync::Arc<molecule::node::LocalNode>,
+    stop: CancellationToken,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        // Its tasks each hold the node: it has stopped when only this handle is left.
+        let t0 = std::time::Instant::now();
+        while std::sync::Arc::strong_count(&self.node) > 1 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_survivor_of_a_killed_leader_keeps_every_pod() {
     if !docker_available() {
@@ -111,11 +129,14 @@ async fn the_survivor_of_a_killed_leader_keeps_every_pod() {
     let store = support::kubeapi::sqlite_store(api_dir.path()).await;
     let server = support::kubeapi::Server::start(store, api_dir.path()).await;
     let stop = CancellationToken::new();
+    let mut replicas: Vec<Op> = Vec::new(); // dropped after the node
     let instance = format!("podha{}", std::process::id());
     let client = molecule::cluster::client(Some(&server.kubeconfig)).await.unwrap();
     let config = molecule::node::NodeConfig { instance: instance.clone(), dir: api_dir.path().join("node") };
-    let node = molecule::node::start(client, config, stop.clone()).await.expect("the local node starts");
+    let node_stop = stop.child_token();
+    let node = molecule::node::start(client, config, node_stop.clone()).await.expect("the local node starts");
     let gateway: std::net::IpAddr = node.gateway().parse().unwrap();
+    let node = Node { node, stop: node_stop };
 
     // The registry's Service, on the node's gateway, in front of both replicas.
     let listener = tokio::net::TcpListener::bind((gateway, 0)).await.unwrap();
@@ -123,8 +144,9 @@ async fn the_survivor_of_a_killed_leader_keeps_every_pod() {
     let agents = [SocketAddr::new(gateway, free_port()), SocketAddr::new(gateway, free_port())];
     service(listener, agents.to_vec(), stop.clone());
 
-    let mut a = replica("podha-a", &instance, &server.kubeconfig, &db.url, &registry, agents[0]);
-    let mut b = replica("podha-b", &instance, &server.kubeconfig, &db.url, &registry, agents[1]);
+    replicas.push(replica("podha-a", &instance, &server.kubeconfig, &db.url, &registry, agents[0]));
+    replicas.push(replica("podha-b", &instance, &server.kubeconfig, &db.url, &registry, agents[1]));
+    let [a, b] = &mut replicas[..] else { unreachable!() };
     a.start();
     b.start();
     let k = Kubectl { kubeconfig: server.kubeconfig.clone(), home: tempfile::tempdir().unwrap() };
@@ -144,7 +166,7 @@ async fn the_survivor_of_a_killed_leader_keeps_every_pod() {
         }
         lease_holder(&k).unwrap()
     });
-    let (leader, survivor) = if holder == "podha-a" { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (leader, survivor) = if holder == "podha-a" { (a, b) } else { (b, a) };
     let before = tokio::task::block_in_place(|| {
         leader.wait("dev online through the Service", UP, |ws| ws.get("dev").is_some_and(online))
     });
@@ -178,7 +200,6 @@ async fn the_survivor_of_a_killed_leader_keeps_every_pod() {
     assert_eq!(pods(&k, &instance), pods_before, "the same Pod (uid), not recreated");
 
     survivor.stop();
-    stop.cancel();
-    drop(node);
+    tokio::task::block_in_place(|| drop(node)); // then the replicas' guards remove the Pods' containers
     server.stop().await;
 }
