@@ -78,6 +78,11 @@ pub struct OperatorArgs {
     /// Allow workspaces to ask for spec.security (privileged, hostPid, dockerSocket).
     #[arg(long)]
     pub allow_privileged: bool,
+    /// Also serve the registry alone (register, heartbeat, healthz: no admin API, no
+    /// metrics) on ADDR. In a cluster the registry's Service targets this port, so
+    /// that workspaces reach the registry and nothing else of the operator (deploy/).
+    #[arg(long, value_name = "ADDR")]
+    pub agent_listen: Option<SocketAddr>,
     /// URL agents use to reach the registry. Default: http://<gateway>:<listen port> on
     /// a bridge network (served by the operator), http://<listen> with `--network host`.
     /// When given, the operator serves nothing extra for agents: the URL must reach it.
@@ -96,6 +101,15 @@ pub struct OperatorArgs {
     /// Service in front of the operator) so that agents reach the registry.
     #[arg(long, value_enum)]
     pub runtime: Option<RuntimeKind>,
+    /// The cluster to use with `--source kubernetes`: a kubeconfig file. Default: the
+    /// in-cluster service account, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--source kubernetes`, the Secret in the operator's namespace that holds
+    /// the secrets key (key `key`); the operator creates it, with a new random key, when
+    /// it is missing. MOLECULE_SECRETS_KEY, when set, is used instead.
+    #[arg(long, value_name = "NAME", default_value = "molecule-operator-secrets-key")]
+    pub secrets_key_secret: String,
     /// Leader Lease duration with several replicas (`--source kubernetes`).
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,

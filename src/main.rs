@@ -58,6 +58,23 @@ enum Command {
     Crds,
     /// Build the molecule-agent:local image (a static agent in a FROM scratch image).
     AgentImage,
+    /// Build the operator's own image, molecule-operator:<version> (deploy/ runs it):
+    /// a static operator binary in a FROM scratch image.
+    ///
+    /// The binary: --binary PATH; else this executable, when it is static (a release
+    /// built with the recipe below packages itself); else, when run from the source
+    /// tree (./Cargo.toml), cargo builds it first with
+    /// `RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=debuginfo
+    /// cargo build --release --target x86_64-unknown-linux-gnu --bin molecule-operator`. A dynamically linked binary is
+    /// refused. deploy/README.md shows how to load the image into kind or k3s, or push it.
+    Image {
+        /// A static molecule-operator binary to package.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// The image's tag [default: molecule-operator:<version>].
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
+    },
     /// Apply the state-store migrations to a database and exit.
     Migrate {
         /// postgres://..., postgresql://..., sqlite://PATH or a file path. Prefer the
@@ -130,6 +147,10 @@ async fn run() -> ExitCode {
             init_tracing();
             report(agent_image().await)
         }
+        Command::Image { binary, tag } => {
+            init_tracing();
+            report(operator_image(binary.as_deref(), tag).await)
+        }
         Command::Migrate { database_url } => {
             init_tracing();
             report(migrate(&database_url).await)
@@ -170,6 +191,17 @@ async fn agent_image() -> anyhow::Result<()> {
     let docker = molecule::runtime::docker::DockerRuntime::connect("agent-image").await?;
     docker.build_agent_image().await?;
     println!("built {}", molecule::runtime::agent_image::AGENT_IMAGE);
+    Ok(())
+}
+
+async fn operator_image(binary: Option<&std::path::Path>, tag: Option<String>) -> anyhow::Result<()> {
+    use molecule::runtime::operator_image;
+    let binary = operator_image::find_binary(binary, std::path::Path::new(".")).map_err(anyhow::Error::msg)?;
+    let bytes = operator_image::read_static(&binary).map_err(anyhow::Error::msg)?;
+    let tag = tag.unwrap_or_else(operator_image::default_tag);
+    let docker = molecule::runtime::docker::connect_client().await?;
+    operator_image::build(&docker, &tag, &bytes).await?;
+    println!("built {tag} from {}", binary.display());
     Ok(())
 }
 

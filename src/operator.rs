@@ -273,7 +273,20 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         Ok(())
     });
 
-    let keyring = Arc::new(crate::secrets::Keyring::load(&args.state).context("cannot load the secrets key")?);
+    // In a cluster the key lives in a Secret of the operator's namespace (made once by
+    // whichever replica comes first): a Pod's files go with the Pod.
+    let keyring = match (cluster_mode, crate::secrets::Keyring::key_from_env()) {
+        (true, None) => {
+            let client =
+                crate::cluster::client(args.kubeconfig.as_deref()).await.context("cannot reach the Kubernetes API")?;
+            let namespace = own_namespace(&client);
+            crate::cluster::secrets_key::load_or_create(client, &namespace, &args.secrets_key_secret)
+                .await
+                .context("cannot load the secrets key")?
+        }
+        _ => crate::secrets::Keyring::load(&args.state).context("cannot load the secrets key")?,
+    };
+    let keyring = Arc::new(keyring);
     let metrics = Arc::new(Metrics::new());
     let (trigger, trigger_rx) = Trigger::new();
     let mut state = AppState::new(store.clone(), trigger.clone(), desired_rx.clone(), admin_token, metrics.clone());
@@ -309,16 +322,24 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     }
     let endpoint = agent_endpoint(&network_choice, network.as_ref(), args.registry_url.as_deref(), addr)
         .map_err(anyhow::Error::msg)?;
-    let agent_server = match endpoint.listen {
+    // The agents-only listener: on a bridge's gateway, or where --agent-listen says
+    // (in a cluster, the port the registry's Service targets).
+    let agent_server = match endpoint.listen.or(args.agent_listen) {
         Some(at) => {
-            let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
-                format!(
+            let listener = tokio::net::TcpListener::bind(at).await.with_context(|| match endpoint.listen {
+                Some(_) => format!(
                     "cannot listen for the workspaces' agents on {at}, the gateway of Docker network {}: pass \
                      --registry-url URL if they reach the operator another way",
                     network_choice.name()
-                )
+                ),
+                None => format!("cannot listen for the workspaces' agents on {at} (--agent-listen)"),
             })?;
-            tracing::info!(url = %endpoint.url, network = network_choice.name(), "serving the registry to the workspaces' network");
+            match endpoint.listen {
+                Some(_) => {
+                    tracing::info!(url = %endpoint.url, network = network_choice.name(), "serving the registry to the workspaces' network")
+                }
+                None => tracing::info!(%at, url = %endpoint.url, "serving the registry to the agents (--agent-listen)"),
+            }
             let router = registry::agent_router(state.clone());
             let stop = shutdown.clone();
             Some(tokio::spawn(
@@ -333,8 +354,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         (false, Some(docker)) => Arc::new(docker.clone()),
         _ => {
             // Pods: through the embedded API in local mode, else the cluster's.
-            let client =
-                crate::cluster::client(kube_api.as_deref()).await.context("cannot reach the Kubernetes API")?;
+            let client = crate::cluster::client(kube_api.as_deref().or(args.kubeconfig.as_deref()))
+                .await
+                .context("cannot reach the Kubernetes API")?;
             Arc::new(crate::runtime::kubernetes::KubeRuntime::new(client, &instance))
         }
     };
@@ -391,8 +413,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     // Kubernetes: one more source, driven by the kube-rs controller, which writes
     // status and events back. In a cluster only the Lease holder acts.
     if cluster_mode {
-        let client = crate::cluster::client(None).await.context("cannot reach the Kubernetes API")?;
-        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string());
+        let client =
+            crate::cluster::client(args.kubeconfig.as_deref()).await.context("cannot reach the Kubernetes API")?;
+        let namespace = own_namespace(&client);
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| instance.clone());
         tracing::info!(%namespace, %identity, "waiting for leadership");
         let leadership = crate::cluster::wait_for_leadership(
@@ -602,6 +625,12 @@ async fn lease_watchdog(mut until: watch::Receiver<tokio::time::Instant>, unconf
             changed = until.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// The operator's own namespace in a cluster (its Lease and secrets key live there):
+/// POD_NAMESPACE (the Deployment sets it), else the kubeconfig's.
+fn own_namespace(client: &kube::Client) -> String {
+    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string())
 }
 
 /// What the cluster controller needs from the rest of the operator.

@@ -61,6 +61,8 @@ pub struct Sealed {
 pub enum SecretError {
     #[error("MOLECULE_SECRETS_KEY must be 32 bytes as base64 or 64 hex characters")]
     BadKey,
+    #[error("the operating system's random source failed; no secrets key can be made")]
+    NoRandom,
     #[error("cannot read or create the secrets key file {path}: {error}")]
     KeyFile { path: String, error: std::io::Error },
     #[error(
@@ -106,17 +108,40 @@ fn decode_key(text: &str) -> Result<Vec<u8>, SecretError> {
 impl Keyring {
     /// The key from MOLECULE_SECRETS_KEY, else STATE/secrets.key (created 0600).
     pub fn load(state_dir: &Path) -> Result<Self, SecretError> {
-        let current = match std::env::var("MOLECULE_SECRETS_KEY") {
-            Ok(v) if !v.trim().is_empty() => decode_key(&v)?,
-            _ => Self::key_file(state_dir)?,
+        let current = match Self::key_from_env() {
+            Some(v) => decode_key(&v)?,
+            None => Self::key_file(state_dir)?,
         };
+        Self::with_current(&current)
+    }
+
+    /// MOLECULE_SECRETS_KEY, when it is set and not empty.
+    pub fn key_from_env() -> Option<String> {
+        std::env::var("MOLECULE_SECRETS_KEY").ok().filter(|v| !v.trim().is_empty())
+    }
+
+    /// The key given as text (base64 or hex of 32 bytes, as MOLECULE_SECRETS_KEY),
+    /// with the old keys of MOLECULE_SECRETS_OLD_KEYS. Cluster mode reads the text from
+    /// a Kubernetes Secret (`cluster::secrets_key`).
+    pub fn from_key_text(text: &str) -> Result<Self, SecretError> {
+        Self::with_current(&decode_key(text)?)
+    }
+
+    /// A new random key as text, in the form `from_key_text` reads.
+    pub fn generate_key_text() -> Result<String, SecretError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|_| SecretError::NoRandom)?;
+        Ok(B64.encode(bytes))
+    }
+
+    fn with_current(current: &[u8]) -> Result<Self, SecretError> {
         let old = std::env::var("MOLECULE_SECRETS_OLD_KEYS")
             .unwrap_or_default()
             .split(',')
             .filter(|s| !s.trim().is_empty())
             .map(|s| decode_key(s).and_then(|b| Key::new(&b)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { current: Key::new(&current)?, old })
+        Ok(Self { current: Key::new(current)?, old })
     }
 
     fn key_file(state_dir: &Path) -> Result<Vec<u8>, SecretError> {

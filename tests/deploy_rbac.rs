@@ -1,5 +1,7 @@
 //! deploy/ renders with `kubectl kustomize` (offline) and its RBAC grants exactly what
 //! cluster mode calls (`molecule::cluster::API_USES`): nothing missing, nothing extra.
+//! The install runs workspaces as Pods, with no Docker socket, the registry behind a
+//! Service and the secrets key in a Secret the operator creates.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -113,14 +115,58 @@ fn deploy_includes_the_generated_crds_and_a_hardened_deployment() {
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
-    let socket = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["hostPath"]["path"] == "/var/run/docker.sock")
-        .expect("the Docker socket is mounted from the host");
-    assert!(
-        c["volumeMounts"].as_array().unwrap().iter().any(|m| m["name"] == socket["name"]),
-        "the Docker socket volume is mounted into the container"
-    );
+    // Workspaces are Pods: any container runtime, no Docker socket, nothing of the node.
+    assert!(arg_after(&args, "--runtime") == Some("kubernetes"), "{args:?}");
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(volumes.iter().all(|v| v["hostPath"].is_null()), "nothing is mounted from the node: {volumes:?}");
+    // Only the leader is ready: a rolling update would wait for a standby forever.
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    // The image `molecule-operator image` builds.
+    assert_eq!(c["image"], format!("molecule-operator:{}", env!("CARGO_PKG_VERSION")));
+}
+
+/// The value after `flag` in `args`.
+fn arg_after<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter().position(|a| *a == flag).and_then(|i| args.get(i + 1).copied())
+}
+
+#[test]
+fn agents_reach_the_registry_through_a_service_on_the_agents_only_listener() {
+    let docs = rendered();
+    let deployment = one(&docs, "Deployment");
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let service = one(&docs, "Service");
+    let (name, namespace) = (service["metadata"]["name"].as_str().unwrap(), service["metadata"]["namespace"].as_str());
+    assert_eq!(namespace, Some(NAMESPACE));
+    let port = &service["spec"]["ports"][0];
+    let url = format!("http://{name}.{NAMESPACE}.svc:{}", port["port"]);
+    assert_eq!(arg_after(&args, "--registry-url"), Some(url.as_str()), "--registry-url names the Service");
+    // The Service selects the operator's Pods ...
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[k], v, "the Service selects the operator's Pods");
+    }
+    // ... on the port of --agent-listen (registry only), never --listen's (admin API).
+    let target = port["targetPort"].as_str().unwrap();
+    let container_port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == target).unwrap();
+    let agent_listen = arg_after(&args, "--agent-listen").expect("--agent-listen");
+    assert!(agent_listen.ends_with(&format!(":{}", container_port["containerPort"])), "{agent_listen}");
+    assert!(!arg_after(&args, "--listen").unwrap().ends_with(&format!(":{}", container_port["containerPort"])));
+}
+
+#[test]
+fn the_secrets_key_is_a_secret_the_operator_creates_never_a_pod_volume() {
+    let docs = rendered();
+    let deployment = one(&docs, "Deployment");
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    // No MOLECULE_SECRETS_KEY in the env (the operator reads the Secret through the API,
+    // where it creates it once) and no key file on a Pod volume: the state dir is an
+    // emptyDir, and the key is not kept there in cluster mode.
+    let env = c["env"].as_array().unwrap();
+    assert!(env.iter().all(|e| e["name"] != "MOLECULE_SECRETS_KEY"), "{env:?}");
+    // Creating it is granted in the operator's namespace only.
+    let role = one(&docs, "Role");
+    assert!(grants(role).contains(&("".into(), "secrets".into(), "create".into())));
+    assert!(!grants(one(&docs, "ClusterRole")).contains(&("".into(), "secrets".into(), "create".into())));
 }

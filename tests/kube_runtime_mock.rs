@@ -171,3 +171,106 @@ async fn an_unreachable_api_server_is_unknown_never_empty() {
     assert_eq!(err.metric_label(), "runtime_unavailable", "{err}");
     assert!(err.to_string().contains("Kubernetes API cannot be reached"), "{err}");
 }
+
+/// A Status the API server answers a refusal with.
+fn refused(code: u16, reason: &str, message: &str, details: serde_json::Value) -> serde_json::Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code,
+           "message": message, "details": details})
+}
+
+#[tokio::test]
+async fn a_workspace_whose_namespace_does_not_exist_fails_naming_the_namespace() {
+    let (rt, mut api) = harness();
+    let cs = spec();
+    let volume = tokio::spawn(async move { rt.ensure_volume(&format!("{POD}-configs"), &cs.labels).await });
+    api.next().await.respond(StatusCode::OK, list(json!([]))); // no such claim
+    api.next().await.respond(StatusCode::NOT_FOUND, not_found()); // no Workspace object
+    let req = api.next().await;
+    assert_eq!(req.path, "/api/v1/namespaces/team-a/persistentvolumeclaims");
+    req.respond(
+        StatusCode::NOT_FOUND,
+        refused(404, "NotFound", "namespaces \"team-a\" not found", json!({"name": "team-a", "kind": "namespaces"})),
+    );
+    let err = volume.await.unwrap().unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("namespace team-a does not exist") && text.contains("kubectl create namespace team-a"),
+        "{text}"
+    );
+    assert!(!text.contains("Docker"), "{text}");
+    assert_eq!(err.metric_label(), "kubernetes");
+    api.quiet().await; // one refusal, no retry of its own: the queue's backoff retries
+}
+
+#[tokio::test]
+async fn a_quota_the_namespace_refuses_fails_naming_the_quota() {
+    let (rt, mut api) = harness();
+    let create = tokio::spawn(async move { rt.create(&spec()).await });
+    api.next().await.respond(StatusCode::NOT_FOUND, not_found()); // no Workspace object
+    let req = api.next().await;
+    assert_eq!((req.method.clone(), req.path.as_str()), (Method::POST, "/api/v1/namespaces/team-a/pods"));
+    let message = format!(
+        "pods \"{POD}\" is forbidden: exceeded quota: compute, requested: limits.memory=512Mi, used: \
+         limits.memory=1Gi, limited: limits.memory=1Gi"
+    );
+    req.respond(StatusCode::FORBIDDEN, refused(403, "Forbidden", &message, json!({"name": POD, "kind": "pods"})));
+    let text = create.await.unwrap().unwrap_err().to_string();
+    assert!(text.contains(&format!("creating Pod team-a/{POD}")), "{text}");
+    assert!(text.contains("ResourceQuota refuses it") && text.contains("exceeded quota: compute"), "{text}");
+    api.quiet().await;
+}
+
+/// A Pod of workspace `dev` in team-a with `status`, mounting `claim`.
+fn pod_with(uid: &str, claim: &str, status: serde_json::Value) -> serde_json::Value {
+    let mut pod = pod_object();
+    pod["metadata"]["uid"] = json!(uid);
+    pod["spec"] = json!({"containers": [{"name": "agent", "image": "ghcr.io/x/missing:v1"}],
+        "volumes": [{"name": "configs", "persistentVolumeClaim": {"claimName": claim}}]});
+    pod["status"] = status;
+    pod
+}
+
+fn claim(name: &str, phase: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+           "metadata": {"name": name, "namespace": "team-a", "labels": {labels::INSTANCE: "t1"}},
+           "spec": {}, "status": {"phase": phase}})
+}
+
+#[tokio::test]
+async fn an_image_that_cannot_be_pulled_and_a_claim_that_never_binds_are_waiting_with_their_cause() {
+    let (rt, mut api) = harness();
+    let listing = tokio::spawn(async move { rt.list().await });
+    let req = api.next().await;
+    assert_eq!(req.path, "/api/v1/pods");
+    req.respond(
+        StatusCode::OK,
+        list(json!([
+            pod_with(
+                "pull",
+                "bound-configs",
+                json!({"phase": "Pending", "containerStatuses": [{
+                "name": "agent", "image": "ghcr.io/x/missing:v1", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff",
+                          "message": "Back-off pulling image \"ghcr.io/x/missing:v1\""}}}]})
+            ),
+            pod_with(
+                "unbound",
+                "pending-configs",
+                json!({"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."}]})
+            ),
+        ])),
+    );
+    let req = api.next().await;
+    assert_eq!(req.path, "/api/v1/persistentvolumeclaims");
+    req.respond(StatusCode::OK, list(json!([claim("bound-configs", "Bound"), claim("pending-configs", "Pending")])));
+    let seen = listing.await.unwrap().unwrap();
+    let of = |id: &str| seen.iter().find(|c| c.id == id).unwrap();
+    assert_eq!(of("pull").state, molecule::model::container::ContainerState::Waiting);
+    assert_eq!(of("pull").detail.as_deref(), Some("ImagePullBackOff: Back-off pulling image \"ghcr.io/x/missing:v1\""));
+    assert_eq!(of("unbound").state, molecule::model::container::ContainerState::Waiting);
+    let why = of("unbound").detail.clone().unwrap();
+    assert!(why.starts_with("its volume claim pending-configs is not bound"), "{why}");
+    assert!(why.contains("unbound immediate PersistentVolumeClaims"), "{why}");
+}

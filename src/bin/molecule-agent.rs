@@ -44,6 +44,10 @@ fn main() {
     exit_on_sigterm();
     let args: Vec<String> = env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["--version"] => {
+            println!("molecule-agent {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
         ["--test-listen", addr] => test_mode::listen(addr),
         ["--test-probe", url] => test_mode::probe(url),
         ["--test-fill", path, bytes] => test_mode::fill(path, bytes),

@@ -7,7 +7,8 @@
 //!   `Trigger` (it never touches containers itself), writes status by server-side
 //!   apply and publishes Events for the decisions a user should see;
 //! - [`leader`] elects one acting replica with a `coordination.k8s.io/v1` Lease;
-//! - [`secrets`] reflects Opaque Secrets for `envFrom` and triggers their users.
+//! - [`secrets`] reflects Opaque Secrets for `envFrom` and triggers their users;
+//! - [`secrets_key`] keeps the secrets key in a Secret of the operator's namespace.
 //!
 //! [`run`] starts the source, the controller and the status writer; the caller
 //! acquires leadership first ([`leader::acquire`]) and stops acting when it is lost.
@@ -16,6 +17,7 @@ pub mod controller;
 pub mod events;
 pub mod leader;
 pub mod secrets;
+pub mod secrets_key;
 pub mod source;
 
 use std::sync::Arc;
@@ -80,6 +82,9 @@ pub const API_USES: &[ApiUse] = &[
         verbs: &["get", "list", "watch", "create", "delete"],
         own_namespace: false,
     },
+    // The secrets key: a Secret in the operator's own namespace, created once when
+    // missing (it is read with the `get` above). `create` cannot be limited by name.
+    ApiUse { group: "", resource: "secrets", verbs: &["create"], own_namespace: true },
     ApiUse {
         group: "coordination.k8s.io",
         resource: "leases",

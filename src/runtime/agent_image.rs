@@ -72,31 +72,40 @@ pub async fn build_agent_image(docker: &Docker, tag: &str) -> RuntimeResult<()> 
     build(docker, tag, previous).await
 }
 
-/// Builds `tag`; then removes the image it replaced (left untagged by the build) unless a
-/// container still uses it. `previous` is that image's id, if `tag` existed before.
+/// Builds `tag` from the embedded agent.
 async fn build(docker: &Docker, tag: &str, previous: Option<String>) -> RuntimeResult<()> {
     let context =
         build_context().map_err(|e| RuntimeError::Api(format!("assembling the build context of {tag}: {e}")))?;
-    let options = BuildImageOptionsBuilder::new()
-        .dockerfile("Dockerfile")
-        .t(tag)
-        .rm(true)
-        .forcerm(true)
-        .labels(&HashMap::from([(VERSION_LABEL, agent_version())]))
-        .build();
     let started = std::time::Instant::now();
+    build_from_context(docker, tag, context, &HashMap::from([(VERSION_LABEL, agent_version())]), previous).await?;
+    tracing::info!(image = tag, version = agent_version(), elapsed = ?started.elapsed(), "built the agent image");
+    Ok(())
+}
+
+/// Builds `tag` from an in-memory build context (a tar holding `Dockerfile`), with
+/// `labels`; then removes the image it replaced (left untagged by the build) unless a
+/// container still uses it. `previous` is that image's id, if `tag` existed before.
+/// The operator image (`operator_image`) is built the same way.
+pub async fn build_from_context(
+    docker: &Docker,
+    tag: &str,
+    context: Vec<u8>,
+    labels: &HashMap<&str, &str>,
+    previous: Option<String>,
+) -> RuntimeResult<()> {
+    let options =
+        BuildImageOptionsBuilder::new().dockerfile("Dockerfile").t(tag).rm(true).forcerm(true).labels(labels).build();
     docker
         .build_image(options, None, Some(body_full(context.into())))
         .try_for_each(|_| async { Ok(()) })
         .await
         .map_err(|e| api_error(format!("building {tag}"), e))?;
-    tracing::info!(image = tag, version = agent_version(), elapsed = ?started.elapsed(), "built the agent image");
 
     let current = docker.inspect_image(tag).await.ok().and_then(|image| image.id);
     if let Some(replaced) = previous.filter(|old| current.as_ref() != Some(old)) {
         // Fails (and is left alone) while a container still uses it.
         if let Err(e) = docker.remove_image(&replaced, None::<RemoveImageOptions>, None).await {
-            tracing::debug!(image = %replaced, error = %e, "kept the replaced agent image");
+            tracing::debug!(image = %replaced, error = %e, "kept the replaced image");
         }
     }
     Ok(())

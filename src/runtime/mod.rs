@@ -6,6 +6,7 @@ pub mod docker;
 pub mod docker_error;
 pub mod kubernetes;
 pub mod network;
+pub mod operator_image;
 pub mod render;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -91,6 +92,10 @@ pub enum RuntimeError {
     PullFailed { image: String, message: String },
     #[error("Docker refused: {0}")]
     Api(String),
+    /// The Pod runtime cannot do it, or the Kubernetes API refused it: says what and
+    /// why (a missing namespace, a quota, a missing grant).
+    #[error("{0}")]
+    Kubernetes(String),
 }
 
 impl RuntimeError {
@@ -100,6 +105,7 @@ impl RuntimeError {
             Self::ImageMissing { .. } => "image_missing",
             Self::PullFailed { .. } => "pull_failed",
             Self::Api(_) => "runtime_api",
+            Self::Kubernetes(_) => "kubernetes",
         }
     }
 }

@@ -274,6 +274,28 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_held_for_its_image_or_claim_says_why_and_a_refusal_is_shown_whole() {
+        // What the Pod runtime observes (runtime/kubernetes/objects.rs) reaches the
+        // ContainerRunning condition as it was said.
+        let mut k = container(1, ContainerState::Waiting);
+        k.detail = Some("ErrImagePull: pull access denied for ghcr.io/x/y".into());
+        let st = status(&healthy().with_container(k), Some(&desired()), Circumstances::default());
+        let c = find(&st.conditions, "ContainerRunning").unwrap();
+        assert_eq!((c.is_true(), c.reason.as_str()), (false, "Waiting"));
+        assert!(c.message.contains("ErrImagePull: pull access denied for ghcr.io/x/y"), "{c:?}");
+        assert_eq!(st.phase, Phase::Provisioning);
+        // A call the API refused (a quota, a missing namespace) is the provision's error.
+        let why = "provision: creating Pod team-a/ws-x: the Kubernetes API refused: the namespace's ResourceQuota \
+                   refuses it: raise the quota or lower the workspace's tier; exceeded quota: compute";
+        let extra = Circumstances { last_error: Some(why), ..Circumstances::default() };
+        let st = status(&healthy().without_container(), Some(&desired()), extra);
+        assert_eq!(st.phase, Phase::Failed);
+        for t in ["Ready", "ContainerRunning"] {
+            assert_eq!(find(&st.conditions, t).unwrap().message, why, "{t}");
+        }
+    }
+
+    #[test]
     fn paused_stopped_and_drift() {
         let obs = healthy().with_container(container(1, ContainerState::Paused));
         assert_eq!(

@@ -27,7 +27,7 @@
 
 pub mod objects;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +41,9 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
-use self::objects::{TOKEN_KEY, config_claim, container_info, pod_claim, split_key, token_secret, token_secret_name};
+use self::objects::{
+    ClaimSeen, TOKEN_KEY, config_claim, container_info, pod_claim, split_key, token_secret, token_secret_name,
+};
 use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult, Watched};
 use crate::api::ImagePullPolicy;
 use crate::model::container::{CONFIGS_DIR, ContainerInfo, ContainerSpec, TOKEN_FILE, labels};
@@ -78,20 +80,20 @@ impl KubeRuntime {
         };
         let pods = pods.list(params).await.map_err(|e| kube_error("listing Pods", e))?;
         let claims = claims.list(params).await.map_err(|e| kube_error("listing PersistentVolumeClaims", e))?;
-        // Claims that can still hold data: present and not being deleted.
-        let usable: BTreeSet<(String, String)> = claims
+        let seen: BTreeMap<(String, String), ClaimSeen> = claims
             .items
             .iter()
-            .filter(|c| c.metadata.deletion_timestamp.is_none())
-            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .map(|c| ((c.namespace().unwrap_or_default(), c.name_any()), ClaimSeen::of(c)))
             .collect();
         Ok(pods
             .items
             .iter()
             .filter_map(|p| {
                 let ns = p.namespace().unwrap_or_default();
-                let claim_gone = pod_claim(p).is_some_and(|c| !usable.contains(&(ns, c)));
-                container_info(p, claim_gone)
+                // A claim that is not there (any more) cannot hold data: as if deleting.
+                let claim = pod_claim(p)
+                    .map_or(ClaimSeen::Bound, |c| seen.get(&(ns, c)).copied().unwrap_or(ClaimSeen::Deleting));
+                container_info(p, claim)
             })
             .collect())
     }
@@ -136,7 +138,9 @@ impl KubeRuntime {
             match api.get_opt(name).await {
                 Ok(None) => return Ok(()),
                 Ok(Some(_)) if tokio::time::Instant::now() >= deadline => {
-                    return Err(RuntimeError::Api(format!("{name} is still being deleted after {GONE_WITHIN:?}")));
+                    return Err(RuntimeError::Kubernetes(format!(
+                        "{name} is still being deleted after {GONE_WITHIN:?}"
+                    )));
                 }
                 Ok(Some(_)) => {}
                 Err(e) => return Err(kube_error(format!("reading {name}"), e)),
@@ -219,7 +223,7 @@ impl Runtime for KubeRuntime {
         let key = spec.labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
         let (ns, ws) = split_key(key);
         let owner = self.owner(ns, ws).await;
-        let pod = objects::pod(spec, owner.as_ref()).map_err(RuntimeError::Api)?;
+        let pod = objects::pod(spec, owner.as_ref()).map_err(RuntimeError::Kubernetes)?;
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let created = match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -230,7 +234,10 @@ impl Runtime for KubeRuntime {
             other => other,
         }
         .map_err(|e| kube_error(format!("creating Pod {ns}/{}", spec.name), e))?;
-        created.metadata.uid.ok_or_else(|| RuntimeError::Api("the API server returned a Pod without a uid".into()))
+        created
+            .metadata
+            .uid
+            .ok_or_else(|| RuntimeError::Kubernetes("the API server returned a Pod without a uid".into()))
     }
 
     async fn start(&self, _id: &str) -> RuntimeResult<()> {
@@ -238,7 +245,9 @@ impl Runtime for KubeRuntime {
     }
 
     async fn pause(&self, id: &str) -> RuntimeResult<()> {
-        Err(RuntimeError::Api(format!("Pod {id}: Kubernetes has no freezer; a Paused workspace's Pod is deleted")))
+        Err(RuntimeError::Kubernetes(format!(
+            "Pod {id}: Kubernetes has no freezer; a Paused workspace's Pod is deleted"
+        )))
     }
 
     async fn unpause(&self, id: &str) -> RuntimeResult<()> {
@@ -259,7 +268,7 @@ impl Runtime for KubeRuntime {
 
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], _mode: u32) -> RuntimeResult<()> {
         if dir.trim_end_matches('/') != CONFIGS_DIR || name != TOKEN_FILE {
-            return Err(RuntimeError::Api(format!(
+            return Err(RuntimeError::Kubernetes(format!(
                 "the Kubernetes runtime writes only the token into a Pod, not {dir}/{name}"
             )));
         }
@@ -276,7 +285,9 @@ impl Runtime for KubeRuntime {
 
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {
         if path != format!("{CONFIGS_DIR}/{TOKEN_FILE}") {
-            return Err(RuntimeError::Api(format!("the Kubernetes runtime reads only the token of a Pod, not {path}")));
+            return Err(RuntimeError::Kubernetes(format!(
+                "the Kubernetes runtime reads only the token of a Pod, not {path}"
+            )));
         }
         let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
         let ns = pod.namespace().unwrap_or_default();
@@ -355,7 +366,9 @@ fn pod_news(
     pods: &mut HashMap<String, String>,
     at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Vec<Watched> {
-    let (Some(id), Some(info)) = (pod.metadata.uid.clone(), container_info(&pod, false)) else { return Vec::new() };
+    let (Some(id), Some(info)) = (pod.metadata.uid.clone(), container_info(&pod, ClaimSeen::Bound)) else {
+        return Vec::new();
+    };
     if let Some(uid) = info.uid() {
         match action {
             "destroy" => pods.remove(uid),
@@ -401,14 +414,42 @@ fn ignore_missing(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
 
 /// A Pod that is gone: not a missing file (callers must not read it as one).
 fn gone(id: &str) -> RuntimeError {
-    RuntimeError::Api(format!("Pod {id} is gone"))
+    RuntimeError::Kubernetes(format!("Pod {id} is gone"))
 }
 
 /// What a failed API call means: the API server unreachable is `Unavailable` (retried,
-/// never read as "nothing exists"); a refusal is `Api` with the server's message.
+/// never read as "nothing exists"); a refusal is `Kubernetes`, saying why in words a
+/// user acts on (a missing namespace, a quota, a missing grant) and the server's own.
 fn kube_error(what: impl std::fmt::Display, e: kube::Error) -> RuntimeError {
     match e {
-        kube::Error::Api(s) => RuntimeError::Api(format!("{what}: {} ({} {})", s.message, s.code, s.reason)),
+        kube::Error::Api(s) => RuntimeError::Kubernetes(format!("{what}: the Kubernetes API refused: {}", refusal(&s))),
         other => RuntimeError::Unavailable(format!("{what}: the Kubernetes API cannot be reached: {other}")),
     }
+}
+
+/// Why the API server refused, from its Status. The causes a Workspace can have
+/// (rather than the operator) are named first: they end up in its conditions.
+pub fn refusal(s: &kube::core::Status) -> String {
+    let said = format!("{} ({} {})", s.message, s.code, s.reason);
+    let detail_kind = s.details.as_ref().map(|d| d.kind.as_str()).unwrap_or_default();
+    if s.code == 404 && (detail_kind == "namespaces" || s.message.starts_with("namespaces \"")) {
+        let ns = s.details.as_ref().map(|d| d.name.clone()).filter(|n| !n.is_empty());
+        let ns = ns.unwrap_or_else(|| s.message.split('"').nth(1).unwrap_or_default().to_string());
+        return format!(
+            "namespace {ns} does not exist: create it (`kubectl create namespace {ns}`) or declare the Workspace in \
+             another namespace; {said}"
+        );
+    }
+    if s.code == 403 && s.message.contains("exceeded quota") {
+        return format!(
+            "the namespace's ResourceQuota refuses it: raise the quota or lower the workspace's tier; {said}"
+        );
+    }
+    if s.code == 403 && s.message.contains("is being terminated") {
+        return format!("its namespace is being deleted; {said}");
+    }
+    if s.code == 403 {
+        return format!("forbidden: the operator's ServiceAccount lacks a grant (deploy/rbac.yaml); {said}");
+    }
+    said
 }

@@ -256,9 +256,30 @@ pub fn token_secret(pod: &Pod, token: &[u8]) -> Secret {
     }
 }
 
-/// What the rules see of a Pod. `claim_deleting`: its config volume claim is being
-/// deleted or is gone (the Pod cannot go on with it).
-pub fn container_info(pod: &Pod, claim_deleting: bool) -> Option<ContainerInfo> {
+/// What the runtime saw of a Pod's config volume claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimSeen {
+    /// Bound to a volume (or not known to be otherwise: a watch event carries no claim).
+    Bound,
+    /// Not bound (yet): no PersistentVolume matches it and no StorageClass provides one.
+    Unbound,
+    /// Being deleted, or gone: the Pod cannot go on with it.
+    Deleting,
+}
+
+impl ClaimSeen {
+    pub fn of(claim: &PersistentVolumeClaim) -> Self {
+        match claim.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            _ if claim.metadata.deletion_timestamp.is_some() => Self::Deleting,
+            Some("Bound") => Self::Bound,
+            // Pending (or no status yet), or Lost (its volume is gone).
+            _ => Self::Unbound,
+        }
+    }
+}
+
+/// What the rules see of a Pod, given what was seen of its config volume claim.
+pub fn container_info(pod: &Pod, claim: ClaimSeen) -> Option<ContainerInfo> {
     let meta = &pod.metadata;
     let id = meta.uid.clone()?;
     let notes = meta.annotations.clone().unwrap_or_default();
@@ -277,7 +298,20 @@ pub fn container_info(pod: &Pod, claim_deleting: bool) -> Option<ContainerInfo> 
     let status = pod.status.as_ref();
     let agent =
         status.and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.iter().find(|c| c.name == AGENT_CONTAINER));
-    let (state, detail) = pod_state(pod, claim_deleting);
+    let (state, mut detail) = pod_state(pod, claim == ClaimSeen::Deleting);
+    // A Pod held for its claim: say which claim, before the scheduler's or kubelet's words.
+    if state == ContainerState::Waiting
+        && claim == ClaimSeen::Unbound
+        && let Some(name) = pod_claim(pod)
+    {
+        let why = format!(
+            "its volume claim {name} is not bound: no PersistentVolume matches it and no StorageClass provides one"
+        );
+        detail = Some(match detail {
+            Some(d) => format!("{why} ({d})"),
+            None => why,
+        });
+    }
     Some(ContainerInfo {
         id,
         name: meta.name.clone().unwrap_or_default(),
@@ -462,7 +496,7 @@ mod tests {
         let mut p = pod(&cs, None).unwrap();
         assert!(p.metadata.labels.iter().flatten().all(|(_, v)| !v.contains('/') && !v.contains(':')));
         p.metadata.uid = Some("pod-uid".into());
-        let info = container_info(&p, false).unwrap();
+        let info = container_info(&p, ClaimSeen::Bound).unwrap();
         assert_eq!(info.workspace(), Some("team-a/dev"));
         assert_eq!(info.uid(), Some(UID));
         assert_eq!(info.incarnation(), Some(3));
@@ -509,13 +543,36 @@ mod tests {
             ("phase: Unknown", ContainerState::Dead, Some("the Pod's node cannot be reached")),
         ];
         for (status, state, detail) in cases {
-            let info = container_info(&pod_with_status(status), false).unwrap();
+            let info = container_info(&pod_with_status(status), ClaimSeen::Bound).unwrap();
             assert_eq!((info.state, info.detail.as_deref()), (state, detail), "{status}");
         }
-        let running = container_info(&pod_with_status(cases[0].0), false).unwrap();
+        let running = container_info(&pod_with_status(cases[0].0), ClaimSeen::Bound).unwrap();
         assert_eq!(running.restarts, 2);
-        let deleting = container_info(&pod_with_status(cases[0].0), true).unwrap();
+        let deleting = container_info(&pod_with_status(cases[0].0), ClaimSeen::Deleting).unwrap();
         assert_eq!(deleting.state, ContainerState::Dead);
         assert!(deleting.detail.unwrap().contains("is being deleted"));
+    }
+
+    #[test]
+    fn a_pod_held_for_a_claim_that_never_binds_names_the_claim() {
+        let unschedulable = "phase: Pending\nconditions: [{type: PodScheduled, status: 'False', reason: Unschedulable, \
+                             message: 'pod has unbound immediate PersistentVolumeClaims'}]";
+        let info = container_info(&pod_with_status(unschedulable), ClaimSeen::Unbound).unwrap();
+        assert_eq!(info.state, ContainerState::Waiting, "waiting, not replaced: a new Pod would wait the same");
+        assert_eq!(
+            info.detail.as_deref(),
+            Some(
+                "its volume claim ws-0a1b2c3d-4e5-configs is not bound: no PersistentVolume matches it and no \
+                 StorageClass provides one (Unschedulable: pod has unbound immediate PersistentVolumeClaims)"
+            )
+        );
+        // Once the Pod runs, the claim is bound whatever the listing said a moment before.
+        let running = "phase: Running\ncontainerStatuses: [{name: agent, image: i, imageID: '', ready: true, \
+                       restartCount: 0, state: {running: {}}}]";
+        assert_eq!(container_info(&pod_with_status(running), ClaimSeen::Unbound).unwrap().detail, None);
+        let mut claim = config_claim("c", &BTreeMap::new(), None);
+        assert_eq!(ClaimSeen::of(&claim), ClaimSeen::Unbound, "no status yet");
+        claim.status = Some(serde_saphyr::from_str("phase: Bound").unwrap());
+        assert_eq!(ClaimSeen::of(&claim), ClaimSeen::Bound);
     }
 }
