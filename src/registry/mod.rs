@@ -19,8 +19,8 @@
 mod admin;
 mod agent;
 pub mod auth;
-pub mod events;
 mod discovery;
+pub mod events;
 pub mod limit;
 mod reports;
 pub mod secrets;
