@@ -91,6 +91,9 @@ pub struct EffectiveSpec {
     pub config_files: std::collections::BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_env: Vec<String>,
+    /// `healthPolicy.restartWedgedAfter`: restart an agent wedged this long.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
+    pub restart_wedged_after: Option<Duration>,
     /// Never serialized (see `WorkspaceSpec::source_secrets`).
     #[serde(skip)]
     pub source_secrets: std::collections::BTreeMap<String, String>,
@@ -141,6 +144,12 @@ pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> Workspa
             all.extend(own.required_env.iter().filter(|r| !d.required_env.contains(r)).cloned());
             all
         },
+        health_policy: match (&own.health_policy, &d.health_policy) {
+            (Some(o), Some(t)) => Some(super::HealthPolicy {
+                restart_wedged_after: o.restart_wedged_after.clone().or(t.restart_wedged_after.clone()),
+            }),
+            (o, t) => o.clone().or(t.clone()),
+        },
         source_secrets: {
             let mut all = d.source_secrets.clone();
             all.extend(own.source_secrets.clone());
@@ -183,6 +192,11 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
     let rotate_every = dur("tokenPolicy.rotateEvery", &tp.rotate_every);
     let max_age = dur("tokenPolicy.maxAge", &tp.max_age);
     let overlap = dur("tokenPolicy.overlap", &tp.overlap).unwrap_or(DEFAULT_OVERLAP);
+    let hp = spec.health_policy.clone().unwrap_or_default();
+    let restart_wedged_after = dur("healthPolicy.restartWedgedAfter", &hp.restart_wedged_after);
+    if restart_wedged_after.is_some_and(|d| d < Duration::from_secs(1)) {
+        errors.push("healthPolicy.restartWedgedAfter: must be at least 1s, e.g. 5m".into());
+    }
     if rotate_every.is_some_and(|d| d < Duration::from_secs(1)) {
         errors.push("tokenPolicy.rotateEvery: must be at least 1s".into());
     }
@@ -259,6 +273,7 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         network: network.into(),
         config_files: spec.config_files.clone(),
         required_env: spec.required_env.clone(),
+        restart_wedged_after,
         source_secrets: spec.source_secrets.clone(),
     })
 }
@@ -401,5 +416,25 @@ mod tests {
         };
         let eff = resolve(&WorkspaceSpec { runtime: Some("crewai".into()), ..Default::default() }, &d).unwrap();
         assert_eq!(&*eff.image, "ghcr.io/molecule-ai/workspace-template-crewai:latest");
+    }
+
+    #[test]
+    fn the_health_policy_is_inherited_and_a_bad_duration_names_its_field() {
+        use super::super::HealthPolicy;
+        let team = WorkspaceSpec {
+            health_policy: Some(HealthPolicy { restart_wedged_after: Some("5m".into()) }),
+            ..Default::default()
+        };
+        let member = inherit(&WorkspaceSpec::default(), Some(&team));
+        let eff = resolve(&member, &Defaults::default()).unwrap();
+        assert_eq!(eff.restart_wedged_after, Some(Duration::from_secs(300)));
+        for bad in ["0s", "soon"] {
+            let spec = WorkspaceSpec {
+                health_policy: Some(HealthPolicy { restart_wedged_after: Some(bad.into()) }),
+                ..Default::default()
+            };
+            let errs = resolve(&spec, &Defaults::default()).unwrap_err();
+            assert!(errs[0].starts_with("healthPolicy.restartWedgedAfter"), "{errs:?}");
+        }
     }
 }

@@ -91,6 +91,9 @@ pub struct WorkspaceSpec {
     /// `A|B` is satisfied by either.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_env: Vec<String>,
+    /// What to do about an agent that is online but reports itself unwell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_policy: Option<HealthPolicy>,
     /// Secret values a source read alongside the declaration (an org template's `.env`
     /// files): merged into the env like the workspace's own secrets, and never
     /// serialized (not shown, not stored, not sent).
@@ -191,6 +194,19 @@ pub enum OnPause {
     #[default]
     Keep,
     Revoke,
+}
+
+/// Beyond the original platform: an agent whose runtime keeps reporting
+/// `runtime_state: wedged` is restarted (new container, new token) once it has been
+/// wedged this long, within the same restart budget and backoff as a silent agent
+/// (`--restart-budget`, `--restart-backoff-seconds`). Unset: a wedged agent is only
+/// shown as Degraded, as the original did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthPolicy {
+    /// How long an agent may report itself wedged before it is restarted, e.g. `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_wedged_after: Option<String>,
 }
 
 /// Durations are strings like `5m`, `60s`, `1h 30m`.

@@ -26,6 +26,7 @@ pub mod restart;
 pub mod rotation;
 pub mod stale_token_without_container;
 pub mod token_file;
+pub mod wedged;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -402,6 +403,7 @@ pub const RULES: &[Rule] = &[
     Rule { name: "rotation", decide: rotation::rule, wake: Some(rotation::wake) },
     rule("stale-token-without-container", stale_token_without_container::rule),
     Rule { name: "heartbeat", decide: heartbeat::rule, wake: Some(heartbeat::wake) },
+    Rule { name: "wedged", decide: wedged::rule, wake: Some(wedged::wake) },
 ];
 
 /// What to do about one workspace now.
