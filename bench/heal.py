@@ -107,10 +107,13 @@ def main():
     add_common_args(ap, "heal")
     ap.add_argument("--trials", type=int, default=None, help="per case; default 20, --quick: 3")
     ap.add_argument("--cases", default="rm,rm-v,exit,token,restart")
+    ap.add_argument("--network", default=None,
+                    help="the operator's --network (default: its own bridge network; `host` as before issue 16)")
     a = ap.parse_args()
     require_bin(a.bin)
     trials = a.trials or (3 if a.quick else 20)
-    op = Operator(a.bin, ["bench"], tier=1, tag="heal", extra_args=["--heartbeat-seconds", "1"])
+    extra = ["--heartbeat-seconds", "1"] + (["--network", a.network] if a.network else [])
+    op = Operator(a.bin, ["bench"], tier=1, tag="heal", extra_args=extra)
     results, races = {}, {}
     load_start = loadavg()
     try:
