@@ -68,9 +68,13 @@ def heal_trials(op, name, trials, damage):
 def remove_node(op):
     label = "label=ai.molecule.node=" + op.instance
     ids = docker("ps", "-aq", "--filter", label, check=False).split()
+    # A claim's volume that Docker re-created without labels (a Pod container started
+    # as the claim went) is found by the names the node's containers mounted.
+    mounted = docker("inspect", "-f", "{{range .Mounts}}{{.Name}} {{end}}", *ids, check=False).split() if ids else []
     if ids:
         docker("rm", "-f", *ids, check=False)
-    for v in docker("volume", "ls", "-q", "--filter", label, check=False).split():
+    vols = docker("volume", "ls", "-q", "--filter", label, check=False).split()
+    for v in sorted(set(vols + [m for m in mounted if m.startswith("pvc-")])):
         docker("volume", "rm", "-f", v, check=False)
     for n in docker("network", "ls", "-q", "--filter", label, check=False).split():
         docker("network", "rm", n, check=False)
