@@ -460,8 +460,9 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     }
     tracing::info!(%instance, %url, state = %args.state.display(), "operator running");
     if let Some(tty) = args.progress_view() {
+        let (store, reports) = (state.store.clone(), ctx.reports.subscribe());
         let view =
-            crate::cli::progress::show(state.store.clone(), desired_rx.clone(), tty, args.log_file(), shutdown.clone());
+            crate::cli::progress::show(store, desired_rx.clone(), reports, tty, args.log_file(), shutdown.clone());
         tokio::spawn(view);
     }
     reconcile::run(

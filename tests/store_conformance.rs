@@ -672,6 +672,25 @@ mod cases {
         assert_eq!(s.raw_rows("decisions").await.len(), 4, "trimmed rows are deleted");
     }
 
+    pub async fn the_fleets_recent_decisions_come_with_their_workspace_newest_first(s: &Subject) {
+        let store = &s.store;
+        let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
+        let other = store.ensure_workspace("team-a/pm", t0()).await.unwrap();
+        store.append_decision(&ws.uid, &decision(1), 10).await.unwrap();
+        store.append_decision(&other.uid, &decision(2), 10).await.unwrap();
+        store.append_decision(&ws.uid, &decision(3), 10).await.unwrap();
+        let key = |k: &str| k.to_string();
+        assert_eq!(
+            store.recent_decisions(10).await.unwrap(),
+            [
+                (key("default/dev-lead"), decision(3)),
+                (key("team-a/pm"), decision(2)),
+                (key("default/dev-lead"), decision(1))
+            ]
+        );
+        assert_eq!(store.recent_decisions(1).await.unwrap(), [(key("default/dev-lead"), decision(3))]);
+    }
+
     pub async fn delete_workspace_revokes_tokens_and_forgets_the_record(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -941,6 +960,7 @@ conformance!(
     the_change_log_names_what_changed_but_heartbeats_and_status,
     the_sweep_reads_only_the_workspaces_it_names,
     decisions_are_kept_newest_first_and_trimmed,
+    the_fleets_recent_decisions_come_with_their_workspace_newest_first,
     agent_reports_are_written_whole_and_forgotten_with_the_workspace,
     delete_workspace_revokes_tokens_and_forgets_the_record,
     mode_override_and_restart_request_round_trip,

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ConditionStatus, Phase};
 use crate::registry::views::{self, WorkspaceSummary};
 use crate::source::desired::DesiredSet;
 use crate::store::DynStore;
+use crate::trigger::Report;
 
 /// One workspace as the view shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,10 +161,14 @@ pub fn changes(before: Option<&View>, now: &View) -> Vec<String> {
 }
 
 /// Draws the view until `shutdown`: redrawn in place on a terminal (`tty`), plain
-/// changed lines otherwise. Reads what the admin API reads, four times a second.
+/// changed lines otherwise. It reads what the admin API reads, but only when
+/// something happened: a reconcile finished (`reports`; an agent's first heartbeat
+/// queues one too) or the declarations changed, at most four times a second, and
+/// every 5 s regardless (the ages it shows move on). An idle fleet costs no reads.
 pub async fn show(
     store: DynStore,
-    desired: watch::Receiver<Arc<DesiredSet>>,
+    mut desired: watch::Receiver<Arc<DesiredSet>>,
+    mut reports: broadcast::Receiver<Report>,
     tty: bool,
     logs: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
@@ -177,8 +182,16 @@ pub async fn show(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            report = reports.recv() => if matches!(report, Err(broadcast::error::RecvError::Closed)) { return },
+            changed = desired.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        // A burst of reconciles is drawn once.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
+        reports = reports.resubscribe();
         let Ok(records) = store.list_workspaces().await else { continue };
         let set = desired.borrow().clone();
         let now = view(&views::summaries(&set, &records, Utc::now()));

@@ -135,31 +135,22 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Observed) -> Re
     }
 }
 
-/// When this replica first saw the Lease record it sees now. Any write changes the
-/// resourceVersion, so an unchanged version means nobody renewed.
+/// When this replica first saw the Lease record it sees now: its resourceVersion
+/// (every write changes it, so an unchanged one means nobody renewed) and since when.
 #[derive(Default)]
-struct Observed {
-    record: Option<String>,
-    since: Option<tokio::time::Instant>,
-}
+struct Observed(Option<(Option<String>, tokio::time::Instant)>);
 
 impl Observed {
     fn unchanged_for(&mut self, lease: Option<&Lease>) -> Duration {
-        let record = lease.map(|l| {
-            let spec = l.spec.as_ref();
-            format!(
-                "{}|{:?}|{:?}",
-                l.metadata.resource_version.as_deref().unwrap_or(""),
-                spec.and_then(|s| s.holder_identity.as_deref()),
-                spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
-            )
-        });
+        let version = lease.and_then(|l| l.metadata.resource_version.clone());
         let now = tokio::time::Instant::now();
-        if record != self.record || self.since.is_none() {
-            self.record = record;
-            self.since = Some(now);
+        match &self.0 {
+            Some((seen, since)) if *seen == version => now - *since,
+            _ => {
+                self.0 = Some((version, now));
+                Duration::ZERO
+            }
         }
-        now - self.since.unwrap_or(now)
     }
 }
 

@@ -205,9 +205,9 @@ pub(crate) async fn resume(
     done(&state, &key, "resume", Why::CliResume, message)
 }
 
+/// What `logs` asks for beside the namespace (a `NamespaceQuery` of its own).
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct LogsQuery {
-    namespace: Option<String>,
     #[serde(default)]
     follow: bool,
     tail: Option<usize>,
@@ -218,9 +218,10 @@ pub(crate) struct LogsQuery {
 pub(crate) async fn logs(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    Query(ns): Query<NamespaceQuery>,
     Query(q): Query<LogsQuery>,
 ) -> Response {
-    let key = ObjectKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
+    let key = ns.key(name.clone());
     let record = match state.store.workspace(&key.to_string()).await {
         Ok(Some(r)) => r,
         Ok(None) => return unknown(&key),

@@ -16,9 +16,6 @@ use super::AppState;
 use super::admin::store_failed;
 use crate::model::DecisionRecord;
 
-/// How many decisions of each workspace the backlog reads.
-const PER_WORKSPACE: i64 = 20;
-
 /// One decision, with the workspace it was about.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FleetEvent {
@@ -39,20 +36,12 @@ pub(crate) struct EventsQuery {
 pub(crate) async fn list(State(state): State<Arc<AppState>>, Query(q): Query<EventsQuery>) -> Response {
     // Subscribed before the backlog is read, so nothing falls between the two.
     let live = state.reports.as_ref().map(broadcast::Sender::subscribe);
-    let records = match state.store.list_workspaces().await {
-        Ok(r) => r,
+    let limit = q.limit.unwrap_or(50).min(i64::MAX as usize) as i64;
+    let mut backlog: Vec<FleetEvent> = match state.store.recent_decisions(limit).await {
+        Ok(rows) => rows.into_iter().map(|(workspace, decision)| FleetEvent { workspace, decision }).collect(),
         Err(e) => return store_failed(e),
     };
-    let mut backlog = Vec::new();
-    for r in &records {
-        match state.store.decisions(&r.uid, PER_WORKSPACE).await {
-            Ok(ds) => backlog.extend(ds.into_iter().map(|d| FleetEvent { workspace: r.key.clone(), decision: d })),
-            Err(e) => return store_failed(e),
-        }
-    }
-    backlog.sort_by(|a, b| a.decision.at.cmp(&b.decision.at).then_with(|| a.workspace.cmp(&b.workspace)));
-    let skip = backlog.len().saturating_sub(q.limit.unwrap_or(50));
-    backlog.drain(..skip);
+    backlog.reverse(); // oldest first
     if !q.watch {
         return Json(backlog).into_response();
     }

@@ -234,6 +234,9 @@ pub trait DecisionLog: Send + Sync {
     async fn append_decision(&self, uid: &str, decision: &DecisionRecord, keep_last: i64) -> StoreResult<()>;
     /// Newest first.
     async fn decisions(&self, uid: &str, limit: i64) -> StoreResult<Vec<DecisionRecord>>;
+    /// The fleet's last `limit` decisions with their workspace's key, newest first
+    /// (`events`): one query, whatever the fleet's size.
+    async fn recent_decisions(&self, limit: i64) -> StoreResult<Vec<(String, DecisionRecord)>>;
 }
 
 /// Objects of the local Kubernetes-compatible API (src/kubeapi). Every write bumps

@@ -244,6 +244,19 @@ macro_rules! sql_store {
         type D = $db;
         type DbRow = <$db as sqlx::Database>::Row;
 
+        /// A `decisions` row (`at, rule, cause, actions as text, outcome`); `whose`
+        /// names the workspace in an error.
+        fn decision_row(row: &DbRow, whose: &str) -> StoreResult<DecisionRecord> {
+            let actions: String = row.try_get("actions")?;
+            Ok(DecisionRecord {
+                at: D::read_time(row, "at")?,
+                rule: row.try_get("rule")?,
+                cause: row.try_get("cause")?,
+                actions: decode_actions(whose, &actions)?,
+                outcome: row.try_get("outcome")?,
+            })
+        }
+
         /// A record from a row; without `with_status` the row has no status column
         /// and the record's status is None.
         fn record_from_row(row: &DbRow, with_status: bool) -> StoreResult<WorkspaceRecord> {
@@ -725,16 +738,23 @@ macro_rules! sql_store {
                 .bind(limit.max(0))
                 .fetch_all(&self.pool)
                 .await?;
+                rows.iter().map(|row| decision_row(row, uid)).collect()
+            }
+
+            async fn recent_decisions(&self, limit: i64) -> StoreResult<Vec<(String, DecisionRecord)>> {
+                let rows = sqlx::query(
+                    "SELECT w.key AS key, d.at AS at, d.rule AS rule, d.cause AS cause, \
+                     CAST(d.actions AS TEXT) AS actions, d.outcome AS outcome \
+                     FROM decisions d JOIN workspaces w ON w.uid = d.workspace_uid ORDER BY d.id DESC LIMIT $1",
+                )
+                .bind(limit.max(0))
+                .fetch_all(&self.pool)
+                .await?;
                 rows.iter()
                     .map(|row| {
-                        let actions: String = row.try_get("actions")?;
-                        Ok(DecisionRecord {
-                            at: D::read_time(row, "at")?,
-                            rule: row.try_get("rule")?,
-                            cause: row.try_get("cause")?,
-                            actions: decode_actions(uid, &actions)?,
-                            outcome: row.try_get("outcome")?,
-                        })
+                        let key: String = row.try_get("key")?;
+                        let decision = decision_row(row, &key)?;
+                        Ok((key, decision))
                     })
                     .collect()
             }
