@@ -8,7 +8,6 @@ mod support;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use molecule::api::{Condition, ConditionStatus, Phase, WorkspaceStatus};
 use molecule::metrics::Metrics;
 use molecule::model::{Heartbeat, IssuedToken, RevokeReason, WorkspaceRecord};
 use molecule::registry::{self, AppState};
@@ -16,6 +15,7 @@ use molecule::source::desired::DesiredSet;
 use molecule::store::heartbeats::Coalescing;
 use molecule::store::{self, DynStore, LostHeartbeats};
 use molecule::trigger::{Request, Trigger, Why};
+use support::registry::online_status;
 use tokio::sync::{mpsc, watch};
 
 /// A store under test: its URL (to open more stores on the same database, as a
@@ -398,15 +398,6 @@ fn queued(triggers: &mut mpsc::UnboundedReceiver<Request>) -> (String, Why) {
     match triggers.try_recv() {
         Ok(Request::Reconcile { key, why, .. }) => (key, why),
         other => panic!("expected a reconcile request, got {other:?}"),
-    }
-}
-
-fn online_status() -> WorkspaceStatus {
-    WorkspaceStatus {
-        phase: Phase::Running,
-        incarnation: 1,
-        conditions: vec![Condition::new("AgentOnline", ConditionStatus::True, "Heartbeating", "", Utc::now())],
-        ..Default::default()
     }
 }
 

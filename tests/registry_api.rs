@@ -3,6 +3,8 @@
 //!
 //! The store is the real SQLite store, in a temp dir per test.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -11,10 +13,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use molecule::api::effective::{Defaults, resolve};
-use molecule::api::{
-    Condition, ConditionStatus, ObjectKey, OperatingMode, Phase, SourceRef, Team, TeamSpec, WorkspaceSpec,
-    WorkspaceStatus,
-};
+use molecule::api::{ConditionStatus, ObjectKey, OperatingMode, Phase, SourceRef, Team, TeamSpec, WorkspaceSpec};
 use molecule::cli::{self, ClientArgs, ClientCommand, DescribeArgs, GetArgs, GetKind, OutputFormat, VerbArgs};
 use molecule::metrics::Metrics;
 use molecule::model::{DecisionRecord, IssuedToken, RevokeReason, WorkspaceRecord};
@@ -23,6 +22,7 @@ use molecule::registry::{self, AppState};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
 use molecule::store::{DynStore, token};
 use molecule::trigger::{Request, Trigger};
+use support::registry::*;
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -36,14 +36,6 @@ fn declared(name: &str, spec: WorkspaceSpec) -> DesiredWorkspace {
         conflict: None,
         owner_team: None,
         deletion_refused: None,
-    }
-}
-
-fn desired_set(workspaces: Vec<DesiredWorkspace>) -> DesiredSet {
-    DesiredSet {
-        workspaces: workspaces.into_iter().map(|w| (w.key.clone(), w)).collect(),
-        complete: true,
-        ..Default::default()
     }
 }
 
@@ -141,15 +133,6 @@ impl Harness {
 
     fn client(&self) -> ClientArgs {
         ClientArgs { state: self.state_dir.path().into(), server: None }
-    }
-}
-
-fn online_status() -> WorkspaceStatus {
-    WorkspaceStatus {
-        phase: Phase::Running,
-        incarnation: 1,
-        conditions: vec![Condition::new("AgentOnline", ConditionStatus::True, "Heartbeating", "", Utc::now())],
-        ..Default::default()
     }
 }
 

@@ -8,6 +8,8 @@
 //! function, tested in src/status/workspace.rs and src/rules/agent_health.rs; here we
 //! check that what the runtime sends is kept and queues the reconcile that shows it.
 
+mod support;
+
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -15,13 +17,14 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use molecule::api::effective::{Defaults, resolve};
-use molecule::api::{Condition, ConditionStatus, ObjectKey, Phase, SourceRef, WorkspaceSpec, WorkspaceStatus};
+use molecule::api::{ObjectKey, SourceRef, WorkspaceSpec};
 use molecule::metrics::Metrics;
 use molecule::model::{IssuedToken, WorkspaceRecord};
 use molecule::registry::{self, AppState};
 use molecule::source::desired::{DesiredSet, DesiredWorkspace};
 use molecule::store::DynStore;
 use molecule::trigger::{Request, Trigger};
+use support::registry::*;
 
 /// The org of these tests, in namespace `default`:
 /// ```text
@@ -42,11 +45,7 @@ fn org() -> DesiredSet {
         deletion_refused: None,
     };
     let all = [ws("pm", None), ws("dev", Some("pm")), ws("qa", Some("pm")), ws("cto", None), ws("ops", Some("cto"))];
-    DesiredSet {
-        workspaces: all.into_iter().map(|w| (w.key.clone(), w)).collect(),
-        complete: true,
-        ..Default::default()
-    }
+    desired_set(all)
 }
 
 struct Registry {
@@ -130,15 +129,6 @@ impl Registry {
             out.push((key, why.as_str()));
         }
         out
-    }
-}
-
-fn online_status() -> WorkspaceStatus {
-    WorkspaceStatus {
-        phase: Phase::Running,
-        incarnation: 1,
-        conditions: vec![Condition::new("AgentOnline", ConditionStatus::True, "Heartbeating", "", Utc::now())],
-        ..Default::default()
     }
 }
 

@@ -8,3 +8,4 @@ pub mod mockapi;
 pub mod operator;
 pub mod postgres;
 pub mod proxy;
+pub mod registry;
