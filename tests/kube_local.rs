@@ -37,6 +37,25 @@ fn kubectl_drives_real_containers_through_the_operators_own_api() {
     let describe = k.ok(&["describe", "ws", "pm"]);
     assert!(describe.contains("Provisioned"), "an Event for the decision:\n{describe}");
 
+    // What the agent itself reports shows as Events: once when it turns unhealthy
+    // (with its error), once when it recovers (heartbeats as an original runtime sends).
+    let pm = ws["pm"]["container"]["id"].as_str().unwrap();
+    let (token, _, _) = read_token(pm).expect("pm's token");
+    let beat = |rate: f64| {
+        let body =
+            serde_json::json!({"workspace_id": ws["pm"]["uid"], "error_rate": rate, "sample_error": "upstream 502"});
+        registry_json(&op.url(), "/registry/heartbeat", &token, &body.to_string())
+    };
+    let events = || k.ok(&["get", "events", "--field-selector", "involvedObject.name=pm", "-o", "json"]);
+    wait_until("an AgentUnhealthy Event naming the error", CONVERGE, || {
+        assert_eq!(beat(0.9), 200);
+        events().contains("AgentUnhealthy") && events().contains("upstream 502")
+    });
+    wait_until("an AgentRecovered Event", CONVERGE, || {
+        assert_eq!(beat(0.0), 200);
+        events().contains("AgentRecovered")
+    });
+
     // patch: pause and resume the real container.
     let id = ws["qa"]["container"]["id"].as_str().unwrap().to_string();
     k.ok(&["patch", "ws", "qa", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#]);

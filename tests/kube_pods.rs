@@ -207,3 +207,54 @@ fn a_rotation_reaches_the_agent_through_its_secret_with_no_refusal() {
     assert_eq!(ws["dev"]["incarnation"].as_i64(), Some(1), "a rotation restarts nothing");
     assert_eq!(refused(&op), refusals, "the agent was never refused across the rotations");
 }
+
+/// The agent's file at `path` under /configs of the Pod `pod_uid`, read from its
+/// container on the local node.
+fn config_file(pod_uid: &str, path: &str) -> Option<String> {
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=io.kubernetes.pod.uid={pod_uid}"),
+        "--filter",
+        "label=io.kubernetes.container.name=agent",
+    ]);
+    let id = ids.lines().next()?;
+    let out = std::process::Command::new("docker").args(["cp", &format!("{id}:/configs/{path}"), "-"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut archive = tar::Archive::new(&out.stdout[..]);
+    let mut entry = archive.entries().ok()?.next()?.ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut text).ok()?;
+    Some(text)
+}
+
+#[test]
+fn config_files_are_in_configs_when_the_agent_starts_and_an_edit_is_a_new_pod() {
+    if !docker_available() {
+        return;
+    }
+    let (op, k) = start("podsfiles", &[]);
+    let files =
+        |prompt: &str| format!(", configFiles: {{system-prompt.md: '{prompt}', skills/build/SKILL.md: '# Build'}}");
+    apply(&k, &workspace("dev", &files("You lead the team.")));
+    let (ws, _) = online_past(&op, &k, "dev", 0);
+    let pod_name = ws["dev"]["container"]["name"].as_str().unwrap().to_string();
+    let pod_uid = ws["dev"]["container"]["id"].as_str().unwrap().to_string();
+    assert_eq!(config_file(&pod_uid, "system-prompt.md").as_deref(), Some("You lead the team."));
+    assert_eq!(config_file(&pod_uid, "skills/build/SKILL.md").as_deref(), Some("# Build"));
+    let secret = json(&k, &["secret", &format!("{pod_name}-files")]).expect("the files Secret");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "Workspace");
+
+    // An edit is spec drift: a new Pod with the new text.
+    apply(&k, &workspace("dev", &files("You review.")));
+    let (ws, _) = online_past(&op, &k, "dev", 1);
+    let pod_uid = ws["dev"]["container"]["id"].as_str().unwrap().to_string();
+    assert_eq!(config_file(&pod_uid, "system-prompt.md").as_deref(), Some("You review."));
+
+    // Deleting the Workspace removes the files Secret with the rest.
+    k.ok(&["delete", "ws", "dev"]);
+    wait_until("the files Secret removed", HEAL, || json(&k, &["secret", &format!("{pod_name}-files")]).is_none());
+}

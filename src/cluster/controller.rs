@@ -24,6 +24,7 @@ use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::events::Health;
 use super::source::{GuardedTeam, GuardedWorkspace, SentMap, key_of};
 use super::{Error, FIELD_MANAGER, FINALIZER, Options, SOURCE_NAME};
 use crate::api::{
@@ -75,7 +76,7 @@ struct Member {
 #[derive(Clone, Debug)]
 struct Written {
     status: serde_json::Value,
-    phase: Phase,
+    health: Health,
 }
 
 impl ControllerContext {
@@ -158,8 +159,8 @@ impl ControllerContext {
         (*g == generation).then(|| RESYNC.checked_sub(at.elapsed())).flatten().filter(|left| !left.is_zero())
     }
 
-    fn last_phase(&self, key: &ObjectKey) -> Option<Phase> {
-        self.written.lock().ok()?.get(key).map(|w| w.phase)
+    fn last_health(&self, key: &ObjectKey) -> Option<Health> {
+        self.written.lock().ok()?.get(key).map(|w| w.health)
     }
 
     /// Writes the status whole by server-side apply, unless it is what was last written.
@@ -179,7 +180,7 @@ impl ControllerContext {
             .patch_status(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
             .await?;
         if let Ok(mut w) = self.written.lock() {
-            w.insert(key.clone(), Written { status: value, phase: status.phase });
+            w.insert(key.clone(), Written { status: value, health: Health::of(&status) });
         }
         Ok(())
     }
@@ -247,7 +248,7 @@ impl ControllerContext {
     async fn workspace_report(&self, key: &ObjectKey, obj: &GuardedWorkspace, report: &Report) {
         let key = key.clone();
         let reference = obj.object_ref(&());
-        for ev in super::events::events_for(report, self.last_phase(&key)) {
+        for ev in super::events::events_for(report, self.last_health(&key)) {
             if let Err(e) = self.recorder.publish(&ev, &reference).await {
                 tracing::warn!(workspace = %key, reason = %ev.reason, error = %e, "cannot publish event");
             }

@@ -1,14 +1,31 @@
-//! Which Kubernetes Events a reconcile's decisions make: the ones a user should see
-//! (Provisioned, Recreated, TokenRevoked, Healed, Degraded, ...), as a pure function.
+//! Which Kubernetes Events a reconcile makes: its decisions the user should see
+//! (Provisioned, Recreated, TokenRevoked, Healed, ...) and the agent's health changing
+//! (AgentUnhealthy, AgentRecovered, Degraded), as a pure function.
 
 use kube::runtime::events::{Event, EventType};
 
-use crate::api::Phase;
+use crate::api::condition::{ConditionStatus, find};
+use crate::api::{Phase, WorkspaceStatus};
 use crate::trigger::Report;
 
-/// Events for one finished reconcile. `previous_phase` is the phase last written for
-/// the workspace: Degraded is announced once, when it is entered.
-pub fn events_for(report: &Report, previous_phase: Option<Phase>) -> Vec<Event> {
+/// What the status last written for a workspace said of its health: a change is
+/// announced once, when it happens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Health {
+    pub phase: Phase,
+    /// The AgentHealthy condition's status, when there is one.
+    pub agent_healthy: Option<ConditionStatus>,
+}
+
+impl Health {
+    pub fn of(status: &WorkspaceStatus) -> Self {
+        Self { phase: status.phase, agent_healthy: find(&status.conditions, "AgentHealthy").map(|c| c.status) }
+    }
+}
+
+/// Events for one finished reconcile, given the health last written (None: nothing
+/// written yet).
+pub fn events_for(report: &Report, previous: Option<Health>) -> Vec<Event> {
     let mut out = Vec::new();
     let incarnation = report.status.as_ref().map_or(0, |s| s.incarnation);
     for d in &report.decisions {
@@ -41,11 +58,23 @@ pub fn events_for(report: &Report, previous_phase: Option<Phase>) -> Vec<Event> 
             }
         }
     }
-    if let Some(st) = &report.status
-        && st.phase == Phase::Degraded
-        && previous_phase != Some(Phase::Degraded)
-    {
-        let why = crate::api::condition::find(&st.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default();
+    let Some(st) = &report.status else { return out };
+    // The agent's own report (error rate, sample error, wedged), as the original
+    // platform's `degraded` and back: when the AgentHealthy condition flips.
+    let (was, is) = (previous.and_then(|p| p.agent_healthy), Health::of(st).agent_healthy);
+    let agent = find(&st.conditions, "AgentHealthy").map(|c| c.message.clone()).unwrap_or_default();
+    match (was, is) {
+        (Some(ConditionStatus::False), Some(ConditionStatus::False)) => {}
+        (_, Some(ConditionStatus::False)) => out.push(event("AgentUnhealthy", "agent-health", agent, true)),
+        (Some(ConditionStatus::False), Some(ConditionStatus::True)) => {
+            out.push(event("AgentRecovered", "agent-health", agent, false))
+        }
+        _ => {}
+    }
+    // Degraded for any other cause (a container restarting in a loop, ...).
+    let announced = out.iter().any(|e| e.reason == "AgentUnhealthy");
+    if st.phase == Phase::Degraded && previous.map(|p| p.phase) != Some(Phase::Degraded) && !announced {
+        let why = find(&st.conditions, "Ready").map(|c| c.message.clone()).unwrap_or_default();
         out.push(event("Degraded", "status", why, true));
     }
     out
@@ -87,6 +116,10 @@ mod tests {
         }
     }
 
+    fn was(phase: Phase, agent_healthy: Option<ConditionStatus>) -> Health {
+        Health { phase, agent_healthy }
+    }
+
     fn reasons(events: &[Event]) -> Vec<&str> {
         events.iter().map(|e| e.reason.as_str()).collect()
     }
@@ -104,7 +137,7 @@ mod tests {
                 &["revoked 1 token: container-missing", "created container ws-1"],
             )],
         );
-        let ev = events_for(&healed, Some(Phase::Running));
+        let ev = events_for(&healed, Some(was(Phase::Running, None)));
         assert_eq!(reasons(&ev), ["Recreated", "TokenRevoked"]);
         assert_eq!(ev[1].note.as_deref(), Some("revoked 1 token: container-missing"));
         assert_eq!(ev[0].type_, EventType::Normal);
@@ -122,10 +155,36 @@ mod tests {
         );
         assert_eq!(reasons(&events_for(&r, None)), ["TokenRevoked"]);
         let degraded = report(3, Phase::Degraded, vec![]);
-        let ev = events_for(&degraded, Some(Phase::Running));
+        let ev = events_for(&degraded, Some(was(Phase::Running, None)));
         assert_eq!(reasons(&ev), ["Degraded"]);
         assert_eq!(ev[0].type_, EventType::Warning);
-        assert!(events_for(&degraded, Some(Phase::Degraded)).is_empty());
+        assert!(events_for(&degraded, Some(was(Phase::Degraded, None))).is_empty());
+    }
+
+    /// A report of an agent whose AgentHealthy condition is `status` with `message`.
+    fn agent(phase: Phase, status: ConditionStatus, message: &str) -> Report {
+        let mut r = report(2, phase, vec![]);
+        let st = r.status.as_mut().unwrap();
+        st.conditions.push(crate::api::Condition::new("AgentHealthy", status, "Reported", message, chrono::Utc::now()));
+        r
+    }
+
+    #[test]
+    fn an_agent_turning_unhealthy_and_back_is_announced_once_each_way_with_what_it_reported() {
+        let sick = agent(Phase::Degraded, ConditionStatus::False, "error rate 0.90: sample error: upstream 502");
+        let ev = events_for(&sick, Some(was(Phase::Running, Some(ConditionStatus::True))));
+        assert_eq!(reasons(&ev), ["AgentUnhealthy"], "not a second Degraded event for the same change");
+        assert_eq!(ev[0].type_, EventType::Warning);
+        assert!(ev[0].note.as_deref().unwrap().contains("upstream 502"));
+        // Still unhealthy: nothing new.
+        assert!(events_for(&sick, Some(Health::of(sick.status.as_ref().unwrap()))).is_empty());
+        // Unhealthy from the first status ever written: announced.
+        assert_eq!(reasons(&events_for(&sick, None)), ["AgentUnhealthy"]);
+        let well = agent(Phase::Running, ConditionStatus::True, "error rate 0.02");
+        let ev = events_for(&well, Some(Health::of(sick.status.as_ref().unwrap())));
+        assert_eq!(reasons(&ev), ["AgentRecovered"]);
+        assert_eq!(ev[0].type_, EventType::Normal);
+        assert!(events_for(&well, Some(Health::of(well.status.as_ref().unwrap()))).is_empty());
     }
 
     #[test]

@@ -563,12 +563,16 @@ pub fn overwrite_token(container: &str, content: &str) {
     assert!(child.wait().unwrap().success(), "docker cp into {container} failed");
 }
 
-/// POSTs to the registry; returns the HTTP status.
+/// POSTs `{"workspace_id": uid}` to the registry; returns the HTTP status.
 pub fn registry(url: &str, path: &str, token: &str, uid: &str) -> u16 {
-    let body = format!("{{\"workspace_id\":\"{uid}\"}}");
+    registry_json(url, path, token, &format!("{{\"workspace_id\":\"{uid}\"}}"))
+}
+
+/// POSTs a JSON body to the registry, as an agent; returns the HTTP status.
+pub fn registry_json(url: &str, path: &str, token: &str, body: &str) -> u16 {
     let out = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json"])
-        .args(["-H", &format!("Authorization: Bearer {token}"), "--data", &body, &format!("{url}{path}")])
+        .args(["-H", &format!("Authorization: Bearer {token}"), "--data", body, &format!("{url}{path}")])
         .output()
         .expect("curl runs");
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)

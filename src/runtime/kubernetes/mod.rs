@@ -7,13 +7,18 @@
 //! How the `Runtime` calls map:
 //! - a container is a Pod (its id the Pod's uid, its name `ws-<12>`); `create` makes
 //!   the Pod, which starts by itself once its token Secret exists, so `start` does
-//!   nothing; `remove` deletes it at once (grace 0) and waits until the name is free;
+//!   nothing; `remove` deletes it at once (grace 0) with its token and files Secrets
+//!   (a next Pod of the name must not start on a revoked token) and waits until the
+//!   name is free;
 //! - the token "file" is the Secret `ws-<12>-token` (key `token`), mounted read-only
 //!   into the Pod, where the agent reads `MOLECULE_TOKEN_FILE`: writing the token
 //!   creates or replaces the Secret, and the kubelet updates the mounted file, so a
 //!   rotation needs no restart;
 //! - the config volume is the claim `ws-<12>-configs`; removing it also removes the
-//!   token Secret (both belong to the workspace, not one incarnation);
+//!   token and files Secrets (a paused workspace keeps its claim, not its Pod);
+//! - the config files (`spec.configFiles`) are the Secret `ws-<12>-files`, each key
+//!   mounted read-only at its path in `/configs`; the Pod waits for it as for its
+//!   token;
 //! - there is no freezer: `pause` is refused (the rules remove the Pod instead);
 //! - images are the node's to pull: a Pod that cannot get its image shows as Waiting
 //!   with the kubelet's reason;
@@ -42,7 +47,8 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use self::objects::{
-    ClaimSeen, TOKEN_KEY, config_claim, container_info, pod_claim, split_key, token_secret, token_secret_name,
+    ClaimSeen, TOKEN_KEY, config_claim, container_info, files_secret, files_secret_name, pod_claim, split_key,
+    token_secret, token_secret_name,
 };
 use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult, Watched};
 use crate::api::ImagePullPolicy;
@@ -127,6 +133,17 @@ impl KubeRuntime {
         Some(owner)
     }
 
+    /// Creates or replaces (server-side apply) a Secret beside `pod`.
+    async fn apply_secret(&self, pod: &Pod, secret: Secret, what: &str) -> RuntimeResult<()> {
+        let ns = pod.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let name = secret.name_any();
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+            .await
+            .map_err(|e| kube_error(format!("writing {what} {ns}/{name}"), e))?;
+        Ok(())
+    }
+
     /// Waits until `get` finds nothing (a deleted object's name is free again).
     async fn wait_gone<K>(&self, api: &Api<K>, name: &str) -> RuntimeResult<()>
     where
@@ -209,10 +226,13 @@ impl Runtime for KubeRuntime {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
         ignore_missing(claims.delete(name, &DeleteParams::background()).await.map(|_| ()))
             .map_err(|e| kube_error(format!("deleting PersistentVolumeClaim {ns}/{name}"), e))?;
-        let secret = token_secret_name(name.trim_end_matches("-configs"));
+        let pod = name.trim_end_matches("-configs");
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        ignore_missing(secrets.delete(&secret, &DeleteParams::background()).await.map(|_| ()))
-            .map_err(|e| kube_error(format!("deleting Secret {ns}/{secret}"), e))
+        for secret in [token_secret_name(pod), files_secret_name(pod)] {
+            ignore_missing(secrets.delete(&secret, &DeleteParams::background()).await.map(|_| ()))
+                .map_err(|e| kube_error(format!("deleting Secret {ns}/{secret}"), e))?;
+        }
+        Ok(())
     }
 
     async fn ensure_image(&self, _image: &str, _policy: ImagePullPolicy) -> RuntimeResult<()> {
@@ -263,6 +283,14 @@ impl Runtime for KubeRuntime {
         let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::background() };
         ignore_missing(api.delete(&name, &params).await.map(|_| ()))
             .map_err(|e| kube_error(format!("deleting Pod {ns}/{name}"), e))?;
+        // Its token and files go with it: a next Pod of that name must not start on
+        // what they hold now (a revoked token, the files of the old spec) before they
+        // are rewritten, as a kubelet may take a minute to update a mounted Secret.
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        for secret in [token_secret_name(&name), files_secret_name(&name)] {
+            ignore_missing(secrets.delete(&secret, &DeleteParams::background()).await.map(|_| ()))
+                .map_err(|e| kube_error(format!("deleting Secret {ns}/{secret}"), e))?;
+        }
         self.wait_gone(&api, &name).await
     }
 
@@ -273,14 +301,26 @@ impl Runtime for KubeRuntime {
             )));
         }
         let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
-        let secret = token_secret(&pod, content);
-        let ns = pod.namespace().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        let name = secret.name_any();
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
-            .await
-            .map_err(|e| kube_error(format!("writing the token Secret {ns}/{name}"), e))?;
-        Ok(())
+        self.apply_secret(&pod, token_secret(&pod, content), "the token Secret").await
+    }
+
+    async fn write_files(
+        &self,
+        id: &str,
+        dir: &str,
+        files: &BTreeMap<String, String>,
+        _mode: u32,
+    ) -> RuntimeResult<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        if dir.trim_end_matches('/') != CONFIGS_DIR {
+            return Err(RuntimeError::Kubernetes(format!(
+                "the Kubernetes runtime writes config files only into {CONFIGS_DIR}, not {dir}"
+            )));
+        }
+        let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
+        self.apply_secret(&pod, files_secret(&pod, files), "the config files Secret").await
     }
 
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>> {

@@ -50,6 +50,19 @@ pub fn token_secret_name(pod: &str) -> String {
     format!("{pod}-token")
 }
 
+/// The Secret holding the config files (`spec.configFiles`) of the Pod named `pod`
+/// (`ws-<12>-files`): a Secret, not a ConfigMap, because `${VAR}` may have put
+/// secrets into them.
+pub fn files_secret_name(pod: &str) -> String {
+    format!("{pod}-files")
+}
+
+/// The key of the `i`-th config file (in path order) in the files Secret: a key
+/// cannot hold `/`, so the Pod mounts each key at its path.
+fn file_key(i: usize) -> String {
+    format!("file-{i}")
+}
+
 /// `namespace/name` split, for the workspace key a spec's labels carry.
 pub fn split_key(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("default", key))
@@ -146,6 +159,29 @@ pub fn pod(spec: &ContainerSpec, owner: Option<&OwnerReference>) -> Result<Pod, 
             ..Volume::default()
         },
     ];
+    if !spec.config_files.is_empty() {
+        // Each file mounted at its path in /configs, read-only, from the files Secret:
+        // the Pod starts once the Secret is there, so the agent finds its files at
+        // once, as in Docker mode. A change to them changes the spec: a new Pod.
+        for (i, path) in spec.config_files.keys().enumerate() {
+            mounts.push(VolumeMount {
+                name: "files".into(),
+                mount_path: format!("{CONFIGS_DIR}/{path}"),
+                sub_path: Some(file_key(i)),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+        volumes.push(Volume {
+            name: "files".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(files_secret_name(&spec.name)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     if let Some(bytes) = spec.tmp_tmpfs_bytes {
         mounts.push(VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() });
         volumes.push(Volume {
@@ -238,20 +274,35 @@ pub fn config_claim(
 
 /// The token Secret of the Pod `pod` (labelled like it, so it is found and watched).
 pub fn token_secret(pod: &Pod, token: &[u8]) -> Secret {
+    let keep = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID];
+    let data = BTreeMap::from([(TOKEN_KEY.to_string(), ByteString(token.to_vec()))]);
+    pod_secret(pod, token_secret_name(pod.metadata.name.as_deref().unwrap_or_default()), &keep, data)
+}
+
+/// The files Secret of the Pod `pod`, holding `files` (path -> content) under the
+/// keys its mounts name. Without the workspace uid label: the runtime's watch reads
+/// a change to a labelled Secret as a change to the token.
+pub fn files_secret(pod: &Pod, files: &BTreeMap<String, String>) -> Secret {
+    let keep = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE];
+    let data = files.values().enumerate().map(|(i, text)| (file_key(i), ByteString(text.as_bytes().to_vec())));
+    pod_secret(pod, files_secret_name(pod.metadata.name.as_deref().unwrap_or_default()), &keep, data.collect())
+}
+
+/// A Secret beside the Pod `pod`, with the Pod's labels in `keep` and its owner.
+fn pod_secret(pod: &Pod, name: String, keep: &[&str], data: BTreeMap<String, ByteString>) -> Secret {
     let labels: BTreeMap<String, String> = pod
         .metadata
         .labels
         .iter()
         .flatten()
-        .filter(|(k, _)| [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID].contains(&k.as_str()))
+        .filter(|(k, _)| keep.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let name = token_secret_name(pod.metadata.name.as_deref().unwrap_or_default());
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     Secret {
         metadata: meta(&name, namespace, labels, pod.metadata.owner_references.as_ref().and_then(|o| o.first())),
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), ByteString(token.to_vec()))])),
+        data: Some(data),
         ..Secret::default()
     }
 }
@@ -473,6 +524,32 @@ mod tests {
     fn a_tier_1_workspace_has_a_read_only_root_and_a_memory_tmp() {
         let cs = rendered(WorkspaceSpec { tier: Some(1), ..Default::default() });
         fixture("pod-tier1.yaml", &pod(&cs, None).unwrap());
+    }
+
+    #[test]
+    fn config_files_are_a_secret_mounted_file_by_file_into_configs() {
+        let files = BTreeMap::from([
+            ("system-prompt.md".to_string(), "You lead the team.".to_string()),
+            ("skills/build/SKILL.md".to_string(), "# Build".to_string()),
+        ]);
+        let cs = rendered(WorkspaceSpec { tier: Some(2), config_files: files.clone(), ..Default::default() });
+        let p = pod(&cs, Some(&owner())).unwrap();
+        fixture("pod-config-files.yaml", &p);
+        let secret = files_secret(&p, &files);
+        fixture("secret-config-files.yaml", &secret);
+        // Each mount's key holds the file of its path.
+        let mounts = p.spec.as_ref().unwrap().containers[0].volume_mounts.clone().unwrap();
+        let data = secret.data.unwrap();
+        for (path, text) in &files {
+            let m = mounts.iter().find(|m| m.mount_path == format!("/configs/{path}")).expect("a mount per file");
+            assert_eq!(m.read_only, Some(true));
+            assert_eq!(data[m.sub_path.as_deref().unwrap()].0, text.as_bytes());
+        }
+        // Not labelled with the workspace uid: the watch reads such Secrets as tokens.
+        assert!(!secret.metadata.labels.unwrap().contains_key(labels::UID));
+        // No files, no volume.
+        let plain = pod(&rendered(WorkspaceSpec::default()), None).unwrap();
+        assert!(plain.spec.unwrap().volumes.unwrap().iter().all(|v| v.name != "files"));
     }
 
     #[test]
