@@ -105,7 +105,7 @@ fn a_workspace_becomes_a_pod_claim_and_secret_and_every_break_heals() {
     assert_ne!(token2, token);
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &token, &uid), 401, "the old token is refused");
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &token2, &uid), 200);
-    assert!(decisions(&op, "dev").contains("no container"));
+    assert!(decisions(&op, "dev").contains("the Pod is being deleted"), "{}", decisions(&op, "dev"));
 
     // Token Secret deleted: reissued into the same Pod, no new incarnation.
     let incarnation = ws["dev"]["incarnation"].as_i64().unwrap();

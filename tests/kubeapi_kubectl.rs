@@ -506,6 +506,10 @@ async fn kube_rs_lists_watches_patches_status_and_finalizers() {
     assert_eq!(renewed.spec.unwrap().holder_identity.as_deref(), Some("b"));
     let stale = leases.replace("molecule-operator", &PostParams::default(), &created).await;
     assert!(matches!(stale, Err(kube::Error::Api(ref s)) if s.code == 409), "{stale:?}");
+    // kubectl finds them (discovery lists coordination.k8s.io), to see who leads.
+    let out = server.ok(&["get", "lease", "molecule-operator", "-o", "jsonpath={.spec.holderIdentity}"]).await;
+    assert_eq!(out.trim(), "b");
+    assert!(server.ok(&["api-resources", "--api-group=coordination.k8s.io"]).await.contains("leases"));
     // The watcher is still connected: shutting down ends its watch instead of waiting for it.
     server.stop().await;
     watching.abort();

@@ -858,3 +858,42 @@ fn logs_prints_the_agents_output_and_follow_keeps_printing() {
         String::from_utf8_lossy(&missing.stderr)
     );
 }
+
+/// A runtime that reports itself wedged (as the original platform's runtimes do) is
+/// shown Degraded, and with `healthPolicy.restartWedgedAfter` restarted once the
+/// wedge outlasts the grace: a new container and token, the cause in the decision.
+#[test]
+fn a_runtime_wedged_past_its_grace_is_restarted_by_the_health_policy() {
+    if !docker_available() {
+        return;
+    }
+    let mut op = Op::new("wedged");
+    op.write(
+        "dev.yaml",
+        &workspace_yaml("dev").replace("spec:\n", "spec:\n  healthPolicy: {restartWedgedAfter: 3s}\n"),
+    );
+    op.start();
+    let ws = op.wait_online(&["dev"], Duration::from_secs(60));
+    let cid = ws["dev"]["container"]["id"].as_str().unwrap().to_string();
+    let (token, _, _) = read_token(&cid).expect("dev's token");
+    let body = serde_json::json!({"workspace_id": ws["dev"]["uid"], "runtime_state": "wedged",
+        "sample_error": "tool call never returned"});
+    // The built-in agent's own heartbeats carry no runtime_state: the wedge stays.
+    assert_eq!(registry_json(&op.url(), "/registry/heartbeat", &token, &body.to_string()), 200);
+    let ws = op.wait("dev shown Degraded", Duration::from_secs(30), |ws| {
+        ws["dev"]["phase"] == "Degraded" || ws["dev"]["incarnation"].as_i64() > Some(1)
+    });
+    if ws["dev"]["incarnation"].as_i64() == Some(1) {
+        let healthy = ws["dev"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "AgentHealthy");
+        assert!(healthy.is_some_and(|c| c["status"] == "False"), "{}", ws["dev"]);
+    }
+    let ws = op.wait("dev restarted past the grace", Duration::from_secs(60), |ws| {
+        ws["dev"]["incarnation"].as_i64() == Some(2) && online(&ws["dev"])
+    });
+    assert_ne!(ws["dev"]["container"]["id"].as_str(), Some(cid.as_str()), "a new container");
+    assert!(ws["dev"]["lastRestartReason"].as_str().unwrap_or_default().contains("wedged"), "{}", ws["dev"]);
+    assert_ne!(ws["dev"]["phase"], "Degraded", "the new incarnation's agent has not reported a wedge");
+    assert_eq!(registry_json(&op.url(), "/registry/heartbeat", &token, &body.to_string()), 401, "the old token");
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
+    assert!(describe.contains("healthPolicy.restartWedgedAfter"), "{describe}");
+}

@@ -98,8 +98,38 @@ fn group_json() -> Value {
     json!({"name": GROUP, "versions": [version.clone()], "preferredVersion": version})
 }
 
+/// coordination.k8s.io, for the Leases of leader election (leases.rs).
+const COORDINATION: &str = "coordination.k8s.io";
+
+fn coordination_json() -> Value {
+    let version = json!({"groupVersion": format!("{COORDINATION}/v1"), "version": "v1"});
+    json!({"name": COORDINATION, "versions": [version.clone()], "preferredVersion": version})
+}
+
 pub fn groups() -> Response {
-    json_response(200, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_json()]}))
+    json_response(
+        200,
+        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_json(), coordination_json()]}),
+    )
+}
+
+/// `/apis/coordination.k8s.io`.
+pub fn coordination_group() -> Response {
+    let mut group = coordination_json();
+    group["kind"] = json!("APIGroup");
+    group["apiVersion"] = json!("v1");
+    json_response(200, &group)
+}
+
+/// `/apis/coordination.k8s.io/v1`: Leases (namespaced; no watch is served).
+pub fn coordination_resources() -> Response {
+    let lease = json!({"name": "leases", "singularName": "lease", "namespaced": true, "kind": "Lease",
+        "verbs": ["create", "delete", "get", "list", "patch", "update"]});
+    json_response(
+        200,
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{COORDINATION}/v1"),
+            "resources": [lease]}),
+    )
 }
 
 pub fn group() -> Response {

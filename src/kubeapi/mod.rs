@@ -522,6 +522,8 @@ async fn dispatch(
         }
         (Method::GET, ["apis"]) => Ok(discovery::groups()),
         (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),
+        (Method::GET, ["apis", "coordination.k8s.io"]) => Ok(discovery::coordination_group()),
+        (Method::GET, ["apis", "coordination.k8s.io", "v1"]) => Ok(discovery::coordination_resources()),
         (Method::GET, ["apis", g, v]) if *g == GROUP && *v == VERSION => Ok(discovery::resources()),
         (Method::GET, ["openapi", "v3"]) => Ok(discovery::openapi_index(&api)),
         (Method::GET, ["openapi", "v3", "apis", g, v]) if *g == GROUP && *v == VERSION => {

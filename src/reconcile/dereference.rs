@@ -140,9 +140,14 @@ fn resolve(
             }
         }
         s.env.extend(secrets.env);
-        let env: std::collections::BTreeMap<String, String> =
-            s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let missing = missing_required(&s.required_env, &env);
+        let missing = match s.required_env.is_empty() {
+            true => Vec::new(),
+            false => {
+                let env: std::collections::BTreeMap<String, String> =
+                    s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                missing_required(&s.required_env, &env)
+            }
+        };
         if !missing.is_empty() {
             let why = missing_message(&missing);
             hold = Some(match hold.take() {

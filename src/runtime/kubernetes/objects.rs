@@ -389,8 +389,11 @@ pub fn container_info(pod: &Pod, claim: ClaimSeen) -> Option<ContainerInfo> {
 
 /// The state of a Pod as a container state, and why.
 fn pod_state(pod: &Pod, claim_deleting: bool) -> (ContainerState, Option<String>) {
+    // Terminating: on its way out, whatever its containers do in their grace period.
+    // Dead, so it is replaced now (its token revoked, the Pod deleted at once to free
+    // its name), as a ReplicaSet replaces a terminating Pod, not when it is gone.
     if pod.metadata.deletion_timestamp.is_some() {
-        return (ContainerState::Removing, Some("the Pod is being deleted".into()));
+        return (ContainerState::Dead, Some("the Pod is being deleted".into()));
     }
     let claim = pod_claim(pod);
     if claim_deleting {
@@ -628,6 +631,15 @@ mod tests {
         let deleting = container_info(&pod_with_status(cases[0].0), ClaimSeen::Deleting).unwrap();
         assert_eq!(deleting.state, ContainerState::Dead);
         assert!(deleting.detail.unwrap().contains("is being deleted"));
+        let mut terminating = pod_with_status(cases[0].0);
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let info = container_info(&terminating, ClaimSeen::Bound).unwrap();
+        assert_eq!(
+            (info.state, info.detail.as_deref()),
+            (ContainerState::Dead, Some("the Pod is being deleted")),
+            "a terminating Pod is replaced at once, not waited for"
+        );
     }
 
     #[test]
