@@ -648,8 +648,14 @@ mod cases {
             wedged_since: Some(t0()),
             ..Default::default()
         };
+        let (record, none) = store.workspace_with_report("default/dev-lead").await.unwrap().unwrap();
+        assert_eq!((record, none), (ws.clone(), None), "the record, with no report yet");
         store.save_agent_report(&ws.uid, &first).await.unwrap();
         assert_eq!(store.agent_report(&ws.uid).await.unwrap(), Some(first.clone()));
+        // What a reconcile reads: the record and its report in one query.
+        let (record, report) = store.workspace_with_report("default/dev-lead").await.unwrap().unwrap();
+        assert_eq!((record.uid.as_str(), report), (ws.uid.as_str(), Some(first.clone())));
+        assert_eq!(store.workspace_with_report("default/nobody").await.unwrap(), None);
         let second = AgentReport { incarnation: 2, error_rate: Some(0.0), ..Default::default() };
         store.save_agent_report(&ws.uid, &second).await.unwrap();
         assert_eq!(store.agent_report(&ws.uid).await.unwrap(), Some(second), "written whole");

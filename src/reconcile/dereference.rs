@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::{Context, ReconcileError};
-use crate::model::WorkspaceRecord;
+use crate::model::{AgentReport, WorkspaceRecord};
 use crate::observe::observe;
 use crate::rules::quota::{Limits, Member};
 use crate::rules::{Desired, Observed, TeamView};
@@ -37,16 +37,19 @@ pub(super) async fn dereference(
     declared: Option<&DesiredWorkspace>,
     now: DateTime<Utc>,
 ) -> Result<Option<Inputs>, ReconcileError> {
-    let record = match declared {
-        Some(_) => Some(ctx.store.ensure_workspace(key, now).await?),
-        None => ctx.store.workspace(key).await?,
+    // The record and its agent's report in one query; a declared workspace seen for
+    // the first time gets its record (and has no report yet).
+    let (record, agent) = match (ctx.store.workspace_with_report(key).await?, declared) {
+        (Some((record, agent)), _) => (Some(record), agent),
+        (None, Some(_)) => (Some(ctx.store.ensure_workspace(key, now).await?), None),
+        (None, None) => (None, None),
     };
     let secrets_seen = ctx.secrets_seen.load(std::sync::atomic::Ordering::SeqCst);
     let desired = match (declared, &record) {
         (Some(d), Some(r)) => Some(resolve(d, secret_env(ctx, d).await?, &ctx.instance, &r.uid, &ctx.agent)),
         _ => None,
     };
-    let mut observed = observe_workspace(ctx, key, record).await?;
+    let mut observed = observe_workspace(ctx, key, record, agent).await?;
     if desired.as_ref().is_some_and(|d| d.spec.is_ok()) {
         ctx.token_memo.observe(ctx.runtime.as_ref(), key, &mut observed).await;
     }
@@ -59,19 +62,17 @@ pub(super) async fn dereference(
     Ok(Some(Inputs { desired, observed, secrets_seen }))
 }
 
-/// The workspace's containers, record and live tokens, as they are now (the token file
-/// not read). Also used to show an execution failure in the status.
+/// The workspace's containers, record, agent report and live tokens, as they are now
+/// (the token file not read). Also used to show an execution failure in the status.
 pub(super) async fn observe_workspace(
     ctx: &Context,
     key: &str,
     record: Option<WorkspaceRecord>,
+    agent: Option<AgentReport>,
 ) -> Result<Observed, StoreError> {
-    let uid = record.as_ref().map(|r| r.uid.clone());
     let mut observed = observe(ctx.store.as_ref(), &ctx.containers, key, record).await?;
     observed.heartbeats_lost_at = ctx.lost_heartbeats.last();
-    if let Some(uid) = uid {
-        observed.agent = ctx.store.agent_report(&uid).await?;
-    }
+    observed.agent = agent;
     Ok(observed)
 }
 

@@ -94,6 +94,9 @@ pub trait Workspaces: Send + Sync {
     /// Returns the record for `key`, creating it (new uuid, incarnation 0) on first sight.
     async fn ensure_workspace(&self, key: &str, now: DateTime<Utc>) -> StoreResult<WorkspaceRecord>;
     async fn workspace(&self, key: &str) -> StoreResult<Option<WorkspaceRecord>>;
+    /// The record for `key` with what its agent last reported (`AgentReports`), in one
+    /// query: what a reconcile reads of a workspace every time.
+    async fn workspace_with_report(&self, key: &str) -> StoreResult<Option<(WorkspaceRecord, Option<AgentReport>)>>;
     async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>>;
     async fn list_workspaces(&self) -> StoreResult<Vec<WorkspaceRecord>>;
     /// Records without their status (`status: None`), with the phase that status shows:

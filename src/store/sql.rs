@@ -161,6 +161,8 @@ const BUMP_OBJECT_REVISION: &str = "UPDATE object_revision SET value = value + 1
 pub struct Statements {
     /// `Workspaces::workspace` (and the first look of `ensure_workspace`): one row by key.
     pub workspace_by_key: String,
+    /// `Workspaces::workspace_with_report`: one row by key, with its agent's report.
+    pub workspace_with_report: String,
     /// `Workspaces::workspace_by_uid`: one row by uid.
     pub workspace_by_uid: String,
     /// `Workspaces::list_workspaces`.
@@ -197,11 +199,16 @@ impl Statements {
              last_restart_at, last_restart_reason, mode_override, restart_requested_at"
         );
         let workspace = format!("SELECT {brief}, CAST(status AS TEXT) AS status FROM workspaces");
+        let workspace_with_report = format!(
+            "SELECT {brief}, CAST(status AS TEXT) AS status, (SELECT r.report FROM agent_reports r \
+             WHERE r.workspace_uid = workspaces.uid) AS agent_report FROM workspaces WHERE key = $1"
+        );
         let brief = format!("SELECT {brief}, status ->> 'phase' AS phase FROM workspaces");
         let live_tokens =
             format!(concat!("SELECT ", token_columns!(), " FROM workspace_auth_tokens{}"), D::LIVE_TOKENS_INDEX);
         Self {
             workspace_by_key: format!("{workspace} WHERE key = $1"),
+            workspace_with_report,
             workspace_by_uid: format!("{workspace} WHERE uid = $1"),
             workspaces: format!("{workspace} ORDER BY key"),
             workspaces_brief: format!("{brief} ORDER BY key"),
@@ -274,6 +281,14 @@ macro_rules! sql_store {
                 restart_requested_at: D::read_opt_time(row, "restart_requested_at")?,
                 uid,
             })
+        }
+
+        /// An agent report as stored. One that no longer decodes is treated as none:
+        /// the agent's next heartbeat writes a new one.
+        fn decode_report(uid: &str, text: &str) -> Option<AgentReport> {
+            serde_json::from_str(text)
+                .inspect_err(|e| tracing::warn!(workspace_uid = uid, error = %e, "cannot decode the agent report"))
+                .ok()
         }
 
         fn workspace_from_row(row: &DbRow) -> StoreResult<WorkspaceRecord> {
@@ -350,6 +365,20 @@ macro_rules! sql_store {
                 let sql = D::statements().workspace_by_key.as_str();
                 let row = sqlx::query(sql).bind(key).fetch_optional(&self.pool).await?;
                 row.as_ref().map(workspace_from_row).transpose()
+            }
+
+            async fn workspace_with_report(
+                &self,
+                key: &str,
+            ) -> StoreResult<Option<(WorkspaceRecord, Option<AgentReport>)>> {
+                let sql = D::statements().workspace_with_report.as_str();
+                let Some(row) = sqlx::query(sql).bind(key).fetch_optional(&self.pool).await? else {
+                    return Ok(None);
+                };
+                let record = workspace_from_row(&row)?;
+                let report: Option<String> = row.try_get("agent_report")?;
+                let report = report.and_then(|text| decode_report(&record.uid, &text));
+                Ok(Some((record, report)))
             }
 
             async fn workspace_by_uid(&self, uid: &str) -> StoreResult<Option<WorkspaceRecord>> {
@@ -783,11 +812,7 @@ macro_rules! sql_store {
                     .await?;
                 let Some(row) = row else { return Ok(None) };
                 let text: String = row.try_get("report")?;
-                // A report that no longer decodes is treated as none: the agent's next
-                // heartbeat writes a new one.
-                Ok(serde_json::from_str(&text)
-                    .inspect_err(|e| tracing::warn!(workspace_uid = uid, error = %e, "cannot decode the agent report"))
-                    .ok())
+                Ok(decode_report(uid, &text))
             }
         }
 
