@@ -21,6 +21,7 @@ mod agent;
 pub mod auth;
 mod discovery;
 pub mod events;
+pub mod fleet;
 pub mod limit;
 mod reports;
 pub mod secrets;
@@ -156,6 +157,7 @@ pub fn agent_router(state: AppState) -> Router {
 pub fn router(state: AppState) -> Router {
     let state = Arc::new(state);
     let admin = Router::new()
+        .route("/api/v1/fleet", get(fleet::fleet))
         .route("/api/v1/workspaces", get(admin::list_workspaces))
         .route("/api/v1/workspaces/{name}", get(admin::get_workspace))
         .route("/api/v1/workspaces/{name}/restart", post(admin::restart))
