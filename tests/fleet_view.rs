@@ -198,7 +198,9 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
         |v| v.as_str().is_some_and(|s| s.contains("pausing")),
     );
     let research = ws["research"]["container"]["id"].as_str().unwrap().to_string();
-    wait_until("research's container paused", HEAL, || docker(&["inspect", "-f", "{{.State.Paused}}", &research]) == "true");
+    wait_until("research's container paused", HEAL, || {
+        docker(&["inspect", "-f", "{{.State.Paused}}", &research]) == "true"
+    });
     browser.wait_for(
         "research Paused on the page, with Resume offered",
         HEAL,
@@ -312,8 +314,11 @@ impl Fleet {
                 let tok = store.issue_token(&rec.uid, inc, chrono::Utc::now()).await.unwrap();
                 let mut status = support::registry::online_status();
                 status.incarnation = inc;
-                status.token =
-                    Some(TokenStatus { prefix: tok.row.prefix.clone(), issued_at: chrono::Utc::now(), last_used_at: None });
+                status.token = Some(TokenStatus {
+                    prefix: tok.row.prefix.clone(),
+                    issued_at: chrono::Utc::now(),
+                    last_used_at: None,
+                });
                 store.save_status(&rec.uid, &status).await.unwrap();
                 tokens.push(tok.plaintext);
             }
@@ -333,7 +338,11 @@ impl Fleet {
             state.reports = Some(reports.clone());
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = molecule::registry::address_url(listener.local_addr().unwrap());
-            tokio::spawn(molecule::registry::serve(listener, molecule::registry::router(state), std::future::pending()));
+            tokio::spawn(molecule::registry::serve(
+                listener,
+                molecule::registry::router(state),
+                std::future::pending(),
+            ));
             (url, admin_token, tokens, store, reports)
         });
         Self { url, admin_token, tokens, store, reports, runtime, _dir: dir }

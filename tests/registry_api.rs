@@ -447,7 +447,8 @@ async fn browser_login(h: &Harness) -> String {
     assert_eq!(body["expiresInSeconds"], 60);
     let path = body["path"].as_str().unwrap().to_string();
     assert!(path.starts_with("login?code="), "{path}");
-    let no_redirects = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let no_redirects =
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let r = no_redirects.get(format!("{}/{path}", h.url)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 303);
     assert_eq!(r.headers()["location"], "./");
@@ -488,7 +489,8 @@ async fn the_page_and_the_admin_api_take_a_browser_session_and_changes_need_the_
     assert!(html.contains("assets/fleet.js") && !html.contains(&h.admin_token));
     let fleet: Value = get("/api/v1/fleet", Some(&cookie)).await.unwrap().json().await.unwrap();
     assert_eq!(fleet["workspaces"][0]["name"], "a");
-    let actions: Vec<&str> = fleet["actions"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> =
+        fleet["actions"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["pause", "resume", "restart"]);
     assert_eq!(get("/", Some("molecule_session_other=nope")).await.unwrap().status().as_u16(), 401);
 
@@ -512,13 +514,8 @@ async fn the_page_and_the_admin_api_take_a_browser_session_and_changes_need_the_
 #[tokio::test]
 async fn the_fleet_stream_starts_with_a_snapshot_then_sends_what_changes() {
     let h = Harness::start(desired_set(vec![declared("a", WorkspaceSpec::default())])).await;
-    let mut r = h
-        .http
-        .get(format!("{}/api/v1/fleet?watch=true", h.url))
-        .bearer_auth(&h.admin_token)
-        .send()
-        .await
-        .unwrap();
+    let mut r =
+        h.http.get(format!("{}/api/v1/fleet?watch=true", h.url)).bearer_auth(&h.admin_token).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let mut text = String::new();

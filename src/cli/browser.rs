@@ -39,12 +39,8 @@ pub fn open(url: &str, launchers: &[Vec<String>]) -> Result<String, String> {
     for launcher in launchers {
         let words = command_line(launcher, url);
         let Some((program, args)) = words.split_first() else { continue };
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        let child =
+            Command::new(program).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {

@@ -74,8 +74,7 @@ pub(crate) async fn require_admin(
 ) -> Response {
     match credential(&state, req.headers()) {
         Some(Credential::Session)
-            if !req.method().is_safe()
-                && req.headers().get(REQUEST_HEADER).is_none_or(|v| v.as_bytes() != b"1") =>
+            if !req.method().is_safe() && req.headers().get(REQUEST_HEADER).is_none_or(|v| v.as_bytes() != b"1") =>
         {
             error(
                 StatusCode::FORBIDDEN,

@@ -228,7 +228,8 @@ impl Pending {
     fn note(&mut self, report: Result<Report, broadcast::error::RecvError>) -> bool {
         match report {
             Ok(r) => {
-                self.decisions.extend(r.decisions.into_iter().map(|d| FleetEvent { workspace: r.key.clone(), decision: d }));
+                self.decisions
+                    .extend(r.decisions.into_iter().map(|d| FleetEvent { workspace: r.key.clone(), decision: d }));
                 self.keys.insert(r.key);
                 true
             }

@@ -22,10 +22,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::{Extension, Json};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -176,7 +176,11 @@ pub(crate) struct LoginQuery {
 
 /// `GET /login?code=...`: spends the code, sets the session cookie, sends the browser
 /// to the page. A wrong code counts against the source's allowance (limit.rs).
-pub(crate) async fn login(State(state): State<Arc<AppState>>, Source(ip): Source, Query(q): Query<LoginQuery>) -> Response {
+pub(crate) async fn login(
+    State(state): State<Arc<AppState>>,
+    Source(ip): Source,
+    Query(q): Query<LoginQuery>,
+) -> Response {
     let now = Instant::now();
     if let Err(wait) = state.limiter.admit(ip, None, now) {
         return too_many(wait);

@@ -52,8 +52,8 @@ pub(crate) fn login_needed(why: &str) -> Response {
          <code>molecule-operator open --no-browser</code> prints the link instead.</p></body></html>\n",
         escape(why)
     );
-    let mut response = (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
-        .into_response();
+    let mut response =
+        (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
     private(response.headers_mut());
     response
 }

@@ -38,7 +38,9 @@ impl Browser {
         let driver = std::env::var("CHROMEDRIVER").ok().or_else(|| find_program(&["chromedriver"]));
         let (Some(chromium), Some(driver)) = (chromium, driver) else {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{test}: chromium and chromedriver are required (CI=true): apt-get install chromium chromium-driver");
+                panic!(
+                    "{test}: chromium and chromedriver are required (CI=true): apt-get install chromium chromium-driver"
+                );
             }
             eprintln!("NOTICE: skipping {test}: chromium or chromedriver is not installed");
             return None;
@@ -151,7 +153,10 @@ impl Browser {
             }
             if t0.elapsed() > deadline {
                 let text = self.execute("return document.body ? document.body.innerText : ''", json!([]));
-                panic!("timed out after {deadline:?} waiting for {what}; last value {v}\npage:\n{}", text.as_str().unwrap_or(""));
+                panic!(
+                    "timed out after {deadline:?} waiting for {what}; last value {v}\npage:\n{}",
+                    text.as_str().unwrap_or("")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
