@@ -261,6 +261,12 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
            .map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))",
         |v| v.as_array().is_some_and(Vec::is_empty),
     );
+
+    // An open page does not hold the operator up when it stops: the stream ends.
+    op.stop();
+    let logs = op.logs();
+    let tail: Vec<&str> = logs.lines().rev().take(15).collect();
+    assert!(logs.contains("operator stopped"), "the operator did not stop cleanly with the page open: {tail:#?}");
     op.cleanup();
 }
 

@@ -15,7 +15,8 @@
 //! marks its workspace, a change of the declarations marks them all, and every
 //! [`HEARTBEAT_EVERY`] the heartbeats are read (one query, no statuses decoded).
 //! Bursts are sent together, at most every [`COALESCE`]. A stream that falls behind
-//! the channel reads the whole fleet again instead of what it missed.
+//! the channel reads the whole fleet again instead of what it missed. It ends when the
+//! operator stops (an open page must not hold up the server's graceful shutdown).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -264,6 +265,7 @@ async fn follow(
         let mut pending = Pending::default();
         tokio::select! {
             _ = tx.closed() => return,
+            _ = state.shutdown.cancelled() => return,
             report = next_report(&mut live) => if !pending.note(report) { return },
             changed = desired.changed() => if changed.is_err() { return } else { pending.all = true },
             _ = beat.tick() => pending.heartbeats = true,

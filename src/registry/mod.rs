@@ -97,6 +97,9 @@ pub struct AppState {
     pub private_agent_urls: bool,
     /// The fleet page's login codes and browser sessions (login.rs).
     pub logins: Arc<login::Logins>,
+    /// Cancelled when the operator stops: answers that never end by themselves (the
+    /// fleet stream, `events -w`, `logs -f`) end then, so the server can finish.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -126,6 +129,7 @@ impl AppState {
             agent_reports: Arc::default(),
             private_agent_urls: false,
             logins: Arc::default(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
 
