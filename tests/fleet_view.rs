@@ -12,6 +12,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,13 +68,12 @@ fn open_login_url(op: &Op) -> String {
     std::fs::read_to_string(seen).expect("open ran $BROWSER with the URL")
 }
 
-/// Every secret the operator holds: the admin token and each workspace's token file.
-fn secrets(op: &Op, also: &[String]) -> Vec<String> {
-    let mut all = vec![std::fs::read_to_string(op.state.join("admin-token")).unwrap().trim().to_string()];
+/// Every secret the operator holds now: the admin token and each workspace's token file.
+fn secrets(op: &Op) -> BTreeSet<String> {
+    let mut all = BTreeSet::from([std::fs::read_to_string(op.state.join("admin-token")).unwrap().trim().to_string()]);
     for ids in op.container_ids_per_workspace().values() {
         all.extend(ids.iter().filter_map(|id| read_token(id)).map(|(t, _, _)| t));
     }
-    all.extend(also.iter().cloned());
     all.retain(|t| t.len() >= 32);
     all
 }
@@ -177,7 +177,8 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     // A container removed out of band: the new incarnation shows, without a reload.
     browser.execute("window.notReloaded = true", json!([]));
     let qa = ws["qa"]["container"]["id"].as_str().unwrap();
-    let old_token = read_token(qa).map(|t| t.0).unwrap_or_default();
+    // Every token there was, the replaced one included, for the check at the end.
+    let mut tokens = secrets(&op);
     let old = ws["qa"]["incarnation"].as_i64().unwrap();
     remove_out_of_band(&[qa]);
     let script = "const r = document.querySelector('li.node[data-key=\"default/qa\"] > .ws'); \
@@ -189,6 +190,7 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     let qa_decisions = field(&browser, "qa", "decisions").unwrap();
     assert!(qa_decisions.contains("container"), "why qa was replaced: {qa_decisions}");
 
+    tokens.extend(secrets(&op));
     // Pause: the button calls the admin API, the container is frozen, the outcome shows.
     browser.click("li.node[data-key=\"default/research\"] > .ws button[data-action=\"pause\"]");
     browser.wait_for(
@@ -234,8 +236,8 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     }
 
     // No token anywhere: not in the page, not in anything it fetched or was sent.
-    let secrets = secrets(&op, &[old_token]);
-    assert!(secrets.len() >= 7, "the admin token and every workspace's: {}", secrets.len());
+    tokens.extend(secrets(&op));
+    assert_eq!(tokens.len(), 8, "the admin token, each workspace's and qa's replaced one");
     let mut seen = fetched(&browser, &cookie);
     seen.push(("page source".into(), browser.source()));
     seen.push(("DOM".into(), browser.execute("return document.documentElement.outerHTML", json!([])).to_string()));
@@ -247,7 +249,7 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     }
     assert!(seen.iter().any(|(u, b)| u == "event" && b.contains("\"workspaces\"")), "the snapshot event was seen");
     for (url, body) in &seen {
-        for secret in &secrets {
+        for secret in &tokens {
             assert!(!body.contains(secret.as_str()), "{url} holds a token ({}…)", &secret[..8]);
         }
     }

@@ -512,6 +512,19 @@ async fn the_page_and_the_admin_api_take_a_browser_session_and_changes_need_the_
 }
 
 #[tokio::test]
+async fn open_no_browser_prints_a_login_url_that_works_once() {
+    let h = Harness::start(desired_set(vec![])).await;
+    let args = cli::OpenArgs { no_browser: true, client: h.client() };
+    let out = cli::execute(&ClientCommand::Open(args)).await.unwrap();
+    let url = out.trim();
+    assert!(url.starts_with(&format!("{}/login?code=", h.url)) && !url.contains('\n'), "{out}");
+    let no_redirects =
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    assert_eq!(no_redirects.get(url).send().await.unwrap().status().as_u16(), 303);
+    assert_eq!(no_redirects.get(url).send().await.unwrap().status().as_u16(), 401);
+}
+
+#[tokio::test]
 async fn the_fleet_stream_starts_with_a_snapshot_then_sends_what_changes() {
     let h = Harness::start(desired_set(vec![declared("a", WorkspaceSpec::default())])).await;
     let mut r =
@@ -526,6 +539,25 @@ async fn the_fleet_stream_starts_with_a_snapshot_then_sends_what_changes() {
     let data: Value = serde_json::from_str(text.lines().nth(1).unwrap().trim_start_matches("data: ")).unwrap();
     assert_eq!(data["workspaces"][0]["name"], "a");
     assert_eq!(data["workspaces"][0]["phase"], "Pending");
+    // A new declaration: only it is sent, and the team it names.
+    let b = declared("b", WorkspaceSpec { team: Some("ops".into()), ..Default::default() });
+    h._desired.send(Arc::new(desired_set(vec![declared("a", WorkspaceSpec::default()), b]))).unwrap();
+    let mut rest = text.split_once("\n\n").unwrap().1.to_string();
+    while !(rest.contains("event: workspaces") && rest.contains("event: teams") && rest.ends_with("\n\n")) {
+        rest.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().expect("what changed")));
+    }
+    let events: Vec<(&str, Value)> = rest
+        .split("\n\n")
+        .filter_map(|e| {
+            let (name, data) = e.split_once("\ndata: ")?;
+            Some((name.trim_start_matches("event: "), serde_json::from_str(data).ok()?))
+        })
+        .collect();
+    let workspaces = &events.iter().find(|(n, _)| *n == "workspaces").unwrap().1;
+    let names: Vec<&str> = workspaces.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["b"], "only the new workspace");
+    let teams = &events.iter().find(|(n, _)| *n == "teams").unwrap().1;
+    assert_eq!(teams[0]["name"], "ops");
 }
 
 // ---------------------------------------------------------------------------
