@@ -22,7 +22,7 @@ use support::webdriver::Browser;
 
 const UP: Duration = Duration::from_secs(90);
 const HEAL: Duration = Duration::from_secs(30);
-const PAGE: Duration = Duration::from_secs(20);
+const PAGE: Duration = Duration::from_secs(60);
 
 /// examples/org: each workspace with the one it reports to.
 const ORG: [(&str, Option<&str>); 6] = [
