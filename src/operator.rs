@@ -294,6 +294,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     state.limiter = limiter;
     state.keyring = Some(keyring.clone());
     state.lost_heartbeats = lost_heartbeats;
+    state.shutdown = shutdown.clone();
     // Every finished reconcile: status writers and `events -w` subscribe.
     let reports = tokio::sync::broadcast::channel(1024).0;
     state.reports = Some(reports.clone());

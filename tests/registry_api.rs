@@ -438,6 +438,129 @@ async fn teams_roll_up_members() {
 }
 
 // ---------------------------------------------------------------------------
+// The fleet page's login (registry/login.rs)
+
+/// A login through `/login`: the session cookie's `name=value`.
+async fn browser_login(h: &Harness) -> String {
+    let (code, body) = h.post("/api/v1/logins").await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["expiresInSeconds"], 60);
+    let path = body["path"].as_str().unwrap().to_string();
+    assert!(path.starts_with("login?code="), "{path}");
+    let no_redirects =
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_redirects.get(format!("{}/{path}", h.url)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], "./");
+    assert_eq!(r.headers()["referrer-policy"], "no-referrer");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attribute), "{set}");
+    }
+    let again = no_redirects.get(format!("{}/{path}", h.url)).send().await.unwrap();
+    assert_eq!(again.status().as_u16(), 401, "a code works once");
+    set.split(';').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_page_and_the_admin_api_take_a_browser_session_and_changes_need_the_header() {
+    let h = Harness::start(desired_set(vec![declared("a", WorkspaceSpec::default())])).await;
+    h.workspace_with_token("a").await;
+    let get = |path: &str, cookie: Option<&str>| {
+        let mut r = h.http.get(format!("{}{path}", h.url));
+        if let Some(c) = cookie {
+            r = r.header("Cookie", c);
+        }
+        r.send()
+    };
+    for path in ["/", "/assets/fleet.js", "/api/v1/fleet", "/api/v1/workspaces"] {
+        assert_eq!(get(path, None).await.unwrap().status().as_u16(), 401, "{path} without a login");
+    }
+    let (code, _) = h.admin(reqwest::Method::POST, "/api/v1/logins", None).await;
+    assert_eq!(code, 401, "no login code without the admin token");
+    let cookie = browser_login(&h).await;
+
+    let page = get("/", Some(&cookie)).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("assets/fleet.js") && !html.contains(&h.admin_token));
+    let fleet: Value = get("/api/v1/fleet", Some(&cookie)).await.unwrap().json().await.unwrap();
+    assert_eq!(fleet["workspaces"][0]["name"], "a");
+    let actions: Vec<&str> =
+        fleet["actions"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["pause", "resume", "restart"]);
+    assert_eq!(get("/", Some("molecule_session_other=nope")).await.unwrap().status().as_u16(), 401);
+
+    // A change with the cookie alone is what a cross-site form would send: refused.
+    let post = |path: &str, header: bool| {
+        let mut r = h.http.post(format!("{}{path}", h.url)).header("Cookie", &cookie);
+        if header {
+            r = r.header("X-Molecule-Request", "1");
+        }
+        r.send()
+    };
+    assert_eq!(post("/api/v1/workspaces/a/pause", false).await.unwrap().status().as_u16(), 403);
+    let rec = h.store.workspace("default/a").await.unwrap().unwrap();
+    assert_eq!(rec.mode_override, None, "the refused change changed nothing");
+    assert_eq!(post("/api/v1/workspaces/a/pause", true).await.unwrap().status().as_u16(), 200);
+    let rec = h.store.workspace("default/a").await.unwrap().unwrap();
+    assert_eq!(rec.mode_override, Some(OperatingMode::Paused));
+    assert_eq!(post("/api/v1/logins", true).await.unwrap().status().as_u16(), 403, "a session mints no logins");
+}
+
+#[tokio::test]
+async fn open_no_browser_prints_a_login_url_that_works_once() {
+    let h = Harness::start(desired_set(vec![])).await;
+    let args = cli::OpenArgs { no_browser: true, client: h.client() };
+    let out = cli::execute(&ClientCommand::Open(args)).await.unwrap();
+    let url = out.trim();
+    assert!(url.starts_with(&format!("{}/login?code=", h.url)) && !url.contains('\n'), "{out}");
+    let no_redirects =
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    assert_eq!(no_redirects.get(url).send().await.unwrap().status().as_u16(), 303);
+    assert_eq!(no_redirects.get(url).send().await.unwrap().status().as_u16(), 401);
+}
+
+#[tokio::test]
+async fn the_fleet_stream_starts_with_a_snapshot_then_sends_what_changes() {
+    let h = Harness::start(desired_set(vec![declared("a", WorkspaceSpec::default())])).await;
+    let mut r =
+        h.http.get(format!("{}/api/v1/fleet?watch=true", h.url)).bearer_auth(&h.admin_token).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        text.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().expect("the snapshot")));
+    }
+    assert!(text.starts_with("event: snapshot\ndata: {"), "{text}");
+    let data: Value = serde_json::from_str(text.lines().nth(1).unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!(data["workspaces"][0]["name"], "a");
+    assert_eq!(data["workspaces"][0]["phase"], "Pending");
+    // A new declaration: only it is sent, and the team it names.
+    let b = declared("b", WorkspaceSpec { team: Some("ops".into()), ..Default::default() });
+    h._desired.send(Arc::new(desired_set(vec![declared("a", WorkspaceSpec::default()), b]))).unwrap();
+    let mut rest = text.split_once("\n\n").unwrap().1.to_string();
+    while !(rest.contains("event: workspaces") && rest.contains("event: teams") && rest.ends_with("\n\n")) {
+        rest.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().expect("what changed")));
+    }
+    let events: Vec<(&str, Value)> = rest
+        .split("\n\n")
+        .filter_map(|e| {
+            let (name, data) = e.split_once("\ndata: ")?;
+            Some((name.trim_start_matches("event: "), serde_json::from_str(data).ok()?))
+        })
+        .collect();
+    let workspaces = &events.iter().find(|(n, _)| *n == "workspaces").unwrap().1;
+    let names: Vec<&str> = workspaces.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["b"], "only the new workspace");
+    let teams = &events.iter().find(|(n, _)| *n == "teams").unwrap().1;
+    assert_eq!(teams[0]["name"], "ops");
+}
+
+// ---------------------------------------------------------------------------
 // Health and metrics
 
 #[tokio::test]

@@ -111,6 +111,15 @@ impl Client {
         self.call(Method::POST, &["api", "v1", "workspaces", &key.name, action], Some(&key.namespace)).await
     }
 
+    /// A one-time login for the fleet page: its full URL and how many seconds it is valid.
+    pub async fn login(&self) -> Result<(Url, u64), CliError> {
+        let code: crate::registry::login::LoginCode =
+            self.call_with(Method::POST, &["api", "v1", "logins"], &[], None).await?;
+        let mut url = self.url(&["login"], None);
+        url.query_pairs_mut().append_pair("code", &code.code);
+        Ok((url, code.expires_in_seconds))
+    }
+
     /// The fleet's last `limit` decisions, oldest first.
     pub async fn events(&self, limit: usize) -> Result<Vec<FleetEvent>, CliError> {
         let limit = limit.to_string();

@@ -1,4 +1,5 @@
-//! The client half of the CLI: `get`, `describe`, `restart`, `pause`, `resume`.
+//! The client half of the CLI: `get`, `describe`, `restart`, `pause`, `resume`,
+//! `secret`, `logs`, `events` and `open` (the fleet page in the browser).
 //! They talk to a running operator's admin API (see `registry`), finding it through
 //! its state directory:
 //!
@@ -10,6 +11,7 @@
 //! `main.rs` flattens [`ClientCommand`] into its subcommands and calls [`run`].
 
 pub mod apply;
+pub mod browser;
 mod client;
 pub mod output;
 pub mod progress;
@@ -133,6 +135,18 @@ pub enum ClientCommand {
     /// The fleet's decisions, oldest first: when, which workspace, the rule, its cause,
     /// what was done and how it went. `-w` keeps printing them as they are made.
     Events(EventsArgs),
+    /// Open the fleet page (the org tree, live) in the browser, logged in with a
+    /// one-time code that works within a minute; `--no-browser` prints its URL instead.
+    Open(OpenArgs),
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct OpenArgs {
+    /// Print the login URL instead of opening a browser (it works once, within a minute).
+    #[arg(long)]
+    pub no_browser: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -257,6 +271,29 @@ pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
             let events = Client::new(&a.client)?.events(a.limit).await?;
             Ok(events.iter().map(|e| event_line(e, &a.output) + "\n").collect())
         }
+        ClientCommand::Open(a) => open(a).await,
+    }
+}
+
+/// `open [--no-browser]`: a one-time login, then the browser on it (or its URL).
+pub async fn open(a: &OpenArgs) -> Result<String, CliError> {
+    let client = Client::new(&a.client)?;
+    let (url, expires) = client.login().await?;
+    let valid = format!("it works once, within {expires} s");
+    if a.no_browser {
+        eprintln!("the fleet page's login link ({valid}):");
+        return Ok(format!("{url}\n"));
+    }
+    let launchers = browser::launchers(std::env::var("BROWSER").ok().as_deref());
+    let target = url.to_string();
+    let opened = tokio::task::spawn_blocking(move || browser::open(&target, &launchers))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match opened {
+        Ok(with) => Ok(format!("opened the fleet page in the browser ({with}); the login link {valid}\n")),
+        Err(why) => Ok(format!(
+            "no browser could be opened ({why}; set $BROWSER to choose one). Open this URL, {valid}:\n{url}\n"
+        )),
     }
 }
 

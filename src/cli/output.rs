@@ -416,6 +416,7 @@ mod tests {
             name: name.into(),
             namespace: "default".into(),
             team: Some("eng".into()),
+            parent: None,
             uid: Some("3f2a0c1e-0000-4000-8000-000000000001".into()),
             phase: Phase::Running,
             incarnation: 3,

@@ -235,6 +235,8 @@ pub(crate) async fn logs(
     };
     match runtime.logs(&container.id, q.follow, q.tail.unwrap_or(100)).await {
         Ok(Some(stream)) => {
+            // A follow ends when the operator stops, so the server can finish.
+            let stream = stream.take_until(state.shutdown.clone().cancelled_owned());
             let body = axum::body::Body::from_stream(stream.map(Ok::<_, std::convert::Infallible>));
             ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
         }

@@ -1,5 +1,6 @@
 //! Bearer tokens: parsing the header, the admin token (its file and a constant-time
-//! check). Workspace tokens are checked in agent.rs by hash lookup.
+//! check), and the admin routes' guard, which also takes a browser session
+//! (login.rs). Workspace tokens are checked in agent.rs by hash lookup.
 
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -13,6 +14,7 @@ use axum::response::Response;
 use sha2::{Digest, Sha256};
 
 use super::limit::{Source, too_many};
+use super::login::REQUEST_HEADER;
 use super::{AppState, admin_token_path, error};
 use crate::store::token;
 
@@ -41,18 +43,49 @@ pub(crate) fn unauthorized(message: &str) -> Response {
 pub const ADMIN_UNAUTHORIZED: &str =
     "missing or wrong admin token: send `Authorization: Bearer <STATE/admin-token>` (the CLI does this with --state)";
 
-/// Admin routes: the bearer must be the admin token.
-/// Wrong tokens count against the source's allowance (limit.rs): a source that keeps
+/// How a request proved it may use the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// `Authorization: Bearer <admin token>` (the CLI).
+    Bearer,
+    /// The fleet page's session cookie (login.rs).
+    Session,
+}
+
+/// The request's admin credential, if it has one: the bearer when one is sent (a
+/// wrong bearer is refused even beside a good cookie), else the session cookie.
+pub(crate) fn credential(state: &AppState, headers: &HeaderMap) -> Option<Credential> {
+    match bearer(headers) {
+        Some(t) => constant_time_eq(t, &state.admin_token).then_some(Credential::Bearer),
+        None => state.logins.has_session(headers, std::time::Instant::now()).then_some(Credential::Session),
+    }
+}
+
+/// Admin routes: the admin bearer, or the page's session cookie; with the cookie, a
+/// state-changing method also needs `X-Molecule-Request: 1` (login.rs says why).
+/// The handler finds the [`Credential`] among the request's extensions.
+/// Failures count against the source's allowance (limit.rs): a source that keeps
 /// guessing is answered 429, while the right token is always let through.
 pub(crate) async fn require_admin(
     State(state): State<Arc<AppState>>,
     Source(ip): Source,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    match bearer(req.headers()) {
-        Some(t) if constant_time_eq(t, &state.admin_token) => next.run(req).await,
-        _ => {
+    match credential(&state, req.headers()) {
+        Some(Credential::Session)
+            if !req.method().is_safe() && req.headers().get(REQUEST_HEADER).is_none_or(|v| v.as_bytes() != b"1") =>
+        {
+            error(
+                StatusCode::FORBIDDEN,
+                "a change made with the browser session needs the header `X-Molecule-Request: 1` (the fleet page sends it)",
+            )
+        }
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None => {
             let now = std::time::Instant::now();
             if let Err(wait) = state.limiter.admit(ip, None, now) {
                 return too_many(wait);

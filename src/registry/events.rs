@@ -67,6 +67,8 @@ pub(crate) async fn list(State(state): State<Arc<AppState>>, Query(q): Query<Eve
         }
     })
     .flatten();
+    // Until the operator stops: a watch must not hold up the server's graceful shutdown.
+    let then = then.take_until(state.shutdown.clone().cancelled_owned());
     let lines = first.chain(then).map(|e| {
         let mut line = serde_json::to_vec(&e).unwrap_or_default();
         line.push(b'\n');

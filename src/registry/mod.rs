@@ -1,5 +1,6 @@
 //! The operator's HTTP server (axum): the agents' registry (`/registry/*`), the
-//! admin API the CLI talks to (`/api/v1/*`), health and metrics, all on `--listen`
+//! admin API the CLI talks to (`/api/v1/*`), the fleet page (`/`, page.rs) with its
+//! browser login (`/login`, login.rs), health and metrics, all on `--listen`
 //! (`router`). The workspaces' network gets a listener of its own on its gateway that
 //! serves the agents' routes and nothing else (`agent_router`; runtime::network says
 //! why).
@@ -21,7 +22,10 @@ mod agent;
 pub mod auth;
 mod discovery;
 pub mod events;
+pub mod fleet;
 pub mod limit;
+pub mod login;
+mod page;
 mod reports;
 pub mod secrets;
 pub mod views;
@@ -91,6 +95,11 @@ pub struct AppState {
     /// Whether agents may register push URLs in private ranges (RFC 1918, fd00::/8):
     /// the original platform's SaaS mode. Off by default (rules::agent_url).
     pub private_agent_urls: bool,
+    /// The fleet page's login codes and browser sessions (login.rs).
+    pub logins: Arc<login::Logins>,
+    /// Cancelled when the operator stops: answers that never end by themselves (the
+    /// fleet stream, `events -w`, `logs -f`) end then, so the server can finish.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -119,6 +128,8 @@ impl AppState {
             runtime: Arc::default(),
             agent_reports: Arc::default(),
             private_agent_urls: false,
+            logins: Arc::default(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -151,11 +162,14 @@ pub fn agent_router(state: AppState) -> Router {
     finish(agent_routes(), Arc::new(state))
 }
 
-/// Every route. Admin routes require the admin token; the registry routes the
-/// workspace's own token; health and metrics nothing.
+/// Every route. Admin routes require the admin token (or the page's browser session,
+/// login.rs); the registry routes the workspace's own token; health, metrics and
+/// `/login` nothing.
 pub fn router(state: AppState) -> Router {
     let state = Arc::new(state);
     let admin = Router::new()
+        .route("/api/v1/logins", post(login::create))
+        .route("/api/v1/fleet", get(fleet::fleet))
         .route("/api/v1/workspaces", get(admin::list_workspaces))
         .route("/api/v1/workspaces/{name}", get(admin::get_workspace))
         .route("/api/v1/workspaces/{name}/restart", post(admin::restart))
@@ -166,7 +180,17 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
-    let routes = agent_routes().route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).merge(admin);
+    let page = Router::new()
+        .route("/", get(page::index))
+        .route("/assets/fleet.css", get(page::css))
+        .route("/assets/fleet.js", get(page::js))
+        .route_layer(middleware::from_fn_with_state(state.clone(), page::require_login));
+    let routes = agent_routes()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/login", get(login::login))
+        .merge(admin)
+        .merge(page);
     finish(routes, state)
 }
 

@@ -28,6 +28,9 @@ pub struct WorkspaceSummary {
     pub namespace: String,
     #[serde(default)]
     pub team: Option<String>,
+    /// The workspace it reports to (`spec.parent`, same namespace): the org tree.
+    #[serde(default)]
+    pub parent: Option<String>,
     /// Null until the operator has first seen the workspace.
     #[serde(default)]
     pub uid: Option<String>,
@@ -190,6 +193,7 @@ pub fn summary(
     let mut conditions = status.map(|s| s.conditions.clone()).unwrap_or_default();
     let mut phase = status.map(|s| s.phase).unwrap_or_default();
     let team = declared.and_then(|d| d.team().map(str::to_string));
+    let parent = declared.and_then(|d| d.spec.as_ref().ok()).and_then(|s| s.parent.clone());
     if let Some(d) = declared {
         if let Err(errors) = &d.spec {
             if status.is_none() {
@@ -217,6 +221,7 @@ pub fn summary(
         name: key.name.clone(),
         namespace: key.namespace.clone(),
         team,
+        parent,
         uid: record.map(|r| r.uid.clone()).or_else(|| status.and_then(|s| s.uid.clone())),
         phase,
         incarnation: status.map(|s| s.incarnation).or(record.map(|r| r.incarnation)).unwrap_or(0),

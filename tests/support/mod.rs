@@ -9,3 +9,4 @@ pub mod operator;
 pub mod postgres;
 pub mod proxy;
 pub mod registry;
+pub mod webdriver;
