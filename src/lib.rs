@@ -23,5 +23,4 @@ pub mod secrets;
 pub mod source;
 pub mod status;
 pub mod store;
-pub mod telemetry;
 pub mod trigger;

@@ -152,6 +152,19 @@ async fn a_removal_deletes_the_pod_at_once_and_waits_until_its_name_is_free() {
     assert_eq!(req.body["gracePeriodSeconds"], 0);
     assert_eq!(req.body["propagationPolicy"], "Background");
     req.respond(StatusCode::OK, pod_object());
+    // Its token and files Secrets go with it (a next Pod of the name must not start on
+    // a revoked token); one already gone is fine.
+    for (secret, found) in [("token", true), ("files", false)] {
+        let req = api.next().await;
+        assert_eq!(
+            (req.method.clone(), req.path.as_str()),
+            (Method::DELETE, &*format!("/api/v1/namespaces/team-a/secrets/{POD}-{secret}"))
+        );
+        match found {
+            true => req.respond(StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+            false => req.respond(StatusCode::NOT_FOUND, not_found()),
+        }
+    }
     let req = api.next().await;
     assert_eq!(
         (req.method.clone(), req.path.as_str()),
