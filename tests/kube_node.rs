@@ -66,15 +66,7 @@ fn containers_of(uid: &str) -> Vec<String> {
 
 /// A file in a running container, following symlinks (Secret volumes are symlinks).
 fn read_in(container: &str, path: &str) -> Option<String> {
-    let out = Command::new("docker").args(["cp", "-L", &format!("{container}:{path}"), "-"]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let mut archive = tar::Archive::new(&out.stdout[..]);
-    let mut entry = archive.entries().ok()?.next()?.ok()?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut entry, &mut text).ok()?;
-    Some(text)
+    read_file_in(container, path)
 }
 
 const AGENT_POD: &str = r#"apiVersion: v1

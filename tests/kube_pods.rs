@@ -219,16 +219,7 @@ fn config_file(pod_uid: &str, path: &str) -> Option<String> {
         "--filter",
         "label=io.kubernetes.container.name=agent",
     ]);
-    let id = ids.lines().next()?;
-    let out = std::process::Command::new("docker").args(["cp", &format!("{id}:/configs/{path}"), "-"]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let mut archive = tar::Archive::new(&out.stdout[..]);
-    let mut entry = archive.entries().ok()?.next()?.ok()?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut entry, &mut text).ok()?;
-    Some(text)
+    read_file_in(ids.lines().next()?, &format!("/configs/{path}"))
 }
 
 #[test]

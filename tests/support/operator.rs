@@ -581,3 +581,17 @@ pub fn registry_json(url: &str, path: &str, token: &str, body: &str) -> u16 {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A file in a container (running or not), following symlinks (Secret volumes are
+/// symlinks): its text, or None when it cannot be read.
+pub fn read_file_in(container: &str, path: &str) -> Option<String> {
+    let out = Command::new("docker").args(["cp", "-L", &format!("{container}:{path}"), "-"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut archive = tar::Archive::new(&out.stdout[..]);
+    let mut entry = archive.entries().ok()?.next()?.ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut text).ok()?;
+    Some(text)
+}
