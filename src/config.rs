@@ -126,6 +126,12 @@ pub struct OperatorArgs {
     /// Reconciles run at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Export traces over OTLP/HTTP (JSON) to this collector (its base URL, e.g.
+    /// http://localhost:4318; spans go to /v1/traces): each reconcile a span, with its
+    /// steps (observe, plan, each action) as children and the decision's rule and
+    /// cause as attributes. Off when unset.
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `--runtime`: what runs workspaces.

@@ -23,4 +23,5 @@ pub mod secrets;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod trigger;

@@ -85,26 +85,47 @@ enum Command {
 }
 
 fn init_tracing() {
-    init_logs(molecule::config::LogFormat::Text, None);
+    init_logs(molecule::config::LogFormat::Text, None, None);
 }
 
-/// Logs to stderr, or to `file` (while `up` draws its progress view on the terminal).
-fn init_logs(format: molecule::config::LogFormat, file: Option<&std::path::Path>) {
+/// Logs to stderr, or to `file` (while `up` draws its progress view on the terminal);
+/// with `traces`, the reconcile spans are exported too. One global filter: per-layer
+/// filters dropped log lines after sqlx's `enabled!` checks (see telemetry.rs).
+fn init_logs(
+    format: molecule::config::LogFormat,
+    file: Option<&std::path::Path>,
+    traces: Option<&molecule::telemetry::Traces>,
+) {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, Registry, layer::Layered};
+    type Filtered = Layered<EnvFilter, Registry>;
+    type Boxed = Box<dyn tracing_subscriber::Layer<Filtered> + Send + Sync>;
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if traces.is_some() {
+        filter = filter.add_directive(
+            format!("{}=trace", molecule::telemetry::TARGET).parse().expect("the trace target is a valid directive"),
+        );
+    }
     let opened = file.and_then(|path| {
         let _ = std::fs::create_dir_all(path.parent()?);
         std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let json = format == molecule::config::LogFormat::Json;
-    match (opened, json) {
-        (Some(f), false) => builder.with_writer(std::sync::Mutex::new(f)).with_ansi(false).init(),
-        (Some(f), true) => builder.json().with_writer(std::sync::Mutex::new(f)).init(),
-        (None, false) => builder.with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init(),
-        (None, true) => builder.json().with_writer(std::io::stderr).init(),
-    }
+    let logs: Boxed = match (opened, json) {
+        (Some(f), false) => {
+            tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(f)).with_ansi(false).boxed()
+        }
+        (Some(f), true) => tracing_subscriber::fmt::layer().json().with_writer(std::sync::Mutex::new(f)).boxed(),
+        (None, false) => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+        (None, true) => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+    };
+    let mut layers: Vec<Boxed> = vec![logs];
+    layers.extend(traces.map(|t| t.layer().boxed()));
+    tracing_subscriber::registry().with(filter).with(layers).init();
 }
 
 fn main() -> ExitCode {
@@ -172,8 +193,19 @@ fn convert(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn run_operator(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result<()> {
-    init_logs(args.log_format, args.log_file().as_deref());
-    molecule::operator::run(args, sources).await
+    let traces = match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => Some(molecule::telemetry::Traces::start(endpoint, &args.instance_id())?),
+        None => None,
+    };
+    init_logs(args.log_format, args.log_file().as_deref(), traces.as_ref());
+    if let (Some(endpoint), Some(_)) = (&args.otlp_endpoint, &traces) {
+        tracing::info!(url = %molecule::telemetry::traces_url(endpoint), "exporting traces over OTLP");
+    }
+    let result = molecule::operator::run(args, sources).await;
+    if let Some(traces) = traces {
+        traces.shutdown().await;
+    }
+    result
 }
 
 /// Applies the migrations to the store `url` names and says which (password hidden).

@@ -132,7 +132,13 @@ impl Executor<'_> {
     ) -> (Outcome, Result<(), ExecError>) {
         let mut out = Outcome::default();
         for a in actions {
-            if let Err(source) = self.apply_one(facts, a, now, &mut out).await {
+            // A child of the reconcile's trace per action (see crate::telemetry).
+            let span = tracing::trace_span!(target: crate::telemetry::TARGET, "execute", action = a.name(),
+                otel.name = format!("execute {}", a.name()), otel.status_code = tracing::field::Empty,
+                error = tracing::field::Empty);
+            let applied = tracing::Instrument::instrument(self.apply_one(facts, a, now, &mut out), span.clone()).await;
+            if let Err(source) = applied {
+                span.record("otel.status_code", "ERROR").record("error", tracing::field::display(&source));
                 return (out, Err(ExecError { step: a.name(), source }));
             }
             self.failpoint(&format!("after-{}", a.name()));

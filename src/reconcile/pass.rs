@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::dereference::{Inputs, dereference, observe_workspace};
 use super::{Context, ReconcileError, Requeue, sweep};
@@ -15,6 +17,7 @@ use crate::model::DecisionRecord;
 use crate::rules::{Action, Decision, Facts, Plan, plan};
 use crate::source::desired::DesiredWorkspace;
 use crate::store::StoreError;
+use crate::telemetry::TARGET;
 use crate::trigger::Report;
 
 /// Most passes one reconcile makes (dereference, plan, execute) before it yields.
@@ -29,9 +32,13 @@ const WAKE_MARGIN: Duration = Duration::from_millis(100);
 /// and publishes what it did.
 pub async fn reconcile(ctx: &Context, key: &str) -> (Result<Requeue, Arc<ReconcileError>>, Report) {
     let mut report = Report { key: key.to_string(), ..Report::default() };
-    let result = reconcile_into(ctx, key, &mut report).await.map_err(Arc::new);
+    // The trace of this reconcile (exported with --otlp-endpoint; free without).
+    let span = tracing::trace_span!(target: TARGET, "reconcile", workspace = key, rule = Empty, cause = Empty,
+        otel.status_code = Empty, error = Empty);
+    let result = reconcile_into(ctx, key, &mut report).instrument(span.clone()).await.map_err(Arc::new);
     if let Err(e) = &result {
         report.error = Some(e.to_string());
+        span.record("otel.status_code", "ERROR").record("error", tracing::field::display(e));
     }
     let _ = ctx.reports.send(report.clone());
     (result, report)
@@ -49,12 +56,28 @@ async fn reconcile_into(ctx: &Context, key: &str, report: &mut Report) -> Result
             return Ok(None); // not every source has spoken yet: never remove on partial knowledge
         }
         let now = Utc::now();
-        let Some(inputs) = dereference(ctx, key, &set, declared, now).await? else {
+        let observing = tracing::trace_span!(target: TARGET, "observe", workspace = key);
+        let Some(inputs) = dereference(ctx, key, &set, declared, now).instrument(observing).await? else {
             return Ok(None); // never seen, not declared: nothing to do
         };
         let facts =
             Facts { desired: inputs.desired.as_ref(), observed: &inputs.observed, now, settings: &ctx.settings };
-        match plan(&facts) {
+        let planning = tracing::trace_span!(target: TARGET, "plan", rule = Empty, cause = Empty, wait_until = Empty);
+        let planned = planning.in_scope(|| plan(&facts));
+        match &planned {
+            Plan::Act(d) => {
+                // On the plan and on the reconcile (its last decision), for a search by rule.
+                for span in [&planning, &tracing::Span::current()] {
+                    span.record("rule", d.rule).record("cause", d.cause.as_str());
+                }
+            }
+            Plan::Wait(Some(at)) => {
+                planning.record("wait_until", tracing::field::display(at.to_rfc3339()));
+            }
+            Plan::Wait(None) => {}
+        }
+        drop(planning);
+        match planned {
             Plan::Wait(until) => {
                 report.status = write_status(ctx, key, &facts, declared).await?;
                 remember_quiet(ctx, key, &inputs);
