@@ -68,6 +68,31 @@ impl NodeDocker {
         Ok(out)
     }
 
+    /// The node's running Pod containers (no sandboxes), from one listing: each with
+    /// its Pod's uid, its container name and when it was created.
+    pub async fn running(&self) -> RuntimeResult<Vec<(String, String, String, Option<chrono::DateTime<chrono::Utc>>)>> {
+        let mut filters = self.filter(&[]);
+        filters.insert("status", vec!["running".into(), "paused".into()]);
+        let options = ListContainersOptionsBuilder::new().filters(&filters).build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| api_error("listing the node's containers", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| {
+                let l = c.labels.unwrap_or_default();
+                let container = l.get(labels::CONTAINER_NAME)?.clone();
+                if container == labels::SANDBOX {
+                    return None;
+                }
+                let created = c.created.and_then(|t| chrono::DateTime::from_timestamp(t, 0));
+                Some((c.id?, l.get(labels::POD_UID)?.clone(), container, created))
+            })
+            .collect())
+    }
+
     /// One of the node's containers; None when it is gone (or not the node's).
     pub async fn inspect(&self, id: &str) -> RuntimeResult<Option<PodContainer>> {
         let c = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
