@@ -37,6 +37,16 @@ pub struct PodContainer {
     pub ip: Option<String>,
 }
 
+/// A running container of a Pod, as a listing shows it.
+#[derive(Clone, Debug)]
+pub struct RunningContainer {
+    pub id: String,
+    pub pod_uid: String,
+    /// The Pod's container name.
+    pub container: String,
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[derive(Clone)]
 pub struct NodeDocker {
     pub docker: Docker,
@@ -68,9 +78,8 @@ impl NodeDocker {
         Ok(out)
     }
 
-    /// The node's running Pod containers (no sandboxes), from one listing: each with
-    /// its Pod's uid, its container name and when it was created.
-    pub async fn running(&self) -> RuntimeResult<Vec<(String, String, String, Option<chrono::DateTime<chrono::Utc>>)>> {
+    /// The node's running (and paused) Pod containers, no sandboxes, from one listing.
+    pub async fn running(&self) -> RuntimeResult<Vec<RunningContainer>> {
         let mut filters = self.filter(&[]);
         filters.insert("status", vec!["running".into(), "paused".into()]);
         let options = ListContainersOptionsBuilder::new().filters(&filters).build();
@@ -88,7 +97,7 @@ impl NodeDocker {
                     return None;
                 }
                 let created = c.created.and_then(|t| chrono::DateTime::from_timestamp(t, 0));
-                Some((c.id?, l.get(labels::POD_UID)?.clone(), container, created))
+                Some(RunningContainer { id: c.id?, pod_uid: l.get(labels::POD_UID)?.clone(), container, created })
             })
             .collect())
     }

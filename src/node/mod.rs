@@ -1072,22 +1072,22 @@ impl crate::kubeapi::metrics::PodUsage for LocalNode {
         let running = self.docker.running().await.map_err(|e| e.to_string())?;
         let infos: Vec<crate::model::container::ContainerInfo> = running
             .iter()
-            .map(|(id, ..)| crate::model::container::ContainerInfo { id: id.clone(), ..Default::default() })
+            .map(|c| crate::model::container::ContainerInfo { id: c.id.clone(), ..Default::default() })
             .collect();
         let read = self.usage.read(&self.docker.docker, &infos).await;
         let mut seen = self.readings.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: HashMap<String, Vec<crate::kubeapi::metrics::ContainerUsage>> = HashMap::new();
         let mut next = HashMap::new();
         for now in read {
-            let Some((_, pod, container, created)) = running.iter().find(|(id, ..)| *id == now.container_id) else {
+            let Some(c) = running.iter().find(|c| c.id == now.container_id) else {
                 continue;
             };
             let since_created =
-                created.map(|at| Reading { cpu: Some(Cpu::Total(0)), memory_bytes: None, at, ..now.clone() });
+                c.created.map(|at| Reading { cpu: Some(Cpu::Total(0)), memory_bytes: None, at, ..now.clone() });
             let base = seen.get(&now.container_id).cloned().or(since_created);
             let u = usage(base.as_ref(), &now);
-            out.entry(pod.clone()).or_default().push(crate::kubeapi::metrics::ContainerUsage {
-                container: container.clone(),
+            out.entry(c.pod_uid.clone()).or_default().push(crate::kubeapi::metrics::ContainerUsage {
+                container: c.container.clone(),
                 cores: u.cpu_cores,
                 window: u.window_seconds,
                 memory_bytes: u.memory_bytes,

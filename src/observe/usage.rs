@@ -97,7 +97,7 @@ impl Book {
         for c in live.iter().filter(|c| read.contains_key(&c.id)) {
             let Some(key) = c.workspace() else { continue };
             let newer = |old: &ContainerInfo| incarnation(c) > incarnation(old);
-            if current.get(key).is_none_or(|old| newer(old)) {
+            if current.get(key).is_none_or(|&old| newer(old)) {
                 current.insert(key, c);
             }
         }
