@@ -76,7 +76,7 @@ impl MetricsApi {
             let selector = format!("{}={instance}", labels::INSTANCE);
             let url =
                 format!("/apis/metrics.k8s.io/v1beta1/namespaces/{ns}/pods?labelSelector={}", url_escape(&selector));
-            let request = match http::Request::get(url).body(Vec::new()) {
+            let request = match axum::http::Request::get(url).body(Vec::new()) {
                 Ok(r) => r,
                 Err(_) => continue,
             };
