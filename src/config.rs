@@ -62,6 +62,11 @@ pub struct OperatorArgs {
     /// and token read (also at start, and after a secret or the Docker connection changed).
     #[arg(long, default_value_t = 600)]
     pub full_resync_seconds: u64,
+    /// How often each workspace's CPU and memory are read from the runtime (cgroup
+    /// files or Docker's stats; with Pods, the metrics.k8s.io API where served), for
+    /// `get -o wide`, `describe`, the fleet page and /metrics. 0: never.
+    #[arg(long, default_value_t = 15)]
+    pub usage_seconds: u64,
     /// Image for a runtime; `{runtime}` is replaced. Production:
     /// ghcr.io/molecule-ai/workspace-template-{runtime}:latest
     #[arg(long, default_value = "molecule-agent:local")]

@@ -55,6 +55,20 @@ struct WorkspaceLabel {
     workspace: String,
 }
 
+/// A workspace as Kubernetes tools label objects: namespace and name apart.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectLabels {
+    namespace: String,
+    name: String,
+}
+
+impl ObjectLabels {
+    fn of(key: &str) -> Self {
+        let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
@@ -75,6 +89,8 @@ pub struct Metrics {
     agent_error_rate: Family<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     agent_active_tasks: Family<WorkspaceLabel, Gauge>,
     agent_wedged: Family<WorkspaceLabel, Gauge>,
+    cpu_cores: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    memory_bytes: Family<ObjectLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +121,8 @@ impl Metrics {
         let agent_error_rate = Family::<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let agent_active_tasks = Family::<WorkspaceLabel, Gauge>::default();
         let agent_wedged = Family::<WorkspaceLabel, Gauge>::default();
+        let cpu_cores = Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let memory_bytes = Family::<ObjectLabels, Gauge>::default();
         registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
         registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
@@ -144,6 +162,18 @@ impl Metrics {
             "1 while the workspace's runtime reports itself wedged",
             agent_wedged.clone(),
         );
+        // Per workspace while its container runs (observe/usage.rs), labelled like
+        // Kubernetes objects (namespace, name) so they join with kube-state-metrics.
+        registry.register(
+            "workspace_cpu_cores",
+            "CPU the workspace's container used, in cores, averaged between the last two usage samples",
+            cpu_cores.clone(),
+        );
+        registry.register(
+            "workspace_memory_bytes",
+            "Memory the workspace's container uses, in bytes, without reclaimable page cache",
+            memory_bytes.clone(),
+        );
         let metrics = Self {
             registry,
             reconciles,
@@ -159,6 +189,8 @@ impl Metrics {
             agent_error_rate,
             agent_active_tasks,
             agent_wedged,
+            cpu_cores,
+            memory_bytes,
         };
         metrics.set_workspaces(std::iter::empty());
         metrics
@@ -218,6 +250,28 @@ impl Metrics {
                 self.agent_error_rate.remove(&label);
                 self.agent_active_tasks.remove(&label);
                 self.agent_wedged.remove(&label);
+            }
+        }
+    }
+
+    /// What `workspace` (`ns/name`) uses (None: nothing known, or its container is
+    /// gone: its series are dropped).
+    pub fn set_usage(&self, workspace: &str, usage: Option<&crate::model::usage::Usage>) {
+        let labels = ObjectLabels::of(workspace);
+        match usage.and_then(|u| u.cpu_cores) {
+            Some(cores) => {
+                self.cpu_cores.get_or_create(&labels).set(cores);
+            }
+            None => {
+                self.cpu_cores.remove(&labels);
+            }
+        }
+        match usage.and_then(|u| u.memory_bytes) {
+            Some(bytes) => {
+                self.memory_bytes.get_or_create(&labels).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+            None => {
+                self.memory_bytes.remove(&labels);
             }
         }
     }
@@ -292,5 +346,26 @@ mod tests {
         assert!(text.contains("molecule_agent_wedged{workspace=\"default/dev\"} 1"), "{text}");
         m.set_agent("default/dev", None);
         assert!(!m.encode().contains("default/dev"));
+    }
+
+    #[test]
+    fn usage_is_a_series_per_workspace_until_its_container_is_gone() {
+        let m = Metrics::new();
+        let u = crate::model::usage::Usage {
+            cpu_cores: Some(0.25),
+            memory_bytes: Some(4096),
+            window_seconds: Some(15.0),
+            sampled_at: chrono::Utc::now(),
+        };
+        m.set_usage("team-a/dev", Some(&u));
+        let text = m.encode();
+        assert!(text.contains("molecule_workspace_cpu_cores{namespace=\"team-a\",name=\"dev\"} 0.25"), "{text}");
+        assert!(text.contains("molecule_workspace_memory_bytes{namespace=\"team-a\",name=\"dev\"} 4096"), "{text}");
+        m.set_usage("team-a/dev", Some(&crate::model::usage::Usage { cpu_cores: None, ..u }));
+        let text = m.encode();
+        assert!(!text.contains("molecule_workspace_cpu_cores{"), "no rate, no series: {text}");
+        assert!(text.contains("molecule_workspace_memory_bytes{namespace=\"team-a\",name=\"dev\"} 4096"), "{text}");
+        m.set_usage("team-a/dev", None);
+        assert!(!m.encode().contains("name=\"dev\""));
     }
 }

@@ -252,7 +252,8 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
                     gateway: node.gateway().parse().ok(),
                 });
                 network_choice = NetworkChoice::Named(name);
-                api.set_pod_logs(node);
+                api.set_pod_logs(node.clone());
+                api.set_pod_usage(node);
             }
             Some(kubeconfig)
         }
@@ -407,6 +408,17 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
         secrets_feed = Some(feed);
     }
     let ctx = Arc::new(ctx);
+    // Usage (CPU, memory) per workspace, read beside the loop (observe/usage.rs).
+    if args.usage_seconds > 0 {
+        tokio::spawn(crate::observe::usage::sample(
+            ctx.runtime.clone(),
+            ctx.containers.clone(),
+            state.usage.clone(),
+            ctx.metrics.clone(),
+            Duration::from_secs(args.usage_seconds),
+            shutdown.clone(),
+        ));
+    }
     if let Some(src) = pg_source {
         src.write_status(ctx.reports.subscribe(), ctx.store.clone(), health.clone(), shutdown.clone());
     }

@@ -114,6 +114,7 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     }
     let Some(browser) = Browser::start("fleet_page", 1440, 900) else { return };
     let mut op = Op::new("fleetpage");
+    op.extra = vec!["--usage-seconds".into(), "2".into()];
     let org = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/org");
     for entry in std::fs::read_dir(&org).unwrap() {
         let path = entry.unwrap().path();
@@ -173,6 +174,17 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     assert_eq!(browser.text("[data-team=\"default/engineering\"] b").as_deref(), Some("engineering"));
     let decisions = field(&browser, "pm", "decisions").unwrap();
     assert!(decisions.contains("provision"), "the last decisions, with their causes: {decisions}");
+    // Usage (CPU, memory) comes with the sampler's rounds, without a reload.
+    browser.wait_for(
+        "pm's usage",
+        PAGE,
+        "const r = document.querySelector('li.node[data-key=\"default/pm\"] > .ws'); \
+         return [r.querySelector('[data-field=cpu]').textContent, r.querySelector('[data-field=memory]').textContent]",
+        |v| {
+            v[0].as_str().is_some_and(|c| c.parse::<f64>().is_ok())
+                && v[1].as_str().is_some_and(|m| ["Ki", "Mi", "Gi"].iter().any(|u| m.ends_with(u)))
+        },
+    );
 
     // A container removed out of band: the new incarnation shows, without a reload.
     browser.execute("window.notReloaded = true", json!([]));

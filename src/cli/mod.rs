@@ -44,6 +44,8 @@ pub enum OutputFormat {
     /// For people: aligned columns (`describe`: a report).
     #[default]
     Table,
+    /// The table with more columns (`get workspaces`: CPU and MEMORY, the usage).
+    Wide,
     /// Pretty JSON (`get`: an array of objects).
     Json,
     Yaml,
@@ -335,7 +337,7 @@ pub fn event_line(e: &crate::registry::events::FleetEvent, format: &str) -> Stri
     line
 }
 
-/// `get workspaces|teams [NAME] [-o table|json|yaml]`.
+/// `get workspaces|teams [NAME] [-o table|wide|json|yaml]`.
 pub async fn get(args: &GetArgs) -> Result<String, CliError> {
     let client = Client::new(&args.client)?;
     let key = args.name.as_deref().map(ObjectKey::parse);
@@ -350,6 +352,7 @@ pub async fn get(args: &GetArgs) -> Result<String, CliError> {
             }
             match args.output {
                 OutputFormat::Table => Ok(output::workspaces_table(&all, Utc::now())),
+                OutputFormat::Wide => Ok(output::workspaces_table_wide(&all, Utc::now())),
                 f => encode(&all, f),
             }
         }
@@ -362,7 +365,7 @@ pub async fn get(args: &GetArgs) -> Result<String, CliError> {
                 }
             }
             match args.output {
-                OutputFormat::Table => Ok(output::teams_table(&all)),
+                OutputFormat::Table | OutputFormat::Wide => Ok(output::teams_table(&all)),
                 f => encode(&all, f),
             }
         }
@@ -374,7 +377,7 @@ pub async fn describe(args: &DescribeArgs) -> Result<String, CliError> {
     let client = Client::new(&args.client)?;
     let detail = client.workspace(&ObjectKey::parse(&args.name)).await?;
     match args.output {
-        OutputFormat::Table => Ok(output::describe(&detail, Utc::now())),
+        OutputFormat::Table | OutputFormat::Wide => Ok(output::describe(&detail, Utc::now())),
         f => encode(&detail, f),
     }
 }
@@ -391,7 +394,7 @@ fn encode<T: Serialize>(value: &T, format: OutputFormat) -> Result<String, CliEr
         OutputFormat::Json => {
             serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(|e| CliError::Output(e.to_string()))
         }
-        OutputFormat::Yaml | OutputFormat::Table => {
+        OutputFormat::Yaml | OutputFormat::Table | OutputFormat::Wide => {
             serde_saphyr::to_string(value).map_err(|e| CliError::Output(e.to_string()))
         }
     }

@@ -76,11 +76,34 @@ fn or_dash(s: Option<&str>) -> String {
 
 /// `get workspaces`. A NAMESPACE column appears when any workspace is outside `default`.
 pub fn workspaces_table(workspaces: &[WorkspaceSummary], now: DateTime<Utc>) -> String {
+    workspaces_columns(workspaces, now, false)
+}
+
+/// `get workspaces -o wide`: the table plus CPU (cores) and MEMORY, the usage last
+/// sampled; `-` where none is known (no running container, the runtime reports none,
+/// or, for CPU, only one sample so far).
+pub fn workspaces_table_wide(workspaces: &[WorkspaceSummary], now: DateTime<Utc>) -> String {
+    workspaces_columns(workspaces, now, true)
+}
+
+/// A workspace's CPU and memory cells.
+pub fn usage_cells(w: &WorkspaceSummary) -> (String, String) {
+    let u = w.usage.as_ref();
+    (
+        u.and_then(|u| u.cpu_cores).map_or_else(|| "-".into(), crate::model::usage::cores_text),
+        u.and_then(|u| u.memory_bytes).map_or_else(|| "-".into(), crate::model::usage::bytes_text),
+    )
+}
+
+fn workspaces_columns(workspaces: &[WorkspaceSummary], now: DateTime<Utc>, wide: bool) -> String {
     if workspaces.is_empty() {
         return "No workspaces are declared.\n".into();
     }
     let namespaced = workspaces.iter().any(|w| w.namespace != crate::api::DEFAULT_NAMESPACE);
     let mut headers = vec!["NAME", "TEAM", "PHASE", "INCARNATION", "TOKEN", "LAST HEARTBEAT", "AGE"];
+    if wide {
+        headers.extend(["CPU", "MEMORY"]);
+    }
     if namespaced {
         headers.insert(0, "NAMESPACE");
     }
@@ -96,6 +119,10 @@ pub fn workspaces_table(workspaces: &[WorkspaceSummary], now: DateTime<Utc>) -> 
                 ago(w.last_heartbeat_at, now),
                 age(w.created_at, now),
             ];
+            if wide {
+                let (cpu, memory) = usage_cells(w);
+                row.extend([cpu, memory]);
+            }
             if namespaced {
                 row.insert(0, w.namespace.clone());
             }
@@ -154,6 +181,20 @@ pub fn memory(bytes: i64) -> String {
     }
 }
 
+/// `describe`'s Usage line: `0.012 cores, 3.4Mi memory (over 15s, sampled 4s ago)`.
+pub fn usage_line(w: &WorkspaceSummary, now: DateTime<Utc>) -> String {
+    let Some(u) = &w.usage else {
+        return "- (no running container, or the runtime reports no usage)".into();
+    };
+    let (cpu, memory) = usage_cells(w);
+    let cpu = match u.cpu_cores {
+        Some(_) => format!("{cpu} cores"),
+        None => "CPU - (one sample so far)".into(),
+    };
+    let window = u.window_seconds.map(|s| format!("over {}, ", short_duration(s.round() as i64))).unwrap_or_default();
+    format!("{cpu}, {memory} memory ({window}sampled {})", ago(Some(u.sampled_at), now))
+}
+
 /// `describe workspace`: everything about one workspace, for people.
 pub fn describe(d: &WorkspaceDetail, now: DateTime<Utc>) -> String {
     let w = &d.summary;
@@ -189,6 +230,7 @@ pub fn describe(d: &WorkspaceDetail, now: DateTime<Utc>) -> String {
             None => w.restart_count.to_string(),
         },
     );
+    field("Usage", usage_line(w, now));
     if let Some(a) = &w.agent {
         let mut parts = Vec::new();
         if let Some(task) = &a.current_task {
@@ -447,7 +489,32 @@ mod tests {
             created_at: Some(now() - Duration::hours(2)),
             declared: true,
             mode_override: None,
+            usage: None,
         }
+    }
+
+    #[test]
+    fn wide_shows_usage_and_a_dash_where_none_is_known() {
+        let mut busy = ws("busy");
+        busy.usage = Some(crate::model::usage::Usage {
+            cpu_cores: Some(0.0123),
+            memory_bytes: Some(3_565_158),
+            window_seconds: Some(15.2),
+            sampled_at: now() - Duration::seconds(4),
+        });
+        let mut first = ws("first");
+        first.usage =
+            Some(crate::model::usage::Usage { cpu_cores: None, window_seconds: None, ..busy.usage.clone().unwrap() });
+        let out = workspaces_table_wide(&[busy.clone(), first.clone(), ws("stopped")], now());
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("AGE   CPU     MEMORY"), "{out}");
+        assert!(lines[1].ends_with("2h    0.012   3.4Mi"), "{out}");
+        assert!(lines[2].ends_with("2h    -       3.4Mi"), "{out}");
+        assert!(lines[3].ends_with("2h    -       -"), "{out}");
+        assert!(!workspaces_table(&[busy.clone()], now()).contains("CPU"), "only wide has usage");
+        assert_eq!(usage_line(&busy, now()), "0.012 cores, 3.4Mi memory (over 15s, sampled 4s ago)");
+        assert_eq!(usage_line(&first, now()), "CPU - (one sample so far), 3.4Mi memory (sampled 4s ago)");
+        assert!(usage_line(&ws("x"), now()).starts_with("- "));
     }
 
     #[test]

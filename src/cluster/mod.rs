@@ -82,6 +82,9 @@ pub const API_USES: &[ApiUse] = &[
         verbs: &["get", "list", "watch", "create", "delete"],
         own_namespace: false,
     },
+    // Usage of the workspaces' Pods, where the cluster serves the resource metrics API
+    // (metrics-server); one list per namespace by the instance label.
+    ApiUse { group: "metrics.k8s.io", resource: "pods", verbs: &["list"], own_namespace: false },
     // The secrets key: a Secret in the operator's own namespace, created once when
     // missing (it is read with the `get` above). `create` cannot be limited by name.
     ApiUse { group: "", resource: "secrets", verbs: &["create"], own_namespace: true },

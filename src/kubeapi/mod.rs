@@ -75,6 +75,7 @@ mod gc;
 mod kinds;
 mod leases;
 pub mod logs;
+pub mod metrics;
 mod objects;
 mod protobuf;
 pub mod quantity;
@@ -188,6 +189,8 @@ pub struct KubeApi {
     limiter: OnceLock<Arc<FailureLimiter>>,
     /// What serves `pods/NAME/log`: the local node, when one runs.
     pod_logs: OnceLock<Arc<dyn PodLogs>>,
+    /// What serves `metrics.k8s.io` PodMetrics: the local node, when one runs.
+    pod_usage: OnceLock<Arc<dyn metrics::PodUsage>>,
     /// Set when the server shuts down: open watches end, so a graceful shutdown
     /// does not wait out their timeouts.
     closing: tokio::sync::watch::Sender<bool>,
@@ -222,6 +225,7 @@ impl KubeApi {
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             limiter: OnceLock::new(),
             pod_logs: OnceLock::new(),
+            pod_usage: OnceLock::new(),
             closing: tokio::sync::watch::Sender::new(false),
             workspace: kind_info(Kind::Workspace),
             team: kind_info(Kind::Team),
@@ -269,6 +273,12 @@ impl KubeApi {
     /// source that spent its allowance is answered 429 before its token is checked.
     pub fn set_limiter(&self, limiter: Arc<FailureLimiter>) {
         let _ = self.limiter.set(limiter);
+    }
+
+    /// What serves `metrics.k8s.io` PodMetrics (the local node). Without one, the group
+    /// is not served (404), as in a cluster without metrics-server.
+    pub fn set_pod_usage(&self, usage: Arc<dyn metrics::PodUsage>) {
+        let _ = self.pod_usage.set(usage);
     }
 
     /// What serves `pods/NAME/log` (the local node). Without one, logs are 503.
@@ -519,6 +529,12 @@ async fn dispatch(
         }
         (_, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..]) if rest.len() <= 1 => {
             leases::handle(&api, &method, ns, rest.first().copied(), &headers, &body).await
+        }
+        (Method::GET, ["apis", "metrics.k8s.io", "v1beta1", "pods"]) => {
+            metrics::serve(&api, None, &query, uri.path()).await
+        }
+        (Method::GET, ["apis", "metrics.k8s.io", "v1beta1", "namespaces", ns, "pods"]) => {
+            metrics::serve(&api, Some(ns), &query, uri.path()).await
         }
         (Method::GET, ["apis"]) => Ok(discovery::groups()),
         (Method::GET, ["apis", g]) if *g == GROUP => Ok(discovery::group()),

@@ -9,6 +9,7 @@ pub mod decision;
 pub mod heartbeat;
 pub mod secret;
 pub mod token;
+pub mod usage;
 pub mod workspace;
 
 pub use agent_report::{AgentReport, DeliveryMode};

@@ -37,6 +37,16 @@ pub struct PodContainer {
     pub ip: Option<String>,
 }
 
+/// A running container of a Pod, as a listing shows it.
+#[derive(Clone, Debug)]
+pub struct RunningContainer {
+    pub id: String,
+    pub pod_uid: String,
+    /// The Pod's container name.
+    pub container: String,
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[derive(Clone)]
 pub struct NodeDocker {
     pub docker: Docker,
@@ -66,6 +76,30 @@ impl NodeDocker {
             }
         }
         Ok(out)
+    }
+
+    /// The node's running (and paused) Pod containers, no sandboxes, from one listing.
+    pub async fn running(&self) -> RuntimeResult<Vec<RunningContainer>> {
+        let mut filters = self.filter(&[]);
+        filters.insert("status", vec!["running".into(), "paused".into()]);
+        let options = ListContainersOptionsBuilder::new().filters(&filters).build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| api_error("listing the node's containers", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| {
+                let l = c.labels.unwrap_or_default();
+                let container = l.get(labels::CONTAINER_NAME)?.clone();
+                if container == labels::SANDBOX {
+                    return None;
+                }
+                let created = c.created.and_then(|t| chrono::DateTime::from_timestamp(t, 0));
+                Some(RunningContainer { id: c.id?, pod_uid: l.get(labels::POD_UID)?.clone(), container, created })
+            })
+            .collect())
     }
 
     /// One of the node's containers; None when it is gone (or not the node's).

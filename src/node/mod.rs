@@ -175,6 +175,9 @@ pub struct LocalNode {
     claims: Store<PersistentVolumeClaim>,
     memory: Mutex<Memory>,
     queue: mpsc::UnboundedSender<(Key, Option<Duration>)>,
+    /// Where each container's usage is read, and its last reading (for CPU rates).
+    usage: crate::runtime::docker_usage::UsageReader,
+    readings: Mutex<HashMap<String, crate::model::usage::Reading>>,
 }
 
 impl LocalNode {
@@ -222,6 +225,8 @@ pub async fn start(
         claims,
         memory: Mutex::default(),
         queue,
+        usage: Default::default(),
+        readings: Mutex::default(),
     });
 
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={NODE_NAME}"));
@@ -1051,6 +1056,53 @@ impl crate::kubeapi::PodLogs for LocalNode {
                 Err(format!("container \"{}\" in pod \"{name}\" is waiting to start: {reason}", options.container))
             }
         }
+    }
+}
+
+/// The shortest span a Pod's CPU figure is averaged over.
+const MIN_USAGE_WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+/// Usage of the node's Pods for the API's `metrics.k8s.io` (kubeapi/metrics.rs), read as
+/// the Docker runtime reads its containers' (cgroup files, else stats). CPU is averaged
+/// since the last time it was asked (since the container was created, the first time).
+#[async_trait::async_trait]
+impl crate::kubeapi::metrics::PodUsage for LocalNode {
+    async fn usage(&self) -> Result<HashMap<String, Vec<crate::kubeapi::metrics::ContainerUsage>>, String> {
+        use crate::model::usage::{Cpu, Reading, usage};
+        let running = self.docker.running().await.map_err(|e| e.to_string())?;
+        let infos: Vec<crate::model::container::ContainerInfo> = running
+            .iter()
+            .map(|c| crate::model::container::ContainerInfo { id: c.id.clone(), ..Default::default() })
+            .collect();
+        let read = self.usage.read(&self.docker.docker, &infos).await;
+        let mut seen = self.readings.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<String, Vec<crate::kubeapi::metrics::ContainerUsage>> = HashMap::new();
+        let mut next = HashMap::new();
+        for now in read {
+            let Some(c) = running.iter().find(|c| c.id == now.container_id) else {
+                continue;
+            };
+            let since_created =
+                c.created.map(|at| Reading { cpu: Some(Cpu::Total(0)), memory_bytes: None, at, ..now.clone() });
+            let base = seen.get(&now.container_id).cloned().or(since_created);
+            let u = usage(base.as_ref(), &now);
+            out.entry(c.pod_uid.clone()).or_default().push(crate::kubeapi::metrics::ContainerUsage {
+                container: c.container.clone(),
+                cores: u.cpu_cores,
+                window: u.window_seconds,
+                memory_bytes: u.memory_bytes,
+                at: u.sampled_at,
+            });
+            // The next rate is over at least MIN_USAGE_WINDOW: one list per namespace
+            // right after another must not average over milliseconds.
+            let keep = match base {
+                Some(b) if now.at - b.at < MIN_USAGE_WINDOW => b,
+                _ => now,
+            };
+            next.insert(keep.container_id.clone(), keep);
+        }
+        *seen = next;
+        Ok(out)
     }
 }
 

@@ -501,6 +501,22 @@ impl ContainerCache {
         st.known.then(|| st.get(st.by_uid.get(uid)).collect())
     }
 
+    /// The containers that run (or are paused) and belong to a workspace: what the
+    /// usage sampler reads. None when unknown.
+    pub fn live(&self) -> Option<Vec<ContainerInfo>> {
+        let st = self.lock();
+        st.known.then(|| {
+            st.containers
+                .iter()
+                .filter(|(_, e)| {
+                    e.kept.workspace.is_some()
+                        && matches!(e.kept.state, ContainerState::Running | ContainerState::Paused)
+                })
+                .map(|(id, e)| e.kept.info(id))
+                .collect()
+        })
+    }
+
     /// Every workspace key a container is labelled with. None when unknown.
     pub fn workspace_keys(&self) -> Option<Vec<String>> {
         let st = self.lock();

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod settle;
+pub mod usage;
 
 use sha2::{Digest, Sha256};
 

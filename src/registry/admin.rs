@@ -54,7 +54,7 @@ pub(crate) async fn list_workspaces(State(state): State<Arc<AppState>>, Query(q)
         Ok(r) => r,
         Err(e) => return store_failed(e),
     };
-    let mut all = views::summaries(&state.desired(), &records, Utc::now());
+    let mut all = views::with_usage(views::summaries(&state.desired(), &records, Utc::now()), &state.usage);
     if let Some(ns) = &q.namespace {
         all.retain(|w| &w.namespace == ns);
     }
@@ -99,7 +99,8 @@ pub(crate) async fn get_workspace(
         }
         None => (Vec::new(), Vec::new()),
     };
-    let summary = views::summary(&key, declared, record.as_ref(), Utc::now());
+    let mut summary = views::summary(&key, declared, record.as_ref(), Utc::now());
+    summary.usage = state.usage.get(&key.to_string());
     Json(views::detail(summary, declared, record.as_ref(), &tokens, decisions)).into_response()
 }
 

@@ -8,7 +8,9 @@
 //! - `removed`: the keys (`ns/name`) of workspaces that are gone;
 //! - `heartbeats`: `{"ns/name": RFC 3339}` for the heartbeats that moved on;
 //! - `decisions`: new decisions (`FleetEvent`s), oldest first;
-//! - `teams`: every team, when any changed.
+//! - `teams`: every team, when any changed;
+//! - `usage`: `{"ns/name": usage or null}` for the workspaces whose usage (CPU, memory)
+//!   changed or went, after each round of the usage sampler (observe/usage.rs).
 //!
 //! It is fed by the loop's report channel, the one `events -w` reads: a finished
 //! reconcile (an admin action, a container removed, a phase change all end in one)
@@ -36,6 +38,7 @@ use super::admin::store_failed;
 use super::events::FleetEvent;
 use super::views::{self, TeamSummary, WorkspaceSummary};
 use crate::api::ObjectKey;
+use crate::model::usage::Usage;
 use crate::store::StoreError;
 use crate::trigger::Report;
 
@@ -90,7 +93,7 @@ async fn snapshot(state: &AppState) -> Result<FleetSnapshot, StoreError> {
     let records = state.store.list_workspaces().await?;
     let desired = state.desired();
     let now = Utc::now();
-    let workspaces = views::summaries(&desired, &records, now);
+    let workspaces = views::with_usage(views::summaries(&desired, &records, now), &state.usage);
     let teams = views::teams(&desired, &workspaces);
     let mut decisions: Vec<FleetEvent> = state
         .store
@@ -132,14 +135,28 @@ fn event<T: Serialize>(name: &str, data: &T) -> Option<Event> {
 /// What the stream has sent, to send only what differs.
 #[derive(Debug, Default)]
 struct Sent {
-    /// By `ns/name`, with the heartbeat as sent last.
+    /// By `ns/name`, with the heartbeat as sent last, without usage (kept apart).
     workspaces: BTreeMap<String, WorkspaceSummary>,
     teams: Vec<TeamSummary>,
+    /// Each workspace's usage as sent last.
+    usage: BTreeMap<String, Usage>,
 }
 
 impl From<FleetSnapshot> for Sent {
     fn from(s: FleetSnapshot) -> Self {
-        Self { workspaces: s.workspaces.into_iter().map(|w| (w.key().to_string(), w)).collect(), teams: s.teams }
+        let mut usage = BTreeMap::new();
+        let workspaces = s
+            .workspaces
+            .into_iter()
+            .map(|mut w| {
+                let key = w.key().to_string();
+                if let Some(u) = w.usage.take() {
+                    usage.insert(key.clone(), u);
+                }
+                (key, w)
+            })
+            .collect();
+        Self { workspaces, teams: s.teams, usage }
     }
 }
 
@@ -157,7 +174,9 @@ impl Sent {
     fn update(&mut self, looked: &BTreeSet<String>, fresh: Vec<WorkspaceSummary>) -> Delta {
         let mut delta = Delta::default();
         let mut seen = BTreeSet::new();
-        for w in fresh {
+        for mut w in fresh {
+            // Usage goes apart (`Sent::usage`); what is sent gets it back.
+            w.usage = None;
             let key = w.key().to_string();
             seen.insert(key.clone());
             match self.workspaces.get(&key) {
@@ -192,6 +211,28 @@ impl Sent {
         moved
     }
 
+    /// Takes in the usage book: returns what changed (null for a workspace that has
+    /// none any more).
+    fn usage(&mut self, now: BTreeMap<String, Usage>) -> BTreeMap<String, Option<Usage>> {
+        let mut changed: BTreeMap<String, Option<Usage>> =
+            self.usage.keys().filter(|k| !now.contains_key(*k)).map(|k| (k.clone(), None)).collect();
+        for (k, u) in &now {
+            if self.usage.get(k) != Some(u) {
+                changed.insert(k.clone(), Some(u.clone()));
+            }
+        }
+        self.usage = now;
+        changed
+    }
+
+    /// Summaries to send, with their usage as sent.
+    fn with_usage(&self, mut workspaces: Vec<WorkspaceSummary>) -> Vec<WorkspaceSummary> {
+        for w in &mut workspaces {
+            w.usage = self.usage.get(&w.key().to_string()).cloned();
+        }
+        workspaces
+    }
+
     /// The teams, when they differ from those sent.
     fn teams(&mut self, desired: &crate::source::desired::DesiredSet) -> Option<Vec<TeamSummary>> {
         let all: Vec<WorkspaceSummary> = self.workspaces.values().cloned().collect();
@@ -223,6 +264,8 @@ struct Pending {
     /// Look at every workspace (declarations changed, or reports were missed).
     all: bool,
     heartbeats: bool,
+    /// The usage sampler finished a round that changed something.
+    usage: bool,
 }
 
 impl Pending {
@@ -259,6 +302,8 @@ async fn follow(
 ) {
     let mut desired = state.desired.clone();
     desired.mark_unchanged();
+    let mut usage = state.usage.subscribe();
+    usage.mark_unchanged();
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT_EVERY, HEARTBEAT_EVERY);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -269,6 +314,7 @@ async fn follow(
             report = next_report(&mut live) => if !pending.note(report) { return },
             changed = desired.changed() => if changed.is_err() { return } else { pending.all = true },
             _ = beat.tick() => pending.heartbeats = true,
+            Ok(()) = usage.changed() => pending.usage = true,
         }
         // A burst is sent once.
         tokio::select! {
@@ -287,7 +333,14 @@ async fn follow(
                 return;
             }
         }
-        if pending.decisions.is_empty() && !pending.all && pending.keys.is_empty() && !pending.heartbeats {
+        pending.usage |= usage.has_changed().unwrap_or(false);
+        usage.mark_unchanged();
+        if pending.decisions.is_empty()
+            && !pending.all
+            && pending.keys.is_empty()
+            && !pending.heartbeats
+            && !pending.usage
+        {
             continue;
         }
         if send(&state, &mut sent, &mut pending, &tx).await.is_err() {
@@ -310,7 +363,8 @@ async fn send(state: &AppState, sent: &mut Sent, pending: &mut Pending, tx: &mps
             let fresh = views::summaries(&desired, &records, now);
             let looked: BTreeSet<String> =
                 sent.workspaces.keys().cloned().chain(fresh.iter().map(|w| w.key().to_string())).collect();
-            push_delta(&mut events, sent.update(&looked, fresh));
+            let delta = sent.update(&looked, fresh);
+            push_delta(&mut events, sent, delta);
         }
     } else if !pending.keys.is_empty() {
         let mut fresh = Vec::new();
@@ -322,7 +376,8 @@ async fn send(state: &AppState, sent: &mut Sent, pending: &mut Pending, tx: &mps
                 fresh.push(views::summary(&k, declared, record.as_ref(), now));
             }
         }
-        push_delta(&mut events, sent.update(&pending.keys, fresh));
+        let delta = sent.update(&pending.keys, fresh);
+        push_delta(&mut events, sent, delta);
     }
     // A whole read has the heartbeats already.
     if pending.heartbeats
@@ -337,15 +392,21 @@ async fn send(state: &AppState, sent: &mut Sent, pending: &mut Pending, tx: &mps
     if let Some(teams) = sent.teams(&desired) {
         events.extend(event("teams", &teams));
     }
+    if pending.usage {
+        let changed = sent.usage(state.usage.all());
+        if !changed.is_empty() {
+            events.extend(event("usage", &changed));
+        }
+    }
     for e in events {
         tx.send(e).await.map_err(|_| ())?;
     }
     Ok(())
 }
 
-fn push_delta(events: &mut Vec<Event>, delta: Delta) {
+fn push_delta(events: &mut Vec<Event>, sent: &Sent, delta: Delta) {
     if !delta.workspaces.is_empty() {
-        events.extend(event("workspaces", &delta.workspaces));
+        events.extend(event("workspaces", &sent.with_usage(delta.workspaces)));
     }
     if !delta.removed.is_empty() {
         events.extend(event("removed", &delta.removed));
@@ -403,6 +464,35 @@ mod tests {
         ]);
         assert_eq!(moved, BTreeMap::from([("default/b".to_string(), at(7))]));
         assert!(sent.heartbeats(vec![("default/b".into(), at(7))]).is_empty());
+    }
+
+    #[test]
+    fn usage_is_sent_apart_and_only_what_changed() {
+        let u = |mib: u64| Usage {
+            cpu_cores: Some(0.1),
+            memory_bytes: Some(mib << 20),
+            window_seconds: Some(15.0),
+            sampled_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+        };
+        let mut a = ws("a", Phase::Running, 0);
+        a.usage = Some(u(3));
+        let snap = FleetSnapshot {
+            now: Utc::now(),
+            workspaces: vec![a, ws("b", Phase::Running, 0)],
+            teams: vec![],
+            decisions: vec![],
+            actions: vec![],
+        };
+        let mut sent = Sent::from(snap);
+        assert!(sent.workspaces.values().all(|w| w.usage.is_none()), "kept apart");
+        let quiet = sent.update(&keys(&["a", "b"]), vec![ws("a", Phase::Running, 0), ws("b", Phase::Running, 0)]);
+        assert_eq!(quiet, Delta::default(), "a summary read without usage is no change");
+        let changed = sent.usage(BTreeMap::from([("default/a".into(), u(3)), ("default/b".into(), u(4))]));
+        assert_eq!(changed, BTreeMap::from([("default/b".to_string(), Some(u(4)))]));
+        let gone = sent.usage(BTreeMap::from([("default/b".into(), u(4))]));
+        assert_eq!(gone, BTreeMap::from([("default/a".to_string(), None)]));
+        let resent = sent.with_usage(vec![ws("b", Phase::Paused, 0)]);
+        assert_eq!(resent[0].usage, Some(u(4)), "a workspace sent again keeps its usage");
     }
 
     #[test]

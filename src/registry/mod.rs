@@ -97,6 +97,8 @@ pub struct AppState {
     pub private_agent_urls: bool,
     /// The fleet page's login codes and browser sessions (login.rs).
     pub logins: Arc<login::Logins>,
+    /// What each workspace uses, as the usage sampler last read it (observe/usage.rs).
+    pub usage: Arc<crate::observe::usage::UsageBook>,
     /// Cancelled when the operator stops: answers that never end by themselves (the
     /// fleet stream, `events -w`, `logs -f`) end then, so the server can finish.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -129,6 +131,7 @@ impl AppState {
             agent_reports: Arc::default(),
             private_agent_urls: false,
             logins: Arc::default(),
+            usage: Arc::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }

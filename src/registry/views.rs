@@ -68,6 +68,10 @@ pub struct WorkspaceSummary {
     /// Set by `molecule-operator pause|resume`: wins over the declared operating mode.
     #[serde(default)]
     pub mode_override: Option<OperatingMode>,
+    /// CPU and memory of its container as last sampled (in memory, observe/usage.rs);
+    /// null when it has no running container or the runtime reports no usage.
+    #[serde(default)]
+    pub usage: Option<crate::model::usage::Usage>,
 }
 
 impl WorkspaceSummary {
@@ -243,7 +247,20 @@ pub fn summary(
         created_at: record.map(|r| r.created_at),
         declared: declared.is_some(),
         mode_override: record.and_then(|r| r.mode_override),
+        usage: None,
     }
+}
+
+/// Fills in each summary's usage from the sampler's book.
+pub fn with_usage(
+    mut workspaces: Vec<WorkspaceSummary>,
+    book: &crate::observe::usage::UsageBook,
+) -> Vec<WorkspaceSummary> {
+    let all = book.all();
+    for w in &mut workspaces {
+        w.usage = all.get(&w.key().to_string()).cloned();
+    }
+    workspaces
 }
 
 /// The InvalidSpec condition for a declaration that does not resolve, listing every error.
@@ -401,7 +418,8 @@ mod tests {
     fn json_has_every_contract_field_even_when_unknown() {
         let s = summary(&ObjectKey::new("default", "a"), Some(&declared("a", None)), None, now());
         let v = serde_json::to_value(&s).unwrap();
-        for k in ["name", "uid", "phase", "incarnation", "container", "token", "lastHeartbeatAt", "conditions"] {
+        for k in ["name", "uid", "phase", "incarnation", "container", "token", "lastHeartbeatAt", "conditions", "usage"]
+        {
             assert!(v.get(k).is_some(), "missing {k} in {v}");
         }
         let back: WorkspaceSummary = serde_json::from_value(v).unwrap();

@@ -160,6 +160,8 @@ pub struct DockerRuntime {
     direct_volume_writes: bool,
     /// Which way each `write_file` went (shared by clones).
     writes: Arc<FileWrites>,
+    /// Where each container's usage is read (docker_usage.rs).
+    usage: Arc<super::docker_usage::UsageReader>,
 }
 
 /// How many files `write_file` wrote straight into a volume's directory, and how many
@@ -189,6 +191,7 @@ impl DockerRuntime {
             instance: instance.to_string(),
             direct_volume_writes: true,
             writes: Arc::default(),
+            usage: Arc::default(),
         })
     }
 
@@ -208,6 +211,7 @@ impl DockerRuntime {
             instance: instance.to_string(),
             direct_volume_writes: true,
             writes: Arc::default(),
+            usage: Arc::default(),
         })
     }
 
@@ -603,6 +607,12 @@ impl Runtime for DockerRuntime {
         self.upload(id, dir, tar).await.map_err(|e| api_error(what(), e))?;
         self.writes.uploaded.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// From the containers' cgroup files where they are reachable, else one-shot stats
+    /// (docker_usage.rs).
+    async fn usage(&self, containers: &[ContainerInfo]) -> RuntimeResult<Option<Vec<crate::model::usage::Reading>>> {
+        Ok(Some(self.usage.read(&self.docker, containers).await))
     }
 
     /// Takes at most `ARCHIVE_READ_LIMIT` bytes of the archive: the rest is never read

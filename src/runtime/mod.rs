@@ -4,6 +4,7 @@
 pub mod agent_image;
 pub mod docker;
 pub mod docker_error;
+pub mod docker_usage;
 pub mod kubernetes;
 pub mod network;
 pub mod operator_image;
@@ -170,6 +171,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// with `follow`, what it writes next until it stops. None when this runtime keeps
     /// no logs it can serve here.
     async fn logs(&self, _id: &str, _follow: bool, _tail: usize) -> RuntimeResult<Option<BoxStream<'static, Vec<u8>>>> {
+        Ok(None)
+    }
+    /// One usage reading (CPU, memory) of each of `containers` (this instance's running
+    /// ones) that it can read; those it cannot are left out. None when this runtime
+    /// reports no usage at all (then none is shown). Called every few seconds by the
+    /// usage sampler (observe/usage.rs), off the reconcile path.
+    async fn usage(&self, _containers: &[ContainerInfo]) -> RuntimeResult<Option<Vec<crate::model::usage::Reading>>> {
         Ok(None)
     }
     /// Whether it can freeze a container and keep its memory (Docker's pause). Without

@@ -22,7 +22,7 @@
   let frame = 0, timer = 0;
 
   function emptyPending() {
-    return { workspaces: new Map(), removed: new Set(), beats: new Map(), decisions: [], teams: null };
+    return { workspaces: new Map(), removed: new Set(), beats: new Map(), usage: new Map(), decisions: [], teams: null };
   }
 
   const keyOf = (w) => `${w.namespace}/${w.name}`;
@@ -42,6 +42,29 @@
     if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
     return `${Math.floor(s / 86400)}d ago`;
   }
+  // Usage as the CLI writes it: cores ("0.012") and bytes in powers of 1024 ("3.4Mi").
+  function cores(c) {
+    if (c === null || c === undefined) return '–';
+    if (c < 0.0005) return '0';
+    return c.toFixed(c < 0.1 ? 3 : c < 10 ? 2 : 1);
+  }
+  function bytes(b) {
+    if (b === null || b === undefined) return '–';
+    if (b < 1024) return `${b}B`;
+    let v = b, unit = '';
+    for (const u of ['Ki', 'Mi', 'Gi', 'Ti', 'Pi']) {
+      if (v < 1024) break;
+      v /= 1024;
+      unit = u;
+    }
+    return `${v.toFixed(v < 10 ? 1 : 0)}${unit}`;
+  }
+  function renderUsage(node, u) {
+    setText(node, 'cpu', cores(u ? u.cpuCores : null));
+    setText(node, 'memory', bytes(u ? u.memoryBytes : null));
+    node.cpu.title = u && u.windowSeconds ? `cores, averaged over ${Math.round(u.windowSeconds)}s` : '';
+  }
+
   function clock(at) {
     const d = new Date(at);
     return isNaN(d) ? '' : d.toLocaleTimeString([], { hour12: false });
@@ -84,6 +107,8 @@
       token: fact('token', 'token'),
       heartbeat: fact('heartbeat', 'heartbeat'),
       restarts: fact('restarts', 'restarts'),
+      cpu: fact('cpu', 'cpu'),
+      memory: fact('mem', 'memory'),
       why: el('p', 'why'),
       outcome: el('output', 'outcome'),
       decisions: el('ol', 'decisions'),
@@ -137,6 +162,7 @@
     setText(node, 'restarts', String(w.restartCount || 0));
     node.restarts.title = w.lastRestartReason || '';
     setText(node, 'heartbeat', ago(w.lastHeartbeatAt));
+    renderUsage(node, w.usage);
     setText(node, 'why', why(w));
     const paused = SETTLED.includes(w.phase) || SETTLED.includes(w.modeOverride);
     for (const [action, b] of Object.entries(node.buttons)) {
@@ -365,6 +391,13 @@
         setText(node, 'heartbeat', ago(at));
       }
     }
+    for (const [k, u] of p.usage) {
+      const node = nodes.get(k);
+      if (node) {
+        node.data = { ...node.data, usage: u };
+        renderUsage(node, u);
+      }
+    }
     if (p.decisions.length) noteDecisions(p.decisions);
     if (p.teams) renderTeams(p.teams);
     finish();
@@ -424,6 +457,7 @@
     on('heartbeats', (beats) => { for (const [k, at] of Object.entries(beats)) pending.beats.set(k, at); });
     on('decisions', (list) => { pending.decisions.push(...list); });
     on('teams', (teams) => { pending.teams = teams; });
+    on('usage', (usage) => { for (const [k, u] of Object.entries(usage)) pending.usage.set(k, u); });
     source.onerror = () => {
       if (source.readyState !== EventSource.CLOSED) {
         setConn('connecting', 'reconnecting…');

@@ -30,6 +30,7 @@
 //! namespace; Pods also get an ownerReference to their Workspace when one exists (a
 //! backstop: deleting the Workspace collects them even without the operator).
 
+pub mod metrics;
 pub mod objects;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,11 +63,13 @@ const GONE_WITHIN: Duration = Duration::from_secs(60);
 pub struct KubeRuntime {
     client: Client,
     instance: String,
+    /// The resource metrics API, where the cluster serves one (metrics.rs).
+    metrics: metrics::MetricsApi,
 }
 
 impl KubeRuntime {
     pub fn new(client: Client, instance: &str) -> Self {
-        Self { client, instance: instance.to_string() }
+        Self { client, instance: instance.to_string(), metrics: Default::default() }
     }
 
     fn selector(&self, extra: Option<(&str, &str)>) -> ListParams {
@@ -181,6 +184,11 @@ impl Runtime for KubeRuntime {
             return self.pods(Some(ns), &self.selector(Some((key, name)))).await;
         }
         self.pods(None, &self.selector(Some((key, value)))).await
+    }
+
+    /// From the resource metrics API (metrics.k8s.io), where the cluster serves it.
+    async fn usage(&self, containers: &[ContainerInfo]) -> RuntimeResult<Option<Vec<crate::model::usage::Reading>>> {
+        Ok(self.metrics.read(&self.client, &self.instance, containers).await)
     }
 
     fn freezes(&self) -> bool {
