@@ -55,20 +55,6 @@ struct WorkspaceLabel {
     workspace: String,
 }
 
-/// A workspace as Kubernetes tools label objects: namespace and name apart.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ObjectLabels {
-    namespace: String,
-    name: String,
-}
-
-impl ObjectLabels {
-    fn of(key: &str) -> Self {
-        let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
-        Self { namespace: namespace.into(), name: name.into() }
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
@@ -89,8 +75,8 @@ pub struct Metrics {
     agent_error_rate: Family<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     agent_active_tasks: Family<WorkspaceLabel, Gauge>,
     agent_wedged: Family<WorkspaceLabel, Gauge>,
-    cpu_cores: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    memory_bytes: Family<ObjectLabels, Gauge>,
+    cpu_cores: Family<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    memory_bytes: Family<WorkspaceLabel, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,8 +107,8 @@ impl Metrics {
         let agent_error_rate = Family::<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let agent_active_tasks = Family::<WorkspaceLabel, Gauge>::default();
         let agent_wedged = Family::<WorkspaceLabel, Gauge>::default();
-        let cpu_cores = Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        let memory_bytes = Family::<ObjectLabels, Gauge>::default();
+        let cpu_cores = Family::<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let memory_bytes = Family::<WorkspaceLabel, Gauge>::default();
         registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
         registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
@@ -257,7 +243,7 @@ impl Metrics {
     /// What `workspace` (`ns/name`) uses (None: nothing known, or its container is
     /// gone: its series are dropped).
     pub fn set_usage(&self, workspace: &str, usage: Option<&crate::model::usage::Usage>) {
-        let labels = ObjectLabels::of(workspace);
+        let labels = WorkspaceLabel { workspace: workspace.to_string() };
         match usage.and_then(|u| u.cpu_cores) {
             Some(cores) => {
                 self.cpu_cores.get_or_create(&labels).set(cores);
@@ -359,12 +345,12 @@ mod tests {
         };
         m.set_usage("team-a/dev", Some(&u));
         let text = m.encode();
-        assert!(text.contains("molecule_workspace_cpu_cores{namespace=\"team-a\",name=\"dev\"} 0.25"), "{text}");
-        assert!(text.contains("molecule_workspace_memory_bytes{namespace=\"team-a\",name=\"dev\"} 4096"), "{text}");
+        assert!(text.contains("molecule_workspace_cpu_cores{workspace=\"team-a/dev\"} 0.25"), "{text}");
+        assert!(text.contains("molecule_workspace_memory_bytes{workspace=\"team-a/dev\"} 4096"), "{text}");
         m.set_usage("team-a/dev", Some(&crate::model::usage::Usage { cpu_cores: None, ..u }));
         let text = m.encode();
         assert!(!text.contains("molecule_workspace_cpu_cores{"), "no rate, no series: {text}");
-        assert!(text.contains("molecule_workspace_memory_bytes{namespace=\"team-a\",name=\"dev\"} 4096"), "{text}");
+        assert!(text.contains("molecule_workspace_memory_bytes{workspace=\"team-a/dev\"} 4096"), "{text}");
         m.set_usage("team-a/dev", None);
         assert!(!m.encode().contains("name=\"dev\""));
     }

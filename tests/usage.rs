@@ -22,7 +22,7 @@ fn metrics(op: &Op) -> String {
 
 /// The value of the sample of `family` for workspace `default/name`, if there is one.
 fn sample(text: &str, family: &str, name: &str) -> Option<f64> {
-    let series = format!("{family}{{namespace=\"default\",name=\"{name}\"}} ");
+    let series = format!("{family}{{workspace=\"default/{name}\"}} ");
     text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
 }
 
