@@ -165,14 +165,19 @@ async fn a_removal_deletes_the_pod_at_once_and_waits_until_its_name_is_free() {
             false => req.respond(StatusCode::NOT_FOUND, not_found()),
         }
     }
+    // Then it watches that one Pod (no polling) until the API server removes it.
     let req = api.next().await;
-    assert_eq!(
-        (req.method.clone(), req.path.as_str()),
-        (Method::GET, &*format!("/api/v1/namespaces/team-a/pods/{POD}"))
-    );
-    req.respond(StatusCode::OK, pod_object()); // still there
+    assert_eq!((req.method.clone(), req.path.as_str()), (Method::GET, "/api/v1/namespaces/team-a/pods"));
+    assert!(req.query.contains(&format!("fieldSelector=metadata.name%3D{POD}")), "{}", req.query);
+    assert!(!req.is_watch(), "a list first: {}", req.query);
+    req.respond(StatusCode::OK, list(json!([pod_object()]))); // still there
     let req = api.next().await;
-    req.respond(StatusCode::NOT_FOUND, not_found());
+    assert!(req.is_watch() && req.query.contains("resourceVersion=1"), "then a watch from the list: {}", req.query);
+    assert!(!remove.is_finished(), "the removal waits while the Pod is there");
+    let mut gone = pod_object();
+    gone["metadata"]["resourceVersion"] = json!("2");
+    let deleted = json!({"type": "DELETED", "object": gone});
+    req.respond_raw(StatusCode::OK, format!("{deleted}\n").into_bytes());
     remove.await.unwrap().unwrap();
 }
 

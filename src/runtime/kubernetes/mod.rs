@@ -44,6 +44,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::wait::await_condition;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
@@ -147,26 +148,18 @@ impl KubeRuntime {
         Ok(())
     }
 
-    /// Waits until `get` finds nothing (a deleted object's name is free again).
-    async fn wait_gone<K>(&self, api: &Api<K>, name: &str) -> RuntimeResult<()>
+    /// Waits until the object `name` is gone (its name free again), or, given the uid
+    /// of the one being deleted, until that one is: over a watch, so the wait ends the
+    /// moment the API server removes it, without polling it.
+    async fn wait_gone<K>(&self, api: &Api<K>, name: &str, uid: Option<&str>) -> RuntimeResult<()>
     where
-        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
-        let deadline = tokio::time::Instant::now() + GONE_WITHIN;
-        let mut wait = Duration::from_millis(20);
-        loop {
-            match api.get_opt(name).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) if tokio::time::Instant::now() >= deadline => {
-                    return Err(RuntimeError::Kubernetes(format!(
-                        "{name} is still being deleted after {GONE_WITHIN:?}"
-                    )));
-                }
-                Ok(Some(_)) => {}
-                Err(e) => return Err(kube_error(format!("reading {name}"), e)),
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(500));
+        let gone = move |obj: Option<&K>| obj.is_none_or(|o| uid.is_some_and(|u| o.meta().uid.as_deref() != Some(u)));
+        match tokio::time::timeout(GONE_WITHIN, await_condition(api.clone(), name, gone)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(RuntimeError::Kubernetes(format!("watching {name} go: {e}"))),
+            Err(_) => Err(RuntimeError::Kubernetes(format!("{name} is still being deleted after {GONE_WITHIN:?}"))),
         }
     }
 }
@@ -214,7 +207,7 @@ impl Runtime for KubeRuntime {
                 self.remove(&pod.name_any()).await?;
             }
             let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
-            self.wait_gone(&api, name).await?;
+            self.wait_gone(&api, name, claim.metadata.uid.as_deref()).await?;
         }
         let key = spec_labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
         let (ns, ws) = split_key(key);
@@ -256,7 +249,7 @@ impl Runtime for KubeRuntime {
         let created = match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 // An earlier Pod of that name is still going away.
-                self.wait_gone(&api, &spec.name).await?;
+                self.wait_gone(&api, &spec.name, None).await?;
                 api.create(&PostParams::default(), &pod).await
             }
             other => other,
@@ -299,7 +292,7 @@ impl Runtime for KubeRuntime {
             ignore_missing(secrets.delete(&secret, &DeleteParams::background()).await.map(|_| ()))
                 .map_err(|e| kube_error(format!("deleting Secret {ns}/{secret}"), e))?;
         }
-        self.wait_gone(&api, &name).await
+        self.wait_gone(&api, &name, pod.metadata.uid.as_deref()).await
     }
 
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], _mode: u32) -> RuntimeResult<()> {
