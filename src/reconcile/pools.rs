@@ -190,7 +190,7 @@ async fn pass(ctx: &Context, set: &DesiredSet) -> Result<(), StoreError> {
                         "InvalidSpec",
                         crate::api::ConditionStatus::True,
                         "InvalidTemplate",
-                        &errs.join("; "),
+                        errs.join("; "),
                         Utc::now(),
                     ));
                 }

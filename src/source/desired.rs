@@ -441,7 +441,8 @@ fn claim_workspaces(
                         claim_members_of_invalid_team(key, team_claim, previous, &mut claim, snapshot);
                     }
                 }
-                SourceObject::Invalid { .. } => {}
+                // Warm pools are merged apart (merge_pools).
+                SourceObject::WarmPool { .. } | SourceObject::Invalid { .. } => {}
             }
         }
     }

@@ -506,7 +506,7 @@ mod tests {
         assert!(!p.failed);
         assert_eq!(p.objects.len(), 1);
         assert!(p.errors[0].starts_with("org/a.yaml:1: document 1: v1 ConfigMap is not supported"), "{:?}", p.errors);
-        assert!(p.errors[0].contains("Workspace or Team"), "{:?}", p.errors);
+        assert!(p.errors[0].contains("Workspace, Team or WarmPool"), "{:?}", p.errors);
 
         for (text, expect) in [
             ("apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {}\n", "metadata.name is required"),
