@@ -42,9 +42,10 @@ def write(op, name, text):
 
 
 def pools(op):
-    tok = open(os.path.join(op.state, "admin-token")).read().strip()
-    req = urllib.request.Request("http://127.0.0.1:%d/api/v1/warmpools" % op.port, headers={"Authorization": "Bearer " + tok})
     try:
+        tok = open(os.path.join(op.state, "admin-token")).read().strip()  # written once the operator is up
+        req = urllib.request.Request("http://127.0.0.1:%d/api/v1/warmpools" % op.port,
+                                     headers={"Authorization": "Bearer " + tok})
         with urllib.request.urlopen(req, timeout=5) as r:
             return {p["name"]: p for p in json.load(r)}
     except Exception:
