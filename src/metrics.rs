@@ -56,6 +56,15 @@ struct WorkspaceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+    state: String,
+}
+
+/// Claim latency buckets: a claim is a few writes into a running container.
+const CLAIM_BUCKETS: [f64; 10] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -77,6 +86,8 @@ pub struct Metrics {
     agent_wedged: Family<WorkspaceLabel, Gauge>,
     cpu_cores: Family<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     memory_bytes: Family<WorkspaceLabel, Gauge>,
+    pool_members: Family<PoolLabels, Gauge>,
+    pool_claim_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +120,18 @@ impl Metrics {
         let agent_wedged = Family::<WorkspaceLabel, Gauge>::default();
         let cpu_cores = Family::<WorkspaceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let memory_bytes = Family::<WorkspaceLabel, Gauge>::default();
+        let pool_members = Family::<PoolLabels, Gauge>::default();
+        let pool_claim_seconds = Histogram::new(CLAIM_BUCKETS);
+        registry.register(
+            "pool_members",
+            "Warm-pool members by pool and state: ready (unclaimed, running) or claimed",
+            pool_members.clone(),
+        );
+        registry.register(
+            "pool_claim_seconds",
+            "Seconds from a claim decision to the member holding the workspace's token and identity",
+            pool_claim_seconds.clone(),
+        );
         registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
         registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
@@ -177,6 +200,8 @@ impl Metrics {
             agent_wedged,
             cpu_cores,
             memory_bytes,
+            pool_members,
+            pool_claim_seconds,
         };
         metrics.set_workspaces(std::iter::empty());
         metrics
@@ -258,6 +283,23 @@ impl Metrics {
             }
             None => {
                 self.memory_bytes.remove(&labels);
+    /// A warm-pool member was claimed by a decision taken at `decided`.
+    pub fn pool_claimed(&self, decided: chrono::DateTime<chrono::Utc>) {
+        let secs = (chrono::Utc::now() - decided).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        self.pool_claim_seconds.observe(secs.max(0.0));
+    }
+
+    /// A pool's ready and claimed member counts; None removes the pool's series.
+    pub fn set_pool(&self, pool: &str, counts: Option<(u32, u32)>) {
+        for (i, state) in ["ready", "claimed"].into_iter().enumerate() {
+            let label = PoolLabels { pool: pool.to_string(), state: state.to_string() };
+            match counts {
+                Some((ready, claimed)) => {
+                    self.pool_members.get_or_create(&label).set(i64::from(if i == 0 { ready } else { claimed }));
+                }
+                None => {
+                    self.pool_members.remove(&label);
+                }
             }
         }
     }

@@ -387,6 +387,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
     let mut ctx =
         Context::new(instance.clone(), runtime, reconcile_store, desired_rx.clone(), settings, agent, metrics);
     ctx.reports = reports;
+    ctx.pools = Arc::new(crate::reconcile::pools::Pools { status: state.pools.clone(), ..Default::default() });
     ctx.keyring = Some(keyring);
     ctx.lost_heartbeats = state.lost_heartbeats.clone();
     let limiter = state.limiter.clone();

@@ -510,6 +510,7 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
                 format!("ws {} {}", object.metadata.name.as_deref().unwrap(), source.reference)
             }
             SourceObject::Team { object, .. } => format!("team {}", object.metadata.name.as_deref().unwrap()),
+            SourceObject::WarmPool { object, .. } => format!("pool {}", object.metadata.name.as_deref().unwrap()),
             SourceObject::Invalid { kind, key, .. } => format!("invalid {kind} {key}"),
         })
         .collect();

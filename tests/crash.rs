@@ -63,6 +63,11 @@ const NOT_REACHED: &[(&str, &str)] = &[
     ),
     ("after-record-restart", "heartbeat restarts: the Provision that follows is covered by the Provision flow"),
     ("after-reset-restarts", "a counter reset; a crash after it only leaves the counter at zero"),
+    (
+        "after-claim",
+        "warm pools: a crash after a claim leaves the record, token and identity written; one mid-claim leaves \
+         the member the workspace's with a file missing, which the token-file and heartbeat rules heal",
+    ),
 ];
 
 #[test]

@@ -92,7 +92,7 @@ fn deploy_includes_the_generated_crds_and_a_hardened_deployment() {
     let docs = rendered();
     let crds: BTreeSet<&str> =
         find(&docs, "CustomResourceDefinition").iter().filter_map(|c| c["metadata"]["name"].as_str()).collect();
-    assert_eq!(crds, BTreeSet::from(["teams.molecule.ai", "workspaces.molecule.ai"]));
+    assert_eq!(crds, BTreeSet::from(["teams.molecule.ai", "warmpools.molecule.ai", "workspaces.molecule.ai"]));
     assert_eq!(one(&docs, "Namespace")["metadata"]["name"], NAMESPACE);
 
     let deployment = one(&docs, "Deployment");

@@ -271,6 +271,7 @@ fn a_template_beside_manifests_and_a_broken_include_keeping_its_subtree() {
             .map(|o| match o {
                 SourceObject::Workspace { object, .. } => object.metadata.name.clone().unwrap(),
                 SourceObject::Team { object, .. } => format!("team:{}", object.metadata.name.clone().unwrap()),
+                SourceObject::WarmPool { object, .. } => format!("pool:{}", object.metadata.name.clone().unwrap()),
                 SourceObject::Invalid { key, .. } => format!("invalid:{}", key.name),
             })
             .collect();

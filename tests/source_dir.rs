@@ -29,6 +29,7 @@ fn names(snapshot: &Snapshot) -> Vec<String> {
         .map(|o| match o {
             SourceObject::Workspace { object, .. } => format!("Workspace:{}", object.metadata.name.clone().unwrap()),
             SourceObject::Team { object, .. } => format!("Team:{}", object.metadata.name.clone().unwrap()),
+            SourceObject::WarmPool { object, .. } => format!("WarmPool:{}", object.metadata.name.clone().unwrap()),
             SourceObject::Invalid { kind, key, .. } => format!("Invalid:{kind}:{}", key.name),
         })
         .collect();

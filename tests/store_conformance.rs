@@ -725,6 +725,34 @@ mod cases {
         assert_eq!(reborn.incarnation, 0);
     }
 
+    pub async fn a_claim_gives_a_fresh_workspace_the_members_uid_once(s: &Subject) {
+        let store = &s.store;
+        let ws = store.ensure_workspace("default/dev", t0()).await.unwrap();
+        store.append_decision(&ws.uid, &decision(1), 10).await.unwrap();
+        let member = "11111111-2222-3333-4444-555555555555";
+        let claim = model::Claim {
+            pool: "default/agents".into(),
+            container_id: "c0ffee".into(),
+            spec_hash: "abcdef0123456789".into(),
+            at: t0() + mins(1),
+        };
+        let got = store.claim_member("default/dev", &ws.uid, member, &claim).await.unwrap().expect("claimed");
+        assert_eq!((got.uid.as_str(), got.incarnation), (member, 1));
+        assert_eq!(got.claim.as_ref(), Some(&claim));
+        assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap(), None, "the old uid is gone");
+        assert_eq!(store.decisions(member, 10).await.unwrap().len(), 1, "the decision log moves with it");
+        // Another workspace cannot take the same member, and a provisioned one takes none.
+        let other = store.ensure_workspace("default/qa", t0()).await.unwrap();
+        assert_eq!(store.claim_member("default/qa", &other.uid, member, &claim).await.unwrap(), None);
+        store.bump_incarnation(&other.uid).await.unwrap();
+        let m2 = "66666666-2222-3333-4444-555555555555";
+        assert_eq!(store.claim_member("default/qa", &other.uid, m2, &claim).await.unwrap(), None);
+        // A token for the claimed identity; the next provision clears the claim.
+        store.issue_token(member, 1, t0() + mins(1)).await.unwrap();
+        assert_eq!(store.bump_incarnation(member).await.unwrap(), 2);
+        assert_eq!(store.workspace("default/dev").await.unwrap().unwrap().claim, None);
+    }
+
     pub async fn mode_override_and_restart_request_round_trip(s: &Subject) {
         let store = &s.store;
         let ws = store.ensure_workspace("default/dev-lead", t0()).await.unwrap();
@@ -969,6 +997,7 @@ conformance!(
     the_fleets_recent_decisions_come_with_their_workspace_newest_first,
     agent_reports_are_written_whole_and_forgotten_with_the_workspace,
     delete_workspace_revokes_tokens_and_forgets_the_record,
+    a_claim_gives_a_fresh_workspace_the_members_uid_once,
     mode_override_and_restart_request_round_trip,
     save_status_round_trips_the_whole_status,
     the_store_survives_reopen,

@@ -94,6 +94,9 @@ pub struct EffectiveSpec {
     /// `healthPolicy.restartWedgedAfter`: restart an agent wedged this long.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
     pub restart_wedged_after: Option<Duration>,
+    /// `warmPool`: the WarmPool (same namespace) a first container is claimed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<String>,
     /// Never serialized (see `WorkspaceSpec::source_secrets`).
     #[serde(skip)]
     pub source_secrets: std::collections::BTreeMap<String, String>,
@@ -150,6 +153,7 @@ pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> Workspa
             }),
             (o, t) => o.clone().or(t.clone()),
         },
+        warm_pool: own.warm_pool.clone().or(d.warm_pool.clone()),
         source_secrets: {
             let mut all = d.source_secrets.clone();
             all.extend(own.source_secrets.clone());
@@ -274,6 +278,7 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         config_files: spec.config_files.clone(),
         required_env: spec.required_env.clone(),
         restart_wedged_after,
+        warm_pool: spec.warm_pool.clone(),
         source_secrets: spec.source_secrets.clone(),
     })
 }

@@ -6,6 +6,7 @@ pub mod condition;
 pub mod duration;
 pub mod effective;
 pub mod interpolate;
+pub mod pool;
 pub mod team;
 pub mod tiers;
 pub mod validate;
@@ -13,6 +14,7 @@ pub mod workspace;
 
 pub use condition::{Condition, ConditionStatus};
 pub use effective::EffectiveSpec;
+pub use pool::{WarmPool, WarmPoolSpec, WarmPoolStatus};
 pub use team::{Team, TeamSpec, TeamStatus};
 pub use workspace::*;
 
@@ -51,12 +53,12 @@ impl std::fmt::Display for ObjectKey {
 
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// The Workspace and Team CRDs as multi-document YAML (what `crds` prints and
+/// The Workspace, Team and WarmPool CRDs as multi-document YAML (what `crds` prints and
 /// `crds/` holds).
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
     let mut out = String::new();
-    for crd in [Workspace::crd(), Team::crd()] {
+    for crd in [Workspace::crd(), Team::crd(), WarmPool::crd()] {
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&crd).expect("CRDs serialize"));
     }

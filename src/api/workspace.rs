@@ -94,6 +94,11 @@ pub struct WorkspaceSpec {
     /// What to do about an agent that is online but reports itself unwell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_policy: Option<HealthPolicy>,
+    /// Start from a member of this WarmPool (same namespace) when the pool's template
+    /// satisfies this spec: no container is created on that path. Otherwise a normal
+    /// provision, with the reason in the decision log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<String>,
     /// Secret values a source read alongside the declaration (an org template's `.env`
     /// files): merged into the env like the workspace's own secrets, and never
     /// serialized (not shown, not stored, not sent).

@@ -21,6 +21,13 @@
 //! - `--test-probe URL`: one GET; prints `HTTP <status>` or `unreachable: <why>`.
 //! - `--test-fill PATH BYTES`: makes PATH a sparse file of BYTES bytes (a huge token file).
 //!
+//! A warm-pool member (`MOLECULE_POOL` set, no `MOLECULE_WORKSPACE_ID`) has no identity
+//! yet: it waits for `$WORKSPACE_CONFIG_PATH/.identity` (written by the operator when
+//! a workspace claims it, after the token file), looking every 10 ms, then registers
+//! as the workspace it names. The file's lines: `workspace_id=`, `workspace_name=`,
+//! `env.NAME=VALUE` (the env overlay; `\n` and `\\` escaped), and `end` last, so a
+//! file still being written is not taken.
+//!
 //! `molecule-agent pause` does nothing until SIGTERM: the local node runs it as the
 //! sandbox that holds a Pod's network namespace (the role of Kubernetes' pause image).
 
@@ -39,6 +46,11 @@ const TOKEN_FILE: &str = ".auth_token";
 const MAX_TOKEN_FILE: u64 = 4096;
 /// How often a waiting agent looks at the token file.
 const TOKEN_POLL: Duration = Duration::from_millis(500);
+/// The identity a claim writes into a pool member's `/configs`.
+const IDENTITY_FILE: &str = ".identity";
+/// How often a pool member looks for its identity (a stat: cheap, and the claim's
+/// latency is this at most).
+const IDENTITY_POLL: Duration = Duration::from_millis(10);
 
 fn main() {
     exit_on_sigterm();
@@ -130,8 +142,12 @@ impl Config {
     fn from_env() -> Result<Self, String> {
         let url = env::var("MOLECULE_REGISTRY_URL").map_err(|_| "MOLECULE_REGISTRY_URL is not set".to_string())?;
         let registry = Registry::parse(&url)?;
-        let workspace_id =
-            env::var("MOLECULE_WORKSPACE_ID").map_err(|_| "MOLECULE_WORKSPACE_ID is not set".to_string())?;
+        let config_dir = PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()));
+        let workspace_id = match (env::var("MOLECULE_WORKSPACE_ID"), env::var("MOLECULE_POOL")) {
+            (Ok(id), _) => id,
+            (Err(_), Ok(pool)) => wait_for_identity(&pool, &config_dir.join(IDENTITY_FILE)),
+            (Err(_), Err(_)) => return Err("MOLECULE_WORKSPACE_ID is not set".to_string()),
+        };
         let heartbeat = match env::var("MOLECULE_HEARTBEAT_SECONDS") {
             Err(_) => DEFAULT_HEARTBEAT_SECS,
             Ok(s) => s
@@ -145,10 +161,38 @@ impl Config {
         // a Docker container from its config volume.
         let token_path = match env::var("MOLECULE_TOKEN_FILE") {
             Ok(path) if !path.is_empty() => PathBuf::from(path),
-            _ => PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()))
-                .join(TOKEN_FILE),
+            _ => config_dir.join(TOKEN_FILE),
         };
         Ok(Self { registry, workspace_id, heartbeat: Duration::from_secs_f64(heartbeat), token_path })
+    }
+}
+
+/// A pool member's wait for a claim: returns the workspace id once the identity file
+/// is complete. The env overlay is for the runtime the agent would start; this agent
+/// only counts it.
+fn wait_for_identity(pool: &str, path: &std::path::Path) -> String {
+    log(&format!("warm pool {pool} member: waiting for a claim ({})", path.display()));
+    loop {
+        if let Ok(text) = fs::read_to_string(path)
+            && text.lines().last() == Some("end")
+        {
+            let mut id = None;
+            let mut name = String::new();
+            let mut overlay = 0;
+            for line in text.lines() {
+                match line.split_once('=') {
+                    Some(("workspace_id", v)) => id = Some(v.to_string()),
+                    Some(("workspace_name", v)) => name = v.to_string(),
+                    Some((k, _)) if k.starts_with("env.") => overlay += 1,
+                    _ => {}
+                }
+            }
+            if let Some(id) = id {
+                log(&format!("claimed as {name} ({id}), {overlay} env overlay variable(s)"));
+                return id;
+            }
+        }
+        thread::sleep(IDENTITY_POLL);
     }
 }
 

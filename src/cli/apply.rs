@@ -85,6 +85,11 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
             problems.push(format!("Workspace {}: {}", w.key, errors.join("; ")));
         }
     }
+    for p in set.pools.values().filter(|p| p.source.kind == "apply") {
+        if let Err(errors) = &p.template {
+            problems.push(format!("WarmPool {}: {}", p.key, errors.join("; ")));
+        }
+    }
     problems.sort();
     problems.dedup();
     if !problems.is_empty() {
@@ -97,6 +102,9 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
                 ("Workspace", &object.metadata, serde_json::to_value(&object.spec)?)
             }
             SourceObject::Team { object, .. } => ("Team", &object.metadata, serde_json::to_value(&object.spec)?),
+            SourceObject::WarmPool { object, .. } => {
+                ("WarmPool", &object.metadata, serde_json::to_value(&object.spec)?)
+            }
             SourceObject::Invalid { .. } => continue,
         };
         rows.push(DesiredRow {

@@ -106,6 +106,10 @@ impl Client {
         self.call(Method::GET, &["api", "v1", "teams"], None).await
     }
 
+    pub async fn pools(&self) -> Result<Vec<crate::registry::admin::PoolSummary>, CliError> {
+        self.call(Method::GET, &["api", "v1", "warmpools"], None).await
+    }
+
     /// `action` is `restart`, `pause` or `resume`.
     pub async fn act(&self, action: &str, key: &ObjectKey) -> Result<ActionResponse, CliError> {
         self.call(Method::POST, &["api", "v1", "workspaces", &key.name, action], Some(&key.namespace)).await

@@ -57,6 +57,8 @@ pub enum GetKind {
     Workspaces,
     #[value(alias = "team")]
     Teams,
+    #[value(alias = "warmpool", alias = "wp")]
+    Warmpools,
 }
 
 /// The one kind `describe`, `restart`, `pause` and `resume` act on.
@@ -119,7 +121,7 @@ impl Verb {
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum ClientCommand {
-    /// List workspaces or teams: `get workspaces|teams [-o table|json|yaml]`.
+    /// List workspaces, teams or warm pools: `get workspaces|teams|warmpools [-o table|json|yaml]`.
     Get(GetArgs),
     /// Show one workspace: status, effective spec, conditions, token, decision log.
     Describe(DescribeArgs),
@@ -337,7 +339,7 @@ pub fn event_line(e: &crate::registry::events::FleetEvent, format: &str) -> Stri
     line
 }
 
-/// `get workspaces|teams [NAME] [-o table|wide|json|yaml]`.
+/// `get workspaces|teams|warmpools [NAME] [-o table|wide|json|yaml]`.
 pub async fn get(args: &GetArgs) -> Result<String, CliError> {
     let client = Client::new(&args.client)?;
     let key = args.name.as_deref().map(ObjectKey::parse);
@@ -366,6 +368,19 @@ pub async fn get(args: &GetArgs) -> Result<String, CliError> {
             }
             match args.output {
                 OutputFormat::Table | OutputFormat::Wide => Ok(output::teams_table(&all)),
+                f => encode(&all, f),
+            }
+        }
+        GetKind::Warmpools => {
+            let mut all = client.pools().await?;
+            if let Some(k) = &key {
+                all.retain(|p| p.name == k.name && p.namespace == k.namespace);
+                if all.is_empty() {
+                    return Err(CliError::NotFound(format!("no warm pool {k}")));
+                }
+            }
+            match args.output {
+                OutputFormat::Table => Ok(output::pools_table(&all)),
                 f => encode(&all, f),
             }
         }

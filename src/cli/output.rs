@@ -132,6 +132,26 @@ fn workspaces_columns(workspaces: &[WorkspaceSummary], now: DateTime<Utc>, wide:
     table(&headers, &rows)
 }
 
+/// `get warmpools`: size, ready (unclaimed, running) and claimed members.
+pub fn pools_table(pools: &[crate::registry::admin::PoolSummary]) -> String {
+    if pools.is_empty() {
+        return "No warm pools are declared.\n".into();
+    }
+    let headers = ["NAME", "SIZE", "READY", "CLAIMED"];
+    let rows: Vec<Vec<String>> = pools
+        .iter()
+        .map(|p| {
+            let name = if p.namespace == crate::api::DEFAULT_NAMESPACE {
+                p.name.clone()
+            } else {
+                format!("{}/{}", p.namespace, p.name)
+            };
+            vec![name, p.status.size.to_string(), p.status.ready.to_string(), p.status.claimed.to_string()]
+        })
+        .collect();
+    table(&headers, &rows)
+}
+
 /// `get teams`: members and counts by phase (Pending includes Provisioning).
 pub fn teams_table(teams: &[TeamSummary]) -> String {
     if teams.is_empty() {

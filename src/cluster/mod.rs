@@ -64,6 +64,8 @@ pub const API_USES: &[ApiUse] = &[
     ApiUse { group: "molecule.ai", resource: "workspaces/status", verbs: &["patch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams", verbs: &["list", "watch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams/status", verbs: &["patch"], own_namespace: false },
+    // Warm pools: read only (their members are Docker containers; no status written yet).
+    ApiUse { group: "molecule.ai", resource: "warmpools", verbs: &["list", "watch"], own_namespace: false },
     // Recorder: create, then patch the series of a repeated event.
     ApiUse { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], own_namespace: false },
     // envFrom reflects Opaque Secrets; the Pod runtime writes (server-side apply),

@@ -1,4 +1,4 @@
-//! The Kubernetes source: reflects Workspaces and Teams and sends the desired store a
+//! The Kubernetes source: reflects Workspaces, Teams and WarmPools and sends the desired store a
 //! full snapshot after every change, once both initial lists are in.
 //!
 //! Objects are read through `DeserializeGuard`, so one malformed object becomes
@@ -17,11 +17,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Error, SOURCE_NAME};
-use crate::api::{DEFAULT_NAMESPACE, ObjectKey, SourceRef, Team, Workspace};
+use crate::api::{DEFAULT_NAMESPACE, ObjectKey, SourceRef, Team, WarmPool, Workspace};
 use crate::source::{Snapshot, SourceObject};
 
 pub type GuardedWorkspace = DeserializeGuard<Workspace>;
 pub type GuardedTeam = DeserializeGuard<Team>;
+pub type GuardedPool = DeserializeGuard<WarmPool>;
 
 /// `ns/name` of any namespaced object.
 pub fn key_of<K: Resource>(obj: &K) -> ObjectKey {
@@ -87,7 +88,23 @@ pub fn sent_map(workspaces: &[Arc<GuardedWorkspace>]) -> SentMap {
 /// Builds the snapshot of what the cluster declares: everything not being deleted,
 /// malformed objects as `Invalid`.
 pub fn snapshot(workspaces: &[Arc<GuardedWorkspace>], teams: &[Arc<GuardedTeam>]) -> Snapshot {
-    let mut objects = Vec::with_capacity(workspaces.len() + teams.len());
+    snapshot_with_pools(workspaces, teams, &[])
+}
+
+/// `snapshot`, with the WarmPools.
+pub fn snapshot_with_pools(
+    workspaces: &[Arc<GuardedWorkspace>],
+    teams: &[Arc<GuardedTeam>],
+    pools: &[Arc<GuardedPool>],
+) -> Snapshot {
+    let mut objects = Vec::with_capacity(workspaces.len() + teams.len() + pools.len());
+    for pool in pools.iter().filter(|o| o.meta().deletion_timestamp.is_none()) {
+        let source = source_ref(pool.as_ref());
+        objects.push(match &pool.0 {
+            Ok(object) => SourceObject::WarmPool { object: Box::new(object.clone()), source },
+            Err(invalid) => invalid_object("WarmPool", pool.as_ref(), &invalid.error, source),
+        });
+    }
     for ws in workspaces.iter().filter(|o| o.meta().deletion_timestamp.is_none()) {
         let source = source_ref(ws.as_ref());
         objects.push(match &ws.0 {
@@ -106,7 +123,15 @@ pub fn snapshot(workspaces: &[Arc<GuardedWorkspace>], teams: &[Arc<GuardedTeam>]
     objects.sort_by_key(|o| match o {
         SourceObject::Workspace { object, .. } => (0, key_of(object.as_ref())),
         SourceObject::Team { object, .. } => (1, key_of(object.as_ref())),
-        SourceObject::Invalid { kind, key, .. } => (if kind == "Team" { 1 } else { 0 }, key.clone()),
+        SourceObject::WarmPool { object, .. } => (2, key_of(object.as_ref())),
+        SourceObject::Invalid { kind, key, .. } => (
+            match kind.as_str() {
+                "Team" => 1,
+                "WarmPool" => 2,
+                _ => 0,
+            },
+            key.clone(),
+        ),
     });
     Snapshot { source: SOURCE_NAME.to_string(), objects, errors: Vec::new() }
 }
@@ -127,8 +152,18 @@ fn invalid_object<K: Resource>(kind: &str, obj: &K, error: &str, source: SourceR
 
 /// Which watch stream an event came from, and whether a (re)list just completed.
 enum Change {
-    Workspaces { init_done: bool },
-    Teams { init_done: bool },
+    Workspaces {
+        init_done: bool,
+    },
+    Teams {
+        init_done: bool,
+    },
+    Pools {
+        init_done: bool,
+    },
+    /// The WarmPool watch failed (say, its CRD is not installed yet): the others go
+    /// on without pools rather than wait for it.
+    PoolsFailed(String),
 }
 
 fn is_init_done<K>(ev: &watcher::Event<K>) -> bool {
@@ -147,6 +182,7 @@ pub async fn run(
     team_writer: reflector::store::Writer<GuardedTeam>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let ws_client = client.clone();
     let (ws_api, team_api): (Api<GuardedWorkspace>, Api<GuardedTeam>) = match &namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
         None => (Api::all(client.clone()), Api::all(client)),
@@ -159,8 +195,19 @@ pub async fn run(
     let team_events = reflector(team_writer, watcher(team_api, watcher::Config::default()).default_backoff())
         .map(|ev| ev.map(|ev| Change::Teams { init_done: is_init_done(&ev) }))
         .boxed();
-    let mut changes = stream::select(ws_events, team_events);
-    let (mut ws_ready, mut teams_ready) = (false, false);
+    let pool_api: Api<GuardedPool> = match &namespace {
+        Some(ns) => Api::namespaced(ws_client.clone(), ns),
+        None => Api::all(ws_client.clone()),
+    };
+    let (pool_store, pool_writer) = reflector::store();
+    let pool_events = reflector(pool_writer, watcher(pool_api, watcher::Config::default()).default_backoff())
+        .map(|ev| match ev {
+            Ok(ev) => Ok(Change::Pools { init_done: is_init_done(&ev) }),
+            Err(e) => Ok(Change::PoolsFailed(e.to_string())),
+        })
+        .boxed();
+    let mut changes = stream::select(stream::select(ws_events, team_events), pool_events);
+    let (mut ws_ready, mut teams_ready, mut pools_ready) = (false, false, false);
     let mut last_sent: Option<String> = None;
     loop {
         let change = tokio::select! {
@@ -179,18 +226,32 @@ pub async fn run(
             }
             Some(Ok(Change::Workspaces { init_done })) => ws_ready |= init_done,
             Some(Ok(Change::Teams { init_done })) => teams_ready |= init_done,
+            Some(Ok(Change::Pools { init_done })) => pools_ready |= init_done,
+            Some(Ok(Change::PoolsFailed(e))) => {
+                if !pools_ready {
+                    tracing::warn!(error = %e, "watching molecule.ai WarmPools failed; going on without them (is the WarmPool CRD installed? `kubectl apply -k deploy/`)");
+                }
+                pools_ready = true;
+            }
         }
-        if !(ws_ready && teams_ready) {
+        if !(ws_ready && teams_ready && pools_ready) {
             continue;
         }
-        let (workspaces, teams) = (ws_store.state(), team_store.state());
+        let (workspaces, teams, pools) = (ws_store.state(), team_store.state(), pool_store.state());
         // Status writes bump resourceVersions too; send only when something declared changed.
-        let print = fingerprint(&workspaces, &teams);
+        let mut print = fingerprint(&workspaces, &teams);
+        for pool in pools.iter().filter(|o| o.meta().deletion_timestamp.is_none()) {
+            let body = match &pool.0 {
+                Ok(o) => format!("{:?}", o.spec),
+                Err(e) => e.error.clone(),
+            };
+            print.push_str(&format!("\nP {} {:?} {body}", key_of(pool.as_ref()), pool.meta().generation));
+        }
         if last_sent.as_ref() == Some(&print) {
             continue;
         }
         last_sent = Some(print);
-        if snapshots.send(snapshot(&workspaces, &teams)).await.is_err() {
+        if snapshots.send(snapshot_with_pools(&workspaces, &teams, &pools)).await.is_err() {
             return Ok(()); // the desired store is gone: the operator is stopping
         }
         sent.send_replace(sent_map(&workspaces));

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, TOKEN_FILE, labels};
+use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, IDENTITY_FILE, TOKEN_FILE, labels};
 use crate::model::{RevokeReason, WorkspaceRecord};
 use crate::rules::{Action, Desired, Facts};
-use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, render};
+use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, identity_file, render};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{Store, StoreError};
 
@@ -85,6 +85,7 @@ pub const FAILPOINTS: &[&str] = &[
     "after-record-restart",
     "after-reset-restarts",
     "after-forget",
+    "after-claim",
 ];
 
 /// How often the configured failpoint has been reached in this process.
@@ -100,6 +101,8 @@ pub struct Outcome {
     /// reconciler knows the file's content without reading it back (and the registry
     /// knows the tokens it issued).
     pub written: Vec<(String, String)>,
+    /// A warm-pool member taken: (container id, the uid the workspace has now).
+    pub claimed: Option<(String, String)>,
 }
 
 impl Executor<'_> {
@@ -246,6 +249,11 @@ impl Executor<'_> {
                 self.store.delete_workspace(uid).await?;
                 out.done.push("forgot the workspace".into());
             }
+            Action::Claim { pool, id, uid: member_uid, overlay } => {
+                let desired =
+                    facts.desired.ok_or_else(|| StepError::Precondition("claim without a declaration".into()))?;
+                self.claim(desired, record, pool, id, member_uid, overlay, now, out).await?;
+            }
         }
         Ok(())
     }
@@ -313,6 +321,60 @@ impl Executor<'_> {
         out.done.push(format!(
             "created {} (incarnation {incarnation}, image {}) with token {}…",
             cs.name, cs.image, issued.row.prefix
+        ));
+        Ok(())
+    }
+}
+
+impl Executor<'_> {
+    /// Takes a warm-pool member as the workspace's container: the workspace gets the
+    /// member's uid (the store refuses if another took it), then a new token, the
+    /// workspace's config files and its identity are written into the member's
+    /// `/configs`; the waiting agent reads the identity and registers. Nothing is
+    /// created. Should a write fail, the member is the workspace's container with a
+    /// missing file: the token-file rule rewrites the token, and an agent that never
+    /// registers is replaced by the heartbeat rule.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim(
+        &self,
+        desired: &Desired,
+        record: &WorkspaceRecord,
+        pool: &str,
+        id: &str,
+        member_uid: &str,
+        overlay: &BTreeMap<String, String>,
+        now: DateTime<Utc>,
+        out: &mut Outcome,
+    ) -> Result<(), StepError> {
+        let spec = desired.effective().ok_or_else(|| StepError::Precondition("invalid spec".into()))?;
+        let cs = render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
+        let claim = crate::model::Claim {
+            pool: pool.to_string(),
+            container_id: id.to_string(),
+            spec_hash: cs.labels.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
+            at: now,
+        };
+        let claimed = self.store.claim_member(&record.key, &record.uid, member_uid, &claim).await?;
+        if claimed.is_none() {
+            return Err(StepError::Precondition(format!(
+                "container {} of warm pool {pool} was taken meanwhile, or the workspace was provisioned",
+                short(id)
+            )));
+        }
+        out.claimed = Some((id.to_string(), member_uid.to_string()));
+        self.runtime.write_files(id, CONFIGS_DIR, &cs.config_files, CONFIG_FILE_MODE).await?;
+        let issued = self.store.issue_token(member_uid, 1, now).await?;
+        self.runtime.write_file(id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
+        out.issued += 1;
+        out.written.push((id.to_string(), issued.row.token_hash.clone()));
+        let identity = identity_file(member_uid, &record.key, overlay);
+        self.runtime.write_file(id, CONFIGS_DIR, IDENTITY_FILE, identity.as_bytes(), 0o600).await?;
+        out.done.push(format!(
+            "claimed {} of warm pool {pool} (now uid {}), wrote token {}… and its identity ({} env overlay variable(s))",
+            short(id),
+            member_uid,
+            issued.row.prefix,
+            overlay.len()
         ));
         Ok(())
     }

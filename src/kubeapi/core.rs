@@ -176,7 +176,7 @@ pub fn validate(kind: Kind, object: &Value) -> Vec<Cause> {
         Kind::Service => decode::<core::Service>(object),
         Kind::Namespace => decode::<core::Namespace>(object),
         Kind::Node => decode::<core::Node>(object),
-        Kind::Workspace | Kind::Team => Ok(()),
+        Kind::Workspace | Kind::Team | Kind::WarmPool => Ok(()),
     };
     match decoded {
         Err(mut problems) => {

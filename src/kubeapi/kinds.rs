@@ -1,4 +1,4 @@
-//! The kinds this server stores in the state store's `objects` table: the two
+//! The kinds this server stores in the state store's `objects` table: the three
 //! molecule.ai custom resources and the core/v1 kinds a Pod runtime needs. One
 //! descriptor per kind (group, names, scope, subresources); routing, discovery,
 //! validation and tables all read it, so a kind is added here and nowhere else.
@@ -11,6 +11,7 @@ use crate::api::{API_VERSION, GROUP, VERSION};
 pub enum Kind {
     Workspace,
     Team,
+    WarmPool,
     Pod,
     Secret,
     PersistentVolumeClaim,
@@ -20,9 +21,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Workspace,
         Kind::Team,
+        Kind::WarmPool,
         Kind::Pod,
         Kind::Secret,
         Kind::PersistentVolumeClaim,
@@ -31,7 +33,7 @@ impl Kind {
         Kind::Node,
     ];
     /// The custom resources (molecule.ai/v1alpha1), validated by their CRD schemas.
-    pub const MOLECULE: [Kind; 2] = [Kind::Workspace, Kind::Team];
+    pub const MOLECULE: [Kind; 3] = [Kind::Workspace, Kind::Team, Kind::WarmPool];
     /// The core/v1 kinds, validated by decoding into the k8s-openapi types.
     pub const CORE: [Kind; 6] =
         [Kind::Pod, Kind::Secret, Kind::PersistentVolumeClaim, Kind::Service, Kind::Namespace, Kind::Node];
@@ -40,6 +42,7 @@ impl Kind {
         match self {
             Kind::Workspace => "Workspace",
             Kind::Team => "Team",
+            Kind::WarmPool => "WarmPool",
             Kind::Pod => "Pod",
             Kind::Secret => "Secret",
             Kind::PersistentVolumeClaim => "PersistentVolumeClaim",
@@ -53,6 +56,7 @@ impl Kind {
         match self {
             Kind::Workspace => "workspaces",
             Kind::Team => "teams",
+            Kind::WarmPool => "warmpools",
             Kind::Pod => "pods",
             Kind::Secret => "secrets",
             Kind::PersistentVolumeClaim => "persistentvolumeclaims",
@@ -70,6 +74,7 @@ impl Kind {
         match self {
             Kind::Workspace => &["ws"],
             Kind::Team => &["team"],
+            Kind::WarmPool => &["wp"],
             Kind::Pod => &["po"],
             Kind::Secret => &[],
             Kind::PersistentVolumeClaim => &["pvc"],
@@ -80,7 +85,7 @@ impl Kind {
     }
 
     pub fn is_core(self) -> bool {
-        !matches!(self, Kind::Workspace | Kind::Team)
+        !matches!(self, Kind::Workspace | Kind::Team | Kind::WarmPool)
     }
 
     /// The API group: `molecule.ai`, or "" for core.

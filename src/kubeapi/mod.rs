@@ -151,6 +151,7 @@ struct KindInfo {
 fn crd(kind: Kind) -> Value {
     let crd = match kind {
         Kind::Team => Team::crd(),
+        Kind::WarmPool => crate::api::WarmPool::crd(),
         _ => Workspace::crd(),
     };
     serde_json::to_value(crd).expect("a CRD serializes")
@@ -196,6 +197,7 @@ pub struct KubeApi {
     closing: tokio::sync::watch::Sender<bool>,
     workspace: KindInfo,
     team: KindInfo,
+    pool: KindInfo,
     event_log: events::EventLog,
 }
 
@@ -229,6 +231,7 @@ impl KubeApi {
             closing: tokio::sync::watch::Sender::new(false),
             workspace: kind_info(Kind::Workspace),
             team: kind_info(Kind::Team),
+            pool: kind_info(Kind::WarmPool),
             event_log: events::EventLog::default(),
         };
         api.ensure_namespaces().await?;
@@ -308,6 +311,7 @@ impl KubeApi {
     fn info(&self, kind: Kind) -> &KindInfo {
         match kind {
             Kind::Team => &self.team,
+            Kind::WarmPool => &self.pool,
             _ => &self.workspace,
         }
     }

@@ -230,6 +230,7 @@ fn validate_object(api: &KubeApi, kind: Kind, object: &Value) -> Result<(), ApiE
         if causes.is_empty() {
             let decoded = match kind {
                 Kind::Team => serde_path_to_error::deserialize::<_, Team>(object).map(drop),
+                Kind::WarmPool => serde_path_to_error::deserialize::<_, crate::api::WarmPool>(object).map(drop),
                 _ => serde_path_to_error::deserialize::<_, Workspace>(object).map(drop),
             };
             if let Err(error) = decoded {

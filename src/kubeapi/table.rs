@@ -63,7 +63,7 @@ fn core_columns(kind: Kind) -> Vec<Value> {
             column("Version", "string", 0, "The node's kubelet version."),
             column("Internal-IP", "string", 1, "The node's internal IP."),
         ],
-        Kind::Workspace | Kind::Team => vec![],
+        Kind::Workspace | Kind::Team | Kind::WarmPool => vec![],
     }
 }
 
@@ -225,7 +225,7 @@ fn core_cells(kind: Kind, object: &Value, now: chrono::DateTime<chrono::Utc>) ->
                 ip,
             ]
         }
-        Kind::Workspace | Kind::Team => vec![],
+        Kind::Workspace | Kind::Team | Kind::WarmPool => vec![],
     }
 }
 

@@ -22,11 +22,18 @@ pub mod labels {
     /// When the operator created the container (RFC 3339, ms): restart requests
     /// made after it mean "restart".
     pub const PROVISIONED_AT: &str = "ai.molecule.provisioned-at";
+    /// On a warm-pool member: its pool (`namespace/name`). It has no workspace label
+    /// until a workspace claims it (then the store says whose it is; Docker labels
+    /// cannot change).
+    pub const POOL: &str = "ai.molecule.pool";
 }
 
 /// Where the token lives inside every workspace container.
 pub const CONFIGS_DIR: &str = "/configs";
 pub const TOKEN_FILE: &str = ".auth_token";
+/// What a claim writes into a pool member's `/configs` after the token (read by the
+/// waiting agent; see src/bin/molecule-agent.rs).
+pub const IDENTITY_FILE: &str = ".identity";
 /// Mode of the config files (`spec.configFiles`): `${VAR}` may have put secrets in them.
 pub const CONFIG_FILE_MODE: u32 = 0o600;
 /// The agent runs as this non-root user; it owns the token file (mode 0600).

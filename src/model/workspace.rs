@@ -27,6 +27,24 @@ pub struct WorkspaceRecord {
     pub mode_override: Option<OperatingMode>,
     /// Set by `molecule-operator restart`: restart if the container started before this.
     pub restart_requested_at: Option<DateTime<Utc>>,
+    /// Set when the current incarnation's container is a warm-pool member this
+    /// workspace claimed (cleared by the next provision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+}
+
+/// How a claimed pool member counts as this workspace's container: Docker labels
+/// cannot change, so the store says which spec hash it stands for (the workspace's
+/// own, rendered for the member's uid, at the claim) and since when it is the
+/// workspace's (its provisioning time, for liveness).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Claim {
+    /// `namespace/name` of the WarmPool.
+    pub pool: String,
+    pub container_id: String,
+    pub spec_hash: String,
+    pub at: DateTime<Utc>,
 }
 
 /// Whether a status shows the workspace's agent online: AgentOnline=True; without

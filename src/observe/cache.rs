@@ -49,6 +49,10 @@ pub type Ticket = u64;
 pub struct ContainerCache {
     seq: AtomicU64,
     state: Mutex<State>,
+    /// Warm-pool members claimed by workspaces (container id → workspace key): their
+    /// labels name no workspace, and Docker cannot relabel them, so their events are
+    /// routed to the workspace through this.
+    adopted: Mutex<HashMap<Box<str>, Box<str>>>,
     /// Woken when the cache becomes unknown (the feeder then re-lists, with backoff).
     unknown: Notify,
 }
@@ -490,9 +494,42 @@ impl ContainerCache {
         e.kept.workspace.as_deref().map(str::to_string)
     }
 
-    /// The workspace container `id` belongs to, if it is cached.
+    /// The workspace container `id` belongs to, if it is cached (or was claimed).
     pub fn workspace_of(&self, id: &str) -> Option<String> {
-        self.lock().containers.get(id)?.kept.workspace.as_deref().map(str::to_string)
+        let labelled = self.lock().containers.get(id).and_then(|e| e.kept.workspace.as_deref().map(str::to_string));
+        labelled.or_else(|| self.adopted.lock().ok()?.get(id).map(|k| k.to_string()))
+    }
+
+    /// Routes the events of claimed warm-pool member `id` to workspace `key`.
+    pub fn adopt(&self, id: &str, key: &str) {
+        if let Ok(mut a) = self.adopted.lock() {
+            a.insert(id.into(), key.into());
+        }
+    }
+
+    /// This instance's containers that carry label `key`, whatever its value. None when
+    /// unknown.
+    pub fn labelled_any(&self, key: &str) -> Option<Vec<ContainerInfo>> {
+        let st = self.lock();
+        st.known.then(|| {
+            st.containers.iter().filter(|(_, e)| e.kept.label(key).is_some()).map(|(id, e)| e.kept.info(id)).collect()
+        })
+    }
+
+    /// This instance's containers labelled `key=value` (e.g. a pool's members). None
+    /// when unknown.
+    pub fn labelled(&self, key: &str, value: &str) -> Option<Vec<ContainerInfo>> {
+        let st = self.lock();
+        if !st.known {
+            return None;
+        }
+        Some(
+            st.containers
+                .iter()
+                .filter(|(_, e)| e.kept.label(key) == Some(value))
+                .map(|(id, e)| e.kept.info(id))
+                .collect(),
+        )
     }
 
     /// Containers labelled with this uid. None when unknown.

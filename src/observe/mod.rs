@@ -35,7 +35,7 @@ pub async fn observe(
         Some(uid) => tokens.live_tokens(uid).await?,
         None => Vec::new(),
     };
-    Ok(Observed {
+    let mut observed = Observed {
         record,
         containers,
         live_tokens,
@@ -43,7 +43,10 @@ pub async fn observe(
         team: Default::default(),
         heartbeats_lost_at: None,
         agent: None,
-    })
+        pool: Default::default(),
+    };
+    observed.adopt_claim();
+    Ok(observed)
 }
 
 /// Reads the token file of container `id` (Docker's archive API).

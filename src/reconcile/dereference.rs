@@ -50,6 +50,13 @@ pub(super) async fn dereference(
         _ => None,
     };
     let mut observed = observe_workspace(ctx, key, record, agent).await?;
+    // A workspace naming a warm pool, before its first container: what the pool offers.
+    if let (Some(d), Some(r)) = (declared, &observed.record)
+        && r.incarnation == 0
+        && let Some(name) = d.spec.as_ref().ok().and_then(|s| s.warm_pool.as_deref())
+    {
+        observed.pool = super::pools::view(ctx, set, &d.key.namespace, name).await?;
+    }
     if desired.as_ref().is_some_and(|d| d.spec.is_ok()) {
         ctx.token_memo.observe(ctx.runtime.as_ref(), key, &mut observed).await;
     }

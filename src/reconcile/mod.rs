@@ -17,6 +17,7 @@
 
 mod dereference;
 mod pass;
+pub mod pools;
 pub mod queue;
 mod run;
 #[cfg(test)]
@@ -96,6 +97,8 @@ pub struct Context {
     pub full_resync: Duration,
     /// Each workspace's phase, for the workspaces-by-phase gauge.
     phases: sweep::Phases,
+    /// Warm pools' status (for `get warmpools`) and the wake-up of their refill.
+    pub pools: Arc<pools::Pools>,
 }
 
 impl Context {
@@ -132,6 +135,7 @@ impl Context {
             sweeps: Mutex::default(),
             full_resync: DEFAULT_FULL_RESYNC,
             phases: sweep::Phases::default(),
+            pools: Arc::default(),
         }
     }
 

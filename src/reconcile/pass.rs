@@ -160,8 +160,16 @@ async fn execute(
             Err(e) => format!("failed: {e}"),
         },
     };
-    if let (Some(r), false) = (record, forgotten) {
-        ctx.store.append_decision(&r.uid, &rec, DECISIONS_KEPT).await?;
+    if let Some((id, _)) = &outcome.claimed {
+        // Docker cannot relabel it: events of the claimed member now trigger this workspace.
+        ctx.containers.adopt(id, key);
+        ctx.metrics.pool_claimed(facts.now);
+        ctx.pools.wake.notify_one();
+    }
+    // A claim gave the workspace the member's uid: its log goes with it.
+    let log_uid = outcome.claimed.as_ref().map(|(_, uid)| uid.as_str()).or(record.map(|r| r.uid.as_str()));
+    if let (Some(uid), false) = (log_uid, forgotten) {
+        ctx.store.append_decision(uid, &rec, DECISIONS_KEPT).await?;
     }
     report.decisions.push(rec);
     if let Err(e) = result {

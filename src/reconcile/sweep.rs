@@ -161,7 +161,9 @@ impl SweepInput<'_> {
             team: TeamView::NoQuota, // quota teams are reconciled above
             heartbeats_lost_at: self.heartbeats_lost_at,
             agent: None, // the agent's report changes the status only, never a decision
+            pool: Default::default(),
         };
+        observed.adopt_claim();
         let own = observed.container().map(|c| Hex::new(&c.id));
         if let Some(seen) = seen {
             if own != seen.container {

@@ -72,6 +72,33 @@ pub(crate) async fn list_teams(State(state): State<Arc<AppState>>) -> Response {
     Json(views::teams(&desired, &workspaces)).into_response()
 }
 
+/// One warm pool as `get warmpools` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSummary {
+    pub namespace: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub status: crate::api::WarmPoolStatus,
+}
+
+/// `GET /api/v1/warmpools`: every declared pool, with its ready and claimed members.
+pub(crate) async fn list_pools(State(state): State<Arc<AppState>>) -> Response {
+    let seen = state.pools.lock().map(|p| p.clone()).unwrap_or_default();
+    let all: Vec<PoolSummary> = state
+        .desired()
+        .pools
+        .values()
+        .map(|p| {
+            let key = p.key.to_string();
+            let mut status = seen.get(&key).cloned().unwrap_or_default();
+            status.size = p.size;
+            PoolSummary { namespace: p.key.namespace.clone(), name: p.key.name.clone(), status }
+        })
+        .collect();
+    Json(all).into_response()
+}
+
 /// `GET /api/v1/workspaces/{name}?namespace=NS`: one workspace in detail.
 pub(crate) async fn get_workspace(
     State(state): State<Arc<AppState>>,

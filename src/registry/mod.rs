@@ -17,7 +17,7 @@
 //! ready.store(true, Ordering::Release);
 //! ```
 
-mod admin;
+pub mod admin;
 mod agent;
 pub mod auth;
 mod discovery;
@@ -102,6 +102,8 @@ pub struct AppState {
     /// Cancelled when the operator stops: answers that never end by themselves (the
     /// fleet stream, `events -w`, `logs -f`) end then, so the server can finish.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Warm pools' status as the refill last saw it (`get warmpools`).
+    pub pools: Arc<Mutex<std::collections::BTreeMap<String, crate::api::WarmPoolStatus>>>,
 }
 
 impl AppState {
@@ -133,6 +135,7 @@ impl AppState {
             logins: Arc::default(),
             usage: Arc::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            pools: Arc::default(),
         }
     }
 
@@ -180,6 +183,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
         .route("/api/v1/workspaces/{name}/logs", get(admin::logs))
         .route("/api/v1/teams", get(admin::list_teams))
+        .route("/api/v1/warmpools", get(admin::list_pools))
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));

@@ -381,6 +381,7 @@ mod tests {
             status: Some(WorkspaceStatus { phase, incarnation: 2, ..Default::default() }),
             mode_override: None,
             restart_requested_at: None,
+            claim: None,
         }
     }
 

@@ -66,6 +66,7 @@ pub fn record(incarnation: i64) -> WorkspaceRecord {
         status: None,
         mode_override: None,
         restart_requested_at: None,
+        claim: None,
     }
 }
 
@@ -114,6 +115,7 @@ pub fn healthy() -> Observed {
         team: TeamView::NoQuota,
         heartbeats_lost_at: None,
         agent: None,
+        pool: Default::default(),
     }
 }
 

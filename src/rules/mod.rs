@@ -12,6 +12,7 @@
 
 pub mod agent_health;
 pub mod agent_url;
+pub mod claim;
 pub mod drift;
 pub mod heartbeat;
 pub mod hierarchy;
@@ -19,6 +20,7 @@ pub mod liveness;
 pub mod orphan;
 pub mod out_of_band;
 pub mod pause_resume_stop;
+pub mod pool;
 pub mod provision;
 pub mod quota;
 pub mod remove;
@@ -33,6 +35,7 @@ pub(crate) mod fixtures;
 #[cfg(test)]
 mod props;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,7 +45,7 @@ pub use self::quota::TeamView;
 use crate::api::OperatingMode;
 use crate::api::{EffectiveSpec, ObjectKey, SourceRef};
 pub use crate::model::container::ContainerState;
-use crate::model::container::{AppliedConfig, ContainerInfo};
+use crate::model::container::{AppliedConfig, ContainerInfo, labels};
 use crate::model::{AgentReport, RevokeReason, TokenRow, WorkspaceRecord};
 
 /// What is declared for one workspace, resolved.
@@ -98,9 +101,34 @@ pub struct Observed {
     pub heartbeats_lost_at: Option<DateTime<Utc>>,
     /// What the agent last reported to the registry (any incarnation's; see agent_health.rs).
     pub agent: Option<AgentReport>,
+    /// The warm pool it names, when a first container may be claimed (see claim.rs).
+    pub pool: claim::PoolView,
 }
 
 impl Observed {
+    /// A claimed pool member is this workspace's container from its claim on (see
+    /// claim.rs), but Docker cannot relabel it: it is given the spec hash and the
+    /// provisioning time the claim recorded, and the workspace's key, as if the
+    /// operator had created it so. Called once the record and containers are read.
+    pub fn adopt_claim(&mut self) {
+        let Some(record) = self.record.as_ref() else { return };
+        let Some(claim) = record.claim.as_ref() else { return };
+        let inc = record.incarnation.to_string();
+        for c in self.containers.iter_mut().flatten() {
+            if c.id == claim.container_id
+                && c.uid() == Some(record.uid.as_str())
+                && c.label(labels::INCARNATION) == Some(inc.as_str())
+            {
+                c.labels.insert(labels::SPEC_HASH.into(), claim.spec_hash.clone());
+                c.labels.insert(
+                    labels::PROVISIONED_AT.into(),
+                    claim.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                );
+                c.labels.insert(labels::WORKSPACE.into(), record.key.clone());
+            }
+        }
+    }
+
     /// The one container that is ours for this record (matching uid), if listing worked.
     pub fn container(&self) -> Option<&ContainerInfo> {
         let uid = self.record.as_ref().map(|r| r.uid.as_str())?;
@@ -310,6 +338,17 @@ pub enum Action {
     ResetRestarts,
     /// Forget the workspace's record (its container and volume are gone).
     Forget,
+    /// Take warm-pool member `id` (uid `uid`) of `pool` as the workspace's container:
+    /// the workspace takes the member's uid, a new token and the identity file
+    /// (workspace id, name, env overlay) are written into its `/configs`. Nothing is
+    /// created.
+    Claim {
+        pool: String,
+        id: String,
+        uid: String,
+        /// The workspace's env the template does not set (see claim::satisfies).
+        overlay: BTreeMap<String, String>,
+    },
 }
 
 impl Action {
@@ -329,6 +368,7 @@ impl Action {
             Action::RecordRestart { .. } => "record-restart",
             Action::ResetRestarts => "reset-restarts",
             Action::Forget => "forget",
+            Action::Claim { .. } => "claim",
         }
     }
 
@@ -366,6 +406,9 @@ impl Action {
             Action::RecordRestart { reason } => format!("count restart: {reason}"),
             Action::ResetRestarts => "reset the restart budget".into(),
             Action::Forget => "forget workspace".into(),
+            Action::Claim { pool, id, .. } => {
+                format!("claim container {} of warm pool {pool} with a new token", &id[..id.len().min(12)])
+            }
         }
     }
 }
@@ -392,6 +435,7 @@ const fn rule(name: &'static str, decide: Decide) -> Rule {
 pub const RULES: &[Rule] = &[
     rule("remove", remove::rule),
     rule("orphan", orphan::rule),
+    rule("claim", claim::rule),
     rule("provision", provision::rule),
     rule("stop", pause_resume_stop::stop),
     rule("drift", drift::rule),

@@ -132,6 +132,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                 team: if quota { busy_team() } else { TeamView::NoQuota },
                 heartbeats_lost_at: None,
                 agent: None,
+                pool: Default::default(),
             };
             World { desired, observed, issued: 0 }
         })
@@ -221,6 +222,8 @@ impl World {
                     }
                 }
                 Action::Forget => obs.record = None,
+                // The model names no warm pool (claims have their own tests in claim.rs).
+                Action::Claim { .. } => {}
             }
         }
     }

@@ -14,7 +14,10 @@ pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
     let current = facts.observed.incarnation();
     let (cause, revoke) = match facts.observed.container() {
         None if facts.quota_hold().is_some() => return None, // waits for room in its team
-        None => ("no container".to_string(), RevokeReason::ContainerMissing),
+        None => match claim::fallback(facts) {
+            Some(why) => (format!("no container ({why})"), RevokeReason::ContainerMissing),
+            None => ("no container".to_string(), RevokeReason::ContainerMissing),
+        },
         Some(c) if c.incarnation() != Some(current) => (
             format!(
                 "container is from incarnation {}, current is {current}",

@@ -83,6 +83,71 @@ pub fn render(spec: &EffectiveSpec, id: &Identity<'_>, agent: &AgentEnv) -> Cont
     spec_out
 }
 
+/// A warm-pool member of `pool` from its template: the agent's env without any
+/// workspace identity (`MOLECULE_POOL` instead: the agent waits for a claim), labelled
+/// with the pool and no workspace, incarnation 1 (what a claiming workspace's record
+/// becomes). Its spec hash leaves the uid out, so every member of one template has
+/// the same one and a template change shows on each.
+pub fn render_member(
+    template: &EffectiveSpec,
+    instance: &str,
+    pool: &str,
+    uid: &str,
+    agent: &AgentEnv,
+) -> ContainerSpec {
+    let mut env: BTreeMap<String, String> = template.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.insert("MOLECULE_POOL".into(), pool.into());
+    env.insert("MOLECULE_REGISTRY_URL".into(), agent.registry_url.clone());
+    env.insert("PLATFORM_URL".into(), agent.registry_url.clone());
+    env.insert("MOLECULE_URL".into(), agent.registry_url.clone());
+    env.insert("MOLECULE_HEARTBEAT_SECONDS".into(), agent.heartbeat_seconds.to_string());
+    env.insert("WORKSPACE_CONFIG_PATH".into(), crate::model::container::CONFIGS_DIR.into());
+    env.insert("TIER".into(), template.tier.to_string());
+    let mut out = ContainerSpec {
+        name: String::new(),
+        image: template.image.to_string(),
+        image_pull_policy: template.image_pull_policy,
+        env,
+        labels: BTreeMap::new(),
+        memory_bytes: template.memory_bytes,
+        nano_cpus: template.nano_cpus,
+        read_only_root: template.read_only_root,
+        tmp_tmpfs_bytes: template.tmp_tmpfs_bytes,
+        network: template.network.to_string(),
+        config_volume: String::new(),
+        security: template.security.clone(),
+        config_files: template.config_files.clone(),
+    };
+    let hash = spec_hash(&out);
+    out.name = container_name(uid);
+    out.config_volume = config_volume_name(uid);
+    let l = &mut out.labels;
+    l.insert(labels::MANAGED.into(), "true".into());
+    l.insert(labels::INSTANCE.into(), instance.into());
+    l.insert(labels::UID.into(), uid.into());
+    l.insert(labels::POOL.into(), pool.into());
+    l.insert(labels::INCARNATION.into(), "1".into());
+    l.insert(labels::SPEC_HASH.into(), hash);
+    out
+}
+
+/// The spec hash of every member of `template` in `pool` (see `render_member`).
+pub fn member_hash(template: &EffectiveSpec, instance: &str, pool: &str, agent: &AgentEnv) -> String {
+    render_member(template, instance, pool, "", agent).labels.remove(labels::SPEC_HASH).unwrap_or_default()
+}
+
+/// The identity file a claim writes (see src/bin/molecule-agent.rs): the workspace's
+/// id and name, its env overlay (newlines and backslashes escaped), and `end`.
+pub fn identity_file(uid: &str, key: &str, overlay: &BTreeMap<String, String>) -> String {
+    let mut out = format!("workspace_id={uid}\nworkspace_name={key}\n");
+    for (k, v) in overlay {
+        let v = v.replace('\\', "\\\\").replace('\n', "\\n");
+        out.push_str(&format!("env.{k}={v}\n"));
+    }
+    out.push_str("end\n");
+    out
+}
+
 /// sha256 of the canonical JSON of the rendered config (labels excluded), hex, first 16 chars.
 pub fn spec_hash(spec: &ContainerSpec) -> String {
     let canonical = serde_json::to_vec(spec).expect("ContainerSpec serializes");
@@ -99,6 +164,20 @@ mod tests {
         let eff = resolve(&spec, &Defaults::default()).unwrap();
         let id = Identity { instance: "t", key: "default/a", uid: "0123456789abcdef-0000" };
         render(&eff, &id, &AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 5 })
+    }
+
+    #[test]
+    fn a_member_has_no_identity_and_one_hash_per_template() {
+        let t = resolve(&WorkspaceSpec::default(), &Defaults::default()).unwrap();
+        let agent = AgentEnv { registry_url: "http://127.0.0.1:1".into(), heartbeat_seconds: 5 };
+        let a = render_member(&t, "i", "default/p", "aaaaaaaaaaaa-1", &agent);
+        let b = render_member(&t, "i", "default/p", "bbbbbbbbbbbb-2", &agent);
+        assert_eq!(a.labels[labels::SPEC_HASH], b.labels[labels::SPEC_HASH]);
+        assert_eq!(a.labels[labels::SPEC_HASH], member_hash(&t, "i", "default/p", &agent));
+        assert!(!a.env.contains_key("MOLECULE_WORKSPACE_ID") && !a.labels.contains_key(labels::WORKSPACE));
+        assert_eq!((a.name.as_str(), a.env["MOLECULE_POOL"].as_str()), ("ws-aaaaaaaaaaaa", "default/p"));
+        let id = identity_file("u", "default/w", &[("A".to_string(), "x\ny".to_string())].into());
+        assert_eq!(id, "workspace_id=u\nworkspace_name=default/w\nenv.A=x\\ny\nend\n");
     }
 
     #[test]

@@ -37,11 +37,23 @@ impl DesiredWorkspace {
     }
 }
 
+/// One warm pool as the operator should keep it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredPool {
+    pub key: ObjectKey,
+    pub size: u32,
+    /// The resolved template, or every reason it is invalid (each naming its field).
+    pub template: Result<Arc<EffectiveSpec>, Vec<String>>,
+    pub source: SourceRef,
+}
+
 /// Everything declared, merged from all sources.
 #[derive(Clone, Debug, Default)]
 pub struct DesiredSet {
     pub workspaces: BTreeMap<ObjectKey, DesiredWorkspace>,
     pub teams: BTreeMap<ObjectKey, Team>,
+    /// Warm pools (the first source that declares a name wins).
+    pub pools: BTreeMap<ObjectKey, DesiredPool>,
     /// Source-level problems (e.g. a file that does not parse), each naming file and line.
     pub errors: Vec<String>,
     /// False until every source has delivered its first snapshot: nothing is removed
@@ -180,7 +192,76 @@ pub fn merge(snapshots: &[Snapshot], defaults: &Defaults, previous: &DesiredSet)
         }
     }
 
-    DesiredSet { workspaces, teams: team_objects, errors, complete: true }
+    let pools = merge_pools(snapshots, defaults, &mut errors);
+    check_pool_references(&mut workspaces, &pools, previous);
+    DesiredSet { workspaces, teams: team_objects, pools, errors, complete: true }
+}
+
+/// Every declared WarmPool, its template resolved; the first source wins a name.
+fn merge_pools(
+    snapshots: &[Snapshot],
+    defaults: &Defaults,
+    errors: &mut Vec<String>,
+) -> BTreeMap<ObjectKey, DesiredPool> {
+    let mut pools = BTreeMap::new();
+    for snap in snapshots {
+        for o in &snap.objects {
+            let (key, size, template, source) = match o {
+                SourceObject::WarmPool { object, source } => {
+                    let key = ObjectKey::new(
+                        object.metadata.namespace.clone().unwrap_or_else(|| crate::api::DEFAULT_NAMESPACE.into()),
+                        object.metadata.name.clone().unwrap_or_default(),
+                    );
+                    let template = match validate::dns1123_label(&key.name) {
+                        Err(e) => Err(vec![format!("metadata.name: {e}")]),
+                        Ok(()) => crate::api::pool::resolve_template(&object.spec, defaults).map(Arc::new),
+                    };
+                    (key, object.spec.size, template, source)
+                }
+                SourceObject::Invalid { kind, key, source, error } if kind == "WarmPool" => {
+                    (key.clone(), 0, Err(vec![error.clone()]), source)
+                }
+                _ => continue,
+            };
+            if let Err(errs) = &template {
+                errors.push(format!("WarmPool {key}: {}", errs.join("; ")));
+            }
+            if pools.contains_key(&key) {
+                errors.push(format!("WarmPool {key}: also declared by {}; the first source wins", snap.source));
+                continue;
+            }
+            pools.insert(key.clone(), DesiredPool { key, size, template, source: source.clone() });
+        }
+    }
+    pools
+}
+
+/// A workspace naming a pool that is not declared, or whose template is invalid, is
+/// invalid itself (InvalidSpec naming `spec.warmPool`); nothing else is affected.
+fn check_pool_references(
+    workspaces: &mut BTreeMap<ObjectKey, DesiredWorkspace>,
+    pools: &BTreeMap<ObjectKey, DesiredPool>,
+    previous: &DesiredSet,
+) {
+    for (key, w) in workspaces.iter_mut() {
+        let Some(name) = w.spec.as_ref().ok().and_then(|s| s.warm_pool.clone()) else { continue };
+        let why = match pools.get(&ObjectKey::new(&key.namespace, &name)) {
+            None => format!(
+                "spec.warmPool: no WarmPool {name} in namespace {}; declare it or remove the field",
+                key.namespace
+            ),
+            Some(p) => match &p.template {
+                Ok(_) => continue,
+                Err(errs) => format!("spec.warmPool: WarmPool {} is invalid: {}", p.key, errs.join("; ")),
+            },
+        };
+        w.spec = Err(vec![why]);
+        w.generation = match previous.workspaces.get(key) {
+            Some(p) if p.spec == w.spec => p.generation,
+            Some(p) => p.generation + 1,
+            None => 1,
+        };
+    }
 }
 
 /// Workspaces declared before but not now whose children (declared now, or kept by
@@ -360,7 +441,8 @@ fn claim_workspaces(
                         claim_members_of_invalid_team(key, team_claim, previous, &mut claim, snapshot);
                     }
                 }
-                SourceObject::Invalid { .. } => {}
+                // Warm pools are merged apart (merge_pools).
+                SourceObject::WarmPool { .. } | SourceObject::Invalid { .. } => {}
             }
         }
     }
@@ -490,6 +572,38 @@ mod tests {
     }
 
     const ENG: &str = "  defaults: {tier: 1, env: {TEAM: eng, ROLE: member}, tokenPolicy: {staleGrace: 2m}}\n  workspaces:\n  - {name: dev, env: {ROLE: dev}}\n  - {name: qa, tier: 2}";
+
+    fn pool(name: &str, spec: &str) -> String {
+        format!("apiVersion: molecule.ai/v1alpha1\nkind: WarmPool\nmetadata: {{name: {name}}}\nspec: {spec}\n---\n")
+    }
+
+    #[test]
+    fn a_missing_pool_or_an_invalid_template_makes_the_workspace_invalid_naming_the_field_and_nothing_else() {
+        let set = merge1(&[(
+            "a.yaml",
+            &[
+                pool("good", "{size: 2, template: {tier: 1}}"),
+                pool("bad", "{size: 1, template: {tier: 9}}"),
+                ws("a", "{warmPool: good, tier: 1}"),
+                ws("b", "{warmPool: nope}"),
+                ws("c", "{warmPool: bad}"),
+                ws("d", "{}"),
+            ]
+            .concat(),
+        )]);
+        assert_eq!(eff(&set, "a").warm_pool.as_deref(), Some("good"));
+        assert!(errs(&set, "b")[0].starts_with("spec.warmPool: no WarmPool nope"), "{:?}", errs(&set, "b"));
+        let c = errs(&set, "c");
+        assert!(c[0].starts_with("spec.warmPool: WarmPool default/bad is invalid: spec.template.tier"), "{c:?}");
+        eff(&set, "d");
+        let good = &set.pools[&ObjectKey::new("default", "good")];
+        assert_eq!((good.size, good.template.as_ref().unwrap().tier), (2, 1));
+        assert!(
+            set.errors.iter().any(|e| e.starts_with("WarmPool default/bad: spec.template.tier")),
+            "{:?}",
+            set.errors
+        );
+    }
 
     #[test]
     fn team_members_expand_and_inherit_defaults() {

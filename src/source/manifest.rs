@@ -14,7 +14,10 @@ use serde_json::Value;
 use serde_saphyr::{DefaultMessageFormatter, MessageFormatter, Spanned};
 
 use super::SourceObject;
-use crate::api::{API_VERSION, DEFAULT_NAMESPACE, ObjectKey, SourceRef, Team, TeamSpec, Workspace, WorkspaceSpec};
+use crate::api::{
+    API_VERSION, DEFAULT_NAMESPACE, ObjectKey, SourceRef, Team, TeamSpec, WarmPool, WarmPoolSpec, Workspace,
+    WorkspaceSpec,
+};
 
 /// Larger files are refused before parsing: an org template is a few KiB.
 pub const MAX_FILE_BYTES: usize = 1024 * 1024;
@@ -79,6 +82,8 @@ pub fn parse_file(text: &str, origin: &str, source: &SourceRef) -> ParsedFile {
     let mut typed_workspaces =
         if wants(Kind::Workspace) { typed_pass::<WorkspaceSpec>(text, documents.len()) } else { Vec::new() };
     let mut typed_teams = if wants(Kind::Team) { typed_pass::<TeamSpec>(text, documents.len()) } else { Vec::new() };
+    let mut typed_pools =
+        if wants(Kind::WarmPool) { typed_pass::<WarmPoolSpec>(text, documents.len()) } else { Vec::new() };
 
     let mut objects = Vec::new();
     for (index, (doc, header)) in documents.into_iter().zip(headers).enumerate() {
@@ -102,6 +107,13 @@ pub fn parse_file(text: &str, origin: &str, source: &SourceRef) -> ParsedFile {
             Kind::Team => match typed(&mut typed_teams, index, doc.value, origin, line, &what) {
                 Ok((metadata, spec)) => SourceObject::Team {
                     object: Box::new(Team { metadata: with_namespace(metadata, &key), spec, status: None }),
+                    source: source.clone(),
+                },
+                Err(e) => invalid(e),
+            },
+            Kind::WarmPool => match typed(&mut typed_pools, index, doc.value, origin, line, &what) {
+                Ok((metadata, spec)) => SourceObject::WarmPool {
+                    object: Box::new(WarmPool { metadata: with_namespace(metadata, &key), spec, status: None }),
                     source: source.clone(),
                 },
                 Err(e) => invalid(e),
@@ -138,6 +150,7 @@ pub(crate) fn yaml_options() -> serde_saphyr::Options {
 enum Kind {
     Workspace,
     Team,
+    WarmPool,
 }
 
 impl Kind {
@@ -145,6 +158,7 @@ impl Kind {
         match self {
             Kind::Workspace => "Workspace",
             Kind::Team => "Team",
+            Kind::WarmPool => "WarmPool",
         }
     }
 }
@@ -162,7 +176,7 @@ enum HeaderError {
     Unreadable(String),
 }
 
-const SUPPORTED: &str = "supported: apiVersion molecule.ai/v1alpha1 with kind Workspace or Team";
+const SUPPORTED: &str = "supported: apiVersion molecule.ai/v1alpha1 with kind Workspace, Team or WarmPool";
 
 /// ObjectMeta fields; anything else under `metadata` is a typo (say `namepsace`)
 /// that would otherwise be silently dropped.
@@ -192,7 +206,7 @@ fn header(doc: &Value) -> Result<Header, HeaderError> {
     let api_version = map.get("apiVersion").and_then(Value::as_str);
     let kind = map.get("kind").and_then(Value::as_str);
     let ours_by_group = api_version.is_some_and(|v| v.starts_with("molecule.ai/"));
-    let ours_by_kind = matches!(kind, Some("Workspace" | "Team"));
+    let ours_by_kind = matches!(kind, Some("Workspace" | "Team" | "WarmPool"));
     if !ours_by_group && !ours_by_kind {
         return Err(match (api_version, kind) {
             (Some(v), Some(k)) => NotOurs(format!("{v} {k} is not supported here ({SUPPORTED}); skipped")),
@@ -202,6 +216,7 @@ fn header(doc: &Value) -> Result<Header, HeaderError> {
     let kind = match kind {
         Some("Workspace") => Kind::Workspace,
         Some("Team") => Kind::Team,
+        Some("WarmPool") => Kind::WarmPool,
         Some(other) => return Err(Unreadable(format!("kind {other:?} is not supported; {SUPPORTED}"))),
         None => return Err(Unreadable(format!("kind is missing; {SUPPORTED}"))),
     };
@@ -491,7 +506,7 @@ mod tests {
         assert!(!p.failed);
         assert_eq!(p.objects.len(), 1);
         assert!(p.errors[0].starts_with("org/a.yaml:1: document 1: v1 ConfigMap is not supported"), "{:?}", p.errors);
-        assert!(p.errors[0].contains("Workspace or Team"), "{:?}", p.errors);
+        assert!(p.errors[0].contains("Workspace, Team or WarmPool"), "{:?}", p.errors);
 
         for (text, expect) in [
             ("apiVersion: molecule.ai/v1alpha1\nkind: Workspace\nmetadata: {}\n", "metadata.name is required"),

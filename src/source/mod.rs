@@ -22,6 +22,10 @@ pub enum SourceObject {
         object: Box<Team>,
         source: SourceRef,
     },
+    WarmPool {
+        object: Box<crate::api::WarmPool>,
+        source: SourceRef,
+    },
     /// An object whose kind and name are known but whose body is invalid (unknown
     /// field, bad value): it gets InvalidSpec and nothing is changed for it.
     Invalid {

@@ -300,6 +300,10 @@ fn object(
             Ok(object) => SourceObject::Workspace { object: Box::new(object), source },
             Err(e) => invalid(err(e)),
         },
+        "WarmPool" => match serde_json::from_value::<crate::api::WarmPool>(doc) {
+            Ok(object) => SourceObject::WarmPool { object: Box::new(object), source },
+            Err(e) => invalid(err(e)),
+        },
         _ => match serde_json::from_value::<Team>(doc) {
             Ok(object) => SourceObject::Team { object: Box::new(object), source },
             Err(e) => invalid(err(e)),

@@ -125,6 +125,16 @@ pub trait Workspaces: Send + Sync {
     /// Forgets the workspace (after its container and volume are gone). Token rows stay,
     /// revoked, for audit.
     async fn delete_workspace(&self, uid: &str) -> StoreResult<()>;
+    /// Gives the workspace `key` (record `uid`, never provisioned) the identity of the
+    /// warm-pool member `member_uid`: its uid, incarnation 1 and `claim`. None when it
+    /// cannot (provisioned meanwhile, or the member is someone else's already).
+    async fn claim_member(
+        &self,
+        key: &str,
+        uid: &str,
+        member_uid: &str,
+        claim: &crate::model::Claim,
+    ) -> StoreResult<Option<WorkspaceRecord>>;
 }
 
 /// A workspace's auth tokens: issued, read, expired, revoked, and the owners of

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
-    AgentReport, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow,
+    AgentReport, Claim, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow,
     WorkspaceRecord, shows_agent_online,
 };
 
@@ -196,7 +196,7 @@ impl Statements {
         );
         let brief = format!(
             "uid, key, incarnation, created_at, {last_heartbeat_at} AS last_heartbeat_at, restart_count, \
-             last_restart_at, last_restart_reason, mode_override, restart_requested_at"
+             last_restart_at, last_restart_reason, mode_override, restart_requested_at, CAST(claim AS TEXT) AS claim"
         );
         let workspace = format!("SELECT {brief}, CAST(status AS TEXT) AS status FROM workspaces");
         let workspace_with_report = format!(
@@ -279,6 +279,7 @@ macro_rules! sql_store {
                 status: if with_status { decode_status(&uid, row.try_get("status")?) } else { None },
                 mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
                 restart_requested_at: D::read_opt_time(row, "restart_requested_at")?,
+                claim: decode_claim(&uid, row.try_get("claim")?),
                 uid,
             })
         }
@@ -419,7 +420,8 @@ macro_rules! sql_store {
 
             async fn bump_incarnation(&self, uid: &str) -> StoreResult<i64> {
                 let incarnation: Option<i64> = sqlx::query_scalar(
-                    "UPDATE workspaces SET incarnation = incarnation + 1 WHERE uid = $1 RETURNING incarnation",
+                    "UPDATE workspaces SET incarnation = incarnation + 1, claim = NULL WHERE uid = $1 \
+                     RETURNING incarnation",
                 )
                 .bind(uid)
                 .fetch_optional(&self.pool)
@@ -492,6 +494,41 @@ macro_rules! sql_store {
                 sqlx::query("DELETE FROM workspaces WHERE uid = $1").bind(uid).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn claim_member(
+                &self,
+                key: &str,
+                uid: &str,
+                member_uid: &str,
+                claim: &Claim,
+            ) -> StoreResult<Option<WorkspaceRecord>> {
+                let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await?;
+                // Only a workspace that never had a container takes a member's identity;
+                // a member already taken (its uid is a workspace's) cannot be taken again.
+                let done = sqlx::query(
+                    "UPDATE workspaces SET uid = $3, incarnation = 1, claim = $4 \
+                     WHERE key = $1 AND uid = $2 AND incarnation = 0 \
+                     AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.uid = $3)",
+                )
+                .bind(key)
+                .bind(uid)
+                .bind(member_uid)
+                .bind(Json(claim))
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() != 1 {
+                    return Ok(None);
+                }
+                for sql in [
+                    "UPDATE decisions SET workspace_uid = $2 WHERE workspace_uid = $1",
+                    "UPDATE agent_reports SET workspace_uid = $2 WHERE workspace_uid = $1",
+                    "UPDATE workspace_auth_tokens SET workspace_uid = $2 WHERE workspace_uid = $1",
+                ] {
+                    sqlx::query(sql).bind(uid).bind(member_uid).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                self.workspace(key).await
             }
         }
 
@@ -1001,6 +1038,12 @@ fn parse_mode(uid: &str, text: Option<String>) -> StoreResult<Option<OperatingMo
 /// The status is rewritten whole on every reconcile pass, so one that no longer
 /// decodes (written by another version) is dropped with a warning, not an error
 /// that would hide the whole workspace.
+fn decode_claim(uid: &str, json: Option<String>) -> Option<Claim> {
+    serde_json::from_str(json.as_deref()?)
+        .inspect_err(|e| tracing::warn!(workspace_uid = uid, error = %e, "cannot decode the claim"))
+        .ok()
+}
+
 fn decode_status(uid: &str, json: Option<String>) -> Option<WorkspaceStatus> {
     let json = json?;
     match serde_json::from_str(&json) {

@@ -112,6 +112,10 @@ fn key_of(o: &SourceObject) -> ObjectKey {
             object.metadata.namespace.clone().unwrap_or_default(),
             object.metadata.name.clone().unwrap_or_default(),
         ),
+        SourceObject::WarmPool { object, .. } => ObjectKey::new(
+            object.metadata.namespace.clone().unwrap_or_default(),
+            object.metadata.name.clone().unwrap_or_default(),
+        ),
         SourceObject::Invalid { key, .. } => key.clone(),
     }
 }
