@@ -121,7 +121,7 @@ impl Verb {
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum ClientCommand {
-    /// List workspaces, teams or warm pools: `get workspaces|teams|warmpools [-o table|json|yaml]`.
+    /// List workspaces, teams or warm pools: `get workspaces|teams|warmpools [-o table|wide|json|yaml]`.
     Get(GetArgs),
     /// Show one workspace: status, effective spec, conditions, token, decision log.
     Describe(DescribeArgs),
@@ -380,7 +380,7 @@ pub async fn get(args: &GetArgs) -> Result<String, CliError> {
                 }
             }
             match args.output {
-                OutputFormat::Table => Ok(output::pools_table(&all)),
+                OutputFormat::Table | OutputFormat::Wide => Ok(output::pools_table(&all)),
                 f => encode(&all, f),
             }
         }
