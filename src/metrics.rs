@@ -283,6 +283,10 @@ impl Metrics {
             }
             None => {
                 self.memory_bytes.remove(&labels);
+            }
+        }
+    }
+
     /// A warm-pool member was claimed by a decision taken at `decided`.
     pub fn pool_claimed(&self, decided: chrono::DateTime<chrono::Utc>) {
         let secs = (chrono::Utc::now() - decided).num_microseconds().unwrap_or(0) as f64 / 1e6;
