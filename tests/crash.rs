@@ -63,6 +63,11 @@ const NOT_REACHED: &[(&str, &str)] = &[
     ),
     ("after-record-restart", "heartbeat restarts: the Provision that follows is covered by the Provision flow"),
     ("after-reset-restarts", "a counter reset; a crash after it only leaves the counter at zero"),
+    (
+        "after-suspend",
+        "one record write; a crash after it leaves the suspension recorded and the pause rule carries it out on restart",
+    ),
+    ("after-lifetime-clock", "one record write; a crash after it leaves the clock as written (the next pass re-judges it)"),
 ];
 
 #[test]

@@ -532,6 +532,8 @@ mod tests {
             spec: Some(spec.clone()),
             spec_errors: vec![],
             restart_requested_at: None,
+            woken_at: None,
+            lifecycle: Default::default(),
             tokens: vec![TokenView {
                 prefix: "Ab3x9_Qe".into(),
                 incarnation: 3,
@@ -583,6 +585,8 @@ mod tests {
             spec: None,
             spec_errors: vec![],
             restart_requested_at: None,
+            woken_at: None,
+            lifecycle: Default::default(),
             tokens: vec![],
             decisions: vec![],
         };
@@ -604,6 +608,8 @@ mod tests {
             spec: None,
             spec_errors: vec!["tier: 9 is out of range; use 1, 2, 3 or 4".into()],
             restart_requested_at: None,
+            woken_at: None,
+            lifecycle: Default::default(),
             tokens: vec![],
             decisions: vec![],
         };
@@ -631,6 +637,8 @@ mod tests {
             spec: None,
             spec_errors: vec![],
             restart_requested_at: None,
+            woken_at: None,
+            lifecycle: Default::default(),
             tokens: vec![row("REVOKED1", true), row("LIVEONE1", false)],
             decisions: vec![],
         };

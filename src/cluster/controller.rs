@@ -64,7 +64,19 @@ pub struct ControllerContext {
     teams_written: Mutex<HashMap<ObjectKey, TeamStatus>>,
     /// Generation and time of the last successful Apply per workspace.
     applied: Mutex<HashMap<ObjectKey, (Option<i64>, Instant)>>,
+    /// Where wakes asked for by the `molecule.ai/wake` annotation are recorded (None:
+    /// the annotation is ignored).
+    pub wake_store: Option<crate::store::DynStore>,
+    /// The annotation's value last acted on, per workspace.
+    wakes_seen: Mutex<HashMap<ObjectKey, String>>,
 }
+
+/// A Workspace annotation that wakes it (lifecycle autopilot, rules::suspend), for a
+/// gateway or `kubectl annotate ws NAME molecule.ai/wake=$(date -u +%FT%TZ) --overwrite`.
+/// Every new value is one wake request. An RFC 3339 time is the request's time (so an
+/// operator restarted later does not count it again: a suspension made after it
+/// stands); any other value is a request at the moment the operator sees it.
+pub const WAKE_ANNOTATION: &str = "molecule.ai/wake";
 
 #[derive(Clone, Debug)]
 struct Member {
@@ -104,6 +116,36 @@ impl ControllerContext {
             members: Mutex::default(),
             teams_written: Mutex::default(),
             applied: Mutex::default(),
+            wake_store: None,
+            wakes_seen: Mutex::default(),
+        }
+    }
+
+    /// Records the wake the object's `molecule.ai/wake` annotation asks for, once per value.
+    async fn wake_by_annotation(&self, obj: &GuardedWorkspace, key: &ObjectKey) {
+        let Some(store) = &self.wake_store else { return };
+        let Some(value) = obj.meta().annotations.as_ref().and_then(|a| a.get(WAKE_ANNOTATION)) else { return };
+        if self.wakes_seen.lock().is_ok_and(|seen| seen.get(key) == Some(value)) {
+            return;
+        }
+        let now = chrono::Utc::now();
+        let at = chrono::DateTime::parse_from_rfc3339(value.trim()).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now);
+        let done = match store.workspace(&key.to_string()).await {
+            Ok(Some(record)) => store.request_wake(&record.uid, at.min(now)).await.map(|()| true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(known) => {
+                if let Ok(mut seen) = self.wakes_seen.lock() {
+                    seen.insert(key.clone(), value.clone());
+                }
+                if known {
+                    tracing::info!(workspace = %key, annotation = %value, "woken by the molecule.ai/wake annotation");
+                    self.trigger.enqueue(&key.to_string(), crate::trigger::Why::Wake);
+                }
+            }
+            Err(e) => tracing::warn!(workspace = %key, error = %e, "cannot record the wake the annotation asks for"),
         }
     }
 
@@ -331,6 +373,8 @@ pub async fn reconcile(obj: Arc<GuardedWorkspace>, ctx: Arc<ControllerContext>) 
 
 async fn apply(obj: &GuardedWorkspace, key: &ObjectKey, ctx: &ControllerContext) -> Result<Action, Error> {
     let generation = obj.meta().generation;
+    // An annotation changes no generation: looked at before the "applied recently" skip.
+    ctx.wake_by_annotation(obj, key).await;
     if let Some(left) = ctx.applied_recently(key, generation) {
         return Ok(Action::requeue(left));
     }

@@ -84,6 +84,8 @@ pub const FAILPOINTS: &[&str] = &[
     "after-unpause",
     "after-record-restart",
     "after-reset-restarts",
+    "after-suspend",
+    "after-lifetime-clock",
     "after-forget",
 ];
 
@@ -100,6 +102,8 @@ pub struct Outcome {
     /// reconciler knows the file's content without reading it back (and the registry
     /// knows the tokens it issued).
     pub written: Vec<(String, String)>,
+    /// A suspension recorded (for the metrics).
+    pub suspended: Option<crate::model::SuspendCause>,
 }
 
 impl Executor<'_> {
@@ -241,6 +245,20 @@ impl Executor<'_> {
             Action::ResetRestarts => {
                 self.store.reset_restarts(uid).await?;
                 out.done.push("restart budget reset".into());
+            }
+            Action::Suspend { suspension, used_ms } => {
+                let state = crate::model::LifecycleState {
+                    suspended: Some(*suspension),
+                    running_since: None,
+                    used_ms: *used_ms,
+                };
+                self.store.save_lifecycle(uid, &state).await?;
+                out.done.push(format!("suspended ({})", suspension.cause));
+                out.suspended = Some(suspension.cause);
+            }
+            Action::LifetimeClock { state } => {
+                self.store.save_lifecycle(uid, state).await?;
+                out.done.push(action.describe());
             }
             Action::Forget => {
                 self.store.delete_workspace(uid).await?;

@@ -16,7 +16,7 @@ pub use decision::DecisionRecord;
 pub use heartbeat::Heartbeat;
 pub use secret::SecretRow;
 pub use token::{IssuedToken, RevokeReason, TokenOwner, TokenRow};
-pub use workspace::{WorkspaceRecord, shows_agent_online};
+pub use workspace::{LifecycleState, SuspendCause, Suspension, WorkspaceRecord, shows_agent_online};
 
 #[cfg(test)]
 mod tests {

@@ -138,6 +138,9 @@ async fn execute(
         let uid = record.map(|r| r.uid.as_str());
         let _ = ctx.containers.refresh_workspace(ctx.runtime.as_ref(), key, uid).await;
     }
+    if let Some(cause) = outcome.suspended {
+        ctx.metrics.suspended(cause.as_str());
+    }
     for (reason, n) in &outcome.revoked {
         ctx.metrics.revoked(*reason, *n);
     }

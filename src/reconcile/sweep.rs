@@ -160,7 +160,7 @@ impl SweepInput<'_> {
             token_file: TokenFile::NotRead,
             team: TeamView::NoQuota, // quota teams are reconciled above
             heartbeats_lost_at: self.heartbeats_lost_at,
-            agent: None, // the agent's report changes the status only, never a decision
+            agent: None, // read by the full reconcile: a rule it holds back (suspend, busy) costs only that
         };
         let own = observed.container().map(|c| Hex::new(&c.id));
         if let Some(seen) = seen {

@@ -60,6 +60,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("pause", "api/v1/workspaces/{name}/pause?namespace={namespace}"),
     ("resume", "api/v1/workspaces/{name}/resume?namespace={namespace}"),
     ("restart", "api/v1/workspaces/{name}/restart?namespace={namespace}"),
+    ("wake", "api/v1/workspaces/{namespace}/{name}/wake"),
 ];
 
 /// Everything the page shows, at one moment.

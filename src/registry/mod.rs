@@ -29,6 +29,7 @@ mod page;
 mod reports;
 pub mod secrets;
 pub mod views;
+pub mod wake;
 
 use std::future::Future;
 use std::io;
@@ -97,6 +98,8 @@ pub struct AppState {
     pub private_agent_urls: bool,
     /// The fleet page's login codes and browser sessions (login.rs).
     pub logins: Arc<login::Logins>,
+    /// Who waits for an agent to be heard from after a wake (wake.rs).
+    pub wakes: Arc<wake::Waiters>,
     /// Cancelled when the operator stops: answers that never end by themselves (the
     /// fleet stream, `events -w`, `logs -f`) end then, so the server can finish.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -129,6 +132,7 @@ impl AppState {
             agent_reports: Arc::default(),
             private_agent_urls: false,
             logins: Arc::default(),
+            wakes: Arc::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
@@ -176,6 +180,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/workspaces/{name}/pause", post(admin::pause))
         .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
         .route("/api/v1/workspaces/{name}/logs", get(admin::logs))
+        .route("/api/v1/workspaces/{name}/{workspace}/wake", post(wake::wake))
         .route("/api/v1/teams", get(admin::list_teams))
         .route("/api/v1/events", get(events::list))
         .route("/api/v1/secrets", get(secrets::list).put(secrets::set).delete(secrets::delete))

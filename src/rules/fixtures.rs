@@ -66,6 +66,8 @@ pub fn record(incarnation: i64) -> WorkspaceRecord {
         status: None,
         mode_override: None,
         restart_requested_at: None,
+        woken_at: None,
+        lifecycle: Default::default(),
     }
 }
 

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
-    AgentReport, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow,
+    AgentReport, DecisionRecord, Heartbeat, IssuedToken, LifecycleState, RevokeReason, SecretRow, TokenOwner, TokenRow,
     WorkspaceRecord, shows_agent_online,
 };
 
@@ -196,7 +196,7 @@ impl Statements {
         );
         let brief = format!(
             "uid, key, incarnation, created_at, {last_heartbeat_at} AS last_heartbeat_at, restart_count, \
-             last_restart_at, last_restart_reason, mode_override, restart_requested_at"
+             last_restart_at, last_restart_reason, mode_override, restart_requested_at, woken_at, lifecycle"
         );
         let workspace = format!("SELECT {brief}, CAST(status AS TEXT) AS status FROM workspaces");
         let workspace_with_report = format!(
@@ -279,6 +279,8 @@ macro_rules! sql_store {
                 status: if with_status { decode_status(&uid, row.try_get("status")?) } else { None },
                 mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
                 restart_requested_at: D::read_opt_time(row, "restart_requested_at")?,
+                woken_at: D::read_opt_time(row, "woken_at")?,
+                lifecycle: decode_lifecycle(&uid, row.try_get("lifecycle")?),
                 uid,
             })
         }
@@ -452,6 +454,28 @@ macro_rules! sql_store {
                 let done = sqlx::query("UPDATE workspaces SET mode_override = $2 WHERE uid = $1")
                     .bind(uid)
                     .bind(mode.map(mode_as_str))
+                    .execute(&self.pool)
+                    .await?;
+                expect_one(uid, done.rows_affected())
+            }
+
+            async fn request_wake(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+                let done = sqlx::query(&format!(
+                    "UPDATE workspaces SET woken_at = {} WHERE uid = $1",
+                    D::later_of("woken_at", "$2")
+                ))
+                .bind(uid)
+                .bind(D::time(at))
+                .execute(&self.pool)
+                .await?;
+                expect_one(uid, done.rows_affected())
+            }
+
+            async fn save_lifecycle(&self, uid: &str, state: &LifecycleState) -> StoreResult<()> {
+                let text = serde_json::to_string(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let done = sqlx::query("UPDATE workspaces SET lifecycle = $2 WHERE uid = $1")
+                    .bind(uid)
+                    .bind(text)
                     .execute(&self.pool)
                     .await?;
                 expect_one(uid, done.rows_affected())
@@ -1017,6 +1041,17 @@ fn parse_phase(text: Option<String>) -> Option<Phase> {
     use serde::de::IntoDeserializer;
     let text = text?;
     Phase::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(text.as_str())).ok()
+}
+
+/// The autopilot's bookkeeping as stored; none (or one that no longer decodes) is
+/// the empty state: the clock starts again at the next pass.
+fn decode_lifecycle(uid: &str, text: Option<String>) -> LifecycleState {
+    text.and_then(|t| {
+        serde_json::from_str(&t)
+            .inspect_err(|e| tracing::warn!(workspace_uid = uid, error = %e, "cannot decode the lifecycle state"))
+            .ok()
+    })
+    .unwrap_or_default()
 }
 
 fn decode_actions(uid: &str, json: &str) -> StoreResult<Vec<String>> {
