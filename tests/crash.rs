@@ -67,7 +67,10 @@ const NOT_REACHED: &[(&str, &str)] = &[
         "after-suspend",
         "one record write; a crash after it leaves the suspension recorded and the pause rule carries it out on restart",
     ),
-    ("after-lifetime-clock", "one record write; a crash after it leaves the clock as written (the next pass re-judges it)"),
+    (
+        "after-lifetime-clock",
+        "one record write; a crash after it leaves the clock as written (the next pass re-judges it)",
+    ),
 ];
 
 #[test]

@@ -38,7 +38,9 @@ fn condition<'a>(w: &'a Value, kind: &str) -> &'a Value {
 }
 
 fn suspended_for(w: &Value, cause: &str) -> bool {
-    w["phase"] == "Suspended" && condition(w, "Suspended")["status"] == "True" && condition(w, "Suspended")["reason"] == cause
+    w["phase"] == "Suspended"
+        && condition(w, "Suspended")["status"] == "True"
+        && condition(w, "Suspended")["reason"] == cause
 }
 
 fn cid(w: &Value) -> String {
@@ -170,15 +172,20 @@ fn bad_lifecycle_input_is_invalid_spec_naming_the_field_and_nothing_else_is_affe
     op.write("short.yaml", &manifest("short", "{idleAfter: 1s}", ""));
     op.start();
     let ws = op.wait("good online and the others failed", UP, |ws| {
-        ws.get("good").is_some_and(online) && ["zero", "negative", "short"].iter().all(|n| ws.get(*n).is_some_and(|w| w["phase"] == "Failed"))
+        ws.get("good").is_some_and(online)
+            && ["zero", "negative", "short"].iter().all(|n| ws.get(*n).is_some_and(|w| w["phase"] == "Failed"))
     });
-    for (name, field) in [("zero", "lifecycle.idleAfter"), ("negative", "lifecycle.maxLifetime"), ("short", "lifecycle.idleAfter")] {
+    for (name, field) in
+        [("zero", "lifecycle.idleAfter"), ("negative", "lifecycle.maxLifetime"), ("short", "lifecycle.idleAfter")]
+    {
         let c = condition(&ws[name], "InvalidSpec");
         assert_eq!(c["status"], "True", "{name}: {c}");
         assert!(c["message"].as_str().unwrap().contains(field), "{name}: {c}");
         assert!(ws[name]["container"].is_null(), "{name} got a container");
     }
-    assert!(condition(&ws["short"], "InvalidSpec")["message"].as_str().unwrap().contains("twice the heartbeat interval"));
+    assert!(
+        condition(&ws["short"], "InvalidSpec")["message"].as_str().unwrap().contains("twice the heartbeat interval")
+    );
 }
 
 #[test]
@@ -190,12 +197,15 @@ fn pods_suspend_as_stopped_and_the_wake_annotation_wakes_them() {
     op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port()), "--runtime".into(), "kubernetes".into()];
     op.start();
     let k = Kubectl::new(&op);
-    wait_until("the local node registered", UP, || k.kubeconfig.exists() && k.run(&["get", "node", "local"]).status.success());
+    wait_until("the local node registered", UP, || {
+        k.kubeconfig.exists() && k.run(&["get", "node", "local"]).status.success()
+    });
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), manifest("dev", "{idleAfter: 2s}", "")).unwrap();
     k.ok(&["apply", "-f", file.path().to_str().unwrap()]);
     let ws = op.wait_online(&["dev"], UP);
-    let (inc, pod) = (ws["dev"]["incarnation"].as_i64().unwrap(), ws["dev"]["container"]["name"].as_str().unwrap().to_string());
+    let (inc, pod) =
+        (ws["dev"]["incarnation"].as_i64().unwrap(), ws["dev"]["container"]["name"].as_str().unwrap().to_string());
     let ws = op.wait("dev suspended in Pod mode", SETTLE, |ws| suspended_for(&ws["dev"], "Idle"));
     let message = condition(&ws["dev"], "Suspended")["message"].as_str().unwrap().to_string();
     assert!(message.contains("acts as Stopped"), "describe says a Paused suspension stops here: {message}");

@@ -232,12 +232,12 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
     let overlap = dur("tokenPolicy.overlap", &tp.overlap).unwrap_or(DEFAULT_OVERLAP);
     let hp = spec.health_policy.clone().unwrap_or_default();
     let restart_wedged_after = dur("healthPolicy.restartWedgedAfter", &hp.restart_wedged_after);
-    if restart_wedged_after.is_some_and(|d| d < Duration::from_secs(1)) {
-        errors.push("healthPolicy.restartWedgedAfter: must be at least 1s, e.g. 5m".into());
-    }
     let lc = spec.lifecycle.clone().unwrap_or_default();
     let idle_after = dur("lifecycle.idleAfter", &lc.idle_after);
     let max_lifetime = dur("lifecycle.maxLifetime", &lc.max_lifetime);
+    if restart_wedged_after.is_some_and(|d| d < Duration::from_secs(1)) {
+        errors.push("healthPolicy.restartWedgedAfter: must be at least 1s, e.g. 5m".into());
+    }
     if idle_after.is_some_and(|d| d.is_zero()) {
         errors.push("lifecycle.idleAfter: must be longer than zero, e.g. 15m".into());
     } else if let Some(d) = idle_after.filter(|d| *d < defaults.heartbeat_interval * 2) {

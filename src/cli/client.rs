@@ -118,11 +118,8 @@ impl Client {
         if let Some(w) = wait {
             url.query_pairs_mut().append_pair("wait", "true").append_pair("timeout", &w.as_secs_f64().to_string());
         }
-        let request = self
-            .http
-            .post(url.clone())
-            .bearer_auth(&self.admin_token)
-            .timeout(wait.unwrap_or_default() + TIMEOUT);
+        let request =
+            self.http.post(url.clone()).bearer_auth(&self.admin_token).timeout(wait.unwrap_or_default() + TIMEOUT);
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
         let body = response.bytes().await.map_err(|e| self.transport(e))?;

@@ -289,8 +289,11 @@ pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
         ClientCommand::Wake(a) => {
             let wait = a.wait.then(|| std::time::Duration::from_secs_f64(a.timeout.clamp(0.1, 600.0)));
             let answer = Client::new(&a.client)?.wake(&ObjectKey::parse(&a.name), wait).await?;
-            Ok(format!("{}
-", answer.message))
+            Ok(format!(
+                "{}
+",
+                answer.message
+            ))
         }
         ClientCommand::Secret(c) => secret(c).await,
         ClientCommand::Logs(a) => logs(a).await.map(|()| String::new()),

@@ -532,8 +532,6 @@ mod tests {
             spec: Some(spec.clone()),
             spec_errors: vec![],
             restart_requested_at: None,
-            woken_at: None,
-            lifecycle: Default::default(),
             tokens: vec![TokenView {
                 prefix: "Ab3x9_Qe".into(),
                 incarnation: 3,
@@ -585,8 +583,6 @@ mod tests {
             spec: None,
             spec_errors: vec![],
             restart_requested_at: None,
-            woken_at: None,
-            lifecycle: Default::default(),
             tokens: vec![],
             decisions: vec![],
         };
@@ -608,8 +604,6 @@ mod tests {
             spec: None,
             spec_errors: vec!["tier: 9 is out of range; use 1, 2, 3 or 4".into()],
             restart_requested_at: None,
-            woken_at: None,
-            lifecycle: Default::default(),
             tokens: vec![],
             decisions: vec![],
         };
@@ -637,8 +631,6 @@ mod tests {
             spec: None,
             spec_errors: vec![],
             restart_requested_at: None,
-            woken_at: None,
-            lifecycle: Default::default(),
             tokens: vec![row("REVOKED1", true), row("LIVEONE1", false)],
             decisions: vec![],
         };

@@ -129,7 +129,8 @@ impl ControllerContext {
             return;
         }
         let now = chrono::Utc::now();
-        let at = chrono::DateTime::parse_from_rfc3339(value.trim()).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now);
+        let at =
+            chrono::DateTime::parse_from_rfc3339(value.trim()).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now);
         let done = match store.workspace(&key.to_string()).await {
             Ok(Some(record)) => store.request_wake(&record.uid, at.min(now)).await.map(|()| true),
             Ok(None) => Ok(false),

@@ -114,9 +114,10 @@ pub(crate) async fn discover(
 /// Whether the workspace's declared lifecycle lets traffic wake it (`wake: OnDemand`).
 fn wakes_on_demand(state: &AppState, key: &str) -> bool {
     let set = state.desired();
-    set.workspaces.get(&ObjectKey::parse(key)).and_then(|d| d.spec.as_ref().ok()).is_some_and(|s| {
-        s.lifecycle.enabled() && s.lifecycle.wake == crate::api::WakePolicy::OnDemand
-    })
+    set.workspaces
+        .get(&ObjectKey::parse(key))
+        .and_then(|d| d.spec.as_ref().ok())
+        .is_some_and(|s| s.lifecycle.enabled() && s.lifecycle.wake == crate::api::WakePolicy::OnDemand)
 }
 
 pub(crate) async fn peers(

@@ -364,6 +364,8 @@ mod tests {
             status: Some(WorkspaceStatus { phase, incarnation: 2, ..Default::default() }),
             mode_override: None,
             restart_requested_at: None,
+            woken_at: None,
+            lifecycle: Default::default(),
         }
     }
 

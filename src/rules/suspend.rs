@@ -80,7 +80,8 @@ fn due(facts: &Facts<'_>) -> Option<Vec<(SuspendCause, DateTime<Utc>, String)>> 
     }
     if let Some(idle) = lc.idle_after.and_then(|i| chrono::Duration::from_std(i).ok()) {
         let since = idle_since(facts, c)?;
-        let why = format!("idle for {}s (lifecycle.idleAfter {}s)", (facts.now - since).num_seconds(), idle.num_seconds());
+        let why =
+            format!("idle for {}s (lifecycle.idleAfter {}s)", (facts.now - since).num_seconds(), idle.num_seconds());
         out.push((SuspendCause::Idle, since + idle, why));
     }
     Some(out)
@@ -189,7 +190,8 @@ mod tests {
         let Action::Suspend { suspension, .. } = v.actions[0] else { panic!("{v:?}") };
         assert_eq!(suspension, Suspension { cause: SuspendCause::Idle, at: t(160), to: OperatingMode::Paused });
         let s = settings();
-        let mut f = facts(Some(&des), &running(), &s);
+        let obs = running();
+        let mut f = facts(Some(&des), &obs, &s);
         f.now = t(130);
         assert_eq!(wake(&f), Some(t(160)), "looked at again when it falls due");
     }
@@ -197,12 +199,14 @@ mod tests {
     #[test]
     fn a_busy_agent_is_never_suspended() {
         let des = lifecycle(Some("60s"), Some("10m"), None);
-        let busy = with_report(running(), AgentReport { active_tasks: Some(2), busy_at: Some(t(110)), ..Default::default() });
+        let busy =
+            with_report(running(), AgentReport { active_tasks: Some(2), busy_at: Some(t(110)), ..Default::default() });
         assert_eq!(at(&des, &busy, 100_000), None, "busy, long past idleAfter and maxLifetime");
         let s = settings();
         assert_eq!(wake(&facts(Some(&des), &busy, &s)), None, "the heartbeat that ends the work queues a look");
         // Done at t(500): idle from its last busy heartbeat on.
-        let done = with_report(running(), AgentReport { active_tasks: Some(0), busy_at: Some(t(500)), ..Default::default() });
+        let done =
+            with_report(running(), AgentReport { active_tasks: Some(0), busy_at: Some(t(500)), ..Default::default() });
         let des = lifecycle(Some("60s"), None, None);
         assert_eq!(at(&des, &done, 559), None);
         assert!(at(&des, &done, 560).is_some());
@@ -242,9 +246,16 @@ mod tests {
         let f = facts(Some(&des), &obs, &s);
         assert_eq!(f.mode(), Some(OperatingMode::Paused));
         assert_eq!(f.suspension(), Some(susp));
-        assert_eq!(super::super::pause_resume_stop::pause(&f).unwrap().cause, "suspended (Idle): operating mode is Paused");
+        assert_eq!(
+            super::super::pause_resume_stop::pause(&f).unwrap().cause,
+            "suspended (Idle): operating mode is Paused"
+        );
         let old_wake = obs.clone().record_with(|r| r.woken_at = Some(t(400)));
-        assert_eq!(facts(Some(&des), &old_wake, &s).mode(), Some(OperatingMode::Paused), "a wake before it ends nothing");
+        assert_eq!(
+            facts(Some(&des), &old_wake, &s).mode(),
+            Some(OperatingMode::Paused),
+            "a wake before it ends nothing"
+        );
         let woken = obs.clone().record_with(|r| r.woken_at = Some(t(600)));
         assert_eq!(facts(Some(&des), &woken, &s).mode(), Some(OperatingMode::Running));
         // The owner's own pause stays a pause; turning the lifecycle off ends it.
@@ -268,7 +279,10 @@ mod tests {
         let des = lifecycle(None, Some("1h"), None);
         let s = settings();
         let v = lifetime(&facts(Some(&des), &healthy(), &s)).unwrap();
-        assert_eq!(v.actions, vec![Action::LifetimeClock { state: LifecycleState { running_since: Some(now()), ..Default::default() } }]);
+        assert_eq!(
+            v.actions,
+            vec![Action::LifetimeClock { state: LifecycleState { running_since: Some(now()), ..Default::default() } }]
+        );
         assert_eq!(lifetime(&facts(Some(&des), &running(), &s)), None, "already running");
         // Paused by its owner: the stretch t(100)..now is added up.
         let paused = running().with_container(container(1, ContainerState::Paused));
@@ -280,7 +294,9 @@ mod tests {
         let v = lifetime(&facts(Some(&paused_des), &paused, &s)).unwrap();
         assert_eq!(
             v.actions,
-            vec![Action::LifetimeClock { state: LifecycleState { running_since: None, used_ms: 900_000, ..Default::default() } }]
+            vec![Action::LifetimeClock {
+                state: LifecycleState { running_since: None, used_ms: 900_000, ..Default::default() }
+            }]
         );
     }
 

@@ -66,7 +66,9 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
         _ if obs.containers.is_none() => previous.map(|p| p.phase).unwrap_or_default(),
         // Suspended by the lifecycle autopilot, and carried out: frozen, or no container.
         _ if facts.suspension().is_some()
-            && container.is_none_or(|c| c.state == ContainerState::Paused && c.incarnation() == record.map(|r| r.incarnation)) =>
+            && container.is_none_or(|c| {
+                c.state == ContainerState::Paused && c.incarnation() == record.map(|r| r.incarnation)
+            }) =>
         {
             Phase::Suspended
         }
@@ -347,7 +349,9 @@ mod tests {
         assert!(c.message.contains("molecule-operator wake workspace dev"), "{c:?}");
         let gone = frozen.without_container();
         assert_eq!(status(&gone, Some(&des), Circumstances::default()).phase, Phase::Suspended);
-        assert!(find(&status(&healthy(), Some(&desired()), Circumstances::default()).conditions, "Suspended").is_none());
+        assert!(
+            find(&status(&healthy(), Some(&desired()), Circumstances::default()).conditions, "Suspended").is_none()
+        );
     }
 
     #[test]

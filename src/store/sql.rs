@@ -460,15 +460,15 @@ macro_rules! sql_store {
             }
 
             async fn request_wake(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
-                let done = sqlx::query(&format!(
-                    "UPDATE workspaces SET woken_at = {} WHERE uid = $1",
-                    D::later_of("woken_at", "$2")
-                ))
+                // Kept when a later one is stored (then no row changes: not an error).
+                sqlx::query(
+                    "UPDATE workspaces SET woken_at = $2 WHERE uid = $1 AND (woken_at IS NULL OR woken_at < $2)",
+                )
                 .bind(uid)
                 .bind(D::time(at))
                 .execute(&self.pool)
                 .await?;
-                expect_one(uid, done.rows_affected())
+                Ok(())
             }
 
             async fn save_lifecycle(&self, uid: &str, state: &LifecycleState) -> StoreResult<()> {
