@@ -67,8 +67,12 @@ fn due(facts: &Facts<'_>) -> Option<Vec<(SuspendCause, DateTime<Utc>, String)>> 
     let c = facts.observed.current_running()?;
     let record = facts.observed.record.as_ref()?;
     let mut out = Vec::new();
-    // MaxLifetime first: when both are due it is the one that resets the lifetime.
-    if let Some(max) = lc.max_lifetime.and_then(|m| chrono::Duration::from_std(m).ok()) {
+    // MaxLifetime first: when both are due it is the one that resets the lifetime. Only
+    // once the clock runs: right after a wake, `lifetime` first closes the suspension
+    // (and starts a new lifetime after a MaxLifetime one).
+    if let Some(max) = lc.max_lifetime.and_then(|m| chrono::Duration::from_std(m).ok())
+        && record.lifecycle.running_since.is_some()
+    {
         let used = record.lifecycle.used(facts.now);
         let left = max - used;
         let why = format!(
