@@ -78,6 +78,20 @@ pub struct ControllerContext {
 /// stands); any other value is a request at the moment the operator sees it.
 pub const WAKE_ANNOTATION: &str = "molecule.ai/wake";
 
+/// The time of the wake a `molecule.ai/wake` value asks for, seen at `now`: an RFC 3339
+/// time to the whole second (`date -u +%FT%TZ`) stands for that whole second, so it is
+/// the end of it (a suspension made earlier in the second the annotation was written
+/// is over); never later than `now`; any other value is `now`.
+fn wake_time(value: &str, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(value.trim()) else { return now };
+    let t = t.with_timezone(&chrono::Utc);
+    let end = match t.timestamp_subsec_nanos() {
+        0 => t + chrono::Duration::seconds(1) - chrono::Duration::nanoseconds(1),
+        _ => t,
+    };
+    end.min(now)
+}
+
 #[derive(Clone, Debug)]
 struct Member {
     phase: Phase,
@@ -128,11 +142,9 @@ impl ControllerContext {
         if self.wakes_seen.lock().is_ok_and(|seen| seen.get(key) == Some(value)) {
             return;
         }
-        let now = chrono::Utc::now();
-        let at =
-            chrono::DateTime::parse_from_rfc3339(value.trim()).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now);
+        let at = wake_time(value, chrono::Utc::now());
         let done = match store.workspace(&key.to_string()).await {
-            Ok(Some(record)) => store.request_wake(&record.uid, at.min(now)).await.map(|()| true),
+            Ok(Some(record)) => store.request_wake(&record.uid, at).await.map(|()| true),
             Ok(None) => Ok(false),
             Err(e) => Err(e),
         };
@@ -490,5 +502,26 @@ pub async fn write_reports(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wake_time;
+    use chrono::{DateTime, Utc};
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_wake_annotation_to_the_second_stands_for_that_whole_second_until_now() {
+        let now = t("2026-01-01T10:00:31.528Z");
+        // Written in the second a suspension at 10:00:31.125 was made: it ends it.
+        assert!(wake_time("2026-01-01T10:00:31Z", now) > t("2026-01-01T10:00:31.125Z"));
+        assert_eq!(wake_time("2026-01-01T10:00:31Z", now), now, "never later than now");
+        assert_eq!(wake_time("2026-01-01T09:00:00Z", now), t("2026-01-01T09:00:00.999999999Z"));
+        assert_eq!(wake_time("2026-01-01T09:00:00.250Z", now), t("2026-01-01T09:00:00.250Z"));
+        assert_eq!(wake_time("please", now), now);
     }
 }
