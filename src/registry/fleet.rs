@@ -409,7 +409,7 @@ mod tests {
     #[test]
     fn the_page_offers_the_admin_actions() {
         let names: Vec<&str> = ACTIONS.iter().map(|(a, _)| *a).collect();
-        assert_eq!(names, ["pause", "resume", "restart"]);
+        assert_eq!(names, ["pause", "resume", "restart", "wake"]);
         assert!(ACTIONS.iter().all(|(a, p)| p.contains("{name}") && p.contains("{namespace}") && p.contains(a)));
     }
 }
