@@ -122,7 +122,7 @@ async fn online(state: &AppState, watch: Watch, key: &str, since: DateTime<Utc>,
         heard.as_mut().enable();
         if let Ok(Some(r)) = state.store.workspace(key).await
             && r.last_heartbeat_at.is_some_and(|h| h >= since)
-            && !r.lifecycle.suspended.is_some_and(|s| s.at > since)
+            && r.lifecycle.suspended.is_none_or(|s| s.at <= since)
         {
             return Some(t0.elapsed());
         }
