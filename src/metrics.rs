@@ -88,6 +88,8 @@ pub struct Metrics {
     memory_bytes: Family<WorkspaceLabel, Gauge>,
     pool_members: Family<PoolLabels, Gauge>,
     pool_claim_seconds: Histogram,
+    suspensions: Family<ReasonLabel, Counter>,
+    wake_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,6 +134,8 @@ impl Metrics {
             "Seconds from a claim decision to the member holding the workspace's token and identity",
             pool_claim_seconds.clone(),
         );
+        let suspensions = Family::<ReasonLabel, Counter>::default();
+        let wake_seconds = Histogram::new(HEAL_BUCKETS);
         registry.register("reconciles", "Reconcile decisions executed, by rule and outcome", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile passes that failed, by error kind", reconcile_errors.clone());
         registry.register("reconcile_triggers", "Reconcile requests, by what asked for them", triggers.clone());
@@ -183,6 +187,17 @@ impl Metrics {
             "Memory the workspace's container uses, in bytes, without reclaimable page cache",
             memory_bytes.clone(),
         );
+        registry.register(
+            "suspensions",
+            "Workspaces suspended by the lifecycle autopilot, by reason (Idle, MaxLifetime); \
+             molecule_workspaces{phase=\"Suspended\"} counts those suspended now",
+            suspensions.clone(),
+        );
+        registry.register(
+            "wake_seconds",
+            "Seconds from a wake request for a suspended workspace to its agent online again",
+            wake_seconds.clone(),
+        );
         let metrics = Self {
             registry,
             reconciles,
@@ -202,6 +217,8 @@ impl Metrics {
             memory_bytes,
             pool_members,
             pool_claim_seconds,
+            suspensions,
+            wake_seconds,
         };
         metrics.set_workspaces(std::iter::empty());
         metrics
@@ -308,6 +325,16 @@ impl Metrics {
         }
     }
 
+    /// The lifecycle autopilot suspended a workspace for `reason`.
+    pub fn suspended(&self, reason: &str) {
+        self.suspensions.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+
+    /// A suspended workspace's agent came online `seconds` after the wake request.
+    pub fn woken(&self, seconds: f64) {
+        self.wake_seconds.observe(seconds);
+    }
+
     /// A drift was healed `seconds` after it was first seen.
     pub fn healed(&self, seconds: f64) {
         self.heal_seconds.observe(seconds);
@@ -350,7 +377,12 @@ mod tests {
         m.registry_request("/registry/heartbeat", 401);
         m.healed(0.3);
         m.set_workspaces([(Phase::Running, 3)]);
+        m.suspended("Idle");
+        m.woken(0.2);
         let text = m.encode();
+        assert!(text.contains("molecule_suspensions_total{reason=\"Idle\"} 1"), "{text}");
+        assert!(text.contains("molecule_wake_seconds_bucket{le=\"0.25\"} 1"), "{text}");
+        assert!(text.contains("molecule_workspaces{phase=\"Suspended\"} 0"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("molecule_reconciles_total{rule=\"provision\",outcome=\"ok\"} 2"), "{text}");
         assert!(text.contains("molecule_tokens_revoked_total{reason=\"container-missing\"} 2"), "{text}");

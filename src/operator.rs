@@ -208,6 +208,7 @@ pub async fn run(args: OperatorArgs, sources: Vec<SourceSpec>) -> anyhow::Result
             false => network_choice.name().to_string(),
         },
         allow_privileged: args.allow_privileged,
+        heartbeat_interval: args.heartbeat_interval(),
         ..Defaults::default()
     };
     let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredSet::default()));
@@ -662,6 +663,7 @@ fn cluster_wiring(
         trigger: trigger.clone(),
         reports: ctx.reports.clone(),
         secrets,
+        store: Some(ctx.store.clone()),
     }
 }
 

@@ -27,6 +27,9 @@ pub enum Why {
     CliRestart,
     CliPause,
     CliResume,
+    /// A wake request (`molecule-operator wake`, the admin API, the `molecule.ai/wake`
+    /// annotation, or a peer's discovery of a suspended workspace).
+    Wake,
     /// The Kubernetes controller saw the object change.
     Kubernetes,
 }
@@ -43,6 +46,7 @@ impl Why {
             Self::CliRestart => "cli-restart",
             Self::CliPause => "cli-pause",
             Self::CliResume => "cli-resume",
+            Self::Wake => "wake",
             Self::Kubernetes => "kubernetes",
         }
     }

@@ -620,7 +620,7 @@ async fn run_wires_source_controller_and_status_writer_and_stops_on_shutdown() {
     queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
     let (reports, _) = tokio::sync::broadcast::channel(16);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let wiring = Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports, secrets: None };
+    let wiring = Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports, secrets: None, store: None };
     let running_op = tokio::spawn(run(client, Options::default(), wiring, shutdown.clone()));
 
     let fresh = named("a", "10", 1, json!({"tier": 2}));

@@ -68,6 +68,14 @@ const NOT_REACHED: &[(&str, &str)] = &[
         "warm pools: a crash after a claim leaves the record, token and identity written; one mid-claim leaves \
          the member the workspace's with a file missing, which the token-file and heartbeat rules heal",
     ),
+    (
+        "after-suspend",
+        "one record write; a crash after it leaves the suspension recorded and the pause rule carries it out on restart",
+    ),
+    (
+        "after-lifetime-clock",
+        "one record write; a crash after it leaves the clock as written (the next pass re-judges it)",
+    ),
 ];
 
 #[test]

@@ -491,7 +491,7 @@ async fn the_page_and_the_admin_api_take_a_browser_session_and_changes_need_the_
     assert_eq!(fleet["workspaces"][0]["name"], "a");
     let actions: Vec<&str> =
         fleet["actions"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["pause", "resume", "restart"]);
+    assert_eq!(actions, ["pause", "resume", "restart", "wake"]);
     assert_eq!(get("/", Some("molecule_session_other=nope")).await.unwrap().status().as_u16(), 401);
 
     // A change with the cookie alone is what a cross-site form would send: refused.
@@ -762,4 +762,48 @@ async fn repeated_failures_from_one_source_are_throttled_while_its_good_agents_k
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "still throttled after 10 s");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Wake (the lifecycle autopilot)
+
+#[tokio::test]
+async fn wake_is_202_with_retry_after_and_with_wait_answers_once_the_agent_beats() {
+    let mut h = Harness::start(desired_set(vec![declared("a", WorkspaceSpec::default())])).await;
+    let (rec, tok) = h.workspace_with_token("a").await;
+    let (http, url, admin) = (h.http.clone(), h.url.clone(), h.admin_token.clone());
+    let wake = move |query: &'static str| {
+        let req = http.post(format!("{url}/api/v1/workspaces/default/a/wake{query}")).bearer_auth(&admin);
+        async move { req.send().await.unwrap() }
+    };
+    let resp = wake("").await;
+    assert_eq!(resp.status().as_u16(), 202);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let woken = h.store.workspace_by_uid(&rec.uid).await.unwrap().unwrap().woken_at;
+    assert!(woken.is_some(), "the wake is stored");
+    assert!(h.drain_triggers().contains(&("default/a".to_string(), "wake")));
+
+    // Nobody beats: 504 past the timeout, naming the workspace.
+    let resp = wake("?wait=true&timeout=0.3").await;
+    assert_eq!(resp.status().as_u16(), 504);
+    assert!(resp.text().await.unwrap().contains("default/a"));
+
+    // The agent's first heartbeat after the wake answers the waiting call.
+    let waiting = tokio::spawn(wake("?wait=true&timeout=30"));
+    let before = h.store.workspace_by_uid(&rec.uid).await.unwrap().unwrap().woken_at;
+    let t0 = std::time::Instant::now();
+    while h.store.workspace_by_uid(&rec.uid).await.unwrap().unwrap().woken_at == before {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "the third wake was never stored");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.heartbeat(Some(&tok.plaintext), &rec.uid).await.0, 200);
+    let resp = waiting.await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: ActionResponse = resp.json().await.unwrap();
+    assert!(body.message.contains("online"), "{}", body.message);
+
+    let resp = h.http.post(format!("{}/api/v1/workspaces/default/nope/wake", h.url)).bearer_auth(&h.admin_token);
+    assert_eq!(resp.send().await.unwrap().status().as_u16(), 404);
+    let resp = h.http.post(format!("{}/api/v1/workspaces/default/a/wake", h.url));
+    assert_eq!(resp.send().await.unwrap().status().as_u16(), 401, "the admin token is required");
 }

@@ -9,8 +9,8 @@ use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EnvFromSource, ImagePullPolicy, OnPause, OnResume, OperatingMode, Security, UpdatePolicy, WorkspaceSpec, duration,
-    tiers,
+    EnvFromSource, ImagePullPolicy, OnPause, OnResume, OperatingMode, Security, SuspendTo, UpdatePolicy, WakePolicy,
+    WorkspaceSpec, duration, tiers,
 };
 
 pub const DEFAULT_STALE_GRACE: Duration = Duration::from_secs(300);
@@ -27,6 +27,8 @@ pub struct Defaults {
     /// (tests, the simulated runtime).
     pub network: String,
     pub allow_privileged: bool,
+    /// The agents' heartbeat interval: `lifecycle.idleAfter` must be at least twice it.
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for Defaults {
@@ -36,7 +38,31 @@ impl Default for Defaults {
             default_runtime: "langgraph".into(),
             network: "host".into(),
             allow_privileged: false,
+            heartbeat_interval: Duration::from_secs(30),
         }
+    }
+}
+
+/// `spec.lifecycle`, resolved (see `WorkspaceSpec::lifecycle`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveLifecycle {
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
+    pub idle_after: Option<Duration>,
+    pub suspend_to: SuspendTo,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
+    pub max_lifetime: Option<Duration>,
+    pub wake: WakePolicy,
+}
+
+impl EffectiveLifecycle {
+    /// Whether the autopilot has anything to do for this workspace.
+    pub fn enabled(&self) -> bool {
+        self.idle_after.is_some() || self.max_lifetime.is_some()
+    }
+
+    fn is_default(&self) -> bool {
+        self == &Self::default()
     }
 }
 
@@ -97,6 +123,9 @@ pub struct EffectiveSpec {
     /// `warmPool`: the WarmPool (same namespace) a first container is claimed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool: Option<String>,
+    /// `lifecycle`: idle suspension, lifetime, wake policy.
+    #[serde(default, skip_serializing_if = "EffectiveLifecycle::is_default")]
+    pub lifecycle: EffectiveLifecycle,
     /// Never serialized (see `WorkspaceSpec::source_secrets`).
     #[serde(skip)]
     pub source_secrets: std::collections::BTreeMap<String, String>,
@@ -154,6 +183,15 @@ pub fn inherit(own: &WorkspaceSpec, defaults: Option<&WorkspaceSpec>) -> Workspa
             (o, t) => o.clone().or(t.clone()),
         },
         warm_pool: own.warm_pool.clone().or(d.warm_pool.clone()),
+        lifecycle: match (&own.lifecycle, &d.lifecycle) {
+            (Some(o), Some(t)) => Some(super::Lifecycle {
+                idle_after: o.idle_after.clone().or(t.idle_after.clone()),
+                suspend_to: o.suspend_to.or(t.suspend_to),
+                max_lifetime: o.max_lifetime.clone().or(t.max_lifetime.clone()),
+                wake: o.wake.or(t.wake),
+            }),
+            (o, t) => o.clone().or(t.clone()),
+        },
         source_secrets: {
             let mut all = d.source_secrets.clone();
             all.extend(own.source_secrets.clone());
@@ -198,8 +236,25 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
     let overlap = dur("tokenPolicy.overlap", &tp.overlap).unwrap_or(DEFAULT_OVERLAP);
     let hp = spec.health_policy.clone().unwrap_or_default();
     let restart_wedged_after = dur("healthPolicy.restartWedgedAfter", &hp.restart_wedged_after);
+    let lc = spec.lifecycle.clone().unwrap_or_default();
+    let idle_after = dur("lifecycle.idleAfter", &lc.idle_after);
+    let max_lifetime = dur("lifecycle.maxLifetime", &lc.max_lifetime);
     if restart_wedged_after.is_some_and(|d| d < Duration::from_secs(1)) {
         errors.push("healthPolicy.restartWedgedAfter: must be at least 1s, e.g. 5m".into());
+    }
+    if idle_after.is_some_and(|d| d.is_zero()) {
+        errors.push("lifecycle.idleAfter: must be longer than zero, e.g. 15m".into());
+    } else if let Some(d) = idle_after.filter(|d| *d < defaults.heartbeat_interval * 2) {
+        errors.push(format!(
+            "lifecycle.idleAfter: {} is shorter than twice the heartbeat interval ({}): an agent reports its \
+             tasks only that often; write at least {}",
+            humantime::format_duration(d),
+            humantime::format_duration(defaults.heartbeat_interval),
+            humantime::format_duration(defaults.heartbeat_interval * 2)
+        ));
+    }
+    if max_lifetime.is_some_and(|d| d.is_zero()) {
+        errors.push("lifecycle.maxLifetime: must be longer than zero, e.g. 8h".into());
     }
     if rotate_every.is_some_and(|d| d < Duration::from_secs(1)) {
         errors.push("tokenPolicy.rotateEvery: must be at least 1s".into());
@@ -279,6 +334,12 @@ pub fn resolve(spec: &WorkspaceSpec, defaults: &Defaults) -> Result<EffectiveSpe
         required_env: spec.required_env.clone(),
         restart_wedged_after,
         warm_pool: spec.warm_pool.clone(),
+        lifecycle: EffectiveLifecycle {
+            idle_after,
+            suspend_to: lc.suspend_to.unwrap_or_default(),
+            max_lifetime,
+            wake: lc.wake.unwrap_or_default(),
+        },
         source_secrets: spec.source_secrets.clone(),
     })
 }

@@ -99,6 +99,9 @@ pub struct WorkspaceSpec {
     /// provision, with the reason in the decision log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool: Option<String>,
+    /// Suspend an idle agent or one past its lifetime, and wake it on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
     /// Secret values a source read alongside the declaration (an org template's `.env`
     /// files): merged into the env like the workspace's own secrets, and never
     /// serialized (not shown, not stored, not sent).
@@ -214,6 +217,55 @@ pub struct HealthPolicy {
     pub restart_wedged_after: Option<String>,
 }
 
+/// The lifecycle autopilot: suspend a workspace whose agent has been idle for
+/// `idleAfter`, or that has run for `maxLifetime`, and wake it when asked
+/// (`molecule-operator wake`, `POST /api/v1/workspaces/{namespace}/{name}/wake`, the
+/// `molecule.ai/wake` annotation). An agent reporting `active_tasks > 0` is never
+/// suspended. Everything is off unless a duration is set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Suspend once no heartbeat with `active_tasks > 0` and no wake request has been
+    /// seen for this long, e.g. `15m`. At least twice the heartbeat interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_after: Option<String>,
+    /// What a suspension does: `Paused` (frozen, memory kept; the default) or `Stopped`
+    /// (no container, volume kept). Where there is no freezer (Pods) both stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_to: Option<SuspendTo>,
+    /// Suspend after this much wall time Running (paused or suspended time does not
+    /// count), e.g. `8h`. A wake after such a suspension starts a new lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<String>,
+    /// `OnDemand` (default): a peer's discovery of the suspended workspace wakes it too.
+    /// `Manual`: only explicit wakes (CLI, admin API, annotation, `resume`) do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake: Option<WakePolicy>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SuspendTo {
+    #[default]
+    Paused,
+    Stopped,
+}
+
+impl SuspendTo {
+    pub fn mode(self) -> OperatingMode {
+        match self {
+            Self::Paused => OperatingMode::Paused,
+            Self::Stopped => OperatingMode::Stopped,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum WakePolicy {
+    #[default]
+    OnDemand,
+    Manual,
+}
+
 /// Durations are strings like `5m`, `60s`, `1h 30m`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -243,18 +295,21 @@ pub enum Phase {
     Degraded,
     Paused,
     Stopped,
+    /// Suspended by the lifecycle autopilot (idle, or past its lifetime); a wake resumes it.
+    Suspended,
     Failed,
     Terminating,
 }
 
 /// Every phase, in lifecycle order (tables and gauges list each, 0 when empty).
-pub const ALL_PHASES: [Phase; 8] = [
+pub const ALL_PHASES: [Phase; 9] = [
     Phase::Pending,
     Phase::Provisioning,
     Phase::Running,
     Phase::Degraded,
     Phase::Paused,
     Phase::Stopped,
+    Phase::Suspended,
     Phase::Failed,
     Phase::Terminating,
 ];

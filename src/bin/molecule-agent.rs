@@ -8,6 +8,16 @@
 //! up to the heartbeat interval), registering again after any failure. It watches
 //! the token file while it waits, so a rewritten token is used within half a second.
 //!
+//! Activity: once `$WORKSPACE_CONFIG_PATH/.active_tasks` exists (an integer, e.g. written
+//! with `docker cp` by a test or by whatever runs tasks beside the agent), every
+//! heartbeat carries `"active_tasks": N`, the original runtimes' field (0 once the file
+//! is gone again; nothing before it ever existed). A change of the file, like a
+//! change of the token, sends a heartbeat at once. The lifecycle autopilot never
+//! suspends an agent that reports `active_tasks > 0`.
+//!
+//! A container thawed after a pause heartbeats at once: a wait that took much longer
+//! than it asked for (the cgroup freezer stopped the process) is cut short.
+//!
 //! std only, no crates: build.rs compiles this file with plain rustc into a static
 //! binary for the `FROM scratch` image (see src/runtime/agent_image.rs). It logs one
 //! line per state change to stderr and never logs more than the token's first 8 chars.
@@ -42,6 +52,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const TOKEN_FILE: &str = ".auth_token";
+/// The activity file (see the module doc), in the config directory.
+const ACTIVE_TASKS_FILE: &str = ".active_tasks";
 /// Longest token file read (a token is 43 characters): a longer one is not a token.
 const MAX_TOKEN_FILE: u64 = 4096;
 /// How often a waiting agent looks at the token file.
@@ -91,13 +103,16 @@ fn main() {
 /// Registers, heartbeats, and recovers from every failure by retrying; never returns.
 fn run(cfg: &Config) -> ! {
     let mut token = TokenFile::new(cfg.token_path.clone());
+    let mut activity = Activity { path: cfg.activity_path.clone(), reported: None };
     let mut registered = false;
     let mut backoff = MIN_BACKOFF;
     let mut last_state = String::new();
     loop {
         let token_changed = token.refresh();
         let endpoint = if registered { "heartbeat" } else { "register" };
-        let outcome = post(&cfg.registry, endpoint, token.value(), &cfg.workspace_id);
+        // Read every time (so a change is noted once); sent with heartbeats only.
+        let active = activity.read().filter(|_| endpoint == "heartbeat");
+        let outcome = post(&cfg.registry, endpoint, token.value(), &cfg.workspace_id, active);
         // Any failure means registering again.
         registered = matches!(outcome, Ok(200..=299));
         let (state, wait) = match outcome {
@@ -119,8 +134,9 @@ fn run(cfg: &Config) -> ! {
             log(&state);
             last_state = state;
         }
-        // A rewritten token file cuts the wait short (at once after a 401 if it already changed).
-        token.wait_for_change(wait);
+        // A rewritten token file cuts the wait short (at once after a 401 if it already
+        // changed), as does a changed activity file or a thaw.
+        token.wait_for_change(wait, &activity);
     }
 }
 
@@ -136,6 +152,37 @@ struct Config {
     workspace_id: String,
     heartbeat: Duration,
     token_path: PathBuf,
+    activity_path: PathBuf,
+}
+
+/// The activity file: what the last heartbeat reported from it (None: it never existed).
+struct Activity {
+    path: PathBuf,
+    reported: Option<i64>,
+}
+
+impl Activity {
+    /// The file's count, 0 once it is gone again; None while it never existed.
+    fn current(&self) -> Option<i64> {
+        match fs::read_to_string(&self.path) {
+            Ok(text) => Some(text.trim().parse::<i64>().unwrap_or(0).max(0)),
+            Err(_) => self.reported.map(|_| 0),
+        }
+    }
+
+    /// What the next heartbeat reports, remembered.
+    fn read(&mut self) -> Option<i64> {
+        let now = self.current();
+        if now.is_some() && now != self.reported {
+            log(&format!("active tasks: {}", now.unwrap_or(0)));
+        }
+        self.reported = now.or(self.reported);
+        now
+    }
+
+    fn changed(&self) -> bool {
+        self.current() != self.reported
+    }
 }
 
 impl Config {
@@ -163,7 +210,9 @@ impl Config {
             Ok(path) if !path.is_empty() => PathBuf::from(path),
             _ => config_dir.join(TOKEN_FILE),
         };
-        Ok(Self { registry, workspace_id, heartbeat: Duration::from_secs_f64(heartbeat), token_path })
+        let activity_path = PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()))
+            .join(ACTIVE_TASKS_FILE);
+        Ok(Self { registry, workspace_id, heartbeat: Duration::from_secs_f64(heartbeat), token_path, activity_path })
     }
 }
 
@@ -267,15 +316,21 @@ impl TokenFile {
         changed
     }
 
-    /// Sleeps for `total`, returning early once the file's content differs from the last read.
-    fn wait_for_change(&self, total: Duration) {
+    /// Sleeps for `total`, returning early once the file's content differs from the last
+    /// read, the activity file changed, or a sleep took far longer than asked (thawed).
+    fn wait_for_change(&self, total: Duration, activity: &Activity) {
         let deadline = Instant::now() + total;
-        while self.read().ok() == self.content {
+        while self.read().ok() == self.content && !activity.changed() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            thread::sleep(left.min(TOKEN_POLL));
+            let slice = left.min(TOKEN_POLL);
+            let before = std::time::SystemTime::now();
+            thread::sleep(slice);
+            if before.elapsed().is_ok_and(|took| took > slice + Duration::from_secs(1)) {
+                return; // frozen meanwhile: heartbeat now
+            }
         }
     }
 
@@ -292,9 +347,17 @@ impl TokenFile {
     }
 }
 
-/// POSTs `{"workspace_id": ...}` to `/registry/<endpoint>` and returns the HTTP status.
-fn post(registry: &Registry, endpoint: &str, token: Option<&str>, workspace_id: &str) -> Result<u16, String> {
-    let body = format!("{{\"workspace_id\":\"{}\"}}", json_escape(workspace_id));
+/// POSTs `{"workspace_id": ...[, "active_tasks": N]}` to `/registry/<endpoint>` and
+/// returns the HTTP status.
+fn post(
+    registry: &Registry,
+    endpoint: &str,
+    token: Option<&str>,
+    workspace_id: &str,
+    active_tasks: Option<i64>,
+) -> Result<u16, String> {
+    let active = active_tasks.map(|n| format!(",\"active_tasks\":{n}")).unwrap_or_default();
+    let body = format!("{{\"workspace_id\":\"{}\"{active}}}", json_escape(workspace_id));
     request(registry, "POST", &format!("/registry/{endpoint}"), token, Some(&body))
 }
 

@@ -77,7 +77,8 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<String> {
     };
     let set: DesiredSet = merge(
         &[snap.clone(), current],
-        &Defaults { allow_privileged: true, ..Defaults::default() },
+        // The operator's heartbeat interval is not known here: it checks `idleAfter` against it.
+        &Defaults { allow_privileged: true, heartbeat_interval: std::time::Duration::ZERO, ..Defaults::default() },
         &DesiredSet::default(),
     );
     for w in set.workspaces.values().filter(|w| w.source.kind == "apply" || w.source.kind == "dir") {

@@ -115,6 +115,25 @@ impl Client {
         self.call(Method::POST, &["api", "v1", "workspaces", &key.name, action], Some(&key.namespace)).await
     }
 
+    /// Wakes a workspace (`POST /api/v1/workspaces/{namespace}/{name}/wake`); with
+    /// `wait`, answers once its agent is heard from, or fails past `wait`.
+    pub async fn wake(&self, key: &ObjectKey, wait: Option<Duration>) -> Result<ActionResponse, CliError> {
+        let mut url = self.url(&["api", "v1", "workspaces", &key.namespace, &key.name, "wake"], None);
+        if let Some(w) = wait {
+            url.query_pairs_mut().append_pair("wait", "true").append_pair("timeout", &w.as_secs_f64().to_string());
+        }
+        let request =
+            self.http.post(url.clone()).bearer_auth(&self.admin_token).timeout(wait.unwrap_or_default() + TIMEOUT);
+        let response = request.send().await.map_err(|e| self.transport(e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| self.transport(e))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body)
+                .map_err(|e| CliError::Protocol { url: url.to_string(), message: e.to_string() });
+        }
+        Err(self.refusal(status, &body))
+    }
+
     /// A one-time login for the fleet page: its full URL and how many seconds it is valid.
     pub async fn login(&self) -> Result<(Url, u64), CliError> {
         let code: crate::registry::login::LoginCode =

@@ -102,6 +102,22 @@ pub struct VerbArgs {
     pub client: ClientArgs,
 }
 
+#[derive(Clone, Debug, clap::Args)]
+pub struct WakeArgs {
+    #[arg(value_enum)]
+    pub kind: WorkspaceKind,
+    /// `NAME` (namespace `default`) or `NAMESPACE/NAME`.
+    pub name: String,
+    /// Return once the agent is online again (its first heartbeat after the wake).
+    #[arg(long)]
+    pub wait: bool,
+    /// With `--wait`: how long to wait at most, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {
     Restart,
@@ -131,6 +147,11 @@ pub enum ClientCommand {
     Pause(VerbArgs),
     /// Run a paused or stopped workspace again.
     Resume(VerbArgs),
+    /// Wake a workspace the lifecycle autopilot suspended (idle, or past its
+    /// maxLifetime): `wake workspace NAME [--wait]`. On one that is not suspended it
+    /// counts as activity: its idle time starts again. The admin API's
+    /// `POST /api/v1/workspaces/{namespace}/{name}/wake` does the same.
+    Wake(WakeArgs),
     /// Secrets delivered to workspaces as env vars, stored encrypted (AES-256-GCM).
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -269,6 +290,15 @@ pub async fn execute(cmd: &ClientCommand) -> Result<String, CliError> {
         ClientCommand::Restart(a) => act(Verb::Restart, a).await,
         ClientCommand::Pause(a) => act(Verb::Pause, a).await,
         ClientCommand::Resume(a) => act(Verb::Resume, a).await,
+        ClientCommand::Wake(a) => {
+            let wait = a.wait.then(|| std::time::Duration::from_secs_f64(a.timeout.clamp(0.1, 600.0)));
+            let answer = Client::new(&a.client)?.wake(&ObjectKey::parse(&a.name), wait).await?;
+            Ok(format!(
+                "{}
+",
+                answer.message
+            ))
+        }
         ClientCommand::Secret(c) => secret(c).await,
         ClientCommand::Logs(a) => logs(a).await.map(|()| String::new()),
         ClientCommand::Events(a) => {

@@ -45,7 +45,7 @@ pub struct View {
 fn arrived(w: &WorkspaceSummary) -> bool {
     match w.phase {
         Phase::Running => w.last_heartbeat_at.is_some(),
-        Phase::Paused | Phase::Stopped | Phase::Failed => true,
+        Phase::Paused | Phase::Stopped | Phase::Suspended | Phase::Failed => true,
         _ => false,
     }
 }
@@ -86,6 +86,7 @@ pub fn view(workspaces: &[WorkspaceSummary]) -> View {
         match w.phase {
             Phase::Paused => *counts.entry("paused").or_default() += 1,
             Phase::Stopped => *counts.entry("stopped").or_default() += 1,
+            Phase::Suspended => *counts.entry("suspended").or_default() += 1,
             Phase::Failed => *counts.entry("failed").or_default() += 1,
             Phase::Running if w.last_heartbeat_at.is_some() => {}
             _ => *counts.entry("starting").or_default() += 1,

@@ -64,6 +64,32 @@ pub struct ControllerContext {
     teams_written: Mutex<HashMap<ObjectKey, TeamStatus>>,
     /// Generation and time of the last successful Apply per workspace.
     applied: Mutex<HashMap<ObjectKey, (Option<i64>, Instant)>>,
+    /// Where wakes asked for by the `molecule.ai/wake` annotation are recorded (None:
+    /// the annotation is ignored).
+    pub wake_store: Option<crate::store::DynStore>,
+    /// The annotation's value last acted on, per workspace.
+    wakes_seen: Mutex<HashMap<ObjectKey, String>>,
+}
+
+/// A Workspace annotation that wakes it (lifecycle autopilot, rules::suspend), for a
+/// gateway or `kubectl annotate ws NAME molecule.ai/wake=$(date -u +%FT%TZ) --overwrite`.
+/// Every new value is one wake request. An RFC 3339 time is the request's time (so an
+/// operator restarted later does not count it again: a suspension made after it
+/// stands); any other value is a request at the moment the operator sees it.
+pub const WAKE_ANNOTATION: &str = "molecule.ai/wake";
+
+/// The time of the wake a `molecule.ai/wake` value asks for, seen at `now`: an RFC 3339
+/// time to the whole second (`date -u +%FT%TZ`) stands for that whole second, so it is
+/// the end of it (a suspension made earlier in the second the annotation was written
+/// is over); never later than `now`; any other value is `now`.
+fn wake_time(value: &str, now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(value.trim()) else { return now };
+    let t = t.with_timezone(&chrono::Utc);
+    let end = match t.timestamp_subsec_nanos() {
+        0 => t + chrono::Duration::seconds(1) - chrono::Duration::nanoseconds(1),
+        _ => t,
+    };
+    end.min(now)
 }
 
 #[derive(Clone, Debug)]
@@ -104,6 +130,35 @@ impl ControllerContext {
             members: Mutex::default(),
             teams_written: Mutex::default(),
             applied: Mutex::default(),
+            wake_store: None,
+            wakes_seen: Mutex::default(),
+        }
+    }
+
+    /// Records the wake the object's `molecule.ai/wake` annotation asks for, once per value.
+    async fn wake_by_annotation(&self, obj: &GuardedWorkspace, key: &ObjectKey) {
+        let Some(store) = &self.wake_store else { return };
+        let Some(value) = obj.meta().annotations.as_ref().and_then(|a| a.get(WAKE_ANNOTATION)) else { return };
+        if self.wakes_seen.lock().is_ok_and(|seen| seen.get(key) == Some(value)) {
+            return;
+        }
+        let at = wake_time(value, chrono::Utc::now());
+        let done = match store.workspace(&key.to_string()).await {
+            Ok(Some(record)) => store.request_wake(&record.uid, at).await.map(|()| true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(known) => {
+                if let Ok(mut seen) = self.wakes_seen.lock() {
+                    seen.insert(key.clone(), value.clone());
+                }
+                if known {
+                    tracing::info!(workspace = %key, annotation = %value, "woken by the molecule.ai/wake annotation");
+                    self.trigger.enqueue(&key.to_string(), crate::trigger::Why::Wake);
+                }
+            }
+            Err(e) => tracing::warn!(workspace = %key, error = %e, "cannot record the wake the annotation asks for"),
         }
     }
 
@@ -331,6 +386,8 @@ pub async fn reconcile(obj: Arc<GuardedWorkspace>, ctx: Arc<ControllerContext>) 
 
 async fn apply(obj: &GuardedWorkspace, key: &ObjectKey, ctx: &ControllerContext) -> Result<Action, Error> {
     let generation = obj.meta().generation;
+    // An annotation changes no generation: looked at before the "applied recently" skip.
+    ctx.wake_by_annotation(obj, key).await;
     if let Some(left) = ctx.applied_recently(key, generation) {
         return Ok(Action::requeue(left));
     }
@@ -445,5 +502,26 @@ pub async fn write_reports(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wake_time;
+    use chrono::{DateTime, Utc};
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_wake_annotation_to_the_second_stands_for_that_whole_second_until_now() {
+        let now = t("2026-01-01T10:00:31.528Z");
+        // Written in the second a suspension at 10:00:31.125 was made: it ends it.
+        assert!(wake_time("2026-01-01T10:00:31Z", now) > t("2026-01-01T10:00:31.125Z"));
+        assert_eq!(wake_time("2026-01-01T10:00:31Z", now), now, "never later than now");
+        assert_eq!(wake_time("2026-01-01T09:00:00Z", now), t("2026-01-01T09:00:00.999999999Z"));
+        assert_eq!(wake_time("2026-01-01T09:00:00.250Z", now), t("2026-01-01T09:00:00.250Z"));
+        assert_eq!(wake_time("please", now), now);
     }
 }

@@ -200,6 +200,8 @@ pub struct Wiring {
     pub reports: broadcast::Sender<Report>,
     /// Feeds the reconcile context's view of Secrets (`envFrom`), when it has one.
     pub secrets: Option<secrets::SecretsWriter>,
+    /// The state store, where the `molecule.ai/wake` annotation's wakes are recorded.
+    pub store: Option<crate::store::DynStore>,
 }
 
 /// Options of cluster mode.
@@ -247,7 +249,7 @@ pub async fn run(
         tokio::spawn(secrets::run(api, feed, wiring.desired.clone(), wiring.trigger.clone(), stop.clone()))
     });
     let controller = controller::build(client.clone(), options.namespace.as_deref());
-    let ctx = Arc::new(controller::ControllerContext::new(
+    let mut ctx = controller::ControllerContext::new(
         client,
         &options,
         wiring.trigger.clone(),
@@ -255,7 +257,9 @@ pub async fn run(
         sent_rx,
         controller.store(),
         teams,
-    ));
+    );
+    ctx.wake_store = wiring.store.clone();
+    let ctx = Arc::new(ctx);
     let writer = tokio::spawn(controller::write_reports(ctx.clone(), wiring.reports.subscribe(), stop.clone()));
     controller::run(ctx, controller, stop.clone()).await;
     stop.cancel();

@@ -84,6 +84,8 @@ pub const FAILPOINTS: &[&str] = &[
     "after-unpause",
     "after-record-restart",
     "after-reset-restarts",
+    "after-suspend",
+    "after-lifetime-clock",
     "after-forget",
     "after-claim",
 ];
@@ -103,6 +105,8 @@ pub struct Outcome {
     pub written: Vec<(String, String)>,
     /// A warm-pool member taken: (container id, the uid the workspace has now).
     pub claimed: Option<(String, String)>,
+    /// A suspension recorded (for the metrics).
+    pub suspended: Option<crate::model::SuspendCause>,
 }
 
 impl Executor<'_> {
@@ -244,6 +248,20 @@ impl Executor<'_> {
             Action::ResetRestarts => {
                 self.store.reset_restarts(uid).await?;
                 out.done.push("restart budget reset".into());
+            }
+            Action::Suspend { suspension, used_ms } => {
+                let state = crate::model::LifecycleState {
+                    suspended: Some(*suspension),
+                    running_since: None,
+                    used_ms: *used_ms,
+                };
+                self.store.save_lifecycle(uid, &state).await?;
+                out.done.push(format!("suspended ({})", suspension.cause));
+                out.suspended = Some(suspension.cause);
+            }
+            Action::LifetimeClock { state } => {
+                self.store.save_lifecycle(uid, state).await?;
+                out.done.push(action.describe());
             }
             Action::Forget => {
                 self.store.delete_workspace(uid).await?;

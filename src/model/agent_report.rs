@@ -74,12 +74,20 @@ pub struct AgentReport {
     pub runtime_metadata: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_at: Option<DateTime<Utc>>,
+    /// The last heartbeat that reported `active_tasks > 0` (the lifecycle's idle clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_at: Option<DateTime<Utc>>,
     /// Since when the runtime has reported `wedged` without a break (for a health policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wedged_since: Option<DateTime<Utc>>,
 }
 
 impl AgentReport {
+    /// Whether the agent said in its last heartbeat that it is working on something.
+    pub fn busy(&self) -> bool {
+        self.active_tasks.is_some_and(|n| n > 0)
+    }
+
     /// Whether the runtime declares a capability in `runtime_metadata.capabilities`.
     pub fn declares(&self, capability: &str) -> bool {
         self.runtime_metadata

@@ -17,7 +17,7 @@ pub use decision::DecisionRecord;
 pub use heartbeat::Heartbeat;
 pub use secret::SecretRow;
 pub use token::{IssuedToken, RevokeReason, TokenOwner, TokenRow};
-pub use workspace::{Claim, WorkspaceRecord, shows_agent_online};
+pub use workspace::{Claim, LifecycleState, SuspendCause, Suspension, WorkspaceRecord, shows_agent_online};
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,13 @@ pub struct WorkspaceRecord {
     /// workspace claimed (cleared by the next provision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<Claim>,
+    /// The last wake request (`molecule-operator wake`, the admin API, the annotation,
+    /// a peer's discovery): it ends a suspension made before it and counts as activity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub woken_at: Option<DateTime<Utc>>,
+    /// The lifecycle autopilot's bookkeeping (rules::suspend).
+    #[serde(default)]
+    pub lifecycle: LifecycleState,
 }
 
 /// How a claimed pool member counts as this workspace's container: Docker labels
@@ -45,6 +52,62 @@ pub struct Claim {
     pub container_id: String,
     pub spec_hash: String,
     pub at: DateTime<Utc>,
+}
+
+/// Why the autopilot suspended a workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SuspendCause {
+    /// No busy heartbeat and no wake request for `idleAfter`.
+    Idle,
+    /// Running for `maxLifetime` (paused and suspended time not counted).
+    MaxLifetime,
+}
+
+impl SuspendCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "Idle",
+            Self::MaxLifetime => "MaxLifetime",
+        }
+    }
+}
+
+impl std::fmt::Display for SuspendCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A suspension: why, when, and to which mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Suspension {
+    pub cause: SuspendCause,
+    pub at: DateTime<Utc>,
+    pub to: OperatingMode,
+}
+
+/// What the autopilot keeps per workspace (one JSON column, `workspaces.lifecycle`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleState {
+    /// The last suspension; a wake request after its time ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<Suspension>,
+    /// Since when the agent has been running (this stretch); None while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since: Option<DateTime<Utc>>,
+    /// Running time of this lifetime before `running_since`, in milliseconds.
+    #[serde(default)]
+    pub used_ms: i64,
+}
+
+impl LifecycleState {
+    /// Running time of this lifetime up to `now`.
+    pub fn used(&self, now: DateTime<Utc>) -> chrono::Duration {
+        let stretch = self.running_since.map(|s| (now - s).max(chrono::Duration::zero())).unwrap_or_default();
+        chrono::Duration::milliseconds(self.used_ms) + stretch
+    }
 }
 
 /// Whether a status shows the workspace's agent online: AgentOnline=True; without

@@ -223,8 +223,11 @@ async fn team_view(ctx: &Context, set: &DesiredSet, d: &DesiredWorkspace) -> Res
             },
             None => Vec::new(),
         };
-        let mode =
+        let own =
             record.and_then(|r| r.mode_override).or(w.spec.as_ref().ok().map(|s| s.operating_mode)).unwrap_or_default();
+        // A member suspended by the lifecycle autopilot wants what its suspension says.
+        let suspension = record.zip(w.spec.as_ref().ok()).and_then(|(r, s)| crate::rules::suspend::in_force(r, s));
+        let mode = crate::rules::suspend::mode(own, suspension);
         others.push(Member {
             name: w.key.name.clone(),
             first_seen: record.map(|r| r.created_at),

@@ -138,6 +138,9 @@ async fn execute(
         let uid = record.map(|r| r.uid.as_str());
         let _ = ctx.containers.refresh_workspace(ctx.runtime.as_ref(), key, uid).await;
     }
+    if let Some(cause) = outcome.suspended {
+        ctx.metrics.suspended(cause.as_str());
+    }
     for (reason, n) in &outcome.revoked {
         ctx.metrics.revoked(*reason, *n);
     }
@@ -185,7 +188,9 @@ async fn execute(
     ctx.set_failure(key, None);
     if forgotten {
         ctx.remember_quiet(key, None);
-        ctx.phases.set(key, None);
+        if ctx.phases.set(key, None) {
+            ctx.phases.publish(&ctx.metrics);
+        }
         ctx.metrics.set_agent(key, None);
         report.forgotten = true;
         return Ok(Executed::Forgotten);
@@ -225,7 +230,9 @@ async fn write_status(
     if record.status.as_ref() != Some(&st) {
         ctx.store.save_status(&record.uid, &st).await?;
     }
-    ctx.phases.set(key, Some(st.phase));
+    if ctx.phases.set(key, Some(st.phase)) {
+        ctx.phases.publish(&ctx.metrics);
+    }
     ctx.metrics.set_agent(key, st.agent.as_ref());
     Ok(Some(st))
 }

@@ -160,7 +160,7 @@ impl SweepInput<'_> {
             token_file: TokenFile::NotRead,
             team: TeamView::NoQuota, // quota teams are reconciled above
             heartbeats_lost_at: self.heartbeats_lost_at,
-            agent: None, // the agent's report changes the status only, never a decision
+            agent: None, // read by the full reconcile: a rule it holds back (suspend, busy) costs only that
             pool: Default::default(),
         };
         observed.adopt_claim();
@@ -204,8 +204,10 @@ impl Sweeps {
 }
 
 /// Each workspace's phase as its status last showed it, for the workspaces-by-phase
-/// gauge: set by every status write and by full sweeps, published by every sweep. The
-/// counts are kept as phases change, so publishing does not walk every workspace.
+/// gauge: set by every status write and by full sweeps, published by every sweep and
+/// by a status write that changes a phase (a user scraping the metrics right after a
+/// workspace is suspended sees it). The counts are kept as phases change, so
+/// publishing does not walk every workspace.
 #[derive(Debug, Default)]
 pub struct Phases(std::sync::Mutex<PhaseCounts>);
 
@@ -226,8 +228,8 @@ impl Phases {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `key`'s phase now (None: it has no record any more).
-    pub fn set(&self, key: &str, phase: Option<crate::api::Phase>) {
+    /// `key`'s phase now (None: it has no record any more); whether that changed a count.
+    pub fn set(&self, key: &str, phase: Option<crate::api::Phase>) -> bool {
         let mut p = self.lock();
         let old = match phase {
             Some(phase) => match p.of.get_mut(key) {
@@ -247,6 +249,7 @@ impl Phases {
                 p.count(new, 1);
             }
         }
+        old != phase
     }
 
     pub(super) fn replace(&self, all: Vec<(String, crate::api::Phase)>) {
@@ -566,8 +569,8 @@ mod tests {
         phases.replace(vec![("a".into(), Phase::Running), ("b".into(), Phase::Running), ("c".into(), Phase::Paused)]);
         phases.publish(&metrics);
         assert_eq!((gauge("Running"), gauge("Paused")), (2, 1));
-        phases.set("a", Some(Phase::Paused));
-        phases.set("a", Some(Phase::Paused)); // the same again changes nothing
+        assert!(phases.set("a", Some(Phase::Paused)));
+        assert!(!phases.set("a", Some(Phase::Paused)), "the same again changes nothing");
         phases.set("b", None);
         phases.set("d", Some(Phase::Running));
         phases.publish(&metrics);

@@ -133,7 +133,7 @@ pub(crate) async fn get_workspace(
 
 /// The declared workspace and its record (created now if the reconciler has not
 /// seen it yet, so an action can be recorded against its uid).
-async fn target(
+pub(crate) async fn target(
     state: &AppState,
     key: &ObjectKey,
     action: &str,
@@ -224,6 +224,10 @@ pub(crate) async fn resume(
     let declared_mode = declared.spec.as_ref().map(|e| e.operating_mode).unwrap_or_default();
     let over = (declared_mode != OperatingMode::Running).then_some(OperatingMode::Running);
     if let Err(e) = state.store.set_mode_override(&record.uid, over).await {
+        return store_failed(e);
+    }
+    // A resume is also a wake: it ends a suspension by the lifecycle autopilot.
+    if let Err(e) = state.store.request_wake(&record.uid, Utc::now()).await {
         return store_failed(e);
     }
     let message = match over {

@@ -99,6 +99,7 @@ async fn handle(
         Err(response) => return response,
     };
     let now = Utc::now();
+    state.wakes.heard(&owner.workspace_uid);
     match call {
         // An agent (re)started: written at once, so the reconcile it queues sees it.
         Call::Register => {

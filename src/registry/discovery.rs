@@ -94,10 +94,30 @@ pub(crate) async fn discover(
     if !allowed(&state, &caller.workspace_key, &target.key) {
         return forbidden(&caller.workspace_key, &target.key);
     }
+    // Traffic for a suspended workspace: with `lifecycle.wake: OnDemand` (the default)
+    // a peer looking it up wakes it, as the original platform's 503 + Retry-After did;
+    // the answer says `suspended` with a Retry-After. `Manual` waits for an explicit wake.
+    let suspended = target.status.as_ref().is_some_and(|s| s.phase == crate::api::Phase::Suspended);
+    if suspended && wakes_on_demand(&state, &target.key) {
+        if let Err(e) = super::wake::request(&state, &target, crate::trigger::Why::Wake).await {
+            return store_unavailable(e);
+        }
+        tracing::info!(workspace = %target.key, by = %caller.workspace_key, "registry: a peer's discovery wakes it");
+    }
     match peer(&state, &target).await {
+        Ok(p) if suspended => (StatusCode::OK, [(axum::http::header::RETRY_AFTER, "1")], Json(p)).into_response(),
         Ok(p) => (StatusCode::OK, Json(p)).into_response(),
         Err(e) => store_unavailable(e),
     }
+}
+
+/// Whether the workspace's declared lifecycle lets traffic wake it (`wake: OnDemand`).
+fn wakes_on_demand(state: &AppState, key: &str) -> bool {
+    let set = state.desired();
+    set.workspaces
+        .get(&ObjectKey::parse(key))
+        .and_then(|d| d.spec.as_ref().ok())
+        .is_some_and(|s| s.lifecycle.enabled() && s.lifecycle.wake == crate::api::WakePolicy::OnDemand)
 }
 
 pub(crate) async fn peers(

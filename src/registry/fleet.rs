@@ -63,6 +63,7 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("pause", "api/v1/workspaces/{name}/pause?namespace={namespace}"),
     ("resume", "api/v1/workspaces/{name}/resume?namespace={namespace}"),
     ("restart", "api/v1/workspaces/{name}/restart?namespace={namespace}"),
+    ("wake", "api/v1/workspaces/{namespace}/{name}/wake"),
 ];
 
 /// Everything the page shows, at one moment.
@@ -498,7 +499,7 @@ mod tests {
     #[test]
     fn the_page_offers_the_admin_actions() {
         let names: Vec<&str> = ACTIONS.iter().map(|(a, _)| *a).collect();
-        assert_eq!(names, ["pause", "resume", "restart"]);
+        assert_eq!(names, ["pause", "resume", "restart", "wake"]);
         assert!(ACTIONS.iter().all(|(a, p)| p.contains("{name}") && p.contains("{namespace}") && p.contains(a)));
     }
 }

@@ -29,6 +29,7 @@ mod page;
 mod reports;
 pub mod secrets;
 pub mod views;
+pub mod wake;
 
 use std::future::Future;
 use std::io;
@@ -99,6 +100,8 @@ pub struct AppState {
     pub logins: Arc<login::Logins>,
     /// What each workspace uses, as the usage sampler last read it (observe/usage.rs).
     pub usage: Arc<crate::observe::usage::UsageBook>,
+    /// Who waits for an agent to be heard from after a wake (wake.rs).
+    pub wakes: Arc<wake::Waiters>,
     /// Cancelled when the operator stops: answers that never end by themselves (the
     /// fleet stream, `events -w`, `logs -f`) end then, so the server can finish.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -134,6 +137,7 @@ impl AppState {
             private_agent_urls: false,
             logins: Arc::default(),
             usage: Arc::default(),
+            wakes: Arc::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             pools: Arc::default(),
         }
@@ -182,6 +186,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/workspaces/{name}/pause", post(admin::pause))
         .route("/api/v1/workspaces/{name}/resume", post(admin::resume))
         .route("/api/v1/workspaces/{name}/logs", get(admin::logs))
+        .route("/api/v1/workspaces/{name}/{workspace}/wake", post(wake::wake))
         .route("/api/v1/teams", get(admin::list_teams))
         .route("/api/v1/warmpools", get(admin::list_pools))
         .route("/api/v1/events", get(events::list))

@@ -252,6 +252,9 @@ fn apply(report: &mut AgentReport, body: &Body, now: DateTime<Utc>) {
     }
     if let Some(n) = int("active_tasks") {
         report.active_tasks = Some(n.max(0));
+        if n > 0 {
+            report.busy_at = Some(now);
+        }
     }
     if let Some(n) = int("uptime_seconds") {
         report.uptime_seconds = Some(n.max(0));

@@ -382,6 +382,8 @@ mod tests {
             mode_override: None,
             restart_requested_at: None,
             claim: None,
+            woken_at: None,
+            lifecycle: Default::default(),
         }
     }
 

@@ -67,6 +67,8 @@ pub fn record(incarnation: i64) -> WorkspaceRecord {
         mode_override: None,
         restart_requested_at: None,
         claim: None,
+        woken_at: None,
+        lifecycle: Default::default(),
     }
 }
 

@@ -59,9 +59,12 @@ pub fn last_heard(observed: &Observed) -> Option<DateTime<Utc>> {
 
 /// Where silence starts counting: at `from`, or later if the registry failed to record
 /// heartbeats since (the state store was down or locked), so an outage of the
-/// operator's own database never restarts healthy agents nor revokes their tokens.
+/// operator's own database never restarts healthy agents nor revokes their tokens;
+/// or later if the workspace was woken or resumed since (`WorkspaceRecord::woken_at`):
+/// an agent frozen meanwhile could not beat, and its silence before the thaw is not a hang.
 pub fn silent_since(from: DateTime<Utc>, observed: &Observed) -> DateTime<Utc> {
-    observed.heartbeats_lost_at.map_or(from, |lost| lost.max(from))
+    let woken = observed.record.as_ref().and_then(|r| r.woken_at);
+    [observed.heartbeats_lost_at, woken].into_iter().flatten().fold(from, DateTime::max)
 }
 
 #[cfg(test)]
@@ -81,6 +84,23 @@ mod tests {
         assert_eq!(at(&obs, 0), Liveness::Online { last, deadline });
         assert_eq!(at(&obs, 9), Liveness::Online { last, deadline });
         assert_eq!(at(&obs, 10), Liveness::Silent { heard: Some(last), since: last });
+    }
+
+    #[test]
+    fn an_agent_thawed_after_a_long_pause_is_waited_for_from_the_wake() {
+        // Heard at now - 1 s, frozen, woken (or resumed) 60 s later: not silent yet.
+        let woken = now() + chrono::Duration::seconds(59);
+        let obs = healthy().record_with(|r| r.woken_at = Some(woken));
+        let l = at(&obs, 60);
+        assert_eq!(
+            l,
+            Liveness::Waiting {
+                heard: Some(now() - chrono::Duration::seconds(1)),
+                from: now() - chrono::Duration::seconds(1),
+                deadline: woken + chrono::Duration::seconds(10)
+            }
+        );
+        assert!(matches!(at(&obs, 70), Liveness::Silent { .. }), "silent a TTL after the wake");
     }
 
     #[test]

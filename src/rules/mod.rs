@@ -27,6 +27,7 @@ pub mod remove;
 pub mod restart;
 pub mod rotation;
 pub mod stale_token_without_container;
+pub mod suspend;
 pub mod token_file;
 pub mod wedged;
 
@@ -197,10 +198,17 @@ impl<'a> Facts<'a> {
         self.desired.and_then(Desired::effective)
     }
 
-    /// The declared mode, unless the CLI (`pause`/`resume`) overrides it.
+    /// The declared mode, unless the CLI (`pause`/`resume`) overrides it; a Running
+    /// one suspended by the lifecycle autopilot is its suspension's (suspend.rs).
     pub fn mode(&self) -> Option<OperatingMode> {
         let spec = self.spec()?;
-        Some(self.observed.record.as_ref().and_then(|r| r.mode_override).unwrap_or(spec.operating_mode))
+        let own = self.observed.record.as_ref().and_then(|r| r.mode_override).unwrap_or(spec.operating_mode);
+        Some(suspend::mode(own, self.suspension()))
+    }
+
+    /// The lifecycle autopilot's suspension in force, if any (suspend.rs).
+    pub fn suspension(&self) -> Option<crate::model::Suspension> {
+        suspend::in_force(self.observed.record.as_ref()?, self.spec()?)
     }
 
     /// Whether the workspace should have a container now: Running, or Paused where the
@@ -336,6 +344,16 @@ pub enum Action {
     },
     /// The agent is back: the restart budget starts over.
     ResetRestarts,
+    /// Record a suspension by the lifecycle autopilot (the running clock stops with
+    /// `used_ms` of the lifetime used); the pause and stop rules carry it out.
+    Suspend {
+        suspension: crate::model::Suspension,
+        used_ms: i64,
+    },
+    /// The lifecycle autopilot's running clock started or stopped (suspend.rs).
+    LifetimeClock {
+        state: crate::model::LifecycleState,
+    },
     /// Forget the workspace's record (its container and volume are gone).
     Forget,
     /// Take warm-pool member `id` (uid `uid`) of `pool` as the workspace's container:
@@ -367,6 +385,8 @@ impl Action {
             Action::Unpause { .. } => "unpause",
             Action::RecordRestart { .. } => "record-restart",
             Action::ResetRestarts => "reset-restarts",
+            Action::Suspend { .. } => "suspend",
+            Action::LifetimeClock { .. } => "lifetime-clock",
             Action::Forget => "forget",
             Action::Claim { .. } => "claim",
         }
@@ -405,6 +425,16 @@ impl Action {
             Action::Unpause { .. } => "unpause container".into(),
             Action::RecordRestart { reason } => format!("count restart: {reason}"),
             Action::ResetRestarts => "reset the restart budget".into(),
+            Action::Suspend { suspension, .. } => {
+                format!("suspend ({}) to {:?}", suspension.cause, suspension.to)
+            }
+            Action::LifetimeClock { state } => {
+                let used = state.used_ms / 1000;
+                match state.running_since {
+                    Some(_) => format!("start the lifetime clock ({used}s used)"),
+                    None => format!("stop the lifetime clock ({used}s used)"),
+                }
+            }
             Action::Forget => "forget workspace".into(),
             Action::Claim { pool, id, .. } => {
                 format!("claim container {} of warm pool {pool} with a new token", &id[..id.len().min(12)])
@@ -443,11 +473,13 @@ pub const RULES: &[Rule] = &[
     rule("restart", restart::rule),
     rule("pause", pause_resume_stop::pause),
     rule("resume", pause_resume_stop::resume),
+    Rule { name: "suspend", decide: suspend::rule, wake: Some(suspend::wake) },
     rule("token-file", token_file::rule),
     Rule { name: "rotation", decide: rotation::rule, wake: Some(rotation::wake) },
     rule("stale-token-without-container", stale_token_without_container::rule),
     Rule { name: "heartbeat", decide: heartbeat::rule, wake: Some(heartbeat::wake) },
     Rule { name: "wedged", decide: wedged::rule, wake: Some(wedged::wake) },
+    rule("lifetime", suspend::lifetime),
 ];
 
 /// What to do about one workspace now.

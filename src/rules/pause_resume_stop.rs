@@ -19,7 +19,7 @@ pub fn stop(facts: &Facts<'_>) -> Option<Verdict> {
     if actions.is_empty() {
         return None;
     }
-    Some(Verdict::new("operating mode is Stopped", actions))
+    Some(Verdict::new(suspended(facts, "operating mode is Stopped"), actions))
 }
 
 pub fn pause(facts: &Facts<'_>) -> Option<Verdict> {
@@ -47,7 +47,15 @@ pub fn pause(facts: &Facts<'_>) -> Option<Verdict> {
         true => "operating mode is Paused",
         false => "operating mode is Paused (the runtime has no freezer: the container goes, its volume stays)",
     };
-    Some(Verdict::new(cause, actions))
+    Some(Verdict::new(suspended(facts, cause), actions))
+}
+
+/// The cause, saying so when the mode is a suspension's (suspend.rs).
+fn suspended(facts: &Facts<'_>, cause: &str) -> String {
+    match facts.suspension() {
+        Some(s) => format!("suspended ({}): {cause}", s.cause),
+        None => cause.to_string(),
+    }
 }
 
 pub fn resume(facts: &Facts<'_>) -> Option<Verdict> {

@@ -41,10 +41,11 @@ fn arb_desired() -> impl Strategy<Value = Option<Desired>> {
         any::<bool>(), // invalid spec (tier 9)
         any::<bool>(), // secrets held
         prop_oneof![Just(HASH), Just("0000000000000000")],
+        any::<bool>(), // lifecycle: idleAfter 1m, maxLifetime 10m
     );
     proptest::option::weighted(
         0.85,
-        spec.prop_map(|(mode, policy, revoke, reissue, rotate, invalid, held, hash)| {
+        spec.prop_map(|(mode, policy, revoke, reissue, rotate, invalid, held, hash, lifecycle)| {
             let mut d = desired_with(WorkspaceSpec {
                 operating_mode: Some(mode),
                 update_policy: Some(policy),
@@ -53,6 +54,11 @@ fn arb_desired() -> impl Strategy<Value = Option<Desired>> {
                     on_pause: revoke.then_some(crate::api::OnPause::Revoke),
                     on_resume: reissue.then_some(OnResume::Reissue),
                     rotate_every: rotate.then(|| "1h".to_string()),
+                    ..Default::default()
+                }),
+                lifecycle: lifecycle.then(|| crate::api::Lifecycle {
+                    idle_after: Some("1m".into()),
+                    max_lifetime: Some("10m".into()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -221,6 +227,20 @@ impl World {
                         r.restart_count = 0;
                     }
                 }
+                Action::Suspend { suspension, used_ms } => {
+                    if let Some(r) = obs.record.as_mut() {
+                        r.lifecycle = crate::model::LifecycleState {
+                            suspended: Some(*suspension),
+                            running_since: None,
+                            used_ms: *used_ms,
+                        };
+                    }
+                }
+                Action::LifetimeClock { state } => {
+                    if let Some(r) = obs.record.as_mut() {
+                        r.lifecycle = state.clone();
+                    }
+                }
                 Action::Forget => obs.record = None,
                 // The model names no warm pool (claims have their own tests in claim.rs).
                 Action::Claim { .. } => {}
@@ -298,7 +318,7 @@ proptest! {
             d.spec.as_ref().is_ok_and(|s| s.operating_mode == OperatingMode::Running)
                 && d.secrets_unreadable.is_none()
                 && d.spec.as_ref().is_ok_and(|s| s.update_policy == UpdatePolicy::Immediate)
-        });
+        }) && world.observed.record.as_ref().is_none_or(|r| r.lifecycle.suspended.is_none()); // idle: suspended
         let listed = world.observed.containers.is_some();
         if wants_running && listed && world.observed.team == TeamView::NoQuota && world.observed.record.is_some() {
             let c = world.observed.container();

@@ -64,6 +64,14 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
         (Some(_), Some(_)) => Phase::Failed,
         _ if extra.last_error.is_some() => Phase::Failed,
         _ if obs.containers.is_none() => previous.map(|p| p.phase).unwrap_or_default(),
+        // Suspended by the lifecycle autopilot, and carried out: frozen, or no container.
+        _ if facts.suspension().is_some()
+            && container.is_none_or(|c| {
+                c.state == ContainerState::Paused && c.incarnation() == record.map(|r| r.incarnation)
+            }) =>
+        {
+            Phase::Suspended
+        }
         _ => match (mode, container.map(|c| c.state)) {
             (Some(OperatingMode::Stopped), None) => Phase::Stopped,
             (Some(OperatingMode::Stopped), Some(_)) => Phase::Terminating,
@@ -83,6 +91,30 @@ pub fn compute(facts: &Facts<'_>, extra: &Circumstances<'_>, previous: Option<&W
     match invalid {
         Some(errors) => c("InvalidSpec", tf(true), "InvalidSpec", errors.join("; ")),
         None => c("InvalidSpec", tf(false), "Valid", String::new()),
+    }
+    if facts.spec().is_some_and(|s| s.lifecycle.enabled()) {
+        match facts.suspension() {
+            Some(s) => {
+                let how = match (s.to, facts.settings.freezes) {
+                    (OperatingMode::Paused, true) => "frozen, memory kept",
+                    (OperatingMode::Paused, false) => {
+                        "suspendTo Paused acts as Stopped here (no freezer): no container, volume kept"
+                    }
+                    _ => "stopped: no container, volume kept",
+                };
+                let name = facts.desired.map(|d| d.key.name.as_str()).unwrap_or("NAME");
+                c(
+                    "Suspended",
+                    tf(true),
+                    s.cause.as_str(),
+                    format!(
+                        "since {} ({how}); `molecule-operator wake workspace {name}` resumes it",
+                        s.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                )
+            }
+            None => c("Suspended", tf(false), "Active", String::new()),
+        }
     }
     match extra.conflict {
         Some(msg) => c("SourceConflict", tf(true), "DeclaredTwice", msg.to_string()),
@@ -293,6 +325,33 @@ mod tests {
         for t in ["Ready", "ContainerRunning"] {
             assert_eq!(find(&st.conditions, t).unwrap().message, why, "{t}");
         }
+    }
+
+    #[test]
+    fn a_suspension_is_phase_suspended_with_its_cause_once_carried_out() {
+        use crate::api::{Lifecycle, WorkspaceSpec};
+        use crate::model::{SuspendCause, Suspension};
+        let des = desired_with(WorkspaceSpec {
+            lifecycle: Some(Lifecycle { idle_after: Some("1m".into()), ..Default::default() }),
+            ..Default::default()
+        });
+        let active = status(&healthy(), Some(&des), Circumstances::default());
+        assert_eq!(active.phase, Phase::Running);
+        assert_eq!(find(&active.conditions, "Suspended").unwrap().reason, "Active");
+        let susp = Suspension { cause: SuspendCause::MaxLifetime, at: t(900), to: crate::api::OperatingMode::Paused };
+        let obs = healthy().record_with(|r| r.lifecycle.suspended = Some(susp));
+        assert_ne!(status(&obs, Some(&des), Circumstances::default()).phase, Phase::Suspended, "not frozen yet");
+        let frozen = obs.with_container(container(1, ContainerState::Paused));
+        let st = status(&frozen, Some(&des), Circumstances::default());
+        assert_eq!(st.phase, Phase::Suspended);
+        let c = find(&st.conditions, "Suspended").unwrap();
+        assert!(c.is_true() && c.reason == "MaxLifetime", "{c:?}");
+        assert!(c.message.contains("molecule-operator wake workspace dev"), "{c:?}");
+        let gone = frozen.without_container();
+        assert_eq!(status(&gone, Some(&des), Circumstances::default()).phase, Phase::Suspended);
+        assert!(
+            find(&status(&healthy(), Some(&desired()), Circumstances::default()).conditions, "Suspended").is_none()
+        );
     }
 
     #[test]

@@ -118,6 +118,10 @@ pub trait Workspaces: Send + Sync {
     async fn reset_restarts(&self, uid: &str) -> StoreResult<()>;
     /// Sets (or clears, with None) the CLI's operating-mode override.
     async fn set_mode_override(&self, uid: &str, mode: Option<OperatingMode>) -> StoreResult<()>;
+    /// Records a wake request (kept when a later one is stored already).
+    async fn request_wake(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Writes the lifecycle autopilot's bookkeeping (rules::suspend).
+    async fn save_lifecycle(&self, uid: &str, state: &crate::model::LifecycleState) -> StoreResult<()>;
     /// Records a CLI restart request.
     async fn request_restart(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()>;
     /// Writes the status whole.

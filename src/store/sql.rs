@@ -29,8 +29,8 @@ use super::{
 };
 use crate::api::{OperatingMode, Phase, WorkspaceStatus};
 use crate::model::{
-    AgentReport, Claim, DecisionRecord, Heartbeat, IssuedToken, RevokeReason, SecretRow, TokenOwner, TokenRow,
-    WorkspaceRecord, shows_agent_online,
+    AgentReport, Claim, DecisionRecord, Heartbeat, IssuedToken, LifecycleState, RevokeReason, SecretRow, TokenOwner,
+    TokenRow, WorkspaceRecord, shows_agent_online,
 };
 
 /// What a SQL backend does differently from the other; everything else is this file.
@@ -196,7 +196,7 @@ impl Statements {
         );
         let brief = format!(
             "uid, key, incarnation, created_at, {last_heartbeat_at} AS last_heartbeat_at, restart_count, \
-             last_restart_at, last_restart_reason, mode_override, restart_requested_at, CAST(claim AS TEXT) AS claim"
+             last_restart_at, last_restart_reason, mode_override, restart_requested_at, CAST(claim AS TEXT) AS claim, woken_at, lifecycle"
         );
         let workspace = format!("SELECT {brief}, CAST(status AS TEXT) AS status FROM workspaces");
         let workspace_with_report = format!(
@@ -280,6 +280,8 @@ macro_rules! sql_store {
                 mode_override: parse_mode(&uid, row.try_get("mode_override")?)?,
                 restart_requested_at: D::read_opt_time(row, "restart_requested_at")?,
                 claim: decode_claim(&uid, row.try_get("claim")?),
+                woken_at: D::read_opt_time(row, "woken_at")?,
+                lifecycle: decode_lifecycle(&uid, row.try_get("lifecycle")?),
                 uid,
             })
         }
@@ -454,6 +456,28 @@ macro_rules! sql_store {
                 let done = sqlx::query("UPDATE workspaces SET mode_override = $2 WHERE uid = $1")
                     .bind(uid)
                     .bind(mode.map(mode_as_str))
+                    .execute(&self.pool)
+                    .await?;
+                expect_one(uid, done.rows_affected())
+            }
+
+            async fn request_wake(&self, uid: &str, at: DateTime<Utc>) -> StoreResult<()> {
+                // Kept when a later one is stored (then no row changes: not an error).
+                sqlx::query(
+                    "UPDATE workspaces SET woken_at = $2 WHERE uid = $1 AND (woken_at IS NULL OR woken_at < $2)",
+                )
+                .bind(uid)
+                .bind(D::time(at))
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn save_lifecycle(&self, uid: &str, state: &LifecycleState) -> StoreResult<()> {
+                let text = serde_json::to_string(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let done = sqlx::query("UPDATE workspaces SET lifecycle = $2 WHERE uid = $1")
+                    .bind(uid)
+                    .bind(text)
                     .execute(&self.pool)
                     .await?;
                 expect_one(uid, done.rows_affected())
@@ -1060,6 +1084,17 @@ fn parse_phase(text: Option<String>) -> Option<Phase> {
     use serde::de::IntoDeserializer;
     let text = text?;
     Phase::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(text.as_str())).ok()
+}
+
+/// The autopilot's bookkeeping as stored; none (or one that no longer decodes) is
+/// the empty state: the clock starts again at the next pass.
+fn decode_lifecycle(uid: &str, text: Option<String>) -> LifecycleState {
+    text.and_then(|t| {
+        serde_json::from_str(&t)
+            .inspect_err(|e| tracing::warn!(workspace_uid = uid, error = %e, "cannot decode the lifecycle state"))
+            .ok()
+    })
+    .unwrap_or_default()
 }
 
 fn decode_actions(uid: &str, json: &str) -> StoreResult<Vec<String>> {

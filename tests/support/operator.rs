@@ -544,6 +544,11 @@ pub fn read_token(container: &str) -> Option<(String, u32, u64)> {
 
 /// Overwrites the token file inside a running container (as the agent's user would).
 pub fn overwrite_token(container: &str, content: &str) {
+    put_file(container, ".auth_token", content);
+}
+
+/// Writes `/configs/NAME` in a container (mode 0600, the agent's user), as `docker cp` does.
+pub fn put_file(container: &str, name: &str, content: &str) {
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(content.len() as u64);
@@ -551,7 +556,7 @@ pub fn overwrite_token(container: &str, content: &str) {
     h.set_uid(65534);
     h.set_gid(65534);
     h.set_cksum();
-    b.append_data(&mut h, ".auth_token", content.as_bytes()).unwrap();
+    b.append_data(&mut h, name, content.as_bytes()).unwrap();
     let data = b.into_inner().unwrap();
     let mut child = Command::new("docker")
         .args(["cp", "-", &format!("{container}:/configs")])
