@@ -480,7 +480,7 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
         "metadata": {"name": "core", "namespace": "eng", "resourceVersion": "12"}, "spec": {"workspaces": [{"name": "x"}]}});
     let mut watches = Vec::new();
     let mut lists = 0;
-    while lists < 2 {
+    while lists < 3 {
         let req = api.next().await;
         assert_eq!(req.method, Method::GET);
         if req.is_watch() {
@@ -496,6 +496,9 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
         } else if req.path == "/apis/molecule.ai/v1alpha1/teams" {
             lists += 1;
             req.respond(StatusCode::OK, list("Team", vec![team.clone()]));
+        } else if req.path == "/apis/molecule.ai/v1alpha1/warmpools" {
+            lists += 1;
+            req.respond(StatusCode::OK, list("WarmPool", vec![]));
         } else {
             panic!("unexpected {} {}", req.method, req.path);
         }
@@ -641,6 +644,9 @@ async fn run_wires_source_controller_and_status_writer_and_stops_on_shutdown() {
                     req.respond(StatusCode::OK, list("Workspace", vec![fresh_no_finalizer.clone()]));
                 }
                 (Method::GET, "/apis/molecule.ai/v1alpha1/teams", false) => req.respond(StatusCode::OK, list("Team", vec![])),
+                (Method::GET, "/apis/molecule.ai/v1alpha1/warmpools", false) => {
+                    req.respond(StatusCode::OK, list("WarmPool", vec![]))
+                }
                 (Method::GET, p, true) if finalizer_added && p.ends_with("/workspaces") => {
                     req.respond_raw(StatusCode::OK, modified.clone());
                 }

@@ -7,6 +7,9 @@
 //!   without a reload; the Pause button pauses the container; neither the page nor
 //!   anything it fetched holds a token. With `MOLECULE_SCREENSHOT=PATH` the page is
 //!   also saved there as a PNG (docs/fleet-view.png is made so).
+//! - The same page in Debian's firefox-esr, driven over Marionette
+//!   (tests/support/marionette.rs): login, the tree, a heal shown live, the Pause
+//!   button, a narrow window.
 //! - Against the registry in-process with 500 declared workspaces: all are drawn, and
 //!   a change to one touches only that one's element.
 
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::marionette::Firefox;
 use support::operator::*;
 use support::webdriver::Browser;
 
@@ -36,6 +40,30 @@ const ORG: [(&str, Option<&str>); 6] = [
 
 fn names() -> Vec<&'static str> {
     ORG.iter().map(|(n, _)| *n).collect()
+}
+
+/// Each row's `key=phase`.
+const ROWS: &str = "return [...document.querySelectorAll('li.node')].map(li => li.dataset.key + '=' + \
+                    li.querySelector('[data-field=phase]').textContent)";
+
+/// Each row's key with the key of the row it sits under (null for a root).
+const PARENTS: &str = "const out = {}; for (const li of document.querySelectorAll('li.node')) { \
+                       const up = li.parentElement.closest('li.node'); out[li.dataset.key] = up ? up.dataset.key : null; } \
+                       return out;";
+
+fn every_row_running(rows: &Value) -> bool {
+    rows.as_array().is_some_and(|r| {
+        r.len() == ORG.len() && r.iter().all(|row| row.as_str().is_some_and(|s| s.ends_with("=Running")))
+    })
+}
+
+/// The files of examples/org into the operator's directory.
+fn write_examples_org(op: &Op) {
+    let org = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/org");
+    for entry in std::fs::read_dir(&org).unwrap() {
+        let path = entry.unwrap().path();
+        op.write(path.file_name().unwrap().to_str().unwrap(), &std::fs::read_to_string(&path).unwrap());
+    }
 }
 
 fn http() -> reqwest::blocking::Client {
@@ -115,11 +143,7 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     let Some(browser) = Browser::start("fleet_page", 1440, 900) else { return };
     let mut op = Op::new("fleetpage");
     op.extra = vec!["--usage-seconds".into(), "2".into()];
-    let org = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/org");
-    for entry in std::fs::read_dir(&org).unwrap() {
-        let path = entry.unwrap().path();
-        op.write(path.file_name().unwrap().to_str().unwrap(), &std::fs::read_to_string(&path).unwrap());
-    }
+    write_examples_org(&op);
     op.start();
     let ws = op.wait_online(&names(), UP);
 
@@ -150,20 +174,8 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     assert_eq!(browser.execute("return document.cookie", json!([])), "", "the script cannot read the session");
 
     // Every workspace of examples/org, under the one it reports to, with what `get` says.
-    browser.wait_for(
-        "every workspace Running",
-        PAGE,
-        "return [...document.querySelectorAll('li.node')].map(li => li.dataset.key + '=' + li.querySelector('[data-field=phase]').textContent)",
-        |v| {
-            let rows = v.as_array().map(Vec::len).unwrap_or(0);
-            rows == ORG.len() && v.as_array().unwrap().iter().all(|r| r.as_str().is_some_and(|s| s.ends_with("=Running")))
-        },
-    );
-    let parents = browser.execute(
-        "const out = {}; for (const li of document.querySelectorAll('li.node')) { \
-           const up = li.parentElement.closest('li.node'); out[li.dataset.key] = up ? up.dataset.key : null; } return out;",
-        json!([]),
-    );
+    browser.wait_for("every workspace Running", PAGE, ROWS, every_row_running);
+    let parents = browser.execute(PARENTS, json!([]));
     for (name, parent) in ORG {
         assert_eq!(parents[format!("default/{name}")], json!(parent.map(|p| format!("default/{p}"))), "{name}'s place");
         let prefix = ws[name]["token"]["prefix"].as_str().unwrap();
@@ -281,6 +293,69 @@ fn the_fleet_page_shows_examples_org_live_and_its_buttons_act() {
     let logs = op.logs();
     let tail: Vec<&str> = logs.lines().rev().take(15).collect();
     assert!(logs.contains("operator stopped"), "the operator did not stop cleanly with the page open: {tail:#?}");
+    op.cleanup();
+}
+
+#[test]
+fn the_fleet_page_works_in_firefox() {
+    if !docker_available() {
+        return;
+    }
+    let Some(mut firefox) = Firefox::start("fleet_page_firefox", 1280, 900) else { return };
+    let mut op = Op::new("fleetfox");
+    write_examples_org(&op);
+    op.start();
+    let ws = op.wait_online(&names(), UP);
+
+    firefox.goto(&format!("{}/", op.url()));
+    assert!(firefox.source().contains("molecule-operator open"), "without a login, the page says how to get one");
+    let login = open_login_url(&op);
+    firefox.goto(&login);
+    firefox.wait_for("the stream", PAGE, "return document.getElementById('conn').dataset.state", |v| v == "live");
+    assert_eq!(firefox.current_url(), format!("{}/", op.url()), "the code is gone from the address bar");
+    let cookies = firefox.cookies();
+    let session = cookies.iter().find(|c| c["name"].as_str().is_some_and(|n| n.starts_with("molecule_session_")));
+    assert_eq!(session.expect("a session cookie")["httpOnly"], true);
+    assert_eq!(firefox.execute("return document.cookie", json!([])), "", "the script cannot read the session");
+
+    // The tree: every workspace Running, under the one it reports to.
+    firefox.wait_for("every workspace Running", PAGE, ROWS, every_row_running);
+    let parents = firefox.execute(PARENTS, json!([]));
+    for (name, parent) in ORG {
+        assert_eq!(parents[format!("default/{name}")], json!(parent.map(|p| format!("default/{p}"))), "{name}'s place");
+    }
+    assert!(firefox.text("#summary").unwrap().starts_with("6/6 running"), "{:?}", firefox.text("#summary"));
+
+    // A heal shows without a reload.
+    firefox.execute("window.notReloaded = true", json!([]));
+    let old = ws["qa"]["incarnation"].as_i64().unwrap();
+    remove_out_of_band(&[ws["qa"]["container"]["id"].as_str().unwrap()]);
+    let script = "const r = document.querySelector('li.node[data-key=\"default/qa\"] > .ws'); \
+                  return [r.querySelector('[data-field=incarnation]').textContent, r.dataset.phase]";
+    firefox.wait_for("qa's new incarnation", HEAL, script, |v| {
+        v[0].as_str().and_then(|s| s.parse::<i64>().ok()).is_some_and(|i| i > old) && v[1] == "Running"
+    });
+    assert_eq!(firefox.execute("return window.notReloaded === true", json!([])), true, "the page was not reloaded");
+
+    // The Pause button pauses the container.
+    firefox.click("li.node[data-key=\"default/research\"] > .ws button[data-action=\"pause\"]");
+    let research = ws["research"]["container"]["id"].as_str().unwrap().to_string();
+    wait_until("research's container paused", HEAL, || {
+        docker(&["inspect", "-f", "{{.State.Paused}}", &research]) == "true"
+    });
+    firefox.wait_for(
+        "research Paused on the page",
+        HEAL,
+        "return document.querySelector('li.node[data-key=\"default/research\"] > .ws').dataset.phase",
+        |v| v == "Paused",
+    );
+
+    // No token in the page.
+    let dom = firefox.execute("return document.documentElement.outerHTML", json!([])).to_string();
+    for secret in secrets(&op) {
+        assert!(!dom.contains(secret.as_str()), "the page holds a token ({}…)", &secret[..8]);
+    }
+    op.stop();
     op.cleanup();
 }
 

@@ -78,7 +78,7 @@ pub mod logs;
 pub mod metrics;
 mod objects;
 mod protobuf;
-pub mod quantity;
+pub use crate::model::quantity;
 mod schema;
 mod selector;
 mod services;

@@ -7,6 +7,7 @@ pub mod agent_report;
 pub mod container;
 pub mod decision;
 pub mod heartbeat;
+pub mod quantity;
 pub mod secret;
 pub mod token;
 pub mod usage;

@@ -111,28 +111,7 @@ pub fn cgroup_path(proc_cgroup: &str, controller: Option<&str>) -> Option<String
 /// A Kubernetes quantity (`250m`, `1234567n`, `2`, `512Mi`, `1G`, `1e3`) as a number of
 /// its unit (cores, bytes). None for what it cannot read.
 pub fn quantity(text: &str) -> Option<f64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+')).unwrap_or(t.len());
-    let (number, suffix) = t.split_at(split);
-    if let Some(exp) = suffix.strip_prefix(['e', 'E']) {
-        return Some(number.parse::<f64>().ok()? * 10f64.powi(exp.parse().ok()?));
-    }
-    let scale = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    Some(number.parse::<f64>().ok()? * scale)
+    super::quantity::parse(text).ok()
 }
 
 /// Seconds in a Kubernetes duration as metrics-server writes a window (`30s`, `1m0s`,

@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod kubeapi;
+pub mod marionette;
 pub mod mockapi;
 pub mod operator;
 pub mod postgres;

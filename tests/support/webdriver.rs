@@ -145,21 +145,7 @@ impl Browser {
     /// Polls `script` (returning a value) until `pred` accepts it; panics with the
     /// last value and the page's text after `deadline`.
     pub fn wait_for(&self, what: &str, deadline: Duration, script: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let v = self.execute(script, json!([]));
-            if pred(&v) {
-                return v;
-            }
-            if t0.elapsed() > deadline {
-                let text = self.execute("return document.body ? document.body.innerText : ''", json!([]));
-                panic!(
-                    "timed out after {deadline:?} waiting for {what}; last value {v}\npage:\n{}",
-                    text.as_str().unwrap_or("")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll_script(what, deadline, script, pred, |script| self.execute(script, json!([])))
     }
 
     /// A PNG of the viewport.
@@ -199,6 +185,33 @@ impl Browser {
             return None;
         }
         r.json::<Value>().ok().map(|v| v["value"].clone())
+    }
+}
+
+/// Runs `script` through `execute` every 100 ms until `pred` accepts its value; panics
+/// with the last value and the page's text after `deadline`. Shared by the chromium
+/// and the Firefox drivers.
+pub fn poll_script(
+    what: &str,
+    deadline: Duration,
+    script: &str,
+    pred: impl Fn(&Value) -> bool,
+    mut execute: impl FnMut(&str) -> Value,
+) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let v = execute(script);
+        if pred(&v) {
+            return v;
+        }
+        if t0.elapsed() > deadline {
+            let text = execute("return document.body ? document.body.innerText : ''");
+            panic!(
+                "timed out after {deadline:?} waiting for {what}; last value {v}\npage:\n{}",
+                text.as_str().unwrap_or("")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

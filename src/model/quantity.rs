@@ -1,7 +1,8 @@
 //! Kubernetes resource quantities (`500m`, `1.5`, `256Mi`, `1G`, `1e3`): parsed for
-//! validation (the API refuses what a real API server refuses) and for the local
-//! node (limits become Docker's memory bytes and nano-CPUs). Values are kept as
-//! f64 of the base unit; callers round up, as Kubernetes does for milli-values.
+//! validation (the embedded API refuses what a real API server refuses), for the local
+//! node (limits become Docker's memory bytes and nano-CPUs) and for usage readings
+//! (metrics.k8s.io). Values are kept as f64 of the base unit; callers round up, as
+//! Kubernetes does for milli-values. Pure: the model layer, used by kubeapi and node.
 
 /// A quantity's value in its base unit (bytes, cores), or why it is not one.
 pub fn parse(text: &str) -> Result<f64, String> {
