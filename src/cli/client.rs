@@ -124,14 +124,7 @@ impl Client {
         }
         let request =
             self.http.post(url.clone()).bearer_auth(&self.admin_token).timeout(wait.unwrap_or_default() + TIMEOUT);
-        let response = request.send().await.map_err(|e| self.transport(e))?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|e| self.transport(e))?;
-        if status.is_success() {
-            return serde_json::from_slice(&body)
-                .map_err(|e| CliError::Protocol { url: url.to_string(), message: e.to_string() });
-        }
-        Err(self.refusal(status, &body))
+        self.send_json(request, &url).await
     }
 
     /// A one-time login for the fleet page: its full URL and how many seconds it is valid.
@@ -283,6 +276,11 @@ impl Client {
         if let Some(b) = body {
             request = request.json(&b);
         }
+        self.send_json(request, &url).await
+    }
+
+    /// Sends `request` (made for `url`) and reads its JSON answer, or the refusal.
+    async fn send_json<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder, url: &Url) -> Result<T, CliError> {
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
         let body = response.bytes().await.map_err(|e| self.transport(e))?;
