@@ -71,8 +71,10 @@ def remove_node(op):
     # A claim's volume that Docker re-created without labels (a Pod container started
     # as the claim went) is found by the names the node's containers mounted.
     mounted = docker("inspect", "-f", "{{range .Mounts}}{{.Name}} {{end}}", *ids, check=False).split() if ids else []
-    if ids:
-        docker("rm", "-f", *ids, check=False)
+    # One at a time: Docker 20.10's libnetwork can deadlock on many sandboxes of one
+    # network torn down at once (seen here: every network call hung until a restart).
+    for i in ids:
+        docker("rm", "-f", i, check=False)
     vols = docker("volume", "ls", "-q", "--filter", label, check=False).split()
     for v in sorted(set(vols + [m for m in mounted if m.startswith("pvc-")])):
         docker("volume", "rm", "-f", v, check=False)
@@ -121,9 +123,11 @@ def main():
         results["pods heal"] = heal_trials(op, names[0], trials, lambda w: kubectl(
             op, "delete", "pod", w["container"]["name"], "--wait=false"))
     finally:
+        # The operator first: a live operator heals what the removal takes away, and
+        # its new containers race the removal.
+        op.stop()
         remove_node(op)
         op.cleanup()
-        remove_node(op)
 
     for what, xs in results.items():
         print(json.dumps({"what": what, "n": len(xs), "p50_s": round(pct(xs, 50), 3), "p99_s": round(pct(xs, 99), 3),

@@ -18,7 +18,12 @@ const CONVERGE: Duration = Duration::from_secs(60);
 
 /// An operator with the embedded API and its local node, and kubectl for it.
 fn start(test: &str) -> (Op, Kubectl) {
+    start_with(test, &[])
+}
+
+fn start_with(test: &str, env: &[(&str, &str)]) -> (Op, Kubectl) {
     let mut op = Op::new(test);
+    op.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port()), "--runtime".into(), "kubernetes".into()];
     op.start();
     let k = Kubectl::new(&op);
@@ -56,9 +61,10 @@ fn container_id(pod: &Value, i: usize) -> String {
     pod["status"]["containerStatuses"][i]["containerID"].as_str().unwrap().trim_start_matches("docker://").to_string()
 }
 
-/// The containers (any state) Docker has for a Pod's uid.
+/// The containers (any state) Docker has for a Pod's uid (by name, which says whose a
+/// container is now: a kept sandbox passes to the next Pod of its name).
 fn containers_of(uid: &str) -> Vec<String> {
-    docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=io.kubernetes.pod.uid={uid}")])
+    docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("name=_{uid}_")])
         .split_whitespace()
         .map(str::to_string)
         .collect()
@@ -110,7 +116,7 @@ fn a_pod_runs_as_specified_its_secret_stays_in_sync_and_it_restarts() {
     if !docker_available() {
         return;
     }
-    let (op, k) = start("nodepod");
+    let (op, k) = start_with("nodepod", &[("MOLECULE_NODE_KEEP_SANDBOX_SECONDS", "5")]);
     apply(&k, AGENT_POD);
     let p = running(&k, "agent");
     let id = container_id(&p, 0);
@@ -197,10 +203,30 @@ fn a_pod_runs_as_specified_its_secret_stays_in_sync_and_it_restarts() {
     assert_ne!(restarted, id, "each restart is a new container");
     assert!(k.ok(&["get", "pods"]).contains("1 ("), "RESTARTS shows the restart");
 
-    // Deleting the Pod removes its containers (the sandbox too), then the Pod.
+    // Deleting the Pod removes its containers, then the Pod; its running sandbox is
+    // kept a while for the next Pod of its name.
     assert!(containers_of(&uid).len() >= 2);
+    let pod_ip = pod(&k, "agent")["status"]["podIP"].as_str().unwrap().to_string();
     k.ok(&["delete", "pod", "agent", "--timeout=60s"]);
     assert!(containers_of(&uid).is_empty(), "left: {:?}", containers_of(&uid));
+    let node = format!("label=ai.molecule.node={}", op.instance);
+    let kept = docker(&["ps", "-q", "--filter", &node, "--filter", "name=k8s_POD_agent_default_kept_0"]);
+    assert!(!kept.is_empty(), "the sandbox is kept");
+
+    // The next Pod of the name gets it: its network and address are ready.
+    apply(&k, AGENT_POD);
+    let again = running(&k, "agent");
+    let new_uid = again["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_ne!(new_uid, uid);
+    assert_eq!(again["status"]["podIP"], pod_ip.as_str(), "the kept sandbox's address");
+    let sandbox = docker(&["ps", "-q", "--filter", &format!("name=k8s_POD_agent_default_{new_uid}_0")]);
+    assert!(!sandbox.is_empty() && kept == sandbox, "the kept sandbox {kept} became the Pod's ({sandbox})");
+    assert!(docker(&["ps", "-aq", "--filter", &node, "--filter", "name=_kept_"]).is_empty(), "taken, not kept");
+
+    // A kept sandbox no Pod takes goes after MOLECULE_NODE_KEEP_SANDBOX_SECONDS (5 here).
+    k.ok(&["delete", "pod", "agent", "--timeout=60s"]);
+    assert!(containers_of(&new_uid).is_empty(), "left: {:?}", containers_of(&new_uid));
+    wait_until("the kept sandbox removed", CONVERGE, || docker(&["ps", "-aq", "--filter", &node]).is_empty());
     drop(op);
 }
 

@@ -35,6 +35,40 @@ pub struct PodContainer {
     pub image: String,
     /// Its address on the node's network (the sandbox's is the Pod IP).
     pub ip: Option<String>,
+    /// A sandbox's [`labels::SANDBOX_HASH`]: what it was made as, apart from its Pod.
+    pub sandbox_hash: Option<String>,
+    /// The Docker name, without the leading `/`.
+    pub name: String,
+}
+
+/// What a node container's name says: `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>`
+/// (none of those holds `_`). The name, not the labels, says which Pod a container
+/// belongs to now: a kept sandbox is renamed when it passes to the next Pod of its
+/// name (labels cannot change).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameParts {
+    pub container: String,
+    pub pod: String,
+    pub namespace: String,
+    pub uid: String,
+    pub attempt: u32,
+}
+
+impl NameParts {
+    pub fn parse(name: &str) -> Option<Self> {
+        let parts: Vec<&str> = name.trim_start_matches('/').split('_').collect();
+        let [k8s, container, pod, namespace, uid, attempt] = parts.as_slice() else { return None };
+        if *k8s != "k8s" || [container, pod, namespace, uid].iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        Some(Self {
+            container: container.to_string(),
+            pod: pod.to_string(),
+            namespace: namespace.to_string(),
+            uid: uid.to_string(),
+            attempt: attempt.parse().ok()?,
+        })
+    }
 }
 
 /// A running container of a Pod, as a listing shows it.
@@ -60,10 +94,29 @@ impl NodeDocker {
         HashMap::from([("label", labels_wanted)])
     }
 
-    /// The node's containers (all Pods, or one Pod's), inspected.
+    /// The node's containers (all Pods, or one Pod's, by the uid in their names), inspected.
     pub async fn containers(&self, pod_uid: Option<&str>) -> RuntimeResult<Vec<PodContainer>> {
-        let extra: Vec<(&str, &str)> = pod_uid.map(|u| vec![(labels::POD_UID, u)]).unwrap_or_default();
-        let options = ListContainersOptionsBuilder::new().all(true).filters(&self.filter(&extra)).build();
+        let mut filters = self.filter(&[]);
+        if let Some(uid) = pod_uid {
+            filters.insert("name", vec![format!("_{uid}_")]);
+        }
+        self.listed(filters).await
+    }
+
+    /// The node's kept sandboxes, waiting for a next Pod (see `LocalNode::keep`).
+    pub async fn kept(&self) -> RuntimeResult<Vec<PodContainer>> {
+        self.named(&format!("_{}_", labels::KEPT)).await
+    }
+
+    /// The node's containers whose names hold `part`, inspected.
+    pub async fn named(&self, part: &str) -> RuntimeResult<Vec<PodContainer>> {
+        let mut filters = self.filter(&[]);
+        filters.insert("name", vec![part.to_string()]);
+        self.listed(filters).await
+    }
+
+    async fn listed(&self, filters: HashMap<&'static str, Vec<String>>) -> RuntimeResult<Vec<PodContainer>> {
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let listed = self
             .docker
             .list_containers(Some(options))
@@ -76,6 +129,16 @@ impl NodeDocker {
             }
         }
         Ok(out)
+    }
+
+    /// Renames a container; Ok(false) when it is gone or the name is taken.
+    pub async fn rename(&self, id: &str, name: &str) -> RuntimeResult<bool> {
+        let options = bollard::query_parameters::RenameContainerOptionsBuilder::new().name(name).build();
+        match self.docker.rename_container(id, options).await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(status(&e), Some(404 | 409)) => Ok(false),
+            Err(e) => Err(api_error(format!("renaming container {id} to {name}"), e)),
+        }
     }
 
     /// The node's running (and paused) Pod containers, no sandboxes, from one listing.
@@ -114,16 +177,20 @@ impl NodeDocker {
             return Ok(None);
         }
         let state = c.state.clone().unwrap_or_default();
+        let name = c.name.clone().unwrap_or_default().trim_start_matches('/').to_string();
+        let parts = NameParts::parse(&name);
         let ip = c
             .network_settings
             .as_ref()
             .and_then(|n| n.networks.as_ref())
             .and_then(|nets| nets.values().find_map(|n| n.ip_address.clone().filter(|ip| !ip.is_empty())));
+        let label = |key: &str| config_labels.get(key).cloned().unwrap_or_default();
         Ok(Some(PodContainer {
-            pod_uid: config_labels.get(labels::POD_UID).cloned().unwrap_or_default(),
-            container: config_labels.get(labels::CONTAINER_NAME).cloned().unwrap_or_default(),
+            pod_uid: parts.as_ref().map_or_else(|| label(labels::POD_UID), |p| p.uid.clone()),
+            container: parts.as_ref().map_or_else(|| label(labels::CONTAINER_NAME), |p| p.container.clone()),
             image: c.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
             ip,
+            sandbox_hash: config_labels.get(labels::SANDBOX_HASH).cloned(),
             run: Run {
                 id: c.id.clone().unwrap_or_default(),
                 status: state.status.map(|s| s.to_string()).unwrap_or_default(),
@@ -133,8 +200,13 @@ impl NodeDocker {
                 started_at: state.started_at.as_deref().and_then(parse_time),
                 finished_at: state.finished_at.as_deref().and_then(parse_time),
                 image_id: c.image.clone().unwrap_or_default(),
-                attempt: config_labels.get(labels::ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(0),
+                attempt: parts
+                    .as_ref()
+                    .map(|p| p.attempt)
+                    .or_else(|| config_labels.get(labels::ATTEMPT).and_then(|a| a.parse().ok()))
+                    .unwrap_or(0),
             },
+            name,
         }))
     }
 
@@ -287,5 +359,29 @@ impl NodeDocker {
             .map_ok(|chunk| chunk.into_bytes())
             .map_err(|e| std::io::Error::other(e.to_string()))
             .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NameParts;
+
+    #[test]
+    fn a_container_name_says_whose_it_is() {
+        let parts = NameParts::parse("/k8s_POD_ws-1a2b_default_9b146fa4-8d04_3").unwrap();
+        assert_eq!(
+            parts,
+            NameParts {
+                container: "POD".into(),
+                pod: "ws-1a2b".into(),
+                namespace: "default".into(),
+                uid: "9b146fa4-8d04".into(),
+                attempt: 3
+            }
+        );
+        assert_eq!(NameParts::parse("k8s_POD_ws-1a2b_default_kept_0").unwrap().uid, "kept");
+        for other in ["ws-1a2b", "k8s_POD_ws_x_default_u_0", "k8s_POD__default_u_0", "k8s_POD_p_ns_u_x", "x_POD_p_ns_u_0"] {
+            assert_eq!(NameParts::parse(other), None, "{other}");
+        }
     }
 }

@@ -79,7 +79,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::docker::{NodeDocker, PodContainer};
+use self::docker::{NameParts, NodeDocker, PodContainer};
 use self::render::{NodeIdentity, Resolved, VolumeSource};
 use self::status::{ContainerView, Observation};
 use crate::model::container::ContainerState;
@@ -103,6 +103,12 @@ pub mod labels {
     pub const PVC_NAMESPACE: &str = "io.kubernetes.pvc.namespace";
     pub const PVC_NAME: &str = "io.kubernetes.pvc.name";
     pub const PVC_UID: &str = "io.kubernetes.pvc.uid";
+    /// On a sandbox: a hash of what it was made as, apart from its Pod (hostname,
+    /// network, published ports): a kept sandbox passes only to a Pod that would get
+    /// the same.
+    pub const SANDBOX_HASH: &str = "ai.molecule.node.sandbox-hash";
+    /// Where the uid stands in the name of a kept sandbox (`k8s_POD_<pod>_<ns>_kept_0`).
+    pub const KEPT: &str = "kept";
 }
 
 /// The node's name in the API.
@@ -119,6 +125,13 @@ const BLOCKED_RETRY: Duration = Duration::from_secs(10);
 const PULL_ERROR_SHOWN: Duration = Duration::from_secs(2);
 /// Every Pod is looked at this often, the net under the watches and Docker events.
 const RESYNC: Duration = Duration::from_secs(60);
+/// How long the running sandbox of a deleted Pod is kept for the next Pod of the same
+/// name and namespace (a workspace's Pod deleted and made again: a heal), unless
+/// `MOLECULE_NODE_KEEP_SANDBOX_SECONDS` says otherwise (0: never kept).
+const KEEP_SANDBOX: Duration = Duration::from_secs(30);
+/// How long a new Pod waits for the last Pod of its name to be torn down (to get its
+/// sandbox) before it makes its own.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(2);
 
 /// The Docker volume of a PVC.
 pub fn claim_volume(claim_uid: &str) -> String {
@@ -142,6 +155,8 @@ pub struct NodeConfig {
 enum Key {
     Pod(String),
     Claim(String),
+    /// A kept sandbox's name: removed if no Pod took it by now.
+    Kept(String),
 }
 
 /// A back-off: the current delay, and when it was last applied (the last restart
@@ -161,6 +176,10 @@ struct Memory {
     /// Per (pod uid, container): why it could not be started (reason, message).
     waiting: HashMap<(String, String), (String, String)>,
     settling: Settling,
+    /// Kept sandboxes by name: their container id and since when.
+    kept: HashMap<String, (String, tokio::time::Instant)>,
+    /// Per pod uid: since when it waits for the last Pod of its name to be torn down.
+    predecessors: HashMap<String, tokio::time::Instant>,
 }
 
 /// The running node; the API's `PodLogs`.
@@ -178,6 +197,8 @@ pub struct LocalNode {
     /// Where each container's usage is read, and its last reading (for CPU rates).
     usage: crate::runtime::docker_usage::UsageReader,
     readings: Mutex<HashMap<String, crate::model::usage::Reading>>,
+    /// [`KEEP_SANDBOX`], or what the environment says.
+    keep_sandbox: Duration,
 }
 
 impl LocalNode {
@@ -227,6 +248,10 @@ pub async fn start(
         queue,
         usage: Default::default(),
         readings: Mutex::default(),
+        keep_sandbox: std::env::var("MOLECULE_NODE_KEEP_SANDBOX_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(KEEP_SANDBOX, Duration::from_secs),
     });
 
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={NODE_NAME}"));
@@ -269,7 +294,11 @@ pub async fn start(
         _ = async { let _ = tokio::join!(node.pods.wait_until_ready(), node.secrets.wait_until_ready(), node.claims.wait_until_ready()); } => {}
     }
     // Adoption: every Pod with containers here is looked at (kept if it exists, removed
-    // if it is gone), and every claim volume whose claim may be gone.
+    // if it is gone), and every claim volume whose claim may be gone. Sandboxes kept
+    // for a next Pod by an earlier run go: nobody remembers them.
+    for c in node.docker.kept().await? {
+        node.docker.remove(&c.run.id).await?;
+    }
     for c in node.docker.containers(None).await? {
         node.enqueue(Key::Pod(c.pod_uid));
     }
@@ -428,6 +457,7 @@ async fn run_queue(
                 let again = match &key {
                     Key::Pod(uid) => node.sync_pod(uid).await,
                     Key::Claim(uid) => node.sync_claim(uid).await,
+                    Key::Kept(name) => node.expire_kept(name).await,
                 };
                 let again = again.unwrap_or_else(|error| {
                     tracing::warn!(?key, %error, "the local node could not sync; retrying");
@@ -521,11 +551,16 @@ impl LocalNode {
                 Ok(message) => {
                     let Some(actor) = message.actor else { continue };
                     let attributes = actor.attributes.unwrap_or_default();
+                    // The name says whose it is now (a kept sandbox passes to a next Pod).
+                    let named = attributes.get("name").and_then(|n| NameParts::parse(n)).map(|p| p.uid);
                     let (Some(uid), Some(id), Some(action)) =
-                        (attributes.get(labels::POD_UID), actor.id, message.action)
+                        (named.or_else(|| attributes.get(labels::POD_UID).cloned()), actor.id, message.action)
                     else {
                         continue;
                     };
+                    if uid == labels::KEPT {
+                        continue;
+                    }
                     let action = action.split(':').next().unwrap_or_default().trim().to_string();
                     self.memory().settling.saw(&id, &action, tokio::time::Instant::now());
                     self.enqueue(Key::Pod(uid.clone()));
@@ -584,6 +619,7 @@ impl LocalNode {
                 memory.crash.retain(|(u, _), _| u != uid);
                 memory.pull.retain(|(u, _), _| u != uid);
                 memory.waiting.retain(|(u, _), _| u != uid);
+                memory.predecessors.remove(uid);
             }
             Some(pod) if pod.metadata.deletion_timestamp.is_some() => self.terminate(&pod, &observed).await?,
             Some(pod) => {
@@ -618,10 +654,86 @@ impl LocalNode {
         for result in futures::future::join_all(stops).await {
             result?;
         }
-        for c in apps.iter().chain(&sandboxes) {
+        for c in &apps {
             self.docker.remove(&c.run.id).await?;
         }
+        let running = sandboxes.iter().filter(|c| c.run.is_running()).max_by_key(|c| c.run.attempt).map(|c| &c.run.id);
+        for c in &sandboxes {
+            if running == Some(&c.run.id) && self.keep(c).await? {
+                continue;
+            }
+            self.docker.remove(&c.run.id).await?;
+        }
+        // A next Pod of the name may be waiting for this one to go.
+        for parts in sandboxes.iter().filter_map(|c| NameParts::parse(&c.name)) {
+            for next in self.pods.state() {
+                let (ns, name) = (next.metadata.namespace.as_deref(), next.metadata.name.as_deref());
+                if ns == Some(&parts.namespace) && name == Some(&parts.pod) && uid_of(&next.metadata) != parts.uid {
+                    self.enqueue(Key::Pod(uid_of(&next.metadata)));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The running sandbox of a Pod that is gone, kept (renamed
+    /// `k8s_POD_<pod>_<ns>_kept_0`) for [`KEEP_SANDBOX`]: a Pod of the same name and
+    /// namespace made in that time (the runtime's heal: a workspace's Pod deleted and
+    /// made again) gets it, network and address ready, instead of waiting for Docker to
+    /// tear one network endpoint down and set another up. Its processes are gone with
+    /// the Pod's containers; what stays is the pause process and the network namespace.
+    /// Returns false when it cannot be kept (another is kept under that name).
+    async fn keep(&self, sandbox: &PodContainer) -> anyhow::Result<bool> {
+        let Some(parts) = NameParts::parse(&sandbox.name) else { return Ok(false) };
+        if sandbox.sandbox_hash.is_none() || self.keep_sandbox.is_zero() {
+            return Ok(false);
+        }
+        let kept = kept_name(&parts.pod, &parts.namespace);
+        if self.memory().kept.contains_key(&kept) || !self.docker.rename(&sandbox.run.id, &kept).await? {
+            return Ok(false);
+        }
+        self.memory().kept.insert(kept.clone(), (sandbox.run.id.clone(), tokio::time::Instant::now()));
+        let _ = self.queue.send((Key::Kept(kept), Some(self.keep_sandbox)));
+        Ok(true)
+    }
+
+    /// The sandbox kept under `name`, for `pod` when it would get the same one.
+    async fn take_kept(&self, pod: &Pod, hash: &str) -> anyhow::Result<Option<(String, String)>> {
+        let name = kept_name(pod.metadata.name.as_deref().unwrap_or(""), pod.metadata.namespace.as_deref().unwrap_or(""));
+        let Some((id, _)) = self.memory().kept.remove(&name) else { return Ok(None) };
+        let fits = self
+            .docker
+            .inspect(&id)
+            .await?
+            .filter(|c| c.run.is_running() && c.sandbox_hash.as_deref() == Some(hash) && c.name == name);
+        let Some(found) = fits else {
+            self.docker.remove(&id).await?;
+            return Ok(None);
+        };
+        if !self.docker.rename(&id, &render::docker_name(pod, labels::SANDBOX, 0)).await? {
+            self.docker.remove(&id).await?;
+            return Ok(None);
+        }
+        tracing::debug!(pod = ?pod.metadata.name, sandbox = %id, "the Pod takes the sandbox kept from the last Pod of its name");
+        Ok(Some((id, found.ip.unwrap_or_default())))
+    }
+
+    /// A kept sandbox no Pod took in time goes.
+    async fn expire_kept(&self, name: &str) -> anyhow::Result<Option<Duration>> {
+        let id = {
+            let mut memory = self.memory();
+            match memory.kept.get(name) {
+                Some((id, since)) if since.elapsed() >= self.keep_sandbox => {
+                    let id = id.clone();
+                    memory.kept.remove(name);
+                    id
+                }
+                Some((_, since)) => return Ok(Some(self.keep_sandbox.saturating_sub(since.elapsed()))),
+                None => return Ok(None),
+            }
+        };
+        self.docker.remove(&id).await?;
+        Ok(None)
     }
 
     /// A Pod being deleted: its containers stopped within its grace period and
@@ -735,17 +847,20 @@ impl LocalNode {
                     blocked = Some(why);
                     soon(BLOCKED_RETRY);
                 }
-                Ok(volumes) => {
-                    let (sandbox_id, pod_ip) = self.sandbox(pod, observed).await?;
-                    let observed = self.docker.containers(Some(&uid)).await?;
-                    for container in &spec.containers {
-                        if let Some(wait) =
-                            self.container(pod, container, &observed, &sandbox_id, &pod_ip, &volumes).await?
-                        {
-                            soon(wait);
+                Ok(volumes) => match self.sandbox(pod, observed).await? {
+                    // The last Pod of its name is being torn down: its sandbox may pass to this one.
+                    None => soon(PREDECESSOR_WAIT),
+                    Some((sandbox_id, pod_ip)) => {
+                        let observed = self.docker.containers(Some(&uid)).await?;
+                        for container in &spec.containers {
+                            if let Some(wait) =
+                                self.container(pod, container, &observed, &sandbox_id, &pod_ip, &volumes).await?
+                            {
+                                soon(wait);
+                            }
                         }
                     }
-                }
+                },
             }
         }
 
@@ -821,11 +936,13 @@ impl LocalNode {
         Ok(again)
     }
 
-    /// The Pod's running sandbox, made when there is none. A sandbox that died takes
-    /// the Pod's containers with it (they are made again in the new one, each a restart).
-    async fn sandbox(&self, pod: &Pod, observed: &[PodContainer]) -> anyhow::Result<(String, String)> {
+    /// The Pod's running sandbox: the one it has, or the one kept from the last Pod of
+    /// its name, else a new one. None: wait (briefly) for the last Pod of its name to
+    /// be torn down, whose sandbox passes to this one. A sandbox that died takes the
+    /// Pod's containers with it (they are made again in the new one, each a restart).
+    async fn sandbox(&self, pod: &Pod, observed: &[PodContainer]) -> anyhow::Result<Option<(String, String)>> {
         if let Some(s) = latest(observed, labels::SANDBOX).filter(|s| s.run.is_running()) {
-            return Ok((s.run.id.clone(), s.ip.clone().unwrap_or_default()));
+            return Ok(Some((s.run.id.clone(), s.ip.clone().unwrap_or_default())));
         }
         let attempt = latest(observed, labels::SANDBOX).map_or(0, |s| s.run.attempt + 1);
         if attempt > 0 {
@@ -837,11 +954,38 @@ impl LocalNode {
                 self.docker.remove(&c.run.id).await?;
             }
         }
+        let body = render::sandbox(&self.identity, pod, attempt);
+        let uid = uid_of(&pod.metadata);
+        if attempt == 0
+            && let Some(hash) = body.labels.as_ref().and_then(|l| l.get(labels::SANDBOX_HASH))
+        {
+            if let Some(taken) = self.take_kept(pod, hash).await? {
+                self.memory().predecessors.remove(&uid);
+                return Ok(Some(taken));
+            }
+            if self.predecessor_running(pod).await? {
+                let now = tokio::time::Instant::now();
+                let since = *self.memory().predecessors.entry(uid.clone()).or_insert(now);
+                if since.elapsed() < PREDECESSOR_WAIT {
+                    return Ok(None);
+                }
+            }
+        }
+        self.memory().predecessors.remove(&uid);
         let name = render::docker_name(pod, labels::SANDBOX, attempt);
-        let id = self.docker.create(&name, render::sandbox(&self.identity, pod, attempt)).await?;
+        let id = self.docker.create(&name, body).await?;
         self.docker.start(&id).await?;
         let ip = self.docker.inspect(&id).await?.and_then(|c| c.ip).unwrap_or_default();
-        Ok((id, ip))
+        Ok(Some((id, ip)))
+    }
+
+    /// Whether a running sandbox of another Pod of this one's name and namespace is here
+    /// (one being torn down: it is kept for this Pod in a moment).
+    async fn predecessor_running(&self, pod: &Pod) -> anyhow::Result<bool> {
+        let (name, ns) = (pod.metadata.name.as_deref().unwrap_or(""), pod.metadata.namespace.as_deref().unwrap_or(""));
+        let uid = uid_of(&pod.metadata);
+        let others = self.docker.named(&format!("k8s_{}_{name}_{ns}_", labels::SANDBOX)).await?;
+        Ok(others.iter().any(|c| c.run.is_running() && c.pod_uid != uid && c.pod_uid != labels::KEPT))
     }
 
     /// One container of the Pod made to run as its spec and restart policy say.
@@ -1014,6 +1158,11 @@ impl LocalNode {
             }
         }
     }
+}
+
+/// The name a sandbox is kept under for the next Pod of `pod` in `namespace`.
+fn kept_name(pod: &str, namespace: &str) -> String {
+    format!("k8s_{}_{pod}_{namespace}_{}_0", labels::SANDBOX, labels::KEPT)
 }
 
 fn latest<'a>(observed: &'a [PodContainer], container: &str) -> Option<&'a PodContainer> {

@@ -115,15 +115,25 @@ pub fn sandbox(node: &NodeIdentity, pod: &Pod, attempt: u32) -> ContainerCreateB
         memory: Some(32 << 20),
         ..Default::default()
     };
-    ContainerCreateBody {
+    let mut body = ContainerCreateBody {
         image: Some(node.sandbox_image.clone()),
         cmd: Some(vec!["pause".to_string()]),
         hostname: (!host_network).then_some(hostname),
         user: Some(format!("{}:{}", crate::model::container::AGENT_UID, crate::model::container::AGENT_UID)),
-        labels: Some(pod_labels(node, pod, labels::SANDBOX, attempt)),
         host_config: Some(host_config),
         ..Default::default()
+    };
+    // What the sandbox is apart from its Pod's identity (the labels): the key under
+    // which a kept sandbox may pass to a next Pod of the same name.
+    // (Through a Value: its maps are sorted, so the port bindings' order does not count.)
+    let mut tags = pod_labels(node, pod, labels::SANDBOX, attempt);
+    if !host_network {
+        use sha2::Digest as _;
+        let made_as = serde_json::to_value(&body).and_then(|v| serde_json::to_vec(&v)).unwrap_or_default();
+        tags.insert(labels::SANDBOX_HASH.to_string(), hex::encode(&sha2::Sha256::digest(&made_as)[..12]));
     }
+    body.labels = Some(tags);
+    body
 }
 
 /// Why a container cannot be made as specified: a CreateContainerConfigError.
@@ -539,5 +549,24 @@ mod tests {
         let escape: Vec<k8s_openapi::api::core::v1::KeyToPath> =
             serde_json::from_value(serde_json::json!([{"key": "b", "path": "../b"}])).unwrap();
         assert!(secret_files(&secret, Some(&escape), 0o644).is_err());
+    }
+
+    #[test]
+    fn a_sandbox_is_hashed_by_what_it_is_not_by_whose_it_is() {
+        let node = NodeIdentity { instance: "i".into(), network: "net".into(), sandbox_image: "img".into() };
+        let pod = |uid: &str, ports: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "ws-a", "namespace": "ns", "uid": uid},
+                "spec": {"containers": [{"name": "agent", "ports": ports}]}}))
+            .unwrap()
+        };
+        let hash = |p: &Pod| sandbox(&node, p, 0).labels.unwrap()[labels::SANDBOX_HASH].clone();
+        let ports = serde_json::json!([{"containerPort": 80, "hostPort": 8080}, {"containerPort": 81, "hostPort": 8081}]);
+        // The next Pod of the name (another uid) would get the same sandbox: the same hash,
+        // however often it is rendered (the port bindings are a map).
+        assert_eq!(hash(&pod("u1", ports.clone())), hash(&pod("u2", ports.clone())));
+        // Another published port is another sandbox.
+        let fewer = serde_json::json!([{"containerPort": 80, "hostPort": 8080}]);
+        assert_ne!(hash(&pod("u1", ports)), hash(&pod("u2", fewer)));
     }
 }
