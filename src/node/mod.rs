@@ -36,7 +36,11 @@
 //!   exits or is removed out of band (Docker events; events the daemon logs before
 //!   its listings show them are re-read with observe/settle.rs).
 //! - Deleting a Pod stops its containers within the grace period, removes them and
-//!   the Pod's directories, then deletes the Pod with a grace period of 0.
+//!   the Pod's directories, then deletes the Pod with a grace period of 0. Its
+//!   running sandbox is kept for a while (`kept_0` in its name) and passes to the
+//!   next Pod of the same name and namespace that would get the same sandbox, with
+//!   its network and address: a heal then costs Docker no network teardown and
+//!   setup (see `LocalNode::keep`).
 //! - On start it adopts the containers it finds for existing Pods (an operator
 //!   restart recreates nothing) and removes those of Pods that are gone.
 //!
@@ -193,6 +197,9 @@ pub struct LocalNode {
     secrets: Store<Secret>,
     claims: Store<PersistentVolumeClaim>,
     memory: Mutex<Memory>,
+    /// Held while a sandbox is kept or given to a Pod: a Pod looking for its
+    /// predecessor's sandbox sees it either still the predecessor's or kept.
+    handover: tokio::sync::Mutex<()>,
     queue: mpsc::UnboundedSender<(Key, Option<Duration>)>,
     /// Where each container's usage is read, and its last reading (for CPU rates).
     usage: crate::runtime::docker_usage::UsageReader,
@@ -245,6 +252,7 @@ pub async fn start(
         secrets,
         claims,
         memory: Mutex::default(),
+        handover: tokio::sync::Mutex::new(()),
         queue,
         usage: Default::default(),
         readings: Mutex::default(),
@@ -689,6 +697,7 @@ impl LocalNode {
             return Ok(false);
         }
         let kept = kept_name(&parts.pod, &parts.namespace);
+        let _handover = self.handover.lock().await;
         if self.memory().kept.contains_key(&kept) || !self.docker.rename(&sandbox.run.id, &kept).await? {
             return Ok(false);
         }
@@ -959,6 +968,7 @@ impl LocalNode {
         if attempt == 0
             && let Some(hash) = body.labels.as_ref().and_then(|l| l.get(labels::SANDBOX_HASH))
         {
+            let _handover = self.handover.lock().await;
             if let Some(taken) = self.take_kept(pod, hash).await? {
                 self.memory().predecessors.remove(&uid);
                 return Ok(Some(taken));
