@@ -149,7 +149,9 @@ def main():
             "Notes:",
             "- A Pod costs the local node two containers (the sandbox that holds its network, and the agent) and a "
             "Secret file directory; a deleted Pod is also recreated under the same name only once the API has removed "
-            "the old one, which the runtime waits for.",
+            "the old one, which the runtime waits for. The node keeps a deleted Pod's running sandbox for the next "
+            "Pod of its name (DESIGN.md, the local node), so a heal starts one container, the agent, in a network "
+            "that is ready; a converge starts two per Pod.",
             "- Converge counts differently in the two modes: Docker mode includes the operator's own start-up; Pod mode "
             "starts with the operator and its node running.",
             "- Heals are timed on the converged fleet at rest (15 s after the converge), with all %d workspaces "

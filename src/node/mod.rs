@@ -662,9 +662,8 @@ impl LocalNode {
         for result in futures::future::join_all(stops).await {
             result?;
         }
-        for c in &apps {
-            self.docker.remove(&c.run.id).await?;
-        }
+        // Its processes are gone: the sandbox may pass on (before the removals, which
+        // a next Pod of the name need not wait for).
         let running = sandboxes.iter().filter(|c| c.run.is_running()).max_by_key(|c| c.run.attempt).map(|c| &c.run.id);
         for c in &sandboxes {
             if running == Some(&c.run.id) && self.keep(c).await? {
@@ -680,6 +679,9 @@ impl LocalNode {
                     self.enqueue(Key::Pod(uid_of(&next.metadata)));
                 }
             }
+        }
+        for c in &apps {
+            self.docker.remove(&c.run.id).await?;
         }
         Ok(())
     }
