@@ -471,8 +471,16 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
     let (sent_tx, sent_rx) = watch::channel(SentMap::new());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (team_store, team_writer) = reflector::store::<GuardedTeam>();
-    let run =
-        tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, team_writer, shutdown.clone()));
+    let (_pools, pool_writer) = reflector::store::<molecule::cluster::source::GuardedPool>();
+    let run = tokio::spawn(molecule::cluster::source::run(
+        client,
+        None,
+        snap_tx,
+        sent_tx,
+        team_writer,
+        pool_writer,
+        shutdown.clone(),
+    ));
 
     let mut deleting = named("leaving", "11", 1, json!({}));
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T07:00:00Z");
@@ -623,7 +631,8 @@ async fn run_wires_source_controller_and_status_writer_and_stops_on_shutdown() {
     queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
     let (reports, _) = tokio::sync::broadcast::channel(16);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let wiring = Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports, secrets: None, store: None };
+    let wiring =
+        Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports, secrets: None, store: None, pools: None };
     let running_op = tokio::spawn(run(client, Options::default(), wiring, shutdown.clone()));
 
     let fresh = named("a", "10", 1, json!({"tier": 2}));
