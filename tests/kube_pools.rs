@@ -4,7 +4,8 @@
 //! it claims one (its Pod is the member's Pod, same uid, relabelled and owned by the
 //! Workspace; a new token and its identity arrive through the Secret); the pool refills;
 //! a spec the template cannot satisfy is provisioned as usual, saying why; deleting the
-//! claimed Pod heals it like any workspace's; the WarmPool's status shows the counts.
+//! claimed Pod heals it like any workspace's; an agent restarted in place after a
+//! rotation finds its identity again; the WarmPool's status shows the counts.
 //! The operator's guard removes the node's containers, volumes and network.
 
 mod support;
@@ -91,6 +92,19 @@ fn secret_key(k: &Kubectl, name: &str, key: &str) -> Option<String> {
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()
 }
 
+/// The running agent container of the Pod `pod_uid` on the local node.
+fn agent_container(pod_uid: &str) -> Option<String> {
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=io.kubernetes.pod.uid={pod_uid}"),
+        "--filter",
+        "label=io.kubernetes.container.name=agent",
+    ]);
+    ids.lines().next().map(str::to_string)
+}
+
 fn describe(op: &Op, name: &str) -> String {
     String::from_utf8(op.cli(&["describe", "workspace", name]).stdout).unwrap()
 }
@@ -138,7 +152,9 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
 
     // A claim: the workspace's Pod is a member's Pod, relabelled, with a new token.
     let member_uids: BTreeSet<String> = members.iter().map(|(uid, _, _)| uid.clone()).collect();
-    apply(&k, &workspace("a", "{tier: 1, warmPool: agents, env: {MODEL: small, ROLE: a}}"));
+    let a_spec =
+        "{tier: 1, warmPool: agents, tokenPolicy: {rotateEvery: 5s, overlap: 60s}, env: {MODEL: small, ROLE: a}}";
+    apply(&k, &workspace("a", a_spec));
     let all = op.wait_online(&["a"], UP);
     let a = &all["a"];
     let pod_uid = a["container"]["id"].as_str().unwrap().to_string();
@@ -164,6 +180,23 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     assert!(log.contains("claim") && log.contains("warm pool default/agents"), "{log}");
     assert!(!log.contains("provision a new incarnation"), "no Pod was created for a:\n{log}");
     assert!(!op.logs().contains(&token), "the operator log never holds a token");
+
+    // A rotation writes the token alone: the identity stays in the Secret, so an agent
+    // restarted in place (as a kubelet does) reads it again and registers.
+    op.wait("a rotation", HEAL, |ws| ws["a"]["token"]["prefix"].as_str().is_some_and(|p| p != &token[..8]));
+    assert_eq!(secret_key(&k, &format!("{pod_name}-token"), "identity").as_deref(), Some(identity.as_str()));
+    let agent = agent_container(&pod_uid).expect("the agent's container");
+    docker(&["kill", &agent]);
+    wait_until("the agent restarted in place and registered as a", HEAL, || {
+        agent_container(&pod_uid).filter(|c| *c != agent).is_some_and(|c| {
+            let out = std::process::Command::new("docker").args(["logs", &c]).output().unwrap();
+            let logs = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+            logs.contains("claimed as default/a") && logs.contains("registered")
+        })
+    });
+    let ws = op.wait("a online after the restart", HEAL, |ws| online(&ws["a"]));
+    assert_eq!(ws["a"]["container"]["id"].as_str(), Some(pod_uid.as_str()), "the same Pod");
+    assert_eq!(ws["a"]["incarnation"].as_i64(), Some(1));
 
     // The pool refills with fresh Pods; the status says so.
     wait_until("the pool to refill", UP, || pool_status_is(&k, 2, 1).is_some());
