@@ -3,7 +3,8 @@
 //! Pods running, each with its own claim and an empty token Secret; a Workspace naming
 //! it claims one (its Pod is the member's Pod, same uid, relabelled and owned by the
 //! Workspace; a new token and its identity arrive through the Secret); the pool refills;
-//! a spec the template cannot satisfy is provisioned as usual, saying why; deleting the
+//! a spec the template cannot satisfy (a tier, config files a Pod would mount) is
+//! provisioned as usual, saying why; deleting the
 //! claimed Pod heals it like any workspace's; an agent restarted in place after a
 //! rotation finds its identity again; the WarmPool's status shows the counts.
 //! The operator's guard removes the node's containers, volumes and network.
@@ -211,6 +212,14 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     assert!(b_pod["metadata"]["labels"].get("ai.molecule.pool").is_none(), "b has a Pod of its own");
     let log = describe(&op, "b");
     assert!(log.contains("warm pool default/agents cannot serve it: tier differs"), "{log}");
+
+    // Config files other than the template's: a Pod mounts its files when it is
+    // created, so this one is provisioned as usual too.
+    apply(&k, &workspace("c", "{tier: 1, warmPool: agents, env: {MODEL: small}, configFiles: {prompt.md: hi}}"));
+    op.wait_online(&["c"], UP);
+    let log = describe(&op, "c");
+    assert!(log.contains("warm pool default/agents cannot serve it: config files differ"), "{log}");
+    assert_eq!(ready_members(&k).len(), 2, "no member was taken");
 
     // The claimed Pod deleted: healed like any workspace's, a new Pod and token.
     k.ok(&["delete", "pod", &pod_name, "--wait=false"]);
