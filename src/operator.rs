@@ -664,6 +664,7 @@ fn cluster_wiring(
         reports: ctx.reports.clone(),
         secrets,
         store: Some(ctx.store.clone()),
+        pools: Some(ctx.pools.clone()),
     }
 }
 

@@ -471,8 +471,16 @@ async fn the_source_sends_what_the_cluster_declares_and_again_only_when_a_spec_c
     let (sent_tx, sent_rx) = watch::channel(SentMap::new());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (team_store, team_writer) = reflector::store::<GuardedTeam>();
-    let run =
-        tokio::spawn(molecule::cluster::source::run(client, None, snap_tx, sent_tx, team_writer, shutdown.clone()));
+    let (_pools, pool_writer) = reflector::store::<molecule::cluster::source::GuardedPool>();
+    let run = tokio::spawn(molecule::cluster::source::run(
+        client,
+        None,
+        snap_tx,
+        sent_tx,
+        team_writer,
+        pool_writer,
+        shutdown.clone(),
+    ));
 
     let mut deleting = named("leaving", "11", 1, json!({}));
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T07:00:00Z");
@@ -623,7 +631,8 @@ async fn run_wires_source_controller_and_status_writer_and_stops_on_shutdown() {
     queue.will_answer(Report { status: Some(running(1)), ..Default::default() });
     let (reports, _) = tokio::sync::broadcast::channel(16);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let wiring = Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports, secrets: None, store: None };
+    let wiring =
+        Wiring { snapshots: snap_tx, desired: desired_rx, trigger, reports, secrets: None, store: None, pools: None };
     let running_op = tokio::spawn(run(client, Options::default(), wiring, shutdown.clone()));
 
     let fresh = named("a", "10", 1, json!({"tier": 2}));
@@ -796,4 +805,66 @@ async fn a_leader_whose_renewals_go_unanswered_stops_before_its_lease_can_expire
         sent.elapsed()
     );
     drop(unanswered);
+}
+
+#[tokio::test]
+async fn a_warm_pools_status_is_written_by_server_side_apply_when_it_changes_and_only_then() {
+    use molecule::api::{ObjectKey, SourceRef, WarmPoolStatus};
+    use molecule::cluster::source::GuardedPool;
+    use molecule::reconcile::pools::Pools;
+    use molecule::source::desired::DesiredPool;
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = ApiServer(handle);
+    let client = Client::new(service, "default");
+    let (store, mut writer) = reflector::store::<GuardedPool>();
+    let object: GuardedPool = serde_json::from_value(json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "WarmPool",
+        "metadata": {"name": "agents", "namespace": "eng", "uid": "pool-uid", "generation": 3},
+        "spec": {"size": 2, "template": {}}}))
+    .unwrap();
+    writer.apply_watcher_event(&watcher::Event::Apply(object));
+    let key = ObjectKey::new("eng", "agents");
+    let template = molecule::api::effective::resolve(&Default::default(), &Defaults::default()).map(Arc::new);
+    let mut set = DesiredSet::default();
+    set.pools.insert(
+        key.clone(),
+        DesiredPool {
+            key: key.clone(),
+            size: 2,
+            template,
+            source: SourceRef { kind: "kubernetes".into(), reference: "eng/agents@1".into() },
+            generation: Some(3),
+        },
+    );
+    let (_desired_tx, desired) = watch::channel(Arc::new(set));
+    let pools = Arc::new(Pools::default());
+    let status = WarmPoolStatus { size: 2, ready: 1, starting: 1, observed_generation: Some(3), ..Default::default() };
+    pools.status.lock().unwrap().insert("eng/agents".into(), status.clone());
+    pools.published.notify_one();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(molecule::cluster::pools::run(client, store, pools.clone(), desired, shutdown.clone()));
+
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::PATCH, "/apis/molecule.ai/v1alpha1/namespaces/eng/warmpools/agents/status")
+    );
+    assert_eq!(req.content_type, "application/apply-patch+yaml");
+    assert!(req.query.contains("fieldManager=molecule-operator") && req.query.contains("force=true"), "{}", req.query);
+    assert_eq!(req.body["kind"], "WarmPool");
+    assert_eq!(req.body["status"], serde_json::to_value(&status).unwrap());
+    assert_eq!(req.body["status"]["observedGeneration"], 3);
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+
+    // The same status published again: nothing is written; a change is.
+    pools.published.notify_one();
+    api.quiet().await;
+    pools.status.lock().unwrap().get_mut("eng/agents").unwrap().ready = 2;
+    pools.published.notify_one();
+    let req = api.next().await;
+    assert_eq!(req.body["status"]["ready"], 2);
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    shutdown.cancel();
+    run.await.unwrap();
 }

@@ -292,3 +292,98 @@ async fn an_image_that_cannot_be_pulled_and_a_claim_that_never_binds_are_waiting
     assert!(why.starts_with("its volume claim pending-configs is not bound"), "{why}");
     assert!(why.contains("unbound immediate PersistentVolumeClaims"), "{why}");
 }
+
+/// A warm-pool member of team-a/agents, rendered from a plain template.
+fn member_spec() -> ContainerSpec {
+    let eff = resolve(&WorkspaceSpec::default(), &Defaults { network: "pod".into(), ..Defaults::default() }).unwrap();
+    let agent = AgentEnv { registry_url: "http://registry:8080".into(), heartbeat_seconds: 30 };
+    molecule::runtime::render::render_member(&eff, "t1", "team-a/agents", UID, &agent)
+}
+
+#[tokio::test]
+async fn a_member_starts_on_an_empty_token_secret_and_a_claim_relabels_it_and_writes_the_identity_beside_the_token() {
+    let (rt, mut api) = harness();
+    // No Workspace to own a member: no lookup; the Pod is in its pool's namespace.
+    let create = tokio::spawn(async move { (rt.create(&member_spec()).await, rt) });
+    let req = api.next().await;
+    assert_eq!((req.method.clone(), req.path.as_str()), (Method::POST, "/api/v1/namespaces/team-a/pods"));
+    assert_eq!(req.body["metadata"]["labels"][labels::POOL], "agents", "label values hold no '/'");
+    assert!(req.body["metadata"]["labels"][labels::WORKSPACE].is_null());
+    assert!(req.body["metadata"]["ownerReferences"].is_null());
+    let mut created = req.body.clone();
+    created["metadata"]["uid"] = json!("pod-1");
+    req.respond(StatusCode::CREATED, created);
+    let req = api.next().await; // its token Secret, empty: the Pod starts on it
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::PATCH, "/api/v1/namespaces/team-a/secrets/ws-0a1b2c3d-4e5-token")
+    );
+    assert_eq!(req.body["data"], json!({}), "a member holds no token");
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    let (id, rt) = create.await.unwrap();
+    assert_eq!(id.unwrap(), "pod-1");
+
+    // The claim: the Pod and its claim relabelled (merge patch), owned by the Workspace.
+    let member_pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": POD, "namespace": "team-a", "uid": "pod-1",
+        "labels": {labels::INSTANCE: "t1", labels::POOL: "agents", labels::UID: UID}},
+        "spec": {"containers": [], "volumes": [{"name": "configs",
+            "persistentVolumeClaim": {"claimName": "ws-0a1b2c3d-4e5-configs"}}]}});
+    let adopt = tokio::spawn(async move {
+        let mut cs = spec();
+        cs.labels.insert(labels::PROVISIONED_AT.into(), "2026-12-07T10:00:00.000Z".into());
+        (rt.adopt("pod-1", &cs).await, rt)
+    });
+    api.next().await.respond(StatusCode::OK, list(json!([member_pod.clone()])));
+    let req = api.next().await;
+    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/team-a/workspaces/dev");
+    req.respond(
+        StatusCode::OK,
+        json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
+               "metadata": {"name": "dev", "namespace": "team-a", "uid": "ws-object-uid"}, "spec": {}}),
+    );
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::PATCH, "/api/v1/namespaces/team-a/pods/ws-0a1b2c3d-4e5")
+    );
+    assert_eq!(req.content_type, "application/merge-patch+json");
+    assert_eq!(req.body["metadata"]["labels"][labels::WORKSPACE], "dev");
+    assert!(req.body["metadata"]["labels"][labels::POOL].is_null(), "the pool label is left as it is");
+    assert_eq!(req.body["metadata"]["annotations"]["molecule.ai/workspace"], "team-a/dev");
+    assert_eq!(req.body["metadata"]["annotations"]["molecule.ai/provisioned-at"], "2026-12-07T10:00:00.000Z");
+    assert_eq!(req.body["metadata"]["ownerReferences"][0]["uid"], "ws-object-uid");
+    req.respond(StatusCode::OK, member_pod.clone());
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::PATCH, "/api/v1/namespaces/team-a/persistentvolumeclaims/ws-0a1b2c3d-4e5-configs")
+    );
+    assert_eq!(req.body["metadata"]["labels"][labels::WORKSPACE], "dev");
+    assert_eq!(req.body["metadata"]["ownerReferences"][0]["kind"], "Workspace");
+    req.respond(
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ws-0a1b2c3d-4e5-configs"}}),
+    );
+    let (adopted, rt) = adopt.await.unwrap();
+    adopted.unwrap();
+
+    // The identity: beside the token, applied by a field manager of its own.
+    let write =
+        tokio::spawn(
+            async move { rt.write_file("pod-1", "/configs", ".identity", b"workspace_id=x\nend\n", 0o600).await },
+        );
+    api.next().await.respond(StatusCode::OK, list(json!([pod_object()])));
+    let req = api.next().await;
+    assert_eq!(
+        (req.method.clone(), req.path.as_str()),
+        (Method::PATCH, "/api/v1/namespaces/team-a/secrets/ws-0a1b2c3d-4e5-token")
+    );
+    assert!(req.query.contains("fieldManager=molecule-operator-claim"), "{}", req.query);
+    let encoded = base64::engine::general_purpose::STANDARD.encode("workspace_id=x\nend\n");
+    assert_eq!(req.body["data"], json!({"identity": encoded}), "the identity alone: the token is another manager's");
+    let body = req.body.clone();
+    req.respond(StatusCode::OK, body);
+    write.await.unwrap().unwrap();
+}

@@ -26,6 +26,7 @@ pub const MAX_POOL_SIZE: u32 = 200;
     category = "molecule",
     printcolumn(name = "Size", type_ = "integer", json_path = ".spec.size"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready"),
+    printcolumn(name = "Starting", type_ = "integer", json_path = ".status.starting"),
     printcolumn(name = "Claimed", type_ = "integer", json_path = ".status.claimed"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -48,9 +49,15 @@ pub struct WarmPoolStatus {
     /// Unclaimed members running now.
     #[serde(default)]
     pub ready: u32,
+    /// Unclaimed members still being started (a container created, a Pod waiting).
+    #[serde(default)]
+    pub starting: u32,
     /// Members claimed by workspaces (they run as those workspaces now).
     #[serde(default)]
     pub claimed: u32,
+    /// The generation of the WarmPool this status is of (Kubernetes objects only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

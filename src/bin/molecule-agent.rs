@@ -32,7 +32,8 @@
 //! - `--test-fill PATH BYTES`: makes PATH a sparse file of BYTES bytes (a huge token file).
 //!
 //! A warm-pool member (`MOLECULE_POOL` set, no `MOLECULE_WORKSPACE_ID`) has no identity
-//! yet: it waits for `$WORKSPACE_CONFIG_PATH/.identity` (written by the operator when
+//! yet: it waits for `$MOLECULE_IDENTITY_FILE` (a Pod's mounted token Secret, key
+//! `identity`) or else `$WORKSPACE_CONFIG_PATH/.identity` (written by the operator when
 //! a workspace claims it, after the token file), looking every 10 ms, then registers
 //! as the workspace it names. The file's lines: `workspace_id=`, `workspace_name=`,
 //! `env.NAME=VALUE` (the env overlay; `\n` and `\\` escaped), and `end` last, so a
@@ -192,7 +193,15 @@ impl Config {
         let config_dir = PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()));
         let workspace_id = match (env::var("MOLECULE_WORKSPACE_ID"), env::var("MOLECULE_POOL")) {
             (Ok(id), _) => id,
-            (Err(_), Ok(pool)) => wait_for_identity(&pool, &config_dir.join(IDENTITY_FILE)),
+            (Err(_), Ok(pool)) => {
+                // A Pod's claim writes it into the mounted token Secret (the runtime
+                // says where); a Docker container's into its config volume.
+                let path = match env::var("MOLECULE_IDENTITY_FILE") {
+                    Ok(path) if !path.is_empty() => PathBuf::from(path),
+                    _ => config_dir.join(IDENTITY_FILE),
+                };
+                wait_for_identity(&pool, &path)
+            }
             (Err(_), Err(_)) => return Err("MOLECULE_WORKSPACE_ID is not set".to_string()),
         };
         let heartbeat = match env::var("MOLECULE_HEARTBEAT_SECONDS") {

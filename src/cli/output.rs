@@ -132,12 +132,12 @@ fn workspaces_columns(workspaces: &[WorkspaceSummary], now: DateTime<Utc>, wide:
     table(&headers, &rows)
 }
 
-/// `get warmpools`: size, ready (unclaimed, running) and claimed members.
+/// `get warmpools`: size, ready (unclaimed, running), starting and claimed members.
 pub fn pools_table(pools: &[crate::registry::admin::PoolSummary]) -> String {
     if pools.is_empty() {
         return "No warm pools are declared.\n".into();
     }
-    let headers = ["NAME", "SIZE", "READY", "CLAIMED"];
+    let headers = ["NAME", "SIZE", "READY", "STARTING", "CLAIMED"];
     let rows: Vec<Vec<String>> = pools
         .iter()
         .map(|p| {
@@ -146,7 +146,8 @@ pub fn pools_table(pools: &[crate::registry::admin::PoolSummary]) -> String {
             } else {
                 format!("{}/{}", p.namespace, p.name)
             };
-            vec![name, p.status.size.to_string(), p.status.ready.to_string(), p.status.claimed.to_string()]
+            let s = &p.status;
+            vec![name, s.size.to_string(), s.ready.to_string(), s.starting.to_string(), s.claimed.to_string()]
         })
         .collect();
     table(&headers, &rows)

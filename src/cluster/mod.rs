@@ -8,7 +8,8 @@
 //!   apply and publishes Events for the decisions a user should see;
 //! - [`leader`] elects one acting replica with a `coordination.k8s.io/v1` Lease;
 //! - [`secrets`] reflects Opaque Secrets for `envFrom` and triggers their users;
-//! - [`secrets_key`] keeps the secrets key in a Secret of the operator's namespace.
+//! - [`secrets_key`] keeps the secrets key in a Secret of the operator's namespace;
+//! - [`pools`] writes each WarmPool's status (its members' counts, Ready).
 //!
 //! [`run`] starts the source, the controller and the status writer; the caller
 //! acquires leadership first ([`leader::acquire`]) and stops acting when it is lost.
@@ -16,6 +17,7 @@
 pub mod controller;
 pub mod events;
 pub mod leader;
+pub mod pools;
 pub mod secrets;
 pub mod secrets_key;
 pub mod source;
@@ -64,8 +66,9 @@ pub const API_USES: &[ApiUse] = &[
     ApiUse { group: "molecule.ai", resource: "workspaces/status", verbs: &["patch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams", verbs: &["list", "watch"], own_namespace: false },
     ApiUse { group: "molecule.ai", resource: "teams/status", verbs: &["patch"], own_namespace: false },
-    // Warm pools: read only (their members are Docker containers; no status written yet).
+    // Warm pools: watched; their status (member counts, Ready) written by server-side apply.
     ApiUse { group: "molecule.ai", resource: "warmpools", verbs: &["list", "watch"], own_namespace: false },
+    ApiUse { group: "molecule.ai", resource: "warmpools/status", verbs: &["patch"], own_namespace: false },
     // Recorder: create, then patch the series of a repeated event.
     ApiUse { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], own_namespace: false },
     // envFrom reflects Opaque Secrets; the Pod runtime writes (server-side apply),
@@ -76,12 +79,18 @@ pub const API_USES: &[ApiUse] = &[
         verbs: &["get", "list", "watch", "patch", "delete"],
         own_namespace: false,
     },
-    // The Pod runtime (--runtime kubernetes): a workspace is a Pod and a claim.
-    ApiUse { group: "", resource: "pods", verbs: &["get", "list", "watch", "create", "delete"], own_namespace: false },
+    // The Pod runtime (--runtime kubernetes): a workspace is a Pod and a claim; a
+    // claimed warm-pool member's are relabelled as the workspace's (merge patch).
+    ApiUse {
+        group: "",
+        resource: "pods",
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+        own_namespace: false,
+    },
     ApiUse {
         group: "",
         resource: "persistentvolumeclaims",
-        verbs: &["get", "list", "watch", "create", "delete"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
         own_namespace: false,
     },
     // Usage of the workspaces' Pods, where the cluster serves the resource metrics API
@@ -202,6 +211,9 @@ pub struct Wiring {
     pub secrets: Option<secrets::SecretsWriter>,
     /// The state store, where the `molecule.ai/wake` annotation's wakes are recorded.
     pub store: Option<crate::store::DynStore>,
+    /// The warm pools' statuses as the pool pass publishes them, written back to the
+    /// WarmPools (their status subresource).
+    pub pools: Option<Arc<crate::reconcile::pools::Pools>>,
 }
 
 /// Options of cluster mode.
@@ -233,14 +245,19 @@ pub async fn run(
     let stop = shutdown.child_token();
     let (sent_tx, sent_rx) = watch::channel(source::SentMap::new());
     let (teams, team_writer) = kube::runtime::reflector::store();
+    let (pool_objects, pool_writer) = kube::runtime::reflector::store();
     let source = tokio::spawn(source::run(
         client.clone(),
         options.namespace.clone(),
         wiring.snapshots.clone(),
         sent_tx,
         team_writer,
+        pool_writer,
         stop.clone(),
     ));
+    let pool_status = wiring.pools.clone().map(|published| {
+        tokio::spawn(pools::run(client.clone(), pool_objects, published, wiring.desired.clone(), stop.clone()))
+    });
     let secrets = wiring.secrets.map(|feed| {
         let api = match &options.namespace {
             Some(ns) => kube::Api::namespaced(client.clone(), ns),
@@ -266,6 +283,9 @@ pub async fn run(
     let _ = writer.await;
     if let Some(secrets) = secrets {
         let _ = secrets.await;
+    }
+    if let Some(pool_status) = pool_status {
+        let _ = pool_status.await;
     }
     match source.await {
         Ok(r) => r,

@@ -170,9 +170,10 @@ fn is_init_done<K>(ev: &watcher::Event<K>) -> bool {
     matches!(ev, watcher::Event::InitDone)
 }
 
-/// Watches Workspaces and Teams (in `namespace`, or all) and sends a snapshot on every
-/// change until `shutdown`. `team_writer` fills the Team store the controller reads for
-/// the Team status rollup. Watch errors are retried with backoff (and logged); the
+/// Watches Workspaces, Teams and WarmPools (in `namespace`, or all) and sends a
+/// snapshot on every change until `shutdown`. `team_writer` fills the Team store the
+/// controller reads for the Team status rollup, `pool_writer` the WarmPool store the
+/// pool status writer reads. Watch errors are retried with backoff (and logged); the
 /// last snapshot stays in force meanwhile.
 pub async fn run(
     client: Client,
@@ -180,6 +181,7 @@ pub async fn run(
     snapshots: mpsc::Sender<Snapshot>,
     sent: watch::Sender<SentMap>,
     team_writer: reflector::store::Writer<GuardedTeam>,
+    pool_writer: reflector::store::Writer<GuardedPool>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let ws_client = client.clone();
@@ -199,7 +201,7 @@ pub async fn run(
         Some(ns) => Api::namespaced(ws_client.clone(), ns),
         None => Api::all(ws_client.clone()),
     };
-    let (pool_store, pool_writer) = reflector::store();
+    let pool_store = pool_writer.as_reader();
     let pool_events = reflector(pool_writer, watcher(pool_api, watcher::Config::default()).default_backoff())
         .map(|ev| match ev {
             Ok(ev) => Ok(Change::Pools { init_done: is_init_done(&ev) }),

@@ -346,9 +346,11 @@ impl Executor<'_> {
 
 impl Executor<'_> {
     /// Takes a warm-pool member as the workspace's container: the workspace gets the
-    /// member's uid (the store refuses if another took it), then a new token, the
+    /// member's uid (the store refuses if another took it), the runtime relabels the
+    /// member as the workspace's where it can (`Runtime::adopt`), then a new token, the
     /// workspace's config files and its identity are written into the member's
-    /// `/configs`; the waiting agent reads the identity and registers. Nothing is
+    /// `/configs` (Kubernetes: its token Secret); the waiting agent reads the identity
+    /// and registers. Nothing is
     /// created. Should a write fail, the member is the workspace's container with a
     /// missing file: the token-file rule rewrites the token, and an agent that never
     /// registers is replaced by the heartbeat rule.
@@ -365,7 +367,9 @@ impl Executor<'_> {
         out: &mut Outcome,
     ) -> Result<(), StepError> {
         let spec = desired.effective().ok_or_else(|| StepError::Precondition("invalid spec".into()))?;
-        let cs = render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
+        let mut cs = render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
+        cs.labels.insert(labels::INCARNATION.into(), "1".into());
+        cs.labels.insert(labels::PROVISIONED_AT.into(), now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         let claim = crate::model::Claim {
             pool: pool.to_string(),
             container_id: id.to_string(),
@@ -380,6 +384,9 @@ impl Executor<'_> {
             )));
         }
         out.claimed = Some((id.to_string(), member_uid.to_string()));
+        // Where the runtime can relabel (Kubernetes), the member becomes the workspace's
+        // Pod outright; the store's claim says the same for Docker.
+        self.runtime.adopt(id, &cs).await?;
         self.runtime.write_files(id, CONFIGS_DIR, &cs.config_files, CONFIG_FILE_MODE).await?;
         let issued = self.store.issue_token(member_uid, 1, now).await?;
         self.runtime.write_file(id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;

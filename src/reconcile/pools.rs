@@ -27,6 +27,7 @@ use crate::rules::claim::PoolView;
 use crate::rules::pool::{DeclaredPool, PoolAction, PoolFacts, plan};
 use crate::runtime::render::{member_hash, render_member};
 use crate::source::desired::DesiredSet;
+use crate::status::pool::{PoolCounts, status as pool_status};
 use crate::store::StoreError;
 
 /// How often every pool is looked at without being asked.
@@ -40,6 +41,8 @@ pub struct Pools {
     /// Shared with the admin API (`GET /api/v1/warmpools`).
     pub status: PoolStatuses,
     pub wake: Notify,
+    /// Told when a pass changed `status` (the WarmPool status writer waits for it).
+    pub published: Notify,
 }
 
 /// Each declared pool's status by `namespace/name`, as the last pass saw it.
@@ -94,7 +97,8 @@ pub async fn view(ctx: &Context, set: &DesiredSet, namespace: &str, name: &str) 
             .filter(|c| c.state == ContainerState::Running && c.spec_hash() == Some(hash.as_str()))
             .collect()
     });
-    Ok(PoolView::Offer { pool, template: template.clone(), members })
+    let files_fixed = ctx.runtime.config_files_fixed();
+    Ok(PoolView::Offer { pool, template: template.clone(), members, files_fixed })
 }
 
 /// Keeps every pool at its size until `shutdown`.
@@ -136,6 +140,7 @@ async fn pass(ctx: &Context, set: &DesiredSet) -> Result<(), StoreError> {
         }
     }
     let mut statuses = BTreeMap::new();
+    let previous = ctx.pools.status.lock().map(|s| s.clone()).unwrap_or_default();
     for pool in keys {
         let declared = set.pools.get(&ObjectKey::parse(&pool));
         let template: Option<&Arc<EffectiveSpec>> = declared.and_then(|p| p.template.as_ref().ok());
@@ -150,11 +155,15 @@ async fn pass(ctx: &Context, set: &DesiredSet) -> Result<(), StoreError> {
             members: &members.unclaimed,
             now: Utc::now(),
         };
-        let mut ready = members
-            .unclaimed
-            .iter()
-            .filter(|c| c.state == ContainerState::Running && hash.as_deref().is_some_and(|h| c.spec_hash() == Some(h)))
-            .count() as u32;
+        let count = |unclaimed: &[ContainerInfo]| {
+            let current: Vec<&ContainerInfo> =
+                unclaimed.iter().filter(|c| hash.as_deref().is_some_and(|h| c.spec_hash() == Some(h))).collect();
+            let ready = current.iter().filter(|c| c.state == ContainerState::Running).count() as u32;
+            let starting =
+                current.iter().filter(|c| matches!(c.state, ContainerState::Created | ContainerState::Waiting)).count();
+            (ready, starting as u32)
+        };
+        let (mut ready, mut starting) = count(&members.unclaimed);
         if let Some(decision) = plan(&facts) {
             tracing::info!(pool = %pool, rule = decision.rule, cause = %decision.cause, "decision");
             let (done, result) = execute(ctx, &pool, template, &decision.actions).await;
@@ -171,36 +180,26 @@ async fn pass(ctx: &Context, set: &DesiredSet) -> Result<(), StoreError> {
             };
             ctx.store.append_decision(&log_key(&pool), &rec, DECISIONS_KEPT).await?;
             if let Ok(Some(after)) = self::members(ctx, &pool).await {
-                ready = after
-                    .unclaimed
-                    .iter()
-                    .filter(|c| {
-                        c.state == ContainerState::Running && hash.as_deref().is_some_and(|h| c.spec_hash() == Some(h))
-                    })
-                    .count() as u32;
+                (ready, starting) = count(&after.unclaimed);
             }
         }
         match declared {
             Some(p) => {
                 ctx.metrics.set_pool(&pool, Some((ready, members.claimed)));
-                let mut status =
-                    WarmPoolStatus { size: p.size, ready, claimed: members.claimed, conditions: Vec::new() };
-                if let Err(errs) = &p.template {
-                    status.conditions.push(crate::api::Condition::new(
-                        "InvalidSpec",
-                        crate::api::ConditionStatus::True,
-                        "InvalidTemplate",
-                        errs.join("; "),
-                        Utc::now(),
-                    ));
-                }
+                let counts = PoolCounts { size: p.size, ready, starting, claimed: members.claimed };
+                let errors = p.template.as_ref().err().map(Vec::as_slice);
+                let status = pool_status(counts, errors, p.generation, previous.get(&pool), facts.now);
                 statuses.insert(pool, status);
             }
             None => ctx.metrics.set_pool(&pool, None),
         }
     }
+    let changed = statuses != previous;
     if let Ok(mut s) = ctx.pools.status.lock() {
         *s = statuses;
+    }
+    if changed {
+        ctx.pools.published.notify_one();
     }
     Ok(())
 }

@@ -105,10 +105,8 @@ pub async fn run(
         feed.await;
         Ok(())
     });
-    // Warm pools refill beside the loop (Docker mode: members are containers).
-    if ctx.settings.freezes {
-        tokio::spawn(super::pools::run(ctx.clone(), shutdown.clone()));
-    }
+    // Warm pools refill beside the loop (members are containers, or Pods).
+    tokio::spawn(super::pools::run(ctx.clone(), shutdown.clone()));
     let mut resync_tick = tokio::time::interval(resync);
     let mut queue = WorkQueue::default();
     let mut running: JoinSet<(Result<Requeue, Arc<ReconcileError>>, Report)> = JoinSet::new();

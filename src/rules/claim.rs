@@ -18,8 +18,15 @@ pub enum PoolView {
     #[default]
     NotAsked,
     /// The pool's resolved template and its ready (running, unclaimed) members, oldest
-    /// first; None when the runtime could not be listed.
-    Offer { pool: String, template: std::sync::Arc<EffectiveSpec>, members: Option<Vec<ContainerInfo>> },
+    /// first; None when the runtime could not be listed. `files_fixed`: the runtime
+    /// fixes a container's config files when it creates it (Kubernetes mounts them
+    /// from a Secret), so a claim cannot give a member other files than its template's.
+    Offer {
+        pool: String,
+        template: std::sync::Arc<EffectiveSpec>,
+        members: Option<Vec<ContainerInfo>>,
+        files_fixed: bool,
+    },
 }
 
 /// Env a runtime reads when its process starts (the loader, the shell, the
@@ -102,7 +109,7 @@ pub fn satisfies(template: &EffectiveSpec, spec: &EffectiveSpec) -> Result<BTree
 fn offer<'a>(facts: &Facts<'a>) -> Option<Result<(&'a str, &'a ContainerInfo, BTreeMap<String, String>), String>> {
     let spec = facts.spec()?;
     let pool_name = spec.warm_pool.as_deref()?;
-    let PoolView::Offer { pool, template, members } = &facts.observed.pool else { return None };
+    let PoolView::Offer { pool, template, members, files_fixed } = &facts.observed.pool else { return None };
     let record = facts.observed.record.as_ref()?;
     if !facts.wants_container()? || facts.observed.container().is_some() {
         return None;
@@ -117,6 +124,11 @@ fn offer<'a>(facts: &Facts<'a>) -> Option<Result<(&'a str, &'a ContainerInfo, BT
         )));
     }
     let overlay = match satisfies(template, spec) {
+        Ok(_) if *files_fixed && template.config_files != spec.config_files => {
+            return Some(Err(format!(
+                "warm pool {pool} cannot serve it: config files differ (a Pod's are mounted when it is created)"
+            )));
+        }
         Ok(overlay) => overlay,
         Err(why) => return Some(Err(format!("warm pool {pool} cannot serve it: {why}"))),
     };
@@ -221,6 +233,7 @@ mod tests {
             pool: "default/p".into(),
             template: std::sync::Arc::new(eff(WorkspaceSpec::default())),
             members: Some(members),
+            files_fixed: false,
         };
         (des, obs)
     }
@@ -264,6 +277,32 @@ mod tests {
         assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
         let d = plan(&facts(Some(&des), &obs, &s)).decision().unwrap();
         assert!(d.cause.contains("cannot serve it: tier differs"), "{}", d.cause);
+    }
+
+    #[test]
+    fn where_config_files_are_fixed_at_creation_other_files_fall_back() {
+        let s = settings();
+        let files = BTreeMap::from([("prompt.md".to_string(), "hi".to_string())]);
+        let (_, mut obs) = pooled(vec![member("m1")]);
+        let des = desired_with(WorkspaceSpec {
+            warm_pool: Some("p".into()),
+            config_files: files.clone(),
+            ..Default::default()
+        });
+        // Docker writes them at the claim.
+        assert!(rule(&facts(Some(&des), &obs, &s)).is_some());
+        // A Pod mounts its template's: a normal provision, saying why.
+        if let PoolView::Offer { files_fixed, .. } = &mut obs.pool {
+            *files_fixed = true;
+        }
+        assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
+        assert!(fallback(&facts(Some(&des), &obs, &s)).unwrap().contains("config files differ"));
+        // The template's own files are fine.
+        let template = eff(WorkspaceSpec { config_files: files, ..Default::default() });
+        if let PoolView::Offer { template: t, .. } = &mut obs.pool {
+            *t = std::sync::Arc::new(template);
+        }
+        assert!(rule(&facts(Some(&des), &obs, &s)).is_some());
     }
 
     #[test]

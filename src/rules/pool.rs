@@ -173,6 +173,9 @@ mod tests {
         let mut starting = member("a", ContainerState::Created, "h1");
         starting.labels.insert(labels::PROVISIONED_AT.into(), "2026-01-01T00:09:50Z".into());
         assert_eq!(plan_for(1, &[starting]), None);
+        // A Pod the runtime is still starting (scheduling, its volume, its image) is
+        // not replaced: a new one would wait the same.
+        assert_eq!(plan_for(1, &[member("a", ContainerState::Waiting, "h1")]), None);
         let stuck = member("a", ContainerState::Created, "h1");
         assert_eq!(
             plan_for(1, &[stuck]).unwrap().actions,

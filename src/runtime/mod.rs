@@ -162,6 +162,19 @@ pub trait Runtime: Send + Sync + 'static {
     /// being removed loses its files first: that is not a missing file). At most
     /// `READ_FILE_LIMIT + 1` bytes of it (more means "longer than the limit").
     async fn read_file(&self, id: &str, path: &str) -> RuntimeResult<Option<Vec<u8>>>;
+    /// Makes the claimed warm-pool member `id` the workspace's container as rendered in
+    /// `spec` (its labels, stamped with incarnation and time, and its owner), where the
+    /// runtime can relabel. Docker cannot: there the store's claim says whose it is
+    /// (`Observed::adopt_claim`), and this does nothing.
+    async fn adopt(&self, _id: &str, _spec: &ContainerSpec) -> RuntimeResult<()> {
+        Ok(())
+    }
+    /// Whether a container's config files (`spec.configFiles`) are fixed when it is
+    /// created (Kubernetes mounts each from a Secret, which a running Pod does not see
+    /// change), so a claim cannot give a member other files than its template's.
+    fn config_files_fixed(&self) -> bool {
+        false
+    }
     /// What container `id` runs with now, for the settings that can change while it
     /// runs (see `AppliedConfig`); None when the runtime has no such settings.
     async fn applied_config(&self, _id: &str) -> RuntimeResult<Option<AppliedConfig>> {

@@ -45,6 +45,8 @@ pub struct DesiredPool {
     /// The resolved template, or every reason it is invalid (each naming its field).
     pub template: Result<Arc<EffectiveSpec>, Vec<String>>,
     pub source: SourceRef,
+    /// `metadata.generation` of the object (a Kubernetes WarmPool's; None elsewhere).
+    pub generation: Option<i64>,
 }
 
 /// Everything declared, merged from all sources.
@@ -206,7 +208,7 @@ fn merge_pools(
     let mut pools = BTreeMap::new();
     for snap in snapshots {
         for o in &snap.objects {
-            let (key, size, template, source) = match o {
+            let (key, size, template, source, generation) = match o {
                 SourceObject::WarmPool { object, source } => {
                     let key = ObjectKey::new(
                         object.metadata.namespace.clone().unwrap_or_else(|| crate::api::DEFAULT_NAMESPACE.into()),
@@ -216,10 +218,10 @@ fn merge_pools(
                         Err(e) => Err(vec![format!("metadata.name: {e}")]),
                         Ok(()) => crate::api::pool::resolve_template(&object.spec, defaults).map(Arc::new),
                     };
-                    (key, object.spec.size, template, source)
+                    (key, object.spec.size, template, source, object.metadata.generation)
                 }
                 SourceObject::Invalid { kind, key, source, error } if kind == "WarmPool" => {
-                    (key.clone(), 0, Err(vec![error.clone()]), source)
+                    (key.clone(), 0, Err(vec![error.clone()]), source, None)
                 }
                 _ => continue,
             };
@@ -230,7 +232,7 @@ fn merge_pools(
                 errors.push(format!("WarmPool {key}: also declared by {}; the first source wins", snap.source));
                 continue;
             }
-            pools.insert(key.clone(), DesiredPool { key, size, template, source: source.clone() });
+            pools.insert(key.clone(), DesiredPool { key, size, template, source: source.clone(), generation });
         }
     }
     pools

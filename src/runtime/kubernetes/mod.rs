@@ -49,15 +49,18 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use self::objects::{
-    ClaimSeen, TOKEN_KEY, config_claim, container_info, files_secret, files_secret_name, pod_claim, split_key,
-    token_secret, token_secret_name,
+    ClaimSeen, TOKEN_KEY, config_claim, container_info, files_secret, files_secret_name, is_member, pod_claim,
+    spec_namespace, split_key, token_secret, token_secret_name,
 };
 use super::{Runtime, RuntimeError, RuntimeEvent, RuntimeResult, Watched};
 use crate::api::ImagePullPolicy;
-use crate::model::container::{CONFIGS_DIR, ContainerInfo, ContainerSpec, TOKEN_FILE, labels};
+use crate::model::container::{CONFIGS_DIR, ContainerInfo, ContainerSpec, IDENTITY_FILE, TOKEN_FILE, labels};
 
 /// The field manager of the operator's server-side applies.
 const FIELD_MANAGER: &str = "molecule-operator";
+/// The field manager of a claim's identity in a member's token Secret: not the token's,
+/// so that a token write (which applies the token alone) keeps the identity.
+const CLAIM_FIELD_MANAGER: &str = "molecule-operator-claim";
 /// How long a removal waits for the Pod's name to be free again.
 const GONE_WITHIN: Duration = Duration::from_secs(60);
 
@@ -139,13 +142,25 @@ impl KubeRuntime {
 
     /// Creates or replaces (server-side apply) a Secret beside `pod`.
     async fn apply_secret(&self, pod: &Pod, secret: Secret, what: &str) -> RuntimeResult<()> {
+        self.apply_secret_as(pod, secret, what, FIELD_MANAGER).await
+    }
+
+    async fn apply_secret_as(&self, pod: &Pod, secret: Secret, what: &str, manager: &str) -> RuntimeResult<()> {
         let ns = pod.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
         let name = secret.name_any();
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+        api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&secret))
             .await
             .map_err(|e| kube_error(format!("writing {what} {ns}/{name}"), e))?;
         Ok(())
+    }
+
+    /// The owner of a rendered spec's objects: its Workspace (a warm-pool member has
+    /// none until a claim makes it a workspace's).
+    async fn owner_of(&self, spec_labels: &BTreeMap<String, String>) -> Option<OwnerReference> {
+        let key = spec_labels.get(labels::WORKSPACE)?;
+        let (ns, ws) = split_key(key);
+        self.owner(ns, ws).await
     }
 
     /// Waits until the object `name` is gone (its name free again), or, given the uid
@@ -171,7 +186,7 @@ impl Runtime for KubeRuntime {
     }
 
     async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
-        if key == labels::WORKSPACE {
+        if key == labels::WORKSPACE || key == labels::POOL {
             // Label values hold no `/`: the namespace is the object's.
             let (ns, name) = split_key(value);
             return self.pods(Some(ns), &self.selector(Some((key, name)))).await;
@@ -209,9 +224,8 @@ impl Runtime for KubeRuntime {
             let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
             self.wait_gone(&api, name, claim.metadata.uid.as_deref()).await?;
         }
-        let key = spec_labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
-        let (ns, ws) = split_key(key);
-        let owner = self.owner(ns, ws).await;
+        let ns = spec_namespace(spec_labels);
+        let owner = self.owner_of(spec_labels).await;
         let claim = config_claim(name, spec_labels, owner.as_ref());
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
         match api.create(&PostParams::default(), &claim).await {
@@ -241,9 +255,8 @@ impl Runtime for KubeRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> RuntimeResult<String> {
-        let key = spec.labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
-        let (ns, ws) = split_key(key);
-        let owner = self.owner(ns, ws).await;
+        let ns = spec_namespace(&spec.labels);
+        let owner = self.owner_of(&spec.labels).await;
         let pod = objects::pod(spec, owner.as_ref()).map_err(RuntimeError::Kubernetes)?;
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let created = match api.create(&PostParams::default(), &pod).await {
@@ -255,6 +268,11 @@ impl Runtime for KubeRuntime {
             other => other,
         }
         .map_err(|e| kube_error(format!("creating Pod {ns}/{}", spec.name), e))?;
+        if is_member(&spec.labels) {
+            // Nothing writes a token into a warm-pool member: its Pod starts on an empty
+            // token Secret, where a claim writes the token and the identity.
+            self.apply_secret(&created, objects::member_token_secret(&created), "the token Secret").await?;
+        }
         created
             .metadata
             .uid
@@ -296,13 +314,46 @@ impl Runtime for KubeRuntime {
     }
 
     async fn write_file(&self, id: &str, dir: &str, name: &str, content: &[u8], _mode: u32) -> RuntimeResult<()> {
-        if dir.trim_end_matches('/') != CONFIGS_DIR || name != TOKEN_FILE {
+        if dir.trim_end_matches('/') != CONFIGS_DIR || (name != TOKEN_FILE && name != IDENTITY_FILE) {
             return Err(RuntimeError::Kubernetes(format!(
-                "the Kubernetes runtime writes only the token into a Pod, not {dir}/{name}"
+                "the Kubernetes runtime writes only the token and a claim's identity into a Pod, not {dir}/{name}"
             )));
         }
         let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
+        if name == IDENTITY_FILE {
+            // Beside the token, in the member's token Secret (its agent reads
+            // MOLECULE_IDENTITY_FILE there).
+            let secret = objects::identity_secret(&pod, content);
+            return self.apply_secret_as(&pod, secret, "the identity", CLAIM_FIELD_MANAGER).await;
+        }
         self.apply_secret(&pod, token_secret(&pod, content), "the token Secret").await
+    }
+
+    /// Relabels the member's Pod and its claim as the workspace's (merge patches: the
+    /// pool label stays), its owner the Workspace. The token Secret follows with the
+    /// token written next (it takes the Pod's labels and owner).
+    async fn adopt(&self, id: &str, spec: &ContainerSpec) -> RuntimeResult<()> {
+        let pod = self.find_pod(id).await?.ok_or_else(|| gone(id))?;
+        let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let owner = self.owner_of(&spec.labels).await;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        let patch = objects::claimed_pod_patch(spec, owner.as_ref());
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| kube_error(format!("relabelling Pod {ns}/{name}"), e))?;
+        if let Some(claim) = pod_claim(&pod) {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
+            let patch = objects::claimed_claim_patch(spec, owner.as_ref());
+            claims
+                .patch(&claim, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| kube_error(format!("relabelling PersistentVolumeClaim {ns}/{claim}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn config_files_fixed(&self) -> bool {
+        true
     }
 
     async fn write_files(

@@ -33,6 +33,9 @@ pub mod annotations {
 /// Where the token Secret is mounted, and the file the agent reads.
 pub const TOKEN_DIR: &str = "/var/run/molecule/token";
 pub const TOKEN_KEY: &str = "token";
+/// The key of the token Secret a claim writes a warm-pool member's identity into (the
+/// agent of a member reads `MOLECULE_IDENTITY_FILE`, this key's file in `TOKEN_DIR`).
+pub const IDENTITY_KEY: &str = "identity";
 /// The agent's container in the Pod.
 pub const AGENT_CONTAINER: &str = "agent";
 /// The size a config volume claims (it holds the agent's own files; the token is
@@ -68,14 +71,26 @@ pub fn split_key(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("default", key))
 }
 
+/// The namespace of a rendered spec's objects: its workspace's, or for a warm-pool
+/// member (no workspace yet) its pool's.
+pub fn spec_namespace(spec_labels: &BTreeMap<String, String>) -> &str {
+    let key = spec_labels.get(labels::WORKSPACE).or_else(|| spec_labels.get(labels::POOL));
+    split_key(key.map(String::as_str).unwrap_or_default()).0
+}
+
+/// Whether a rendered spec is a warm-pool member's (a pool, no workspace).
+pub fn is_member(spec_labels: &BTreeMap<String, String>) -> bool {
+    spec_labels.contains_key(labels::POOL) && !spec_labels.contains_key(labels::WORKSPACE)
+}
+
 /// The labels every object of a workspace carries: the operator's, with the workspace
-/// label reduced to the name; the incarnation and time stay annotations.
+/// and pool labels reduced to the name; the incarnation and time stay annotations.
 fn object_labels(spec_labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     spec_labels
         .iter()
         .filter(|(k, _)| k.as_str() != labels::PROVISIONED_AT)
         .map(|(k, v)| match k.as_str() {
-            labels::WORKSPACE => (k.clone(), split_key(v).1.to_string()),
+            labels::WORKSPACE | labels::POOL => (k.clone(), split_key(v).1.to_string()),
             _ => (k.clone(), v.clone()),
         })
         .collect()
@@ -91,11 +106,27 @@ fn meta(name: &str, namespace: &str, labels: BTreeMap<String, String>, owner: Op
     }
 }
 
-/// The labels a workspace's volume and Secret carry: those that name it, not the
-/// ones of one incarnation.
+/// The labels a workspace's volume and Secret carry: those that name it (and, for a
+/// warm-pool member, its pool), not the ones of one incarnation.
 fn workspace_labels(spec_labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let keep = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID];
+    let keep = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID, labels::POOL];
     object_labels(spec_labels).into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
+}
+
+/// The annotations of a workspace's Pod: what a label cannot hold (the workspace's
+/// full key, the incarnation, the provisioning time).
+fn pod_annotations(spec_labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut notes = BTreeMap::new();
+    if let Some(key) = spec_labels.get(labels::WORKSPACE) {
+        notes.insert(annotations::WORKSPACE.to_string(), key.clone());
+    }
+    if let Some(i) = spec_labels.get(labels::INCARNATION) {
+        notes.insert(annotations::INCARNATION.into(), i.clone());
+    }
+    if let Some(at) = spec_labels.get(labels::PROVISIONED_AT) {
+        notes.insert(annotations::PROVISIONED_AT.into(), at.clone());
+    }
+    notes
 }
 
 /// The Pod of a rendered workspace container. `owner`: the Workspace object, when there
@@ -104,17 +135,9 @@ pub fn pod(spec: &ContainerSpec, owner: Option<&OwnerReference>) -> Result<Pod, 
     if spec.security.docker_socket {
         return Err("spec.security.dockerSocket needs a Docker host; a Kubernetes Pod cannot have one".into());
     }
-    let key = spec.labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
-    let (namespace, _) = split_key(key);
+    let namespace = spec_namespace(&spec.labels);
     let mut metadata = meta(&spec.name, namespace, object_labels(&spec.labels), owner);
-    let mut notes = BTreeMap::from([(annotations::WORKSPACE.to_string(), key.to_string())]);
-    if let Some(i) = spec.labels.get(labels::INCARNATION) {
-        notes.insert(annotations::INCARNATION.into(), i.clone());
-    }
-    if let Some(at) = spec.labels.get(labels::PROVISIONED_AT) {
-        notes.insert(annotations::PROVISIONED_AT.into(), at.clone());
-    }
-    metadata.annotations = Some(notes);
+    metadata.annotations = Some(pod_annotations(&spec.labels));
 
     let mut env: Vec<EnvVar> =
         spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: Some(v.clone()), value_from: None }).collect();
@@ -123,6 +146,14 @@ pub fn pod(spec: &ContainerSpec, owner: Option<&OwnerReference>) -> Result<Pod, 
         value: Some(format!("{TOKEN_DIR}/{TOKEN_KEY}")),
         value_from: None,
     });
+    if is_member(&spec.labels) {
+        // A member's agent waits for the identity a claim writes into its token Secret.
+        env.push(EnvVar {
+            name: "MOLECULE_IDENTITY_FILE".into(),
+            value: Some(format!("{TOKEN_DIR}/{IDENTITY_KEY}")),
+            value_from: None,
+        });
+    }
     let mut limits = BTreeMap::new();
     if spec.memory_bytes > 0 {
         limits.insert("memory".to_string(), bytes_quantity(spec.memory_bytes));
@@ -257,9 +288,8 @@ pub fn config_claim(
     spec_labels: &BTreeMap<String, String>,
     owner: Option<&OwnerReference>,
 ) -> PersistentVolumeClaim {
-    let key = spec_labels.get(labels::WORKSPACE).map(String::as_str).unwrap_or_default();
     PersistentVolumeClaim {
-        metadata: meta(name, split_key(key).0, workspace_labels(spec_labels), owner),
+        metadata: meta(name, spec_namespace(spec_labels), workspace_labels(spec_labels), owner),
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             resources: Some(VolumeResourceRequirements {
@@ -277,6 +307,49 @@ pub fn token_secret(pod: &Pod, token: &[u8]) -> Secret {
     let keep = [labels::MANAGED, labels::INSTANCE, labels::WORKSPACE, labels::UID];
     let data = BTreeMap::from([(TOKEN_KEY.to_string(), ByteString(token.to_vec()))]);
     pod_secret(pod, token_secret_name(pod.metadata.name.as_deref().unwrap_or_default()), &keep, data)
+}
+
+/// The token Secret of a warm-pool member's Pod before a claim: no token (the Pod
+/// starts once its Secret exists; the agent waits for its identity).
+pub fn member_token_secret(pod: &Pod) -> Secret {
+    let keep = [labels::MANAGED, labels::INSTANCE, labels::UID];
+    pod_secret(pod, token_secret_name(pod.metadata.name.as_deref().unwrap_or_default()), &keep, BTreeMap::new())
+}
+
+/// The identity a claim gives a member, as the part of its token Secret that holds it
+/// (applied by a field manager of its own, so token writes keep it: the agent reads it
+/// again when it restarts in place).
+pub fn identity_secret(pod: &Pod, identity: &[u8]) -> Secret {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = token_secret_name(pod.metadata.name.as_deref().unwrap_or_default());
+    Secret {
+        metadata: ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), ..ObjectMeta::default() },
+        data: Some(BTreeMap::from([(IDENTITY_KEY.to_string(), ByteString(identity.to_vec()))])),
+        ..Secret::default()
+    }
+}
+
+/// The merge patch that makes a claimed member's Pod the workspace's, as rendered in
+/// `spec` (its labels, annotations and owner; the pool label stays): to every rule it
+/// is then that workspace's Pod.
+pub fn claimed_pod_patch(spec: &ContainerSpec, owner: Option<&OwnerReference>) -> serde_json::Value {
+    let mut metadata = serde_json::json!({
+        "labels": object_labels(&spec.labels),
+        "annotations": pod_annotations(&spec.labels),
+    });
+    if let Some(owner) = owner {
+        metadata["ownerReferences"] = serde_json::json!([owner]);
+    }
+    serde_json::json!({ "metadata": metadata })
+}
+
+/// The merge patch that makes a claimed member's config volume claim the workspace's.
+pub fn claimed_claim_patch(spec: &ContainerSpec, owner: Option<&OwnerReference>) -> serde_json::Value {
+    let mut metadata = serde_json::json!({ "labels": workspace_labels(&spec.labels) });
+    if let Some(owner) = owner {
+        metadata["ownerReferences"] = serde_json::json!([owner]);
+    }
+    serde_json::json!({ "metadata": metadata })
 }
 
 /// The files Secret of the Pod `pod`, holding `files` (path -> content) under the
@@ -339,6 +412,10 @@ pub fn container_info(pod: &Pod, claim: ClaimSeen) -> Option<ContainerInfo> {
     if let Some(name) = labels_out.get(labels::WORKSPACE).cloned() {
         let key = notes.get(annotations::WORKSPACE).cloned().unwrap_or(format!("{namespace}/{name}"));
         labels_out.insert(labels::WORKSPACE.into(), key);
+    }
+    // A pool's members are in its namespace.
+    if let Some(name) = labels_out.get(labels::POOL).cloned() {
+        labels_out.insert(labels::POOL.into(), format!("{namespace}/{name}"));
     }
     if let Some(i) = notes.get(annotations::INCARNATION) {
         labels_out.insert(labels::INCARNATION.into(), i.clone());
@@ -583,6 +660,58 @@ mod tests {
         assert_eq!(info.provisioned_at(), parse_time("2026-12-06T12:00:00.000Z"));
         assert_eq!(info.spec_hash(), cs.labels.get(labels::SPEC_HASH).map(String::as_str));
         assert_eq!((info.state, info.detail.as_deref()), (ContainerState::Waiting, Some("not scheduled yet")));
+    }
+
+    #[test]
+    fn a_warm_pool_member_is_a_pod_of_its_pool_with_no_workspace_until_a_claim_relabels_it() {
+        use crate::runtime::render::render_member;
+        let t = resolve(&WorkspaceSpec::default(), &Defaults { network: "pod".into(), ..Defaults::default() }).unwrap();
+        let agent = AgentEnv { registry_url: "http://r:8080".into(), heartbeat_seconds: 30 };
+        let cs = render_member(&t, "local-test", "team-a/agents", UID, &agent);
+        let mut p = pod(&cs, None).unwrap();
+        assert_eq!(p.metadata.namespace.as_deref(), Some("team-a"), "in its pool's namespace");
+        let labels_of = |p: &Pod| p.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels_of(&p).get(labels::POOL).map(String::as_str), Some("agents"), "no slash in a label");
+        assert!(!labels_of(&p).contains_key(labels::WORKSPACE));
+        assert!(!p.metadata.annotations.clone().unwrap_or_default().contains_key(annotations::WORKSPACE));
+        let env = p.spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+        let var = |n: &str| env.iter().find(|e| e.name == n).and_then(|e| e.value.clone());
+        assert_eq!(var("MOLECULE_IDENTITY_FILE").as_deref(), Some("/var/run/molecule/token/identity"));
+        assert_eq!(var("MOLECULE_POOL").as_deref(), Some("team-a/agents"));
+        assert_eq!(var("MOLECULE_WORKSPACE_ID"), None);
+        let claim = config_claim(&cs.config_volume, &cs.labels, None);
+        assert_eq!(claim.metadata.namespace.as_deref(), Some("team-a"));
+        assert_eq!(claim.metadata.labels.unwrap().get(labels::POOL).map(String::as_str), Some("agents"));
+        // Its token Secret holds nothing; a claim's identity is a key of its own.
+        let empty = member_token_secret(&p);
+        assert_eq!(empty.metadata.name.as_deref(), Some("ws-0a1b2c3d-4e5-token"));
+        assert!(empty.data.unwrap().is_empty(), "a member holds no token");
+        let identity = identity_secret(&p, b"workspace_id=x\nend\n");
+        assert_eq!(identity.data.unwrap().keys().collect::<Vec<_>>(), vec![IDENTITY_KEY]);
+        assert!(identity.metadata.labels.is_none(), "the identity's manager owns no label");
+
+        p.metadata.uid = Some("pod-uid".into());
+        let info = container_info(&p, ClaimSeen::Bound).unwrap();
+        assert_eq!(
+            (info.label(labels::POOL), info.workspace(), info.incarnation()),
+            (Some("team-a/agents"), None, Some(1))
+        );
+
+        // The claim: the workspace's labels and annotations, its owner; the pool label stays.
+        let mut claimed = rendered(WorkspaceSpec::default());
+        claimed.labels.insert(labels::INCARNATION.into(), "1".into());
+        let patch = claimed_pod_patch(&claimed, Some(&owner()));
+        let mut v = serde_json::to_value(&p).unwrap();
+        json_patch::merge(&mut v, &patch);
+        p = serde_json::from_value(v).unwrap();
+        let info = container_info(&p, ClaimSeen::Bound).unwrap();
+        assert_eq!(info.workspace(), Some("team-a/dev"));
+        assert_eq!(info.label(labels::POOL), Some("team-a/agents"));
+        assert_eq!(info.spec_hash(), claimed.labels.get(labels::SPEC_HASH).map(String::as_str));
+        assert_eq!(info.provisioned_at(), parse_time("2026-12-06T12:00:00.000Z"));
+        assert_eq!(p.metadata.owner_references.unwrap()[0].kind, "Workspace");
+        let claim_patch = claimed_claim_patch(&claimed, None);
+        assert_eq!(claim_patch["metadata"]["labels"][labels::WORKSPACE], "dev");
     }
 
     fn pod_with_status(yaml: &str) -> Pod {
