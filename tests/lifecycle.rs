@@ -160,6 +160,61 @@ fn a_suspended_workspace_whose_container_is_removed_comes_back_suspended() {
     assert_eq!(docker_state(&cid(&ws["dev"])), "paused", "it came back frozen, not running");
 }
 
+/// Paused by the file for longer than the heartbeat TTL, then Running again: the same
+/// container thaws (no new incarnation, no restart for the silence while frozen), with
+/// the new token `onPause: Revoke` asks for written before the thaw.
+#[test]
+fn a_long_pause_by_the_file_ends_in_a_thaw_not_a_restart() {
+    if !docker_available() {
+        return;
+    }
+    let file =
+        |mode: &str| format!("{}  operatingMode: {mode}\n  tokenPolicy: {{onPause: Revoke}}\n", workspace_yaml("dev"));
+    let mut op = Op::new("long-pause");
+    op.write("dev.yaml", &file("Running"));
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
+    let (id, inc) = (cid(&ws["dev"]), ws["dev"]["incarnation"].clone());
+    let (old_token, _, _) = read_token(&id).expect("token file");
+
+    op.write("dev.yaml", &file("Paused"));
+    op.wait("dev paused", SETTLE, |ws| ws["dev"]["phase"] == "Paused");
+    assert_eq!(docker_state(&id), "paused");
+    // Longer than the TTL (10 s at least) since the agent was last heard.
+    let heard = |w: &Value| w["lastHeartbeatAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    let last = heard(&op.get().unwrap()["dev"]).expect("heard before the pause");
+    wait_until("the pause to outlast the heartbeat TTL", SETTLE, || {
+        chrono::Utc::now().signed_duration_since(last) > chrono::Duration::seconds(12)
+    });
+
+    let resumed = chrono::Utc::now();
+    op.write("dev.yaml", &file("Running"));
+    let ws = op.wait("dev online again, heard after the pause", SETTLE, |ws| {
+        online(&ws["dev"]) && heard(&ws["dev"]).is_some_and(|h| h > last)
+    });
+    assert_eq!(cid(&ws["dev"]), id, "the same container thawed");
+    assert_eq!(ws["dev"]["incarnation"], inc, "no new incarnation");
+    assert_eq!(docker_state(&id), "running");
+    let (token, _, _) = read_token(&id).expect("token file");
+    assert_ne!(token, old_token, "onPause: Revoke: a new token");
+    let uid = ws["dev"]["uid"].as_str().unwrap();
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &token, uid), 200);
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
+    assert!(!describe.contains("agent silent"), "restarted for its silence while frozen:\n{describe}");
+    assert!(!describe.contains("token-file"), "the token was written before the thaw, not after:\n{describe}");
+    // Whether the agent or the next look comes first after the thaw is a race: what
+    // makes it safe is that the thaw is recorded as a wake, from which silence counts.
+    let out = Command::new("sqlite3")
+        .arg(op.state.join("state.db"))
+        .arg("SELECT woken_at FROM workspaces WHERE key = 'default/dev'")
+        .output()
+        .expect("sqlite3 runs");
+    let woken = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let woken = chrono::DateTime::parse_from_rfc3339(&woken.replace(' ', "T"))
+        .unwrap_or_else(|e| panic!("woken_at {woken:?}: {e}"));
+    assert!(woken >= resumed, "the thaw is recorded as a wake: {woken} before the resume at {resumed}");
+}
+
 #[test]
 fn bad_lifecycle_input_is_invalid_spec_naming_the_field_and_nothing_else_is_affected() {
     if !docker_available() {

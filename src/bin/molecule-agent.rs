@@ -15,11 +15,16 @@
 //! change of the token, sends a heartbeat at once. The lifecycle autopilot never
 //! suspends an agent that reports `active_tasks > 0`.
 //!
-//! A container thawed after a pause heartbeats at once: a wait that took much longer
-//! than it asked for (the cgroup freezer stopped the process) is cut short.
+//! A container thawed after a pause heartbeats at once: the operator sends SIGCONT
+//! after it unpauses a container (the default action of which is nothing, so other
+//! images are not harmed), and a wait that took much longer than it asked for (the
+//! cgroup freezer stopped the process; thawed by someone else) is cut short as well.
+//! Without the signal a short freeze inside one wait could not be told apart from no
+//! freeze at all, and the first heartbeat after the thaw came up to an interval late.
 //!
 //! std only, no crates: build.rs compiles this file with plain rustc into a static
-//! binary for the `FROM scratch` image (see src/runtime/agent_image.rs). It logs one
+//! binary for the `FROM scratch` image (see src/runtime/agent_image.rs); inotify,
+//! poll and the signal's self-pipe are glibc's own functions, declared below. It logs one
 //! line per state change to stderr and never logs more than the token's first 8 chars.
 //! A token file longer than `MAX_TOKEN_FILE` bytes is not read: it holds no token.
 //!
@@ -33,8 +38,8 @@
 //!
 //! A warm-pool member (`MOLECULE_POOL` set, no `MOLECULE_WORKSPACE_ID`) has no identity
 //! yet: it waits for `$WORKSPACE_CONFIG_PATH/.identity` (written by the operator when
-//! a workspace claims it, after the token file), looking every 10 ms, then registers
-//! as the workspace it names. The file's lines: `workspace_id=`, `workspace_name=`,
+//! a workspace claims it, after the token file), watching the directory (or looking
+//! every 10 ms without inotify), then registers as the workspace it names. The file's lines: `workspace_id=`, `workspace_name=`,
 //! `env.NAME=VALUE` (the env overlay; `\n` and `\\` escaped), and `end` last, so a
 //! file still being written is not taken.
 //!
@@ -56,16 +61,21 @@ const TOKEN_FILE: &str = ".auth_token";
 const ACTIVE_TASKS_FILE: &str = ".active_tasks";
 /// Longest token file read (a token is 43 characters): a longer one is not a token.
 const MAX_TOKEN_FILE: u64 = 4096;
-/// How often a waiting agent looks at the token file.
+/// How often a waiting agent looks at the token file when it cannot watch it.
 const TOKEN_POLL: Duration = Duration::from_millis(500);
+/// How often it looks anyway while it watches (a change inotify did not report).
+const WATCHED_POLL: Duration = Duration::from_secs(5);
 /// The identity a claim writes into a pool member's `/configs`.
 const IDENTITY_FILE: &str = ".identity";
-/// How often a pool member looks for its identity (a stat: cheap, and the claim's
-/// latency is this at most).
+/// How often a pool member looks for its identity when it cannot watch for it (a
+/// stat: cheap, and the claim's latency is this at most).
 const IDENTITY_POLL: Duration = Duration::from_millis(10);
+/// How often it looks anyway while it watches.
+const IDENTITY_WATCHED_POLL: Duration = Duration::from_secs(1);
 
 fn main() {
     exit_on_sigterm();
+    wake::on_sigcont();
     let args: Vec<String> = env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["--version"] => {
@@ -103,6 +113,9 @@ fn main() {
 /// Registers, heartbeats, and recovers from every failure by retrying; never returns.
 fn run(cfg: &Config) -> ! {
     let mut token = TokenFile::new(cfg.token_path.clone());
+    let watched: Vec<&std::path::Path> =
+        [cfg.token_path.parent(), cfg.activity_path.parent()].into_iter().flatten().collect();
+    let mut waker = wake::Waker::new(&watched);
     let mut activity = Activity { path: cfg.activity_path.clone(), reported: None };
     let mut registered = false;
     let mut backoff = MIN_BACKOFF;
@@ -136,7 +149,7 @@ fn run(cfg: &Config) -> ! {
         }
         // A rewritten token file cuts the wait short (at once after a 401 if it already
         // changed), as does a changed activity file or a thaw.
-        token.wait_for_change(wait, &activity);
+        token.wait_for_change(wait, &activity, &mut waker);
     }
 }
 
@@ -221,6 +234,8 @@ impl Config {
 /// only counts it.
 fn wait_for_identity(pool: &str, path: &std::path::Path) -> String {
     log(&format!("warm pool {pool} member: waiting for a claim ({})", path.display()));
+    let mut waker = wake::Waker::new(&[path.parent().unwrap_or(std::path::Path::new("/"))]);
+    let slice = if waker.watching() { IDENTITY_WATCHED_POLL } else { IDENTITY_POLL };
     loop {
         if let Ok(text) = fs::read_to_string(path)
             && text.lines().last() == Some("end")
@@ -241,7 +256,7 @@ fn wait_for_identity(pool: &str, path: &std::path::Path) -> String {
                 return id;
             }
         }
-        thread::sleep(IDENTITY_POLL);
+        waker.wait(slice);
     }
 }
 
@@ -316,18 +331,23 @@ impl TokenFile {
         changed
     }
 
-    /// Sleeps for `total`, returning early once the file's content differs from the last
-    /// read, the activity file changed, or a sleep took far longer than asked (thawed).
-    fn wait_for_change(&self, total: Duration, activity: &Activity) {
+    /// Waits for `total`, returning early once the file's content differs from the last
+    /// read, the activity file changed, or the process was thawed (SIGCONT, or a wait
+    /// that took far longer than asked). Looks again whenever the watched directories
+    /// change, and every `TOKEN_POLL` when they cannot be watched.
+    fn wait_for_change(&self, total: Duration, activity: &Activity, waker: &mut wake::Waker) {
         let deadline = Instant::now() + total;
+        let poll = if waker.watching() { WATCHED_POLL } else { TOKEN_POLL };
         while self.read().ok() == self.content && !activity.changed() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            let slice = left.min(TOKEN_POLL);
+            let slice = left.min(poll);
             let before = std::time::SystemTime::now();
-            thread::sleep(slice);
+            if waker.wait(slice) == wake::Woken::Thawed {
+                return; // SIGCONT: the operator thawed us; heartbeat now
+            }
             if before.elapsed().is_ok_and(|took| took > slice + Duration::from_secs(1)) {
                 return; // frozen meanwhile: heartbeat now
             }
@@ -344,6 +364,156 @@ impl TokenFile {
             Some(t) => format!("prefix {}", t.chars().take(8).collect::<String>()),
             None => "none".to_string(),
         }
+    }
+}
+
+/// What ends a wait early: a change in a watched directory (inotify) or SIGCONT (the
+/// operator thawed the container). glibc's functions, declared here: the agent has no
+/// crates. Everything falls back to plain sleeping when a call fails.
+mod wake {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::time::Duration;
+
+    const SIGCONT: i32 = 18;
+    const O_NONBLOCK: i32 = 0o4000;
+    const O_CLOEXEC: i32 = 0o2000000;
+    const POLLIN: i16 = 1;
+    const EINTR: i32 = 4;
+    // Only what ends a write, so a file is never read half-written: close after a
+    // write, a rename into the directory (the operator's writes), a deletion, and
+    // a rename out of it or a mode change (a Secret volume's symlink swap).
+    const IN_ATTRIB: u32 = 0x4;
+    const IN_CLOSE_WRITE: u32 = 0x8;
+    const IN_MOVED_FROM: u32 = 0x40;
+    const IN_MOVED_TO: u32 = 0x80;
+    const IN_DELETE: u32 = 0x200;
+    const WATCH_MASK: u32 = IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE;
+
+    #[repr(C)]
+    struct PollFd {
+        fd: i32,
+        events: i16,
+        revents: i16,
+    }
+
+    unsafe extern "C" {
+        fn inotify_init1(flags: i32) -> i32;
+        fn inotify_add_watch(fd: i32, path: *const std::ffi::c_char, mask: u32) -> i32;
+        fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
+        fn read(fd: i32, buf: *mut u8, count: usize) -> isize;
+        fn write(fd: i32, buf: *const u8, count: usize) -> isize;
+        fn pipe2(fds: *mut i32, flags: i32) -> i32;
+        fn close(fd: i32) -> i32;
+        fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
+        fn __errno_location() -> *mut i32;
+    }
+
+    /// The self-pipe SIGCONT writes to (-1: none).
+    static THAW_READ: AtomicI32 = AtomicI32::new(-1);
+    static THAW_WRITE: AtomicI32 = AtomicI32::new(-1);
+
+    extern "C" fn on_signal(_: i32) {
+        let fd = THAW_WRITE.load(Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: write is async-signal-safe; a full pipe (EAGAIN) already says "thawed".
+            unsafe { write(fd, [1u8].as_ptr(), 1) };
+        }
+    }
+
+    /// Makes SIGCONT end the current wait (a pipe the handler writes to, so a signal
+    /// that arrives just before a wait starts is not lost).
+    pub fn on_sigcont() {
+        let mut fds = [-1i32; 2];
+        // SAFETY: pipe2 writes two fds into the array; signal installs a handler that
+        // only calls write, which is async-signal-safe.
+        unsafe {
+            if pipe2(fds.as_mut_ptr(), O_NONBLOCK | O_CLOEXEC) != 0 {
+                return;
+            }
+            THAW_READ.store(fds[0], Ordering::Relaxed);
+            THAW_WRITE.store(fds[1], Ordering::Relaxed);
+            signal(SIGCONT, on_signal);
+        }
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Woken {
+        /// Something changed in a watched directory (or a signal interrupted the wait).
+        Changed,
+        /// SIGCONT arrived.
+        Thawed,
+        /// The time ran out.
+        Timeout,
+    }
+
+    /// Watches directories for finished writes; waits for them or a thaw.
+    pub struct Waker {
+        inotify: i32,
+    }
+
+    impl Waker {
+        /// Watches `dirs` (those that exist; none is fine: then only the signal and
+        /// the time end a wait).
+        pub fn new(dirs: &[&Path]) -> Self {
+            // SAFETY: plain syscalls on fds this struct owns; the paths are NUL-terminated.
+            let inotify = unsafe { inotify_init1(O_NONBLOCK | O_CLOEXEC) };
+            let mut watching = false;
+            if inotify >= 0 {
+                for dir in dirs {
+                    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else { continue };
+                    watching |= unsafe { inotify_add_watch(inotify, path.as_ptr(), WATCH_MASK) } >= 0;
+                }
+            }
+            if !watching && inotify >= 0 {
+                unsafe { close(inotify) };
+            }
+            Self { inotify: if watching { inotify } else { -1 } }
+        }
+
+        /// Whether a change in the directories ends a wait (else the caller polls).
+        pub fn watching(&self) -> bool {
+            self.inotify >= 0
+        }
+
+        /// Waits up to `timeout` for a change, a thaw or the time to run out.
+        pub fn wait(&mut self, timeout: Duration) -> Woken {
+            let thaw = THAW_READ.load(Ordering::Relaxed);
+            let mut fds = [
+                PollFd { fd: thaw, events: POLLIN, revents: 0 },
+                PollFd { fd: self.inotify, events: POLLIN, revents: 0 },
+            ];
+            // poll ignores negative fds.
+            let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
+            // SAFETY: fds is a valid array of two pollfd structs.
+            let n = unsafe { poll(fds.as_mut_ptr(), 2, ms) };
+            if n < 0 {
+                // SAFETY: errno is thread-local.
+                if unsafe { *__errno_location() } == EINTR {
+                    return Woken::Changed; // looked at again; a SIGCONT shows on the pipe next
+                }
+                std::thread::sleep(timeout); // poll itself failed: sleep as before
+                return Woken::Timeout;
+            }
+            if fds[0].revents != 0 {
+                drain(thaw);
+                return Woken::Thawed;
+            }
+            if fds[1].revents != 0 {
+                drain(self.inotify);
+                return Woken::Changed;
+            }
+            Woken::Timeout
+        }
+    }
+
+    /// Reads a non-blocking fd empty.
+    fn drain(fd: i32) {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads into a buffer of the given size.
+        while unsafe { read(fd, buf.as_mut_ptr(), buf.len()) } > 0 {}
     }
 }
 

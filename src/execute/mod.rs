@@ -238,6 +238,11 @@ impl Executor<'_> {
                 out.done.push("paused container".into());
             }
             Action::Unpause { id } => {
+                // A thaw is a wake: the agent's silence while frozen is not a hang
+                // (liveness::silent_since), however the resume was asked for (the
+                // file, the CLI, a wake, a freed quota slot). Recorded first, so a
+                // crash between the two cannot leave a thawed agent judged silent.
+                self.store.request_wake(uid, now).await?;
                 self.runtime.unpause(id).await?;
                 out.done.push("unpaused container".into());
             }
