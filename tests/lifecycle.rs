@@ -149,9 +149,25 @@ fn a_suspended_workspace_whose_container_is_removed_comes_back_suspended() {
     if !docker_available() {
         return;
     }
-    let (op, ws) = start("heal-suspended", "dev", "{idleAfter: 2s}", "");
+    let mut op = Op::new("heal-suspended");
+    op.write("team.yaml", "apiVersion: molecule.ai/v1alpha1\nkind: Team\nmetadata: {name: eng}\nspec: {}\n");
+    op.write("dev.yaml", &manifest("dev", "{idleAfter: 2s}", "  team: eng\n"));
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
     let old = cid(&ws["dev"]);
     op.wait("dev suspended", SETTLE, |ws| suspended_for(&ws["dev"], "Idle"));
+    // `get teams` counts it, as settled.
+    let teams: Vec<Value> = serde_json::from_slice(&op.cli(&["get", "teams", "-o", "json"]).stdout).unwrap();
+    let eng = teams.iter().find(|t| t["name"] == "eng").expect("team eng");
+    assert_eq!(eng["phases"]["Suspended"], 1, "{eng}");
+    let ready = eng["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["status"], "True", "a suspended member is settled: {ready}");
+    let table = String::from_utf8(op.cli(&["get", "teams"]).stdout).unwrap();
+    let mut lines = table.lines();
+    let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let col = head.iter().position(|h| *h == "SUSPENDED").unwrap_or_else(|| panic!("no SUSPENDED column:\n{table}"));
+    assert_eq!(row[col], "1", "{table}");
     remove_out_of_band(&[&old]);
     let ws = op.wait("dev back, suspended, in a new container", SETTLE, |ws| {
         let w = &ws["dev"];
