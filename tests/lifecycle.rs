@@ -215,6 +215,7 @@ fn a_long_pause_by_the_file_ends_in_a_thaw_not_a_restart() {
     assert_ne!(token, old_token, "onPause: Revoke: a new token");
     let uid = ws["dev"]["uid"].as_str().unwrap();
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &token, uid), 200);
+    assert!(read_file_in(&id, "/configs/.thawed").is_some(), "the thaw was announced in /configs/.thawed");
     let describe = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
     assert!(!describe.contains("agent silent"), "restarted for its silence while frozen:\n{describe}");
     assert!(!describe.contains("token-file"), "the token was written before the thaw, not after:\n{describe}");

@@ -15,16 +15,17 @@
 //! change of the token, sends a heartbeat at once. The lifecycle autopilot never
 //! suspends an agent that reports `active_tasks > 0`.
 //!
-//! A container thawed after a pause heartbeats at once: the operator sends SIGCONT
-//! after it unpauses a container (the default action of which is nothing, so other
-//! images are not harmed), and a wait that took much longer than it asked for (the
-//! cgroup freezer stopped the process; thawed by someone else) is cut short as well.
-//! Without the signal a short freeze inside one wait could not be told apart from no
-//! freeze at all, and the first heartbeat after the thaw came up to an interval late.
+//! A container thawed after a pause heartbeats at once: the operator writes the time
+//! into `$WORKSPACE_CONFIG_PATH/.thawed` just before it unpauses a container, so the
+//! change is waiting for the agent the moment it runs; and a wait that took much
+//! longer than it asked for (the cgroup freezer stopped the process; thawed by
+//! someone else) is cut short as well. Without the file a freeze shorter than one
+//! wait could not be told apart from no freeze at all, and the first heartbeat after
+//! the thaw came up to an interval late.
 //!
 //! std only, no crates: build.rs compiles this file with plain rustc into a static
-//! binary for the `FROM scratch` image (see src/runtime/agent_image.rs); inotify,
-//! poll and the signal's self-pipe are glibc's own functions, declared below. It logs one
+//! binary for the `FROM scratch` image (see src/runtime/agent_image.rs); inotify
+//! and poll are glibc's own functions, declared below. It logs one
 //! line per state change to stderr and never logs more than the token's first 8 chars.
 //! A token file longer than `MAX_TOKEN_FILE` bytes is not read: it holds no token.
 //!
@@ -59,6 +60,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const TOKEN_FILE: &str = ".auth_token";
 /// The activity file (see the module doc), in the config directory.
 const ACTIVE_TASKS_FILE: &str = ".active_tasks";
+/// What the operator rewrites just before it thaws the container, in the config directory.
+const THAW_FILE: &str = ".thawed";
 /// Longest token file read (a token is 43 characters): a longer one is not a token.
 const MAX_TOKEN_FILE: u64 = 4096;
 /// How often a waiting agent looks at the token file when it cannot watch it.
@@ -75,7 +78,6 @@ const IDENTITY_WATCHED_POLL: Duration = Duration::from_secs(1);
 
 fn main() {
     exit_on_sigterm();
-    wake::on_sigcont();
     let args: Vec<String> = env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["--version"] => {
@@ -117,10 +119,12 @@ fn run(cfg: &Config) -> ! {
         [cfg.token_path.parent(), cfg.activity_path.parent()].into_iter().flatten().collect();
     let mut waker = wake::Waker::new(&watched);
     let mut activity = Activity { path: cfg.activity_path.clone(), reported: None };
+    let mut thaw = Marker::new(cfg.thaw_path.clone());
     let mut registered = false;
     let mut backoff = MIN_BACKOFF;
     let mut last_state = String::new();
     loop {
+        thaw.note();
         let token_changed = token.refresh();
         let endpoint = if registered { "heartbeat" } else { "register" };
         // Read every time (so a change is noted once); sent with heartbeats only.
@@ -149,7 +153,7 @@ fn run(cfg: &Config) -> ! {
         }
         // A rewritten token file cuts the wait short (at once after a 401 if it already
         // changed), as does a changed activity file or a thaw.
-        token.wait_for_change(wait, &activity, &mut waker);
+        token.wait_for_change(wait, &activity, &thaw, &mut waker);
     }
 }
 
@@ -166,6 +170,28 @@ struct Config {
     heartbeat: Duration,
     token_path: PathBuf,
     activity_path: PathBuf,
+    thaw_path: PathBuf,
+}
+
+/// A file whose every change means "now" (the thaw file): what it held when last noted.
+struct Marker {
+    path: PathBuf,
+    seen: Option<String>,
+}
+
+impl Marker {
+    fn new(path: PathBuf) -> Self {
+        let seen = fs::read_to_string(&path).ok();
+        Self { path, seen }
+    }
+
+    fn note(&mut self) {
+        self.seen = fs::read_to_string(&self.path).ok();
+    }
+
+    fn changed(&self) -> bool {
+        fs::read_to_string(&self.path).ok() != self.seen
+    }
 }
 
 /// The activity file: what the last heartbeat reported from it (None: it never existed).
@@ -223,9 +249,16 @@ impl Config {
             Ok(path) if !path.is_empty() => PathBuf::from(path),
             _ => config_dir.join(TOKEN_FILE),
         };
-        let activity_path = PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()))
-            .join(ACTIVE_TASKS_FILE);
-        Ok(Self { registry, workspace_id, heartbeat: Duration::from_secs_f64(heartbeat), token_path, activity_path })
+        let activity_path = config_dir.join(ACTIVE_TASKS_FILE);
+        let thaw_path = config_dir.join(THAW_FILE);
+        Ok(Self {
+            registry,
+            workspace_id,
+            heartbeat: Duration::from_secs_f64(heartbeat),
+            token_path,
+            activity_path,
+            thaw_path,
+        })
     }
 }
 
@@ -332,22 +365,20 @@ impl TokenFile {
     }
 
     /// Waits for `total`, returning early once the file's content differs from the last
-    /// read, the activity file changed, or the process was thawed (SIGCONT, or a wait
-    /// that took far longer than asked). Looks again whenever the watched directories
-    /// change, and every `TOKEN_POLL` when they cannot be watched.
-    fn wait_for_change(&self, total: Duration, activity: &Activity, waker: &mut wake::Waker) {
+    /// read, the activity file changed, or the process was thawed (the thaw file
+    /// changed, or a wait took far longer than asked). Looks again whenever the
+    /// watched directories change, and every `TOKEN_POLL` when they cannot be watched.
+    fn wait_for_change(&self, total: Duration, activity: &Activity, thaw: &Marker, waker: &mut wake::Waker) {
         let deadline = Instant::now() + total;
         let poll = if waker.watching() { WATCHED_POLL } else { TOKEN_POLL };
-        while self.read().ok() == self.content && !activity.changed() {
+        while self.read().ok() == self.content && !activity.changed() && !thaw.changed() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
             let slice = left.min(poll);
             let before = std::time::SystemTime::now();
-            if waker.wait(slice) == wake::Woken::Thawed {
-                return; // SIGCONT: the operator thawed us; heartbeat now
-            }
+            waker.wait(slice);
             if before.elapsed().is_ok_and(|took| took > slice + Duration::from_secs(1)) {
                 return; // frozen meanwhile: heartbeat now
             }
@@ -367,21 +398,18 @@ impl TokenFile {
     }
 }
 
-/// What ends a wait early: a change in a watched directory (inotify) or SIGCONT (the
-/// operator thawed the container). glibc's functions, declared here: the agent has no
-/// crates. Everything falls back to plain sleeping when a call fails.
+/// What ends a wait early: a change in a watched directory (inotify). glibc's
+/// functions, declared here: the agent has no crates. A wait falls back to plain
+/// sleeping when a call fails.
 mod wake {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     use std::path::Path;
-    use std::sync::atomic::{AtomicI32, Ordering};
     use std::time::Duration;
 
-    const SIGCONT: i32 = 18;
     const O_NONBLOCK: i32 = 0o4000;
     const O_CLOEXEC: i32 = 0o2000000;
     const POLLIN: i16 = 1;
-    const EINTR: i32 = 4;
     // Only what ends a write, so a file is never read half-written: close after a
     // write, a rename into the directory (the operator's writes), a deletion, and
     // a rename out of it or a mode change (a Secret volume's symlink swap).
@@ -404,61 +432,18 @@ mod wake {
         fn inotify_add_watch(fd: i32, path: *const std::ffi::c_char, mask: u32) -> i32;
         fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
         fn read(fd: i32, buf: *mut u8, count: usize) -> isize;
-        fn write(fd: i32, buf: *const u8, count: usize) -> isize;
-        fn pipe2(fds: *mut i32, flags: i32) -> i32;
         fn close(fd: i32) -> i32;
-        fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
-        fn __errno_location() -> *mut i32;
     }
 
-    /// The self-pipe SIGCONT writes to (-1: none).
-    static THAW_READ: AtomicI32 = AtomicI32::new(-1);
-    static THAW_WRITE: AtomicI32 = AtomicI32::new(-1);
-
-    extern "C" fn on_signal(_: i32) {
-        let fd = THAW_WRITE.load(Ordering::Relaxed);
-        if fd >= 0 {
-            // SAFETY: write is async-signal-safe; a full pipe (EAGAIN) already says "thawed".
-            unsafe { write(fd, [1u8].as_ptr(), 1) };
-        }
-    }
-
-    /// Makes SIGCONT end the current wait (a pipe the handler writes to, so a signal
-    /// that arrives just before a wait starts is not lost).
-    pub fn on_sigcont() {
-        let mut fds = [-1i32; 2];
-        // SAFETY: pipe2 writes two fds into the array; signal installs a handler that
-        // only calls write, which is async-signal-safe.
-        unsafe {
-            if pipe2(fds.as_mut_ptr(), O_NONBLOCK | O_CLOEXEC) != 0 {
-                return;
-            }
-            THAW_READ.store(fds[0], Ordering::Relaxed);
-            THAW_WRITE.store(fds[1], Ordering::Relaxed);
-            signal(SIGCONT, on_signal);
-        }
-    }
-
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Woken {
-        /// Something changed in a watched directory (or a signal interrupted the wait).
-        Changed,
-        /// SIGCONT arrived.
-        Thawed,
-        /// The time ran out.
-        Timeout,
-    }
-
-    /// Watches directories for finished writes; waits for them or a thaw.
+    /// Watches directories for finished writes; waits for them or the time to run out.
     pub struct Waker {
         inotify: i32,
     }
 
     impl Waker {
-        /// Watches `dirs` (those that exist; none is fine: then only the signal and
-        /// the time end a wait).
+        /// Watches `dirs` (those that exist; none at all: every wait is a plain sleep).
         pub fn new(dirs: &[&Path]) -> Self {
-            // SAFETY: plain syscalls on fds this struct owns; the paths are NUL-terminated.
+            // SAFETY: plain syscalls on an fd this struct owns; the paths are NUL-terminated.
             let inotify = unsafe { inotify_init1(O_NONBLOCK | O_CLOEXEC) };
             let mut watching = false;
             if inotify >= 0 {
@@ -466,9 +451,9 @@ mod wake {
                     let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else { continue };
                     watching |= unsafe { inotify_add_watch(inotify, path.as_ptr(), WATCH_MASK) } >= 0;
                 }
-            }
-            if !watching && inotify >= 0 {
-                unsafe { close(inotify) };
+                if !watching {
+                    unsafe { close(inotify) };
+                }
             }
             Self { inotify: if watching { inotify } else { -1 } }
         }
@@ -478,42 +463,30 @@ mod wake {
             self.inotify >= 0
         }
 
-        /// Waits up to `timeout` for a change, a thaw or the time to run out.
-        pub fn wait(&mut self, timeout: Duration) -> Woken {
-            let thaw = THAW_READ.load(Ordering::Relaxed);
-            let mut fds = [
-                PollFd { fd: thaw, events: POLLIN, revents: 0 },
-                PollFd { fd: self.inotify, events: POLLIN, revents: 0 },
-            ];
-            // poll ignores negative fds.
+        /// Waits up to `timeout` for a change in a watched directory (true) or the time
+        /// to run out (false).
+        pub fn wait(&mut self, timeout: Duration) -> bool {
+            if self.inotify < 0 {
+                std::thread::sleep(timeout);
+                return false;
+            }
+            let mut fd = PollFd { fd: self.inotify, events: POLLIN, revents: 0 };
             let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
-            // SAFETY: fds is a valid array of two pollfd structs.
-            let n = unsafe { poll(fds.as_mut_ptr(), 2, ms) };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { poll(&mut fd, 1, ms) };
             if n < 0 {
-                // SAFETY: errno is thread-local.
-                if unsafe { *__errno_location() } == EINTR {
-                    return Woken::Changed; // looked at again; a SIGCONT shows on the pipe next
-                }
-                std::thread::sleep(timeout); // poll itself failed: sleep as before
-                return Woken::Timeout;
+                // Interrupted or failed: never spin; the caller looks again after this.
+                std::thread::sleep(timeout.min(Duration::from_millis(500)));
+                return false;
             }
-            if fds[0].revents != 0 {
-                drain(thaw);
-                return Woken::Thawed;
+            if n > 0 && fd.revents != 0 {
+                let mut buf = [0u8; 4096];
+                // SAFETY: reads into a buffer of the given size; the fd is non-blocking.
+                while unsafe { read(self.inotify, buf.as_mut_ptr(), buf.len()) } > 0 {}
+                return true;
             }
-            if fds[1].revents != 0 {
-                drain(self.inotify);
-                return Woken::Changed;
-            }
-            Woken::Timeout
+            false
         }
-    }
-
-    /// Reads a non-blocking fd empty.
-    fn drain(fd: i32) {
-        let mut buf = [0u8; 4096];
-        // SAFETY: reads into a buffer of the given size.
-        while unsafe { read(fd, buf.as_mut_ptr(), buf.len()) } > 0 {}
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, IDENTITY_FILE, TOKEN_FILE, labels};
+use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, IDENTITY_FILE, THAW_FILE, TOKEN_FILE, labels};
 use crate::model::{RevokeReason, WorkspaceRecord};
 use crate::rules::{Action, Desired, Facts};
 use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, identity_file, render};
@@ -248,6 +248,13 @@ impl Executor<'_> {
                 // file, the CLI, a wake, a freed quota slot). Recorded first, so a
                 // crash between the two cannot leave a thawed agent judged silent.
                 self.store.request_wake(uid, now).await?;
+                // Written while frozen: the agent's inotify holds the event, and the
+                // agent heartbeats the moment it runs. A courtesy: without it the
+                // agent notices only a freeze longer than one of its waits.
+                let at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                if let Err(e) = self.runtime.write_file(id, CONFIGS_DIR, THAW_FILE, at.as_bytes(), 0o600).await {
+                    tracing::debug!(workspace = %record.key, error = %e, "could not write the thaw file; unpausing anyway");
+                }
                 self.runtime.unpause(id).await?;
                 out.done.push("unpaused container".into());
             }

@@ -20,8 +20,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    EventsOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, UploadToContainerOptionsBuilder,
+    EventsOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::{Docker, body_full};
 use chrono::{DateTime, Utc};
@@ -507,21 +507,11 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    /// Thaws the container, then sends it SIGCONT: a process frozen for less than one
-    /// of its waits cannot tell it was frozen at all, and the built-in agent heartbeats
-    /// at once on the signal (`wake` in src/bin/molecule-agent.rs). SIGCONT's default
-    /// action is nothing, so any other image is unharmed; Docker's init passes it on.
-    /// The signal is a courtesy: its failure is only logged.
     async fn unpause(&self, id: &str) -> RuntimeResult<()> {
         match self.docker.unpause_container(id).await {
-            Err(e) if message(&e).contains("is not paused") => return Ok(()),
-            r => r.map_err(|e| api_error(format!("unpausing container {id}"), e))?,
+            Err(e) if message(&e).contains("is not paused") => Ok(()),
+            r => r.map_err(|e| api_error(format!("unpausing container {id}"), e)),
         }
-        let options = KillContainerOptionsBuilder::new().signal("SIGCONT").build();
-        if let Err(e) = self.docker.kill_container(id, Some(options)).await {
-            tracing::debug!(container = id, error = %message(&e), "SIGCONT after the unpause was not delivered");
-        }
-        Ok(())
     }
 
     /// Refuses a container that carries another instance's label (names are global).
