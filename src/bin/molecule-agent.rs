@@ -40,9 +40,9 @@
 //! A warm-pool member (`MOLECULE_POOL` set, no `MOLECULE_WORKSPACE_ID`) has no identity
 //! yet: it waits for `$WORKSPACE_CONFIG_PATH/.identity` (written by the operator when
 //! a workspace claims it, after the token file), watching the directory (or looking
-//! every 10 ms without inotify), then registers as the workspace it names. The file's lines: `workspace_id=`, `workspace_name=`,
-//! `env.NAME=VALUE` (the env overlay; `\n` and `\\` escaped), and `end` last, so a
-//! file still being written is not taken.
+//! every 10 ms without inotify), then registers as the workspace it names. The file's
+//! lines: `workspace_id=`, `workspace_name=`, `env.NAME=VALUE` (the env overlay; `\n`
+//! and `\\` escaped), and `end` last, so a file still being written is not taken.
 //!
 //! `molecule-agent pause` does nothing until SIGTERM: the local node runs it as the
 //! sandbox that holds a Pod's network namespace (the role of Kubernetes' pause image).
@@ -411,8 +411,8 @@ mod wake {
     const O_CLOEXEC: i32 = 0o2000000;
     const POLLIN: i16 = 1;
     // Only what ends a write, so a file is never read half-written: close after a
-    // write, a rename into the directory (the operator's writes), a deletion, and
-    // a rename out of it or a mode change (a Secret volume's symlink swap).
+    // write, a rename into the directory (the operator's writes) or out of it (a
+    // Secret volume's symlink swap), a deletion, a mode change.
     const IN_ATTRIB: u32 = 0x4;
     const IN_CLOSE_WRITE: u32 = 0x8;
     const IN_MOVED_FROM: u32 = 0x40;
@@ -438,6 +438,15 @@ mod wake {
     /// Watches directories for finished writes; waits for them or the time to run out.
     pub struct Waker {
         inotify: i32,
+    }
+
+    impl Drop for Waker {
+        fn drop(&mut self) {
+            if self.inotify >= 0 {
+                // SAFETY: closes the fd this struct owns, once.
+                unsafe { close(self.inotify) };
+            }
+        }
     }
 
     impl Waker {
