@@ -84,8 +84,8 @@ def main():
             CASES[case], len(xs), pct(xs, 50), pct(xs, 95), max(xs), TARGETS[case],
             "(holds)" if pct(xs, 95) < TARGETS[case] else "(NOT met)"))
     out += ["", "Notes:",
-            "- Paused: the container is thawed (`docker unpause`); the agent notices it was frozen (a sleep that took "
-            "far longer than asked) and heartbeats at once on its old token (`onPause: Keep`).",
+            "- Paused: the container is thawed (`docker unpause`, after `/configs/.thawed` is written); the agent "
+            "heartbeats at once on the file's change, on its old token (`onPause: Keep`).",
             "- Stopped: a new incarnation is provisioned (container create and start, a new token written before the "
             "start), and the new agent registers."]
     finish_section(a, out, load_start)

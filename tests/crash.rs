@@ -1,6 +1,7 @@
 //! Crash consistency at every step: the operator is started with
 //! `MOLECULE_FAILPOINT=<point>`, driven through the flow that reaches the point
-//! (provision, recreate, token reissue, rotation, pause/resume, removal), aborts
+//! (provision, recreate, token reissue, rotation, pause/resume, removal, a warm-pool
+//! claim), aborts
 //! there, and is started again without it. After that restart the end state is the
 //! declared one, with no duplicate container and no live token without its
 //! container: exactly one container, its token file holds a live token the registry
@@ -32,6 +33,8 @@ enum Flow {
     PauseResume,
     /// The file is deleted: revoke, remove container and volume, forget.
     Remove,
+    /// A workspace naming a full warm pool of one claims its member.
+    Claim,
 }
 
 const FLOWS: &[(Flow, &[&str])] = &[
@@ -52,6 +55,10 @@ const FLOWS: &[(Flow, &[&str])] = &[
     (Flow::Rotate, &["rotate-after-issue", "rotate-after-write", "after-rotate-token", "after-revoke-token-ids"]),
     (Flow::PauseResume, &["after-pause", "after-unpause"]),
     (Flow::Remove, &["after-revoke-tokens", "after-remove-container", "after-remove-volume", "after-forget"]),
+    (
+        Flow::Claim,
+        &["claim-after-store", "claim-after-issue", "claim-after-write", "claim-after-identity", "after-claim"],
+    ),
 ];
 
 /// Points no flow here reaches, and why they are safe to leave to unit tests.
@@ -63,11 +70,6 @@ const NOT_REACHED: &[(&str, &str)] = &[
     ),
     ("after-record-restart", "heartbeat restarts: the Provision that follows is covered by the Provision flow"),
     ("after-reset-restarts", "a counter reset; a crash after it only leaves the counter at zero"),
-    (
-        "after-claim",
-        "warm pools: a crash after a claim leaves the record, token and identity written; one mid-claim leaves \
-         the member the workspace's with a file missing, which the token-file and heartbeat rules heal",
-    ),
     (
         "after-suspend",
         "one record write; a crash after it leaves the suspension recorded and the pause rule carries it out on restart",
@@ -102,6 +104,9 @@ fn sqlite(op: &Op, q: &str) -> String {
 }
 
 fn run(flow: Flow, point: &str) {
+    if flow == Flow::Claim {
+        return run_claim(point);
+    }
     let mut op = Op::new(&format!("crash-{}", point.replace(['@', '-'], "")));
     let spec = match flow {
         Flow::Rotate => "  tokenPolicy:\n    rotateEvery: 2s\n    overlap: 1s\n",
@@ -124,7 +129,7 @@ fn run(flow: Flow, point: &str) {
                 }
             }
             Flow::Remove => op.remove_file("dev.yaml"),
-            Flow::Provision | Flow::Rotate => {}
+            Flow::Provision | Flow::Rotate | Flow::Claim => {}
         }
     }
     assert!(op.wait_exit(UP), "the operator never reached failpoint {point}");
@@ -182,6 +187,82 @@ fn run(flow: Flow, point: &str) {
     }
 }
 
+const POOL: &str = "apiVersion: molecule.ai/v1alpha1
+kind: WarmPool
+metadata:
+  name: agents
+spec:
+  size: 1
+  template:
+    runtime: langgraph
+    tier: 1
+";
+
+/// `get warmpools -o json`: (ready, claimed) of default/agents.
+fn pool(op: &Op) -> Option<(u64, u64)> {
+    let out = op.cli(&["get", "warmpools", "-o", "json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    let p = all.iter().find(|p| p["name"] == "agents")?;
+    Some((p["ready"].as_u64()?, p["claimed"].as_u64()?))
+}
+
+/// A crash at each step of a claim: after the restart the workspace is online in the
+/// member it claimed (not replaced: incarnation 1), with one live token, the one in
+/// the file; the pool is refilled and no member is left over.
+fn run_claim(point: &str) {
+    let mut op = Op::new(&format!("crash-{}", point.replace(['@', '-'], "")));
+    op.write("pool.yaml", POOL);
+    op.env = vec![("MOLECULE_FAILPOINT".into(), point.into())];
+    op.start();
+    wait_until("the pool to fill", UP, || pool(&op) == Some((1, 0)));
+    let members = op.containers();
+    assert_eq!(members.len(), 1, "{members:?}");
+    op.write("dev.yaml", &yaml("  warmPool: agents\n"));
+    assert!(op.wait_exit(UP), "the operator never reached failpoint {point}");
+    assert!(op.logs().contains("failpoint reached"), "{point}: exited without reaching it:\n{}", op.logs());
+
+    op.env.clear();
+    op.start();
+    let t0 = std::time::Instant::now();
+    loop {
+        let ws = op.get().unwrap_or_default();
+        let dev = ws.get("dev").cloned().unwrap_or_default();
+        let cid = dev["container"]["id"].as_str().unwrap_or("none").to_string();
+        let token = read_token(&cid).map(|t| t.0);
+        let uid = dev["uid"].as_str().unwrap_or_default();
+        let accepted = token.as_ref().map(|t| registry(&op.url(), "/registry/heartbeat", t, uid));
+        let open =
+            sqlite(&op, "SELECT count(*) FROM workspace_auth_tokens WHERE revoked_at IS NULL AND expires_at IS NULL");
+        let in_member = members.iter().any(|m| cid.starts_with(m.as_str()));
+        let containers = op.containers().len();
+        let refilled = pool(&op);
+        if online(&dev)
+            && in_member
+            && dev["incarnation"] == 1
+            && accepted == Some(200)
+            && open == "1"
+            && refilled == Some((1, 1))
+            && containers == 2
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < UP,
+            "{point}: after the restart: online {}, in the claimed member {in_member} ({cid}), incarnation {}, \
+             the file's token answered {accepted:?}, {open} live token(s), pool (ready, claimed) {refilled:?}, \
+             {containers} container(s)\n{}",
+            online(&dev),
+            dev["incarnation"],
+            op.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
+    assert!(!log.contains("provision a new incarnation"), "{point}: the member was replaced:\n{log}");
+    // Mid-claim, the claim was carried out again; after it, nothing was left to do.
+    assert_eq!(log.contains("was not finished"), point != "after-claim", "{point}:\n{log}");
+}
+
 fn run_flow(flow: Flow) {
     if !docker_available() {
         return;
@@ -220,4 +301,9 @@ fn crash_during_pause_and_resume() {
 #[test]
 fn crash_during_a_removal() {
     run_flow(Flow::Remove);
+}
+
+#[test]
+fn crash_during_a_warm_pool_claim() {
+    run_flow(Flow::Claim);
 }

@@ -149,15 +149,87 @@ fn a_suspended_workspace_whose_container_is_removed_comes_back_suspended() {
     if !docker_available() {
         return;
     }
-    let (op, ws) = start("heal-suspended", "dev", "{idleAfter: 2s}", "");
+    let mut op = Op::new("heal-suspended");
+    op.write("team.yaml", "apiVersion: molecule.ai/v1alpha1\nkind: Team\nmetadata: {name: eng}\nspec: {}\n");
+    op.write("dev.yaml", &manifest("dev", "{idleAfter: 2s}", "  team: eng\n"));
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
     let old = cid(&ws["dev"]);
     op.wait("dev suspended", SETTLE, |ws| suspended_for(&ws["dev"], "Idle"));
+    // `get teams` counts it, as settled.
+    let teams: Vec<Value> = serde_json::from_slice(&op.cli(&["get", "teams", "-o", "json"]).stdout).unwrap();
+    let eng = teams.iter().find(|t| t["name"] == "eng").expect("team eng");
+    assert_eq!(eng["phases"]["Suspended"], 1, "{eng}");
+    let ready = eng["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["status"], "True", "a suspended member is settled: {ready}");
+    let table = String::from_utf8(op.cli(&["get", "teams"]).stdout).unwrap();
+    let mut lines = table.lines();
+    let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let col = head.iter().position(|h| *h == "SUSPENDED").unwrap_or_else(|| panic!("no SUSPENDED column:\n{table}"));
+    assert_eq!(row[col], "1", "{table}");
     remove_out_of_band(&[&old]);
     let ws = op.wait("dev back, suspended, in a new container", SETTLE, |ws| {
         let w = &ws["dev"];
         suspended_for(w, "Idle") && !cid(w).is_empty() && cid(w) != old
     });
     assert_eq!(docker_state(&cid(&ws["dev"])), "paused", "it came back frozen, not running");
+}
+
+/// Paused by the file for longer than the heartbeat TTL, then Running again: the same
+/// container thaws (no new incarnation, no restart for the silence while frozen), with
+/// the new token `onPause: Revoke` asks for written before the thaw.
+#[test]
+fn a_long_pause_by_the_file_ends_in_a_thaw_not_a_restart() {
+    if !docker_available() {
+        return;
+    }
+    let file =
+        |mode: &str| format!("{}  operatingMode: {mode}\n  tokenPolicy: {{onPause: Revoke}}\n", workspace_yaml("dev"));
+    let mut op = Op::new("long-pause");
+    op.write("dev.yaml", &file("Running"));
+    op.start();
+    let ws = op.wait_online(&["dev"], UP);
+    let (id, inc) = (cid(&ws["dev"]), ws["dev"]["incarnation"].clone());
+    let (old_token, _, _) = read_token(&id).expect("token file");
+
+    op.write("dev.yaml", &file("Paused"));
+    op.wait("dev paused", SETTLE, |ws| ws["dev"]["phase"] == "Paused");
+    assert_eq!(docker_state(&id), "paused");
+    // Longer than the TTL (10 s at least) since the agent was last heard.
+    let heard = |w: &Value| w["lastHeartbeatAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    let last = heard(&op.get().unwrap()["dev"]).expect("heard before the pause");
+    wait_until("the pause to outlast the heartbeat TTL", SETTLE, || {
+        chrono::Utc::now().signed_duration_since(last) > chrono::Duration::seconds(12)
+    });
+
+    let resumed = chrono::Utc::now();
+    op.write("dev.yaml", &file("Running"));
+    let ws = op.wait("dev online again, heard after the pause", SETTLE, |ws| {
+        online(&ws["dev"]) && heard(&ws["dev"]).is_some_and(|h| h > last)
+    });
+    assert_eq!(cid(&ws["dev"]), id, "the same container thawed");
+    assert_eq!(ws["dev"]["incarnation"], inc, "no new incarnation");
+    assert_eq!(docker_state(&id), "running");
+    let (token, _, _) = read_token(&id).expect("token file");
+    assert_ne!(token, old_token, "onPause: Revoke: a new token");
+    let uid = ws["dev"]["uid"].as_str().unwrap();
+    assert_eq!(registry(&op.url(), "/registry/heartbeat", &token, uid), 200);
+    assert!(read_file_in(&id, "/configs/.thawed").is_some(), "the thaw was announced in /configs/.thawed");
+    let describe = String::from_utf8(op.cli(&["describe", "workspace", "dev"]).stdout).unwrap();
+    assert!(!describe.contains("agent silent"), "restarted for its silence while frozen:\n{describe}");
+    assert!(!describe.contains("token-file"), "the token was written before the thaw, not after:\n{describe}");
+    // Whether the agent or the next look comes first after the thaw is a race: what
+    // makes it safe is that the thaw is recorded as a wake, from which silence counts.
+    let out = Command::new("sqlite3")
+        .arg(op.state.join("state.db"))
+        .arg("SELECT woken_at FROM workspaces WHERE key = 'default/dev'")
+        .output()
+        .expect("sqlite3 runs");
+    let woken = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let woken = chrono::DateTime::parse_from_rfc3339(&woken.replace(' ', "T"))
+        .unwrap_or_else(|e| panic!("woken_at {woken:?}: {e}"));
+    assert!(woken >= resumed, "the thaw is recorded as a wake: {woken} before the resume at {resumed}");
 }
 
 #[test]

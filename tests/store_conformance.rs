@@ -735,10 +735,15 @@ mod cases {
             container_id: "c0ffee".into(),
             spec_hash: "abcdef0123456789".into(),
             at: t0() + mins(1),
+            pending: true,
         };
         let got = store.claim_member("default/dev", &ws.uid, member, &claim).await.unwrap().expect("claimed");
         assert_eq!((got.uid.as_str(), got.incarnation), (member, 1));
         assert_eq!(got.claim.as_ref(), Some(&claim));
+        // Its files written, the claim is complete.
+        store.complete_claim(member, &claim).await.unwrap();
+        let done = store.workspace("default/dev").await.unwrap().unwrap().claim.unwrap();
+        assert_eq!(done, model::Claim { pending: false, ..claim.clone() });
         assert_eq!(store.workspace_by_uid(&ws.uid).await.unwrap(), None, "the old uid is gone");
         assert_eq!(store.decisions(member, 10).await.unwrap().len(), 1, "the decision log moves with it");
         // Another workspace cannot take the same member, and a provisioned one takes none.
@@ -751,6 +756,8 @@ mod cases {
         store.issue_token(member, 1, t0() + mins(1)).await.unwrap();
         assert_eq!(store.bump_incarnation(member).await.unwrap(), 2);
         assert_eq!(store.workspace("default/dev").await.unwrap().unwrap().claim, None);
+        store.complete_claim(member, &claim).await.unwrap();
+        assert_eq!(store.workspace("default/dev").await.unwrap().unwrap().claim, None, "a cleared claim stays cleared");
     }
 
     pub async fn mode_override_and_restart_request_round_trip(s: &Subject) {

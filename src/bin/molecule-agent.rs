@@ -15,11 +15,17 @@
 //! change of the token, sends a heartbeat at once. The lifecycle autopilot never
 //! suspends an agent that reports `active_tasks > 0`.
 //!
-//! A container thawed after a pause heartbeats at once: a wait that took much longer
-//! than it asked for (the cgroup freezer stopped the process) is cut short.
+//! A container thawed after a pause heartbeats at once: the operator writes the time
+//! into `$WORKSPACE_CONFIG_PATH/.thawed` just before it unpauses a container, so the
+//! change is waiting for the agent the moment it runs; and a wait that took much
+//! longer than it asked for (the cgroup freezer stopped the process; thawed by
+//! someone else) is cut short as well. Without the file a freeze shorter than one
+//! wait could not be told apart from no freeze at all, and the first heartbeat after
+//! the thaw came up to an interval late.
 //!
 //! std only, no crates: build.rs compiles this file with plain rustc into a static
-//! binary for the `FROM scratch` image (see src/runtime/agent_image.rs). It logs one
+//! binary for the `FROM scratch` image (see src/runtime/agent_image.rs); inotify
+//! and poll are glibc's own functions, declared below. It logs one
 //! line per state change to stderr and never logs more than the token's first 8 chars.
 //! A token file longer than `MAX_TOKEN_FILE` bytes is not read: it holds no token.
 //!
@@ -34,10 +40,10 @@
 //! A warm-pool member (`MOLECULE_POOL` set, no `MOLECULE_WORKSPACE_ID`) has no identity
 //! yet: it waits for `$MOLECULE_IDENTITY_FILE` (a Pod's mounted token Secret, key
 //! `identity`) or else `$WORKSPACE_CONFIG_PATH/.identity` (written by the operator when
-//! a workspace claims it, after the token file), looking every 10 ms, then registers
-//! as the workspace it names. The file's lines: `workspace_id=`, `workspace_name=`,
-//! `env.NAME=VALUE` (the env overlay; `\n` and `\\` escaped), and `end` last, so a
-//! file still being written is not taken.
+//! a workspace claims it, after the token file), watching the file's directory (or
+//! looking every 10 ms without inotify), then registers as the workspace it names. The
+//! file's lines: `workspace_id=`, `workspace_name=`, `env.NAME=VALUE` (the env overlay;
+//! `\n` and `\\` escaped), and `end` last, so a file still being written is not taken.
 //!
 //! `molecule-agent pause` does nothing until SIGTERM: the local node runs it as the
 //! sandbox that holds a Pod's network namespace (the role of Kubernetes' pause image).
@@ -55,15 +61,21 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const TOKEN_FILE: &str = ".auth_token";
 /// The activity file (see the module doc), in the config directory.
 const ACTIVE_TASKS_FILE: &str = ".active_tasks";
+/// What the operator rewrites just before it thaws the container, in the config directory.
+const THAW_FILE: &str = ".thawed";
 /// Longest token file read (a token is 43 characters): a longer one is not a token.
 const MAX_TOKEN_FILE: u64 = 4096;
-/// How often a waiting agent looks at the token file.
+/// How often a waiting agent looks at the token file when it cannot watch it.
 const TOKEN_POLL: Duration = Duration::from_millis(500);
+/// How often it looks anyway while it watches (a change inotify did not report).
+const WATCHED_POLL: Duration = Duration::from_secs(5);
 /// The identity a claim writes into a pool member's `/configs`.
 const IDENTITY_FILE: &str = ".identity";
-/// How often a pool member looks for its identity (a stat: cheap, and the claim's
-/// latency is this at most).
+/// How often a pool member looks for its identity when it cannot watch for it (a
+/// stat: cheap, and the claim's latency is this at most).
 const IDENTITY_POLL: Duration = Duration::from_millis(10);
+/// How often it looks anyway while it watches.
+const IDENTITY_WATCHED_POLL: Duration = Duration::from_secs(1);
 
 fn main() {
     exit_on_sigterm();
@@ -104,11 +116,16 @@ fn main() {
 /// Registers, heartbeats, and recovers from every failure by retrying; never returns.
 fn run(cfg: &Config) -> ! {
     let mut token = TokenFile::new(cfg.token_path.clone());
+    let watched: Vec<&std::path::Path> =
+        [cfg.token_path.parent(), cfg.activity_path.parent()].into_iter().flatten().collect();
+    let mut waker = wake::Waker::new(&watched);
     let mut activity = Activity { path: cfg.activity_path.clone(), reported: None };
+    let mut thaw = Marker::new(cfg.thaw_path.clone());
     let mut registered = false;
     let mut backoff = MIN_BACKOFF;
     let mut last_state = String::new();
     loop {
+        thaw.note();
         let token_changed = token.refresh();
         let endpoint = if registered { "heartbeat" } else { "register" };
         // Read every time (so a change is noted once); sent with heartbeats only.
@@ -137,7 +154,7 @@ fn run(cfg: &Config) -> ! {
         }
         // A rewritten token file cuts the wait short (at once after a 401 if it already
         // changed), as does a changed activity file or a thaw.
-        token.wait_for_change(wait, &activity);
+        token.wait_for_change(wait, &activity, &thaw, &mut waker);
     }
 }
 
@@ -154,6 +171,28 @@ struct Config {
     heartbeat: Duration,
     token_path: PathBuf,
     activity_path: PathBuf,
+    thaw_path: PathBuf,
+}
+
+/// A file whose every change means "now" (the thaw file): what it held when last noted.
+struct Marker {
+    path: PathBuf,
+    seen: Option<String>,
+}
+
+impl Marker {
+    fn new(path: PathBuf) -> Self {
+        let seen = fs::read_to_string(&path).ok();
+        Self { path, seen }
+    }
+
+    fn note(&mut self) {
+        self.seen = fs::read_to_string(&self.path).ok();
+    }
+
+    fn changed(&self) -> bool {
+        fs::read_to_string(&self.path).ok() != self.seen
+    }
 }
 
 /// The activity file: what the last heartbeat reported from it (None: it never existed).
@@ -219,9 +258,16 @@ impl Config {
             Ok(path) if !path.is_empty() => PathBuf::from(path),
             _ => config_dir.join(TOKEN_FILE),
         };
-        let activity_path = PathBuf::from(env::var("WORKSPACE_CONFIG_PATH").unwrap_or_else(|_| "/configs".to_string()))
-            .join(ACTIVE_TASKS_FILE);
-        Ok(Self { registry, workspace_id, heartbeat: Duration::from_secs_f64(heartbeat), token_path, activity_path })
+        let activity_path = config_dir.join(ACTIVE_TASKS_FILE);
+        let thaw_path = config_dir.join(THAW_FILE);
+        Ok(Self {
+            registry,
+            workspace_id,
+            heartbeat: Duration::from_secs_f64(heartbeat),
+            token_path,
+            activity_path,
+            thaw_path,
+        })
     }
 }
 
@@ -230,6 +276,8 @@ impl Config {
 /// only counts it.
 fn wait_for_identity(pool: &str, path: &std::path::Path) -> String {
     log(&format!("warm pool {pool} member: waiting for a claim ({})", path.display()));
+    let mut waker = wake::Waker::new(&[path.parent().unwrap_or(std::path::Path::new("/"))]);
+    let slice = if waker.watching() { IDENTITY_WATCHED_POLL } else { IDENTITY_POLL };
     loop {
         if let Ok(text) = fs::read_to_string(path)
             && text.lines().last() == Some("end")
@@ -250,7 +298,7 @@ fn wait_for_identity(pool: &str, path: &std::path::Path) -> String {
                 return id;
             }
         }
-        thread::sleep(IDENTITY_POLL);
+        waker.wait(slice);
     }
 }
 
@@ -325,18 +373,21 @@ impl TokenFile {
         changed
     }
 
-    /// Sleeps for `total`, returning early once the file's content differs from the last
-    /// read, the activity file changed, or a sleep took far longer than asked (thawed).
-    fn wait_for_change(&self, total: Duration, activity: &Activity) {
+    /// Waits for `total`, returning early once the file's content differs from the last
+    /// read, the activity file changed, or the process was thawed (the thaw file
+    /// changed, or a wait took far longer than asked). Looks again whenever the
+    /// watched directories change, and every `TOKEN_POLL` when they cannot be watched.
+    fn wait_for_change(&self, total: Duration, activity: &Activity, thaw: &Marker, waker: &mut wake::Waker) {
         let deadline = Instant::now() + total;
-        while self.read().ok() == self.content && !activity.changed() {
+        let poll = if waker.watching() { WATCHED_POLL } else { TOKEN_POLL };
+        while self.read().ok() == self.content && !activity.changed() && !thaw.changed() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            let slice = left.min(TOKEN_POLL);
+            let slice = left.min(poll);
             let before = std::time::SystemTime::now();
-            thread::sleep(slice);
+            waker.wait(slice);
             if before.elapsed().is_ok_and(|took| took > slice + Duration::from_secs(1)) {
                 return; // frozen meanwhile: heartbeat now
             }
@@ -352,6 +403,107 @@ impl TokenFile {
         match &self.content {
             Some(t) => format!("prefix {}", t.chars().take(8).collect::<String>()),
             None => "none".to_string(),
+        }
+    }
+}
+
+/// What ends a wait early: a change in a watched directory (inotify). glibc's
+/// functions, declared here: the agent has no crates. A wait falls back to plain
+/// sleeping when a call fails.
+mod wake {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::time::Duration;
+
+    const O_NONBLOCK: i32 = 0o4000;
+    const O_CLOEXEC: i32 = 0o2000000;
+    const POLLIN: i16 = 1;
+    // Only what ends a write, so a file is never read half-written: close after a
+    // write, a rename into the directory (the operator's writes) or out of it (a
+    // Secret volume's symlink swap), a deletion, a mode change.
+    const IN_ATTRIB: u32 = 0x4;
+    const IN_CLOSE_WRITE: u32 = 0x8;
+    const IN_MOVED_FROM: u32 = 0x40;
+    const IN_MOVED_TO: u32 = 0x80;
+    const IN_DELETE: u32 = 0x200;
+    const WATCH_MASK: u32 = IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE;
+
+    #[repr(C)]
+    struct PollFd {
+        fd: i32,
+        events: i16,
+        revents: i16,
+    }
+
+    unsafe extern "C" {
+        fn inotify_init1(flags: i32) -> i32;
+        fn inotify_add_watch(fd: i32, path: *const std::ffi::c_char, mask: u32) -> i32;
+        fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
+        fn read(fd: i32, buf: *mut u8, count: usize) -> isize;
+        fn close(fd: i32) -> i32;
+    }
+
+    /// Watches directories for finished writes; waits for them or the time to run out.
+    pub struct Waker {
+        inotify: i32,
+    }
+
+    impl Drop for Waker {
+        fn drop(&mut self) {
+            if self.inotify >= 0 {
+                // SAFETY: closes the fd this struct owns, once.
+                unsafe { close(self.inotify) };
+            }
+        }
+    }
+
+    impl Waker {
+        /// Watches `dirs` (those that exist; none at all: every wait is a plain sleep).
+        pub fn new(dirs: &[&Path]) -> Self {
+            // SAFETY: plain syscalls on an fd this struct owns; the paths are NUL-terminated.
+            let inotify = unsafe { inotify_init1(O_NONBLOCK | O_CLOEXEC) };
+            let mut watching = false;
+            if inotify >= 0 {
+                for dir in dirs {
+                    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else { continue };
+                    watching |= unsafe { inotify_add_watch(inotify, path.as_ptr(), WATCH_MASK) } >= 0;
+                }
+                if !watching {
+                    unsafe { close(inotify) };
+                }
+            }
+            Self { inotify: if watching { inotify } else { -1 } }
+        }
+
+        /// Whether a change in the directories ends a wait (else the caller polls).
+        pub fn watching(&self) -> bool {
+            self.inotify >= 0
+        }
+
+        /// Waits up to `timeout` for a change in a watched directory (true) or the time
+        /// to run out (false).
+        pub fn wait(&mut self, timeout: Duration) -> bool {
+            if self.inotify < 0 {
+                std::thread::sleep(timeout);
+                return false;
+            }
+            let mut fd = PollFd { fd: self.inotify, events: POLLIN, revents: 0 };
+            let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let n = unsafe { poll(&mut fd, 1, ms) };
+            if n < 0 {
+                // Interrupted or failed: never spin; the caller looks again after this.
+                std::thread::sleep(timeout.min(Duration::from_millis(500)));
+                return false;
+            }
+            if n > 0 && fd.revents != 0 {
+                let mut buf = [0u8; 4096];
+                // SAFETY: reads into a buffer of the given size; the fd is non-blocking.
+                while unsafe { read(self.inotify, buf.as_mut_ptr(), buf.len()) } > 0 {}
+                return true;
+            }
+            false
         }
     }
 }

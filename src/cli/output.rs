@@ -153,12 +153,25 @@ pub fn pools_table(pools: &[crate::registry::admin::PoolSummary]) -> String {
     table(&headers, &rows)
 }
 
-/// `get teams`: members and counts by phase (Pending includes Provisioning).
+/// `get teams`: members and counts by phase (Pending includes Provisioning; Suspended
+/// is the lifecycle autopilot's Paused or Stopped, apart from the owner's).
 pub fn teams_table(teams: &[TeamSummary]) -> String {
     if teams.is_empty() {
         return "No teams are declared.\n".into();
     }
-    let headers = ["NAME", "READY", "MEMBERS", "RUNNING", "PENDING", "PAUSED", "STOPPED", "DEGRADED", "FAILED", "MODE"];
+    let headers = [
+        "NAME",
+        "READY",
+        "MEMBERS",
+        "RUNNING",
+        "PENDING",
+        "PAUSED",
+        "STOPPED",
+        "SUSPENDED",
+        "DEGRADED",
+        "FAILED",
+        "MODE",
+    ];
     let rows: Vec<Vec<String>> = teams
         .iter()
         .map(|t| {
@@ -176,6 +189,7 @@ pub fn teams_table(teams: &[TeamSummary]) -> String {
                 (t.count(Phase::Pending) + t.count(Phase::Provisioning)).to_string(),
                 t.count(Phase::Paused).to_string(),
                 t.count(Phase::Stopped).to_string(),
+                t.count(Phase::Suspended).to_string(),
                 t.count(Phase::Degraded).to_string(),
                 t.count(Phase::Failed).to_string(),
                 match (t.declared, t.operating_mode) {
@@ -585,10 +599,11 @@ mod tests {
             ALL_PHASES.iter().map(|p| (p.to_string(), 0)).collect();
         phases.insert("Running".into(), 2);
         phases.insert("Provisioning".into(), 1);
+        phases.insert("Suspended".into(), 1);
         let t = TeamSummary {
             name: "eng".into(),
             namespace: "default".into(),
-            members: 3,
+            members: 4,
             phases,
             operating_mode: None,
             max_workspaces: None,
@@ -606,9 +621,12 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME   READY   MEMBERS   RUNNING   PENDING   PAUSED   STOPPED   DEGRADED   FAILED   MODE"
+            "NAME   READY   MEMBERS   RUNNING   PENDING   PAUSED   STOPPED   SUSPENDED   DEGRADED   FAILED   MODE"
         );
-        assert_eq!(lines[1], "eng    False   3         2         1         0        0         0          0        -");
+        assert_eq!(
+            lines[1],
+            "eng    False   4         2         1         0        0         1           0          0        -"
+        );
     }
 
     #[test]

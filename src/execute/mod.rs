@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, IDENTITY_FILE, TOKEN_FILE, labels};
+use crate::model::container::{CONFIG_FILE_MODE, CONFIGS_DIR, IDENTITY_FILE, THAW_FILE, TOKEN_FILE, labels};
 use crate::model::{RevokeReason, WorkspaceRecord};
 use crate::rules::{Action, Desired, Facts};
 use crate::runtime::render::{AgentEnv, Identity, config_volume_name, container_name, identity_file, render};
@@ -60,7 +60,8 @@ pub struct Executor<'a> {
 }
 
 /// Every step the process can be killed at (tests/crash.rs crashes at each): the
-/// steps inside a provision, a token reissue and a rotation, and after every action.
+/// steps inside a provision, a token reissue, a rotation and a warm-pool claim, and
+/// after every action.
 pub const FAILPOINTS: &[&str] = &[
     "provision-after-bump",
     "provision-after-remove",
@@ -87,6 +88,10 @@ pub const FAILPOINTS: &[&str] = &[
     "after-suspend",
     "after-lifetime-clock",
     "after-forget",
+    "claim-after-store",
+    "claim-after-issue",
+    "claim-after-write",
+    "claim-after-identity",
     "after-claim",
 ];
 
@@ -238,6 +243,18 @@ impl Executor<'_> {
                 out.done.push("paused container".into());
             }
             Action::Unpause { id } => {
+                // A thaw is a wake: the agent's silence while frozen is not a hang
+                // (liveness::silent_since), however the resume was asked for (the
+                // file, the CLI, a wake, a freed quota slot). Recorded first, so a
+                // crash between the two cannot leave a thawed agent judged silent.
+                self.store.request_wake(uid, now).await?;
+                // Written while frozen: the agent's inotify holds the event, and the
+                // agent heartbeats the moment it runs. A courtesy: without it the
+                // agent notices only a freeze longer than one of its waits.
+                let at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                if let Err(e) = self.runtime.write_file(id, CONFIGS_DIR, THAW_FILE, at.as_bytes(), 0o600).await {
+                    tracing::debug!(workspace = %record.key, error = %e, "could not write the thaw file; unpausing anyway");
+                }
                 self.runtime.unpause(id).await?;
                 out.done.push("unpaused container".into());
             }
@@ -346,14 +363,19 @@ impl Executor<'_> {
 
 impl Executor<'_> {
     /// Takes a warm-pool member as the workspace's container: the workspace gets the
-    /// member's uid (the store refuses if another took it), the runtime relabels the
-    /// member as the workspace's where it can (`Runtime::adopt`), then a new token, the
-    /// workspace's config files and its identity are written into the member's
-    /// `/configs` (Kubernetes: its token Secret); the waiting agent reads the identity
-    /// and registers. Nothing is
-    /// created. Should a write fail, the member is the workspace's container with a
-    /// missing file: the token-file rule rewrites the token, and an agent that never
-    /// registers is replaced by the heartbeat rule.
+    /// member's uid (the store refuses if another took it) and a pending claim, the
+    /// runtime relabels the member as the workspace's where it can (`Runtime::adopt`),
+    /// then the workspace's config files, a new token and its identity are written into
+    /// the member's `/configs` (Kubernetes: its token Secret), and the claim is marked
+    /// complete; the waiting agent reads the identity and registers. Nothing is created.
+    ///
+    /// Convergence: until the claim is complete the claim rule asks for this again
+    /// (a crash or a failed write at any step), and the second time the store step is
+    /// skipped (the member is already the workspace's), the relabel is made again and
+    /// every file is written again, and the tokens of the interrupted attempt are
+    /// revoked: one live token, in the file. The identity's content is the same each
+    /// time, so an agent that already took it only sees its token change, which it
+    /// re-reads.
     #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
@@ -367,35 +389,58 @@ impl Executor<'_> {
         out: &mut Outcome,
     ) -> Result<(), StepError> {
         let spec = desired.effective().ok_or_else(|| StepError::Precondition("invalid spec".into()))?;
-        let mut cs = render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
-        cs.labels.insert(labels::INCARNATION.into(), "1".into());
-        cs.labels.insert(labels::PROVISIONED_AT.into(), now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-        let claim = crate::model::Claim {
-            pool: pool.to_string(),
-            container_id: id.to_string(),
-            spec_hash: cs.labels.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
-            at: now,
+        let mut cs =
+            render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
+        // A claim left pending by an earlier attempt: the store already gave the member.
+        let again = record.claim.as_ref().filter(|c| record.uid == member_uid && c.container_id == id && c.pending);
+        let claim = match again {
+            Some(claim) => claim.clone(),
+            None => {
+                let claim = crate::model::Claim {
+                    pool: pool.to_string(),
+                    container_id: id.to_string(),
+                    spec_hash: cs.labels.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
+                    at: now,
+                    pending: true,
+                };
+                let claimed = self.store.claim_member(&record.key, &record.uid, member_uid, &claim).await?;
+                if claimed.is_none() {
+                    return Err(StepError::Precondition(format!(
+                        "container {} of warm pool {pool} was taken meanwhile, or the workspace was provisioned",
+                        short(id)
+                    )));
+                }
+                out.claimed = Some((id.to_string(), member_uid.to_string()));
+                claim
+            }
         };
-        let claimed = self.store.claim_member(&record.key, &record.uid, member_uid, &claim).await?;
-        if claimed.is_none() {
-            return Err(StepError::Precondition(format!(
-                "container {} of warm pool {pool} was taken meanwhile, or the workspace was provisioned",
-                short(id)
-            )));
-        }
-        out.claimed = Some((id.to_string(), member_uid.to_string()));
+        self.failpoint("claim-after-store");
         // Where the runtime can relabel (Kubernetes), the member becomes the workspace's
         // Pod outright; the store's claim says the same for Docker.
+        cs.labels.insert(labels::INCARNATION.into(), "1".into());
+        cs.labels.insert(labels::PROVISIONED_AT.into(), claim.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
         self.runtime.adopt(id, &cs).await?;
         self.runtime.write_files(id, CONFIGS_DIR, &cs.config_files, CONFIG_FILE_MODE).await?;
         let issued = self.store.issue_token(member_uid, 1, now).await?;
+        self.failpoint("claim-after-issue");
         self.runtime.write_file(id, CONFIGS_DIR, TOKEN_FILE, issued.plaintext.as_bytes(), 0o600).await?;
+        self.failpoint("claim-after-write");
         out.issued += 1;
         out.written.push((id.to_string(), issued.row.token_hash.clone()));
         let identity = identity_file(member_uid, &record.key, overlay);
         self.runtime.write_file(id, CONFIGS_DIR, IDENTITY_FILE, identity.as_bytes(), 0o600).await?;
+        self.failpoint("claim-after-identity");
+        if again.is_some() {
+            let n = self
+                .store
+                .revoke_tokens(member_uid, RevokeReason::TokenFileMismatch, Some(&issued.row.id), now)
+                .await?;
+            self.revoked(out, RevokeReason::TokenFileMismatch, n, &record.key);
+        }
+        self.store.complete_claim(member_uid, &claim).await?;
         out.done.push(format!(
-            "claimed {} of warm pool {pool} (now uid {}), wrote token {}… and its identity ({} env overlay variable(s))",
+            "{} {} of warm pool {pool} (now uid {}), wrote token {}… and its identity ({} env overlay variable(s))",
+            if again.is_some() { "finished the claim of" } else { "claimed" },
             short(id),
             member_uid,
             issued.row.prefix,

@@ -34,6 +34,10 @@ pub const TOKEN_FILE: &str = ".auth_token";
 /// What a claim writes into a pool member's `/configs` after the token (read by the
 /// waiting agent; see src/bin/molecule-agent.rs).
 pub const IDENTITY_FILE: &str = ".identity";
+/// What the operator writes into `/configs` just before it thaws a paused container
+/// (the time, so each thaw changes it): an agent that watches the directory hears of
+/// the thaw the moment it runs again, however short the freeze was.
+pub const THAW_FILE: &str = ".thawed";
 /// Mode of the config files (`spec.configFiles`): `${VAR}` may have put secrets in them.
 pub const CONFIG_FILE_MODE: u32 = 0o600;
 /// The agent runs as this non-root user; it owns the token file (mode 0600).

@@ -52,6 +52,11 @@ pub struct Claim {
     pub container_id: String,
     pub spec_hash: String,
     pub at: DateTime<Utc>,
+    /// The claim's files (token, identity) may not all be written yet: set with the
+    /// claim, cleared once the identity is in the member's `/configs`. A claim left
+    /// pending (the operator stopped mid-claim) is carried out again (rules::claim).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// Why the autopilot suspended a workspace.

@@ -50,9 +50,10 @@ pub(super) async fn dereference(
         _ => None,
     };
     let mut observed = observe_workspace(ctx, key, record, agent).await?;
-    // A workspace naming a warm pool, before its first container: what the pool offers.
+    // A workspace naming a warm pool, before its first container or while its claim is
+    // not finished: what the pool offers.
     if let (Some(d), Some(r)) = (declared, &observed.record)
-        && r.incarnation == 0
+        && (r.incarnation == 0 || r.claim.as_ref().is_some_and(|c| c.pending))
         && let Some(name) = d.spec.as_ref().ok().and_then(|s| s.warm_pool.as_deref())
     {
         observed.pool = super::pools::view(ctx, set, &d.key.namespace, name).await?;

@@ -149,6 +149,9 @@ fn offer<'a>(facts: &Facts<'a>) -> Option<Result<(&'a str, &'a ContainerInfo, BT
 
 pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
     facts.observed.containers.as_ref()?; // listing failed: unknown, do nothing
+    if let Some(v) = unfinished(facts) {
+        return Some(v);
+    }
     if facts.quota_hold().is_some() {
         return None;
     }
@@ -157,6 +160,26 @@ pub fn rule(facts: &Facts<'_>) -> Option<Verdict> {
     Some(Verdict::new(
         format!("no container; claiming {} from warm pool {pool}", member.name),
         vec![Action::Claim { pool: pool.to_string(), id: member.id.clone(), uid: uid.to_string(), overlay }],
+    ))
+}
+
+/// A claim the store holds as pending (the operator stopped, or a write failed, before
+/// the identity was in the member's `/configs`): claimed again, which writes every
+/// file anew (`Executor::claim`). Only while the member runs as the workspace's
+/// container and the pool's template still satisfies the spec (for the overlay);
+/// otherwise the agent never registers and the heartbeat rule replaces the member.
+fn unfinished(facts: &Facts<'_>) -> Option<Verdict> {
+    let record = facts.observed.record.as_ref()?;
+    let claim = record.claim.as_ref().filter(|c| c.pending)?;
+    let member = facts.observed.current_running().filter(|c| c.id == claim.container_id)?;
+    if facts.mode() != Some(OperatingMode::Running) {
+        return None;
+    }
+    let PoolView::Offer { pool, template, .. } = &facts.observed.pool else { return None };
+    let overlay = satisfies(template, facts.spec()?).ok()?;
+    Some(Verdict::new(
+        format!("the claim of {} from warm pool {pool} was not finished; writing its files again", member.name),
+        vec![Action::Claim { pool: pool.clone(), id: member.id.clone(), uid: record.uid.clone(), overlay }],
     ))
 }
 
@@ -313,6 +336,49 @@ mod tests {
         assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
         let (des, mut obs) = pooled(vec![member("m1")]);
         obs.containers = Some(vec![container(0, ContainerState::Running)]);
+        assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
+    }
+
+    /// A workspace whose claim of m1 the store holds, pending or complete.
+    fn claimed(pending: bool) -> (Desired, Observed) {
+        let (des, mut obs) = pooled(vec![]);
+        let mut m = member("m1");
+        m.labels.insert(labels::WORKSPACE.into(), "default/dev".into());
+        obs.containers = Some(vec![m]);
+        let r = obs.record.as_mut().unwrap();
+        r.uid = "member-uid-1".into();
+        r.incarnation = 1;
+        r.claim = Some(crate::model::Claim {
+            pool: "default/p".into(),
+            container_id: "m1".into(),
+            spec_hash: "h".into(),
+            at: now(),
+            pending,
+        });
+        (des, obs)
+    }
+
+    #[test]
+    fn a_claim_left_pending_is_carried_out_again_and_a_complete_one_is_not() {
+        let s = settings();
+        let (des, obs) = claimed(true);
+        let v = rule(&facts(Some(&des), &obs, &s)).unwrap();
+        assert_eq!(
+            v.actions,
+            vec![Action::Claim {
+                pool: "default/p".into(),
+                id: "m1".into(),
+                uid: "member-uid-1".into(),
+                overlay: BTreeMap::new()
+            }]
+        );
+        assert!(v.cause.contains("not finished"), "{}", v.cause);
+        assert_eq!(plan(&facts(Some(&des), &obs, &s)).decision().unwrap().rule, "claim", "before token-file");
+        let (des, obs) = claimed(false);
+        assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
+        // Not once the member is gone: the provision rule makes a container.
+        let (des, mut obs) = claimed(true);
+        obs.containers = Some(vec![]);
         assert_eq!(rule(&facts(Some(&des), &obs, &s)), None);
     }
 }

@@ -66,10 +66,16 @@ pub fn resume(facts: &Facts<'_>) -> Option<Verdict> {
     if facts.quota_hold().is_some() {
         return None; // maxRunning: waits for a running slot
     }
-    let mut actions = vec![Action::Unpause { id: c.id.clone() }];
-    if facts.spec()?.token_policy.on_resume == crate::api::OnResume::Reissue {
+    // The token first, while the agent is frozen, so its first heartbeat after the thaw
+    // carries it: `onResume: Reissue`, or no live token left (`onPause: Revoke`), which
+    // the token-file rule would otherwise fix only after the agent was refused.
+    let reissue = facts.spec()?.token_policy.on_resume == crate::api::OnResume::Reissue
+        || !facts.observed.current_tokens().any(|t| t.valid_at(facts.now));
+    let mut actions = Vec::new();
+    if reissue {
         actions.push(Action::ReissueToken { revoke: RevokeReason::Resumed });
     }
+    actions.push(Action::Unpause { id: c.id.clone() });
     Some(Verdict::new("operating mode is Running", actions))
 }
 
@@ -139,7 +145,24 @@ mod tests {
             ..Default::default()
         });
         let d = resume(&facts(Some(&des), &obs, &s)).unwrap();
-        assert_eq!(d.actions[1], Action::ReissueToken { revoke: RevokeReason::Resumed });
+        assert_eq!(
+            d.actions,
+            vec![Action::ReissueToken { revoke: RevokeReason::Resumed }, Action::Unpause { id: "c0ffee000001".into() }],
+            "the token is in the file before the agent thaws"
+        );
+    }
+
+    #[test]
+    fn a_pause_that_revoked_the_token_gets_a_new_one_before_the_thaw() {
+        let mut obs = healthy();
+        obs.containers = Some(vec![container(1, ContainerState::Paused)]);
+        obs.live_tokens.clear(); // onPause: Revoke
+        let (s, des) = (settings(), desired());
+        let d = resume(&facts(Some(&des), &obs, &s)).unwrap();
+        assert_eq!(
+            d.actions,
+            vec![Action::ReissueToken { revoke: RevokeReason::Resumed }, Action::Unpause { id: "c0ffee000001".into() }]
+        );
     }
 
     #[test]

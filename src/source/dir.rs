@@ -25,7 +25,8 @@ use super::manifest::{self, MAX_FILE_BYTES};
 use super::{Snapshot, SourceObject};
 use crate::api::SourceRef;
 
-/// Quiet time that ends a burst of file events (editors write several events per save).
+/// Quiet time that ends a burst of file events (editors write several events per save)
+/// unless the burst already says every file in it is complete (see [`Change`]).
 pub const DEBOUNCE: Duration = Duration::from_millis(75);
 /// A burst never delays a rescan longer than this.
 const MAX_BURST: Duration = Duration::from_secs(1);
@@ -244,15 +245,21 @@ impl DirSource {
 
     async fn run_watch(mut self, tx: mpsc::Sender<Snapshot>) {
         let root = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
-        let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+        let (events_tx, mut events) = mpsc::unbounded_channel::<Change>();
         // Held here so the channel stays open even if the watcher cannot be made.
         let _events_open = events_tx.clone();
         let handler = {
             let root = root.clone();
-            move |event: notify::Result<notify::Event>| {
+            move |event: notify::Result<notify::Event>| match event {
+                Ok(e) if is_relevant(&root, &e) => {
+                    for change in Change::of(&e) {
+                        let _ = events_tx.send(change);
+                    }
+                }
+                Ok(_) => {}
                 // An error from the watcher (e.g. queue overflow) also asks for a rescan.
-                if event.as_ref().map_or(true, |e| is_relevant(&root, e)) {
-                    let _ = events_tx.send(());
+                Err(_) => {
+                    let _ = events_tx.send(Change::Other);
                 }
             }
         };
@@ -292,18 +299,92 @@ impl DirSource {
             tokio::select! {
                 _ = tx.closed() => return,
                 _ = tokio::time::sleep(self.rescan_every) => {}
-                Some(()) = events.recv() => {
-                    // Wait for the burst to end: no event for DEBOUNCE (at most MAX_BURST).
+                Some(change) = events.recv() => {
+                    // Wait for the burst to end: every file in it complete, else no
+                    // event for DEBOUNCE (at most MAX_BURST).
+                    let mut burst = Burst::default();
+                    burst.note(change);
                     let burst_end = tokio::time::Instant::now() + MAX_BURST;
-                    while let Ok(Some(())) = tokio::time::timeout_at(
-                        (tokio::time::Instant::now() + DEBOUNCE).min(burst_end),
-                        events.recv(),
-                    )
-                    .await
-                    {}
+                    loop {
+                        while let Ok(change) = events.try_recv() {
+                            burst.note(change);
+                        }
+                        if burst.complete() {
+                            break;
+                        }
+                        let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(burst_end);
+                        match tokio::time::timeout_at(quiet, events.recv()).await {
+                            Ok(Some(change)) => burst.note(change),
+                            _ => break,
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// What one file event says about the burst it is part of. A manifest is read as soon
+/// as the burst holds one that is complete (closed after writing, renamed into place
+/// or away, removed) and no file in it is still being written: a writer that writes in
+/// place is read after it closes the file, never half-written. Anything less certain
+/// (another kind of file, a directory, metadata, an error) waits for the quiet time.
+#[derive(Debug, PartialEq)]
+enum Change {
+    /// Created or written to: incomplete until it is closed, renamed or removed.
+    Writing(PathBuf),
+    /// Closed after writing, renamed, or removed; `manifest` when it is a YAML file.
+    Done {
+        path: PathBuf,
+        manifest: bool,
+    },
+    Other,
+}
+
+impl Change {
+    fn of(event: &notify::Event) -> Vec<Change> {
+        use notify::event::{CreateKind, ModifyKind};
+        let done = |p: &PathBuf| Change::Done { path: p.clone(), manifest: is_manifest(p) };
+        match event.kind {
+            EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
+                event.paths.iter().map(|p| Change::Writing(p.clone())).collect()
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+                if !event.paths.is_empty() =>
+            {
+                event.paths.iter().map(done).collect()
+            }
+            _ => vec![Change::Other],
+        }
+    }
+}
+
+/// The changes of one burst, so far.
+#[derive(Debug, Default)]
+struct Burst {
+    writing: BTreeSet<PathBuf>,
+    manifest_done: bool,
+}
+
+impl Burst {
+    fn note(&mut self, change: Change) {
+        match change {
+            Change::Writing(p) => {
+                self.writing.insert(p);
+            }
+            Change::Done { path, manifest } => {
+                self.writing.remove(&path);
+                self.manifest_done |= manifest;
+            }
+            Change::Other => {}
+        }
+    }
+
+    /// Read now, without waiting for the quiet time.
+    fn complete(&self) -> bool {
+        self.manifest_done && self.writing.is_empty()
     }
 }
 
@@ -450,4 +531,56 @@ fn git_revision(dir: &Path) -> Option<GitRevision> {
     let commit = lines.next()?.trim().to_string();
     let prefix = lines.next().unwrap_or_default().trim().to_string();
     (!commit.is_empty()).then_some(GitRevision { commit, prefix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    fn burst(events: &[notify::Event]) -> Burst {
+        let mut b = Burst::default();
+        for e in events {
+            for c in Change::of(e) {
+                b.note(c);
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn a_file_written_in_place_is_read_once_it_is_closed() {
+        let created = event(EventKind::Create(CreateKind::File), "/d/a.yaml");
+        let written = event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/d/a.yaml");
+        let closed = event(EventKind::Access(AccessKind::Close(AccessMode::Write)), "/d/a.yaml");
+        assert!(!burst(&[created.clone(), written.clone()]).complete(), "half-written: wait");
+        assert!(burst(&[created, written, closed]).complete());
+    }
+
+    #[test]
+    fn a_manifest_renamed_into_place_is_read_at_once() {
+        let tmp = [
+            event(EventKind::Create(CreateKind::File), "/d/a.yaml.tmp"),
+            event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/d/a.yaml.tmp"),
+            event(EventKind::Access(AccessKind::Close(AccessMode::Write)), "/d/a.yaml.tmp"),
+        ];
+        assert!(!burst(&tmp).complete(), "no manifest is complete yet: the quiet time decides");
+        let mut all = tmp.to_vec();
+        all.push(event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/d/a.yaml"));
+        assert!(burst(&all).complete());
+    }
+
+    #[test]
+    fn another_file_still_being_written_holds_the_burst() {
+        let b = burst(&[
+            event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/d/b.yaml"),
+            event(EventKind::Remove(notify::event::RemoveKind::File), "/d/a.yaml"),
+        ]);
+        assert!(!b.complete());
+        assert!(!burst(&[event(EventKind::Create(CreateKind::Folder), "/d/sub")]).complete());
+    }
 }

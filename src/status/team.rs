@@ -15,9 +15,13 @@ pub fn team_of(desired: &DesiredSet, workspace: &ObjectKey) -> Option<ObjectKey>
     Some(ObjectKey::new(workspace.namespace.clone(), team))
 }
 
+/// The phases of a member that is where it should be.
+const SETTLED: [&str; 4] = ["Running", "Paused", "Stopped", "Suspended"];
+
 /// Rolls up the members of `team`: every declared workspace of it, with its last
 /// reported phase (Pending until one is reported). Ready when every member has
-/// settled as declared (Running, Paused or Stopped).
+/// settled as declared (Running, Paused or Stopped) or as the lifecycle autopilot
+/// decided (Suspended).
 pub fn rollup(
     team: &ObjectKey,
     desired: &DesiredSet,
@@ -33,7 +37,7 @@ pub fn rollup(
         let phase = phases.get(key).copied().unwrap_or_default();
         *counts.entry(phase.to_string()).or_default() += 1;
     }
-    let settled: u32 = ["Running", "Paused", "Stopped"].iter().filter_map(|p| counts.get(*p)).sum();
+    let settled: u32 = SETTLED.iter().filter_map(|p| counts.get(*p)).sum();
     let ready = if members == 0 {
         Condition::new("Ready", ConditionStatus::False, "NoMembers", "the team has no workspaces", now)
     } else if settled == members {
@@ -45,11 +49,8 @@ pub fn rollup(
             now,
         )
     } else {
-        let waiting: Vec<String> = counts
-            .iter()
-            .filter(|(p, _)| !["Running", "Paused", "Stopped"].contains(&p.as_str()))
-            .map(|(p, n)| format!("{n} {p}"))
-            .collect();
+        let waiting: Vec<String> =
+            counts.iter().filter(|(p, _)| !SETTLED.contains(&p.as_str())).map(|(p, n)| format!("{n} {p}")).collect();
         Condition::new(
             "Ready",
             ConditionStatus::False,
@@ -131,5 +132,11 @@ mod tests {
         assert_eq!(st2.conditions[0].last_transition_time, later);
         let st3 = rollup(&core, &set, &phases, Some(4), Some(&st2), later + chrono::Duration::seconds(5));
         assert_eq!(st3.conditions[0].last_transition_time, later, "unchanged status keeps its transition time");
+
+        // Suspended by the lifecycle autopilot is settled too, and counted.
+        phases.insert(ObjectKey::new("eng", "core-b"), Phase::Suspended);
+        let st4 = rollup(&core, &set, &phases, Some(4), Some(&st3), later);
+        assert_eq!(st4.phases.get("Suspended"), Some(&1));
+        assert_eq!(st4.conditions[0].status, ConditionStatus::True, "{:?}", st4.conditions[0]);
     }
 }

@@ -139,6 +139,9 @@ pub trait Workspaces: Send + Sync {
         member_uid: &str,
         claim: &crate::model::Claim,
     ) -> StoreResult<Option<WorkspaceRecord>>;
+    /// The claim is carried out (its files are written): stores it with
+    /// `Claim::pending` cleared. Nothing when the record holds no claim any more.
+    async fn complete_claim(&self, uid: &str, claim: &crate::model::Claim) -> StoreResult<()>;
 }
 
 /// A workspace's auth tokens: issued, read, expired, revoked, and the owners of

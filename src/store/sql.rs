@@ -554,6 +554,19 @@ macro_rules! sql_store {
                 tx.commit().await?;
                 self.workspace(key).await
             }
+
+            async fn complete_claim(&self, uid: &str, claim: &Claim) -> StoreResult<()> {
+                let done = Claim { pending: false, ..claim.clone() };
+                // Only while the record still holds a claim: a provision meanwhile cleared it.
+                sqlx::query(
+                    "UPDATE workspaces SET claim = $2 WHERE uid = $1 AND claim IS NOT NULL AND incarnation = 1",
+                )
+                .bind(uid)
+                .bind(Json(&done))
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
         }
 
         #[async_trait]
