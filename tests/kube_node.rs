@@ -22,21 +22,11 @@ fn start(test: &str) -> (Op, Kubectl) {
 }
 
 fn start_with(test: &str, env: &[(&str, &str)]) -> (Op, Kubectl) {
-    let mut op = Op::new(test);
-    op.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port()), "--runtime".into(), "kubernetes".into()];
-    op.start();
-    let k = Kubectl::new(&op);
-    wait_until("the local node registered", UP, || {
-        k.kubeconfig.exists() && k.run(&["get", "node", "local"]).status.success()
-    });
-    (op, k)
+    start_local_node(test, &[], env)
 }
 
 fn apply(k: &Kubectl, yaml: &str) -> String {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), yaml).unwrap();
-    k.ok(&["apply", "-f", file.path().to_str().unwrap()])
+    kubectl_apply(k, yaml)
 }
 
 fn pod(k: &Kubectl, name: &str) -> Value {

@@ -33,20 +33,11 @@ spec:
 ";
 
 fn start(test: &str) -> (Op, Kubectl) {
-    let mut op = Op::new(test);
-    op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port()), "--runtime".into(), "kubernetes".into()];
-    op.start();
-    let k = Kubectl::new(&op);
-    wait_until("the local node registered", UP, || {
-        k.kubeconfig.exists() && k.run(&["get", "node", "local"]).status.success()
-    });
-    (op, k)
+    start_local_node(test, &[], &[])
 }
 
 fn apply(k: &Kubectl, yaml: &str) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), yaml).unwrap();
-    k.ok(&["apply", "-f", file.path().to_str().unwrap()]);
+    kubectl_apply(k, yaml);
 }
 
 fn workspace(name: &str, spec: &str) -> String {

@@ -489,6 +489,31 @@ impl Kubectl {
     }
 }
 
+/// An operator with the embedded Kubernetes API and its local node
+/// (`--kube-api ADDR --runtime kubernetes`, plus `extra`, with `env` set), and kubectl
+/// for it, once Node `local` is registered.
+#[allow(dead_code)]
+pub fn start_local_node(test: &str, extra: &[&str], env: &[(&str, &str)]) -> (Op, Kubectl) {
+    let mut op = Op::new(test);
+    op.extra = vec!["--kube-api".into(), format!("127.0.0.1:{}", free_port()), "--runtime".into(), "kubernetes".into()];
+    op.extra.extend(extra.iter().map(|s| s.to_string()));
+    op.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    op.start();
+    let k = Kubectl::new(&op);
+    wait_until("the local node registered", Duration::from_secs(120), || {
+        k.kubeconfig.exists() && k.run(&["get", "node", "local"]).status.success()
+    });
+    (op, k)
+}
+
+/// `kubectl apply` of `yaml`; kubectl's output.
+#[allow(dead_code)]
+pub fn kubectl_apply(k: &Kubectl, yaml: &str) -> String {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml).unwrap();
+    k.ok(&["apply", "-f", file.path().to_str().unwrap()])
+}
+
 pub fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while t0.elapsed() < deadline {
