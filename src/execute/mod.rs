@@ -389,8 +389,7 @@ impl Executor<'_> {
         out: &mut Outcome,
     ) -> Result<(), StepError> {
         let spec = desired.effective().ok_or_else(|| StepError::Precondition("invalid spec".into()))?;
-        let mut cs =
-            render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
+        let mut cs = render(spec, &Identity { instance: self.instance, key: &record.key, uid: member_uid }, self.agent);
         // A claim left pending by an earlier attempt: the store already gave the member.
         let again = record.claim.as_ref().filter(|c| record.uid == member_uid && c.container_id == id && c.pending);
         let claim = match again {

@@ -380,7 +380,9 @@ mod tests {
             }
         );
         assert_eq!(NameParts::parse("k8s_POD_ws-1a2b_default_kept_0").unwrap().uid, "kept");
-        for other in ["ws-1a2b", "k8s_POD_ws_x_default_u_0", "k8s_POD__default_u_0", "k8s_POD_p_ns_u_x", "x_POD_p_ns_u_0"] {
+        for other in
+            ["ws-1a2b", "k8s_POD_ws_x_default_u_0", "k8s_POD__default_u_0", "k8s_POD_p_ns_u_x", "x_POD_p_ns_u_0"]
+        {
             assert_eq!(NameParts::parse(other), None, "{other}");
         }
     }

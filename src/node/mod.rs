@@ -710,7 +710,8 @@ impl LocalNode {
 
     /// The sandbox kept under `name`, for `pod` when it would get the same one.
     async fn take_kept(&self, pod: &Pod, hash: &str) -> anyhow::Result<Option<(String, String)>> {
-        let name = kept_name(pod.metadata.name.as_deref().unwrap_or(""), pod.metadata.namespace.as_deref().unwrap_or(""));
+        let name =
+            kept_name(pod.metadata.name.as_deref().unwrap_or(""), pod.metadata.namespace.as_deref().unwrap_or(""));
         let Some((id, _)) = self.memory().kept.remove(&name) else { return Ok(None) };
         let fits = self
             .docker

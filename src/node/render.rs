@@ -561,7 +561,8 @@ mod tests {
             .unwrap()
         };
         let hash = |p: &Pod| sandbox(&node, p, 0).labels.unwrap()[labels::SANDBOX_HASH].clone();
-        let ports = serde_json::json!([{"containerPort": 80, "hostPort": 8080}, {"containerPort": 81, "hostPort": 8081}]);
+        let ports =
+            serde_json::json!([{"containerPort": 80, "hostPort": 8080}, {"containerPort": 81, "hostPort": 8081}]);
         // The next Pod of the name (another uid) would get the same sandbox: the same hash,
         // however often it is rendered (the port bindings are a map).
         assert_eq!(hash(&pod("u1", ports.clone())), hash(&pod("u2", ports.clone())));
