@@ -201,15 +201,7 @@ fn a_rotation_reaches_the_agent_through_its_secret_with_no_refusal() {
 /// The agent's file at `path` under /configs of the Pod `pod_uid`, read from its
 /// container on the local node.
 fn config_file(pod_uid: &str, path: &str) -> Option<String> {
-    let ids = docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=io.kubernetes.pod.uid={pod_uid}"),
-        "--filter",
-        "label=io.kubernetes.container.name=agent",
-    ]);
-    read_file_in(ids.lines().next()?, &format!("/configs/{path}"))
+    read_file_in(&pod_agent_container(pod_uid)?, &format!("/configs/{path}"))
 }
 
 #[test]

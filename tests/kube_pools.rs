@@ -84,19 +84,6 @@ fn secret_key(k: &Kubectl, name: &str, key: &str) -> Option<String> {
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()
 }
 
-/// The running agent container of the Pod `pod_uid` on the local node.
-fn agent_container(pod_uid: &str) -> Option<String> {
-    let ids = docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=io.kubernetes.pod.uid={pod_uid}"),
-        "--filter",
-        "label=io.kubernetes.container.name=agent",
-    ]);
-    ids.lines().next().map(str::to_string)
-}
-
 fn describe(op: &Op, name: &str) -> String {
     String::from_utf8(op.cli(&["describe", "workspace", name]).stdout).unwrap()
 }
@@ -177,10 +164,10 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     // restarted in place (as a kubelet does) reads it again and registers.
     op.wait("a rotation", HEAL, |ws| ws["a"]["token"]["prefix"].as_str().is_some_and(|p| p != &token[..8]));
     assert_eq!(secret_key(&k, &format!("{pod_name}-token"), "identity").as_deref(), Some(identity.as_str()));
-    let agent = agent_container(&pod_uid).expect("the agent's container");
+    let agent = pod_agent_container(&pod_uid).expect("the agent's container");
     docker(&["kill", &agent]);
     wait_until("the agent restarted in place and registered as a", HEAL, || {
-        agent_container(&pod_uid).filter(|c| *c != agent).is_some_and(|c| {
+        pod_agent_container(&pod_uid).filter(|c| *c != agent).is_some_and(|c| {
             let out = std::process::Command::new("docker").args(["logs", &c]).output().unwrap();
             let logs = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
             logs.contains("claimed as default/a") && logs.contains("registered")

@@ -43,6 +43,16 @@ fn not_found() -> serde_json::Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }
 
+/// Answers the runtime's read of the Workspace `team-a/dev` (for the owner reference).
+fn answer_workspace_dev(req: support::mockapi::Seen) {
+    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/team-a/workspaces/dev");
+    req.respond(
+        StatusCode::OK,
+        json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
+               "metadata": {"name": "dev", "namespace": "team-a", "uid": "ws-object-uid"}, "spec": {}}),
+    );
+}
+
 fn pod_object() -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {
         "name": POD, "namespace": "team-a", "uid": "pod-1",
@@ -80,12 +90,7 @@ async fn a_provision_makes_a_claim_and_a_pod_owned_by_the_workspace() {
 
     let create = tokio::spawn(async move { (rt.create(&spec()).await, rt) });
     let req = api.next().await;
-    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/team-a/workspaces/dev");
-    req.respond(
-        StatusCode::OK,
-        json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
-               "metadata": {"name": "dev", "namespace": "team-a", "uid": "ws-object-uid"}, "spec": {}}),
-    );
+    answer_workspace_dev(req);
     let req = api.next().await;
     assert_eq!((req.method.clone(), req.path.as_str()), (Method::POST, "/api/v1/namespaces/team-a/pods"));
     let owner = &req.body["metadata"]["ownerReferences"][0];
@@ -337,12 +342,7 @@ async fn a_member_starts_on_an_empty_token_secret_and_a_claim_relabels_it_and_wr
     });
     api.next().await.respond(StatusCode::OK, list(json!([member_pod.clone()])));
     let req = api.next().await;
-    assert_eq!(req.path, "/apis/molecule.ai/v1alpha1/namespaces/team-a/workspaces/dev");
-    req.respond(
-        StatusCode::OK,
-        json!({"apiVersion": "molecule.ai/v1alpha1", "kind": "Workspace",
-               "metadata": {"name": "dev", "namespace": "team-a", "uid": "ws-object-uid"}, "spec": {}}),
-    );
+    answer_workspace_dev(req);
     let req = api.next().await;
     assert_eq!(
         (req.method.clone(), req.path.as_str()),

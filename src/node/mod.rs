@@ -671,8 +671,9 @@ impl LocalNode {
             }
             self.docker.remove(&c.run.id).await?;
         }
-        // A next Pod of the name may be waiting for this one to go.
-        for parts in sandboxes.iter().filter_map(|c| NameParts::parse(&c.name)) {
+        // A next Pod of the name may be waiting for this one to go (every sandbox of a
+        // Pod names the same Pod: the first says it).
+        if let Some(parts) = sandboxes.iter().find_map(|c| NameParts::parse(&c.name)) {
             for next in self.pods.state() {
                 let (ns, name) = (next.metadata.namespace.as_deref(), next.metadata.name.as_deref());
                 if ns == Some(&parts.namespace) && name == Some(&parts.pod) && uid_of(&next.metadata) != parts.uid {

@@ -248,6 +248,16 @@ mod tests {
         c
     }
 
+    /// The claim of member `m1` of pool `default/p`, with no env overlay.
+    fn claim_of_m1() -> Action {
+        Action::Claim {
+            pool: "default/p".into(),
+            id: "m1".into(),
+            uid: "member-uid-1".into(),
+            overlay: BTreeMap::new(),
+        }
+    }
+
     fn pooled(members: Vec<ContainerInfo>) -> (Desired, Observed) {
         let des = desired_with(WorkspaceSpec { warm_pool: Some("p".into()), ..Default::default() });
         let mut obs = healthy().without_container().without_tokens();
@@ -266,15 +276,7 @@ mod tests {
         let (des, obs) = pooled(vec![member("m1")]);
         let s = settings();
         let v = rule(&facts(Some(&des), &obs, &s)).unwrap();
-        assert_eq!(
-            v.actions,
-            vec![Action::Claim {
-                pool: "default/p".into(),
-                id: "m1".into(),
-                uid: "member-uid-1".into(),
-                overlay: BTreeMap::new()
-            }]
-        );
+        assert_eq!(v.actions, vec![claim_of_m1()]);
         assert!(!v.creates_container(), "a claim creates no container");
         assert_eq!(fallback(&facts(Some(&des), &obs, &s)), None);
         // plan() picks the claim, not a provision.
@@ -363,15 +365,7 @@ mod tests {
         let s = settings();
         let (des, obs) = claimed(true);
         let v = rule(&facts(Some(&des), &obs, &s)).unwrap();
-        assert_eq!(
-            v.actions,
-            vec![Action::Claim {
-                pool: "default/p".into(),
-                id: "m1".into(),
-                uid: "member-uid-1".into(),
-                overlay: BTreeMap::new()
-            }]
-        );
+        assert_eq!(v.actions, vec![claim_of_m1()]);
         assert!(v.cause.contains("not finished"), "{}", v.cause);
         assert_eq!(plan(&facts(Some(&des), &obs, &s)).decision().unwrap().rule, "claim", "before token-file");
         let (des, obs) = claimed(false);

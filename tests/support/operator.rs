@@ -506,6 +506,20 @@ pub fn start_local_node(test: &str, extra: &[&str], env: &[(&str, &str)]) -> (Op
     (op, k)
 }
 
+/// The running agent container of the Pod `pod_uid` on the local node.
+#[allow(dead_code)]
+pub fn pod_agent_container(pod_uid: &str) -> Option<String> {
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=io.kubernetes.pod.uid={pod_uid}"),
+        "--filter",
+        "label=io.kubernetes.container.name=agent",
+    ]);
+    ids.lines().next().map(str::to_string)
+}
+
 /// `kubectl apply` of `yaml`; kubectl's output.
 #[allow(dead_code)]
 pub fn kubectl_apply(k: &Kubectl, yaml: &str) -> String {
