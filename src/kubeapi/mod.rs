@@ -515,6 +515,7 @@ async fn dispatch(
         }
         return ApiError::unauthorized().into_response();
     }
+    let started = std::time::Instant::now();
     let query = Query::parse(uri.query().unwrap_or(""));
     let path = uri.path().trim_matches('/');
     let segments: Vec<&str> = if path.is_empty() { vec![] } else { path.split('/').collect() };
@@ -560,10 +561,20 @@ async fn dispatch(
         },
         _ => Err(ApiError::not_found_path(uri.path())),
     };
-    match result {
+    let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    // The API server's request log (a watch is logged when it starts streaming).
+    tracing::debug!(
+        target: "molecule::kubeapi::access",
+        %method,
+        uri = %uri,
+        status = response.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+        "kube-api request"
+    );
+    response
 }
 
 /// Query parameters, decoded.

@@ -179,7 +179,8 @@ struct Memory {
     pull: HashMap<(String, String), Backoff>,
     /// Per (pod uid, container): why it could not be started (reason, message).
     waiting: HashMap<(String, String), (String, String)>,
-    settling: Settling,
+    /// Per pod uid: its containers' events that the listings do not show yet.
+    settling: HashMap<String, Settling>,
     /// Kept sandboxes by name: their container id and since when.
     kept: HashMap<String, (String, tokio::time::Instant)>,
     /// Per pod uid: since when it waits for the last Pod of its name to be torn down.
@@ -348,13 +349,16 @@ fn uid_of(meta: &kube::api::ObjectMeta) -> String {
 /// Drives a reflector's stream, calling `changed` for every object it reports.
 async fn drive<K, S>(stream: S, changed: impl Fn(&K) + Send + 'static)
 where
-    K: kube::Resource + Clone + Send + 'static,
+    K: kube::Resource<DynamicType = ()> + Clone + Send + 'static,
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => changed(&o),
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => {
+                tracing::trace!(kind = %K::kind(&()), name = ?o.meta().name, rv = ?o.meta().resource_version, "the local node saw a change");
+                changed(&o)
+            }
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "the local node's watch failed; it retries"),
         }
@@ -462,6 +466,7 @@ async fn run_queue(
             }
             let node = node.clone();
             tasks.spawn(async move {
+                let started = tokio::time::Instant::now();
                 let again = match &key {
                     Key::Pod(uid) => node.sync_pod(uid).await,
                     Key::Claim(uid) => node.sync_claim(uid).await,
@@ -471,6 +476,7 @@ async fn run_queue(
                     tracing::warn!(?key, %error, "the local node could not sync; retrying");
                     Some(Duration::from_secs(2))
                 });
+                tracing::debug!(?key, micros = started.elapsed().as_micros() as u64, ?again, "the local node synced");
                 (key, again)
             });
         };
@@ -570,7 +576,11 @@ impl LocalNode {
                         continue;
                     }
                     let action = action.split(':').next().unwrap_or_default().trim().to_string();
-                    self.memory().settling.saw(&id, &action, tokio::time::Instant::now());
+                    self.memory().settling.entry(uid.clone()).or_default().saw(
+                        &id,
+                        &action,
+                        tokio::time::Instant::now(),
+                    );
                     self.enqueue(Key::Pod(uid.clone()));
                 }
                 Err(_) => {
@@ -618,7 +628,7 @@ impl LocalNode {
     /// One Pod: its containers made to match it, its status written.
     async fn sync_pod(&self, uid: &str) -> anyhow::Result<Option<Duration>> {
         let observed = self.docker.containers(Some(uid)).await?;
-        let mut again = self.settle(&observed);
+        let mut again = self.settle(uid, &observed);
         match self.pod(uid) {
             None => {
                 self.tear_down(&observed, Duration::ZERO).await?;
@@ -641,17 +651,11 @@ impl LocalNode {
         Ok(again)
     }
 
-    /// Events whose effect the inspect did not show yet: read again after a short wait.
-    fn settle(&self, observed: &[PodContainer]) -> Option<Duration> {
-        let now = tokio::time::Instant::now();
-        let mut memory = self.memory();
-        for c in observed {
-            let state = ContainerState::parse(&c.run.status);
-            if let Checked::GaveUp(action) = memory.settling.checked(&c.run.id, Some(state), now) {
-                tracing::debug!(container = %c.run.id, %action, "Docker never showed the event's effect");
-            }
-        }
-        memory.settling.next_due().map(|due| due.saturating_duration_since(now))
+    /// Events of the Pod's containers whose effect the listing did not show yet: read
+    /// again after a short wait. `observed` is every container of the Pod, so one it
+    /// does not hold is gone (what a `destroy` promises).
+    fn settle(&self, uid: &str, observed: &[PodContainer]) -> Option<Duration> {
+        settle_pod(&mut self.memory().settling, uid, observed, tokio::time::Instant::now())
     }
 
     async fn tear_down(&self, containers: &[PodContainer], grace: Duration) -> anyhow::Result<()> {
@@ -1175,6 +1179,30 @@ impl LocalNode {
 }
 
 /// The name a sandbox is kept under for the next Pod of `pod` in `namespace`.
+/// [`LocalNode::settle`] on the node's memory: when to read the Pod `uid` again.
+/// Only that Pod's expectations count (another Pod's pending event is that Pod's
+/// sync's business), and one that holds or is given up on is forgotten, so a Pod whose
+/// containers are all gone asks for nothing.
+fn settle_pod(
+    settling: &mut HashMap<String, Settling>,
+    uid: &str,
+    observed: &[PodContainer],
+    now: tokio::time::Instant,
+) -> Option<Duration> {
+    let pod = settling.get_mut(uid)?;
+    for id in pod.ids() {
+        let state = observed.iter().find(|c| c.run.id == id).map(|c| ContainerState::parse(&c.run.status));
+        if let Checked::GaveUp(action) = pod.checked(&id, state, now) {
+            tracing::debug!(container = %id, %action, "Docker never showed the event's effect");
+        }
+    }
+    let due = pod.next_due().map(|due| due.saturating_duration_since(now));
+    if pod.is_empty() {
+        settling.remove(uid);
+    }
+    due
+}
+
 fn kept_name(pod: &str, namespace: &str) -> String {
     format!("k8s_{}_{pod}_{namespace}_{}_0", labels::SANDBOX, labels::KEPT)
 }
@@ -1288,6 +1316,48 @@ pub async fn remove_everything(instance: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn running(uid: &str, id: &str) -> PodContainer {
+        PodContainer {
+            pod_uid: uid.into(),
+            container: "agent".into(),
+            run: status::Run { id: id.into(), status: "running".into(), ..Default::default() },
+            image: "molecule-agent:local".into(),
+            ip: None,
+            sandbox_hash: None,
+            name: format!("k8s_agent_p_default_{uid}_0"),
+        }
+    }
+
+    /// A Pod's sync asks to be run again only for its own containers' events, and a
+    /// container that is gone settles its `die` and `destroy`: the deleted Pods of a
+    /// run of heals never spin (each one's re-sync due at once, forever, and every
+    /// other Pod's with it, as when the node's settling was one for all Pods).
+    #[test]
+    fn a_pod_resyncs_only_for_its_own_containers_and_a_gone_one_settles() {
+        let t0 = tokio::time::Instant::now();
+        let mut settling: HashMap<String, Settling> = HashMap::new();
+        settling.entry("old".into()).or_default().saw("c1", "die", t0);
+        settling.entry("old".into()).or_default().saw("c1", "destroy", t0);
+        settling.entry("live".into()).or_default().saw("c2", "die", t0);
+
+        assert_eq!(
+            settle_pod(&mut settling, "other", &[running("other", "c3")], t0),
+            None,
+            "nothing of its own pending"
+        );
+        // The live Pod's listing lags its die: it is read again soon, and only it.
+        let due = settle_pod(&mut settling, "live", &[running("live", "c2")], t0);
+        assert!(due.is_some_and(|d| d > Duration::ZERO), "{due:?}");
+        // The deleted Pod's container is not listed any more: what destroy promised.
+        assert_eq!(settle_pod(&mut settling, "old", &[], t0), None);
+        assert!(!settling.contains_key("old"), "a settled Pod is forgotten");
+        // Once the live Pod's listing shows the exit, it asks for nothing either.
+        let mut exited = running("live", "c2");
+        exited.run.status = "exited".into();
+        assert_eq!(settle_pod(&mut settling, "live", &[exited], t0 + Duration::from_millis(20)), None);
+        assert!(settling.is_empty());
+    }
 
     #[test]
     fn restarts_back_off_like_the_kubelet() {

@@ -138,6 +138,11 @@ impl Settling {
         self.pending.iter().filter(|(_, p)| p.due <= now).map(|(id, _)| id.clone()).collect()
     }
 
+    /// Every id still expected to show its last event.
+    pub fn ids(&self) -> Vec<String> {
+        self.pending.keys().cloned().collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
