@@ -387,3 +387,75 @@ async fn a_member_starts_on_an_empty_token_secret_and_a_claim_relabels_it_and_wr
     req.respond(StatusCode::OK, body);
     write.await.unwrap().unwrap();
 }
+
+/// The re-read an event asks for (`list_ids`) is answered from what the runtime's own
+/// watch has seen, an informer's cache: no listing of every Pod and claim per event,
+/// which at N Pods made each event cost O(N) at the API server. Before the watch has
+/// listed, it asks the API server.
+#[tokio::test]
+async fn an_events_re_read_is_answered_from_the_watch_not_a_listing() {
+    use futures::StreamExt;
+    use molecule::model::container::ContainerState;
+    let (rt, mut api) = harness();
+    let rt = std::sync::Arc::new(rt);
+    let running = json!({"phase": "Running", "containerStatuses": [{"name": "agent", "image": "agent:v1",
+        "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {"startedAt": "2026-12-01T00:00:00Z"}}}]});
+
+    // Before the watch has listed: a listing.
+    let early = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.list_ids(&["p1".to_string()]).await }
+    });
+    let req = api.next().await;
+    assert_eq!((req.is_watch(), req.path.as_str()), (false, "/api/v1/pods"));
+    req.respond(StatusCode::OK, list(json!([pod_with("p1", "bound-configs", running.clone())])));
+    api.next().await.respond(StatusCode::OK, list(json!([claim("bound-configs", "Bound")])));
+    assert_eq!(early.await.unwrap().unwrap()[0].state, ContainerState::Running);
+
+    // The watch lists each kind once, then watches.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let mut watch = rt.watch();
+    tokio::spawn(async move {
+        while let Some(item) = watch.next().await {
+            let _ = seen_tx.send(item);
+        }
+    });
+    let (mut pod_watch, mut held) = (None, Vec::new());
+    while pod_watch.is_none() || held.len() < 2 {
+        let req = api.next().await;
+        match (req.is_watch(), req.path.as_str()) {
+            (false, "/api/v1/pods") => {
+                req.respond(StatusCode::OK, list(json!([pod_with("p1", "bound-configs", running.clone())])))
+            }
+            (false, "/api/v1/persistentvolumeclaims") => {
+                req.respond(StatusCode::OK, list(json!([claim("bound-configs", "Bound")])))
+            }
+            (false, "/api/v1/secrets") => req.respond(StatusCode::OK, list(json!([]))),
+            (true, "/api/v1/pods") => pod_watch = Some(req),
+            (true, _) => held.push(req), // open, quiet
+            (_, path) => panic!("unexpected request {path}"),
+        }
+    }
+    // Now an event's re-read asks nothing of the API server.
+    let found = rt.list_ids(&["p1".to_string(), "gone".to_string()]).await.unwrap();
+    assert_eq!(found.iter().map(|c| (c.id.as_str(), c.state)).collect::<Vec<_>>(), [("p1", ContainerState::Running)]);
+    api.quiet().await;
+
+    // The Pod is deleted: once its event is out, the re-read shows it, still without a listing.
+    let mut deleting = pod_with("p1", "bound-configs", running);
+    deleting["metadata"]["resourceVersion"] = json!("2");
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:01:00Z");
+    let event = json!({"type": "MODIFIED", "object": deleting});
+    while seen.try_recv().is_ok() {} // the first listing's news, out before its watch began
+    pod_watch.unwrap().respond_raw(StatusCode::OK, format!("{event}\n").into_bytes());
+    loop {
+        let item = tokio::time::timeout(std::time::Duration::from_secs(10), seen.recv()).await.unwrap().unwrap();
+        if matches!(&item, molecule::runtime::Watched::Event(e) if e.container_id == "p1") {
+            break;
+        }
+    }
+    let found = rt.list_ids(&["p1".to_string()]).await.unwrap();
+    assert_eq!(found[0].state, ContainerState::Dead);
+    assert_eq!(found[0].detail.as_deref(), Some("the Pod is being deleted"));
+    drop(held);
+}

@@ -24,7 +24,9 @@
 //!   with the kubelet's reason;
 //! - events are watches on the instance's Pods, token Secrets and claims: a Secret
 //!   edited or deleted reads as a write into the container (the token is read again),
-//!   a claim being deleted as a change to its Pod (which then reads as dead).
+//!   a claim being deleted as a change to its Pod (which then reads as dead); the
+//!   Pod and claim watches fill reflectors, from which `list_ids` (the re-read an
+//!   event asks for) is answered without a request.
 //!
 //! Objects are found by the instance label (`ai.molecule.instance`), in every
 //! namespace; Pods also get an ownerReference to their Workspace when one exists (a
@@ -43,9 +45,9 @@ use futures::stream::{self, BoxStream};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::wait::await_condition;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use self::objects::{
@@ -69,11 +71,58 @@ pub struct KubeRuntime {
     instance: String,
     /// The resource metrics API, where the cluster serves one (metrics.rs).
     metrics: metrics::MetricsApi,
+    reflected: Reflected,
+}
+
+/// The instance's Pods and claims as its watch last saw them (kube-rs reflectors fed
+/// by [`Runtime::watch`], an informer's cache): the re-read an event asks for is
+/// answered from them, so it costs the API server nothing however many Pods there are.
+/// A full listing still asks the API server.
+struct Reflected {
+    pods: Store<Pod>,
+    claims: Store<PersistentVolumeClaim>,
+    /// Taken by the first watch.
+    writers: Mutex<Option<(Writer<Pod>, Writer<PersistentVolumeClaim>)>>,
+}
+
+impl Default for Reflected {
+    fn default() -> Self {
+        let (pods, pod_writer) = reflector::store();
+        let (claims, claim_writer) = reflector::store();
+        Self { pods, claims, writers: Mutex::new(Some((pod_writer, claim_writer))) }
+    }
+}
+
+impl Reflected {
+    /// Those of `ids` the watch has; None until its first listing is in.
+    fn list_ids(&self, ids: &[String]) -> Option<Vec<ContainerInfo>> {
+        use futures::FutureExt;
+        let ready = |r: Option<Result<(), _>>| r.is_some_and(|r| r.is_ok());
+        if !ready(self.pods.wait_until_ready().now_or_never()) || !ready(self.claims.wait_until_ready().now_or_never())
+        {
+            return None;
+        }
+        let pods = self.pods.state_filter(|p| p.metadata.uid.as_ref().is_some_and(|u| ids.contains(u)));
+        let claim = |ns: &str, name: &str| self.claims.get(&ObjectRef::new(name).within(ns));
+        Some(
+            pods.iter()
+                .filter_map(|p| container_of(p, |ns, name| claim(ns, name).as_deref().map(ClaimSeen::of)))
+                .collect(),
+        )
+    }
+}
+
+/// A Pod as a container, given how its claim is found (None: not there).
+fn container_of(pod: &Pod, claim: impl Fn(&str, &str) -> Option<ClaimSeen>) -> Option<ContainerInfo> {
+    let ns = pod.namespace().unwrap_or_default();
+    // A claim that is not there (any more) cannot hold data: as if deleting.
+    let seen = pod_claim(pod).map_or(ClaimSeen::Bound, |c| claim(&ns, &c).unwrap_or(ClaimSeen::Deleting));
+    container_info(pod, seen)
 }
 
 impl KubeRuntime {
     pub fn new(client: Client, instance: &str) -> Self {
-        Self { client, instance: instance.to_string(), metrics: Default::default() }
+        Self { client, instance: instance.to_string(), metrics: Default::default(), reflected: Reflected::default() }
     }
 
     fn selector(&self, extra: Option<(&str, &str)>) -> ListParams {
@@ -101,13 +150,7 @@ impl KubeRuntime {
         Ok(pods
             .items
             .iter()
-            .filter_map(|p| {
-                let ns = p.namespace().unwrap_or_default();
-                // A claim that is not there (any more) cannot hold data: as if deleting.
-                let claim = pod_claim(p)
-                    .map_or(ClaimSeen::Bound, |c| seen.get(&(ns, c)).copied().unwrap_or(ClaimSeen::Deleting));
-                container_info(p, claim)
-            })
+            .filter_map(|p| container_of(p, |ns, name| seen.get(&(ns.to_string(), name.to_string())).copied()))
             .collect())
     }
 
@@ -183,6 +226,15 @@ impl KubeRuntime {
 impl Runtime for KubeRuntime {
     async fn list(&self) -> RuntimeResult<Vec<ContainerInfo>> {
         self.pods(None, &self.selector(None)).await
+    }
+
+    /// From the watch's reflection once it has listed (the re-read an event asks
+    /// for); before that from the API server.
+    async fn list_ids(&self, ids: &[String]) -> RuntimeResult<Vec<ContainerInfo>> {
+        if let Some(found) = self.reflected.list_ids(ids) {
+            return Ok(found);
+        }
+        Ok(self.list().await?.into_iter().filter(|c| ids.contains(&c.id)).collect())
     }
 
     async fn list_labeled(&self, key: &str, value: &str) -> RuntimeResult<Vec<ContainerInfo>> {
@@ -391,15 +443,23 @@ impl Runtime for KubeRuntime {
 
     fn watch(&self) -> BoxStream<'static, Watched> {
         let config = watcher::Config::default().labels(&format!("{}={}", labels::INSTANCE, self.instance));
-        let pods = watcher(Api::<Pod>::all(self.client.clone()), config.clone())
-            .default_backoff()
-            .map(|e| Seen::Pod(Box::new(e)));
+        let writers = self.reflected.writers.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (pod_writer, claim_writer) = writers.map_or((None, None), |(p, c)| (Some(p), Some(c)));
+        let pods = watcher(Api::<Pod>::all(self.client.clone()), config.clone()).default_backoff();
+        let pods = match pod_writer {
+            Some(writer) => pods.reflect(writer).boxed(),
+            None => pods.boxed(),
+        }
+        .map(|e| Seen::Pod(Box::new(e)));
         let secrets = watcher(Api::<Secret>::all(self.client.clone()), config.clone())
             .default_backoff()
             .map(|e| Seen::Secret(Box::new(e)));
-        let claims = watcher(Api::<PersistentVolumeClaim>::all(self.client.clone()), config)
-            .default_backoff()
-            .map(|e| Seen::Claim(Box::new(e)));
+        let claims = watcher(Api::<PersistentVolumeClaim>::all(self.client.clone()), config).default_backoff();
+        let claims = match claim_writer {
+            Some(writer) => claims.reflect(writer).boxed(),
+            None => claims.boxed(),
+        }
+        .map(|e| Seen::Claim(Box::new(e)));
         // Pod uid per workspace uid, to name the Pod a Secret or claim change concerns.
         let pod_of: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         stream::select_all([pods.boxed(), secrets.boxed(), claims.boxed()])
