@@ -1178,7 +1178,6 @@ impl LocalNode {
     }
 }
 
-/// The name a sandbox is kept under for the next Pod of `pod` in `namespace`.
 /// [`LocalNode::settle`] on the node's memory: when to read the Pod `uid` again.
 /// Only that Pod's expectations count (another Pod's pending event is that Pod's
 /// sync's business), and one that holds or is given up on is forgotten, so a Pod whose
@@ -1203,6 +1202,7 @@ fn settle_pod(
     due
 }
 
+/// The name a sandbox is kept under for the next Pod of `pod` in `namespace`.
 fn kept_name(pod: &str, namespace: &str) -> String {
     format!("k8s_{}_{pod}_{namespace}_{}_0", labels::SANDBOX, labels::KEPT)
 }

@@ -103,12 +103,22 @@ impl Reflected {
             return None;
         }
         let pods = self.pods.state_filter(|p| p.metadata.uid.as_ref().is_some_and(|u| ids.contains(u)));
-        let claim = |ns: &str, name: &str| self.claims.get(&ObjectRef::new(name).within(ns));
-        Some(
-            pods.iter()
-                .filter_map(|p| container_of(p, |ns, name| claim(ns, name).as_deref().map(ClaimSeen::of)))
-                .collect(),
-        )
+        let claim = |ns: &str, name: &str| self.claims.get(&ObjectRef::new(name).within(ns)).map(|c| ClaimSeen::of(&c));
+        Some(pods.iter().filter_map(|p| container_of(p, claim)).collect())
+    }
+}
+
+/// A watch's stream, feeding `writer`'s store on its way when there is one.
+fn reflect_into<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    writer: Option<Writer<K>>,
+) -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    match writer {
+        Some(writer) => events.reflect(writer).boxed(),
+        None => events.boxed(),
     }
 }
 
@@ -446,20 +456,12 @@ impl Runtime for KubeRuntime {
         let writers = self.reflected.writers.lock().unwrap_or_else(|e| e.into_inner()).take();
         let (pod_writer, claim_writer) = writers.map_or((None, None), |(p, c)| (Some(p), Some(c)));
         let pods = watcher(Api::<Pod>::all(self.client.clone()), config.clone()).default_backoff();
-        let pods = match pod_writer {
-            Some(writer) => pods.reflect(writer).boxed(),
-            None => pods.boxed(),
-        }
-        .map(|e| Seen::Pod(Box::new(e)));
+        let pods = reflect_into(pods, pod_writer).map(|e| Seen::Pod(Box::new(e)));
         let secrets = watcher(Api::<Secret>::all(self.client.clone()), config.clone())
             .default_backoff()
             .map(|e| Seen::Secret(Box::new(e)));
         let claims = watcher(Api::<PersistentVolumeClaim>::all(self.client.clone()), config).default_backoff();
-        let claims = match claim_writer {
-            Some(writer) => claims.reflect(writer).boxed(),
-            None => claims.boxed(),
-        }
-        .map(|e| Seen::Claim(Box::new(e)));
+        let claims = reflect_into(claims, claim_writer).map(|e| Seen::Claim(Box::new(e)));
         // Pod uid per workspace uid, to name the Pod a Secret or claim change concerns.
         let pod_of: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         stream::select_all([pods.boxed(), secrets.boxed(), claims.boxed()])
