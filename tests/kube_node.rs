@@ -33,14 +33,9 @@ fn pod(k: &Kubectl, name: &str) -> Value {
     serde_json::from_str(&k.ok(&["get", "pod", name, "-o", "json"])).unwrap()
 }
 
-fn get(k: &Kubectl, what: &str) -> Option<Value> {
-    let out = k.run(&["get", what, "-o", "json"]);
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
 fn running(k: &Kubectl, name: &str) -> Value {
     wait_until(&format!("pod {name} Running and ready"), CONVERGE, || {
-        get(k, &format!("pod/{name}"))
+        k.get_json(&[&format!("pod/{name}")])
             .is_some_and(|p| p["status"]["phase"] == "Running" && p["status"]["containerStatuses"][0]["ready"] == true)
     });
     pod(k, name)
@@ -184,7 +179,7 @@ fn a_pod_runs_as_specified_its_secret_stays_in_sync_and_it_restarts() {
     // A container killed out of band shows, and restartPolicy Always restarts it.
     docker(&["kill", &id]);
     wait_until("the restart shows in containerStatuses", CONVERGE, || {
-        get(&k, "pod/agent").is_some_and(|p| {
+        k.get_json(&["pod/agent"]).is_some_and(|p| {
             let s = &p["status"]["containerStatuses"][0];
             s["restartCount"] == 1 && s["lastState"]["terminated"]["exitCode"] == 137 && s["ready"] == true
         })
@@ -240,19 +235,19 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
     // A claim in use stays (Terminating) until its Pod is gone; then its volume goes.
     apply(&k, &format!("{}---\n{}", claim("data"), sleeper("user", "data")));
     running(&k, "user");
-    let volume = get(&k, "pvc/data").unwrap()["spec"]["volumeName"].as_str().unwrap().to_string();
+    let volume = k.get_json(&["pvc/data"]).unwrap()["spec"]["volumeName"].as_str().unwrap().to_string();
     k.ok(&["delete", "pvc", "data", "--wait=false"]);
     assert!(k.ok(&["get", "pvc", "data"]).contains("Terminating"), "a claim a running Pod uses stays");
     assert!(!docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]).is_empty());
     k.ok(&["delete", "pod", "user", "--timeout=60s"]);
     wait_until("the claim and its volume gone", CONVERGE, || {
-        get(&k, "pvc/data").is_none()
+        k.get_json(&["pvc/data"]).is_none()
             && docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]).is_empty()
     });
 
     // Deleting an owner collects its Pod, Secret and claim (and their containers and volume).
     k.ok(&["create", "secret", "generic", "owner", "--from-literal=k=v"]);
-    let owner_uid = get(&k, "secret/owner").unwrap()["metadata"]["uid"].as_str().unwrap().to_string();
+    let owner_uid = k.get_json(&["secret/owner"]).unwrap()["metadata"]["uid"].as_str().unwrap().to_string();
     let owned = |yaml: String| {
         yaml.replacen(
             "metadata: {name: ",
@@ -266,12 +261,12 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
     apply(&k, &format!("{}---\n{}---\n{}", owned(claim("owned")), owned(sleeper("owned", "owned")), owned(secret)));
     let p = running(&k, "owned");
     let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
-    let volume = get(&k, "pvc/owned").unwrap()["spec"]["volumeName"].as_str().unwrap().to_string();
+    let volume = k.get_json(&["pvc/owned"]).unwrap()["spec"]["volumeName"].as_str().unwrap().to_string();
     k.ok(&["delete", "secret", "owner"]);
     wait_until("the dependents, their containers and volume gone", CONVERGE, || {
-        get(&k, "pod/owned").is_none()
-            && get(&k, "secret/owned-token").is_none()
-            && get(&k, "pvc/owned").is_none()
+        k.get_json(&["pod/owned"]).is_none()
+            && k.get_json(&["secret/owned-token"]).is_none()
+            && k.get_json(&["pvc/owned"]).is_none()
             && containers_of(&uid).is_empty()
             && docker(&["volume", "ls", "-q", "--filter", &format!("name={volume}")]).is_empty()
     });
@@ -282,7 +277,7 @@ fn claims_owners_and_missing_images_behave_as_in_a_cluster() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: \"127.0.0.1:1/molecule-test/missing:v1\"}]\n",
     );
     wait_until("ErrImagePull", CONVERGE, || {
-        get(&k, "pod/missing").is_some_and(|p| {
+        k.get_json(&["pod/missing"]).is_some_and(|p| {
             let waiting = &p["status"]["containerStatuses"][0]["state"]["waiting"];
             matches!(waiting["reason"].as_str(), Some("ErrImagePull" | "ImagePullBackOff"))
                 && p["status"]["phase"] == "Pending"

@@ -33,17 +33,9 @@ fn workspace(name: &str, extra_spec: &str) -> String {
     )
 }
 
-fn json(k: &Kubectl, what: &[&str]) -> Option<Value> {
-    let mut args = vec!["get"];
-    args.extend(what);
-    args.extend(["-o", "json"]);
-    let out = k.run(&args);
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
 /// The token in the workspace's Secret (what its agent reads).
 fn secret_token(k: &Kubectl, pod: &str) -> Option<String> {
-    let s = json(k, &["secret", &format!("{pod}-token")])?;
+    let s = k.get_json(&["secret", &format!("{pod}-token")])?;
     let b64 = s["data"]["token"].as_str()?;
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()
 }
@@ -78,7 +70,7 @@ fn a_workspace_becomes_a_pod_claim_and_secret_and_every_break_heals() {
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &token, &uid), 200);
 
     // The Pod: owned by its Workspace, locked down, its id the container's id.
-    let pod = json(&k, &["pod", &pod_name]).expect("the Pod");
+    let pod = k.get_json(&["pod", &pod_name]).expect("the Pod");
     assert_eq!(pod["metadata"]["uid"], w["container"]["id"], "container.id is the Pod's uid");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Workspace");
     let sc = &pod["spec"]["containers"][0]["securityContext"];
@@ -87,7 +79,7 @@ fn a_workspace_becomes_a_pod_claim_and_secret_and_every_break_heals() {
     assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
     assert_eq!(pod["spec"]["containers"][0]["resources"]["limits"]["memory"], "256Mi", "tier 1");
     assert_eq!(w["pod"]["node"], "local", "get -o json shows the Pod's node");
-    assert!(json(&k, &["pvc", &format!("{pod_name}-configs")]).is_some(), "the config volume claim");
+    assert!(k.get_json(&["pvc", &format!("{pod_name}-configs")]).is_some(), "the config volume claim");
 
     // Pod deleted: a new incarnation with a new token; the old one is refused.
     k.ok(&["delete", "pod", &pod_name, "--wait=false"]);
@@ -118,10 +110,10 @@ fn a_workspace_becomes_a_pod_claim_and_secret_and_every_break_heals() {
     });
 
     // Claim deleted (held by its Pod until the Pod goes): a new claim and incarnation.
-    let claim_uid = json(&k, &["pvc", &format!("{pod_name}-configs")]).unwrap()["metadata"]["uid"].clone();
+    let claim_uid = k.get_json(&["pvc", &format!("{pod_name}-configs")]).unwrap()["metadata"]["uid"].clone();
     k.ok(&["delete", "pvc", &format!("{pod_name}-configs"), "--wait=false"]);
     let _ = online_past(&op, &k, "dev", incarnation);
-    let claim = json(&k, &["pvc", &format!("{pod_name}-configs")]).expect("the claim is made anew");
+    let claim = k.get_json(&["pvc", &format!("{pod_name}-configs")]).expect("the claim is made anew");
     assert_ne!(claim["metadata"]["uid"], claim_uid);
     assert!(
         decisions(&op, "dev").contains("is being deleted"),
@@ -151,8 +143,8 @@ fn pause_keeps_the_claim_delete_removes_everything_and_a_restart_adopts() {
     // Paused: no freezer in Kubernetes; the Pod goes, the claim stays.
     k.ok(&["patch", "ws", "dev", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Paused"}}"#]);
     op.wait("dev paused", HEAL, |ws| ws["dev"]["phase"] == "Paused");
-    wait_until("the Pod gone", HEAL, || json(&k, &["pod", &pod_name]).is_none());
-    assert!(json(&k, &["pvc", &format!("{pod_name}-configs")]).is_some(), "the claim is kept");
+    wait_until("the Pod gone", HEAL, || k.get_json(&["pod", &pod_name]).is_none());
+    assert!(k.get_json(&["pvc", &format!("{pod_name}-configs")]).is_some(), "the claim is kept");
     assert!(decisions(&op, "dev").contains("no freezer"), "describe says why:\n{}", decisions(&op, "dev"));
     k.ok(&["patch", "ws", "dev", "--type", "merge", "-p", r#"{"spec":{"operatingMode":"Running"}}"#]);
     let _ = online_past(&op, &k, "dev", 1);
@@ -165,7 +157,7 @@ fn pause_keeps_the_claim_delete_removes_everything_and_a_restart_adopts() {
             "pvc" => format!("{pod_name}-configs"),
             _ => format!("{pod_name}-token"),
         };
-        wait_until(&format!("{what} {name} removed"), HEAL, || json(&k, &[what, &name]).is_none());
+        wait_until(&format!("{what} {name} removed"), HEAL, || k.get_json(&[what, &name]).is_none());
     }
     assert!(op.get().is_some_and(|ws| !ws.contains_key("dev")));
 }
@@ -218,7 +210,7 @@ fn config_files_are_in_configs_when_the_agent_starts_and_an_edit_is_a_new_pod() 
     let pod_uid = ws["dev"]["container"]["id"].as_str().unwrap().to_string();
     assert_eq!(config_file(&pod_uid, "system-prompt.md").as_deref(), Some("You lead the team."));
     assert_eq!(config_file(&pod_uid, "skills/build/SKILL.md").as_deref(), Some("# Build"));
-    let secret = json(&k, &["secret", &format!("{pod_name}-files")]).expect("the files Secret");
+    let secret = k.get_json(&["secret", &format!("{pod_name}-files")]).expect("the files Secret");
     assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "Workspace");
 
     // An edit is spec drift: a new Pod with the new text.
@@ -229,5 +221,5 @@ fn config_files_are_in_configs_when_the_agent_starts_and_an_edit_is_a_new_pod() 
 
     // Deleting the Workspace removes the files Secret with the rest.
     k.ok(&["delete", "ws", "dev"]);
-    wait_until("the files Secret removed", HEAL, || json(&k, &["secret", &format!("{pod_name}-files")]).is_none());
+    wait_until("the files Secret removed", HEAL, || k.get_json(&["secret", &format!("{pod_name}-files")]).is_none());
 }

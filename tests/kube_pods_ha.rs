@@ -68,14 +68,6 @@ fn replica(
     op
 }
 
-fn kubectl_json(k: &Kubectl, args: &[&str]) -> Option<Value> {
-    let mut all = vec!["get"];
-    all.extend(args);
-    all.extend(["-o", "json"]);
-    let out = k.run(&all);
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
 /// Who holds the leader Lease (the embedded API serves Leases but does not list them
 /// in discovery, so `kubectl get lease` does not know the kind: a raw GET).
 fn lease_holder(k: &Kubectl) -> Option<String> {
@@ -87,7 +79,7 @@ fn lease_holder(k: &Kubectl) -> Option<String> {
 /// (uid, name) of every Pod of the instance.
 fn pods(k: &Kubectl, instance: &str) -> Vec<(String, String)> {
     let selector = format!("ai.molecule.instance={instance}");
-    let list = kubectl_json(k, &["pods", "-l", &selector]).unwrap_or_default();
+    let list = k.get_json(&["pods", "-l", &selector]).unwrap_or_default();
     list["items"]
         .as_array()
         .into_iter()

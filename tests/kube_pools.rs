@@ -46,17 +46,9 @@ fn workspace(name: &str, spec: &str) -> String {
     )
 }
 
-fn json(k: &Kubectl, what: &[&str]) -> Option<Value> {
-    let mut args = vec!["get"];
-    args.extend(what);
-    args.extend(["-o", "json"]);
-    let out = k.run(&args);
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
 /// The Pods `selector` selects: (uid, name, labels) of those whose agent runs.
 fn running_pods(k: &Kubectl, selector: &str) -> Vec<(String, String, Value)> {
-    let Some(list) = json(k, &["pods", "-l", selector]) else { return Vec::new() };
+    let Some(list) = k.get_json(&["pods", "-l", selector]) else { return Vec::new() };
     list["items"]
         .as_array()
         .into_iter()
@@ -79,7 +71,7 @@ fn ready_members(k: &Kubectl) -> Vec<(String, String, Value)> {
 
 /// A key of the Secret `name`, decoded; None when the Secret or the key is missing.
 fn secret_key(k: &Kubectl, name: &str, key: &str) -> Option<String> {
-    let s = json(k, &["secret", name])?;
+    let s = k.get_json(&["secret", name])?;
     let b64 = s["data"][key].as_str()?;
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).ok()?).ok()
 }
@@ -90,7 +82,7 @@ fn describe(op: &Op, name: &str) -> String {
 
 /// The WarmPool's status as kubectl shows it, once it has these counts.
 fn pool_status_is(k: &Kubectl, ready: u64, claimed: u64) -> Option<Value> {
-    let pool = json(k, &["warmpool", "agents"])?;
+    let pool = k.get_json(&["warmpool", "agents"])?;
     let st = &pool["status"];
     (st["ready"] == ready && st["claimed"] == claimed && st["size"] == 2).then(|| pool.clone())
 }
@@ -107,8 +99,8 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     for (_, name, labels) in &members {
         assert!(labels.get("ai.molecule.workspace").is_none(), "{labels}");
         assert_eq!(secret_key(&k, &format!("{name}-token"), "token"), None, "a member holds no token");
-        assert!(json(&k, &["pvc", &format!("{name}-configs")]).is_some(), "each member has its own claim");
-        let pod = json(&k, &["pod", name]).unwrap();
+        assert!(k.get_json(&["pvc", &format!("{name}-configs")]).is_some(), "each member has its own claim");
+        let pod = k.get_json(&["pod", name]).unwrap();
         assert!(pod["metadata"]["ownerReferences"].is_null(), "no Workspace owns a member");
     }
     // The WarmPool's status subresource, and the same counts from `get warmpools`.
@@ -147,12 +139,12 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     let identity = secret_key(&k, &format!("{pod_name}-token"), "identity").expect("the identity");
     assert!(identity.contains(&format!("workspace_id={uid}")) && identity.contains("env.ROLE=a"), "{identity}");
     assert!(!identity.contains("MODEL"), "what the template sets is not in the overlay: {identity}");
-    let pod = json(&k, &["pod", &pod_name]).unwrap();
+    let pod = k.get_json(&["pod", &pod_name]).unwrap();
     assert_eq!(pod["metadata"]["labels"]["ai.molecule.workspace"], "a");
     assert_eq!(pod["metadata"]["labels"]["ai.molecule.pool"], "agents", "where it came from stays");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Workspace");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["name"], "a");
-    let pvc = json(&k, &["pvc", &format!("{pod_name}-configs")]).unwrap();
+    let pvc = k.get_json(&["pvc", &format!("{pod_name}-configs")]).unwrap();
     assert_eq!(pvc["metadata"]["labels"]["ai.molecule.workspace"], "a");
     assert_eq!(pvc["metadata"]["ownerReferences"][0]["kind"], "Workspace");
     let log = describe(&op, "a");
@@ -186,7 +178,7 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     // A spec the template cannot satisfy: a normal provision, and why.
     apply(&k, &workspace("b", "{tier: 2, warmPool: agents}"));
     let all = op.wait_online(&["b"], UP);
-    let b_pod = json(&k, &["pod", all["b"]["container"]["name"].as_str().unwrap()]).unwrap();
+    let b_pod = k.get_json(&["pod", all["b"]["container"]["name"].as_str().unwrap()]).unwrap();
     assert!(b_pod["metadata"]["labels"].get("ai.molecule.pool").is_none(), "b has a Pod of its own");
     let log = describe(&op, "b");
     assert!(log.contains("warm pool default/agents cannot serve it: tier differs"), "{log}");
@@ -211,7 +203,7 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     assert_ne!(token2, token);
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &token, &uid), 401, "the claim's token is refused");
     assert_eq!(registry(&op.url(), "/registry/heartbeat", &token2, &uid), 200);
-    let pod = json(&k, &["pod", &pod_name]).unwrap();
+    let pod = k.get_json(&["pod", &pod_name]).unwrap();
     assert!(pod["metadata"]["labels"].get("ai.molecule.pool").is_none(), "not a member any more");
     wait_until("the pool at size, nothing claimed now", UP, || pool_status_is(&k, 2, 0).is_some());
 
@@ -220,7 +212,7 @@ fn a_pool_of_pods_serves_a_claim_in_place_refills_and_heals_like_any_workspace()
     for (what, name) in
         [("pod", pod_name.clone()), ("pvc", format!("{pod_name}-configs")), ("secret", format!("{pod_name}-token"))]
     {
-        wait_until(&format!("{what} {name} removed"), HEAL, || json(&k, &[what, &name]).is_none());
+        wait_until(&format!("{what} {name} removed"), HEAL, || k.get_json(&[what, &name]).is_none());
     }
     assert_eq!(ready_members(&k).len(), 2);
 }

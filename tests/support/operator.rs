@@ -487,6 +487,15 @@ impl Kubectl {
         assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).to_string()
     }
+
+    /// `kubectl get WHAT -o json`, parsed; None when kubectl fails (e.g. not found).
+    pub fn get_json(&self, what: &[&str]) -> Option<Value> {
+        let mut args = vec!["get"];
+        args.extend(what);
+        args.extend(["-o", "json"]);
+        let out = self.run(&args);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
 }
 
 /// An operator with the embedded Kubernetes API and its local node
